@@ -1,0 +1,21 @@
+"""mabn_jax: batch normalization that works at normalization batches of 1, 2, 4.
+
+Flax layers (``MABN``, ``CenteredConv``, ``CenteredDense``), the training
+contract (``value_and_grad``) and the pure math in ``mabn_jax.functional``.
+"""
+
+from mabn_jax import functional
+from mabn_jax.layers import CenteredConv, CenteredDense, MABN
+from mabn_jax.training import BACKWARD_STATS, feed_backward_statistics, value_and_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKWARD_STATS",
+    "CenteredConv",
+    "CenteredDense",
+    "MABN",
+    "feed_backward_statistics",
+    "functional",
+    "value_and_grad",
+]

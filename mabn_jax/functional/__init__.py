@@ -1,0 +1,14 @@
+"""Pure normalization math, no Flax: usable from Haiku, Equinox, NNX or plain JAX.
+
+Modules:
+  statistics: per-channel group moments and moving-average buffers.
+  centering: weight centralization of kernels.
+  mabn: Moving Average Batch Normalization and its stabilized custom VJP.
+"""
+
+from mabn_jax.functional import centering
+from mabn_jax.functional import mabn
+from mabn_jax.functional import statistics
+from mabn_jax.functional.centering import center_kernel
+
+__all__ = ["centering", "mabn", "statistics", "center_kernel"]

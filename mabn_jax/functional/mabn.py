@@ -1,0 +1,266 @@
+"""Moving Average Batch Normalization (MABN): the pure math, no Flax.
+
+Spec: ``shared/spec/normalization.md``, section 2 (Yan et al., ICLR 2020).
+
+MABN normalizes by the root of the second moment only (the preceding layer is
+weight-centralized, see :mod:`mabn_jax.functional.centering`) and replaces
+both the forward statistic ``chi = mean(x^2)`` and the backward statistic
+``Psi = mean(xhat * g)`` with simple moving averages over the last ``m``
+normalization groups, including the current one. The backward pass is the
+spec's *stabilized* gradient, implemented as a :func:`jax.custom_vjp`; it is
+deliberately not the derivative of the forward pass.
+
+State (:class:`MABNState`) is explicit. :func:`normalize_train` returns the new
+forward state; the backward statistic of the current step is only known in
+the backward pass, so it leaves through the cotangent of ``tap``: a
+zero-valued ``(m, C)`` array whose cotangent is the increment of
+``psi_buffer`` for this step (``push(psi_buffer, Psi_B) - psi_buffer``). The
+training loop adds it to the state (:func:`mabn_jax.value_and_grad` does this
+for Flax variable trees).
+
+Usage without Flax::
+
+  state = mabn.init_state(num_features=C)
+  def loss(x, tap, state):
+    y, new_state = mabn.normalize_train(x, state, tap)
+    return jnp.sum(y * gy), new_state
+  (l, new_state), (gx, dpsi) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(x, jnp.zeros_like(state.psi_buffer), state)
+  new_state = new_state._replace(psi_buffer=new_state.psi_buffer + dpsi)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from mabn_jax.functional import statistics as st
+
+
+class MABNState(NamedTuple):
+  """MABN's running state (all float32 but ``step``).
+
+  Attributes:
+    chi_ema: ``(C,)`` EMA of the second moment used at inference; starts at 1.
+    chi_buffer: ``(m, C)`` last ``m`` group values of ``chi_B``, newest last.
+    psi_buffer: ``(m, C)`` last ``m`` group values of ``Psi_B``, newest last.
+    step: ``()`` int32, number of training steps taken (the next is ``step+1``).
+  """
+
+  chi_ema: jax.Array
+  chi_buffer: jax.Array
+  psi_buffer: jax.Array
+  step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class MABNConfig:
+  """Static MABN hyper-parameters (hashable; safe as a jit static argument).
+
+  Attributes:
+    axis: feature axis of the input (Flax convention: last).
+    momentum: ``alpha`` of the ``chi_ema`` update.
+    epsilon: added to the second moment inside the square root.
+    warmup_steps: batch statistics are used for steps ``t < warmup_steps``.
+    renorm_start: ``r = 1`` for steps ``t <= max(renorm_start, warmup_steps)``.
+    r_max: ``r`` is clipped to ``[1 / r_max, r_max]`` afterwards.
+    norm_batch_size: samples normalized together (``None``: the whole batch).
+    axis_name: mapped axis over which ``chi`` and ``Psi`` are averaged.
+    axis_index_groups: device groups for that average.
+  """
+
+  axis: int = -1
+  momentum: float = 0.98
+  epsilon: float = 1e-5
+  warmup_steps: int = 100
+  renorm_start: int = 1000
+  r_max: float = 5.0
+  norm_batch_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  axis_index_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
+
+  def validate(self, buffer_size: int, where: str = "MABN") -> None:
+    """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
+    checks = [
+        ("buffer_size", buffer_size, isinstance(buffer_size, int) and buffer_size >= 1,
+         "an integer >= 1"),
+        ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+        ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
+        ("warmup_steps", self.warmup_steps,
+         isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "an integer >= 0"),
+        ("renorm_start", self.renorm_start,
+         isinstance(self.renorm_start, int) and self.renorm_start >= 0, "an integer >= 0"),
+        ("r_max", self.r_max, self.r_max >= 1.0, ">= 1"),
+    ]
+    for field, value, ok, expected in checks:
+      if not ok:
+        raise ValueError(f"{where}: {field} must be {expected}, got {value!r}.")
+
+
+def init_state(
+    num_features: int, buffer_size: int = 16, dtype=jnp.float32
+) -> MABNState:
+  """Initial state: ``chi_ema = 1``, empty (zero) buffers, ``step = 0``."""
+  return MABNState(
+      chi_ema=jnp.ones((num_features,), dtype),
+      chi_buffer=jnp.zeros((buffer_size, num_features), dtype),
+      psi_buffer=jnp.zeros((buffer_size, num_features), dtype),
+      step=jnp.zeros((), jnp.int32),
+  )
+
+
+def uses_moving_averages(step: jax.Array, buffer_size: int, warmup_steps: int):
+  """True from step ``max(m + 1, warmup)`` on: both passes use the SMAs."""
+  return (step > buffer_size) & (step >= warmup_steps)
+
+
+def renormalizes(step: jax.Array, renorm_start: int, warmup_steps: int):
+  """True for steps ``t > max(renorm_start, warmup)``: ``r`` is clipped, not 1."""
+  return step > max(renorm_start, warmup_steps)
+
+
+def inference_scale(chi_ema: jax.Array, epsilon: float) -> jax.Array:
+  """``(C,)`` factor of the inference map ``y = x * scale`` (before gamma, beta)."""
+  return jax.lax.rsqrt(chi_ema + epsilon)
+
+
+def normalize_inference(
+    x: jax.Array, chi_ema: jax.Array, epsilon: float = 1e-5, axis: int = -1
+) -> jax.Array:
+  """Inference normalization ``x / sqrt(chi_ema + eps)``; touches no state.
+
+  Args:
+    x: ``(N, ..., C)`` (feature axis ``axis``), any float dtype.
+    chi_ema: ``(C,)`` float32 running second moment.
+
+  Returns:
+    Array of ``x``'s shape in ``x``'s dtype promoted to at least float32.
+  """
+  axis = st.canonical_axis(axis, x.ndim)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  scale = st.broadcast_channels(inference_scale(chi_ema, epsilon), x, axis)
+  return x.astype(dtype) * scale
+
+
+def normalize_train(
+    x: jax.Array,
+    state: MABNState,
+    tap: Optional[jax.Array] = None,
+    config: MABNConfig = MABNConfig(),
+    where: str = "MABN",
+) -> Tuple[jax.Array, MABNState]:
+  """One MABN training step: ``r * x / sqrt(chi + eps)`` and the new state.
+
+  Args:
+    x: ``(N, ..., C)`` activations (feature axis ``config.axis``), any float
+      dtype; ``N`` must be a multiple of ``config.norm_batch_size``.
+    state: the current :class:`MABNState`.
+    tap: zero ``(m, C)`` array; its cotangent is this step's ``psi_buffer``
+      increment. ``None`` is allowed only when no gradient is taken.
+    config: static hyper-parameters.
+    where: name used in error messages (a Flax layer passes its path).
+
+  Returns:
+    ``(out, new_state)``: ``out`` has ``x``'s shape and dtype promoted to at
+    least float32 (multiply by gamma and add beta outside); ``new_state`` has
+    ``chi_ema``, ``chi_buffer`` and ``step`` advanced and ``psi_buffer``
+    unchanged (the tap's cotangent carries its update).
+  """
+  buffer_size = state.chi_buffer.shape[0]
+  config.validate(buffer_size, where)
+  axis = st.canonical_axis(config.axis, x.ndim, where)
+  groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
+  if state.chi_buffer.shape[1] != x.shape[axis]:
+    raise ValueError(
+        f"{where}: the state holds {state.chi_buffer.shape[1]} channels but the "
+        f"input has {x.shape[axis]} on axis {config.axis} (shape {x.shape})."
+    )
+  if tap is None:
+    tap = jnp.zeros_like(state.psi_buffer)
+
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  chi_batch = st.group_mean(
+      jnp.square(x32), groups, axis, config.axis_name, config.axis_index_groups
+  )  # (G, C)
+  step = state.step + 1
+  use_sma = uses_moving_averages(step, buffer_size, config.warmup_steps)
+  chi = jnp.where(use_sma, st.window_means(state.chi_buffer, chi_batch), chi_batch)
+  std = jnp.sqrt(chi + config.epsilon)
+  r = jnp.clip(
+      std / jnp.sqrt(state.chi_ema + config.epsilon), 1.0 / config.r_max, config.r_max
+  )
+  r = jnp.where(renormalizes(step, config.renorm_start, config.warmup_steps), r, 1.0)
+
+  out = _stabilized_normalize(
+      x, tap, 1.0 / std, r, state.psi_buffer, use_sma,
+      groups, axis, config.axis_name, config.axis_index_groups, where,
+  )
+  new_state = MABNState(
+      chi_ema=st.ema(state.chi_ema, jnp.mean(chi, axis=0), config.momentum),
+      chi_buffer=st.push(state.chi_buffer, chi_batch),
+      psi_buffer=state.psi_buffer,
+      step=step,
+  )
+  return out, new_state
+
+
+# The stabilized normalization: forward r * x * inv_std, backward (spec 2 (b, c))
+#   g     = r * ct                      (gradient at xhat)
+#   Psi_B = mean(xhat * g)              (per group, averaged over axis_name)
+#   g_x   = (g - xhat * Psi) * inv_std  with Psi the SMA (or Psi_B in warmup).
+# inv_std, r, psi_buffer and use_sma get no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _stabilized_normalize(
+    x, tap, inv_std, r, psi_buffer, use_sma, groups, axis, axis_name,
+    axis_index_groups, where,
+):
+  del tap, psi_buffer, use_sma, axis_name, axis_index_groups, where
+  x32 = x.astype(inv_std.dtype)
+  return x32 * st.broadcast_groups(inv_std * r, x, axis)
+
+
+def _stabilized_fwd(
+    x, tap, inv_std, r, psi_buffer, use_sma, groups, axis, axis_name,
+    axis_index_groups, where,
+):
+  if x.perturbed and not tap.perturbed:
+    raise ValueError(
+        f"{where}: the MABN backward statistic is not being fed: the gradient "
+        "is taken with respect to the input but not the 'backward_stats' tap, "
+        "so psi_buffer would go stale. Compute gradients with "
+        "mabn_jax.value_and_grad(loss_fn)(variables, ...) (or differentiate "
+        "the tap and add its cotangent to psi_buffer) instead of "
+        "jax.grad/jax.value_and_grad on the params alone."
+    )
+  x, inv_std, r, psi_buffer, use_sma = (
+      p.value for p in (x, inv_std, r, psi_buffer, use_sma)
+  )
+  out = _stabilized_normalize(
+      x, tap.value, inv_std, r, psi_buffer, use_sma,
+      groups, axis, axis_name, axis_index_groups, where,
+  )
+  return out, (x, inv_std, r, psi_buffer, use_sma)
+
+
+def _stabilized_bwd(groups, axis, axis_name, axis_index_groups, where, res, ct):
+  del where
+  x, inv_std, r, psi_buffer, use_sma = res
+  if isinstance(ct, SymbolicZero):
+    ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
+  xhat = x.astype(inv_std.dtype) * st.broadcast_groups(inv_std, x, axis)
+  g = ct.astype(inv_std.dtype) * st.broadcast_groups(r, x, axis)
+  psi_batch = st.group_mean(xhat * g, groups, axis, axis_name, axis_index_groups)
+  psi = jnp.where(use_sma, st.window_means(psi_buffer, psi_batch), psi_batch)
+  grad_x = (g - xhat * st.broadcast_groups(psi, x, axis)) * st.broadcast_groups(
+      inv_std, x, axis
+  )
+  tap_increment = st.push(psi_buffer, psi_batch) - psi_buffer
+  return (grad_x.astype(x.dtype), tap_increment, None, None, None, None)
+
+
+_stabilized_normalize.defvjp(_stabilized_fwd, _stabilized_bwd, symbolic_zeros=True)

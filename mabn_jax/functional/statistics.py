@@ -1,0 +1,172 @@
+"""Per-channel moments over normalization groups, and moving-average helpers.
+
+Every batch-dependent normalizer in this package reduces activations the same
+way: the feature (channel) axis is kept, everything else is reduced, and the
+batch may be split into groups of ``norm_batch_size`` consecutive samples that
+are normalized separately (spec, section 2, "Simulated small normalization
+batch"). Group statistics have shape ``(G, C)``: one row per group, in batch
+order. The helpers here are the only place that math lives.
+
+Buffers of past statistics are shift buffers of shape ``(m, C)`` with the
+newest row last. ``push`` appends rows and keeps the last ``m``;
+``window_means`` gives the simple moving average (SMA) that each new row sees.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def canonical_axis(axis: int, ndim: int, where: str = "normalizer") -> int:
+  """Returns ``axis`` as a non-negative index of an ``ndim``-dimensional array.
+
+  Raises:
+    ValueError: if ``axis`` is the batch axis (0) or out of range.
+  """
+  if ndim < 2:
+    raise ValueError(
+        f"{where}: expected an input of rank >= 2 (batch, ..., features), "
+        f"got rank {ndim}."
+    )
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+        f"{where}: axis {axis} is out of range for an input of rank {ndim} "
+        f"(expected an integer in [{-ndim}, {ndim - 1}])."
+    )
+  axis = axis % ndim
+  if axis == 0:
+    raise ValueError(
+        f"{where}: axis 0 is the batch axis; the feature axis must be one of "
+        f"1..{ndim - 1} (or negative)."
+    )
+  return axis
+
+
+def num_groups(
+    batch_size: int, norm_batch_size: Optional[int], where: str = "normalizer"
+) -> int:
+  """Number of normalization groups ``G`` in a batch of ``batch_size`` samples.
+
+  ``norm_batch_size=None`` means the whole batch is one group.
+
+  Raises:
+    ValueError: if the batch is smaller than one group or not a multiple of it.
+  """
+  if norm_batch_size is None:
+    return 1
+  if not isinstance(norm_batch_size, int) or norm_batch_size < 1:
+    raise ValueError(
+        f"{where}: norm_batch_size must be None or a positive integer, "
+        f"got {norm_batch_size!r}."
+    )
+  if batch_size < norm_batch_size:
+    raise ValueError(
+        f"{where}: the batch of {batch_size} samples is smaller than one "
+        f"normalization group (norm_batch_size={norm_batch_size})."
+    )
+  if batch_size % norm_batch_size:
+    raise ValueError(
+        f"{where}: the batch of {batch_size} samples is not a multiple of "
+        f"norm_batch_size={norm_batch_size}."
+    )
+  return batch_size // norm_batch_size
+
+
+def split_groups(x: jax.Array, groups: int) -> jax.Array:
+  """Reshapes ``(N, ...)`` to ``(G, N // G, ...)``: consecutive samples per group."""
+  return x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+
+
+def merge_groups(x: jax.Array) -> jax.Array:
+  """Inverse of :func:`split_groups`."""
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _grouped_reduction_axes(ndim: int, axis: int) -> Tuple[int, ...]:
+  # Axes of the grouped array (G, b, ...) reduced for per-group statistics:
+  # everything but the group axis 0 and the feature axis (shifted by one).
+  return tuple(a for a in range(1, ndim + 1) if a != axis + 1)
+
+
+def group_mean(
+    x: jax.Array,
+    groups: int,
+    axis: int,
+    axis_name: Optional[str] = None,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> jax.Array:
+  """Per-group, per-channel mean of ``x``.
+
+  Args:
+    x: ``(N, ..., C, ...)`` array; ``axis`` (non-negative) is the feature axis.
+    groups: number of normalization groups ``G`` (divides ``N``).
+    axis: feature axis of ``x``.
+    axis_name: if given, the means are also averaged over this mapped axis
+      (``pmap``/``shard_map``), so every device gets the same statistics.
+    axis_index_groups: optional device groups for that average.
+
+  Returns:
+    ``(G, C)`` array in ``x``'s dtype promoted to at least float32.
+  """
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  grouped = split_groups(x.astype(dtype), groups)
+  means = jnp.mean(grouped, axis=_grouped_reduction_axes(x.ndim, axis))
+  if axis_name is not None:
+    means = lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)
+  return means
+
+
+def broadcast_groups(stats: jax.Array, x: jax.Array, axis: int) -> jax.Array:
+  """Expands ``(G, C)`` group statistics to ``x``'s shape ``(N, ..., C, ...)``."""
+  groups, channels = stats.shape
+  shape = [1] * (x.ndim + 1)
+  shape[0] = groups
+  shape[axis + 1] = channels
+  expanded = jnp.broadcast_to(
+      stats.reshape(shape), (groups, x.shape[0] // groups) + x.shape[1:]
+  )
+  return merge_groups(expanded)
+
+
+def broadcast_channels(stat: jax.Array, x: jax.Array, axis: int) -> jax.Array:
+  """Reshapes a ``(C,)`` vector to broadcast against ``x`` along ``axis``."""
+  shape = [1] * x.ndim
+  shape[axis] = stat.shape[0]
+  return stat.reshape(shape)
+
+
+def push(buffer: jax.Array, rows: jax.Array) -> jax.Array:
+  """Appends ``rows`` ``(G, C)`` to the shift buffer ``(m, C)``; keeps the last m."""
+  size = buffer.shape[0]
+  return jnp.concatenate([buffer, rows.astype(buffer.dtype)], axis=0)[-size:]
+
+
+def window_means(buffer: jax.Array, rows: jax.Array) -> jax.Array:
+  """Simple moving averages that each new row sees (spec, section 2 (b)).
+
+  Row ``j`` of the result is the mean of the ``m`` most recent values ending
+  at ``rows[j]``: ``rows[j], rows[j-1], ..., rows[0]``, then the newest rows of
+  ``buffer``.
+
+  Args:
+    buffer: ``(m, C)`` past values, newest last.
+    rows: ``(G, C)`` this step's values, in order.
+
+  Returns:
+    ``(G, C)`` array.
+  """
+  size = buffer.shape[0]
+  sequence = jnp.concatenate([buffer, rows.astype(buffer.dtype)], axis=0)
+  sums = lax.reduce_window(
+      sequence, 0.0, lax.add, (size, 1), (1, 1), "VALID"
+  )  # (G + 1, C): windows ending at each position from the last old row on.
+  return sums[1:] / size
+
+
+def ema(running: jax.Array, value: jax.Array, momentum: float) -> jax.Array:
+  """Flax's exponential moving average ``momentum * running + (1 - momentum) * value``."""
+  return momentum * running + (1.0 - momentum) * value.astype(running.dtype)

@@ -1,0 +1,6 @@
+"""Flax linen layers: thin wrappers over :mod:`mabn_jax.functional`."""
+
+from mabn_jax.layers.centered import CenteredConv, CenteredDense
+from mabn_jax.layers.mabn import MABN
+
+__all__ = ["CenteredConv", "CenteredDense", "MABN"]

@@ -1,0 +1,132 @@
+"""Flax linen wrapper of Moving Average Batch Normalization (spec, section 2)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax.linen import initializers
+
+from mabn_jax.functional import mabn as F
+from mabn_jax.functional import statistics as st
+from mabn_jax.layers._common import affine, check_state_shape, layer_path
+from mabn_jax.training import BACKWARD_STATS
+
+
+class MABN(nn.Module):
+  """Moving Average Batch Normalization (Yan et al., ICLR 2020).
+
+  A drop-in replacement for ``flax.linen.BatchNorm`` at small normalization
+  batches; put it after a :class:`~mabn_jax.CenteredConv` (or
+  :class:`~mabn_jax.CenteredDense`), since it does not subtract a mean.
+  Train with :func:`mabn_jax.value_and_grad`, which feeds the backward
+  statistic into the state.
+
+  Variables (``C`` = number of features, ``m`` = ``buffer_size``):
+    ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
+    ``batch_stats``: ``chi_ema`` ``(C,)``, ``chi_buffer`` ``(m, C)``,
+      ``psi_buffer`` ``(m, C)`` (float32, newest row last) and ``step``
+      ``()`` int32.
+    ``backward_stats``: ``psi_buffer`` ``(m, C)`` float32 zeros, the tap whose
+      cotangent is the step's ``psi_buffer`` increment.
+
+  Attributes:
+    use_running_average: if True, normalize with ``chi_ema`` (inference: an
+      affine map that touches no state).
+    axis: the feature axis.
+    momentum: decay of the ``chi_ema`` moving average (alpha = 0.98).
+    epsilon: added to the second moment inside the square root.
+    dtype: result dtype (default: inferred from input and params).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale, bias_init, scale_init: as ``flax.linen.BatchNorm``.
+    axis_name: mapped axis over which ``chi`` and ``Psi`` are averaged, so
+      every device normalizes with the same statistics (SyncBN-style MABN).
+    axis_index_groups: device groups for that average.
+    buffer_size: ``m``, the number of normalization groups in each SMA.
+    warmup_steps: batch statistics are used while ``t < warmup_steps``.
+    renorm_start: ``r = 1`` until step ``max(renorm_start, warmup_steps)``.
+    r_max: renormalization clip.
+    norm_batch_size: samples normalized together; ``None`` is the whole
+      per-device batch. The batch must be a multiple of it.
+  """
+
+  use_running_average: Optional[bool] = None
+  axis: int = -1
+  momentum: float = 0.98
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  buffer_size: int = 16
+  warmup_steps: int = 100
+  renorm_start: int = 1000
+  r_max: float = 5.0
+  norm_batch_size: Optional[int] = None
+
+  def config(self) -> F.MABNConfig:
+    groups = self.axis_index_groups
+    if groups is not None:
+      groups = tuple(tuple(g) for g in groups)
+    return F.MABNConfig(
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        warmup_steps=self.warmup_steps,
+        renorm_start=self.renorm_start,
+        r_max=self.r_max,
+        norm_batch_size=self.norm_batch_size,
+        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_index_groups=groups,
+    )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
+    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
+    where = layer_path(self)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    config = self.config()
+    config.validate(self.buffer_size, where)
+    axis = st.canonical_axis(self.axis, x.ndim, where)
+    features = x.shape[axis]
+    m = self.buffer_size
+
+    def stat(name, init, shape, dtype=jnp.float32):
+      var = self.variable("batch_stats", name, init, shape, dtype)
+      check_state_shape(where, name, var.value, shape)
+      return var
+
+    chi_ema = stat("chi_ema", jnp.ones, (features,))
+    chi_buffer = stat("chi_buffer", jnp.zeros, (m, features))
+    psi_buffer = stat("psi_buffer", jnp.zeros, (m, features))
+    step = stat("step", jnp.zeros, (), jnp.int32)
+
+    if use_running_average:
+      normalized = F.normalize_inference(x, chi_ema.value, self.epsilon, axis)
+      return affine(self, x, normalized, axis, features)
+
+    if self.has_variable(BACKWARD_STATS, "psi_buffer") or self.is_mutable_collection(
+        BACKWARD_STATS
+    ):
+      tap = self.variable(
+          BACKWARD_STATS, "psi_buffer", jnp.zeros, (m, features), jnp.float32
+      ).value
+      check_state_shape(where, f"{BACKWARD_STATS}/psi_buffer", tap, (m, features))
+    else:
+      tap = None  # Forward-only use; differentiating then raises a clear error.
+
+    state = F.MABNState(chi_ema.value, chi_buffer.value, psi_buffer.value, step.value)
+    normalized, new_state = F.normalize_train(x, state, tap, config, where)
+    if not self.is_initializing():
+      chi_ema.value = new_state.chi_ema
+      chi_buffer.value = new_state.chi_buffer
+      step.value = new_state.step
+    return affine(self, x, normalized, axis, features)

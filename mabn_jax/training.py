@@ -1,0 +1,108 @@
+"""The training contract: gradients plus every statistic a step produces.
+
+Normalizers whose backward pass produces a statistic (MABN's ``Psi``) declare
+a zero-valued *tap* variable in the :data:`BACKWARD_STATS` collection, with the
+same module path and name as the ``'batch_stats'`` variable it updates. The
+cotangent of a tap is that variable's increment for the step.
+:func:`value_and_grad` differentiates the loss with respect to ``'params'``
+and the taps together, and adds each tap's cotangent to ``'batch_stats'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+from flax import traverse_util
+from flax.core import FrozenDict, freeze, unfreeze
+
+BACKWARD_STATS = "backward_stats"
+"""Collection holding the zero-valued taps of backward statistics."""
+
+
+def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
+  """Adds each tap cotangent to the ``batch_stats`` variable of the same path.
+
+  Args:
+    batch_stats: the ``'batch_stats'`` tree after the forward pass.
+    taps_cotangent: gradient of the loss with respect to the
+      :data:`BACKWARD_STATS` tree (same paths, shapes and dtypes as the
+      variables they update).
+
+  Returns:
+    The updated ``batch_stats`` tree (a plain dict).
+  """
+  stats = traverse_util.flatten_dict(unfreeze(batch_stats))
+  for path, increment in traverse_util.flatten_dict(unfreeze(taps_cotangent)).items():
+    if path not in stats:
+      raise ValueError(
+          f"backward-statistics tap {'/'.join(path)} has no 'batch_stats' "
+          "variable to update; pass mutable=['batch_stats'] to model.apply "
+          "in the loss function."
+      )
+    stats[path] = stats[path] + increment.astype(stats[path].dtype)
+  return traverse_util.unflatten_dict(stats)
+
+
+def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
+  """``jax.value_and_grad`` for Flax models whose normalizers keep statistics.
+
+  Args:
+    fun: ``fun(variables, *args, **kwargs)`` returning ``(loss, mutated)``, or
+      ``(loss, (mutated, aux))`` if ``has_aux``; ``mutated`` is what
+      ``model.apply(..., mutable=[...])`` returned (it must contain
+      ``'batch_stats'`` when the model has MABN layers).
+    has_aux: whether ``fun`` returns auxiliary data.
+
+  Returns:
+    A function of the same arguments returning ``((loss, variables), grads)``,
+    or ``(((loss, aux), variables), grads)`` if ``has_aux``. ``grads`` is the
+    gradient with respect to ``variables['params']``; ``variables`` is the new
+    variable tree: ``'params'`` unchanged, each mutated collection replaced,
+    and ``'batch_stats'`` including this step's backward statistics. Pure and
+    jit-able; usable inside ``pmap``, ``shard_map`` and ``lax.scan``.
+  """
+
+  def wrapped(variables, *args, **kwargs):
+    frozen = isinstance(variables, FrozenDict)
+    variables = unfreeze(variables)
+    taps = variables.get(BACKWARD_STATS, {})
+    if "params" not in variables:
+      raise ValueError(
+          "mabn_jax.value_and_grad: the variables have no 'params' collection "
+          f"(found {sorted(variables)})."
+      )
+
+    def loss_of(differentiable):
+      params, tap_values = differentiable
+      out = fun({**variables, "params": params, BACKWARD_STATS: tap_values}
+                if taps else {**variables, "params": params}, *args, **kwargs)
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "mabn_jax.value_and_grad: fun must return (loss, mutated)"
+            + (" with mutated = (mutated_collections, aux)" if has_aux else "")
+            + f", got {type(out).__name__}."
+        )
+      return out
+
+    (loss, rest), (grads, taps_cotangent) = jax.value_and_grad(
+        loss_of, has_aux=True
+    )((variables["params"], taps))
+    mutated, aux = rest if has_aux else (rest, None)
+    new_variables = {**variables, **unfreeze(mutated)}
+    if taps:
+      if "batch_stats" not in mutated:
+        raise ValueError(
+            "mabn_jax.value_and_grad: the model has backward-statistics taps "
+            "but fun did not return a mutated 'batch_stats' collection; call "
+            "model.apply(..., mutable=['batch_stats'])."
+        )
+      new_variables["batch_stats"] = feed_backward_statistics(
+          new_variables["batch_stats"], taps_cotangent
+      )
+    if frozen:
+      new_variables = freeze(new_variables)
+    value = (loss, aux) if has_aux else loss
+    return (value, new_variables), grads
+
+  return wrapped
