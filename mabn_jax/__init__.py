@@ -6,7 +6,13 @@ contract (``value_and_grad``) and the pure math in ``mabn_jax.functional``.
 
 from mabn_jax import functional
 from mabn_jax.layers import CenteredConv, CenteredDense, MABN
-from mabn_jax.training import BACKWARD_STATS, feed_backward_statistics, value_and_grad
+from mabn_jax.training import (
+    BACKWARD_STATS,
+    check_finite,
+    feed_backward_statistics,
+    nonfinite_counts,
+    value_and_grad,
+)
 
 __version__ = "0.1.0"
 
@@ -15,7 +21,9 @@ __all__ = [
     "CenteredConv",
     "CenteredDense",
     "MABN",
+    "check_finite",
     "feed_backward_statistics",
     "functional",
+    "nonfinite_counts",
     "value_and_grad",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
@@ -40,8 +41,36 @@ def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
           "variable to update; pass mutable=['batch_stats'] to model.apply "
           "in the loss function."
       )
-    stats[path] = stats[path] + increment.astype(stats[path].dtype)
+    increment = increment.astype(stats[path].dtype)
+    # A non-finite gradient must not reach the buffer: keep it for this step.
+    stats[path] = jnp.where(
+        jnp.all(jnp.isfinite(increment)), stats[path] + increment, stats[path]
+    )
   return traverse_util.unflatten_dict(stats)
+
+
+def nonfinite_counts(variables: Mapping) -> dict:
+  """``{layer path: number of skipped non-finite steps}`` for every normalizer.
+
+  Reads the int32 ``nonfinite_count`` variables of ``variables['batch_stats']``
+  (host-side; call it outside ``jit``).
+  """
+  stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
+  return {
+      "/".join(path[:-1]): int(value)
+      for path, value in stats.items()
+      if path[-1] == "nonfinite_count"
+  }
+
+
+def check_finite(variables: Mapping) -> None:
+  """Raises ``FloatingPointError`` naming every layer that skipped a step."""
+  bad = {path: n for path, n in nonfinite_counts(variables).items() if n}
+  if bad:
+    raise FloatingPointError(
+        "non-finite batch statistics: these layers kept their previous state "
+        f"for the given number of steps: {bad}"
+    )
 
 
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):

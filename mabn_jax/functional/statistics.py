@@ -170,3 +170,25 @@ def window_means(buffer: jax.Array, rows: jax.Array) -> jax.Array:
 def ema(running: jax.Array, value: jax.Array, momentum: float) -> jax.Array:
   """Flax's exponential moving average ``momentum * running + (1 - momentum) * value``."""
   return momentum * running + (1.0 - momentum) * value.astype(running.dtype)
+
+
+def all_finite(tree) -> jax.Array:
+  """Scalar bool: every element of every array leaf of ``tree`` is finite."""
+  leaves = [
+      jnp.all(jnp.isfinite(leaf))
+      for leaf in jax.tree_util.tree_leaves(tree)
+      if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def keep_if_finite(new, old):
+  """``(new, True)`` if every float leaf of ``new`` is finite, else ``(old, False)``.
+
+  The guard every stateful normalizer applies before committing a step, so a
+  batch (or gradient) with NaN or Inf never reaches running statistics,
+  buffers or step counters.
+  """
+  finite = all_finite(new)
+  kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return kept, finite

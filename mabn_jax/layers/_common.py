@@ -54,3 +54,26 @@ def affine(
     y = y + st.broadcast_channels(bias, x, axis)
     args.append(bias)
   return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=module.dtype))
+
+
+NONFINITE_COUNT = "nonfinite_count"
+"""``'batch_stats'`` variable counting the steps a layer skipped as non-finite."""
+
+
+def commit_state(module: nn.Module, variables: dict, new_values: dict) -> None:
+  """Writes a step's new ``'batch_stats'`` values unless any is non-finite.
+
+  ``variables`` maps names to the layer's ``flax`` variables and
+  ``new_values`` names to their new values. A step with any NaN or Inf keeps
+  every old value and increments the layer's ``nonfinite_count`` (an int32
+  ``'batch_stats'`` variable the training loop can read, see
+  :func:`mabn_jax.nonfinite_counts`). Nothing is written while initializing.
+  """
+  counter = module.variable("batch_stats", NONFINITE_COUNT, jnp.zeros, (), jnp.int32)
+  if module.is_initializing():
+    return
+  old = {name: variables[name].value for name in new_values}
+  kept, finite = st.keep_if_finite(new_values, old)
+  for name, value in kept.items():
+    variables[name].value = value
+  counter.value = counter.value + jnp.where(finite, 0, 1).astype(jnp.int32)

@@ -11,7 +11,7 @@ from flax.linen import initializers
 
 from mabn_jax.functional import mabn as F
 from mabn_jax.functional import statistics as st
-from mabn_jax.layers._common import affine, check_state_shape, layer_path
+from mabn_jax.layers._common import affine, check_state_shape, commit_state, layer_path
 from mabn_jax.training import BACKWARD_STATS
 
 
@@ -28,7 +28,8 @@ class MABN(nn.Module):
     ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
     ``batch_stats``: ``chi_ema`` ``(C,)``, ``chi_buffer`` ``(m, C)``,
       ``psi_buffer`` ``(m, C)`` (float32, newest row last) and ``step``
-      ``()`` int32.
+      ``()`` int32; ``nonfinite_count`` ``()`` int32, the steps skipped
+      because their statistics were not finite (the state is then kept).
     ``backward_stats``: ``psi_buffer`` ``(m, C)`` float32 zeros, the tap whose
       cotangent is the step's ``psi_buffer`` increment.
 
@@ -125,8 +126,10 @@ class MABN(nn.Module):
 
     state = F.MABNState(chi_ema.value, chi_buffer.value, psi_buffer.value, step.value)
     normalized, new_state = F.normalize_train(x, state, tap, config, where)
-    if not self.is_initializing():
-      chi_ema.value = new_state.chi_ema
-      chi_buffer.value = new_state.chi_buffer
-      step.value = new_state.step
+    commit_state(
+        self,
+        dict(chi_ema=chi_ema, chi_buffer=chi_buffer, step=step),
+        dict(chi_ema=new_state.chi_ema, chi_buffer=new_state.chi_buffer,
+             step=new_state.step),
+    )
     return affine(self, x, normalized, axis, features)
