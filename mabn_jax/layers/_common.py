@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +77,42 @@ def commit_state(module: nn.Module, variables: dict, new_values: dict) -> None:
   for name, value in kept.items():
     variables[name].value = value
   counter.value = counter.value + jnp.where(finite, 0, 1).astype(jnp.int32)
+
+
+BATCH_MOMENTS = "batch_moments"
+"""Collection the normalizers sow their input moments into (precise BN).
+
+Only :func:`sow_moments` writes it, and only when a caller made it mutable
+(``model.apply(..., mutable=['batch_moments', ...])``, as
+:func:`mabn_jax.recompute_batch_stats` does); it never exists otherwise.
+"""
+
+
+def sow_moments(
+    module: nn.Module,
+    x: jax.Array,
+    groups: int,
+    axis: int,
+    axis_name: Optional[str] = None,
+    axis_index_groups: Any = None,
+) -> None:
+  """Sows the batch moments of a normalizer's input for precise BN (spec, section 1).
+
+  Call it in the training path of a batch-statistics normalizer with the
+  layer's input ``x`` (before normalization), its number of normalization
+  groups and its (non-negative) feature axis. If the :data:`BATCH_MOMENTS`
+  collection is mutable, two float32 ``(C,)`` arrays are sown (appended to a
+  tuple, one entry per call): ``'mean'``, the per-channel mean of ``x`` and
+  ``'second_moment'``, the mean of ``x**2``, both over the whole device batch
+  (the mean of the ``groups`` group moments, which have equal sizes) and over
+  ``axis_name`` if given. Otherwise, and while initializing, it does nothing
+  and adds nothing to the computation (a static check).
+  """
+  if module.is_initializing() or not module.is_mutable_collection(BATCH_MOMENTS):
+    return
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  x = x.astype(dtype)
+  mean = st.group_mean(x, groups, axis, axis_name, axis_index_groups)
+  second = st.group_mean(jnp.square(x), groups, axis, axis_name, axis_index_groups)
+  module.sow(BATCH_MOMENTS, "mean", jnp.mean(mean, axis=0).astype(jnp.float32))
+  module.sow(BATCH_MOMENTS, "second_moment", jnp.mean(second, axis=0).astype(jnp.float32))

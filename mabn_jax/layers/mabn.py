@@ -11,7 +11,13 @@ from flax.linen import initializers
 
 from mabn_jax.functional import mabn as F
 from mabn_jax.functional import statistics as st
-from mabn_jax.layers._common import affine, check_state_shape, commit_state, layer_path
+from mabn_jax.layers._common import (
+    affine,
+    check_state_shape,
+    commit_state,
+    layer_path,
+    sow_moments,
+)
 from mabn_jax.training import BACKWARD_STATS
 
 
@@ -124,6 +130,10 @@ class MABN(nn.Module):
     else:
       tap = None  # Forward-only use; differentiating then raises a clear error.
 
+    sow_moments(
+        self, x, st.num_groups(x.shape[0], self.norm_batch_size, where), axis,
+        config.axis_name, config.axis_index_groups,
+    )
     state = F.MABNState(chi_ema.value, chi_buffer.value, psi_buffer.value, step.value)
     normalized, new_state = F.normalize_train(x, state, tap, config, where)
     commit_state(
