@@ -1,14 +1,16 @@
 """Pure normalization math, no Flax: usable from Haiku, Equinox, NNX or plain JAX.
 
 Modules:
+  batch_norm: batch normalization with normalization groups (Flax-exact).
   statistics: per-channel group moments and moving-average buffers.
   centering: weight centralization of kernels.
   mabn: Moving Average Batch Normalization and its stabilized custom VJP.
 """
 
+from mabn_jax.functional import batch_norm
 from mabn_jax.functional import centering
 from mabn_jax.functional import mabn
 from mabn_jax.functional import statistics
 from mabn_jax.functional.centering import center_kernel
 
-__all__ = ["centering", "mabn", "statistics", "center_kernel"]
+__all__ = ["batch_norm", "centering", "mabn", "statistics", "center_kernel"]

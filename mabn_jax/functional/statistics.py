@@ -120,6 +120,41 @@ def group_mean(
   return means
 
 
+def group_moments(
+    x: jax.Array,
+    groups: int,
+    axis: int,
+    axis_name: Optional[str] = None,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> Tuple[jax.Array, jax.Array]:
+  """Per-group, per-channel mean and biased variance of ``x``, as Flax does.
+
+  The variance is ``max(0, mean(x^2) - mean(x)^2)`` (``flax.linen.BatchNorm``'s
+  ``use_fast_variance``), so with one group the values, and their gradients,
+  equal Flax's. Both means are taken in one reduction (and, with
+  ``axis_name``, one ``pmean``).
+
+  Args:
+    x: ``(N, ..., C, ...)`` array; ``axis`` (non-negative) is the feature axis.
+    groups: number of normalization groups ``G`` (divides ``N``).
+    axis: feature axis of ``x``.
+    axis_name: if given, both means are also averaged over this mapped axis.
+    axis_index_groups: optional device groups for that average.
+
+  Returns:
+    ``(mean, var)``, each ``(G, C)`` in ``x``'s dtype promoted to at least
+    float32.
+  """
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  channels = x.shape[axis]
+  both = group_mean(
+      jnp.concatenate([x, lax.square(x)], axis=axis),
+      groups, axis, axis_name, axis_index_groups,
+  )  # (G, 2C): [mean(x), mean(x^2)]
+  mean, mean_sq = both[:, :channels], both[:, channels:]
+  return mean, jnp.maximum(0.0, mean_sq - lax.square(mean))
+
+
 def broadcast_groups(stats: jax.Array, x: jax.Array, axis: int) -> jax.Array:
   """Expands ``(G, C)`` group statistics to ``x``'s shape ``(N, ..., C, ...)``."""
   groups, channels = stats.shape

@@ -1,6 +1,7 @@
 """Flax linen layers: thin wrappers over :mod:`mabn_jax.functional`."""
 
+from mabn_jax.layers.batch_norm import BatchNorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
 from mabn_jax.layers.mabn import MABN
 
-__all__ = ["CenteredConv", "CenteredDense", "MABN"]
+__all__ = ["BatchNorm", "CenteredConv", "CenteredDense", "MABN"]

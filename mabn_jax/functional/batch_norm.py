@@ -1,0 +1,181 @@
+"""Batch normalization with normalization groups: the pure math, no Flax.
+
+Spec: ``shared/spec/normalization.md``, section 1 (and section 2,
+"Simulated small normalization batch", for the groups).
+
+The batch of ``N`` samples is split into ``G = N / norm_batch_size`` groups of
+consecutive samples; each group is normalized with its own mean and biased
+variance. The running ``mean``/``var`` are updated once per step, with Flax's
+momentum convention (``momentum * running + (1 - momentum) * stat``), from the
+mean over groups of the group statistics. With ``norm_batch_size=None`` (one
+group) outputs, gradients (plain autodiff) and state equal
+``flax.linen.BatchNorm``'s (``use_fast_variance=True``) to float32 rounding,
+with or without ``axis_name``.
+
+Usage without Flax::
+
+  state = batch_norm.init_state(num_features=C)
+  out, state = batch_norm.normalize_train(x, state, BatchNormConfig(norm_batch_size=2))
+  y = gamma * out + beta
+  y_eval = gamma * batch_norm.normalize_inference(x, state.mean, state.var) + beta
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mabn_jax.functional import statistics as st
+
+
+class BatchNormState(NamedTuple):
+  """Running statistics (float32), the ``'batch_stats'`` of ``flax.linen.BatchNorm``.
+
+  Attributes:
+    mean: ``(C,)`` EMA of the batch mean; starts at 0.
+    var: ``(C,)`` EMA of the biased batch variance; starts at 1.
+  """
+
+  mean: jax.Array
+  var: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+  """Static BN hyper-parameters (hashable; safe as a jit static argument).
+
+  Attributes:
+    axis: feature axis of the input (Flax convention: last).
+    momentum: decay of the running averages (Flax convention, default 0.99).
+    epsilon: added to the variance inside the square root.
+    norm_batch_size: samples normalized together (``None``: the whole batch).
+    axis_name: mapped axis over which the group statistics are averaged
+      (SyncBN under ``pmap``/``shard_map``).
+    axis_index_groups: device groups for that average.
+  """
+
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  norm_batch_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  axis_index_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
+
+  def validate(self, where: str = "BatchNorm") -> None:
+    """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
+    if not 0.0 <= self.momentum <= 1.0:
+      raise ValueError(f"{where}: momentum must be in [0, 1], got {self.momentum!r}.")
+    if not self.epsilon >= 0.0:
+      raise ValueError(f"{where}: epsilon must be >= 0, got {self.epsilon!r}.")
+
+
+def init_state(num_features: int, dtype=jnp.float32) -> BatchNormState:
+  """Initial state as Flax's: ``mean = 0``, ``var = 1``, each ``(C,)``."""
+  return BatchNormState(
+      mean=jnp.zeros((num_features,), dtype), var=jnp.ones((num_features,), dtype)
+  )
+
+
+def batch_moments(
+    x: jax.Array, config: BatchNormConfig = BatchNormConfig(), where: str = "BatchNorm"
+) -> Tuple[jax.Array, jax.Array]:
+  """Group means and biased variances of ``x`` (``(G, C)`` each, float32+).
+
+  Raises:
+    ValueError: if ``x``'s batch is not a multiple of ``norm_batch_size`` or
+      ``config.axis`` is not a feature axis of ``x``.
+  """
+  axis = st.canonical_axis(config.axis, x.ndim, where)
+  groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
+  return st.group_moments(x, groups, axis, config.axis_name, config.axis_index_groups)
+
+
+def standardize(
+    x: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float, axis: int
+) -> jax.Array:
+  """``(x - mean) / sqrt(var + eps)`` with ``(G, C)`` group statistics.
+
+  Returns:
+    Array of ``x``'s shape in the statistics' dtype (float32 or wider).
+  """
+  x = x.astype(mean.dtype)
+  return (x - st.broadcast_groups(mean, x, axis)) * st.broadcast_groups(
+      lax.rsqrt(var + epsilon), x, axis
+  )
+
+
+def normalize_inference(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    where: str = "BatchNorm",
+) -> jax.Array:
+  """Inference normalization with the running ``(C,)`` ``mean`` and ``var``.
+
+  An affine map per channel (foldable into the preceding convolution); touches
+  no state. Returns ``x``'s shape in ``x``'s dtype promoted to at least float32.
+  """
+  axis = st.canonical_axis(axis, x.ndim, where)
+  dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), mean.dtype)
+  x = x.astype(dtype)
+  return (x - st.broadcast_channels(mean, x, axis)) * st.broadcast_channels(
+      lax.rsqrt(var + epsilon), x, axis
+  )
+
+
+def update_state(
+    state: BatchNormState, mean: jax.Array, var: jax.Array, momentum: float
+) -> BatchNormState:
+  """EMA of the running statistics from ``(G, C)`` group statistics.
+
+  One update per step, from the mean over groups (with one group this is
+  exactly Flax's update).
+  """
+  return BatchNormState(
+      mean=st.ema(state.mean, jnp.mean(mean, axis=0), momentum),
+      var=st.ema(state.var, jnp.mean(var, axis=0), momentum),
+  )
+
+
+def check_channels(where: str, state_channels: int, x: jax.Array, axis: int) -> None:
+  """Raises if the state's channel count differs from ``x``'s feature axis."""
+  if state_channels != x.shape[axis]:
+    raise ValueError(
+        f"{where}: the state holds {state_channels} channels but the input has "
+        f"{x.shape[axis]} on axis {axis} (shape {x.shape})."
+    )
+
+
+def normalize_train(
+    x: jax.Array,
+    state: BatchNormState,
+    config: BatchNormConfig = BatchNormConfig(),
+    where: str = "BatchNorm",
+) -> Tuple[jax.Array, BatchNormState]:
+  """One BN training step: ``(x - mu_B) / sqrt(var_B + eps)`` per group.
+
+  Gradients are plain autodiff (the exact derivative of the forward pass).
+
+  Args:
+    x: ``(N, ..., C)`` activations (feature axis ``config.axis``), any float
+      dtype; ``N`` must be a multiple of ``config.norm_batch_size``.
+    state: the current :class:`BatchNormState`.
+    config: static hyper-parameters.
+    where: name used in error messages (a Flax layer passes its path).
+
+  Returns:
+    ``(out, new_state)``: ``out`` has ``x``'s shape and dtype promoted to at
+    least float32 (multiply by gamma and add beta outside).
+  """
+  config.validate(where)
+  axis = st.canonical_axis(config.axis, x.ndim, where)
+  check_channels(where, state.mean.shape[0], x, axis)
+  mean, var = batch_moments(x, config, where)
+  out = standardize(x, mean, var, config.epsilon, axis)
+  return out, update_state(state, mean, var, config.momentum)

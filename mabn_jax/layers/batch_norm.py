@@ -1,0 +1,113 @@
+"""Flax linen batch normalization with normalization groups (spec, section 1)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax.linen import initializers
+
+from mabn_jax.functional import batch_norm as F
+from mabn_jax.functional import statistics as st
+from mabn_jax.layers._common import affine, check_state_shape, commit_state, layer_path
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization, ``flax.linen.BatchNorm`` plus ``norm_batch_size``.
+
+  With ``norm_batch_size=None`` it equals ``flax.linen.BatchNorm`` (outputs,
+  gradients and the ``mean``/``var`` statistics, to float32 rounding), with or
+  without ``axis_name``; with ``axis_name`` under ``pmap``/``shard_map`` it is
+  SyncBN. With ``norm_batch_size=b`` each group of ``b`` consecutive samples
+  (per device, or across devices with ``axis_name``) is normalized with its
+  own statistics, and the running statistics are updated once per step from
+  the mean over groups.
+
+  Variables (``C`` = number of features):
+    ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
+    ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
+      (starts at 1), float32, the EMA of the batch mean and biased variance;
+      ``nonfinite_count`` ``()`` int32, the steps skipped because their
+      statistics were not finite (the state is then kept).
+
+  Attributes:
+    use_running_average: if True, normalize with the stored statistics
+      (inference: an affine map that touches no state).
+    axis: the feature axis.
+    momentum: decay of the moving averages (Flax convention).
+    epsilon: added to the variance inside the square root.
+    dtype: result dtype (default: inferred from input and params).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale, bias_init, scale_init: as ``flax.linen.BatchNorm``.
+    axis_name: mapped axis over which the statistics are averaged (SyncBN).
+    axis_index_groups: device groups for that average.
+    norm_batch_size: samples normalized together; ``None`` is the whole
+      per-device batch (or the whole mapped batch with ``axis_name``). The
+      batch must be a multiple of it.
+  """
+
+  use_running_average: Optional[bool] = None
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  norm_batch_size: Optional[int] = None
+
+  def config(self) -> F.BatchNormConfig:
+    groups = self.axis_index_groups
+    if groups is not None:
+      groups = tuple(tuple(g) for g in groups)
+    return F.BatchNormConfig(
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        norm_batch_size=self.norm_batch_size,
+        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_index_groups=groups,
+    )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
+    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
+    where = layer_path(self)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    config = self.config()
+    config.validate(where)
+    axis = st.canonical_axis(self.axis, x.ndim, where)
+    features = x.shape[axis]
+
+    def stat(name, init):
+      var = self.variable("batch_stats", name, init, (features,), jnp.float32)
+      check_state_shape(where, name, var.value, (features,))
+      return var
+
+    ra_mean = stat("mean", jnp.zeros)
+    ra_var = stat("var", jnp.ones)
+
+    if use_running_average:
+      normalized = F.normalize_inference(
+          x, ra_mean.value, ra_var.value, self.epsilon, axis, where
+      )
+      return affine(self, x, normalized, axis, features)
+
+    state = F.BatchNormState(ra_mean.value, ra_var.value)
+    mean, var = F.batch_moments(x, config, where)
+    normalized = F.standardize(x, mean, var, self.epsilon, axis)
+    new_state = F.update_state(state, mean, var, self.momentum)
+    commit_state(
+        self,
+        dict(mean=ra_mean, var=ra_var),
+        dict(mean=new_state.mean, var=new_state.var),
+    )
+    return affine(self, x, normalized, axis, features)
