@@ -297,3 +297,18 @@ class BatchNormStateTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "momentum must be in"):
       mj.BatchNorm(momentum=1.5).init(jax.random.key(0), jnp.ones((2, 3)),
                                       use_running_average=False)
+
+
+def test_sows_whole_batch_moments_for_precise_bn_only_when_asked():
+  from mabn_jax.layers._common import BATCH_MOMENTS
+  x, _ = _data((4, 2, 3), seed=12)
+  module = mj.BatchNorm(norm_batch_size=2)
+  v = module.init(jax.random.key(0), x, use_running_average=False)
+  _, updates = module.apply(v, x, use_running_average=False,
+                            mutable=["batch_stats", BATCH_MOMENTS])
+  xs = np.asarray(x, np.float64)
+  np.testing.assert_allclose(updates[BATCH_MOMENTS]["mean"][0], xs.mean((0, 1)), rtol=1e-5)
+  np.testing.assert_allclose(
+      updates[BATCH_MOMENTS]["second_moment"][0], (xs ** 2).mean((0, 1)), rtol=1e-5)
+  _, plain = module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  assert BATCH_MOMENTS not in plain

@@ -11,7 +11,13 @@ from flax.linen import initializers
 
 from mabn_jax.functional import batch_norm as F
 from mabn_jax.functional import statistics as st
-from mabn_jax.layers._common import affine, check_state_shape, commit_state, layer_path
+from mabn_jax.layers._common import (
+    affine,
+    check_state_shape,
+    commit_state,
+    layer_path,
+    sow_moments,
+)
 
 
 class BatchNorm(nn.Module):
@@ -101,6 +107,10 @@ class BatchNorm(nn.Module):
       )
       return affine(self, x, normalized, axis, features)
 
+    sow_moments(
+        self, x, st.num_groups(x.shape[0], self.norm_batch_size, where), axis,
+        config.axis_name, config.axis_index_groups,
+    )
     state = F.BatchNormState(ra_mean.value, ra_var.value)
     mean, var = F.batch_moments(x, config, where)
     normalized = F.standardize(x, mean, var, self.epsilon, axis)
