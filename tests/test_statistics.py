@@ -1,0 +1,56 @@
+"""Tests of the shared moment and moving-average helpers."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mabn_jax.functional import statistics as st
+
+
+def test_window_means_average_the_m_most_recent_values_including_each_row():
+  rng = np.random.default_rng(0)
+  buffer = rng.normal(size=(4, 3))
+  rows = rng.normal(size=(6, 3))
+  got = st.window_means(jnp.asarray(buffer, jnp.float32), jnp.asarray(rows, jnp.float32))
+  sequence = np.concatenate([buffer, rows])
+  expected = np.stack([sequence[j + 1:j + 5].mean(0) for j in range(6)])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_push_keeps_the_newest_rows_last():
+  buffer = jnp.arange(6.0).reshape(3, 2)
+  np.testing.assert_array_equal(st.push(buffer, jnp.full((1, 2), 9.0)),
+                                [[2, 3], [4, 5], [9, 9]])
+  np.testing.assert_array_equal(st.push(buffer, jnp.arange(8.0).reshape(4, 2) + 10),
+                                [[12, 13], [14, 15], [16, 17]])
+
+
+def test_group_mean_reduces_each_group_of_consecutive_samples():
+  x = np.random.default_rng(1).normal(size=(6, 2, 2, 3))
+  got = st.group_mean(jnp.asarray(x, jnp.float32), 3, 3)
+  expected = x.reshape(3, 2, 2, 2, 3).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  back = st.broadcast_groups(got, jnp.asarray(x), 3)
+  np.testing.assert_allclose(back[2:4], np.broadcast_to(expected[1], (2, 2, 2, 3)), rtol=1e-6)
+
+
+def test_num_groups_errors_name_both_numbers():
+  assert st.num_groups(8, None) == 1
+  assert st.num_groups(8, 2) == 4
+  with pytest.raises(ValueError, match=r"7 samples.*norm_batch_size=2"):
+    st.num_groups(7, 2)
+  with pytest.raises(ValueError, match=r"1 samples is smaller.*norm_batch_size=2"):
+    st.num_groups(1, 2)
+  with pytest.raises(ValueError, match=r"positive integer"):
+    st.num_groups(4, 0)
+
+
+def test_keep_if_finite_keeps_old_state_on_nan():
+  old = {"a": jnp.ones(2), "n": jnp.array(3)}
+  new = {"a": jnp.array([1.0, jnp.nan]), "n": jnp.array(4)}
+  kept, finite = st.keep_if_finite(new, old)
+  assert not bool(finite)
+  np.testing.assert_array_equal(kept["a"], [1, 1])
+  assert int(kept["n"]) == 3
