@@ -5,7 +5,7 @@ contract (``value_and_grad``) and the pure math in ``mabn_jax.functional``.
 """
 
 from mabn_jax import functional
-from mabn_jax.layers import BatchNorm, CenteredConv, CenteredDense, MABN
+from mabn_jax.layers import BatchNorm, BatchRenorm, CenteredConv, CenteredDense, MABN
 from mabn_jax.training import (
     BACKWARD_STATS,
     check_finite,
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKWARD_STATS",
     "BatchNorm",
+    "BatchRenorm",
     "CenteredConv",
     "CenteredDense",
     "MABN",

@@ -2,15 +2,17 @@
 
 Modules:
   batch_norm: batch normalization with normalization groups (Flax-exact).
+  batch_renorm: Batch Renormalization with a warmup schedule of its limits.
   statistics: per-channel group moments and moving-average buffers.
   centering: weight centralization of kernels.
   mabn: Moving Average Batch Normalization and its stabilized custom VJP.
 """
 
 from mabn_jax.functional import batch_norm
+from mabn_jax.functional import batch_renorm
 from mabn_jax.functional import centering
 from mabn_jax.functional import mabn
 from mabn_jax.functional import statistics
 from mabn_jax.functional.centering import center_kernel
 
-__all__ = ["batch_norm", "centering", "mabn", "statistics", "center_kernel"]
+__all__ = ["batch_norm", "batch_renorm", "centering", "mabn", "statistics", "center_kernel"]

@@ -1,7 +1,8 @@
 """Flax linen layers: thin wrappers over :mod:`mabn_jax.functional`."""
 
 from mabn_jax.layers.batch_norm import BatchNorm
+from mabn_jax.layers.batch_renorm import BatchRenorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
 from mabn_jax.layers.mabn import MABN
 
-__all__ = ["BatchNorm", "CenteredConv", "CenteredDense", "MABN"]
+__all__ = ["BatchNorm", "BatchRenorm", "CenteredConv", "CenteredDense", "MABN"]

@@ -1,0 +1,137 @@
+"""Flax linen Batch Renormalization (spec, section 3)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax.linen import initializers
+
+from mabn_jax.functional import batch_renorm as F
+from mabn_jax.functional import statistics as st
+from mabn_jax.layers._common import (
+    affine,
+    check_state_shape,
+    commit_state,
+    layer_path,
+    sow_moments,
+)
+
+
+class BatchRenorm(nn.Module):
+  """Batch Renormalization (Ioffe, 2017) with ``flax.linen.BatchNorm``'s fields.
+
+  Training normalizes each group with its batch statistics and corrects toward
+  the running ones, ``gamma * (xhat * r + d) + beta`` with ``r`` and ``d``
+  clipped to ``r_max_t``/``d_max_t`` and ``stop_gradient``-ed. The limits
+  follow a warmup schedule (see :mod:`mabn_jax.functional.batch_renorm`):
+  ``(1, 0)``, i.e. plain BN, for training steps ``t <= warmup_steps``, then a
+  linear ramp reaching ``(r_max, d_max)`` at ``t = warmup_steps + ramp_steps``.
+  With ``r_max=1, d_max=0`` it is :class:`~mabn_jax.BatchNorm` exactly.
+  Inference is BN's, with the running statistics.
+
+  Variables (``C`` = number of features):
+    ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
+    ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
+      (starts at 1), float32 EMAs of the batch mean and biased variance, as in
+      ``flax.linen.BatchNorm``; ``step`` ``()`` int32, training steps taken
+      (drives the schedule); ``nonfinite_count`` ``()`` int32, the steps
+      skipped because their statistics were not finite (the state, step
+      included, is then kept).
+
+  Attributes:
+    use_running_average: if True, normalize with the stored statistics
+      (inference: an affine map that touches no state).
+    axis: the feature axis.
+    momentum: decay of the moving averages (Flax convention).
+    epsilon: added to the variances inside the square roots.
+    dtype: result dtype (default: inferred from input and params).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale, bias_init, scale_init: as ``flax.linen.BatchNorm``.
+    axis_name: mapped axis over which the statistics are averaged.
+    axis_index_groups: device groups for that average.
+    r_max: final clip of ``r`` to ``[1 / r_max, r_max]`` (default 3).
+    d_max: final clip of ``d`` to ``[-d_max, d_max]`` (default 5).
+    warmup_steps: training steps of plain BN before the limits start to grow.
+    ramp_steps: steps of the linear ramp from ``(1, 0)`` to ``(r_max, d_max)``
+      (0: jump to the final limits right after warmup).
+    norm_batch_size: samples normalized together; ``None`` is the whole
+      per-device batch. The batch must be a multiple of it.
+  """
+
+  use_running_average: Optional[bool] = None
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  r_max: float = 3.0
+  d_max: float = 5.0
+  warmup_steps: int = 100
+  ramp_steps: int = 1000
+  norm_batch_size: Optional[int] = None
+
+  def config(self) -> F.BatchRenormConfig:
+    groups = self.axis_index_groups
+    if groups is not None:
+      groups = tuple(tuple(g) for g in groups)
+    return F.BatchRenormConfig(
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        r_max=self.r_max,
+        d_max=self.d_max,
+        warmup_steps=self.warmup_steps,
+        ramp_steps=self.ramp_steps,
+        norm_batch_size=self.norm_batch_size,
+        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_index_groups=groups,
+    )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
+    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
+    where = layer_path(self)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    config = self.config()
+    config.validate(where)
+    axis = st.canonical_axis(self.axis, x.ndim, where)
+    features = x.shape[axis]
+
+    def stat(name, init, shape, dtype=jnp.float32):
+      var = self.variable("batch_stats", name, init, shape, dtype)
+      check_state_shape(where, name, var.value, shape)
+      return var
+
+    ra_mean = stat("mean", jnp.zeros, (features,))
+    ra_var = stat("var", jnp.ones, (features,))
+    step = stat("step", jnp.zeros, (), jnp.int32)
+
+    if use_running_average:
+      normalized = F.normalize_inference(
+          x, ra_mean.value, ra_var.value, self.epsilon, axis, where
+      )
+      return affine(self, x, normalized, axis, features)
+
+    sow_moments(
+        self, x, st.num_groups(x.shape[0], self.norm_batch_size, where), axis,
+        config.axis_name, config.axis_index_groups,
+    )
+    state = F.BatchRenormState(ra_mean.value, ra_var.value, step.value)
+    normalized, new_state = F.normalize_train(x, state, config, where)
+    commit_state(
+        self,
+        dict(mean=ra_mean, var=ra_var, step=step),
+        dict(mean=new_state.mean, var=new_state.var, step=new_state.step),
+    )
+    return affine(self, x, normalized, axis, features)
