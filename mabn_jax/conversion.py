@@ -1,0 +1,272 @@
+"""Converting a BatchNorm checkpoint into the same model with MABN.
+
+A model trained with ``flax.linen.BatchNorm`` (or :class:`mabn_jax.BatchNorm`)
+keeps a running ``mean`` and biased ``var`` per channel. MABN (spec, section
+2) keeps the running second moment instead, so the conversion sets
+
+    chi_ema = var + mean^2          # E[x^2] = Var[x] + E[x]^2
+
+and fills every row of ``chi_buffer`` with it, so the forward SMA starts at the
+population value. ``psi_buffer`` (the backward statistic's SMA buffer) starts
+at zero: a BN checkpoint carries no estimate of ``Psi``. Parameters (conv
+kernels, ``scale``, ``bias``, everything else) are copied unchanged; the MABN
+model's :class:`~mabn_jax.CenteredConv` centres the copied kernels, which is
+exact when the BN model's conv outputs were zero-mean (kernels already
+centred) and otherwise the usual first fine-tuning adjustment.
+
+``step`` (documented choice): by default it is set to
+``max(buffer_size, warmup_steps)``, the last warmup step, so MABN normalizes
+with its moving averages from the first fine-tuning step instead of
+re-entering warmup, where it would use the noisy small-batch statistics the
+conversion is meant to avoid. Renormalization (``r != 1``) then starts after
+``max(renorm_start, warmup_steps)`` steps counted from 0, as in training from
+scratch. Pass ``step=0`` to go through warmup again.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import FrozenDict, freeze, unfreeze
+
+from mabn_jax.training import BACKWARD_STATS
+
+_MABN_DEFAULTS = dict(buffer_size=16, warmup_steps=100)
+
+
+def _natural(path) -> tuple:
+  """Sort key of a path: ``Conv_10`` after ``Conv_2`` (Flax's auto names)."""
+  return tuple(
+      tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part)))
+      for part in path
+  )
+
+
+def _bn_layers(stats: Mapping) -> list:
+  """Paths of layers with ``mean``/``var`` state, in natural path order."""
+  flat = traverse_util.flatten_dict(unfreeze(stats))
+  layers = []
+  for path in flat:
+    layer = path[:-1]
+    if path[-1] == "mean" and layer + ("var",) in flat and layer not in layers:
+      layers.append(layer)
+  return layers
+
+
+def _mabn_layers(stats: Mapping) -> list:
+  flat = traverse_util.flatten_dict(unfreeze(stats))
+  return [path[:-1] for path in flat if path[-1] == "chi_ema"]
+
+
+def mabn_state_from_batch_norm(
+    mean: jax.Array, var: jax.Array, buffer_size: int, step: int
+) -> dict:
+  """MABN ``'batch_stats'`` of one layer from BN's running ``mean``/``var``.
+
+  Returns ``{'chi_ema': (C,), 'chi_buffer': (m, C), 'psi_buffer': (m, C),
+  'step': () int32, 'nonfinite_count': () int32}``, float32 statistics.
+  """
+  mean = np.asarray(mean, np.float64)
+  chi = jnp.asarray(np.asarray(var, np.float64) + mean * mean, jnp.float32)
+  channels = chi.shape[0]
+  return {
+      "chi_ema": chi,
+      "chi_buffer": jnp.broadcast_to(chi, (buffer_size, channels)),
+      "psi_buffer": jnp.zeros((buffer_size, channels), jnp.float32),
+      "step": jnp.asarray(step, jnp.int32),
+      "nonfinite_count": jnp.zeros((), jnp.int32),
+  }
+
+
+def _set(tree: dict, path, value) -> None:
+  node = tree
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = value
+
+
+def _get(tree: Mapping, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
+  from mabn_jax import registry  # lazily: the registry imports the layers
+
+  if normalizer.name not in ("bn", "syncbn"):
+    raise ValueError(
+        "convert_batch_norm: expected a model built with the 'bn' or 'syncbn' "
+        f"normalizer, got '{normalizer.name}'."
+    )
+  kwargs = {
+      key: value for key, value in dict(normalizer.kwargs).items()
+      if key in ("norm_batch_size", "epsilon", "axis_name")
+  }
+  if normalizer.name == "syncbn" and "axis_name" not in kwargs:
+    kwargs["axis_name"] = "batch"
+  kwargs.update(mabn_kwargs)
+  new_normalizer = registry.make_normalizer("mabn", **kwargs)
+  resolved = {**_MABN_DEFAULTS, **dict(new_normalizer.kwargs)}
+  m, warmup = resolved["buffer_size"], resolved["warmup_steps"]
+  if step is None:
+    step = max(m, warmup)
+  stats = unfreeze(variables["batch_stats"])
+  layers = _bn_layers(stats)
+  if not layers:
+    raise ValueError("convert_batch_norm: no layer with 'mean'/'var' statistics found.")
+  out = {k: unfreeze(v) for k, v in variables.items()}
+  taps = out.setdefault(BACKWARD_STATS, {})
+  for layer in layers:
+    node = _get(stats, layer)
+    state = mabn_state_from_batch_norm(node["mean"], node["var"], m, step)
+    _set(out["batch_stats"], layer, state)
+    _set(taps, layer, {"psi_buffer": jnp.zeros_like(state["psi_buffer"])})
+  return out, new_normalizer
+
+
+def convert_batch_norm(
+    variables: Mapping,
+    normalizer: Any = None,
+    *,
+    target: Optional[Mapping] = None,
+    step: Optional[int] = None,
+    **mabn_kwargs,
+):
+  """Turns a BatchNorm model's variables into the same model's MABN variables.
+
+  Two ways to name the target model:
+
+  * Registry models (``normalizer`` = the ``'bn'``/``'syncbn'`` normalizer of
+    :func:`mabn_jax.make_normalizer` the model was built with): returns
+    ``(variables, normalizer)`` where the normalizer is
+    ``make_normalizer('mabn', ...)`` with the BN normalizer's
+    ``norm_batch_size``, ``epsilon`` and ``axis_name`` and ``mabn_kwargs``
+    (e.g. ``buffer_size``, ``warmup_steps``, ``centered``); every
+    ``mean``/``var`` state (conv_norm modules and standalone norms) becomes
+    MABN state and gets its ``'backward_stats'`` tap.
+  * Plain models (``target`` = variables of the MABN twin, e.g. from
+    ``twin.init(...)``; only their structure and shapes are used): BN layers
+    (``mean``/``var`` state) are matched to MABN layers (``chi_ema`` state)
+    in the natural order of their paths (``BatchNorm_2`` before
+    ``BatchNorm_10``; trees from ``jax.tree`` ops or checkpoints have sorted
+    keys, so creation order is not available). Other parameterized layers
+    are matched by equal path, the rest (e.g. ``Conv_i`` and
+    ``CenteredConv_i``) in natural path order; names and shapes of their
+    arrays must agree (``CenteredConv(use_bias=False)`` where BN had
+    ``Conv(use_bias=False)``). Returns the twin's variables.
+
+  Each MABN layer gets ``chi_ema = var + mean^2``, ``chi_buffer`` rows equal
+  to it, zero ``psi_buffer`` (and tap), ``nonfinite_count = 0`` and ``step``
+  (default ``max(buffer_size, warmup_steps)``: moving averages from the first
+  step; see the module docstring).
+
+  Args:
+    variables: the BN model's variables (``'params'``, ``'batch_stats'``).
+    normalizer: registry mode: the BN model's normalizer.
+    target: plain mode: the MABN twin's (initial) variables.
+    step: the MABN ``step`` to start from.
+    **mabn_kwargs: registry mode: MABN normalizer kwargs. Plain mode:
+      ``warmup_steps`` (default 100) for the default ``step``.
+
+  Raises:
+    ValueError: on structural mismatch (numbers of layers, channel counts,
+      leaf shapes), naming the first mismatching paths.
+  """
+  frozen = isinstance(variables, FrozenDict)
+  variables = unfreeze(variables)
+  if "params" not in variables or "batch_stats" not in variables:
+    raise ValueError(
+        "convert_batch_norm: expected 'params' and 'batch_stats' collections, "
+        f"found {sorted(variables)}."
+    )
+  if (normalizer is None) == (target is None):
+    raise ValueError(
+        "convert_batch_norm: give exactly one of `normalizer` (registry models) "
+        "or `target` (the MABN twin's variables, for plain models)."
+    )
+  if normalizer is not None:
+    out, new_normalizer = _convert_registry(variables, normalizer, step, mabn_kwargs)
+    return (freeze(out) if frozen else out), new_normalizer
+  unknown = set(mabn_kwargs) - {"warmup_steps"}
+  if unknown:
+    raise ValueError(
+        f"convert_batch_norm: unexpected arguments {sorted(unknown)} for plain "
+        "models (valid: warmup_steps)."
+    )
+  out = _convert_plain(variables, unfreeze(target), step,
+                       mabn_kwargs.get("warmup_steps", _MABN_DEFAULTS["warmup_steps"]))
+  return freeze(out) if frozen else out
+
+
+def _convert_plain(variables: dict, target: dict, step, warmup_steps):
+  src_layers = _bn_layers(variables["batch_stats"])
+  dst_layers = _mabn_layers(target.get("batch_stats", {}))
+  names = lambda layers: ["/".join(layer) for layer in layers]
+  if len(src_layers) != len(dst_layers):
+    raise ValueError(
+        f"convert_batch_norm: the BN model has {len(src_layers)} BatchNorm layers "
+        f"{names(src_layers)} but the target has {len(dst_layers)} MABN layers "
+        f"{names(dst_layers)}."
+    )
+  out = {k: unfreeze(v) for k, v in target.items()}
+  for src, dst in zip(src_layers, dst_layers):
+    node = _get(variables["batch_stats"], src)
+    template = _get(target["batch_stats"], dst)
+    m, channels = template["chi_buffer"].shape
+    if node["mean"].shape != (channels,):
+      raise ValueError(
+          f"convert_batch_norm: BatchNorm '{'/'.join(src)}' has "
+          f"{node['mean'].shape[0]} channels but MABN '{'/'.join(dst)}' has {channels}."
+      )
+    layer_step = max(m, warmup_steps) if step is None else step
+    state = mabn_state_from_batch_norm(node["mean"], node["var"], m, layer_step)
+    _set(out["batch_stats"], dst, {k: state[k] for k in template})
+    if BACKWARD_STATS in out:
+      try:
+        _set(out[BACKWARD_STATS], dst,
+             {"psi_buffer": jnp.zeros_like(_get(target[BACKWARD_STATS], dst)["psi_buffer"])})
+      except KeyError:
+        pass
+
+  src = traverse_util.flatten_dict(variables["params"])
+  dst = traverse_util.flatten_dict(target["params"])
+  layer_map = dict(zip(src_layers, dst_layers))
+  src_rest = sorted({p[:-1] for p in src} - set(src_layers), key=_natural)
+  dst_rest = sorted({p[:-1] for p in dst} - set(dst_layers), key=_natural)
+  same = [layer for layer in src_rest if layer in dst_rest]
+  layer_map.update({layer: layer for layer in same})
+  src_rest = [layer for layer in src_rest if layer not in same]
+  dst_rest = [layer for layer in dst_rest if layer not in same]
+  if len(src_rest) != len(dst_rest):
+    raise ValueError(
+        f"convert_batch_norm: after matching equal paths, the BN model has "
+        f"{len(src_rest)} other parameterized layers {names(src_rest)} but the "
+        f"target has {len(dst_rest)} {names(dst_rest)}."
+    )
+  layer_map.update(zip(src_rest, dst_rest))
+  new_params = {}
+  for s_path, value in src.items():
+    d_path = layer_map[s_path[:-1]] + s_path[-1:]
+    if d_path not in dst or dst[d_path].shape != value.shape:
+      raise ValueError(
+          f"convert_batch_norm: parameter '{'/'.join(s_path)}' {value.shape} has no "
+          f"counterpart '{'/'.join(d_path)}' of that shape in the target "
+          f"({dst[d_path].shape if d_path in dst else 'missing'}); the models "
+          "differ structurally (layers are matched by path, else in natural "
+          "order of their paths)."
+      )
+    new_params[d_path] = jnp.asarray(value, dst[d_path].dtype)
+  missing = sorted("/".join(p) for p in set(dst) - set(new_params))
+  if missing:
+    raise ValueError(
+        f"convert_batch_norm: target parameters {missing} have no counterpart in "
+        "the BN model."
+    )
+  out["params"] = traverse_util.unflatten_dict(new_params)
+  return out
