@@ -10,6 +10,7 @@ and the taps together, and adds each tap's cotangent to ``'batch_stats'``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -71,6 +72,41 @@ def check_finite(variables: Mapping) -> None:
         "non-finite batch statistics: these layers kept their previous state "
         f"for the given number of steps: {bad}"
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def inference_guard(y: jax.Array, tap: jax.Array, where: str) -> jax.Array:
+  """Identity on ``y``; a training step through it is an error.
+
+  A layer in inference mode (``use_running_average=True``) passes its output
+  through this guard when its backward-statistics ``tap`` is present. Under
+  :func:`value_and_grad` the tap is differentiated, which means the caller
+  expects the layer's statistics to update but they will not: that raises at
+  trace time. To fine-tune with frozen statistics on purpose, drop the
+  :data:`BACKWARD_STATS` collection from the variables passed in.
+  """
+  del tap, where
+  return y
+
+
+def _inference_guard_fwd(y, tap, where):
+  if tap.perturbed:
+    raise ValueError(
+        f"{where}: a training step (mabn_jax.value_and_grad) runs this layer with "
+        "use_running_average=True, so its statistics would not update. Call "
+        "the model with train=True / use_running_average=False, or, to train "
+        f"with frozen statistics on purpose, remove the '{BACKWARD_STATS}' "
+        "collection from the variables."
+    )
+  return y.value, None
+
+
+def _inference_guard_bwd(where, res, ct):
+  del where, res
+  return ct, None
+
+
+inference_guard.defvjp(_inference_guard_fwd, _inference_guard_bwd, symbolic_zeros=True)
 
 
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):

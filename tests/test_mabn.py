@@ -323,3 +323,22 @@ def test_statistics_are_float32_for_half_precision_inputs():
   chex.assert_tree_all_finite(mutated)
   rms = np.sqrt(np.mean(np.asarray(y, np.float32) ** 2, axis=0))
   np.testing.assert_allclose(rms, 1.0, rtol=0.02)
+
+
+def test_training_step_in_inference_mode_is_an_error_unless_taps_are_dropped():
+  shape = (4, C)
+  model = Probe(mj.MABN(), shape)
+  variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+  assert "backward_stats" in variables  # created in inference-mode init too
+
+  def eval_loss(v, x):
+    y, mutated = model.apply(v, x, train=False, mutable=["batch_stats"])
+    return jnp.sum(y), mutated
+
+  x = jnp.ones(shape)
+  with pytest.raises(ValueError, match=r"MABN 'norm'.*use_running_average=True.*would not update"):
+    mj.value_and_grad(eval_loss)(variables, x)
+  frozen = {k: v for k, v in variables.items() if k != "backward_stats"}
+  (_, new_vars), grads = mj.value_and_grad(eval_loss)(frozen, x)
+  chex.assert_trees_all_equal(new_vars["batch_stats"], variables["batch_stats"])
+  assert float(jnp.abs(grads["norm"]["bias"]).sum()) > 0

@@ -18,7 +18,7 @@ from mabn_jax.layers._common import (
     layer_path,
     sow_moments,
 )
-from mabn_jax.training import BACKWARD_STATS
+from mabn_jax.training import BACKWARD_STATS, inference_guard
 
 
 class MABN(nn.Module):
@@ -116,10 +116,6 @@ class MABN(nn.Module):
     psi_buffer = stat("psi_buffer", jnp.zeros, (m, features))
     step = stat("step", jnp.zeros, (), jnp.int32)
 
-    if use_running_average:
-      normalized = F.normalize_inference(x, chi_ema.value, self.epsilon, axis)
-      return affine(self, x, normalized, axis, features)
-
     if self.has_variable(BACKWARD_STATS, "psi_buffer") or self.is_mutable_collection(
         BACKWARD_STATS
     ):
@@ -129,6 +125,12 @@ class MABN(nn.Module):
       check_state_shape(where, f"{BACKWARD_STATS}/psi_buffer", tap, (m, features))
     else:
       tap = None  # Forward-only use; differentiating then raises a clear error.
+
+    if use_running_average:
+      normalized = F.normalize_inference(x, chi_ema.value, self.epsilon, axis)
+      if tap is not None:
+        normalized = inference_guard(normalized, tap, where)
+      return affine(self, x, normalized, axis, features)
 
     sow_moments(
         self, x, st.num_groups(x.shape[0], self.norm_batch_size, where), axis,
