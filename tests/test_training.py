@@ -119,7 +119,7 @@ def test_missing_mutable_batch_stats_is_an_error():
   variables = model.init(jax.random.key(0), x, train=True)
 
   def loss_fn(variables, x, y):
-    out = model.apply(variables, x, train=False)
+    out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return jnp.mean((out - y) ** 2), {}
 
   with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
