@@ -6,6 +6,8 @@ contract (``value_and_grad``) and the pure math in ``mabn_jax.functional``.
 
 from mabn_jax import functional
 from mabn_jax.layers import BatchNorm, BatchRenorm, CenteredConv, CenteredDense, MABN
+from mabn_jax.layers import CrossIterationConvNorm
+from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
 from mabn_jax.training import (
     BACKWARD_STATS,
     check_finite,
@@ -22,10 +24,14 @@ __all__ = [
     "BatchRenorm",
     "CenteredConv",
     "CenteredDense",
+    "CrossIterationConvNorm",
     "MABN",
+    "Normalizer",
     "check_finite",
     "feed_backward_statistics",
     "functional",
+    "make_normalizer",
     "nonfinite_counts",
+    "normalizer_names",
     "value_and_grad",
 ]

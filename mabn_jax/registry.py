@@ -1,0 +1,366 @@
+"""One way to choose a normalizer: by name and keyword arguments.
+
+A model written once takes a :class:`Normalizer` and runs with every entry::
+
+  norm = mj.make_normalizer("mabn", norm_batch_size=2)
+  y = norm.conv_norm(features=64, kernel_size=(3, 3), name="conv1")(x, train=True)
+  y = norm.norm(name="bn_final")(y, train=True)
+
+Names (:func:`normalizer_names`):
+
+  ``'bn'``        :class:`mabn_jax.BatchNorm`
+  ``'syncbn'``    :class:`mabn_jax.BatchNorm` with ``axis_name`` (default
+                  ``'batch'``; run under ``pmap``/``shard_map`` with that axis)
+  ``'brn'``       :class:`mabn_jax.BatchRenorm`
+  ``'gn'``        ``flax.linen.GroupNorm``
+  ``'ln'``        ``flax.linen.LayerNorm``
+  ``'in'``        ``flax.linen.InstanceNorm``
+  ``'cbn'``       ``mabn_jax.layers.cross_iteration.CrossIterationConvNorm``
+  ``'cbn_naive'`` the same with ``naive=True`` (no Taylor compensation)
+  ``'mabn'``      :class:`mabn_jax.CenteredConv` + :class:`mabn_jax.MABN`
+  ``'none'``      a convolution with bias, no normalization
+
+Keyword arguments are the target layer's fields (``use_running_average``,
+which ``train`` sets, excluded), plus ``centered``: whether the convolution of
+:meth:`Normalizer.conv_norm` is weight-centralized (:class:`~mabn_jax.CenteredConv`),
+default True for ``'mabn'`` and False otherwise. They are checked when the
+normalizer is made; unknown names and keywords raise a ``ValueError`` listing
+the valid ones. ``dtype``/``param_dtype``, when given, apply to the
+convolution too.
+
+Variable layout of ``conv_norm(..., name=NAME)`` (the fold, precise-BN and
+conversion tools rely on it)::
+
+  params:      {NAME: {'conv': {'kernel': (kh, kw, cin, cout)[, 'bias': (cout,)]},
+                       'norm': {'scale': (C,), 'bias': (C,)}}}
+  batch_stats: {NAME: {'norm': {... the norm layer's state ...}}}
+
+``'none'`` has no ``'norm'`` child and its conv has a bias; CBN has the same
+layout (its kernel in ``'conv'``, its scale, bias and state in ``'norm'``).
+Stored kernels are raw weights; a centred conv uses ``center_kernel(kernel)``.
+``norm(name=NAME)`` puts the norm layer's variables directly under ``NAME``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import flax.linen as nn
+import jax
+
+from mabn_jax.layers.batch_norm import BatchNorm
+from mabn_jax.layers.batch_renorm import BatchRenorm
+from mabn_jax.layers.centered import CenteredConv, CenteredDense
+from mabn_jax.layers.mabn import MABN
+
+_NAMES = ("bn", "syncbn", "brn", "gn", "ln", "in", "cbn", "cbn_naive", "mabn", "none")
+_CBN = ("cbn", "cbn_naive")
+# Layers normalizing with batch statistics: called with use_running_average.
+_BATCH_STATISTICS = ("bn", "syncbn", "brn", "mabn")
+# Fields a Normalizer never takes: set by the call (train) or by the method.
+_MODULE_FIELDS = ("parent", "name", "use_running_average")
+_CBN_CONV_FIELDS = ("features", "kernel_size", "strides", "padding", "naive", "use_bias")
+_CONV_SHARED = ("dtype", "param_dtype")
+
+
+def normalizer_names() -> Tuple[str, ...]:
+  """The valid normalizer names, in a fixed order."""
+  return _NAMES
+
+
+def _cross_iteration_class(name: str) -> Type[nn.Module]:
+  try:
+    from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
+  except ImportError as err:
+    raise ImportError(
+        f"normalizer {name!r} needs mabn_jax.layers.cross_iteration."
+        f"CrossIterationConvNorm, which could not be imported: {err}"
+    ) from err
+  return CrossIterationConvNorm
+
+
+def _target(name: str) -> Type[nn.Module]:
+  """The layer class whose fields are ``name``'s keyword arguments."""
+  targets = {
+      "bn": BatchNorm, "syncbn": BatchNorm, "brn": BatchRenorm,
+      "gn": nn.GroupNorm, "ln": nn.LayerNorm, "in": nn.InstanceNorm, "mabn": MABN,
+  }
+  if name in _CBN:
+    return _cross_iteration_class(name)
+  return targets[name]
+
+
+def _valid_kwargs(name: str) -> Tuple[str, ...]:
+  if name == "none":
+    return ("centered",)
+  excluded = _MODULE_FIELDS + (_CBN_CONV_FIELDS if name in _CBN else ())
+  fields = {f.name for f in dataclasses.fields(_target(name))} - set(excluded)
+  return tuple(sorted(fields | {"centered"}))
+
+
+def _check_name(name: Any) -> None:
+  if name not in _NAMES:
+    raise ValueError(
+        f"unknown normalizer {name!r}; valid names: {', '.join(_NAMES)}."
+    )
+
+
+def _hashable(value: Any) -> Any:
+  """Lists (e.g. ``axis_index_groups``) become tuples so a Normalizer hashes."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+  """A normalizer chosen by name; frozen and hashable (usable as a Flax field).
+
+  Make it with :func:`make_normalizer`. Its modules are called as
+  ``module(x, train=...)`` (``use_running_average = not train``).
+
+  Attributes:
+    name: one of :func:`normalizer_names`.
+    kwargs: sorted ``(key, value)`` pairs, the target layer's fields (see the
+      module docstring).
+  """
+
+  name: str
+  kwargs: Tuple[Tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    _check_name(self.name)
+    kwargs = self.kwargs
+    if isinstance(kwargs, Mapping):
+      kwargs = kwargs.items()
+    kwargs = tuple(sorted((str(k), _hashable(v)) for k, v in kwargs))
+    object.__setattr__(self, "kwargs", kwargs)
+    valid = _valid_kwargs(self.name)
+    unknown = sorted(k for k, _ in kwargs if k not in valid)
+    if unknown:
+      raise ValueError(
+          f"normalizer {self.name!r} ({_describe(self.name)}): unknown keyword "
+          f"argument(s) {', '.join(unknown)}; valid ones: {', '.join(valid)}."
+      )
+
+  @property
+  def options(self) -> dict:
+    """The keyword arguments as a dict."""
+    return dict(self.kwargs)
+
+  @property
+  def centered(self) -> bool:
+    """Whether :meth:`conv_norm`'s convolution is weight-centralized."""
+    return bool(self.options.get("centered", self.name == "mabn"))
+
+  def with_updates(self, **kwargs) -> "Normalizer":
+    """The same normalizer with some keyword arguments added or replaced."""
+    return make_normalizer(self.name, **{**self.options, **kwargs})
+
+  def conv_norm(
+      self,
+      features: int,
+      kernel_size: Union[int, Sequence[int]],
+      strides: Union[int, Sequence[int]] = 1,
+      padding: Any = "SAME",
+      kernel_init: Optional[Callable] = None,
+      name: Optional[str] = None,
+  ) -> "ConvNorm":
+    """A convolution (no bias, but with ``'none'``) followed by this normalization.
+
+    Returns an unbound :class:`ConvNorm` called as ``module(x, train=...)``
+    on ``(N, *spatial, cin)`` inputs. An int ``kernel_size`` means the same
+    size on every spatial axis.
+    """
+    return ConvNorm(
+        normalizer=self, features=features, kernel_size=_hashable(kernel_size),
+        strides=_hashable(strides), padding=_hashable(padding),
+        kernel_init=kernel_init, name=name,
+    )
+
+  def norm(self, name: Optional[str] = None) -> "Norm":
+    """The normalization on its own (e.g. after a Dense layer).
+
+    Returns an unbound :class:`Norm` called as ``module(x, train=...)``.
+    ``'none'`` gives the identity.
+
+    Raises:
+      ValueError: for ``'cbn'``/``'cbn_naive'``, which need the preceding
+        convolution (use :meth:`conv_norm`).
+    """
+    if self.name in _CBN:
+      raise ValueError(
+          f"normalizer {self.name!r} compensates statistics for the change of "
+          "the preceding convolution's kernel, so it has no stand-alone norm; "
+          "use conv_norm(...) instead."
+      )
+    return Norm(normalizer=self, name=name)
+
+  def dense_norm(
+      self, features: int, kernel_init: Optional[Callable] = None, name: Optional[str] = None
+  ) -> "DenseNorm":
+    """A dense layer (``CenteredDense`` when centred) followed by this normalization.
+
+    Variables: ``params[NAME]['dense']`` (``kernel`` ``(cin, features)``, plus
+    ``bias`` for ``'none'``) and the norm's under ``'norm'``.
+
+    Raises:
+      ValueError: for ``'cbn'``/``'cbn_naive'`` (convolutions only).
+    """
+    if self.name in _CBN:
+      raise ValueError(
+          f"normalizer {self.name!r} is defined for a preceding convolution "
+          "only; use conv_norm(...)."
+      )
+    return DenseNorm(normalizer=self, features=features, kernel_init=kernel_init, name=name)
+
+  def _norm_kwargs(self) -> dict:
+    options = self.options
+    options.pop("centered", None)
+    return options
+
+  def _conv_kwargs(self, kernel_init: Optional[Callable]) -> dict:
+    options = self.options
+    kwargs = {k: options[k] for k in _CONV_SHARED if k in options}
+    if kernel_init is not None:
+      kwargs["kernel_init"] = kernel_init
+    return kwargs
+
+
+def _describe(name: str) -> str:
+  if name == "none":
+    return "no normalization"
+  if name in _CBN:
+    return "CrossIterationConvNorm" + (", naive" if name == "cbn_naive" else "")
+  target = {"gn": nn.GroupNorm, "ln": nn.LayerNorm, "in": nn.InstanceNorm}.get(name)
+  if target is not None:
+    return f"flax.linen.{target.__name__}"
+  return f"mabn_jax.{_target(name).__name__}"
+
+
+def make_normalizer(name: str, **kwargs) -> Normalizer:
+  """Returns the :class:`Normalizer` ``name`` with keyword arguments ``kwargs``.
+
+  ``'syncbn'`` gets ``axis_name='batch'`` unless given.
+
+  Raises:
+    ValueError: for an unknown name or keyword argument (the message lists the
+      valid ones).
+    ImportError: for ``'cbn'``/``'cbn_naive'`` if the cross-iteration layer
+      cannot be imported.
+  """
+  _check_name(name)
+  if name == "syncbn":
+    kwargs.setdefault("axis_name", "batch")
+  return Normalizer(name=name, kwargs=tuple(kwargs.items()))
+
+
+def _norm_layer(normalizer: Normalizer, name: Optional[str] = None) -> nn.Module:
+  """The (non-CBN) normalization layer, unbound; ``None`` for ``'none'``."""
+  if normalizer.name == "none":
+    return None
+  return _target(normalizer.name)(**normalizer._norm_kwargs(), name=name)
+
+
+def _apply_norm(normalizer: Normalizer, layer: Optional[nn.Module], x: jax.Array, train: bool):
+  if layer is None:
+    return x
+  if normalizer.name in _BATCH_STATISTICS:
+    return layer(x, use_running_average=not train)
+  return layer(x)
+
+
+def _spatial(value: Any, rank: int) -> Any:
+  return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+class ConvNorm(nn.Module):
+  """A convolution followed by a normalization chosen by a :class:`Normalizer`.
+
+  Children: ``'conv'`` (``flax.linen.Conv``, or :class:`~mabn_jax.CenteredConv`
+  when ``normalizer.centered``; no bias unless the normalizer is ``'none'``)
+  and ``'norm'`` (the normalization layer; absent for ``'none'``). For
+  ``'cbn'``/``'cbn_naive'`` the cross-iteration module shares this module's
+  scope, so its ``'conv'`` and ``'norm'`` children sit at the same place.
+
+  Attributes:
+    normalizer: which normalization and its keyword arguments.
+    features: output channels.
+    kernel_size: one size per spatial axis (an int: the same on every axis).
+    strides: an int or one per spatial axis.
+    padding: as ``flax.linen.Conv``.
+    kernel_init: the convolution's kernel initializer (``None``: Flax's default).
+  """
+
+  normalizer: Normalizer
+  features: int
+  kernel_size: Union[int, Sequence[int]]
+  strides: Union[int, Sequence[int]] = 1
+  padding: Any = "SAME"
+  kernel_init: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """``(N, *spatial, cin)`` -> ``(N, *spatial_out, features)``."""
+    normalizer = self.normalizer
+    kernel_size = _spatial(self.kernel_size, x.ndim - 2)
+    if normalizer.name in _CBN:
+      kwargs = normalizer._norm_kwargs()
+      kwargs["centered"] = normalizer.centered
+      if self.kernel_init is not None:
+        kwargs["kernel_init"] = self.kernel_init
+      module = _target(normalizer.name)(
+          features=self.features, kernel_size=kernel_size, strides=self.strides,
+          padding=self.padding, use_bias=False, naive=normalizer.name == "cbn_naive",
+          **kwargs,
+      )
+      nn.share_scope(self, module)
+      return module(x, use_running_average=not train)
+
+    conv_cls = CenteredConv if normalizer.centered else nn.Conv
+    y = conv_cls(
+        features=self.features, kernel_size=kernel_size, strides=self.strides,
+        padding=self.padding, use_bias=normalizer.name == "none",
+        **normalizer._conv_kwargs(self.kernel_init), name="conv",
+    )(x)
+    return _apply_norm(normalizer, _norm_layer(normalizer, name="norm"), y, train)
+
+
+class Norm(nn.Module):
+  """A normalization chosen by a :class:`Normalizer`, called with ``train``.
+
+  The layer shares this module's scope: its variables sit directly under this
+  module's name (as if it were the layer itself). ``'none'`` is the identity.
+  """
+
+  normalizer: Normalizer
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    layer = _norm_layer(self.normalizer)
+    if layer is not None:
+      nn.share_scope(self, layer)
+    return _apply_norm(self.normalizer, layer, x, train)
+
+
+class DenseNorm(nn.Module):
+  """A dense layer (``'dense'``) followed by a normalization (``'norm'``).
+
+  The dense layer is :class:`~mabn_jax.CenteredDense` when
+  ``normalizer.centered`` and has a bias only for ``'none'``.
+  """
+
+  normalizer: Normalizer
+  features: int
+  kernel_init: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    normalizer = self.normalizer
+    dense_cls = CenteredDense if normalizer.centered else nn.Dense
+    y = dense_cls(
+        features=self.features, use_bias=normalizer.name == "none",
+        **normalizer._conv_kwargs(self.kernel_init), name="dense",
+    )(x)
+    return _apply_norm(normalizer, _norm_layer(normalizer, name="norm"), y, train)
