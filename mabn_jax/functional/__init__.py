@@ -5,14 +5,16 @@ Modules:
   batch_renorm: Batch Renormalization with a warmup schedule of its limits.
   statistics: per-channel group moments and moving-average buffers.
   centering: weight centralization of kernels.
+  cross_iteration: Cross-Iteration BN (Taylor-compensated pooled statistics).
   mabn: Moving Average Batch Normalization and its stabilized custom VJP.
 """
 
 from mabn_jax.functional import batch_norm
 from mabn_jax.functional import batch_renorm
 from mabn_jax.functional import centering
+from mabn_jax.functional import cross_iteration
 from mabn_jax.functional import mabn
 from mabn_jax.functional import statistics
 from mabn_jax.functional.centering import center_kernel
 
-__all__ = ["batch_norm", "batch_renorm", "centering", "mabn", "statistics", "center_kernel"]
+__all__ = ["batch_norm", "batch_renorm", "centering", "cross_iteration", "mabn", "statistics", "center_kernel"]

@@ -3,6 +3,7 @@
 from mabn_jax.layers.batch_norm import BatchNorm
 from mabn_jax.layers.batch_renorm import BatchRenorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
+from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
 from mabn_jax.layers.mabn import MABN
 
-__all__ = ["BatchNorm", "BatchRenorm", "CenteredConv", "CenteredDense", "MABN"]
+__all__ = ["BatchNorm", "BatchRenorm", "CenteredConv", "CenteredDense", "CrossIterationConvNorm", "MABN"]

@@ -1,0 +1,521 @@
+"""Cross-Iteration Batch Normalization (CBN): the pure math, no Flax.
+
+Spec: ``shared/spec/normalization.md``, section 4 (Yao et al., CVPR 2021).
+
+CBN normalizes the output ``y = conv(x, W)`` of a convolution with statistics
+pooled over the last ``k`` iterations (``k = window``, the current one
+included). Each buffered statistic ``mu``, ``nu = mean(y^2)`` was measured
+with an older kernel ``W_old``; it is carried to the current kernel ``W`` by a
+first-order Taylor expansion::
+
+    mu(W) ~ mu + dmu . (W - W_old)        nu(W) ~ nu + dnu . (W - W_old)
+
+Entries whose compensated values are inconsistent (``nu < mu^2``) are
+dropped, the rest are averaged, and ``var = max(nu_bar - mu_bar^2, 0)``.
+Only the current batch's ``mu``, ``nu`` carry gradient.
+
+The derivatives are cheap (spec, section 4): ``d mu_c / d W[..., c]`` is the
+mean input patch, the same ``(*kernel_size, cin)`` vector for every output
+channel (the Jacobian is zero across channels), and ``d nu / d W`` is the
+kernel gradient of the convolution for the cotangent ``2 y / M``. Both are
+one backward-weight convolution each (:func:`jax.linear_transpose` of the
+convolution in its kernel); nothing differentiates the network twice.
+
+Buffers are fixed-size shift arrays (newest entry last) with a count of valid
+entries; the buffer holds ``P = k - 1`` past entries. With a normalization
+batch smaller than the device batch (``norm_batch_size``), the ``G`` groups
+of a step are treated as consecutive iterations, as in spec section 2
+("Simulated small normalization batch"): group ``j`` pools the ``P`` most
+recent entries before it (groups of earlier steps, then groups ``0..j-1`` of
+this step, which share the current kernel and so need no compensation).
+
+During burn-in (steps ``t <= burn_in``, counted from 1) the layer is plain BN
+with the biased variance and nothing is buffered; afterwards the window grows
+from 1 to ``k`` entries.
+
+Usage without Flax (``conv_spec`` describes the convolution, the kernel is
+HWIO-like ``(*kernel_size, cin, cout)``)::
+
+  spec = cross_iteration.ConvSpec.make(kernel.ndim - 2, strides=1, padding="SAME")
+  state = cross_iteration.init_state(kernel.shape, window=4)
+  def loss(kernel, x, state):
+    y = cross_iteration.conv(x, kernel, spec)
+    xhat, new_state = cross_iteration.normalize_train(y, x, kernel, state, spec)
+    return jnp.sum(xhat * gy), new_state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mabn_jax.functional import statistics as st
+
+
+class CBNState(NamedTuple):
+  """CBN's running state (float32 but ``count`` and ``step``).
+
+  ``K`` below is the kernel's shape without its output axis,
+  ``(*kernel_size, cin)``; ``P = window - 1`` is the number of past entries.
+
+  Attributes:
+    mean: ``(C,)`` EMA of the current batch mean of the conv output
+      (conv bias included), for inference; starts at 0.
+    var: ``(C,)`` EMA of the current batch's biased variance; starts at 1.
+    mu_buffer: ``(P, C)`` past entries' ``mu`` (conv bias excluded).
+    nu_buffer: ``(P, C)`` past entries' ``nu = mean(y^2)`` (bias excluded).
+    dmu_buffer: ``(P, *K)`` past ``d mu / d W`` (the mean input patch).
+    dnu_buffer: ``(P, *K, C)`` past ``d nu / d W``.
+    kernel_buffer: ``(P, *K, C)`` the (effective) kernels they were measured
+      with.
+    count: ``()`` int32, number of valid past entries (the newest ``count``
+      rows of the buffers), at most ``P``.
+    step: ``()`` int32, training steps taken (the next one is ``step + 1``).
+  """
+
+  mean: jax.Array
+  var: jax.Array
+  mu_buffer: jax.Array
+  nu_buffer: jax.Array
+  dmu_buffer: jax.Array
+  dnu_buffer: jax.Array
+  kernel_buffer: jax.Array
+  count: jax.Array
+  step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CBNConfig:
+  """Static CBN hyper-parameters (hashable; safe as a jit static argument).
+
+  Attributes:
+    window: ``k``, iterations pooled including the current one (the
+      published "buffer 3" setting is ``k = 4``).
+    burn_in: steps ``t <= burn_in`` are plain BN and buffer nothing.
+    naive: pool the buffered statistics without the Taylor term.
+    momentum: Flax EMA convention ``r <- momentum * r + (1 - momentum) * stat``
+      (the published CBN's 0.1 on the new value).
+    epsilon: added to the variance inside the square root.
+    norm_batch_size: samples normalized together (``None``: the whole batch).
+    axis_name: mapped axis over which the statistics and their derivatives
+      are averaged.
+    axis_index_groups: device groups for that average.
+  """
+
+  window: int = 4
+  burn_in: int = 100
+  naive: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  norm_batch_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  axis_index_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
+
+  def validate(self, where: str = "CBN") -> None:
+    """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
+    checks = [
+        ("window", self.window,
+         isinstance(self.window, int) and self.window >= 1, "an integer >= 1"),
+        ("burn_in", self.burn_in,
+         isinstance(self.burn_in, int) and self.burn_in >= 0, "an integer >= 0"),
+        ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+        ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
+    ]
+    for field, value, ok, expected in checks:
+      if not ok:
+        raise ValueError(f"{where}: {field} must be {expected}, got {value!r}.")
+
+
+Padding = Union[str, Tuple[Tuple[int, int], ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  """A convolution ``y = conv(x, W)`` in Flax's layout (hashable).
+
+  ``x`` is ``(N, *spatial, cin)``, ``W`` is ``(*kernel_size, cin, cout)``,
+  ``y`` is ``(N, *spatial_out, cout)``; no bias, no feature groups.
+
+  Attributes:
+    strides: one stride per spatial axis.
+    padding: ``'SAME'``, ``'VALID'`` or one ``(low, high)`` pair per axis.
+    kernel_dilation: one dilation per spatial axis.
+  """
+
+  strides: Tuple[int, ...]
+  padding: Padding
+  kernel_dilation: Tuple[int, ...]
+
+  @classmethod
+  def make(
+      cls,
+      rank: int,
+      strides: Union[int, Sequence[int]] = 1,
+      padding: Union[str, int, Sequence] = "SAME",
+      kernel_dilation: Union[int, Sequence[int]] = 1,
+      where: str = "CBN",
+  ) -> "ConvSpec":
+    """Canonicalizes Flax-style conv arguments for ``rank`` spatial axes.
+
+    Raises:
+      ValueError: for padding modes other than ``'SAME'``, ``'VALID'``,
+        integers and ``(low, high)`` pairs, or wrong lengths.
+    """
+
+    def per_axis(name, value):
+      value = (value,) * rank if isinstance(value, int) else tuple(value)
+      if len(value) != rank or not all(isinstance(v, int) and v >= 1 for v in value):
+        raise ValueError(
+            f"{where}: {name} must be a positive integer or {rank} of them, "
+            f"got {value!r}."
+        )
+      return value
+
+    if isinstance(padding, str):
+      pad = padding.upper()
+      if pad not in ("SAME", "VALID"):
+        raise ValueError(
+            f"{where}: padding must be 'SAME', 'VALID', an integer or {rank} "
+            f"(low, high) pairs, got {padding!r} (other modes are not supported)."
+        )
+    elif isinstance(padding, int):
+      pad = ((padding, padding),) * rank
+    else:
+      pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+      if len(pad) != rank or not all(len(p) == 2 for p in pad):
+        raise ValueError(
+            f"{where}: padding must be 'SAME', 'VALID', an integer or {rank} "
+            f"(low, high) pairs, got {padding!r}."
+        )
+    return cls(per_axis("strides", strides), pad, per_axis("kernel_dilation", kernel_dilation))
+
+
+def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+  """``conv(x, kernel)`` as ``flax.linen.Conv`` computes it (no bias).
+
+  Args:
+    x: ``(N, *spatial, cin)``.
+    kernel: ``(*kernel_size, cin, cout)``.
+    spec: strides, padding and dilation.
+
+  Returns:
+    ``(N, *spatial_out, cout)`` in the promoted dtype of ``x`` and ``kernel``.
+  """
+  ndim = x.ndim
+  lhs = (0, ndim - 1) + tuple(range(1, ndim - 1))
+  rhs = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
+  dtype = jnp.promote_types(x.dtype, kernel.dtype)
+  return lax.conv_general_dilated(
+      x.astype(dtype),
+      kernel.astype(dtype),
+      window_strides=spec.strides,
+      padding=spec.padding,
+      rhs_dilation=spec.kernel_dilation,
+      dimension_numbers=lax.ConvDimensionNumbers(lhs, rhs, lhs),
+  )
+
+
+def init_state(
+    kernel_shape: Sequence[int], window: int = 4, dtype=jnp.float32
+) -> CBNState:
+  """Initial state: ``mean = 0``, ``var = 1``, empty buffers, ``step = 0``.
+
+  Args:
+    kernel_shape: ``(*kernel_size, cin, cout)``.
+    window: ``k``; the buffers hold ``k - 1`` entries.
+  """
+  kernel_shape = tuple(kernel_shape)
+  channels, past = kernel_shape[-1], window - 1
+  return CBNState(
+      mean=jnp.zeros((channels,), dtype),
+      var=jnp.ones((channels,), dtype),
+      mu_buffer=jnp.zeros((past, channels), dtype),
+      nu_buffer=jnp.zeros((past, channels), dtype),
+      dmu_buffer=jnp.zeros((past,) + kernel_shape[:-1], dtype),
+      dnu_buffer=jnp.zeros((past,) + kernel_shape, dtype),
+      kernel_buffer=jnp.zeros((past,) + kernel_shape, dtype),
+      count=jnp.zeros((), jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+  )
+
+
+def state_shapes(kernel_shape: Sequence[int], window: int) -> dict:
+  """``{field: shape}`` of a :class:`CBNState` for this kernel and window."""
+  return {k: v.shape for k, v in init_state(kernel_shape, window)._asdict().items()}
+
+
+def batch_moments(
+    y: jax.Array,
+    groups: int,
+    axis_name: Optional[str] = None,
+    axis_index_groups=None,
+) -> Tuple[jax.Array, jax.Array]:
+  """Per-group ``mu = mean(y)`` and ``nu = mean(y^2)``, each ``(G, C)``."""
+  dtype = jnp.promote_types(y.dtype, jnp.float32)
+  y = y.astype(dtype)
+  axis = y.ndim - 1
+  mu = st.group_mean(y, groups, axis, axis_name, axis_index_groups)
+  nu = st.group_mean(jnp.square(y), groups, axis, axis_name, axis_index_groups)
+  return mu, nu
+
+
+def moment_derivatives(
+    x: jax.Array,
+    y: jax.Array,
+    kernel: jax.Array,
+    spec: ConvSpec,
+    groups: int,
+    axis_name: Optional[str] = None,
+    axis_index_groups=None,
+) -> Tuple[jax.Array, jax.Array]:
+  """Per-group ``d mu / d W`` and ``d nu / d W`` of ``y = conv(x, W)``.
+
+  Both are backward-weight convolutions (spec, section 4): the kernel
+  cotangent of ``conv(x_g, .)`` for the output cotangent ``1 / M`` (one
+  output channel: ``d mu_c / d W[..., c]`` is the same mean input patch for
+  every ``c``) and for ``2 y / M``. ``M`` is the number of elements per
+  channel in a group. No gradient flows through the results.
+
+  Args:
+    x: ``(N, *spatial, cin)`` conv input.
+    y: ``(N, *spatial_out, C)``, ``conv(x, kernel)`` without bias.
+    kernel: ``(*K, C)`` kernel with ``K = (*kernel_size, cin)``.
+    spec: the convolution.
+    groups: ``G``, normalization groups in the batch.
+
+  Returns:
+    ``(dmu, dnu)`` of shapes ``(G, *K)`` and ``(G, *K, C)``, float32 (or
+    wider), averaged over ``axis_name`` if given.
+  """
+  dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+  x = lax.stop_gradient(x).astype(dtype)
+  y = lax.stop_gradient(y).astype(dtype)
+  elements = (y.shape[0] // groups) * int(
+      functools.reduce(lambda a, b: a * b, y.shape[1:-1], 1)
+  )
+  kshape = tuple(kernel.shape)
+
+  def kernel_cotangent(xg, ct, out_features):
+    conv_of_kernel = functools.partial(conv, xg, spec=spec)
+    transpose = jax.linear_transpose(
+        lambda w: conv_of_kernel(w),
+        jax.ShapeDtypeStruct(kshape[:-1] + (out_features,), dtype),
+    )
+    return transpose(ct)[0]
+
+  xg = st.split_groups(x, groups)
+  ones = jnp.full(st.split_groups(y, groups).shape[:-1] + (1,), 1.0 / elements, dtype)
+  dmu = jax.vmap(lambda a, c: kernel_cotangent(a, c, 1))(xg, ones)[..., 0]
+  ct = st.split_groups(2.0 * y / elements, groups)
+  dnu = jax.vmap(lambda a, c: kernel_cotangent(a, c, kshape[-1]))(xg, ct)
+  if axis_name is not None:
+    dmu, dnu = lax.pmean((dmu, dnu), axis_name, axis_index_groups=axis_index_groups)
+  return dmu, dnu
+
+
+def compensate(
+    mu: jax.Array,
+    nu: jax.Array,
+    dmu: jax.Array,
+    dnu: jax.Array,
+    kernels: jax.Array,
+    kernel: jax.Array,
+) -> Tuple[jax.Array, jax.Array]:
+  """First-order Taylor compensation of entries to ``kernel`` (spec, section 4).
+
+  Args:
+    mu, nu: ``(P, C)`` statistics measured with ``kernels``.
+    dmu: ``(P, *K)``; dnu: ``(P, *K, C)``; kernels: ``(P, *K, C)``.
+    kernel: ``(*K, C)`` the current kernel (treated as a constant).
+
+  Returns:
+    ``(mu + dmu . dW, nu + dnu . dW)`` per channel, each ``(P, C)``, with
+    ``dW = kernel - kernels``.
+  """
+  past, channels = mu.shape
+  delta = lax.stop_gradient(kernel)[None].astype(kernels.dtype) - kernels
+  delta = delta.reshape(past, -1, channels)
+  mu_c = mu + jnp.einsum("pk,pkc->pc", dmu.reshape(past, -1), delta)
+  nu_c = nu + jnp.einsum("pkc,pkc->pc", dnu.reshape(past, -1, channels), delta)
+  return mu_c, nu_c
+
+
+def pooled_moments(
+    mu: jax.Array,
+    nu: jax.Array,
+    past_mu: jax.Array,
+    past_nu: jax.Array,
+    past_filled: jax.Array,
+) -> Tuple[jax.Array, jax.Array]:
+  """Averages of the current and the valid past entries, per group.
+
+  Group ``j`` pools its own ``(mu[j], nu[j])`` (always kept; the only terms
+  with gradient) and the ``P`` entries of the sequence ``past ++ current``
+  that precede it, ``seq[j], ..., seq[j + P - 1]``, keeping those that are
+  filled and consistent (``nu >= mu^2``).
+
+  Args:
+    mu, nu: ``(G, C)`` current group statistics.
+    past_mu, past_nu: ``(P, C)`` (compensated) past entries, newest last.
+    past_filled: ``(P,)`` bool, which past entries hold real values.
+
+  Returns:
+    ``(mu_bar, nu_bar)``, each ``(G, C)``.
+  """
+  groups, past = mu.shape[0], past_mu.shape[0]
+  seq_mu = jnp.concatenate([past_mu, lax.stop_gradient(mu)], axis=0)
+  seq_nu = jnp.concatenate([past_nu, lax.stop_gradient(nu)], axis=0)
+  filled = jnp.concatenate([past_filled, jnp.ones((groups,), bool)])
+  index = jnp.arange(groups)[:, None] + jnp.arange(past)[None, :]  # (G, P)
+  win_mu, win_nu = seq_mu[index], seq_nu[index]  # (G, P, C)
+  keep = filled[index][..., None] & (win_nu >= jnp.square(win_mu))
+  keep = keep.astype(mu.dtype)
+  count = 1.0 + jnp.sum(keep, axis=1)
+  mu_bar = (mu + jnp.sum(keep * win_mu, axis=1)) / count
+  nu_bar = (nu + jnp.sum(keep * win_nu, axis=1)) / count
+  return mu_bar, nu_bar
+
+
+def in_burn_in(step: jax.Array, burn_in: int) -> jax.Array:
+  """True for training steps ``t <= burn_in`` (steps counted from 1)."""
+  return step <= burn_in
+
+
+def normalize_train(
+    y: jax.Array,
+    x: jax.Array,
+    kernel: jax.Array,
+    state: CBNState,
+    spec: ConvSpec,
+    config: CBNConfig = CBNConfig(),
+    bias: Optional[jax.Array] = None,
+    where: str = "CBN",
+) -> Tuple[jax.Array, CBNState]:
+  """One CBN training step: ``(y - mu_bar) / sqrt(var_bar + eps)`` and the new state.
+
+  Args:
+    y: ``(N, *spatial_out, C)`` conv output *without* the conv bias; it
+      carries the gradient (to ``x`` and the kernel through the caller's
+      convolution). ``N`` must be a multiple of ``config.norm_batch_size``.
+    x: ``(N, *spatial, cin)`` the conv input (for the derivatives only).
+    kernel: ``(*K, C)`` the effective kernel with ``y = conv(x, kernel)``;
+      used as a constant (compensation target, buffered).
+    state: the current :class:`CBNState` (buffer ``P`` = ``config.window - 1``).
+    spec: the convolution.
+    config: static hyper-parameters.
+    bias: optional ``(C,)`` conv bias; only shifts the running ``mean`` (the
+      normalized output does not depend on it).
+    where: name used in error messages.
+
+  Returns:
+    ``(xhat, new_state)``: ``xhat`` has ``y``'s shape, dtype promoted to at
+    least float32 (apply gamma and beta outside).
+  """
+  config.validate(where)
+  past = config.window - 1
+  expected = state_shapes(kernel.shape, config.window)
+  for name, shape in expected.items():
+    actual = tuple(getattr(state, name).shape)
+    if actual != tuple(shape):
+      raise ValueError(
+          f"{where}: state '{name}' has shape {actual} but the kernel "
+          f"{tuple(kernel.shape)} and window {config.window} imply {tuple(shape)}."
+      )
+  if y.shape[-1] != kernel.shape[-1] or x.shape[-1] != kernel.shape[-2]:
+    raise ValueError(
+        f"{where}: kernel {tuple(kernel.shape)} does not match the conv input "
+        f"{tuple(x.shape)} and output {tuple(y.shape)}."
+    )
+  groups = st.num_groups(y.shape[0], config.norm_batch_size, where)
+  dtype = jnp.promote_types(y.dtype, jnp.float32)
+  y32 = y.astype(dtype)
+  axis = y.ndim - 1
+
+  mu, nu = batch_moments(y32, groups, config.axis_name, config.axis_index_groups)
+  step = state.step + 1
+  burning = in_burn_in(step, config.burn_in)
+
+  if past > 0:
+    if config.naive:
+      past_mu, past_nu = state.mu_buffer, state.nu_buffer
+    else:
+      past_mu, past_nu = compensate(
+          state.mu_buffer, state.nu_buffer, state.dmu_buffer, state.dnu_buffer,
+          state.kernel_buffer, kernel,
+      )
+    past_filled = jnp.arange(past) >= past - state.count
+    mu_win, nu_win = pooled_moments(
+        mu, nu, past_mu.astype(dtype), past_nu.astype(dtype), past_filled
+    )
+    mu_bar = jnp.where(burning, mu, mu_win)
+    nu_bar = jnp.where(burning, nu, nu_win)
+  else:
+    mu_bar, nu_bar = mu, nu
+  var_bar = jnp.maximum(nu_bar - jnp.square(mu_bar), 0.0)
+
+  inv_std = lax.rsqrt(var_bar + config.epsilon)
+  xhat = (y32 - st.broadcast_groups(mu_bar, y32, axis)) * st.broadcast_groups(
+      inv_std, y32, axis
+  )
+
+  mu_c, nu_c = lax.stop_gradient(mu), lax.stop_gradient(nu)
+  var_c = jnp.maximum(nu_c - jnp.square(mu_c), 0.0)
+  batch_mean = jnp.mean(mu_c, axis=0)
+  if bias is not None:
+    batch_mean = batch_mean + lax.stop_gradient(bias).astype(dtype)
+  new_state = state._replace(
+      mean=st.ema(state.mean, batch_mean, config.momentum),
+      var=st.ema(state.var, jnp.mean(var_c, axis=0), config.momentum),
+      step=step,
+  )
+  if past > 0:
+    dmu, dnu = moment_derivatives(
+        x, y32, kernel, spec, groups, config.axis_name, config.axis_index_groups
+    )
+    kernels = jnp.broadcast_to(
+        lax.stop_gradient(kernel).astype(dtype), (groups,) + tuple(kernel.shape)
+    )
+    pushed = dict(
+        mu_buffer=st.push(state.mu_buffer, mu_c),
+        nu_buffer=st.push(state.nu_buffer, nu_c),
+        dmu_buffer=st.push(state.dmu_buffer, dmu),
+        dnu_buffer=st.push(state.dnu_buffer, dnu),
+        kernel_buffer=st.push(state.kernel_buffer, kernels),
+        count=jnp.minimum(state.count + groups, past).astype(jnp.int32),
+    )
+    kept = {
+        name: jnp.where(burning, getattr(state, name), value)
+        for name, value in pushed.items()
+    }
+    new_state = new_state._replace(**kept)
+  return xhat, new_state
+
+
+def inference_scale_shift(
+    mean: jax.Array, var: jax.Array, epsilon: float = 1e-5
+) -> Tuple[jax.Array, jax.Array]:
+  """``(scale, shift)`` ``(C,)`` of the inference map ``y * scale + shift``."""
+  scale = lax.rsqrt(var + epsilon)
+  return scale, -mean * scale
+
+
+def normalize_inference(
+    y: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float = 1e-5
+) -> jax.Array:
+  """``(y - mean) / sqrt(var + eps)`` with the running statistics.
+
+  Args:
+    y: ``(N, ..., C)`` conv output *including* its bias.
+    mean, var: ``(C,)`` float32 running statistics.
+
+  Returns:
+    Array of ``y``'s shape in its dtype promoted to at least float32.
+  """
+  dtype = jnp.promote_types(y.dtype, jnp.float32)
+  scale, shift = inference_scale_shift(mean, var, epsilon)
+  return y.astype(dtype) * scale + shift

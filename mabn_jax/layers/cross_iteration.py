@@ -1,0 +1,214 @@
+"""Flax linen wrapper of Cross-Iteration Batch Normalization (spec, section 4)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax.linen import initializers
+
+from mabn_jax.functional import cross_iteration as F
+from mabn_jax.functional.centering import center_kernel
+from mabn_jax.layers._common import affine, check_state_shape, commit_state, layer_path
+from mabn_jax.layers.centered import CenteredConv
+
+
+class CrossIterationConvNorm(nn.Module):
+  """A convolution followed by Cross-Iteration BN (Yao et al., CVPR 2021).
+
+  CBN needs the preceding convolution's kernel (it compensates buffered
+  statistics for the kernel's change, spec section 4), so the convolution
+  and the normalization are one module. Training (``use_running_average``
+  False) normalizes ``y = conv(x)`` with statistics pooled over the last
+  ``window`` iterations; inference is ``conv`` followed by the affine map of
+  the running ``mean``/``var`` (foldable into the conv, like BN).
+
+  Variables (``K = (*kernel_size, cin)``, ``C = features``,
+  ``P = window - 1``):
+    ``params``: ``conv``: ``kernel`` ``(*K, C)`` (the raw weight; the conv
+      uses ``center_kernel(kernel)`` when ``centered``) and, if ``use_bias``,
+      ``bias`` ``(C,)``; ``norm``: ``scale`` ``(C,)`` and ``bias`` ``(C,)``
+      (per ``use_scale``/``use_norm_bias``), all in ``param_dtype``.
+    ``batch_stats``: ``norm``: ``mean`` ``(C,)`` and ``var`` ``(C,)`` (running
+      statistics of the conv output, bias included, as in
+      ``flax.linen.BatchNorm``), ``mu_buffer``/``nu_buffer`` ``(P, C)``,
+      ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer`` and ``kernel_buffer``
+      ``(P, *K, C)`` (float32, newest entry last; the kernels and
+      derivatives are those of the effective, centred if ``centered``,
+      kernel), ``count`` ``()`` int32 (valid entries), ``step`` ``()``
+      int32, and ``nonfinite_count`` ``()`` int32 (steps skipped because
+      their statistics were not finite; the state is then kept).
+
+  Attributes:
+    features: output channels ``C``.
+    kernel_size: as ``flax.linen.Conv`` (a tuple, one size per spatial axis).
+    strides: int or one per spatial axis.
+    padding: ``'SAME'``, ``'VALID'``, an int or ``(low, high)`` pairs.
+    use_bias: whether the convolution has a bias (it does not change the
+      training output, which subtracts the mean; it shifts ``mean``).
+    centered: weight-centralized kernel (:class:`~mabn_jax.CenteredConv`).
+    window: ``k``, iterations pooled including the current one (4 = the
+      published "buffer 3" setting).
+    burn_in: training steps ``t <= burn_in`` (counted from 1) are plain BN
+      with the biased variance and buffer nothing. Default 100, the same
+      order as MABN's warm-up; the paper burns in for several epochs, so
+      set it to a few epochs' worth of steps for real training.
+    naive: pool buffered statistics without the Taylor compensation.
+    momentum: running-statistics EMA, Flax's convention (0.9 = the
+      published CBN's 0.1 on the new value).
+    epsilon: added to the variance inside the square root.
+    norm_batch_size: samples normalized together (``None``: the whole
+      per-device batch); the groups of a step act as consecutive iterations.
+    axis_name, axis_index_groups: mapped axis (and device groups) over which
+      statistics and their derivatives are averaged (synchronized CBN).
+    use_running_average: if True, normalize with the running statistics.
+    dtype: computation/result dtype (default: inferred as in Flax).
+    param_dtype: dtype of all parameters.
+    use_scale, use_norm_bias: the normalization's affine ``scale``/``bias``.
+    scale_init, bias_init: their initializers.
+    kernel_init, conv_bias_init: the convolution's initializers
+      (``flax.linen.Conv``'s defaults).
+  """
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Union[int, Sequence[int]] = 1
+  padding: Any = "SAME"
+  use_bias: bool = False
+  centered: bool = False
+  window: int = 4
+  burn_in: int = 100
+  naive: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  norm_batch_size: Optional[int] = None
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  use_running_average: Optional[bool] = None
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  use_scale: bool = True
+  use_norm_bias: bool = True
+  scale_init: Any = initializers.ones
+  bias_init: Any = initializers.zeros
+  kernel_init: Any = nn.linear.default_kernel_init
+  conv_bias_init: Any = initializers.zeros
+
+  def config(self) -> F.CBNConfig:
+    groups = self.axis_index_groups
+    if groups is not None:
+      groups = tuple(tuple(g) for g in groups)
+    return F.CBNConfig(
+        window=self.window,
+        burn_in=self.burn_in,
+        naive=self.naive,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        norm_batch_size=self.norm_batch_size,
+        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_index_groups=groups,
+    )
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
+    """Convolves and normalizes ``x`` ``(N, *spatial, cin)``; returns ``(N, *spatial_out, C)``."""
+    where = layer_path(self)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    kernel_size = (
+        (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+    )
+    rank = len(kernel_size)
+    if x.ndim != rank + 2:
+      raise ValueError(
+          f"{where}: expected an input of rank {rank + 2} (batch, {rank} spatial "
+          f"axes, channels) for kernel_size {kernel_size}, got shape {tuple(x.shape)}."
+      )
+    config = self.config()
+    config.validate(where)
+    spec = F.ConvSpec.make(rank, self.strides, self.padding, where=where)
+
+    conv_cls = CenteredConv if self.centered else nn.Conv
+    conv = conv_cls(
+        features=self.features,
+        kernel_size=kernel_size,
+        strides=spec.strides,
+        padding=self.padding,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        bias_init=self.conv_bias_init,
+        name="conv",
+    )
+    y = conv(x)
+    conv_params = conv.variables["params"]
+    kernel = conv_params["kernel"]
+    if self.centered:
+      kernel = center_kernel(kernel)
+    bias = conv_params.get("bias") if self.use_bias else None
+
+    norm = _CrossIterationNorm(
+        config=config,
+        use_scale=self.use_scale,
+        use_bias=self.use_norm_bias,
+        scale_init=self.scale_init,
+        bias_init=self.bias_init,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="norm",
+    )
+    return norm(y, x, kernel, bias, spec, use_running_average, where)
+
+
+class _CrossIterationNorm(nn.Module):
+  """The normalization half of :class:`CrossIterationConvNorm` (its ``'norm'`` child).
+
+  Holds the ``batch_stats`` state and the affine ``scale``/``bias``; called
+  with the conv output, its input, its effective kernel, the conv bias (or
+  None), the conv spec, the mode and the parent's path for error messages.
+  """
+
+  config: F.CBNConfig
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Any = initializers.ones
+  bias_init: Any = initializers.zeros
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
+      where: str,
+  ):
+    # ``where`` is the parent's layer_path: errors name the layer users wrote.
+    features = y.shape[-1]
+    initial = F.init_state(kernel.shape, self.config.window)
+
+    def stat(name):
+      value = getattr(initial, name)
+      var = self.variable("batch_stats", name, lambda: value)
+      check_state_shape(where, name, var.value, value.shape)
+      return var
+
+    variables = {name: stat(name) for name in F.CBNState._fields}
+
+    if use_running_average:
+      normalized = F.normalize_inference(
+          y, variables["mean"].value, variables["var"].value, self.config.epsilon
+      )
+      return affine(self, y, normalized, y.ndim - 1, features)
+
+    y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
+    if bias is not None:
+      y32 = y32 - bias.astype(y32.dtype)
+    state = F.CBNState(**{name: v.value for name, v in variables.items()})
+    normalized, new_state = F.normalize_train(
+        y32, x, kernel, state, spec, self.config, bias, where
+    )
+    commit_state(self, variables, new_state._asdict())
+    return affine(self, y, normalized, y.ndim - 1, features)

@@ -1,0 +1,531 @@
+"""Tests of Cross-Iteration BN (spec, section 4): functional math and Flax layer."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import mabn_jax as mj
+from mabn_jax.functional import cross_iteration as F
+from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
+
+
+# --------------------------------------------------------------------------
+# Independent NumPy float64 reference (explicit patches, Python lists).
+# --------------------------------------------------------------------------
+
+
+def np_patches(x, kernel_size, stride, padding):
+  """``(N, Ho, Wo, kh, kw, cin)`` input patches of a 2-D convolution."""
+  n, h, w, c = x.shape
+  kh, kw = kernel_size
+  if padding == "SAME":
+    outs = [-(-h // stride), -(-w // stride)]
+    pads = []
+    for size, out, k in zip((h, w), outs, (kh, kw)):
+      total = max((out - 1) * stride + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+  else:
+    pads = [(0, 0), (0, 0)]
+  xp = np.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
+  ho = (xp.shape[1] - kh) // stride + 1
+  wo = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((n, ho, wo, kh, kw, c))
+  for i in range(ho):
+    for j in range(wo):
+      out[:, i, j] = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+  return out
+
+
+class NumpyCBN:
+  """Spec section 4, written directly: a list of past entries, per-group loops."""
+
+  def __init__(self, channels, window, burn_in, naive, momentum, epsilon, groups):
+    self.window, self.burn_in, self.naive = window, burn_in, naive
+    self.momentum, self.epsilon, self.groups = momentum, epsilon, groups
+    self.mean = np.zeros(channels)
+    self.var = np.ones(channels)
+    self.entries = []  # dicts mu, nu, dmu, dnu, kernel; oldest first
+    self.step = 0
+
+  def __call__(self, x, kernel, stride, padding, conv_bias=None):
+    kh, kw, cin, cout = kernel.shape
+    patches = np_patches(x, (kh, kw), stride, padding)
+    y = np.einsum("nhwijc,ijco->nhwo", patches, kernel)
+    self.step += 1
+    burning = self.step <= self.burn_in
+    b = x.shape[0] // self.groups
+    out = np.zeros_like(y)
+    current = []
+    for g in range(self.groups):
+      yg, pg = y[g * b:(g + 1) * b], patches[g * b:(g + 1) * b]
+      m = yg.shape[0] * yg.shape[1] * yg.shape[2]
+      mu, nu = yg.mean(axis=(0, 1, 2)), (yg ** 2).mean(axis=(0, 1, 2))
+      entry = dict(
+          mu=mu, nu=nu,
+          dmu=pg.mean(axis=(0, 1, 2)),
+          dnu=2.0 / m * np.einsum("nhwijc,nhwo->ijco", pg, yg),
+          kernel=kernel.copy(),
+      )
+      mu_sum, nu_sum, count = mu.copy(), nu.copy(), np.ones(cout)
+      if not burning and self.window > 1:
+        for e in (self.entries + current)[-(self.window - 1):]:
+          delta = kernel - e["kernel"]
+          mu_e, nu_e = e["mu"].copy(), e["nu"].copy()
+          if not self.naive:
+            for c in range(cout):
+              mu_e[c] += np.sum(e["dmu"] * delta[..., c])
+              nu_e[c] += np.sum(e["dnu"][..., c] * delta[..., c])
+          ok = nu_e >= mu_e ** 2
+          mu_sum += np.where(ok, mu_e, 0.0)
+          nu_sum += np.where(ok, nu_e, 0.0)
+          count += ok
+      mu_bar, nu_bar = mu_sum / count, nu_sum / count
+      var_bar = np.maximum(nu_bar - mu_bar ** 2, 0.0)
+      out[g * b:(g + 1) * b] = (yg - mu_bar) / np.sqrt(var_bar + self.epsilon)
+      current.append(entry)
+    mus = np.stack([e["mu"] for e in current])
+    varis = np.stack([np.maximum(e["nu"] - e["mu"] ** 2, 0.0) for e in current])
+    bias = 0.0 if conv_bias is None else conv_bias
+    self.mean = self.momentum * self.mean + (1 - self.momentum) * (mus.mean(0) + bias)
+    self.var = self.momentum * self.var + (1 - self.momentum) * varis.mean(0)
+    if not burning and self.window > 1:
+      self.entries = (self.entries + current)[-(self.window - 1):]
+    return out
+
+
+def _train_step_fn(model):
+  @jax.jit
+  def step(params, batch_stats, x):
+    out, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x,
+        use_running_average=False, mutable=["batch_stats"],
+    )
+    return out, updates["batch_stats"]
+
+  return step
+
+
+REFERENCE_CASES = {
+    "groups_as_iterations": dict(window=3, norm_batch_size=2, burn_in=1, naive=False,
+                                 centered=False, strides=1, padding="SAME", use_bias=False),
+    "centered_strided_valid": dict(window=4, norm_batch_size=None, burn_in=0, naive=False,
+                                   centered=True, strides=2, padding="VALID", use_bias=True),
+    "naive": dict(window=3, norm_batch_size=None, burn_in=1, naive=True,
+                  centered=False, strides=1, padding="SAME", use_bias=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case):
+  cfg = REFERENCE_CASES[case]
+  groups = 1 if cfg["norm_batch_size"] is None else 4 // cfg["norm_batch_size"]
+  model = CrossIterationConvNorm(
+      features=3, kernel_size=(3, 3), momentum=0.8,
+      **{k: v for k, v in cfg.items()},
+  )
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(4, 6, 6, 2)).astype(np.float32) + 0.5 for _ in range(6)]
+  variables = model.init(jax.random.PRNGKey(0), jnp.asarray(xs[0]), use_running_average=False)
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  params["norm"]["scale"] = rng.uniform(0.5, 1.5, size=3).astype(np.float32)
+  params["norm"]["bias"] = rng.normal(size=3).astype(np.float32)
+  if cfg["use_bias"]:
+    params["conv"]["bias"] = rng.normal(size=3).astype(np.float32)
+  batch_stats = variables["batch_stats"]
+  ref = NumpyCBN(3, cfg["window"], cfg["burn_in"], cfg["naive"], 0.8, 1e-5, groups)
+  step = _train_step_fn(model)
+  for t, x in enumerate(xs):
+    raw = params["conv"]["kernel"].astype(np.float64)
+    kernel = raw - raw.mean(axis=(0, 1, 2), keepdims=True) if cfg["centered"] else raw
+    conv_bias = params["conv"]["bias"].astype(np.float64) if cfg["use_bias"] else None
+    expected = ref(x.astype(np.float64), kernel, cfg["strides"], cfg["padding"], conv_bias)
+    expected = expected * params["norm"]["scale"] + params["norm"]["bias"]
+    out, batch_stats = step(params, batch_stats, jnp.asarray(x))
+    np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4, err_msg=f"step {t + 1}")
+    norm = batch_stats["norm"]
+    np.testing.assert_allclose(norm["mean"], ref.mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(norm["var"], ref.var, rtol=1e-4, atol=1e-5)
+    assert int(norm["step"]) == t + 1
+    count = int(norm["count"])
+    assert count == len(ref.entries)
+    for i, entry in enumerate(ref.entries):
+      row = cfg["window"] - 1 - count + i
+      for name in ("mu", "nu", "dmu", "dnu", "kernel"):
+        np.testing.assert_allclose(
+            norm[f"{name}_buffer"][row], entry[name], rtol=1e-4, atol=1e-5,
+            err_msg=f"step {t + 1} {name}_buffer row {row}",
+        )
+    # The kernel changes between steps (as an optimizer would change it).
+    params["conv"]["kernel"] = (
+        params["conv"]["kernel"] + 0.05 * rng.normal(size=raw.shape).astype(np.float32)
+    )
+  assert count == cfg["window"] - 1  # the window filled up
+
+
+# --------------------------------------------------------------------------
+# Functional pieces.
+# --------------------------------------------------------------------------
+
+
+def test_cheap_derivatives_equal_jacrev_of_mu_and_nu():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)))
+    kernel = jnp.asarray(rng.normal(size=(3, 2, 2, 3)))
+    spec = F.ConvSpec.make(2, strides=(2, 1), padding="SAME")
+    groups = 2
+
+    def moments(w):
+      return F.batch_moments(F.conv(x, w, spec), groups)
+
+    jac_mu, jac_nu = jax.jacrev(moments)(kernel)  # (G, C, kh, kw, cin, C)
+    dmu, dnu = F.moment_derivatives(x, F.conv(x, kernel, spec), kernel, spec, groups)
+    assert dmu.shape == (groups, 3, 2, 2) and dnu.shape == (groups, 3, 2, 2, 3)
+    eye = np.eye(3)
+    # d mu_c / d W[..., c'] = delta(c, c') * mean patch: one vector for every c.
+    expected_mu = np.einsum("gijk,cd->gcijkd", dmu, eye)
+    np.testing.assert_allclose(jac_mu, expected_mu, rtol=1e-10, atol=1e-12)
+    expected_nu = np.einsum("gijkc,cd->gcijkd", dnu, eye)
+    np.testing.assert_allclose(jac_nu, expected_nu, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_matches_flax_conv():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)
+  for strides, padding in [(1, "SAME"), (2, "SAME"), (2, "VALID"), (1, ((1, 2), (0, 1))), (1, 1)]:
+    layer = nn.Conv(4, (3, 2), strides=strides, padding=padding, use_bias=False)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    spec = F.ConvSpec.make(2, strides, padding)
+    np.testing.assert_allclose(
+        F.conv(x, params["params"]["kernel"], spec), layer.apply(params, x),
+        rtol=1e-6, atol=1e-6, err_msg=f"{strides} {padding}",
+    )
+
+
+def test_compensated_statistics_of_a_past_batch_are_closer_to_exact_than_naive():
+  """A past batch's statistics carried to a new kernel by the Taylor term.
+
+  The kernel change ``dW`` is random with a norm of 1%, 3% and 10% of ``W``.
+  ``mu`` is linear in ``W`` (compensation exact); ``nu`` is quadratic, so the
+  compensated error is second order in ``dW`` and the naive one first order.
+  """
+  rng = np.random.default_rng(3)
+  x_old = jnp.asarray(rng.normal(size=(2, 8, 8, 4)) + 0.3, jnp.float32)
+  w_old = jnp.asarray(rng.normal(size=(3, 3, 4, 6)) * 0.2, jnp.float32)
+  direction = jnp.asarray(rng.normal(size=w_old.shape) * 0.2, jnp.float32)
+  spec = F.ConvSpec.make(2)
+  y_old = F.conv(x_old, w_old, spec)
+  mu_old, nu_old = F.batch_moments(y_old, 1)
+  dmu, dnu = F.moment_derivatives(x_old, y_old, w_old, spec, 1)
+
+  def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+  errors = {}
+  for size in (0.01, 0.03, 0.1):
+    w_new = w_old + size * direction
+    mu_comp, nu_comp = F.compensate(mu_old, nu_old, dmu, dnu, w_old[None], w_new)
+    mu_exact, nu_exact = F.batch_moments(F.conv(x_old, w_new, spec), 1)
+    var_exact = nu_exact - mu_exact ** 2
+    errors[size] = {
+        "mu naive": rel(mu_old, mu_exact), "mu compensated": rel(mu_comp, mu_exact),
+        "nu naive": rel(nu_old, nu_exact), "nu compensated": rel(nu_comp, nu_exact),
+        "var naive": rel(nu_old - mu_old ** 2, var_exact),
+        "var compensated": rel(nu_comp - mu_comp ** 2, var_exact),
+    }
+    print(f"relative |dW|/|W| = {size}: relative errors vs exact recomputation:",
+          {k: f"{v:.2e}" for k, v in errors[size].items()})
+    err = errors[size]
+    # mu is linear in W: the first-order term is exact up to float32 rounding.
+    assert err["mu compensated"] < 1e-4 < err["mu naive"]
+    assert err["nu compensated"] < 0.5 * err["nu naive"]
+    assert err["var compensated"] < 0.5 * err["var naive"]
+  # At a realistic step size the compensation removes almost all of the error ...
+  assert errors[0.01]["nu compensated"] < 0.05 * errors[0.01]["nu naive"]
+  assert errors[0.01]["var compensated"] < 0.05 * errors[0.01]["var naive"]
+  # ... and what remains is second order: ~10x smaller for a 3.3x smaller step.
+  ratio = errors[0.1]["nu compensated"] / errors[0.03]["nu compensated"]
+  assert 6.0 < ratio < 16.0, ratio
+
+
+def _stepped_state(x_steps, kernels, spec, config, dtype):
+  state = F.init_state(kernels[0].shape, config.window, dtype)
+  for x, w in zip(x_steps, kernels):
+    _, state = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
+  return state
+
+
+def test_finite_difference_gradient_of_current_batch_path_float64():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    spec = F.ConvSpec.make(2, padding="SAME")
+    # One group per step: with several, a step's earlier groups enter later
+    # groups' windows as (constant) past iterations, which finite differences
+    # in x would see.
+    config = F.CBNConfig(window=3, burn_in=0)
+    kernels = [jnp.asarray(rng.normal(size=(2, 2, 2, 3))) for _ in range(3)]
+    xs = [jnp.asarray(rng.normal(size=(4, 4, 4, 2)) + 0.2) for _ in range(3)]
+    state = _stepped_state(xs[:2], kernels[:2], spec, config, jnp.float64)
+    assert int(state.count) == 2
+    x, w0 = xs[2], kernels[2]
+    g = jnp.asarray(rng.normal(size=(4, 4, 4, 3)))
+
+    def loss_fixed_compensation(x, w):
+      # The compensation target is a constant (w0): the current-batch path only.
+      out, _ = F.normalize_train(F.conv(x, w, spec), x, w0, state, spec, config)
+      return jnp.sum(out * g) + 0.5 * jnp.sum(out ** 2 * g)
+
+    def loss_layer(x, w):
+      out, _ = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
+      return jnp.sum(out * g) + 0.5 * jnp.sum(out ** 2 * g)
+
+    check_grads(loss_fixed_compensation, (x, w0), order=1, modes=["rev"], eps=1e-6)
+    # Buffered terms are constants: the layer's gradient is that of the current path.
+    grads_layer = jax.grad(loss_layer, argnums=(0, 1))(x, w0)
+    grads_fixed = jax.grad(loss_fixed_compensation, argnums=(0, 1))(x, w0)
+    for a, b in zip(grads_layer, grads_fixed):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # ... and it differs from plain BN (the pooled statistics matter).
+    bn_grad = jax.grad(
+        lambda x: jnp.sum(
+            F.normalize_train(F.conv(x, w0, spec), x, w0,
+                              F.init_state(w0.shape, 3, jnp.float64), spec, config)[0]
+            * g
+        )
+    )(x)
+    assert float(jnp.max(jnp.abs(bn_grad - grads_layer[0]))) > 1e-3
+
+
+def test_burn_in_is_plain_bn_then_window_grows_to_k():
+  spec = F.ConvSpec.make(2)
+  config = F.CBNConfig(window=3, burn_in=2)
+  rng = np.random.default_rng(5)
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+  state = F.init_state(w.shape, 3)
+  counts = []
+  for t in range(5):
+    x = jnp.asarray(rng.normal(size=(2, 5, 5, 2)) + t, jnp.float32)
+    w = w + 0.1
+    y = F.conv(x, w, spec)
+    out, new_state = F.normalize_train(y, x, w, state, spec, config)
+    mu, nu = F.batch_moments(y, 1)
+    bn = (y - mu) / jnp.sqrt(jnp.maximum(nu - mu ** 2, 0) + 1e-5)
+    if t < 3:  # burn-in steps 1, 2 and the first window step (1 entry) are BN.
+      np.testing.assert_allclose(out, bn, rtol=1e-5, atol=1e-5)
+    else:
+      assert float(jnp.max(jnp.abs(out - bn))) > 1e-2
+    if t < 2:  # nothing buffered during burn-in
+      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "kernel_buffer"):
+        np.testing.assert_array_equal(getattr(new_state, name), 0.0)
+    counts.append(int(new_state.count))
+    state = new_state
+  assert counts == [0, 0, 1, 2, 2]
+  assert int(state.step) == 5
+
+
+def test_naive_ignores_kernel_change_and_compensated_equals_naive_for_fixed_kernel():
+  spec = F.ConvSpec.make(2)
+  rng = np.random.default_rng(6)
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+  xs = [jnp.asarray(rng.normal(size=(2, 5, 5, 2)) + 0.5, jnp.float32) for _ in range(3)]
+
+  def run(naive, kernels):
+    config = F.CBNConfig(window=3, burn_in=0, naive=naive)
+    state = F.init_state(w.shape, 3)
+    for x, k in zip(xs, kernels):
+      out, state = F.normalize_train(F.conv(x, k, spec), x, k, state, spec, config)
+    return out, state
+
+  same = [w, w, w]
+  np.testing.assert_allclose(run(True, same)[0], run(False, same)[0], rtol=1e-6, atol=1e-6)
+  moving = [w, w + 0.1, w + 0.2]
+  out_naive, state = run(True, moving)
+  out_comp, _ = run(False, moving)
+  assert float(jnp.max(jnp.abs(out_naive - out_comp))) > 1e-3
+  # Naive pooling = plain average of the raw buffered statistics with the current ones.
+  y = F.conv(xs[2], moving[2], spec)
+  mu, nu = F.batch_moments(y, 1)
+  _, state2 = run(True, moving[:2])
+  mu_bar = (mu[0] + state2.mu_buffer.sum(0)) / 3
+  nu_bar = (nu[0] + state2.nu_buffer.sum(0)) / 3
+  expected = (y - mu_bar) / jnp.sqrt(nu_bar - mu_bar ** 2 + 1e-5)
+  np.testing.assert_allclose(out_naive, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_invalid_compensated_entries_are_dropped():
+  mu = jnp.array([[0.0, 0.0]])
+  nu = jnp.array([[1.0, 1.0]])
+  past_mu = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+  past_nu = jnp.array([[3.0, 2.0], [1.0, 4.0]])  # entry (0, 0) and (1, 1) invalid
+  mu_bar, nu_bar = F.pooled_moments(mu, nu, past_mu, past_nu, jnp.array([True, True]))
+  np.testing.assert_allclose(mu_bar, [[0.0, 0.5]])
+  np.testing.assert_allclose(nu_bar, [[1.0, 1.5]])
+  mu_bar, _ = F.pooled_moments(mu, nu, past_mu, past_nu, jnp.array([False, True]))
+  np.testing.assert_allclose(mu_bar, [[0.0, 0.0]])
+
+
+# --------------------------------------------------------------------------
+# Flax layer.
+# --------------------------------------------------------------------------
+
+
+class _ConvBN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(x)
+    return nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, name="bn")(x)
+
+
+class JitAgreementTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_training_step_agrees_with_and_without_jit(self):
+    spec = F.ConvSpec.make(2)
+    config = F.CBNConfig(window=3, burn_in=0, norm_batch_size=1)
+    rng = np.random.default_rng(9)
+    w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+    xs = [jnp.asarray(rng.normal(size=(2, 5, 5, 2)), jnp.float32) for _ in range(2)]
+
+    @self.variant
+    def step(x, w, state):
+      return F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
+
+    state = F.init_state(w.shape, 3)
+    eager = F.init_state(w.shape, 3)
+    for t, x in enumerate(xs):
+      out, state = step(x, w + 0.1 * t, state)
+      with jax.disable_jit():
+        ref_out, eager = F.normalize_train(
+            F.conv(x, w + 0.1 * t, spec), x, w + 0.1 * t, eager, spec, config)
+      np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+      chex.assert_trees_all_close(state, eager, rtol=1e-5, atol=1e-6)
+    assert int(state.count) == 2
+
+
+@pytest.mark.parametrize("window,burn_in", [(1, 0), (4, 10)])
+def test_equals_flax_conv_batchnorm_outputs_grads_and_running_stats(window, burn_in):
+  rng = np.random.default_rng(7)
+  model = CrossIterationConvNorm(features=4, kernel_size=(3, 3), window=window, burn_in=burn_in)
+  reference = _ConvBN()
+  x0 = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x0, use_running_average=False)
+  params = variables["params"]
+  params = {
+      "conv": params["conv"],
+      "norm": {"scale": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
+               "bias": jnp.asarray(rng.normal(size=4), jnp.float32)},
+  }
+  ref_params = {"conv": params["conv"], "bn": params["norm"]}
+  stats = variables["batch_stats"]
+  ref_stats = reference.init(jax.random.PRNGKey(0), x0)["batch_stats"]
+
+  def loss(params, stats, x, g):
+    out, upd = model.apply({"params": params, "batch_stats": stats}, x,
+                           use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(out * g), (out, upd["batch_stats"])
+
+  def ref_loss(params, stats, x, g):
+    out, upd = reference.apply({"params": params, "batch_stats": stats}, x,
+                               mutable=["batch_stats"])
+    return jnp.sum(out * g), (out, upd["batch_stats"])
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
+  ref_grad = jax.jit(jax.grad(ref_loss, argnums=(0, 2), has_aux=True))
+  for t in range(3):
+    x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)) * (1 + t), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 5, 5, 4)), jnp.float32)
+    (gp, gx), (out, stats) = grad(params, stats, x, g)
+    (rgp, rgx), (rout, ref_stats) = ref_grad(ref_params, ref_stats, x, g)
+    np.testing.assert_allclose(out, rout, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, rgx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gp["conv"]["kernel"], rgp["conv"]["kernel"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gp["norm"]["scale"], rgp["bn"]["scale"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gp["norm"]["bias"], rgp["bn"]["bias"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["norm"]["mean"], ref_stats["bn"]["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["norm"]["var"], ref_stats["bn"]["var"], rtol=1e-5, atol=1e-6)
+    # The kernel moves between steps.
+    params = jax.tree_util.tree_map(lambda p, d: p - 0.1 * d, params, gp)
+    ref_params = {"conv": params["conv"], "bn": params["norm"]}
+  # Inference: conv then the affine map of the running statistics, as Flax.
+  x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+  out = model.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+  ref_eval = nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(
+      {"params": params["norm"], "batch_stats": {k: ref_stats["bn"][k] for k in ("mean", "var")}},
+      nn.Conv(4, (3, 3), use_bias=False).apply({"params": params["conv"]}, x),
+  )
+  np.testing.assert_allclose(out, ref_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_variable_layout_and_exports():
+  model = mj.CrossIterationConvNorm(features=5, kernel_size=(3, 3), use_bias=True, centered=True)
+  x = jnp.ones((2, 6, 6, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
+  shapes = jax.tree_util.tree_map(jnp.shape, variables)
+  assert shapes["params"] == {
+      "conv": {"kernel": (3, 3, 3, 5), "bias": (5,)},
+      "norm": {"scale": (5,), "bias": (5,)},
+  }
+  assert shapes["batch_stats"] == {"norm": {
+      "mean": (5,), "var": (5,), "mu_buffer": (3, 5), "nu_buffer": (3, 5),
+      "dmu_buffer": (3, 3, 3, 3), "dnu_buffer": (3, 3, 3, 3, 5),
+      "kernel_buffer": (3, 3, 3, 3, 5), "count": (), "step": (), "nonfinite_count": (),
+  }}
+  assert model.window == 4 and model.momentum == 0.9 and model.burn_in == 100
+  assert mj.functional.cross_iteration is F
+
+
+def test_bad_configuration_raises_naming_the_layer():
+  x = jnp.ones((2, 6, 6, 3))
+  with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*window"):
+    CrossIterationConvNorm(features=2, kernel_size=(3, 3), window=0).init(
+        jax.random.PRNGKey(0), x, use_running_average=False)
+  with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*padding"):
+    CrossIterationConvNorm(features=2, kernel_size=(3, 3), padding="CIRCULAR").init(
+        jax.random.PRNGKey(0), x, use_running_average=False)
+  with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*norm_batch_size"):
+    CrossIterationConvNorm(features=2, kernel_size=(3, 3), norm_batch_size=3).init(
+        jax.random.PRNGKey(0), x, use_running_average=False)
+
+
+def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch():
+  devices = jax.devices()[:4]
+  rng = np.random.default_rng(8)
+  kwargs = dict(features=3, kernel_size=(3, 3), window=3, burn_in=1)
+  single = CrossIterationConvNorm(**kwargs)
+  synced = CrossIterationConvNorm(axis_name="batch", **kwargs)
+  xs = [jnp.asarray(rng.normal(size=(8, 5, 5, 2)) + 0.3, jnp.float32) for _ in range(4)]
+  gs = [jnp.asarray(rng.normal(size=(8, 5, 5, 3)), jnp.float32) for _ in range(4)]
+  variables = single.init(jax.random.PRNGKey(0), xs[0], use_running_average=False)
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def loss(model, params, stats, x, g):
+    out, upd = model.apply({"params": params, "batch_stats": stats}, x,
+                           use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(out * g), (out, upd["batch_stats"])
+
+  single_grad = jax.jit(jax.grad(functools.partial(loss, single), argnums=(0, 2), has_aux=True))
+  pmap_grad = jax.pmap(jax.grad(functools.partial(loss, synced), argnums=(0, 2), has_aux=True),
+                       axis_name="batch", devices=devices)
+  replicate = lambda tree: jax.tree_util.tree_map(lambda a: jnp.stack([a] * 4), tree)
+  shard = lambda a: a.reshape((4, 2) + a.shape[1:])
+  p_params, p_stats = replicate(params), replicate(stats)
+  for x, g in zip(xs, gs):
+    (gp, gx), (out, stats) = single_grad(params, stats, x, g)
+    (pgp, pgx), (pout, p_stats) = pmap_grad(p_params, p_stats, shard(x), shard(g))
+    np.testing.assert_allclose(pout.reshape(out.shape), out, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pgx.reshape(gx.shape), gx, rtol=1e-4, atol=1e-4)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a.sum(0), b, rtol=1e-4, atol=1e-4), pgp, gp)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5), p_stats, stats)
+    params = jax.tree_util.tree_map(lambda p, d: p - 0.05 * d, params, gp)
+    p_params = replicate(params)
+  assert int(stats["norm"]["count"]) == 2
