@@ -4,7 +4,10 @@ Flax layers (``MABN``, ``CenteredConv``, ``CenteredDense``), the training
 contract (``value_and_grad``) and the pure math in ``mabn_jax.functional``.
 """
 
-from mabn_jax import functional
+from mabn_jax import functional, recording
+from mabn_jax.conversion import convert_batch_norm
+from mabn_jax.fold import fold
+from mabn_jax.precise_bn import recompute_batch_stats
 from mabn_jax.layers import BatchNorm, BatchRenorm, CenteredConv, CenteredDense, MABN
 from mabn_jax.layers import CrossIterationConvNorm
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
@@ -28,10 +31,14 @@ __all__ = [
     "MABN",
     "Normalizer",
     "check_finite",
+    "convert_batch_norm",
     "feed_backward_statistics",
+    "fold",
     "functional",
     "make_normalizer",
     "nonfinite_counts",
+    "recompute_batch_stats",
+    "recording",
     "normalizer_names",
     "value_and_grad",
 ]
