@@ -529,3 +529,26 @@ def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch():
     params = jax.tree_util.tree_map(lambda p, d: p - 0.05 * d, params, gp)
     p_params = replicate(params)
   assert int(stats["norm"]["count"]) == 2
+
+
+def test_sows_conv_output_moments_for_precise_bn():
+  from mabn_jax.layers._common import BATCH_MOMENTS
+
+  rng = np.random.default_rng(10)
+  model = CrossIterationConvNorm(features=3, kernel_size=(3, 3), use_bias=True,
+                                 norm_batch_size=2, burn_in=0)
+  x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  params["conv"]["bias"] = np.array([1.0, -2.0, 0.5], np.float32)
+  _, mutated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           use_running_average=False, mutable=["batch_stats", BATCH_MOMENTS])
+  y = nn.Conv(3, (3, 3)).apply({"params": params["conv"]}, x)
+  sown = mutated[BATCH_MOMENTS]["norm"]
+  np.testing.assert_allclose(sown["mean"][0], y.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sown["second_moment"][0], (y ** 2).mean(axis=(0, 1, 2)),
+                             rtol=1e-5, atol=1e-6)
+  # Without the collection made mutable nothing is sown.
+  _, mutated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           use_running_average=False, mutable=["batch_stats"])
+  assert BATCH_MOMENTS not in mutated

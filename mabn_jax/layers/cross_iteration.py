@@ -11,7 +11,14 @@ from flax.linen import initializers
 
 from mabn_jax.functional import cross_iteration as F
 from mabn_jax.functional.centering import center_kernel
-from mabn_jax.layers._common import affine, check_state_shape, commit_state, layer_path
+from mabn_jax.functional import statistics as st
+from mabn_jax.layers._common import (
+    affine,
+    check_state_shape,
+    commit_state,
+    layer_path,
+    sow_moments,
+)
 from mabn_jax.layers.centered import CenteredConv
 
 
@@ -203,6 +210,12 @@ class _CrossIterationNorm(nn.Module):
       )
       return affine(self, y, normalized, y.ndim - 1, features)
 
+    # Precise BN (spec, section 1) recomputes mean/var of the conv output,
+    # bias included, exactly like the running statistics.
+    sow_moments(
+        self, y, st.num_groups(y.shape[0], self.config.norm_batch_size, where),
+        y.ndim - 1, self.config.axis_name, self.config.axis_index_groups,
+    )
     y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     if bias is not None:
       y32 = y32 - bias.astype(y32.dtype)
