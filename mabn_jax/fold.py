@@ -128,14 +128,15 @@ def fold_conv(
 
 
 def _conv_norm_paths(params: Mapping) -> list:
+  """``(module path, 'conv' or 'dense')`` of registry conv_norm/dense_norm modules."""
   flat = traverse_util.flatten_dict(params)
   paths = []
   for path in flat:
-    if len(path) >= 3 and path[-2] == "conv" and path[-1] == "kernel":
+    if len(path) >= 3 and path[-2] in ("conv", "dense") and path[-1] == "kernel":
       module = path[:-2]
       if any(p[: len(module) + 1] == module + ("norm",) for p in flat):
-        if module not in paths:
-          paths.append(module)
+        if (module, path[-2]) not in paths:
+          paths.append((module, path[-2]))
   return paths
 
 
@@ -152,14 +153,14 @@ def _fold_registry(variables: dict, normalizer, epsilon: Optional[float]):
         f"left in place: {UNFOLDABLE + ('none',)}."
     )
   eps = kwargs.get("epsilon", 1e-5) if epsilon is None else epsilon
-  centered = kwargs.get("centered", name == "mabn")
+  centered = normalizer.centered
   params = variables["params"]
   stats = variables.get("batch_stats", {})
   folded_params = unfreeze(params)
   modules = _conv_norm_paths(params)
-  for module in modules:
-    where = f"conv_norm '{'/'.join(module)}'"
-    conv_params = _subtree(params, module + ("conv",), "params")
+  for module, child in modules:
+    where = f"{child}_norm '{'/'.join(module)}'"
+    conv_params = _subtree(params, module + (child,), "params")
     norm_params = _subtree(params, module + ("norm",), "params")
     norm_state = _subtree(stats, module + ("norm",), "batch_stats")
     new_conv = fold_conv(conv_params, norm_params, norm_state, eps, centered, where)
@@ -167,13 +168,13 @@ def _fold_registry(variables: dict, normalizer, epsilon: Optional[float]):
     node = folded_params
     for key in module:
       node = node.setdefault(key, {})
-    node["conv"] = new_conv
+    node[child] = new_conv
   out = {"params": folded_params}
   for collection, tree in variables.items():
     if collection == "params":
       continue
     tree = unfreeze(tree)
-    for module in modules:
+    for module, _ in modules:
       _delete(tree, module)
     if collection == "batch_stats":
       left = sorted(
@@ -205,7 +206,7 @@ def fold(
 
   * Registry models (``normalizer`` given, a :func:`mabn_jax.make_normalizer`
     result): every ``conv_norm`` module (params ``{NAME: {'conv': ...,
-    'norm': ...}}``) is replaced by the variables of the same module built
+    'norm': ...}}``) and ``dense_norm`` module (``'dense'``) is replaced by the variables of the same module built
     with the ``'none'`` normalizer (a conv with bias, no state). Returns
     ``(folded_variables, mj.make_normalizer('none'))``: build the same model
     with that normalizer and apply it with ``train=False``. The kernel is

@@ -98,3 +98,92 @@ def test_fold_plain_centered_subset_and_errors():
     fold(variables, pairs=[("conv0", "norm7")])
   with pytest.raises(ValueError, match="exactly one"):
     fold(variables)
+
+
+class TinyResNet(nn.Module):
+  """Registry-built stem, one residual block, a downsampling conv and a head."""
+
+  normalizer: mj.Normalizer
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = self.normalizer
+    x = nn.relu(norm.conv_norm(6, 3, name="stem")(x, train=train))
+    y = nn.relu(norm.conv_norm(6, 3, name="block_a")(x, train=train))
+    y = norm.conv_norm(6, 3, name="block_b")(y, train=train)
+    x = nn.relu(x + y)
+    x = nn.relu(norm.conv_norm(8, 3, strides=2, name="down")(x, train=train))
+    return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+FOLDABLE = [
+    ("bn", {}),
+    ("bn", {"norm_batch_size": 2}),
+    ("syncbn", {}),
+    ("brn", {}),
+    ("mabn", {"norm_batch_size": 2}),
+    ("mabn", {"centered": False}),
+    ("cbn", {}),
+    ("cbn_naive", {"centered": True}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", FOLDABLE, ids=[f"{n}-{sorted(k)}" for n, k in FOLDABLE])
+def test_fold_registry_resnet_matches_unfolded_eval(name, kwargs):
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  normalizer = mj.make_normalizer(name, **kwargs)
+  model = TinyResNet(normalizer)
+  variables = _trained(model.init(jax.random.key(1), x, train=False), jax.random.key(2))
+  folded, none = mj.fold(variables, normalizer)
+  assert none.name == "none"
+  folded_model = TinyResNet(none)
+  # Exactly the layout of the same model built with the 'none' normalizer.
+  assert jax.tree.map(jnp.shape, folded) == jax.tree.map(
+      jnp.shape, folded_model.init(jax.random.key(1), x, train=False))
+  _assert_relative(folded_model.apply(folded, x, train=False),
+                   model.apply(variables, x, train=False))
+
+
+def test_fold_registry_after_training_steps_matches_unfolded_eval():
+  """Statistics produced by real training steps (MABN), not only random ones."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  normalizer = mj.make_normalizer("mabn", norm_batch_size=2, warmup_steps=1, buffer_size=2)
+  model = TinyResNet(normalizer)
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss_fn(v, x):
+    out, mutated = model.apply(v, x, train=True, mutable=["batch_stats"])
+    return jnp.mean(out**2), mutated
+
+  step = jax.jit(mj.value_and_grad(loss_fn))
+  for i in range(3):
+    (_, variables), _ = step(variables, x * (1 + i))
+  folded, none = mj.fold(variables, normalizer)
+  _assert_relative(TinyResNet(none).apply(folded, x, train=False),
+                   model.apply(variables, x, train=False))
+
+
+def test_fold_leaves_group_layer_instance_norm_in_place():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  for name, kwargs in (("gn", {"num_groups": 2}), ("ln", {}), ("in", {})):
+    normalizer = mj.make_normalizer(name, **kwargs)
+    variables = TinyResNet(normalizer).init(jax.random.key(1), x)
+    out, same = mj.fold(variables, normalizer)
+    assert same == normalizer
+    jax.tree.map(np.testing.assert_array_equal, out, variables)
+
+
+def test_fold_registry_rejects_standalone_norm():
+  class WithStandalone(nn.Module):
+    normalizer: mj.Normalizer
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = self.normalizer.conv_norm(4, 3, name="c")(x, train=train)
+      return self.normalizer.norm(name="alone")(x, train=train)
+
+  normalizer = mj.make_normalizer("bn")
+  x = jnp.ones((2, 4, 4, 3))
+  variables = WithStandalone(normalizer).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="without a preceding conv.*alone"):
+    mj.fold(variables, normalizer)
