@@ -123,3 +123,51 @@ def test_recompute_rejects_eval_mode_call():
   variables = model.init(jax.random.key(0), x, train=False)
   with pytest.raises(ValueError, match="no normalizer reported"):
     recompute_batch_stats(model.apply, variables, [x], train=False)
+
+
+class RegistryTwoLayer(nn.Module):
+  normalizer: mj.Normalizer
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.relu(self.normalizer.conv_norm(C1, 1, name="c1")(x, train=train))
+    return self.normalizer.conv_norm(C2, 1, name="c2")(x, train=train)
+
+
+REGISTRY = [
+    ("bn", {"norm_batch_size": 2}, "bn"),
+    ("brn", {"r_max": 1.0, "d_max": 0.0}, "bn"),  # BRN at (1, 0) normalizes as BN
+    ("cbn", {}, "bn"),  # fresh state: burn-in steps are plain BN
+    ("cbn_naive", {"norm_batch_size": 2}, "bn"),
+    ("mabn", {"norm_batch_size": 2}, "mabn"),  # centred kernels, warmup statistics
+]
+
+
+@pytest.mark.parametrize("name,kwargs,kind", REGISTRY, ids=[r[0] for r in REGISTRY])
+def test_recomputed_statistics_of_registry_models_equal_numpy(name, kwargs, kind):
+  normalizer = mj.make_normalizer(name, epsilon=EPS, **kwargs)
+  model = RegistryTwoLayer(normalizer)
+  key = jax.random.key(3)
+  batches = [
+      jax.random.normal(jax.random.fold_in(key, i), (4, 3, 3, 5)) - 0.4 for i in range(2)
+  ]
+  variables = _randomize(model.init(jax.random.key(1), batches[0], train=False), key)
+  new = mj.recompute_batch_stats(model.apply, variables, batches, train=True)
+  # Rewrite the registry layout as the plain one the reference reads.
+  p = variables["params"]
+  centre = mj.functional.centering.center_kernel if normalizer.centered else (lambda k: k)
+  plain = {"params": {
+      "conv1": {"kernel": centre(p["c1"]["conv"]["kernel"])}, "norm1": p["c1"]["norm"],
+      "conv2": {"kernel": centre(p["c2"]["conv"]["kernel"])}, "norm2": p["c2"]["norm"],
+  }}
+  groups = 4 // kwargs.get("norm_batch_size", 4)
+  ref = _reference(plain, batches, kind, groups)
+  for layer, ref_name in (("c1", "norm1"), ("c2", "norm2")):
+    mean, second = ref[ref_name]
+    stats = new["batch_stats"][layer]["norm"]
+    if kind == "mabn":
+      np.testing.assert_allclose(stats["chi_ema"], second, rtol=2e-5, atol=1e-6)
+    else:
+      np.testing.assert_allclose(stats["mean"], mean, rtol=2e-5, atol=1e-6)
+      np.testing.assert_allclose(stats["var"], second - mean**2, rtol=1e-4, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, new["params"], variables["params"])
