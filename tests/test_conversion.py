@@ -116,3 +116,54 @@ def test_conversion_mismatch_errors_are_clear():
     convert_batch_norm(bn, target=OneLayer().init(jax.random.key(0), x))
   with pytest.raises(ValueError, match="exactly one"):
     convert_batch_norm(bn)
+
+
+class RegistryNet(nn.Module):
+  normalizer: mj.Normalizer
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(self.normalizer.conv_norm(6, 3, name="c1")(x, train=train))
+    x = nn.relu(self.normalizer.conv_norm(6, 3, strides=2, name="c2")(x, train=train))
+    return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+def test_registry_bn_model_converts_to_mabn_and_fine_tunes():
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+  bn_norm = mj.make_normalizer("bn", norm_batch_size=2)
+  bn_vars = RegistryNet(bn_norm).init(jax.random.key(0), x)
+  key = jax.random.key(5)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, a: center_kernel(a) if p[-1].key == "kernel" and a.ndim == 4
+      else a + 0.3 * jax.random.normal(jax.random.fold_in(key, a.size), a.shape),
+      bn_vars["params"],
+  )
+  stats = jax.tree_util.tree_map_with_path(
+      lambda p, a: jnp.exp(0.4 * jax.random.normal(jax.random.fold_in(key, a.size + 1), a.shape))
+      if p[-1].key == "var" else jnp.zeros_like(a),
+      bn_vars["batch_stats"],
+  )
+  bn_vars = {"params": params, "batch_stats": stats}
+  new_vars, mabn_norm = mj.convert_batch_norm(bn_vars, bn_norm, buffer_size=4)
+  assert mabn_norm.name == "mabn" and mabn_norm.options["norm_batch_size"] == 2
+  model = RegistryNet(mabn_norm)
+  template = model.init(jax.random.key(1), x, train=True)  # the layout after training
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), new_vars) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), template)
+  state = new_vars["batch_stats"]["c2"]["norm"]
+  np.testing.assert_allclose(state["chi_ema"], stats["c2"]["norm"]["var"], rtol=1e-6)
+  assert int(state["step"]) == 100  # max(buffer_size 4, warmup_steps 100)
+  # Zero-mean conv outputs (centred kernels, mean 0): same eval output.
+  np.testing.assert_allclose(model.apply(new_vars, x), RegistryNet(bn_norm).apply(bn_vars, x),
+                             rtol=1e-5, atol=1e-6)
+
+  def loss_fn(v, x):
+    out, mutated = model.apply(v, x, train=True, mutable=["batch_stats"])
+    return jnp.mean(out**2), mutated
+
+  (loss, after), grads = jax.jit(mj.value_and_grad(loss_fn))(new_vars, x)
+  assert np.isfinite(float(loss))
+  assert int(after["batch_stats"]["c1"]["norm"]["step"]) == 101
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
+  with pytest.raises(ValueError, match="'bn' or 'syncbn'"):
+    mj.convert_batch_norm(new_vars, mabn_norm)
