@@ -1,0 +1,307 @@
+"""Cost of each normalizer: training step, memory, compile time, inference.
+
+One command measures every normalizer on the same network in the same
+process, interleaving the variants (A B C A B C ...) so that drifts of the
+machine hit all of them alike, and reports medians and ratios to BN::
+
+  python -m benchmarks.bench                 # full run, writes BENCHMARKS.md
+  python -m benchmarks.bench --smoke         # tiny shapes, a few steps
+
+Measured per network:
+  * jitted training-step time (``mj.value_and_grad`` + optax SGD);
+  * XLA's compiled memory analysis of that step (temporaries, and the total
+    with arguments and outputs), and the measured peak where the backend
+    reports ``memory_stats`` (GPUs; CPUs report none);
+  * compile time of the step (``lower().compile()``);
+  * inference throughput (images/s) of the eval graph, unfolded and with
+    foldable normalizers folded into the convolutions (``mj.fold``), against
+    GroupNorm, LayerNorm, InstanceNorm and no normalization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mabn_jax as mj
+from experiments.models import build_model
+from mabn_jax.fold import fold
+
+TRAIN_NORMS = ("bn", "mabn", "brn", "cbn")
+INFER_VARIANTS = ("bn", "bn_folded", "mabn", "mabn_folded", "gn", "ln", "in", "none")
+
+NETWORKS = {
+    # name: (model, image size, CPU batch, accelerator batch)
+    "resnet18": ("resnet18_cifar", 32, 32, 128),
+    "resnet50": ("resnet50", 224, 8, 64),
+}
+
+
+def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
+  """Settings that exercise each method's steady state (not its warmup)."""
+  return {
+      "mabn": dict(warmup_steps=0, renorm_start=0),
+      "brn": dict(warmup_steps=0, ramp_steps=0),
+      "cbn": dict(window=3, burn_in=0),
+      "gn": dict(num_groups=2 if network == "cnn6" else 32),
+  }.get(norm, {})
+
+
+def _block(tree):
+  return jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
+
+
+def _model(network: str, normalizer):
+  # The smoke network is a narrow 6-conv CNN so that CI compiles it quickly.
+  return build_model(network, normalizer, 10, width=4 if network == "cnn6" else 0)
+
+
+def build_training_step(network: str, norm: str, batch: int, size: int):
+  """Returns ``(compiled_step, args, compile_seconds, memory)`` for one variant."""
+  model = _model(network, mj.make_normalizer(norm, **normalizer_kwargs(norm, network)))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, size=(batch,)), jnp.int32)
+  variables = model.init(jax.random.key(0), images, train=True)
+  tx = optax.sgd(0.01, momentum=0.9)
+  opt_state = tx.init(variables["params"])
+
+  def loss_fn(variables, images, labels):
+    logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, mutated
+
+  def train_step(variables, opt_state, images, labels):
+    (loss, variables), grads = mj.value_and_grad(loss_fn)(variables, images, labels)
+    updates, opt_state = tx.update(grads, opt_state, variables["params"])
+    params = optax.apply_updates(variables["params"], updates)
+    return {**variables, "params": params}, opt_state, loss
+
+  args = (variables, opt_state, images, labels)
+  start = time.perf_counter()
+  compiled = jax.jit(train_step).lower(*args).compile()
+  compile_seconds = time.perf_counter() - start
+  memory = memory_of(compiled)
+  return compiled, args, compile_seconds, memory
+
+
+def memory_of(compiled) -> Dict[str, float]:
+  """XLA's memory analysis of a compiled executable, in MiB."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  mib = 1.0 / 2**20
+  temp = analysis.temp_size_in_bytes
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+           - analysis.alias_size_in_bytes + temp)
+  return {"temp_mib": temp * mib, "total_mib": total * mib}
+
+
+def measured_peak_mib() -> float | None:
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2**20
+
+
+def interleaved_times(fns: Dict[str, Any], rounds: int, warmup: int = 2) -> Dict[str, List[float]]:
+  """Runs ``fns`` round-robin; returns each one's list of wall times (s)."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      _block(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      _block(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def bench_training(network: str, batch: int, size: int, norms: Sequence[str], rounds: int):
+  """Training-step time, compile time and memory of each normalizer."""
+  steps, results = {}, {}
+  for norm in norms:
+    compiled, args, compile_seconds, memory = build_training_step(network, norm, batch, size)
+    steps[norm] = (lambda c=compiled, a=args: c(*a))
+    results[norm] = {"compile_s": compile_seconds, **memory}
+    peak = measured_peak_mib()
+    if peak is not None:
+      results[norm]["measured_peak_mib_so_far"] = peak
+    print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
+  times = interleaved_times(steps, rounds)
+  for norm in norms:
+    results[norm]["step_ms"] = 1e3 * statistics.median(times[norm])
+    results[norm]["step_ms_all"] = [1e3 * t for t in times[norm]]
+  return results
+
+
+def build_inference(network: str, variant: str, batch: int, size: int):
+  """Jitted eval function of one inference variant and its input."""
+  norm = variant.replace("_folded", "")
+  normalizer = mj.make_normalizer(norm, **normalizer_kwargs(norm, network))
+  model = _model(network, normalizer)
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images, train=True)
+  if variant.endswith("_folded"):
+    variables, normalizer = fold(variables, normalizer)
+    model = _model(network, normalizer)
+  variables = {k: v for k, v in variables.items() if k != mj.BACKWARD_STATS}
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return (lambda: apply(variables, images)), model, variables, images
+
+
+def bench_inference(network: str, batch: int, size: int, variants: Sequence[str], rounds: int):
+  fns = {}
+  for variant in variants:
+    fns[variant] = build_inference(network, variant, batch, size)[0]
+  times = interleaved_times(fns, rounds)
+  return {
+      v: {"images_per_s": batch / statistics.median(times[v]),
+          "ms": 1e3 * statistics.median(times[v])}
+      for v in variants
+  }
+
+
+def ratios(results: Dict[str, Dict[str, float]], key: str, base: str) -> Dict[str, float]:
+  return {name: r[key] / results[base][key] for name, r in results.items()
+          if key in r and key in results.get(base, {})}
+
+
+TARGETS = [
+    # (description, section, key, numerator, denominator, bound, kind)
+    ("MABN / BN training step", "train", "step_ms", "mabn", "bn", 1.05, "<="),
+    ("MABN / BN peak memory (XLA total)", "train", "total_mib", "mabn", "bn", 1.05, "<="),
+    ("BRN / BN training step", "train", "step_ms", "brn", "bn", 1.05, "<="),
+    ("CBN / BN training step", "train", "step_ms", "cbn", "bn", 1.30, "<="),
+    ("CBN / BN peak memory (XLA total)", "train", "total_mib", "cbn", "bn", 1.5, "<="),
+    ("MABN / BN compile time", "train", "compile_s", "mabn", "bn", 1.5, "<="),
+    ("folded MABN / none inference", "infer", "images_per_s", "mabn_folded", "none", 0.97, ">="),
+    ("folded BN / none inference", "infer", "images_per_s", "bn_folded", "none", 0.97, ">="),
+    ("folded MABN / GN inference", "infer", "images_per_s", "mabn_folded", "gn", 2.4, ">="),
+]
+
+
+def check_targets(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+  rows = []
+  for network, sections in report["networks"].items():
+    for desc, section, key, num, den, bound, kind in TARGETS:
+      res = sections.get(section, {})
+      if num not in res or den not in res or key not in res[num] or key not in res[den]:
+        continue
+      value = res[num][key] / res[den][key]
+      ok = value <= bound if kind == "<=" else value >= bound
+      rows.append(dict(network=network, target=desc, ratio=value, bound=f"{kind} {bound}",
+                       met=bool(ok)))
+  return rows
+
+
+def markdown(report: Dict[str, Any]) -> str:
+  meta = report["meta"]
+  lines = [
+      f"## {meta['device']} — {meta['date']}",
+      "",
+      f"JAX {meta['jax']}, jaxlib {meta['jaxlib']}, Python {meta['python']}, "
+      f"{meta['machine']}; {meta['rounds']} interleaved rounds, medians. "
+      f"Command: `{meta['command']}`.",
+      "",
+  ]
+  for network, sections in report["networks"].items():
+    cfg = sections["config"]
+    lines += [f"### {network} ({cfg['model']}, {cfg['size']}x{cfg['size']}, batch {cfg['batch']})", ""]
+    train = sections.get("train", {})
+    if train:
+      base = train.get("bn", {})
+      lines += ["| normalizer | step ms | / BN | compile s | / BN | XLA temp MiB | XLA total MiB | / BN |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+      for norm, r in train.items():
+        def rel(key):
+          return f"{r[key] / base[key]:.3f}" if key in r and key in base else "-"
+        lines.append(
+            f"| {norm} | {r['step_ms']:.1f} | {rel('step_ms')} | {r['compile_s']:.1f} | "
+            f"{rel('compile_s')} | {r.get('temp_mib', float('nan')):.1f} | "
+            f"{r.get('total_mib', float('nan')):.1f} | {rel('total_mib')} |")
+      lines.append("")
+    infer = sections.get("infer", {})
+    if infer:
+      none = infer.get("none", {})
+      lines += ["| inference variant | images/s | / none |", "| --- | ---: | ---: |"]
+      for variant, r in infer.items():
+        rel = f"{r['images_per_s'] / none['images_per_s']:.3f}" if none else "-"
+        lines.append(f"| {variant} | {r['images_per_s']:.1f} | {rel} |")
+      lines.append("")
+  lines += ["### Targets", "", "| network | target | measured | bound | met |",
+            "| --- | --- | ---: | --- | --- |"]
+  for row in report["targets"]:
+    lines.append(f"| {row['network']} | {row['target']} | {row['ratio']:.3f} | {row['bound']} | "
+                 f"{'yes' if row['met'] else 'NO'} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(args) -> Dict[str, Any]:
+  accelerator = jax.default_backend() != "cpu"
+  report = {"meta": {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} "
+                f"({os.cpu_count()} CPU cores)",
+      "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
+      "python": platform.python_version(), "machine": platform.machine(),
+      "rounds": args.rounds, "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
+  }, "networks": {}}
+  for name in args.networks:
+    model, size, cpu_batch, acc_batch = NETWORKS[name]
+    batch = acc_batch if accelerator else cpu_batch
+    if args.smoke:
+      model, size, batch = "cnn6", 8, 4
+    print(f"{name}: {model} {size}x{size} batch {batch}", flush=True)
+    sections = {"config": {"model": model, "size": size, "batch": batch}}
+    if not args.skip_train:
+      sections["train"] = bench_training(model, batch, size, args.norms, args.rounds)
+    if not args.skip_infer:
+      sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds)
+    report["networks"][name] = sections
+  report["targets"] = check_targets(report)
+  return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+  parser.add_argument("--norms", nargs="+", default=list(TRAIN_NORMS))
+  parser.add_argument("--variants", nargs="+", default=list(INFER_VARIANTS))
+  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
+  parser.add_argument("--skip-train", action="store_true")
+  parser.add_argument("--skip-infer", action="store_true")
+  parser.add_argument("--markdown", default="BENCHMARKS.md",
+                      help="file the tables are appended to ('' for none)")
+  parser.add_argument("--json", default="benchmarks/results/cpu.json")
+  args = parser.parse_args(argv)
+  report = run(args)
+  text = markdown(report)
+  print(text)
+  if args.json:
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  if args.markdown:
+    with open(args.markdown, "a") as f:
+      f.write(text + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
