@@ -1,0 +1,154 @@
+"""Networks written once for every normalizer of the registry.
+
+Every convolution followed by a normalization is ``normalizer.conv_norm(...)``
+(so ``'mabn'`` gets weight-centralized convolutions and ``'none'`` a biased
+conv without normalization); the classifier is a plain ``Dense``.
+
+Inputs are NHWC float images; outputs are ``(N, num_classes)`` logits.
+``train`` is the only call-time flag.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+MODEL_NAMES = ("cnn2", "cnn6", "resnet20", "resnet56", "resnet18_cifar", "resnet18", "resnet50")
+
+
+class CNN6(nn.Module):
+  """Six conv+norm+ReLU layers in three pairs, 2x2 max-pool after each pair.
+
+  Attributes:
+    normalizer: a ``mabn_jax`` ``Normalizer`` (``mj.make_normalizer``).
+    num_classes: logits size.
+    widths: channels of the six convolutions.
+  """
+
+  normalizer: Any
+  num_classes: int = 10
+  widths: Sequence[int] = (32, 32, 64, 64, 128, 128)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    for i, width in enumerate(self.widths):
+      x = self.normalizer.conv_norm(
+          features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME",
+          name=f"conv{i + 1}")(x, train=train)
+      x = nn.relu(x)
+      if i % 2 == 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 conv+norm; 1x1 conv+norm projection when the shape changes."""
+
+  normalizer: Any
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    s = (self.strides, self.strides)
+    y = self.normalizer.conv_norm(features=self.features, kernel_size=(3, 3), strides=s,
+                                  padding="SAME", name="conv1")(x, train=train)
+    y = nn.relu(y)
+    y = self.normalizer.conv_norm(features=self.features, kernel_size=(3, 3), strides=(1, 1),
+                                  padding="SAME", name="conv2")(y, train=train)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = self.normalizer.conv_norm(features=self.features, kernel_size=(1, 1), strides=s,
+                                    padding="SAME", name="proj")(x, train=train)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1, 3x3 (strided), 1x1 (4x wider) conv+norm; projection when needed."""
+
+  normalizer: Any
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    s = (self.strides, self.strides)
+    out = self.features * 4
+    y = self.normalizer.conv_norm(features=self.features, kernel_size=(1, 1), strides=(1, 1),
+                                  padding="SAME", name="conv1")(x, train=train)
+    y = nn.relu(y)
+    y = self.normalizer.conv_norm(features=self.features, kernel_size=(3, 3), strides=s,
+                                  padding="SAME", name="conv2")(y, train=train)
+    y = nn.relu(y)
+    y = self.normalizer.conv_norm(features=out, kernel_size=(1, 1), strides=(1, 1),
+                                  padding="SAME", name="conv3")(y, train=train)
+    if x.shape[-1] != out or self.strides != 1:
+      x = self.normalizer.conv_norm(features=out, kernel_size=(1, 1), strides=s,
+                                    padding="SAME", name="proj")(x, train=train)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet with a CIFAR (3x3, stride 1) or ImageNet (7x7/2 + max-pool) stem.
+
+  Attributes:
+    normalizer: a ``mabn_jax`` ``Normalizer``.
+    stage_sizes: blocks per stage; stage ``i > 0`` starts with stride 2.
+    block: ``'basic'`` or ``'bottleneck'``.
+    num_filters: width of the first stage (doubled each stage).
+    stem: ``'cifar'`` or ``'imagenet'``.
+    stem_features: stem width (default ``num_filters``).
+  """
+
+  normalizer: Any
+  stage_sizes: Tuple[int, ...]
+  num_classes: int = 10
+  block: str = "basic"
+  num_filters: int = 16
+  stem: str = "cifar"
+  stem_features: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
+    stem_features = self.stem_features or self.num_filters
+    if self.stem == "imagenet":
+      x = self.normalizer.conv_norm(features=stem_features, kernel_size=(7, 7), strides=(2, 2),
+                                    padding=[(3, 3), (3, 3)], name="stem")(x, train=train)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    elif self.stem == "cifar":
+      x = self.normalizer.conv_norm(features=stem_features, kernel_size=(3, 3), strides=(1, 1),
+                                    padding="SAME", name="stem")(x, train=train)
+      x = nn.relu(x)
+    else:
+      raise ValueError(f"ResNet: unknown stem {self.stem!r}; expected 'cifar' or 'imagenet'")
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        x = block_cls(self.normalizer, self.num_filters * 2**i,
+                      strides=2 if i > 0 and j == 0 else 1,
+                      name=f"stage{i + 1}_block{j + 1}")(x, train=train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def build_model(name: str, normalizer, num_classes: int, width: int = 0) -> nn.Module:
+  """A model by name (:data:`MODEL_NAMES`); ``width`` overrides the base width."""
+  if name == "cnn2":  # two conv+norm layers: tests and smoke runs
+    w = width or 8
+    return CNN6(normalizer, num_classes, widths=(w, 2 * w))
+  if name == "cnn6":
+    w = width or 32
+    return CNN6(normalizer, num_classes, widths=(w, w, 2 * w, 2 * w, 4 * w, 4 * w))
+  if name in ("resnet20", "resnet56"):
+    n = {"resnet20": 3, "resnet56": 9}[name]
+    return ResNet(normalizer, (n, n, n), num_classes, "basic", width or 16, "cifar")
+  if name == "resnet18_cifar":
+    return ResNet(normalizer, (2, 2, 2, 2), num_classes, "basic", width or 64, "cifar")
+  if name == "resnet18":
+    return ResNet(normalizer, (2, 2, 2, 2), num_classes, "basic", width or 64, "imagenet")
+  if name == "resnet50":
+    return ResNet(normalizer, (3, 4, 6, 3), num_classes, "bottleneck", width or 64, "imagenet")
+  raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")

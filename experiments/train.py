@@ -1,0 +1,595 @@
+"""Training ResNets/CNNs with any normalizer of the registry.
+
+    python -m experiments.train                       # quick preset: BN vs MABN at b=2 on digits
+    python -m experiments.train --preset cifar_cpu --norms bn,mabn --norm_batch_size 2
+    python -m experiments.train --preset cifar --norms mabn --norm_batch_size 2 --workdir runs/x
+    python -m experiments.train --preset imagenet --data_dir ~/tensorflow_datasets
+
+The paper's simulated setting: each device's SGD batch ``B`` (``batch_size``)
+is split into groups of ``b`` (``norm_batch_size``) normalized separately;
+``--small_batch`` makes the SGD batch itself ``b``. Data-parallel over the
+local devices with ``pmap`` (axis ``'batch'``): gradients are averaged,
+batch statistics stay per device unless the normalizer synchronizes them
+(``syncbn``, or ``--sync_stats`` for any normalizer accepting ``axis_name``).
+
+Each run writes into its workdir: ``metrics.jsonl`` (train windows and test
+evaluations), ``checkpoints/`` (orbax, every ``checkpoint_every`` steps, at
+the end and on Ctrl-C) and ``summary.json``. ``--resume`` continues from the
+latest checkpoint to exactly the result of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from flax.core import unfreeze
+
+import mabn_jax as mj
+from experiments import data as data_lib
+from experiments import models
+
+# Normalizers whose statistics depend on the batch: they get norm_batch_size.
+BATCH_NORMALIZERS = ("bn", "syncbn", "brn", "cbn", "cbn_naive", "mabn")
+AXIS = "batch"
+
+
+@dataclasses.dataclass
+class Config:
+  """One training run. ``norm`` is a registry name; see :func:`preset`."""
+
+  preset: str = "quick"
+  # Data.
+  dataset: str = "digits"
+  data_dir: Optional[str] = None
+  cache_dir: Optional[str] = None
+  tarball: Optional[str] = None
+  use_tfds: bool = False
+  train_subset: Optional[int] = None
+  image_size: int = 224
+  prefetch: int = 2
+  # Model and normalizer.
+  model: str = "cnn6"
+  width: int = 0
+  norm: str = "bn"
+  norm_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  batch_size: int = 32
+  norm_batch_size: Optional[int] = None
+  small_batch: bool = False
+  sync_stats: bool = False
+  # Optimization.
+  epochs: float = 10.0
+  lr: float = 0.05
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 5e-4
+  schedule: str = "cosine"
+  warmup_epochs: float = 0.0
+  step_epochs: Tuple[float, ...] = ()
+  step_factor: float = 0.1
+  label_smoothing: float = 0.0
+  seed: int = 0
+  # Devices.
+  num_devices: int = 0
+  distributed: bool = False
+  # Bookkeeping.
+  workdir: Optional[str] = None
+  eval_every: int = 1
+  log_every: int = 20
+  checkpoint_every: int = 0
+  resume: bool = False
+  progress: bool = True
+  stop_after: int = 0
+
+  def normalizer_kwargs(self) -> Dict[str, Any]:
+    kw = dict(self.norm_kwargs)
+    if self.norm in BATCH_NORMALIZERS and self.norm_batch_size is not None:
+      kw.setdefault("norm_batch_size", self.norm_batch_size)
+    if self.sync_stats and self.norm != "syncbn":
+      kw.setdefault("axis_name", AXIS)
+    return kw
+
+  def device_batch(self) -> int:
+    return self.norm_batch_size if self.small_batch else self.batch_size
+
+  def validate(self):
+    if self.small_batch and not self.norm_batch_size:
+      raise ValueError("--small_batch needs --norm_batch_size (the SGD batch becomes b)")
+    b, B = self.norm_batch_size, self.device_batch()
+    if b is not None and (b <= 0 or B % b):
+      raise ValueError(
+          f"norm_batch_size b={b} must divide the per-device batch B={B}")
+    if self.schedule not in ("cosine", "step", "constant"):
+      raise ValueError(f"schedule {self.schedule!r}: expected cosine, step or constant")
+
+  def run_name(self) -> str:
+    b = self.norm_batch_size or self.device_batch()
+    return f"{self.norm}_b{b}_s{self.seed}"
+
+
+PRESETS = ("quick", "cifar", "cifar_cpu", "imagenet")
+
+
+def preset(name: str, **overrides) -> Config:
+  """Named configurations; keyword overrides replace fields."""
+  if name == "quick":
+    # CPU, about a minute a run: digits 16x16, narrow 6-conv CNN.
+    c = Config(preset=name, dataset="digits", model="cnn6", width=16, batch_size=32,
+               norm_batch_size=2, epochs=12, lr=0.05, weight_decay=5e-4, warmup_epochs=1,
+               log_every=10, eval_every=4)
+  elif name == "cifar_cpu":
+    # 2 CPU cores, 5-10 minutes: the 6-conv CNN on 10,000 CIFAR-10 images.
+    c = Config(preset=name, dataset="cifar10_jpeg", model="cnn6", width=32, batch_size=32,
+               train_subset=10000, epochs=8, lr=0.05, weight_decay=5e-4, warmup_epochs=0.5,
+               log_every=25, eval_every=2)
+  elif name == "cifar":
+    # Full CIFAR-10 schedule (GPU): ResNet-20, 160 epochs, steps at 80 and 120.
+    c = Config(preset=name, dataset="cifar10_jpeg", model="resnet20", batch_size=128,
+               epochs=160, lr=0.1, weight_decay=1e-4, schedule="step", step_epochs=(80, 120),
+               warmup_epochs=1, log_every=50, eval_every=5, checkpoint_every=2000)
+  elif name == "imagenet":
+    # The MABN paper's setting: ResNet-50, normalization batch 2, SGD batch 32 per device.
+    c = Config(preset=name, dataset="imagenet2012", model="resnet50", norm="mabn",
+               batch_size=32, norm_batch_size=2, epochs=90, lr=0.1, weight_decay=1e-4,
+               schedule="step", step_epochs=(30, 60, 80), warmup_epochs=5,
+               image_size=224, log_every=100, eval_every=5, checkpoint_every=5000, prefetch=4)
+  else:
+    raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
+  return dataclasses.replace(c, **overrides)
+
+
+# --------------------------------------------------------------------------
+# Pieces of the training step.
+
+
+def make_normalizer(name: str, **kwargs):
+  """``mj.make_normalizer`` (looked up at call time)."""
+  return mj.make_normalizer(name, **kwargs)
+
+
+def build(config: Config, num_classes: int):
+  norm = make_normalizer(config.norm, **config.normalizer_kwargs())
+  return models.build_model(config.model, norm, num_classes, config.width)
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: int):
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.schedule == "cosine":
+    main = optax.cosine_decay_schedule(config.lr, max(1, total_steps - warmup))
+  elif config.schedule == "step":
+    main = optax.piecewise_constant_schedule(
+        config.lr, {int(e * steps_per_epoch) - warmup: config.step_factor
+                    for e in config.step_epochs})
+  else:
+    main = optax.constant_schedule(config.lr)
+  if warmup <= 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(config.lr / max(1, warmup), config.lr, warmup), main], [warmup])
+
+
+def optimizer(config: Config, schedule) -> optax.GradientTransformation:
+  """SGD + momentum; weight decay on conv/dense kernels only."""
+  def kernel_mask(params):
+    flat = traverse_util.flatten_dict(unfreeze(params))
+    return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+  )
+
+
+def make_steps(model, tx, num_classes: int, label_smoothing: float):
+  """``(train_step, eval_step)``, both pmapped over axis ``'batch'``."""
+
+  def loss_fn(variables, images, labels):
+    logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+        if label_smoothing else jax.nn.one_hot(labels, num_classes)
+    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+    return loss, (mutated, logits)
+
+  grad_fn = mj.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(variables, opt_state, batch):
+    ((loss, logits), new_vars), grads = grad_fn(variables, batch["image"], batch["label"])
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, opt_state, new_vars["params"])
+    new_vars = {**new_vars, "params": optax.apply_updates(new_vars["params"], updates)}
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    metrics = jax.lax.pmean({"loss": loss, "acc": acc.astype(jnp.float32)}, AXIS)
+    return new_vars, opt_state, metrics
+
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
+    return jax.lax.psum({"correct": correct, "count": jnp.sum(batch["mask"])}, AXIS)
+
+  return (jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0, 1)),
+          jax.pmap(eval_step, axis_name=AXIS))
+
+
+def put_per_device(tree, devices):
+  """Host arrays ``(n, ...)`` -> arrays sharded along axis 0 over ``devices``."""
+  # The sharding pmap gives its outputs (mesh axis named like the pmap axis),
+  # so the step does not recompile after its first call.
+  mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  return jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
+
+
+def shard(batch: Dict[str, np.ndarray], n: int):
+  return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
+
+
+def evaluate(eval_step, variables, loader: data_lib.Loader, n: int) -> float:
+  correct = count = 0.0
+  for batch in loader.epoch(0):
+    out = jax.device_get(eval_step(variables, shard(batch, n)))
+    correct += float(out["correct"][0])
+    count += float(out["count"][0])
+  return 100.0 * correct / max(count, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Bookkeeping.
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)),
+                          timeout=10).stdout.strip() or "unknown"
+  except Exception:  # noqa: BLE001 - bookkeeping only
+    return "unknown"
+
+
+def device_info() -> Dict[str, Any]:
+  d = jax.local_devices()[0]
+  return {"platform": d.platform, "kind": d.device_kind, "local_devices": jax.local_device_count(),
+          "processes": jax.process_count(), "host": platform.node(), "cpus": os.cpu_count()}
+
+
+def read_metrics(path: str):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_metrics(path: str, records):
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+class Progress:
+  """tqdm bar with step, loss, acc, steps/s and ETA (a plain line without tqdm)."""
+
+  def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+    self.total, self.enabled, self.desc = total, enabled, desc
+    self.start, self.initial = time.time(), initial
+    self.bar = None
+    if enabled:
+      try:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+      except ImportError:
+        self.bar = None
+
+  def update(self, step: int, info: Dict[str, float]):
+    if not self.enabled:
+      return
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+      return
+    rate = (step - self.initial) / max(time.time() - self.start, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    items = " ".join(f"{k}={v:.4g}" for k, v in info.items())
+    print(f"{self.desc} step {step}/{self.total} {items} {rate:.2f} steps/s ETA {eta:.0f}s",
+          file=sys.stderr, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _to_host(tree):
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def _checkpoint_manager(directory: str):
+  import orbax.checkpoint as ocp
+
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+  )
+
+
+def save_checkpoint(manager, step: int, state, host: Dict[str, Any]):
+  import orbax.checkpoint as ocp
+
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_to_host(state)), host=ocp.args.JsonSave(host)), force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, target):
+  import orbax.checkpoint as ocp
+
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_to_host(target)), host=ocp.args.JsonRestore()))
+  return step, restored["state"], restored["host"]
+
+
+# --------------------------------------------------------------------------
+# The loop.
+
+
+def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[str, Any]:
+  """Trains one run; returns (and writes) its summary."""
+  config.validate()
+  wall_start = time.time()
+  if config.distributed:
+    jax.distributed.initialize()
+  devices = jax.local_devices()
+  n = config.num_devices or len(devices)
+  if n > len(devices):
+    raise ValueError(f"num_devices={n} but only {len(devices)} local devices")
+  devices = devices[:n]
+  if dataset is None:
+    dataset = data_lib.load_dataset(
+        config.dataset, config.data_dir, config.cache_dir, config.train_subset,
+        config.tarball, config.use_tfds, config.image_size)
+  B = config.device_batch()
+  host_batch = B * n
+  train_loader = data_lib.Loader(dataset, "train", host_batch, True, config.seed,
+                                 jax.process_index(), jax.process_count(), config.prefetch)
+  test_loader = data_lib.Loader(dataset, "test", host_batch, False, config.seed,
+                                jax.process_index(), jax.process_count(), config.prefetch)
+  spe = train_loader.steps_per_epoch
+  total_steps = max(1, int(round(config.epochs * spe)))
+
+  model = build(config, dataset.num_classes)
+  schedule = learning_rate_schedule(config, spe, total_steps)
+  tx = optimizer(config, schedule)
+  variables = unfreeze(model.init(jax.random.PRNGKey(config.seed),
+                                  jnp.zeros((B,) + dataset.image_shape, jnp.float32), train=True))
+  opt_state = tx.init(variables["params"])
+  state = {"variables": variables, "opt_state": opt_state}
+
+  workdir = config.workdir
+  ckpt_dir = metrics_path = None
+  manager = None
+  step = 0
+  host = {"loss_sum": 0.0, "acc_sum": 0.0, "count": 0}
+  records = []
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if jax.process_count() > 1:
+      ckpt_dir = os.path.join(ckpt_dir, f"process_{jax.process_index()}")
+    if not config.resume:
+      shutil.rmtree(ckpt_dir, ignore_errors=True)
+      for f in ("metrics.jsonl", "summary.json"):
+        if os.path.exists(os.path.join(workdir, f)):
+          os.remove(os.path.join(workdir, f))
+    manager = _checkpoint_manager(ckpt_dir)
+    if config.resume and manager.latest_step() is not None:
+      step, state, host = restore_checkpoint(manager, state)
+      records = [r for r in read_metrics(metrics_path) if r["step"] <= step]
+      write_metrics(metrics_path, records)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(dataclasses.asdict(config), f, indent=1)
+
+  train_step, eval_step = make_steps(model, tx, dataset.num_classes, config.label_smoothing)
+  if step == 0:
+    state = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), _to_host(state))
+  # Host arrays with a leading device axis -> one shard per device.
+  dev_state = put_per_device(state, devices)
+  dev_vars, dev_opt = dev_state["variables"], dev_state["opt_state"]
+
+  def log(record):
+    records.append(record)
+    if metrics_path and jax.process_index() == 0:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  pending = []
+
+  def fold_pending():
+    for m in jax.device_get(pending):
+      host["loss_sum"] += float(m["loss"][0])
+      host["acc_sum"] += float(m["acc"][0])
+      host["count"] += 1
+    pending.clear()
+
+  def checkpoint():
+    if manager is not None:
+      fold_pending()
+      save_checkpoint(manager, step, {"variables": dev_vars, "opt_state": dev_opt}, dict(host))
+
+  progress = Progress(total_steps, step, config.progress and jax.process_index() == 0,
+                      f"{config.norm} b={config.norm_batch_size or B}")
+  last_time, last_step = time.time(), step
+  interrupted = False
+  try:
+    while step < total_steps:
+      epoch, start = divmod(step, spe)
+      for batch in train_loader.epoch(epoch, start):
+        dev_vars, dev_opt, metrics = train_step(dev_vars, dev_opt, shard(batch, n))
+        pending.append(metrics)
+        step += 1
+        end_of_epoch = step % spe == 0
+        if step % config.log_every == 0 or step == total_steps or end_of_epoch:
+          fold_pending()
+          now = time.time()
+          rate = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          rec = {"step": step, "epoch": step / spe, "loss": host["loss_sum"] / host["count"],
+                 "acc": host["acc_sum"] / host["count"], "lr": float(schedule(step - 1)),
+                 "steps_per_sec": rate}
+          host.update(loss_sum=0.0, acc_sum=0.0, count=0)
+          log(rec)
+          progress.update(step, {"loss": rec["loss"], "acc": rec["acc"]})
+        if end_of_epoch or step == total_steps:
+          e = -(-step // spe)
+          if step == total_steps or (config.eval_every and e % config.eval_every == 0):
+            if not any(r.get("test_top1") is not None and r["step"] == step for r in records):
+              log({"step": step, "epoch": step / spe,
+                   "test_top1": evaluate(eval_step, dev_vars, test_loader, n)})
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+          checkpoint()
+        if config.stop_after and step >= config.stop_after and step < total_steps:
+          raise KeyboardInterrupt  # simulated interruption (tests, time-boxed runs)
+        if step >= total_steps:
+          break
+  except KeyboardInterrupt:
+    interrupted = True
+    checkpoint()
+  finally:
+    progress.close()
+
+  if not interrupted:
+    checkpoint()
+  mj.check_finite({"batch_stats": jax.tree_util.tree_map(lambda x: x[0],
+                                                        dev_vars.get("batch_stats", {}))})
+  evals = [r for r in records if "test_top1" in r]
+  trains = [r for r in records if "loss" in r]
+  summary = {
+      "name": config.run_name(),
+      "finished": not interrupted,
+      "step": step,
+      "total_steps": total_steps,
+      "config": dataclasses.asdict(config),
+      "git_commit": git_commit(),
+      "device": device_info(),
+      "wall_time_s": time.time() - wall_start,
+      "final_test_top1": evals[-1]["test_top1"] if evals else None,
+      "best_test_top1": max(r["test_top1"] for r in evals) if evals else None,
+      "train_loss_curve": [[r["step"], r["loss"]] for r in trains],
+      "test_top1_curve": [[r["step"], r["test_top1"]] for r in evals],
+  }
+  if workdir and not interrupted and jax.process_index() == 0:
+    tmp = os.path.join(workdir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, "summary.json"))
+  summary["variables"] = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), dev_vars)
+  return summary
+
+
+# --------------------------------------------------------------------------
+# Command line.
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_kwargs(text: str) -> Dict[str, Any]:
+  """``'a=1,b=x'`` -> ``{'a': 1, 'b': 'x'}``."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    if "=" not in item:
+      raise ValueError(f"expected key=value in {text!r}, got {item!r}")
+    k, v = item.split("=", 1)
+    out[k.strip()] = _parse_value(v.strip())
+  return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip=("preset", "norm")):
+  for f in dataclasses.fields(Config):
+    if f.name in skip:
+      continue
+    parser.add_argument(f"--{f.name}", default=None, type=str,
+                        help=f"(default from the preset; Config.{f.name})")
+
+
+def overrides_from_args(args) -> Dict[str, Any]:
+  out = {}
+  for f in dataclasses.fields(Config):
+    value = getattr(args, f.name, None)
+    if value is None or f.name in ("preset", "norm"):
+      continue
+    if f.name == "norm_kwargs":
+      out[f.name] = parse_kwargs(value)
+    elif f.name == "step_epochs":
+      out[f.name] = tuple(float(v) for v in value.split(",") if v)
+    elif f.type in ("bool", bool):
+      out[f.name] = value.lower() in ("1", "true", "yes", "y")
+    elif f.type in ("str", "Optional[str]"):
+      out[f.name] = None if value.lower() == "none" and f.type != "str" else value
+    else:
+      out[f.name] = _parse_value(value)
+  return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.train",
+      description="Train with a normalizer of mabn_jax. Without arguments: the quick preset "
+                  "(digits) comparing BN and MABN at normalization batch 2.")
+  parser.add_argument("--preset", default="quick", choices=PRESETS)
+  parser.add_argument("--norms", "--norm", dest="norms", default=None,
+                      help="comma-separated registry names (one run each); "
+                           "default: bn,mabn for quick, the preset's otherwise")
+  add_config_arguments(parser)
+  args = parser.parse_args(argv)
+  overrides = overrides_from_args(args)
+  base = preset(args.preset, **overrides)
+  if args.norms:
+    norms = args.norms.split(",")
+  else:
+    norms = ["bn", "mabn"] if args.preset == "quick" else [base.norm]
+  root = base.workdir or os.path.join("experiments", "runs", args.preset)
+  dataset = None
+  results = []
+  for norm in norms:
+    cfg = dataclasses.replace(base, norm=norm)
+    cfg = dataclasses.replace(cfg, workdir=os.path.join(root, cfg.run_name())
+                              if len(norms) > 1 or not base.workdir else base.workdir)
+    if dataset is None:
+      dataset = data_lib.load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.train_subset,
+                                      cfg.tarball, cfg.use_tfds, cfg.image_size)
+    s = train(cfg, dataset)
+    results.append(s)
+    print(json.dumps({k: s[k] for k in ("name", "final_test_top1", "best_test_top1",
+                                         "wall_time_s", "finished")}), flush=True)
+    if not s["finished"]:
+      print(f"interrupted at step {s['step']}; rerun with --resume true to continue",
+            file=sys.stderr)
+      return 130
+  print(f"\n{base.preset}: {base.dataset}, {base.model}, SGD batch {base.device_batch()} per device")
+  print(f"{'run':<16} {'final top-1':>11} {'best top-1':>10} {'wall s':>8}")
+  for s in results:
+    print(f"{s['name']:<16} {s['final_test_top1']:>11.2f} {s['best_test_top1']:>10.2f} "
+          f"{s['wall_time_s']:>8.1f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,141 @@
+"""Tests for experiments/train.py: the loop with every registry normalizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import mabn_jax as mj
+from experiments import data as D
+from experiments import train as T
+
+KWARGS = {"mabn": {"warmup_steps": 2, "buffer_size": 4, "renorm_start": 4},
+          "gn": {"num_groups": 2}}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return D.synthetic(n_train=64, n_test=24)
+
+
+def _config(norm, **kw):
+  base = dict(norm=norm, model="cnn2", width=4, batch_size=8, norm_batch_size=2, epochs=1,
+              log_every=2, num_devices=1, progress=False, lr=0.05,
+              norm_kwargs=KWARGS.get(norm, {}))
+  base.update(kw)
+  return T.Config(**base)
+
+
+def _train_records(workdir):
+  return [{k: v for k, v in r.items() if k != "steps_per_sec"}
+          for r in T.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("norm", mj.normalizer_names())
+def test_every_registry_normalizer_trains_through_the_loop(norm, tiny):
+  summary = T.train(_config(norm), tiny)
+  assert summary["finished"] and summary["step"] == summary["total_steps"] == 8
+  losses = [l for _, l in summary["train_loss_curve"]]
+  assert len(losses) == 4 and np.all(np.isfinite(losses))
+  assert 0.0 <= summary["final_test_top1"] <= 100.0
+  init = T.build(_config(norm), 4).init(jax.random.PRNGKey(0), tiny.train.images[:8] * 0.0,
+                                        train=True)
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+                                 init["params"], summary["variables"]["params"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+  if norm in T.BATCH_NORMALIZERS:
+    assert "batch_stats" in summary["variables"]
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+  kw = dict(epochs=2, checkpoint_every=3, eval_every=1)
+  full = T.train(_config("mabn", workdir=str(tmp_path / "a"), **kw), tiny)
+  part = T.train(_config("mabn", workdir=str(tmp_path / "b"), stop_after=5, **kw), tiny)
+  assert not part["finished"] and part["step"] == 5
+  assert not os.path.exists(tmp_path / "b" / "summary.json")
+  rest = T.train(_config("mabn", workdir=str(tmp_path / "b"), resume=True, **kw), tiny)
+  assert rest["finished"]
+  assert _train_records(tmp_path / "a") == _train_records(tmp_path / "b")
+  assert full["train_loss_curve"] == rest["train_loss_curve"]
+  assert full["final_test_top1"] == rest["final_test_top1"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, full["variables"], rest["variables"])
+  with open(tmp_path / "b" / "summary.json") as f:
+    summary = json.load(f)
+  for key in ("config", "git_commit", "device", "wall_time_s", "best_test_top1",
+              "final_test_top1", "train_loss_curve"):
+    assert key in summary
+
+
+def test_data_parallel_syncbn_shares_statistics_bn_does_not(tiny):
+  out = {}
+  for norm in ("bn", "syncbn"):
+    s = T.train(_config(norm, num_devices=2, batch_size=4, norm_batch_size=None), tiny)
+    out[norm] = s
+  # Per-device BN: the two devices saw different halves, so the running
+  # means differ between devices; SyncBN normalizes with global statistics.
+  # (Only device 0's variables are returned; the summaries differ.)
+  assert out["bn"]["train_loss_curve"] != out["syncbn"]["train_loss_curve"]
+
+
+def test_small_batch_option_makes_the_sgd_batch_b(tiny):
+  cfg = _config("bn", small_batch=True, norm_batch_size=4, batch_size=32)
+  assert cfg.device_batch() == 4
+  s = T.train(cfg, tiny)
+  assert s["total_steps"] == 16
+
+
+def test_bad_batch_configuration_raises(tiny):
+  with pytest.raises(ValueError, match="must divide"):
+    T.train(_config("bn", batch_size=8, norm_batch_size=3), tiny)
+  with pytest.raises(ValueError, match="small_batch"):
+    T.train(_config("bn", small_batch=True, norm_batch_size=None), tiny)
+
+
+def test_schedules_warmup_cosine_and_step():
+  cfg = T.Config(lr=0.1, warmup_epochs=1, schedule="cosine")
+  s = T.learning_rate_schedule(cfg, steps_per_epoch=10, total_steps=100)
+  assert float(s(0)) == pytest.approx(0.01)
+  assert float(s(10)) == pytest.approx(0.1)
+  assert float(s(99)) < 1e-3
+  step = T.learning_rate_schedule(
+      dataclasses.replace(cfg, schedule="step", step_epochs=(5, 8)), 10, 100)
+  assert float(step(20)) == pytest.approx(0.1)
+  assert float(step(60)) == pytest.approx(0.01)
+  assert float(step(90)) == pytest.approx(0.001)
+
+
+def test_weight_decay_only_on_kernels():
+  cfg = T.Config(lr=1.0, momentum=0.0, weight_decay=0.5, schedule="constant")
+  tx = T.optimizer(cfg, 1.0)
+  params = {"conv": {"kernel": np.ones(2, np.float32)}, "norm": {"scale": np.ones(2, np.float32)}}
+  zeros = jax.tree_util.tree_map(np.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates["conv"]["kernel"], -0.5)
+  np.testing.assert_allclose(updates["norm"]["scale"], 0.0)
+
+
+def test_cli_runs_two_normalizers_and_prints_the_table(tmp_path, capsys):
+  rc = T.main(["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--epochs", "1",
+               "--batch_size", "8", "--num_devices", "1", "--norms", "bn,mabn",
+               "--norm_kwargs", "", "--workdir", str(tmp_path), "--progress", "false"])
+  assert rc == 0
+  out = capsys.readouterr().out
+  assert "bn_b2_s0" in out and "mabn_b2_s0" in out and "final top-1" in out
+  for run in ("bn_b2_s0", "mabn_b2_s0"):
+    with open(tmp_path / run / "summary.json") as f:
+      assert json.load(f)["config"]["norm_batch_size"] == 2
+
+
+def test_presets_are_consistent():
+  for name in T.PRESETS:
+    cfg = T.preset(name)
+    cfg.validate()
+  assert T.preset("imagenet").norm_batch_size == 2 and T.preset("imagenet").batch_size == 32
+  assert T.preset("cifar_cpu").train_subset == 10000
+  with pytest.raises(ValueError, match="unknown preset"):
+    T.preset("tiny")
