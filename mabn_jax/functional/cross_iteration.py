@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
@@ -295,15 +296,12 @@ def moment_derivatives(
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
   x = lax.stop_gradient(x).astype(dtype)
   y = lax.stop_gradient(y).astype(dtype)
-  elements = (y.shape[0] // groups) * int(
-      functools.reduce(lambda a, b: a * b, y.shape[1:-1], 1)
-  )
+  elements = (y.shape[0] // groups) * math.prod(y.shape[1:-1])
   kshape = tuple(kernel.shape)
 
   def kernel_cotangent(xg, ct, out_features):
-    conv_of_kernel = functools.partial(conv, xg, spec=spec)
     transpose = jax.linear_transpose(
-        lambda w: conv_of_kernel(w),
+        functools.partial(conv, xg, spec=spec),
         jax.ShapeDtypeStruct(kshape[:-1] + (out_features,), dtype),
     )
     return transpose(ct)[0]
