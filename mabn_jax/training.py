@@ -171,3 +171,62 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
     return (value, new_variables), grads
 
   return wrapped
+
+
+def accumulate_value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
+  """:func:`value_and_grad` over micro-batches, for gradient accumulation.
+
+  Semantics: each micro-batch is one normalization step. The micro-batches
+  run one after another (a ``lax.scan``) with the same ``'params'``; every
+  normalizer normalizes each micro-batch with its own batch statistics and
+  updates its state once per micro-batch, so after ``A`` micro-batches its
+  step counters have advanced by ``A`` and its buffers hold ``A`` more
+  entries, exactly as ``A`` training steps without an optimizer update
+  would leave them. The gradient and the loss are the means over the
+  micro-batches: apply the optimizer once to them. For BN-type layers the
+  gradient equals that of one step on the whole batch with
+  ``norm_batch_size`` = the micro-batch size (the running statistics then
+  differ: ``A`` EMA updates instead of one).
+
+  Args:
+    fun: as for :func:`value_and_grad`, ``fun(variables, *args)``.
+    has_aux: whether ``fun`` returns auxiliary data.
+
+  Returns:
+    A function ``(variables, *args)`` where every leaf of ``args`` has a
+    leading micro-batch axis ``A``, returning ``((loss, variables), grads)``
+    (``((loss, aux), variables), grads`` with ``aux`` stacked along ``A`` if
+    ``has_aux``): ``loss`` and ``grads`` averaged over the micro-batches,
+    ``variables`` after the last one. Keyword arguments are passed to every
+    call unchanged. A non-finite micro-batch keeps the normalizer state for
+    that micro-batch (see :func:`value_and_grad`) and makes the mean
+    gradient non-finite, so an optimizer that skips non-finite steps skips
+    the whole accumulated step.
+  """
+  step = value_and_grad(fun, has_aux=has_aux)
+
+  def wrapped(variables, *args, **kwargs):
+    frozen = isinstance(variables, FrozenDict)
+    variables = unfreeze(variables)
+    params = variables["params"]
+
+    def body(carry, micro_batch):
+      current, grad_sum = carry
+      (value, current), grads = step({**current, "params": params}, *micro_batch, **kwargs)
+      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+      return (current, grad_sum), value
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (new_variables, grad_sum), values = jax.lax.scan(body, (variables, zeros), args)
+    count = jax.tree_util.tree_leaves(args)[0].shape[0]
+    grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
+    if has_aux:
+      losses, aux = values
+      value = (jnp.mean(losses), aux)
+    else:
+      value = jnp.mean(values)
+    if frozen:
+      new_variables = freeze(new_variables)
+    return (value, new_variables), grads
+
+  return wrapped
