@@ -71,6 +71,7 @@ class Config:
   norm_batch_size: Optional[int] = None
   small_batch: bool = False
   sync_stats: bool = False
+  gn_groups: int = 32
   # Optimization.
   epochs: float = 10.0
   lr: float = 0.05
@@ -99,6 +100,8 @@ class Config:
     kw = dict(self.norm_kwargs)
     if self.norm in BATCH_NORMALIZERS and self.norm_batch_size is not None:
       kw.setdefault("norm_batch_size", self.norm_batch_size)
+    if self.norm == "gn":
+      kw.setdefault("num_groups", self.gn_groups)
     if self.sync_stats and self.norm != "syncbn":
       kw.setdefault("axis_name", AXIS)
     return kw
@@ -130,12 +133,12 @@ def preset(name: str, **overrides) -> Config:
     # CPU, about a minute a run: digits 16x16, narrow 6-conv CNN.
     c = Config(preset=name, dataset="digits", model="cnn6", width=16, batch_size=32,
                norm_batch_size=2, epochs=12, lr=0.05, weight_decay=5e-4, warmup_epochs=1,
-               log_every=10, eval_every=4)
+               log_every=10, eval_every=4, gn_groups=8)
   elif name == "cifar_cpu":
     # 2 CPU cores, 5-10 minutes: the 6-conv CNN on 10,000 CIFAR-10 images.
     c = Config(preset=name, dataset="cifar10_jpeg", model="cnn6", width=32, batch_size=32,
                train_subset=10000, epochs=8, lr=0.05, weight_decay=5e-4, warmup_epochs=0.5,
-               log_every=25, eval_every=2)
+               log_every=25, eval_every=2, gn_groups=8)
   elif name == "cifar":
     # Full CIFAR-10 schedule (GPU): ResNet-20, 160 epochs, steps at 80 and 120.
     c = Config(preset=name, dataset="cifar10_jpeg", model="resnet20", batch_size=128,

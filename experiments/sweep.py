@@ -1,0 +1,468 @@
+"""The reproductions, one command each; results under experiments/results/<name>/.
+
+    # 1. accuracy against normalization batch size (incremental: reruns skip finished runs)
+    python -m experiments.sweep batch_size --preset cifar_cpu --norms bn,brn,gn,cbn_naive,cbn,mabn \
+        --batch_sizes 2,8,32 --seeds 0,1,2 --name batch_size_cifar_cpu
+    # 2. batch-statistics instability (BN b=2, BN b=32, MABN b=2)
+    python -m experiments.sweep statistics --preset quick --steps 300 --name statistics_quick
+    # 3. MABN ablation at normalization batch 2
+    python -m experiments.sweep ablation --preset cifar_cpu --seeds 0 --name ablation_cifar_cpu
+    # 4. inference speed (images/s), folded BN and MABN against GN, LN, IN, none
+    python -m experiments.sweep speed --model resnet50 --image_size 224 --batch 32 --name speed_cpu
+
+``--norm_kwargs`` apply to the MABN runs only (GN takes ``--gn_groups``).
+Each training run writes its own ``runs/<run>/summary.json``; a rerun skips
+runs that have one and resumes runs that were interrupted. Every command
+(re)writes ``table.md``, ``plot.png`` and ``results.json`` from whatever has
+finished, so partial results can be committed at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from experiments import data as data_lib
+from experiments import train as T
+
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SWEEP_NORMS = ("bn", "brn", "gn", "cbn_naive", "cbn", "mabn")
+BATCH_SIZES = (2, 4, 8, 16, 32)
+
+
+def _ints(text: str) -> List[int]:
+  return [int(v) for v in text.split(",") if v]
+
+
+def _load_summary(workdir: str) -> Optional[Dict[str, Any]]:
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    s = json.load(f)
+  return s if s.get("finished") else None
+
+
+def run_or_load(config: T.Config, dataset_cache: Dict[str, Any]) -> Dict[str, Any]:
+  """The run's summary: loaded if it finished before, else trained (resuming)."""
+  done = _load_summary(config.workdir)
+  if done is not None:
+    print(f"skip {config.workdir} (finished)", flush=True)
+    return done
+  key = (config.dataset, config.train_subset)
+  if key not in dataset_cache:
+    dataset_cache[key] = data_lib.load_dataset(
+        config.dataset, config.data_dir, config.cache_dir, config.train_subset,
+        config.tarball, config.use_tfds, config.image_size)
+  s = T.train(dataclasses.replace(config, resume=True), dataset_cache[key])
+  if not s["finished"]:
+    raise KeyboardInterrupt
+  # A finished run is summarized; its checkpoints are not results.
+  shutil.rmtree(os.path.join(config.workdir, "checkpoints"), ignore_errors=True)
+  s.pop("variables", None)
+  return s
+
+
+def _mean_std(values: Sequence[float]):
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if len(v) == 0:
+    return None, None, 0
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _cell(values) -> str:
+  mean, std, n = _mean_std(values)
+  if mean is None:
+    return "—"
+  return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
+
+
+def _header(args, base: T.Config, what: str) -> str:
+  return (f"# {what}\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
+          f"Preset `{base.preset}`: dataset `{base.dataset}` (train subset {base.train_subset}), "
+          f"model `{base.model}`, SGD batch {base.device_batch()} per device, {base.epochs} epochs, "
+          f"lr {base.lr} ({base.schedule}), weight decay {base.weight_decay}. "
+          f"Cells: final test top-1 (%), mean ± sample std over seeds (number of seeds).\n\n")
+
+
+def _write(out_dir: str, table: str, results: Any):
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  print(table, flush=True)
+
+
+def _plot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+# --------------------------------------------------------------------------
+# 1. Accuracy against normalization batch size.
+
+
+def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
+  out_dir = os.path.join(args.results_root, args.name)
+  norms = args.norms.split(",") if args.norms else list(SWEEP_NORMS)
+  sizes = _ints(args.batch_sizes) if args.batch_sizes else list(BATCH_SIZES)
+  seeds = _ints(args.seeds)
+  B = base.batch_size
+  plan = []
+  for seed in seeds:  # seeds outermost: a stopped sweep has every method at least once
+    for norm in norms:
+      for b in (sizes if norm in T.BATCH_NORMALIZERS else [None]):
+        if b is not None and B % b:
+          raise ValueError(f"normalization batch {b} does not divide the SGD batch {B}")
+        cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
+                                  norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
+        plan.append(dataclasses.replace(cfg, workdir=os.path.join(out_dir, "runs", cfg.run_name())))
+  cache: Dict[str, Any] = {}
+  summaries = {}
+  try:
+    for cfg in plan:
+      if args.dry_run:
+        continue
+      summaries[cfg.run_name()] = run_or_load(cfg, cache)
+  except KeyboardInterrupt:
+    print("sweep interrupted; writing the finished runs", file=sys.stderr)
+  for cfg in plan:  # pick up runs finished by other invocations too
+    s = _load_summary(cfg.workdir)
+    if s is not None:
+      summaries[cfg.run_name()] = s
+
+  results = {}
+  for norm in norms:
+    for b in sizes:
+      bb = b if norm in T.BATCH_NORMALIZERS else B
+      vals = [summaries[n]["final_test_top1"] for n in
+              (f"{norm}_b{bb}_s{s}" for s in seeds) if n in summaries]
+      best = [summaries[n]["best_test_top1"] for n in
+              (f"{norm}_b{bb}_s{s}" for s in seeds) if n in summaries]
+      results[f"{norm}/{b}"] = {"norm": norm, "norm_batch_size": b, "final": vals, "best": best}
+  table = _header(args, base, "Test top-1 against normalization batch size")
+  table += "| method | " + " | ".join(f"b={b}" for b in sizes) + " |\n"
+  table += "|---|" + "---|" * len(sizes) + "\n"
+  for norm in norms:
+    row = [_cell(results[f"{norm}/{b}"]["final"]) for b in sizes]
+    if norm not in T.BATCH_NORMALIZERS:
+      row = [f"{row[0]} (batch-independent)"] + ["″"] * (len(sizes) - 1)
+    table += f"| {norm} | " + " | ".join(row) + " |\n"
+  _write(out_dir, table, results)
+
+  plt = _plot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for norm in norms:
+    stats = [_mean_std(results[f"{norm}/{b}"]["final"]) for b in sizes]
+    xs = [b for b, (m, _, _) in zip(sizes, stats) if m is not None]
+    if not xs:
+      continue
+    ms = [m for m, _, _ in stats if m is not None]
+    ss = [s for m, s, _ in stats if m is not None]
+    style = "--" if norm not in T.BATCH_NORMALIZERS else "-o"
+    ax.errorbar(xs, ms, yerr=ss, fmt=style, capsize=3, label=norm)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(sizes)
+  ax.set_xticklabels([str(b) for b in sizes])
+  ax.set_xlabel("normalization batch size b")
+  ax.set_ylabel("test top-1 (%)")
+  ax.set_title(f"{base.model} on {base.dataset}, SGD batch {B}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
+  plt.close(fig)
+  return results
+
+
+# --------------------------------------------------------------------------
+# 3. MABN ablation.
+
+# (label, normalizer, normalizer kwargs, normalization batch: None = SGD batch)
+ABLATION = (
+    ("BN, b = SGD batch", "bn", {}, None),
+    ("BN", "bn", {}, 2),
+    ("MABN (centring + SMA forward and backward + renorm)", "mabn", {}, 2),
+    ("MABN without weight centralization", "mabn", {"centered": False}, 2),
+    ("MABN without renormalization (r = 1)", "mabn", {"renorm_start": 10**9}, 2),
+    ("MABN without moving averages (m = 1: batch chi and Psi)", "mabn", {"buffer_size": 1}, 2),
+)
+# Rows of the paper's table that need a MABN option the library does not have.
+ABLATION_UNSUPPORTED = (
+    "MABN, only the forward statistic averaged (needs a forward-only SMA option)",
+    "MABN, only the backward statistic averaged (needs a backward-only SMA option)",
+    "MABN with EMA instead of SMA (needs an EMA-statistics option)",
+)
+
+
+def ablation(args, base: T.Config) -> Dict[str, Any]:
+  out_dir = os.path.join(args.results_root, args.name)
+  seeds = _ints(args.seeds)
+  b_small = int(args.norm_batch_size_ablation)
+  cache: Dict[str, Any] = {}
+  results = {}
+  try:
+    for seed in seeds:
+      for i, (label, norm, kw, b) in enumerate(ABLATION):
+        b = b_small if b == 2 else b
+        cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
+                                  norm_kwargs={**base.norm_kwargs, **kw} if norm == "mabn" else {})
+        cfg = dataclasses.replace(cfg, workdir=os.path.join(
+            out_dir, "runs", f"v{i}_{cfg.run_name()}"))
+        if not args.dry_run:
+          s = run_or_load(cfg, cache)
+          results.setdefault(label, []).append(s["final_test_top1"])
+  except KeyboardInterrupt:
+    print("ablation interrupted; writing the finished runs", file=sys.stderr)
+  table = _header(args, base, f"MABN ablation at normalization batch {b_small}")
+  table += "| variant | test top-1 |\n|---|---|\n"
+  for label, *_ in ABLATION:
+    table += f"| {label} | {_cell(results.get(label, []))} |\n"
+  for label in ABLATION_UNSUPPORTED:
+    table += f"| {label} | not run |\n"
+  _write(out_dir, table, {k: {"final": v} for k, v in results.items()})
+  plt = _plot()
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  labels = [l for l, *_ in ABLATION if results.get(l)]
+  ms = [_mean_std(results[l])[0] for l in labels]
+  ss = [_mean_std(results[l])[1] for l in labels]
+  ax.barh(range(len(labels)), ms, xerr=ss, capsize=3)
+  ax.set_yticks(range(len(labels)))
+  ax.set_yticklabels(labels, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel("test top-1 (%)")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
+  plt.close(fig)
+  return results
+
+
+# --------------------------------------------------------------------------
+# 4. Inference speed.
+
+
+def inference_speed(args, base: T.Config) -> Dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import mabn_jax as mj
+  from experiments import models
+
+  out_dir = os.path.join(args.results_root, args.name)
+  size = args.image_size
+  batch = args.batch
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+  rows = [("BN (folded)", "bn", True), ("MABN (folded)", "mabn", True), ("GN", "gn", False),
+          ("LN", "ln", False), ("IN", "in", False), ("none", "none", False),
+          ("BN (not folded)", "bn", False), ("MABN (not folded)", "mabn", False)]
+  results = {}
+  for label, name, fold in rows:
+    norm = mj.make_normalizer(name, **({"num_groups": base.gn_groups} if name == "gn" else {}))
+    model = models.build_model(base.model, norm, args.num_classes, base.width)
+    variables = model.init(jax.random.PRNGKey(0), x, train=True)
+    if fold:
+      variables, norm = mj.fold(variables, norm)
+      model = models.build_model(base.model, norm, args.num_classes, base.width)
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    apply = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
+    jax.block_until_ready(apply(variables, x))
+    times = []
+    for _ in range(args.repeats):
+      t = time.perf_counter()
+      for _ in range(args.iters):
+        y = apply(variables, x)
+      jax.block_until_ready(y)
+      times.append(time.perf_counter() - t)
+    best = min(times)
+    results[label] = {"images_per_s": batch * args.iters / best,
+                      "ms_per_batch": 1000 * best / args.iters}
+    print(f"{label:<20} {results[label]['images_per_s']:10.1f} images/s", flush=True)
+  dev = T.device_info()
+  table = (f"# Inference speed\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
+           f"Model `{base.model}`, batch {batch}, {size}x{size}x3 float32, jit, best of "
+           f"{args.repeats} x {args.iters} batches; device {dev['platform']} ({dev['kind']}, "
+           f"{dev['cpus']} CPUs). Same network and process for every row.\n\n"
+           "| normalizer | images/s | ms/batch | relative to none |\n|---|---|---|---|\n")
+  ref = results["none"]["images_per_s"]
+  for label, r in results.items():
+    table += (f"| {label} | {r['images_per_s']:.1f} | {r['ms_per_batch']:.2f} | "
+              f"{r['images_per_s'] / ref:.2f} |\n")
+  _write(out_dir, table, {"device": dev, "rows": results})
+  plt = _plot()
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.barh(list(results), [r["images_per_s"] for r in results.values()])
+  ax.invert_yaxis()
+  ax.set_xlabel("images/s")
+  ax.set_title(f"{base.model} inference, batch {batch}")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
+  plt.close(fig)
+  return results
+
+
+# --------------------------------------------------------------------------
+# 2. Batch-statistics instability.
+
+
+def statistics(args, base: T.Config) -> Dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax.core import unfreeze
+  from mabn_jax import recording
+
+  out_dir = os.path.join(args.results_root, args.name)
+  B = base.batch_size
+  settings = [("BN b=2", "bn", 2), (f"BN b={B}", "bn", B), ("MABN b=2", "mabn", 2)]
+  dataset = data_lib.load_dataset(base.dataset, base.data_dir, base.cache_dir, base.train_subset,
+                                  base.tarball, base.use_tfds, base.image_size)
+  channels = args.channels
+  results: Dict[str, Any] = {}
+  traces: Dict[str, Any] = {}
+  for label, norm, b in settings:
+    cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, num_devices=1,
+                              norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
+    loader = data_lib.Loader(dataset, "train", B, True, cfg.seed)
+    spe = loader.steps_per_epoch
+    total = args.steps
+    model = T.build(cfg, dataset.num_classes)
+    tx = T.optimizer(cfg, T.learning_rate_schedule(cfg, spe, max(total, 1)))
+    variables = unfreeze(model.init(jax.random.PRNGKey(cfg.seed),
+                                    jnp.zeros((B,) + dataset.image_shape), train=True))
+    opt_state = tx.init(variables["params"])
+
+    def loss_fn(v, images, labels, model=model):
+      logits, mutated = model.apply(v, images, train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, dataset.num_classes))
+      return loss.mean(), mutated
+
+    grad_fn = recording.value_and_grad(loss_fn)
+
+    @jax.jit
+    def step(v, opt_state, images, labels, tx=tx):
+      ((loss, v), grads), stats = grad_fn(v, images, labels)
+      updates, opt_state = tx.update(grads, opt_state, v["params"])
+      v = {**v, "params": optax.apply_updates(v["params"], updates)}
+      stats = jax.tree_util.tree_map(lambda a: a[:, :channels], stats)
+      return v, opt_state, loss, stats
+
+    series: Dict[str, Dict[str, list]] = {}
+    losses = []
+    s = 0
+    epoch = 0
+    while s < total:
+      for batch in loader.epoch(epoch):
+        variables, opt_state, loss, stats = step(variables, opt_state, batch["image"],
+                                                 batch["label"])
+        losses.append(loss)
+        for layer, named in stats.items():
+          for stat, value in named.items():
+            series.setdefault(layer, {}).setdefault(stat, []).append(value)
+        s += 1
+        if s >= total:
+          break
+      epoch += 1
+    losses = [float(l) for l in jax.device_get(losses)]
+    # (steps, G, C) -> (steps * G, C): consecutive normalization groups in order.
+    arr = {layer: {stat: np.concatenate(jax.device_get(v)) for stat, v in named.items()}
+           for layer, named in series.items()}
+    traces[label] = arr
+    results[label] = {
+        "loss_curve": losses,
+        "step_variance": {layer: {stat: float(np.mean(np.var(np.diff(v, axis=0), axis=0)) / 2)
+                                  for stat, v in named.items()} for layer, named in arr.items()},
+        "variance": {layer: {stat: float(np.mean(np.var(v, axis=0))) for stat, v in named.items()}
+                     for layer, named in arr.items()},
+    }
+  table = (f"# Batch-statistics instability\n\nCommand: `python -m experiments.sweep "
+           f"{' '.join(args.argv)}`\n\nModel `{base.model}` on `{base.dataset}`, SGD batch {B}, "
+           f"{args.steps} steps, first {channels} channels. Cell: half the mean squared "
+           "step-to-step change of each statistic (per channel, averaged over channels), a "
+           "noise variance; one normalization group is one iteration. BN: mu, var (forward), "
+           "g, psi (backward); MABN: the statistics it uses (chi_used, psi_used, moving averages "
+           "after warmup) and the batch values (chi_batch, psi_batch).\n\n")
+  for label, r in results.items():
+    sv = r["step_variance"]
+    stats_names = sorted({s for named in sv.values() for s in named})
+    table += f"## {label}\n\n| layer | " + " | ".join(stats_names) + " |\n"
+    table += "|---|" + "---|" * len(stats_names) + "\n"
+    for layer, named in sv.items():
+      table += f"| {layer} | " + " | ".join(f"{named.get(s, float('nan')):.3g}"
+                                           for s in stats_names) + " |\n"
+    table += "\n"
+  _write(out_dir, table, results)
+
+  plt = _plot()
+  layer = sorted(next(iter(traces.values())))[min(1, len(next(iter(traces.values()))) - 1)]
+  fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+  panels = [("mu", "chi_used", "forward: mu_B (BN) / chi used (MABN)"),
+            ("var", None, "forward: var_B"),
+            ("g", None, "backward: g_B"),
+            ("psi", "psi_used", "backward: Psi_B (BN) / Psi used (MABN)")]
+  for ax, (bn_stat, mabn_stat, title) in zip(axes.ravel(), panels):
+    for label, arr in traces.items():
+      stat = mabn_stat if label.startswith("MABN") else bn_stat
+      if stat is None or layer not in arr or stat not in arr[layer]:
+        continue
+      v = arr[layer][stat][:, 0]
+      groups = len(v) // max(args.steps, 1)
+      ax.plot(np.arange(len(v)) / max(groups, 1), v, lw=0.6, label=label)
+    ax.set_title(f"{title} ({layer}, channel 0)", fontsize=8)
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
+  plt.close(fig)
+  return results
+
+
+# --------------------------------------------------------------------------
+
+
+COMMANDS = {"batch_size": batch_size_sweep, "ablation": ablation, "speed": inference_speed,
+            "statistics": statistics}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("command", choices=sorted(COMMANDS))
+  parser.add_argument("--preset", default="quick", choices=T.PRESETS)
+  parser.add_argument("--name", default=None, help="results/<name> (default: command_preset)")
+  parser.add_argument("--results_root", default=RESULTS_ROOT)
+  parser.add_argument("--norms", default=None)
+  parser.add_argument("--batch_sizes", default=None)
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--norm_batch_size_ablation", default="2")
+  parser.add_argument("--dry_run", action="store_true")
+  parser.add_argument("--steps", type=int, default=300, help="statistics: training steps")
+  parser.add_argument("--channels", type=int, default=8, help="statistics: channels recorded")
+  parser.add_argument("--batch", type=int, default=32, help="speed: batch size")
+  parser.add_argument("--iters", type=int, default=10, help="speed: batches per repeat")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--num_classes", type=int, default=10, help="speed: classifier size")
+  T.add_config_arguments(parser, skip=("preset", "norm", "image_size"))
+  parser.add_argument("--image_size", type=int, default=32, help="speed: input side")
+  args = parser.parse_args(argv)
+  args.argv = argv
+  args.name = args.name or f"{args.command}_{args.preset}"
+  overrides = T.overrides_from_args(args)
+  overrides.pop("image_size", None)
+  overrides.setdefault("progress", False)
+  base = T.preset(args.preset, **overrides)
+  COMMANDS[args.command](args, base)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,78 @@
+"""Each reproduction command on a miniature configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from experiments import sweep
+
+TINY = ["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--batch_size", "8",
+        "--num_devices", "1", "--gn_groups", "2"]
+
+
+def _files(root, name):
+  return sorted(os.listdir(os.path.join(root, name)))
+
+
+def test_batch_size_sweep_is_incremental_and_writes_table_and_plot(tmp_path, capsys):
+  args = ["batch_size", *TINY, "--epochs", "1", "--norms", "bn,gn,mabn", "--batch_sizes", "2,8",
+          "--seeds", "0", "--norm_kwargs", "warmup_steps=2,buffer_size=4",
+          "--results_root", str(tmp_path), "--name", "bs"]
+  assert sweep.main(args) == 0
+  assert {"table.md", "plot.png", "results.json", "runs"} <= set(_files(tmp_path, "bs"))
+  runs = _files(tmp_path / "bs", "runs")
+  assert runs == ["bn_b2_s0", "bn_b8_s0", "gn_b8_s0", "mabn_b2_s0", "mabn_b8_s0"]
+  # Finished runs keep their summary, not their checkpoints.
+  assert not os.path.exists(tmp_path / "bs" / "runs" / "bn_b2_s0" / "checkpoints")
+  table = (tmp_path / "bs" / "table.md").read_text()
+  assert "| mabn |" in table and "b=2" in table
+  with open(tmp_path / "bs" / "results.json") as f:
+    results = json.load(f)
+  assert len(results["bn/2"]["final"]) == 1
+  capsys.readouterr()
+  # A rerun trains nothing: every run is skipped.
+  mtime = os.path.getmtime(tmp_path / "bs" / "runs" / "bn_b2_s0" / "summary.json")
+  assert sweep.main(args) == 0
+  assert capsys.readouterr().out.count("skip ") == 5
+  assert os.path.getmtime(tmp_path / "bs" / "runs" / "bn_b2_s0" / "summary.json") == mtime
+
+
+def test_ablation_lists_every_variant(tmp_path):
+  assert sweep.main(["ablation", *TINY, "--epochs", "0.25", "--seeds", "0",
+                     "--norm_kwargs", "warmup_steps=2,buffer_size=4",
+                     "--results_root", str(tmp_path), "--name", "abl"]) == 0
+  table = (tmp_path / "abl" / "table.md").read_text()
+  for label, *_ in sweep.ABLATION:
+    assert f"| {label} | " in table
+  for label in sweep.ABLATION_UNSUPPORTED:
+    assert f"| {label} | not run |" in table
+  assert os.path.exists(tmp_path / "abl" / "plot.png")
+
+
+def test_inference_speed_measures_every_normalizer(tmp_path):
+  assert sweep.main(["speed", "--model", "cnn2", "--width", "4", "--gn_groups", "2",
+                     "--batch", "4", "--image_size", "8", "--iters", "1", "--repeats", "1",
+                     "--results_root", str(tmp_path), "--name", "speed"]) == 0
+  with open(tmp_path / "speed" / "results.json") as f:
+    rows = json.load(f)["rows"]
+  assert {"BN (folded)", "MABN (folded)", "GN", "LN", "IN", "none"} <= set(rows)
+  assert all(r["images_per_s"] > 0 for r in rows.values())
+
+
+def test_statistics_records_four_bn_statistics_and_mabn_averages(tmp_path):
+  pytest.importorskip("mabn_jax.recording")
+  assert sweep.main(["statistics", *TINY, "--steps", "4", "--channels", "2",
+                     "--norm_kwargs", "warmup_steps=2,buffer_size=4",
+                     "--results_root", str(tmp_path), "--name", "stats"]) == 0
+  with open(tmp_path / "stats" / "results.json") as f:
+    results = json.load(f)
+  assert set(results) == {"BN b=2", "BN b=8", "MABN b=2"}
+  bn = results["BN b=2"]["step_variance"]["conv1/norm"]
+  assert set(bn) == {"mu", "var", "g", "psi"}
+  mabn = results["MABN b=2"]["step_variance"]["conv1/norm"]
+  assert {"chi_used", "psi_used"} <= set(mabn)
+  assert len(results["BN b=2"]["loss_curve"]) == 4
+  assert os.path.exists(tmp_path / "stats" / "plot.png")
