@@ -41,10 +41,23 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
-DEFAULT_CIFAR10_TARBALL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "..", "shared", "data", "cifar10", "cifar10-jpeg.tar.gz",
-)
+_REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+# The offline copy: $MABN_CIFAR10_TARBALL, else ../shared/data/cifar10 next to the
+# repository (or shared/ inside it).
+CIFAR10_TARBALL_CANDIDATES = tuple(filter(None, (
+    os.environ.get("MABN_CIFAR10_TARBALL"),
+    os.path.join(_REPO, "..", "shared", "data", "cifar10", "cifar10-jpeg.tar.gz"),
+    os.path.join(_REPO, "shared", "data", "cifar10", "cifar10-jpeg.tar.gz"),
+)))
+
+
+def default_cifar10_tarball() -> str:
+  for path in CIFAR10_TARBALL_CANDIDATES:
+    if os.path.exists(path):
+      return os.path.normpath(path)
+  return os.path.normpath(CIFAR10_TARBALL_CANDIDATES[0])
+
+
 TFDS_NAMES = ("cifar10", "cifar100", "imagenette", "imagenet2012")
 DATASET_NAMES = ("digits", "cifar10_jpeg", "synthetic") + TFDS_NAMES
 
@@ -413,7 +426,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[
   elif name == "synthetic":
     ds = synthetic()
   elif name == "cifar10_jpeg":
-    tarball = tarball or DEFAULT_CIFAR10_TARBALL
+    tarball = tarball or default_cifar10_tarball()
     if not os.path.exists(tarball):
       raise ValueError(f"CIFAR-10 tarball not found at {tarball!r}; pass --tarball.")
     if use_tfds:
