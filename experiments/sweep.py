@@ -318,6 +318,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
   import jax.numpy as jnp
   import optax
   from flax.core import unfreeze
+  import mabn_jax as mj
   from mabn_jax import recording
 
   out_dir = os.path.join(args.results_root, args.name)
@@ -345,7 +346,11 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
       loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, dataset.num_classes))
       return loss.mean(), mutated
 
-    grad_fn = recording.value_and_grad(loss_fn)
+    if args.no_record:  # the same training without the recorder (for comparison)
+      plain = mj.value_and_grad(loss_fn)
+      grad_fn = lambda *a: (plain(*a), {})
+    else:
+      grad_fn = recording.value_and_grad(loss_fn)
 
     @jax.jit
     def step(v, opt_state, images, labels, tx=tx):
@@ -383,6 +388,9 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
         "variance": {layer: {stat: float(np.mean(np.var(v, axis=0))) for stat, v in named.items()}
                      for layer, named in arr.items()},
     }
+  if args.no_record:
+    _write(out_dir, "# Loss curves without the statistics recorder\n", results)
+    return results
   table = (f"# Batch-statistics instability\n\nCommand: `python -m experiments.sweep "
            f"{' '.join(args.argv)}`\n\nModel `{base.model}` on `{base.dataset}`, SGD batch {B}, "
            f"{args.steps} steps, first {channels} channels. Cell: half the mean squared "
@@ -446,6 +454,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--norm_batch_size_ablation", default="2")
   parser.add_argument("--dry_run", action="store_true")
   parser.add_argument("--steps", type=int, default=300, help="statistics: training steps")
+  parser.add_argument("--no_record", action="store_true",
+                      help="statistics: train without the recorder (loss curve only)")
   parser.add_argument("--channels", type=int, default=8, help="statistics: channels recorded")
   parser.add_argument("--batch", type=int, default=32, help="speed: batch size")
   parser.add_argument("--iters", type=int, default=10, help="speed: batches per repeat")

@@ -76,3 +76,17 @@ def test_statistics_records_four_bn_statistics_and_mabn_averages(tmp_path):
   assert {"chi_used", "psi_used"} <= set(mabn)
   assert len(results["BN b=2"]["loss_curve"]) == 4
   assert os.path.exists(tmp_path / "stats" / "plot.png")
+
+
+def test_recording_statistics_does_not_change_training(tmp_path):
+  pytest.importorskip("mabn_jax.recording")
+  common = ["statistics", *TINY, "--steps", "5", "--channels", "2",
+            "--norm_kwargs", "warmup_steps=2,buffer_size=4", "--results_root", str(tmp_path)]
+  assert sweep.main(common + ["--name", "with"]) == 0
+  assert sweep.main(common + ["--name", "without", "--no_record"]) == 0
+  curves = []
+  for name in ("with", "without"):
+    with open(tmp_path / name / "results.json") as f:
+      curves.append({k: v["loss_curve"] for k, v in json.load(f).items()})
+  assert curves[0] == curves[1]
+  assert len(curves[0]["MABN b=2"]) == 5
