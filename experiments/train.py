@@ -499,6 +499,8 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
       json.dump(summary, f, indent=1)
     os.replace(tmp, os.path.join(workdir, "summary.json"))
   summary["variables"] = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), dev_vars)
+  # Every device's statistics (leading device axis), for per-device/synchronized checks.
+  summary["device_batch_stats"] = _to_host(dev_vars.get("batch_stats", {}))
   return summary
 
 

@@ -76,9 +76,15 @@ def test_data_parallel_syncbn_shares_statistics_bn_does_not(tiny):
   for norm in ("bn", "syncbn"):
     s = T.train(_config(norm, num_devices=2, batch_size=4, norm_batch_size=None), tiny)
     out[norm] = s
-  # Per-device BN: the two devices saw different halves, so the running
-  # means differ between devices; SyncBN normalizes with global statistics.
-  # (Only device 0's variables are returned; the summaries differ.)
+  # Per-device BN: the two devices saw different halves, so their running
+  # means differ; SyncBN averages the statistics over devices.
+  def spread(s):
+    mean = s["device_batch_stats"]["conv1"]["norm"]["mean"]
+    assert mean.shape[0] == 2
+    return float(np.max(np.abs(mean[0] - mean[1])))
+
+  assert spread(out["bn"]) > 1e-4
+  assert spread(out["syncbn"]) < 1e-6
   assert out["bn"]["train_loss_curve"] != out["syncbn"]["train_loss_curve"]
 
 
