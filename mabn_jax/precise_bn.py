@@ -13,7 +13,7 @@ the number of samples per batch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp

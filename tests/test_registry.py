@@ -191,3 +191,14 @@ def test_normalizer_is_hashable_sorted_and_updatable():
   with pytest.raises(ValueError, match="valid ones"):
     a.with_updates(nope=1)
   jax.jit(lambda x, n: x, static_argnums=1)(1.0, a)  # usable as a static argument
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn", "cbn"])
+def test_state_layout_is_the_same_whichever_mode_initialized_it(name):
+  norm = mj.make_normalizer(name)
+  block = norm.conv_norm(features=4, kernel_size=(3, 3), name="block")
+  x = jnp.ones((2, 5, 5, 3))
+  shapes = [jax.tree_util.tree_map(jnp.shape, block.init(jax.random.key(0), x, train=train))
+            for train in (True, False)]
+  assert shapes[0] == shapes[1]
+  assert "nonfinite_count" in shapes[0]["batch_stats"]["norm"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from flax.linen import dtypes
+from flax.linen import dtypes, initializers
 
 from mabn_jax.functional import statistics as st
 
@@ -60,16 +60,74 @@ NONFINITE_COUNT = "nonfinite_count"
 """``'batch_stats'`` variable counting the steps a layer skipped as non-finite."""
 
 
+class BatchStatisticsNorm(nn.Module):
+  """Fields shared by normalizers with batch statistics, named as in
+  ``flax.linen.BatchNorm`` (plus ``norm_batch_size``), and their state helpers.
+
+  Attributes:
+    use_running_average: if True, normalize with the stored statistics.
+    axis: the feature axis.
+    momentum: decay of the running averages (Flax convention).
+    epsilon: added inside the square root.
+    dtype: result dtype (default: inferred from input and params).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale, bias_init, scale_init: the affine map, as in Flax.
+    axis_name: mapped axis over which batch statistics are averaged.
+    axis_index_groups: device groups for that average.
+    norm_batch_size: samples normalized together; ``None`` is the whole
+      per-device batch, which must be a multiple of it.
+  """
+
+  use_running_average: Optional[bool] = None
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  norm_batch_size: Optional[int] = None
+
+  def mapped_axis(self) -> Tuple[Optional[str], Optional[Tuple[Tuple[int, ...], ...]]]:
+    """``(axis_name, axis_index_groups)`` as hashable statics; no axis while initializing."""
+    groups = self.axis_index_groups
+    if groups is not None:
+      groups = tuple(tuple(g) for g in groups)
+    return (None if self.is_initializing() else self.axis_name), groups
+
+
+def state_variables(module: nn.Module, where: str, specs: Mapping[str, tuple]) -> dict:
+  """Declares ``'batch_stats'`` variables ``{name: (init, shape[, dtype])}``.
+
+  ``init(shape, dtype)`` makes the initial value (dtype default float32).
+  Also declares the int32 ``nonfinite_count`` (see :func:`commit_state`), so
+  the collection has the same layout whichever mode initialized it. Raises if
+  a stored variable's shape differs from ``shape``. Returns ``{name: Variable}``.
+  """
+  variables = {}
+  for name, (init, shape, *dtype) in {
+      **specs, NONFINITE_COUNT: (jnp.zeros, (), jnp.int32)}.items():
+    var = module.variable("batch_stats", name, init, shape, *(dtype or [jnp.float32]))
+    check_state_shape(where, name, var.value, shape)
+    variables[name] = var
+  return variables
+
+
 def commit_state(module: nn.Module, variables: dict, new_values: dict) -> None:
   """Writes a step's new ``'batch_stats'`` values unless any is non-finite.
 
-  ``variables`` maps names to the layer's ``flax`` variables and
+  ``variables`` maps names to the layer's ``flax`` variables (as returned by
+  :func:`state_variables`, with the counter) and
   ``new_values`` names to their new values. A step with any NaN or Inf keeps
   every old value and increments the layer's ``nonfinite_count`` (an int32
   ``'batch_stats'`` variable the training loop can read, see
   :func:`mabn_jax.nonfinite_counts`). Nothing is written while initializing.
   """
-  counter = module.variable("batch_stats", NONFINITE_COUNT, jnp.zeros, (), jnp.int32)
+  counter = variables[NONFINITE_COUNT]
   if module.is_initializing():
     return
   old = {name: variables[name].value for name in new_values}

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from flax.linen import initializers
 
 from mabn_jax.functional import batch_norm as F
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
+    BatchStatisticsNorm,
     affine,
-    check_state_shape,
     commit_state,
     layer_path,
     sow_moments,
+    state_variables,
 )
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(BatchStatisticsNorm):
   """Batch normalization, ``flax.linen.BatchNorm`` plus ``norm_batch_size``.
 
   With ``norm_batch_size=None`` it equals ``flax.linen.BatchNorm`` (outputs,
@@ -54,30 +54,14 @@ class BatchNorm(nn.Module):
       batch must be a multiple of it.
   """
 
-  use_running_average: Optional[bool] = None
-  axis: int = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
-  norm_batch_size: Optional[int] = None
-
   def config(self) -> F.BatchNormConfig:
-    groups = self.axis_index_groups
-    if groups is not None:
-      groups = tuple(tuple(g) for g in groups)
+    axis_name, groups = self.mapped_axis()
     return F.BatchNormConfig(
         axis=self.axis,
         momentum=self.momentum,
         epsilon=self.epsilon,
         norm_batch_size=self.norm_batch_size,
-        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_name=axis_name,
         axis_index_groups=groups,
     )
 
@@ -93,13 +77,9 @@ class BatchNorm(nn.Module):
     axis = st.canonical_axis(self.axis, x.ndim, where)
     features = x.shape[axis]
 
-    def stat(name, init):
-      var = self.variable("batch_stats", name, init, (features,), jnp.float32)
-      check_state_shape(where, name, var.value, (features,))
-      return var
-
-    ra_mean = stat("mean", jnp.zeros)
-    ra_var = stat("var", jnp.ones)
+    stats = state_variables(self, 
+        where, dict(mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,))))
+    ra_mean, ra_var = stats["mean"], stats["var"]
 
     if use_running_average:
       normalized = F.normalize_inference(
@@ -117,7 +97,7 @@ class BatchNorm(nn.Module):
     new_state = F.update_state(state, mean, var, self.momentum)
     commit_state(
         self,
-        dict(mean=ra_mean, var=ra_var),
+        stats,
         dict(mean=new_state.mean, var=new_state.var),
     )
     return affine(self, x, normalized, axis, features)

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from flax.linen import initializers
 
 from mabn_jax.functional import batch_renorm as F
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
+    BatchStatisticsNorm,
     affine,
-    check_state_shape,
     commit_state,
     layer_path,
     sow_moments,
+    state_variables,
 )
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(BatchStatisticsNorm):
   """Batch Renormalization (Ioffe, 2017) with ``flax.linen.BatchNorm``'s fields.
 
   Training normalizes each group with its batch statistics and corrects toward
@@ -61,28 +61,13 @@ class BatchRenorm(nn.Module):
       per-device batch. The batch must be a multiple of it.
   """
 
-  use_running_average: Optional[bool] = None
-  axis: int = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
   r_max: float = 3.0
   d_max: float = 5.0
   warmup_steps: int = 100
   ramp_steps: int = 1000
-  norm_batch_size: Optional[int] = None
 
   def config(self) -> F.BatchRenormConfig:
-    groups = self.axis_index_groups
-    if groups is not None:
-      groups = tuple(tuple(g) for g in groups)
+    axis_name, groups = self.mapped_axis()
     return F.BatchRenormConfig(
         axis=self.axis,
         momentum=self.momentum,
@@ -92,7 +77,7 @@ class BatchRenorm(nn.Module):
         warmup_steps=self.warmup_steps,
         ramp_steps=self.ramp_steps,
         norm_batch_size=self.norm_batch_size,
-        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_name=axis_name,
         axis_index_groups=groups,
     )
 
@@ -108,14 +93,10 @@ class BatchRenorm(nn.Module):
     axis = st.canonical_axis(self.axis, x.ndim, where)
     features = x.shape[axis]
 
-    def stat(name, init, shape, dtype=jnp.float32):
-      var = self.variable("batch_stats", name, init, shape, dtype)
-      check_state_shape(where, name, var.value, shape)
-      return var
-
-    ra_mean = stat("mean", jnp.zeros, (features,))
-    ra_var = stat("var", jnp.ones, (features,))
-    step = stat("step", jnp.zeros, (), jnp.int32)
+    stats = state_variables(self, where, dict(
+        mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,)),
+        step=(jnp.zeros, (), jnp.int32)))
+    ra_mean, ra_var, step = stats["mean"], stats["var"], stats["step"]
 
     if use_running_average:
       normalized = F.normalize_inference(
@@ -131,7 +112,7 @@ class BatchRenorm(nn.Module):
     normalized, new_state = F.normalize_train(x, state, config, where)
     commit_state(
         self,
-        dict(mean=ra_mean, var=ra_var, step=step),
+        stats,
         dict(mean=new_state.mean, var=new_state.var, step=new_state.step),
     )
     return affine(self, x, normalized, axis, features)

@@ -14,10 +14,10 @@ from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
     affine,
-    check_state_shape,
     commit_state,
     layer_path,
     sow_moments,
+    state_variables,
 )
 from mabn_jax.layers.centered import CenteredConv
 
@@ -196,13 +196,10 @@ class _CrossIterationNorm(nn.Module):
     features = y.shape[-1]
     initial = F.init_state(kernel.shape, self.config.window)
 
-    def stat(name):
-      value = getattr(initial, name)
-      var = self.variable("batch_stats", name, lambda: value)
-      check_state_shape(where, name, var.value, value.shape)
-      return var
-
-    variables = {name: stat(name) for name in F.CBNState._fields}
+    variables = state_variables(self, where, {
+        name: (lambda shape, dtype, v=getattr(initial, name): v,
+               getattr(initial, name).shape, getattr(initial, name).dtype)
+        for name in F.CBNState._fields})
 
     if use_running_average:
       normalized = F.normalize_inference(
@@ -219,7 +216,7 @@ class _CrossIterationNorm(nn.Module):
     y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     if bias is not None:
       y32 = y32 - bias.astype(y32.dtype)
-    state = F.CBNState(**{name: v.value for name, v in variables.items()})
+    state = F.CBNState(*(variables[name].value for name in F.CBNState._fields))
     normalized, new_state = F.normalize_train(
         y32, x, kernel, state, spec, self.config, bias, where
     )

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from flax.linen import initializers
 
 from mabn_jax.functional import mabn as F
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
+    BatchStatisticsNorm,
     affine,
     check_state_shape,
     commit_state,
     layer_path,
     sow_moments,
+    state_variables,
 )
 from mabn_jax.training import BACKWARD_STATS, inference_guard
 
 
-class MABN(nn.Module):
+class MABN(BatchStatisticsNorm):
   """Moving Average Batch Normalization (Yan et al., ICLR 2020).
 
   A drop-in replacement for ``flax.linen.BatchNorm`` at small normalization
@@ -59,28 +60,14 @@ class MABN(nn.Module):
       per-device batch. The batch must be a multiple of it.
   """
 
-  use_running_average: Optional[bool] = None
-  axis: int = -1
   momentum: float = 0.98
-  epsilon: float = 1e-5
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Any = initializers.zeros
-  scale_init: Any = initializers.ones
-  axis_name: Optional[str] = None
-  axis_index_groups: Any = None
   buffer_size: int = 16
   warmup_steps: int = 100
   renorm_start: int = 1000
   r_max: float = 5.0
-  norm_batch_size: Optional[int] = None
 
   def config(self) -> F.MABNConfig:
-    groups = self.axis_index_groups
-    if groups is not None:
-      groups = tuple(tuple(g) for g in groups)
+    axis_name, groups = self.mapped_axis()
     return F.MABNConfig(
         axis=self.axis,
         momentum=self.momentum,
@@ -89,7 +76,7 @@ class MABN(nn.Module):
         renorm_start=self.renorm_start,
         r_max=self.r_max,
         norm_batch_size=self.norm_batch_size,
-        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_name=axis_name,
         axis_index_groups=groups,
     )
 
@@ -106,15 +93,14 @@ class MABN(nn.Module):
     features = x.shape[axis]
     m = self.buffer_size
 
-    def stat(name, init, shape, dtype=jnp.float32):
-      var = self.variable("batch_stats", name, init, shape, dtype)
-      check_state_shape(where, name, var.value, shape)
-      return var
-
-    chi_ema = stat("chi_ema", jnp.ones, (features,))
-    chi_buffer = stat("chi_buffer", jnp.zeros, (m, features))
-    psi_buffer = stat("psi_buffer", jnp.zeros, (m, features))
-    step = stat("step", jnp.zeros, (), jnp.int32)
+    stats = state_variables(self, where, dict(
+        chi_ema=(jnp.ones, (features,)),
+        chi_buffer=(jnp.zeros, (m, features)),
+        psi_buffer=(jnp.zeros, (m, features)),
+        step=(jnp.zeros, (), jnp.int32),
+    ))
+    chi_ema, chi_buffer, psi_buffer, step = (
+        stats[k] for k in ("chi_ema", "chi_buffer", "psi_buffer", "step"))
 
     if self.has_variable(BACKWARD_STATS, "psi_buffer") or self.is_mutable_collection(
         BACKWARD_STATS
@@ -140,7 +126,7 @@ class MABN(nn.Module):
     normalized, new_state = F.normalize_train(x, state, tap, config, where)
     commit_state(
         self,
-        dict(chi_ema=chi_ema, chi_buffer=chi_buffer, step=step),
+        stats,
         dict(chi_ema=new_state.chi_ema, chi_buffer=new_state.chi_buffer,
              step=new_state.step),
     )
