@@ -80,6 +80,28 @@ def test_matches_float64_reference_in_every_schedule_phase(norm_batch_size, shap
   assert int(variables["batch_stats"]["norm"]["nonfinite_count"]) == 0
 
 
+@pytest.mark.parametrize("ablation", [
+    dict(average_forward=False), dict(average_backward=False), dict(moving_average="ema")],
+    ids=["backward_only", "forward_only", "ema"])
+def test_ablations_match_the_float64_reference(ablation):
+  shape = (4, 2, 2, C)
+  layer = mj.MABN(norm_batch_size=2, **SCHEDULE, **ablation)
+  model = Probe(layer, shape)
+  xs, gys = _inputs(shape, 8, seed=11)
+  variables = model.init(jax.random.key(0), jnp.zeros(shape), train=True)
+  ref = MABNReference(C, 3, 4, 6, 1.3, 0.9, 1e-5, 2, **ablation)
+  step = jax.jit(mj.value_and_grad(_loss_fn(model), has_aux=True))
+  for t in range(8):
+    ((_, y), variables), grads = step(variables, jnp.asarray(xs[t], jnp.float32),
+                                      jnp.asarray(gys[t], jnp.float32))
+    y_ref, gx_ref, _, _ = ref.train_step(xs[t], gys[t], np.ones(C), np.zeros(C))
+    np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-5, err_msg=f"step {t + 1}")
+    np.testing.assert_allclose(grads["input"], gx_ref, rtol=2e-4, atol=2e-5)
+  for name, value in ref.state().items():
+    np.testing.assert_allclose(variables["batch_stats"]["norm"][name], value,
+                               rtol=2e-4, atol=2e-5, err_msg=name)
+
+
 class MABNVariantsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -288,7 +310,7 @@ def test_channel_count_differing_from_initialization_is_an_error():
 
 @pytest.mark.parametrize("field,value", [
     ("buffer_size", 0), ("momentum", 1.0), ("epsilon", 0.0), ("r_max", 0.5),
-    ("warmup_steps", -1), ("renorm_start", -3)])
+    ("warmup_steps", -1), ("renorm_start", -3), ("moving_average", "wma")])
 def test_out_of_range_configuration_is_rejected(field, value):
   with pytest.raises(ValueError, match=rf"MABN.*{field}"):
     mj.MABN(**{field: value}).init(jax.random.key(0), jnp.zeros((2, C)),

@@ -72,6 +72,15 @@ class MABNConfig:
     norm_batch_size: samples normalized together (``None``: the whole batch).
     axis_name: mapped axis over which ``chi`` and ``Psi`` are averaged.
     axis_index_groups: device groups for that average.
+    average_forward: use the moving average of ``chi`` in the forward pass
+      once warmup ends (False: the batch ``chi_B``; an ablation).
+    average_backward: use the moving average of ``Psi`` in the backward pass
+      once warmup ends (False: the batch ``Psi_B``; an ablation).
+    moving_average: ``'sma'`` (the spec: mean of the last ``m`` group values)
+      or ``'ema'`` (an ablation: exponential average with decay
+      ``1 - 2 / (m + 1)``, the EMA whose centre of mass matches an ``m``-SMA,
+      seeded with the first value; the buffers then hold the average after
+      each group, newest last).
   """
 
   axis: int = -1
@@ -83,6 +92,9 @@ class MABNConfig:
   norm_batch_size: Optional[int] = None
   axis_name: Optional[str] = None
   axis_index_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
+  average_forward: bool = True
+  average_backward: bool = True
+  moving_average: str = "sma"
 
   def validate(self, buffer_size: int, where: str = "MABN") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
@@ -96,6 +108,8 @@ class MABNConfig:
         ("renorm_start", self.renorm_start,
          isinstance(self.renorm_start, int) and self.renorm_start >= 0, "an integer >= 0"),
         ("r_max", self.r_max, self.r_max >= 1.0, ">= 1"),
+        ("moving_average", self.moving_average, self.moving_average in ("sma", "ema"),
+         "'sma' or 'ema'"),
     ]
     for field, value, ok, expected in checks:
       if not ok:
@@ -112,6 +126,25 @@ def init_state(
       psi_buffer=jnp.zeros((buffer_size, num_features), dtype),
       step=jnp.zeros((), jnp.int32),
   )
+
+
+def moving_averages(
+    buffer: jax.Array, rows: jax.Array, first_step: jax.Array, config: MABNConfig
+) -> Tuple[jax.Array, jax.Array]:
+  """``(averages, new_buffer)``: what each group of this step sees, and the buffer.
+
+  Args:
+    buffer: ``(m, C)`` past values (SMA) or past averages (EMA), newest last.
+    rows: ``(G, C)`` this step's group values, in order.
+    first_step: scalar bool, True on step 1 (seeds the EMA).
+    config: ``config.moving_average`` selects SMA (spec 2 (b)) or EMA.
+  """
+  if config.moving_average == "sma":
+    return st.window_means(buffer, rows), st.push(buffer, rows)
+  size = buffer.shape[0]
+  last = jnp.where(first_step, rows[0], buffer[-1])
+  averages = st.ema_means(last, rows, 1.0 - 2.0 / (size + 1.0))
+  return averages, st.push(buffer, averages)
 
 
 def uses_moving_averages(step: jax.Array, buffer_size: int, warmup_steps: int):
@@ -189,7 +222,8 @@ def normalize_train(
   )  # (G, C)
   step = state.step + 1
   use_sma = uses_moving_averages(step, buffer_size, config.warmup_steps)
-  chi = jnp.where(use_sma, st.window_means(state.chi_buffer, chi_batch), chi_batch)
+  chi_average, chi_buffer = moving_averages(state.chi_buffer, chi_batch, step == 1, config)
+  chi = jnp.where(use_sma & config.average_forward, chi_average, chi_batch)
   std = jnp.sqrt(chi + config.epsilon)
   r = jnp.clip(
       std / jnp.sqrt(state.chi_ema + config.epsilon), 1.0 / config.r_max, config.r_max
@@ -197,12 +231,12 @@ def normalize_train(
   r = jnp.where(renormalizes(step, config.renorm_start, config.warmup_steps), r, 1.0)
 
   out = _stabilized_normalize(
-      x, tap, 1.0 / std, r, state.psi_buffer, use_sma,
-      groups, axis, config.axis_name, config.axis_index_groups, where,
+      x, tap, 1.0 / std, r, state.psi_buffer, use_sma & config.average_backward,
+      step == 1, groups, axis, config, where,
   )
   new_state = MABNState(
       chi_ema=st.ema(state.chi_ema, jnp.mean(chi, axis=0), config.momentum),
-      chi_buffer=st.push(state.chi_buffer, chi_batch),
+      chi_buffer=chi_buffer,
       psi_buffer=state.psi_buffer,
       step=step,
   )
@@ -213,20 +247,18 @@ def normalize_train(
 #   g     = r * ct                      (gradient at xhat)
 #   Psi_B = mean(xhat * g)              (per group, averaged over axis_name)
 #   g_x   = (g - xhat * Psi) * inv_std  with Psi the SMA (or Psi_B in warmup).
-# inv_std, r, psi_buffer and use_sma get no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+# inv_std, r, psi_buffer and the flags get no gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _stabilized_normalize(
-    x, tap, inv_std, r, psi_buffer, use_sma, groups, axis, axis_name,
-    axis_index_groups, where,
+    x, tap, inv_std, r, psi_buffer, use_average, first_step, groups, axis, config, where,
 ):
-  del tap, psi_buffer, use_sma, axis_name, axis_index_groups, where
+  del tap, psi_buffer, use_average, first_step, config, where
   x32 = x.astype(inv_std.dtype)
   return x32 * st.broadcast_groups(inv_std * r, x, axis)
 
 
 def _stabilized_fwd(
-    x, tap, inv_std, r, psi_buffer, use_sma, groups, axis, axis_name,
-    axis_index_groups, where,
+    x, tap, inv_std, r, psi_buffer, use_average, first_step, groups, axis, config, where,
 ):
   if x.perturbed and not tap.perturbed:
     raise ValueError(
@@ -237,30 +269,28 @@ def _stabilized_fwd(
         "the tap and add its cotangent to psi_buffer) instead of "
         "jax.grad/jax.value_and_grad on the params alone."
     )
-  x, inv_std, r, psi_buffer, use_sma = (
-      p.value for p in (x, inv_std, r, psi_buffer, use_sma)
-  )
+  res = tuple(p.value for p in (x, inv_std, r, psi_buffer, use_average, first_step))
   out = _stabilized_normalize(
-      x, tap.value, inv_std, r, psi_buffer, use_sma,
-      groups, axis, axis_name, axis_index_groups, where,
-  )
-  return out, (x, inv_std, r, psi_buffer, use_sma)
+      res[0], tap.value, *res[1:], groups, axis, config, where)
+  return out, res
 
 
-def _stabilized_bwd(groups, axis, axis_name, axis_index_groups, where, res, ct):
+def _stabilized_bwd(groups, axis, config, where, res, ct):
   del where
-  x, inv_std, r, psi_buffer, use_sma = res
+  x, inv_std, r, psi_buffer, use_average, first_step = res
   if isinstance(ct, SymbolicZero):
     ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
   xhat = x.astype(inv_std.dtype) * st.broadcast_groups(inv_std, x, axis)
   g = ct.astype(inv_std.dtype) * st.broadcast_groups(r, x, axis)
-  psi_batch = st.group_mean(xhat * g, groups, axis, axis_name, axis_index_groups)
-  psi = jnp.where(use_sma, st.window_means(psi_buffer, psi_batch), psi_batch)
+  psi_batch = st.group_mean(
+      xhat * g, groups, axis, config.axis_name, config.axis_index_groups)
+  psi_average, new_psi_buffer = moving_averages(psi_buffer, psi_batch, first_step, config)
+  psi = jnp.where(use_average, psi_average, psi_batch)
   grad_x = (g - xhat * st.broadcast_groups(psi, x, axis)) * st.broadcast_groups(
       inv_std, x, axis
   )
-  tap_increment = st.push(psi_buffer, psi_batch) - psi_buffer
-  return (grad_x.astype(x.dtype), tap_increment, None, None, None, None)
+  tap_increment = new_psi_buffer - psi_buffer
+  return (grad_x.astype(x.dtype), tap_increment, None, None, None, None, None)
 
 
 _stabilized_normalize.defvjp(_stabilized_fwd, _stabilized_bwd, symbolic_zeros=True)

@@ -202,6 +202,29 @@ def window_means(buffer: jax.Array, rows: jax.Array) -> jax.Array:
   return sums[1:] / size
 
 
+def ema_means(last: jax.Array, rows: jax.Array, decay: float) -> jax.Array:
+  """Exponential moving averages that each new row sees.
+
+  ``e_j = decay * e_{j-1} + (1 - decay) * rows[j]`` with ``e_{-1} = last``,
+  for all ``j`` at once (no loop over rows).
+
+  Args:
+    last: ``(C,)`` the average before this step's rows.
+    rows: ``(G, C)`` this step's values, in order.
+    decay: weight of the previous average.
+
+  Returns:
+    ``(G, C)`` array.
+  """
+  groups = rows.shape[0]
+  j = jnp.arange(groups)
+  # weights[j, i] = (1 - decay) * decay**(j - i) for i <= j, else 0.
+  powers = jnp.where(j[:, None] >= j[None, :], j[:, None] - j[None, :], 0)
+  weights = jnp.where(j[:, None] >= j[None, :], (1.0 - decay) * decay**powers, 0.0)
+  carried = decay ** (j + 1.0)
+  return carried[:, None] * last[None, :] + weights.astype(rows.dtype) @ rows
+
+
 def ema(running: jax.Array, value: jax.Array, momentum: float) -> jax.Array:
   """Flax's exponential moving average ``momentum * running + (1 - momentum) * value``."""
   return momentum * running + (1.0 - momentum) * value.astype(running.dtype)

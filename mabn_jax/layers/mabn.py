@@ -56,6 +56,9 @@ class MABN(BatchStatisticsNorm):
     warmup_steps: batch statistics are used while ``t < warmup_steps``.
     renorm_start: ``r = 1`` until step ``max(renorm_start, warmup_steps)``.
     r_max: renormalization clip.
+    average_forward, average_backward, moving_average: ablations of the
+      moving averages (see :class:`mabn_jax.functional.mabn.MABNConfig`);
+      the defaults are the published method.
     norm_batch_size: samples normalized together; ``None`` is the whole
       per-device batch. The batch must be a multiple of it.
   """
@@ -65,6 +68,9 @@ class MABN(BatchStatisticsNorm):
   warmup_steps: int = 100
   renorm_start: int = 1000
   r_max: float = 5.0
+  average_forward: bool = True
+  average_backward: bool = True
+  moving_average: str = "sma"
 
   def config(self) -> F.MABNConfig:
     axis_name, groups = self.mapped_axis()
@@ -78,6 +84,9 @@ class MABN(BatchStatisticsNorm):
         norm_batch_size=self.norm_batch_size,
         axis_name=axis_name,
         axis_index_groups=groups,
+        average_forward=self.average_forward,
+        average_backward=self.average_backward,
+        moving_average=self.moving_average,
     )
 
   @nn.compact
