@@ -13,6 +13,7 @@ from mabn_jax.layers import CrossIterationConvNorm
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
 from mabn_jax.training import (
     BACKWARD_STATS,
+    accumulate_value_and_grad,
     check_finite,
     feed_backward_statistics,
     nonfinite_counts,
@@ -30,6 +31,7 @@ __all__ = [
     "CrossIterationConvNorm",
     "MABN",
     "Normalizer",
+    "accumulate_value_and_grad",
     "check_finite",
     "convert_batch_norm",
     "feed_backward_statistics",

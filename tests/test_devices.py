@@ -8,7 +8,7 @@
 * ``jax.jit`` with the variables and optimizer state donated gives bit for
   bit the results of the undonated step, and the donated buffers are freed.
 * ``lax.scan`` over steps equals a Python loop of the same step.
-* Gradient accumulation (:func:`mabn_jax.training.accumulate_value_and_grad`):
+* Gradient accumulation (:func:`mabn_jax.accumulate_value_and_grad`):
   each micro-batch is one normalization step.
 """
 
@@ -25,7 +25,6 @@ import optax
 import pytest
 
 import mabn_jax as mj
-from mabn_jax.training import accumulate_value_and_grad
 
 C = 4
 SHAPE = (4, 6, 6, 3)  # per device
@@ -201,7 +200,7 @@ def test_accumulated_gradients_equal_a_loop_with_one_normalization_step_per_micr
   if variables is None:
     variables = model.init(jax.random.key(0), jnp.zeros(SHAPE), train=True)
   xs, ys = _data(MICRO, seed=2)
-  (loss, accumulated), grads = jax.jit(accumulate_value_and_grad(_loss(model)))(
+  (loss, accumulated), grads = jax.jit(mj.accumulate_value_and_grad(_loss(model)))(
       variables, xs, ys)
 
   step = jax.jit(mj.value_and_grad(_loss(model)))
@@ -225,7 +224,7 @@ def test_accumulated_bn_gradient_equals_one_step_with_micro_batch_sized_groups()
   grouped = Net(mj.make_normalizer("bn", norm_batch_size=SHAPE[0]))
   variables = model.init(jax.random.key(0), jnp.zeros(SHAPE), train=True)
   xs, ys = _data(MICRO, seed=3)
-  (loss, _), grads = jax.jit(accumulate_value_and_grad(_loss(model)))(variables, xs, ys)
+  (loss, _), grads = jax.jit(mj.accumulate_value_and_grad(_loss(model)))(variables, xs, ys)
   whole = lambda a: a.reshape((-1,) + a.shape[2:])
   (full_loss, _), full_grads = jax.jit(mj.value_and_grad(_loss(grouped)))(
       variables, whole(xs), whole(ys))
@@ -242,7 +241,7 @@ def test_accumulation_with_aux_stacks_aux_and_frozen_dicts_stay_frozen():
     return loss, (mutated, loss * 2)
 
   xs, ys = _data(MICRO, seed=4)
-  ((loss, aux), new), _ = accumulate_value_and_grad(loss_fn, has_aux=True)(
+  ((loss, aux), new), _ = mj.accumulate_value_and_grad(loss_fn, has_aux=True)(
       freeze(variables), xs, ys)
   assert aux.shape == (MICRO,)
   np.testing.assert_allclose(loss, jnp.mean(aux) / 2, rtol=1e-6)
