@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import jax
 import numpy as np
 
 from experiments import data as data_lib
@@ -85,8 +86,18 @@ def _cell(values) -> str:
   return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} (1)"
 
 
+def _machine() -> str:
+  import datetime
+  import platform
+  device = jax.devices()[0]
+  return (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} on "
+          f"{device.platform} ({device.device_kind}); written "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.")
+
+
 def _header(args, base: T.Config, what: str) -> str:
   return (f"# {what}\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
+          f"{_machine()}\n\n"
           f"Preset `{base.preset}`: dataset `{base.dataset}` (train subset {base.train_subset}), "
           f"model `{base.model}`, SGD batch {base.device_batch()} per device, {base.epochs} epochs, "
           f"lr {base.lr} ({base.schedule}), weight decay {base.weight_decay}. "
