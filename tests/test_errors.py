@@ -187,7 +187,7 @@ BAD_CONFIGS = [
     ("CBN", "burn_in", -1, "an integer >= 0"),
     ("CBN", "momentum", 1.0, "in [0, 1)"),
     ("CBN", "epsilon", 0.0, "> 0"),
-]
+] + [(kind, "norm_batch_size", 0, "positive integer") for kind in LAYERS]
 
 
 @pytest.mark.parametrize("kind,field,value,expected", BAD_CONFIGS)
@@ -286,19 +286,19 @@ def test_registry_training_step_with_train_false(name):
 
 
 def test_mabn_gradient_without_feeding_backward_statistic_names_layer_and_fix():
-  model = Net(LAYERS["MABN"]())
-  variables = model.init(KEY, jnp.zeros(SHAPE), train=True)
+  # jax.grad on the params alone (the conv kernel before MABN is one of them):
+  # the backward_stats tap is not differentiated, so Psi would be dropped.
+  model = RegistryNet(mj.make_normalizer("mabn"))
+  variables = _init_shape(model, SHAPE)
 
-  def plain_loss(params, x):
+  def plain_loss(params, variables, x):
     y, _ = model.apply({**variables, "params": params}, x, train=True,
                        mutable=["batch_stats"])
     return jnp.sum(y)
 
-  # Gradient w.r.t. params only (taps not differentiated): the input of the
-  # normalization is perturbed through nothing here, so differentiate x too.
-  _raises(lambda: jax.eval_shape(jax.grad(plain_loss, argnums=(0, 1)),
-                                 variables["params"], jnp.zeros(SHAPE)),
-          "MABN 'layer'", "backward statistic is not being fed", "value_and_grad")
+  _raises(lambda: jax.eval_shape(jax.grad(plain_loss), variables["params"], variables,
+                                 jnp.zeros(SHAPE)),
+          "MABN 'block/norm'", "backward statistic is not being fed", "value_and_grad")
 
 
 def test_functional_mabn_without_tap_cannot_be_differentiated():
