@@ -246,3 +246,21 @@ def test_accumulation_with_aux_stacks_aux_and_frozen_dicts_stay_frozen():
   assert aux.shape == (MICRO,)
   np.testing.assert_allclose(loss, jnp.mean(aux) / 2, rtol=1e-6)
   assert isinstance(new, type(freeze({})))
+
+
+def test_nonfinite_micro_batch_keeps_state_for_it_and_poisons_the_mean_gradient():
+  model, _, variables, _, _ = _single("mabn")
+  xs, ys = _data(MICRO, seed=5)
+  bad = xs.at[1, 0, 0, 0, 0].set(jnp.nan)
+  accumulate = jax.jit(mj.accumulate_value_and_grad(_loss(model)))
+  (_, with_nan), grads = accumulate(variables, bad, ys)
+  # The state equals accumulating only the finite micro-batches (0 and 2).
+  (_, skipped), _ = accumulate(variables, xs[::2], ys[::2])
+  counter = lambda p: "nonfinite_count" in jax.tree_util.keystr(p)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(with_nan["batch_stats"]),
+                          jax.tree_util.tree_leaves(skipped["batch_stats"])):
+    if not counter(path):
+      np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  assert mj.nonfinite_counts(with_nan) == {"block/norm": 1}
+  # The mean gradient is not finite: optax.apply_if_finite skips the update.
+  assert not all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
