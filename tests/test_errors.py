@@ -306,3 +306,13 @@ def test_functional_mabn_without_tap_cannot_be_differentiated():
   loss = lambda x: jnp.sum(F_mabn.normalize_train(x, state, None)[0])
   _raises(lambda: jax.eval_shape(jax.grad(loss), jnp.zeros(SHAPE)),
           "MABN", "backward statistic is not being fed")
+
+
+def test_mabn_training_step_with_variables_missing_the_taps_is_an_error():
+  # E.g. variables restored from a checkpoint of only 'params'/'batch_stats'.
+  model = RegistryNet(mj.make_normalizer("mabn"))
+  variables = dict(_init_shape(model, SHAPE))
+  del variables[mj.BACKWARD_STATS]
+  step = mj.value_and_grad(_loss(model, train=True))
+  _raises(lambda: jax.eval_shape(step, variables, jnp.zeros(SHAPE)),
+          "MABN 'block/norm'", "backward statistic is not being fed")
