@@ -21,6 +21,7 @@ def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   infer = report["networks"]["resnet18"]["infer"]
   assert all(v["images_per_s"] > 0 for v in infer.values())
   targets = {row["target"] for row in report["targets"]}
+  assert "MABN / BN training step" in targets and train["bn"]["gflops"] > 0
   assert "MABN / BN training step" in targets and "folded MABN / GN inference" in targets
   text = md.read_text()
   assert "| bn |" in text and "### Targets" in text
