@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Tuple
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,12 +93,18 @@ class BatchStatisticsNorm(nn.Module):
   axis_index_groups: Any = None
   norm_batch_size: Optional[int] = None
 
-  def mapped_axis(self) -> Tuple[Optional[str], Optional[Tuple[Tuple[int, ...], ...]]]:
-    """``(axis_name, axis_index_groups)`` as hashable statics; no axis while initializing."""
+  def make_config(self, config_class):
+    """The functional config: every field of ``config_class`` read from the
+    layer's field of the same name; ``axis_name`` and ``axis_index_groups``
+    as hashable statics, with no mapped axis while initializing."""
     groups = self.axis_index_groups
     if groups is not None:
       groups = tuple(tuple(g) for g in groups)
-    return (None if self.is_initializing() else self.axis_name), groups
+    mapped = dict(axis_name=None if self.is_initializing() else self.axis_name,
+                  axis_index_groups=groups)
+    return config_class(**{
+        f.name: mapped[f.name] if f.name in mapped else getattr(self, f.name)
+        for f in dataclasses.fields(config_class)})
 
 
 def state_variables(module: nn.Module, where: str, specs: Mapping[str, tuple]) -> dict:

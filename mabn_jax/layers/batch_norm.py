@@ -55,15 +55,7 @@ class BatchNorm(BatchStatisticsNorm):
   """
 
   def config(self) -> F.BatchNormConfig:
-    axis_name, groups = self.mapped_axis()
-    return F.BatchNormConfig(
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        norm_batch_size=self.norm_batch_size,
-        axis_name=axis_name,
-        axis_index_groups=groups,
-    )
+    return self.make_config(F.BatchNormConfig)
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):

@@ -67,19 +67,7 @@ class BatchRenorm(BatchStatisticsNorm):
   ramp_steps: int = 1000
 
   def config(self) -> F.BatchRenormConfig:
-    axis_name, groups = self.mapped_axis()
-    return F.BatchRenormConfig(
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        r_max=self.r_max,
-        d_max=self.d_max,
-        warmup_steps=self.warmup_steps,
-        ramp_steps=self.ramp_steps,
-        norm_batch_size=self.norm_batch_size,
-        axis_name=axis_name,
-        axis_index_groups=groups,
-    )
+    return self.make_config(F.BatchRenormConfig)
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):

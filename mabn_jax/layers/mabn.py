@@ -73,21 +73,7 @@ class MABN(BatchStatisticsNorm):
   moving_average: str = "sma"
 
   def config(self) -> F.MABNConfig:
-    axis_name, groups = self.mapped_axis()
-    return F.MABNConfig(
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        warmup_steps=self.warmup_steps,
-        renorm_start=self.renorm_start,
-        r_max=self.r_max,
-        norm_batch_size=self.norm_batch_size,
-        axis_name=axis_name,
-        axis_index_groups=groups,
-        average_forward=self.average_forward,
-        average_backward=self.average_backward,
-        moving_average=self.moving_average,
-    )
+    return self.make_config(F.MABNConfig)
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
