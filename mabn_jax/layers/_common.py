@@ -93,6 +93,18 @@ class BatchStatisticsNorm(nn.Module):
   axis_index_groups: Any = None
   norm_batch_size: Optional[int] = None
 
+  def resolve_call(self, x: jax.Array, use_running_average: Optional[bool]):
+    """``(where, use_running_average, axis, features)`` of a call on ``x``.
+
+    ``where`` names the layer in errors; ``axis`` is the validated
+    non-negative feature axis and ``features`` its size.
+    """
+    where = layer_path(self)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    axis = st.canonical_axis(self.axis, x.ndim, where)
+    return where, use_running_average, axis, x.shape[axis]
+
   def make_config(self, config_class):
     """The functional config: every field of ``config_class`` read from the
     layer's field of the same name; ``axis_name`` and ``axis_index_groups``

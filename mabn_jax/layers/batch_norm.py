@@ -14,7 +14,6 @@ from mabn_jax.layers._common import (
     BatchStatisticsNorm,
     affine,
     commit_state,
-    layer_path,
     sow_moments,
     state_variables,
 )
@@ -60,14 +59,10 @@ class BatchNorm(BatchStatisticsNorm):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
     """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
-    where = layer_path(self)
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
-    )
+    where, use_running_average, axis, features = self.resolve_call(
+        x, use_running_average)
     config = self.config()
     config.validate(where)
-    axis = st.canonical_axis(self.axis, x.ndim, where)
-    features = x.shape[axis]
 
     stats = state_variables(self, 
         where, dict(mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,))))
