@@ -158,10 +158,22 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
     assert count == len(ref.entries)
     for i, entry in enumerate(ref.entries):
       row = cfg["window"] - 1 - count + i
-      for name in ("mu", "nu", "dmu", "dnu", "kernel"):
+      # The reference keeps each entry's kernel; the layer keeps the offsets
+      # stat - d . W_old instead (the naive variant: neither).
+      expected_rows = {"mu_buffer": entry["mu"], "nu_buffer": entry["nu"]}
+      if not cfg["naive"]:
+        w_old = entry["kernel"]
+        expected_rows.update(
+            dmu_buffer=entry["dmu"], dnu_buffer=entry["dnu"],
+            mu_offset=entry["mu"] - np.einsum("ijk,ijkc->c", entry["dmu"], w_old),
+            nu_offset=entry["nu"] - np.einsum("ijkc,ijkc->c", entry["dnu"], w_old),
+        )
+      else:
+        assert "dnu_buffer" not in norm and "mu_offset" not in norm
+      for name, value in expected_rows.items():
         np.testing.assert_allclose(
-            norm[f"{name}_buffer"][row], entry[name], rtol=1e-4, atol=1e-5,
-            err_msg=f"step {t + 1} {name}_buffer row {row}",
+            norm[name][row], value, rtol=1e-4, atol=1e-4,
+            err_msg=f"step {t + 1} {name} row {row}",
         )
     # The kernel changes between steps (as an optimizer would change it).
     params["conv"]["kernel"] = (
@@ -232,7 +244,8 @@ def test_compensated_statistics_of_a_past_batch_are_closer_to_exact_than_naive()
   errors = {}
   for size in (0.01, 0.03, 0.1):
     w_new = w_old + size * direction
-    mu_comp, nu_comp = F.compensate(mu_old, nu_old, dmu, dnu, w_old[None], w_new)
+    offsets = F.taylor_offsets(mu_old, nu_old, dmu, dnu, w_old)
+    mu_comp, nu_comp = F.compensate(*offsets, dmu, dnu, w_new)
     mu_exact, nu_exact = F.batch_moments(F.conv(x_old, w_new, spec), 1)
     var_exact = nu_exact - mu_exact ** 2
     errors[size] = {
@@ -325,7 +338,8 @@ def test_burn_in_is_plain_bn_then_window_grows_to_k():
     else:
       assert float(jnp.max(jnp.abs(out - bn))) > 1e-2
     if t < 2:  # nothing buffered during burn-in
-      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "kernel_buffer"):
+      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset",
+                   "nu_offset"):
         np.testing.assert_array_equal(getattr(new_state, name), 0.0)
     counts.append(int(new_state.count))
     state = new_state
@@ -341,7 +355,7 @@ def test_naive_ignores_kernel_change_and_compensated_equals_naive_for_fixed_kern
 
   def run(naive, kernels):
     config = F.CBNConfig(window=3, burn_in=0, naive=naive)
-    state = F.init_state(w.shape, 3)
+    state = F.init_state(w.shape, 3, naive=naive)
     for x, k in zip(xs, kernels):
       out, state = F.normalize_train(F.conv(x, k, spec), x, k, state, spec, config)
     return out, state
@@ -477,8 +491,18 @@ def test_variable_layout_and_exports():
   assert shapes["batch_stats"] == {"norm": {
       "mean": (5,), "var": (5,), "mu_buffer": (3, 5), "nu_buffer": (3, 5),
       "dmu_buffer": (3, 3, 3, 3), "dnu_buffer": (3, 3, 3, 3, 5),
-      "kernel_buffer": (3, 3, 3, 3, 5), "count": (), "step": (), "nonfinite_count": (),
+      "mu_offset": (3, 5), "nu_offset": (3, 5), "count": (), "step": (), "nonfinite_count": (),
   }}
+  # No past kernel is stored (the offsets replace it), the naive variant keeps
+  # no derivatives, and window 1 keeps no buffers: no zero-size variables.
+  naive = mj.CrossIterationConvNorm(features=5, kernel_size=(3, 3), naive=True).init(
+      jax.random.PRNGKey(0), x, use_running_average=False)
+  assert sorted(naive["batch_stats"]["norm"]) == [
+      "count", "mean", "mu_buffer", "nonfinite_count", "nu_buffer", "step", "var"]
+  single = mj.CrossIterationConvNorm(features=5, kernel_size=(3, 3), window=1).init(
+      jax.random.PRNGKey(0), x, use_running_average=False)
+  assert sorted(single["batch_stats"]["norm"]) == [
+      "count", "mean", "nonfinite_count", "step", "var"]
   assert model.window == 4 and model.momentum == 0.9 and model.burn_in == 100
   assert mj.functional.cross_iteration is F
 

@@ -63,6 +63,12 @@ class CBNState(NamedTuple):
 
   ``K`` below is the kernel's shape without its output axis,
   ``(*kernel_size, cin)``; ``P = window - 1`` is the number of past entries.
+  The Taylor term of an entry measured with kernel ``W_old`` is
+  ``d . (W - W_old) = d . W - d . W_old``; the buffers keep the derivative
+  ``d`` and the per-channel number ``stat - d . W_old`` (the *offset*), so no
+  past kernel is stored (a ``(P, C)`` offset instead of a ``(P, *K, C)``
+  kernel). The naive variant keeps no derivatives: its ``dmu_buffer``,
+  ``dnu_buffer``, ``mu_offset`` and ``nu_offset`` have ``0`` rows.
 
   Attributes:
     mean: ``(C,)`` EMA of the current batch mean of the conv output
@@ -72,8 +78,8 @@ class CBNState(NamedTuple):
     nu_buffer: ``(P, C)`` past entries' ``nu = mean(y^2)`` (bias excluded).
     dmu_buffer: ``(P, *K)`` past ``d mu / d W`` (the mean input patch).
     dnu_buffer: ``(P, *K, C)`` past ``d nu / d W``.
-    kernel_buffer: ``(P, *K, C)`` the (effective) kernels they were measured
-      with.
+    mu_offset: ``(P, C)`` past ``mu - d mu . W_old``.
+    nu_offset: ``(P, C)`` past ``nu - d nu . W_old``.
     count: ``()`` int32, number of valid past entries (the newest ``count``
       rows of the buffers), at most ``P``.
     step: ``()`` int32, training steps taken (the next one is ``step + 1``).
@@ -85,7 +91,8 @@ class CBNState(NamedTuple):
   nu_buffer: jax.Array
   dmu_buffer: jax.Array
   dnu_buffer: jax.Array
-  kernel_buffer: jax.Array
+  mu_offset: jax.Array
+  nu_offset: jax.Array
   count: jax.Array
   step: jax.Array
 
@@ -222,32 +229,37 @@ def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
 
 
 def init_state(
-    kernel_shape: Sequence[int], window: int = 4, dtype=jnp.float32
+    kernel_shape: Sequence[int], window: int = 4, dtype=jnp.float32,
+    naive: bool = False,
 ) -> CBNState:
   """Initial state: ``mean = 0``, ``var = 1``, empty buffers, ``step = 0``.
 
   Args:
     kernel_shape: ``(*kernel_size, cin, cout)``.
     window: ``k``; the buffers hold ``k - 1`` entries.
+    naive: no derivative buffers (they get ``0`` rows).
   """
   kernel_shape = tuple(kernel_shape)
   channels, past = kernel_shape[-1], window - 1
+  taylor = 0 if naive else past
   return CBNState(
       mean=jnp.zeros((channels,), dtype),
       var=jnp.ones((channels,), dtype),
       mu_buffer=jnp.zeros((past, channels), dtype),
       nu_buffer=jnp.zeros((past, channels), dtype),
-      dmu_buffer=jnp.zeros((past,) + kernel_shape[:-1], dtype),
-      dnu_buffer=jnp.zeros((past,) + kernel_shape, dtype),
-      kernel_buffer=jnp.zeros((past,) + kernel_shape, dtype),
+      dmu_buffer=jnp.zeros((taylor,) + kernel_shape[:-1], dtype),
+      dnu_buffer=jnp.zeros((taylor,) + kernel_shape, dtype),
+      mu_offset=jnp.zeros((taylor, channels), dtype),
+      nu_offset=jnp.zeros((taylor, channels), dtype),
       count=jnp.zeros((), jnp.int32),
       step=jnp.zeros((), jnp.int32),
   )
 
 
-def state_shapes(kernel_shape: Sequence[int], window: int) -> dict:
+def state_shapes(kernel_shape: Sequence[int], window: int, naive: bool = False) -> dict:
   """``{field: shape}`` of a :class:`CBNState` for this kernel and window."""
-  return {k: v.shape for k, v in init_state(kernel_shape, window)._asdict().items()}
+  initial = init_state(kernel_shape, window, naive=naive)
+  return {k: v.shape for k, v in initial._asdict().items()}
 
 
 def batch_moments(
@@ -316,31 +328,54 @@ def moment_derivatives(
   return dmu, dnu
 
 
+def taylor_offsets(
+    mu: jax.Array, nu: jax.Array, dmu: jax.Array, dnu: jax.Array, kernel: jax.Array
+) -> Tuple[jax.Array, jax.Array]:
+  """``(mu - dmu . W, nu - dnu . W)`` per channel: the offsets of new entries.
+
+  Args:
+    mu, nu: ``(P, C)`` statistics measured with ``kernel``.
+    dmu: ``(P, *K)``; dnu: ``(P, *K, C)``; kernel: ``(*K, C)``.
+
+  Returns:
+    Two ``(P, C)`` arrays (see :class:`CBNState`).
+  """
+  mu_dot, nu_dot = _dot_kernel(dmu, dnu, kernel)
+  return mu - mu_dot, nu - nu_dot
+
+
 def compensate(
-    mu: jax.Array,
-    nu: jax.Array,
+    mu_offset: jax.Array,
+    nu_offset: jax.Array,
     dmu: jax.Array,
     dnu: jax.Array,
-    kernels: jax.Array,
     kernel: jax.Array,
 ) -> Tuple[jax.Array, jax.Array]:
   """First-order Taylor compensation of entries to ``kernel`` (spec, section 4).
 
+  ``mu + dmu . (W - W_old) = (mu - dmu . W_old) + dmu . W``, and the same for
+  ``nu``: the offsets of :func:`taylor_offsets` plus the derivatives' inner
+  products with the current kernel.
+
   Args:
-    mu, nu: ``(P, C)`` statistics measured with ``kernels``.
-    dmu: ``(P, *K)``; dnu: ``(P, *K, C)``; kernels: ``(P, *K, C)``.
+    mu_offset, nu_offset: ``(P, C)`` buffered offsets.
+    dmu: ``(P, *K)``; dnu: ``(P, *K, C)``.
     kernel: ``(*K, C)`` the current kernel (treated as a constant).
 
   Returns:
-    ``(mu + dmu . dW, nu + dnu . dW)`` per channel, each ``(P, C)``, with
-    ``dW = kernel - kernels``.
+    The compensated ``(mu, nu)``, each ``(P, C)``.
   """
-  past, channels = mu.shape
-  delta = lax.stop_gradient(kernel)[None].astype(kernels.dtype) - kernels
-  delta = delta.reshape(past, -1, channels)
-  mu_c = mu + jnp.einsum("pk,pkc->pc", dmu.reshape(past, -1), delta)
-  nu_c = nu + jnp.einsum("pkc,pkc->pc", dnu.reshape(past, -1, channels), delta)
-  return mu_c, nu_c
+  mu_dot, nu_dot = _dot_kernel(dmu, dnu, kernel)
+  return mu_offset + mu_dot, nu_offset + nu_dot
+
+
+def _dot_kernel(dmu, dnu, kernel):
+  """Per-entry, per-channel ``(dmu . W, dnu . W)``, each ``(P, C)``."""
+  past, channels = dnu.shape[0], kernel.shape[-1]
+  w = lax.stop_gradient(kernel).astype(dnu.dtype).reshape(-1, channels)
+  mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(past, -1), w)
+  nu_dot = jnp.einsum("pkc,kc->pc", dnu.reshape(past, -1, channels), w)
+  return mu_dot, nu_dot
 
 
 def pooled_moments(
@@ -402,7 +437,8 @@ def normalize_train(
       convolution). ``N`` must be a multiple of ``config.norm_batch_size``.
     x: ``(N, *spatial, cin)`` the conv input (for the derivatives only).
     kernel: ``(*K, C)`` the effective kernel with ``y = conv(x, kernel)``;
-      used as a constant (compensation target, buffered).
+      used as a constant (the compensation target, and the
+      kernel the new entries' offsets are taken with).
     state: the current :class:`CBNState` (buffer ``P`` = ``config.window - 1``).
     spec: the convolution.
     config: static hyper-parameters.
@@ -416,13 +452,14 @@ def normalize_train(
   """
   config.validate(where)
   past = config.window - 1
-  expected = state_shapes(kernel.shape, config.window)
+  expected = state_shapes(kernel.shape, config.window, config.naive)
   for name, shape in expected.items():
     actual = tuple(getattr(state, name).shape)
     if actual != tuple(shape):
       raise ValueError(
           f"{where}: state '{name}' has shape {actual} but the kernel "
-          f"{tuple(kernel.shape)} and window {config.window} imply {tuple(shape)}."
+          f"{tuple(kernel.shape)}, window {config.window} and naive="
+          f"{config.naive} imply {tuple(shape)}."
       )
   if y.shape[-1] != kernel.shape[-1] or x.shape[-1] != kernel.shape[-2]:
     raise ValueError(
@@ -443,8 +480,7 @@ def normalize_train(
       past_mu, past_nu = state.mu_buffer, state.nu_buffer
     else:
       past_mu, past_nu = compensate(
-          state.mu_buffer, state.nu_buffer, state.dmu_buffer, state.dnu_buffer,
-          state.kernel_buffer, kernel,
+          state.mu_offset, state.nu_offset, state.dmu_buffer, state.dnu_buffer, kernel
       )
     past_filled = jnp.arange(past) >= past - state.count
     mu_win, nu_win = pooled_moments(
@@ -472,20 +508,27 @@ def normalize_train(
       step=step,
   )
   if past > 0:
-    dmu, dnu = moment_derivatives(
-        x, y32, kernel, spec, groups, config.axis_name, config.axis_index_groups
-    )
-    kernels = jnp.broadcast_to(
-        lax.stop_gradient(kernel).astype(dtype), (groups,) + tuple(kernel.shape)
-    )
+    # Only the newest min(G, P) groups stay in the buffers: derivatives of
+    # the others would be pushed out at once, so they are never computed.
+    newest = min(groups, past)
     pushed = dict(
-        mu_buffer=st.push(state.mu_buffer, mu_c),
-        nu_buffer=st.push(state.nu_buffer, nu_c),
-        dmu_buffer=st.push(state.dmu_buffer, dmu),
-        dnu_buffer=st.push(state.dnu_buffer, dnu),
-        kernel_buffer=st.push(state.kernel_buffer, kernels),
+        mu_buffer=st.push(state.mu_buffer, mu_c[-newest:]),
+        nu_buffer=st.push(state.nu_buffer, nu_c[-newest:]),
         count=jnp.minimum(state.count + groups, past).astype(jnp.int32),
     )
+    if not config.naive:
+      rows = newest * (y.shape[0] // groups)
+      dmu, dnu = moment_derivatives(
+          x[-rows:], y32[-rows:], kernel, spec, newest, config.axis_name,
+          config.axis_index_groups,
+      )
+      mu_offset, nu_offset = taylor_offsets(mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel)
+      pushed.update(
+          dmu_buffer=st.push(state.dmu_buffer, dmu),
+          dnu_buffer=st.push(state.dnu_buffer, dnu),
+          mu_offset=st.push(state.mu_offset, mu_offset),
+          nu_offset=st.push(state.nu_offset, nu_offset),
+      )
     kept = {
         name: jnp.where(burning, getattr(state, name), value)
         for name, value in pushed.items()

@@ -41,12 +41,15 @@ class CrossIterationConvNorm(nn.Module):
     ``batch_stats``: ``norm``: ``mean`` ``(C,)`` and ``var`` ``(C,)`` (running
       statistics of the conv output, bias included, as in
       ``flax.linen.BatchNorm``), ``mu_buffer``/``nu_buffer`` ``(P, C)``,
-      ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer`` and ``kernel_buffer``
-      ``(P, *K, C)`` (float32, newest entry last; the kernels and
-      derivatives are those of the effective, centred if ``centered``,
-      kernel), ``count`` ``()`` int32 (valid entries), ``step`` ``()``
-      int32, and ``nonfinite_count`` ``()`` int32 (steps skipped because
-      their statistics were not finite; the state is then kept).
+      and unless ``naive`` ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
+      ``(P, *K, C)`` and ``mu_offset``/``nu_offset`` ``(P, C)`` (float32,
+      newest entry last; derivatives of the effective, centred if
+      ``centered``, kernel; see
+      :class:`~mabn_jax.functional.cross_iteration.CBNState`), ``count``
+      ``()`` int32 (valid entries), ``step`` ``()`` int32, and
+      ``nonfinite_count`` ``()`` int32 (steps skipped because their
+      statistics were not finite; the state is then kept). With
+      ``window = 1`` there are no buffers.
 
   Attributes:
     features: output channels ``C``.
@@ -194,12 +197,14 @@ class _CrossIterationNorm(nn.Module):
   ):
     # ``where`` is the parent's layer_path: errors name the layer users wrote.
     features = y.shape[-1]
-    initial = F.init_state(kernel.shape, self.config.window)
-
+    initial = F.init_state(kernel.shape, self.config.window, naive=self.config.naive)
+    # Empty fields (window 1, or the naive variant's derivative buffers) are
+    # constants, not variables: checkpointers reject zero-size arrays.
+    declared = [name for name in F.CBNState._fields if getattr(initial, name).size]
     variables = state_variables(self, where, {
         name: (lambda shape, dtype, v=getattr(initial, name): v,
                getattr(initial, name).shape, getattr(initial, name).dtype)
-        for name in F.CBNState._fields})
+        for name in declared})
 
     if use_running_average:
       normalized = F.normalize_inference(
@@ -216,9 +221,9 @@ class _CrossIterationNorm(nn.Module):
     y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     if bias is not None:
       y32 = y32 - bias.astype(y32.dtype)
-    state = F.CBNState(*(variables[name].value for name in F.CBNState._fields))
+    state = initial._replace(**{name: variables[name].value for name in declared})
     normalized, new_state = F.normalize_train(
         y32, x, kernel, state, spec, self.config, bias, where
     )
-    commit_state(self, variables, new_state._asdict())
+    commit_state(self, variables, {name: getattr(new_state, name) for name in declared})
     return affine(self, y, normalized, y.ndim - 1, features)
