@@ -52,9 +52,45 @@ def _load_summary(workdir: str) -> Optional[Dict[str, Any]]:
   return s if s.get("finished") else None
 
 
-def run_or_load(config: T.Config, dataset_cache: Dict[str, Any]) -> Dict[str, Any]:
-  """The run's summary: loaded if it finished before, else trained (resuming)."""
+# Config fields that do not change what a run computes.
+_BOOKKEEPING = ("workdir", "progress", "resume", "stop_after", "checkpoint_every", "log_every")
+
+
+def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+  """Whether two config dicts describe the same training run."""
+  def canonical(c):
+    c = json.loads(json.dumps({k: v for k, v in c.items() if k not in _BOOKKEEPING}))
+    if c.get("norm_batch_size") is None:  # None means the device batch
+      c["norm_batch_size"] = T.Config(**{k: v for k, v in c.items()
+                                         if k in T.Config.__dataclass_fields__}).device_batch()
+    return c
+  return canonical(a) == canonical(b)
+
+
+def copy_finished_twin(config: T.Config, search_dirs: Sequence[str]) -> bool:
+  """Copies a finished run with the same config from ``<dir>/runs/*`` into
+  ``config.workdir`` (so that a reproduction's runs stay in its own folder);
+  returns whether one was found."""
+  wanted = dataclasses.asdict(config)
+  for root in search_dirs:
+    runs = os.path.join(root, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+      done = _load_summary(os.path.join(runs, name))
+      if done is not None and _same_run(done["config"], wanted):
+        shutil.copytree(os.path.join(runs, name), config.workdir, dirs_exist_ok=True)
+        print(f"copied {config.workdir} from {os.path.join(runs, name)} (same config)",
+              flush=True)
+        return True
+  return False
+
+
+def run_or_load(config: T.Config, dataset_cache: Dict[str, Any],
+                reuse_from: Sequence[str] = ()) -> Dict[str, Any]:
+  """The run's summary: loaded if it finished before (here, or as an identical
+  run under one of the ``reuse_from`` result folders), else trained (resuming)."""
   done = _load_summary(config.workdir)
+  if done is None and reuse_from and copy_finished_twin(config, reuse_from):
+    done = _load_summary(config.workdir)
   if done is not None:
     print(f"skip {config.workdir} (finished)", flush=True)
     return done
@@ -70,6 +106,10 @@ def run_or_load(config: T.Config, dataset_cache: Dict[str, Any]) -> Dict[str, An
   shutil.rmtree(os.path.join(config.workdir, "checkpoints"), ignore_errors=True)
   s.pop("variables", None)
   return s
+
+
+def _reuse_dirs(args) -> List[str]:
+  return [os.path.join(args.results_root, n) for n in (args.reuse or "").split(",") if n]
 
 
 def _mean_std(values: Sequence[float]):
@@ -145,7 +185,7 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
     for cfg in plan:
       if args.dry_run:
         continue
-      summaries[cfg.run_name()] = run_or_load(cfg, cache)
+      summaries[cfg.run_name()] = run_or_load(cfg, cache, _reuse_dirs(args))
   except KeyboardInterrupt:
     print("sweep interrupted; writing the finished runs", file=sys.stderr)
   for cfg in plan:  # pick up runs finished by other invocations too
@@ -228,7 +268,7 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
         cfg = dataclasses.replace(cfg, workdir=os.path.join(
             out_dir, "runs", f"v{i}_{cfg.run_name()}"))
         if not args.dry_run:
-          s = run_or_load(cfg, cache)
+          s = run_or_load(cfg, cache, _reuse_dirs(args))
           results.setdefault(label, []).append(s["final_test_top1"])
   except KeyboardInterrupt:
     print("ablation interrupted; writing the finished runs", file=sys.stderr)
@@ -459,6 +499,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--norm_batch_size_ablation", default="2")
   parser.add_argument("--dry_run", action="store_true")
+  parser.add_argument("--reuse", default="",
+                      help="result names (comma-separated) whose finished runs with an "
+                           "identical config are copied instead of retrained")
   parser.add_argument("--steps", type=int, default=300, help="statistics: training steps")
   parser.add_argument("--no_record", action="store_true",
                       help="statistics: train without the recorder (loss curve only)")

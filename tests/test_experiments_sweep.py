@@ -40,10 +40,24 @@ def test_batch_size_sweep_is_incremental_and_writes_table_and_plot(tmp_path, cap
   assert os.path.getmtime(tmp_path / "bs" / "runs" / "bn_b2_s0" / "summary.json") == mtime
 
 
-def test_ablation_lists_every_variant(tmp_path):
-  assert sweep.main(["ablation", *TINY, "--epochs", "0.25", "--seeds", "0",
-                     "--norm_kwargs", "warmup_steps=2,buffer_size=4",
-                     "--results_root", str(tmp_path), "--name", "abl"]) == 0
+def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys):
+  common = [*TINY, "--epochs", "0.25", "--seeds", "0", "--norm_kwargs",
+            "warmup_steps=2,buffer_size=4", "--results_root", str(tmp_path)]
+  assert sweep.main(["batch_size", *common, "--norms", "bn,mabn", "--batch_sizes", "2",
+                     "--name", "bs"]) == 0
+  capsys.readouterr()
+  assert sweep.main(["ablation", *common, "--name", "abl", "--reuse", "bs"]) == 0
+  # BN and MABN at b = 2 are the batch-size sweep's runs, copied, not retrained.
+  assert capsys.readouterr().out.count("copied ") == 2
+  for ours, theirs in (("v1_bn_b2_s0", "bn_b2_s0"), ("v2_mabn_b2_s0", "mabn_b2_s0")):
+    with open(tmp_path / "abl" / "runs" / ours / "summary.json") as f:
+      copied = json.load(f)
+    with open(tmp_path / "bs" / "runs" / theirs / "summary.json") as f:
+      original = json.load(f)
+    assert copied == original
+  assert sweep._same_run({**original["config"], "workdir": "x", "norm_batch_size": 2},
+                         original["config"])
+  assert not sweep._same_run({**original["config"], "lr": 1.0}, original["config"])
   table = (tmp_path / "abl" / "table.md").read_text()
   for label, *_ in sweep.ABLATION:
     assert f"| {label} | " in table
