@@ -44,48 +44,34 @@ class CNN6(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 conv+norm; 1x1 conv+norm projection when the shape changes."""
+class ResidualBlock(nn.Module):
+  """Conv+norm layers with ReLUs between them, added to the (projected) input.
+
+  Basic: 3x3 (strided), 3x3 at ``features``. Bottleneck: 1x1, 3x3 (strided)
+  at ``features``, 1x1 at ``4 * features``. A 1x1 conv+norm projection
+  (``'proj'``) is used when the shape changes. Layers are ``conv1``,
+  ``conv2`` (, ``conv3``).
+  """
 
   normalizer: Any
   features: int
   strides: int = 1
+  bottleneck: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    s = (self.strides, self.strides)
-    y = self.normalizer.conv_norm(features=self.features, kernel_size=(3, 3), strides=s,
-                                  padding="SAME", name="conv1")(x, train=train)
-    y = nn.relu(y)
-    y = self.normalizer.conv_norm(features=self.features, kernel_size=(3, 3), strides=(1, 1),
-                                  padding="SAME", name="conv2")(y, train=train)
-    if x.shape[-1] != self.features or self.strides != 1:
-      x = self.normalizer.conv_norm(features=self.features, kernel_size=(1, 1), strides=s,
-                                    padding="SAME", name="proj")(x, train=train)
-    return nn.relu(x + y)
-
-
-class Bottleneck(nn.Module):
-  """1x1, 3x3 (strided), 1x1 (4x wider) conv+norm; projection when needed."""
-
-  normalizer: Any
-  features: int
-  strides: int = 1
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    s = (self.strides, self.strides)
-    out = self.features * 4
-    y = self.normalizer.conv_norm(features=self.features, kernel_size=(1, 1), strides=(1, 1),
-                                  padding="SAME", name="conv1")(x, train=train)
-    y = nn.relu(y)
-    y = self.normalizer.conv_norm(features=self.features, kernel_size=(3, 3), strides=s,
-                                  padding="SAME", name="conv2")(y, train=train)
-    y = nn.relu(y)
-    y = self.normalizer.conv_norm(features=out, kernel_size=(1, 1), strides=(1, 1),
-                                  padding="SAME", name="conv3")(y, train=train)
-    if x.shape[-1] != out or self.strides != 1:
-      x = self.normalizer.conv_norm(features=out, kernel_size=(1, 1), strides=s,
+    f, s = self.features, self.strides
+    # (kernel side, stride, width) of each conv+norm.
+    layers = ((1, 1, f), (3, s, f), (1, 1, 4 * f)) if self.bottleneck else ((3, s, f), (3, 1, f))
+    y = x
+    for i, (k, stride, width) in enumerate(layers):
+      if i:
+        y = nn.relu(y)
+      y = self.normalizer.conv_norm(features=width, kernel_size=(k, k), strides=(stride, stride),
+                                    padding="SAME", name=f"conv{i + 1}")(y, train=train)
+    out = layers[-1][2]
+    if x.shape[-1] != out or s != 1:
+      x = self.normalizer.conv_norm(features=out, kernel_size=(1, 1), strides=(s, s),
                                     padding="SAME", name="proj")(x, train=train)
     return nn.relu(x + y)
 
@@ -112,7 +98,8 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
+    if self.block not in ("basic", "bottleneck"):
+      raise ValueError(f"ResNet: unknown block {self.block!r}; expected 'basic' or 'bottleneck'")
     stem_features = self.stem_features or self.num_filters
     if self.stem == "imagenet":
       x = self.normalizer.conv_norm(features=stem_features, kernel_size=(7, 7), strides=(2, 2),
@@ -127,9 +114,10 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet: unknown stem {self.stem!r}; expected 'cifar' or 'imagenet'")
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
-        x = block_cls(self.normalizer, self.num_filters * 2**i,
-                      strides=2 if i > 0 and j == 0 else 1,
-                      name=f"stage{i + 1}_block{j + 1}")(x, train=train)
+        x = ResidualBlock(self.normalizer, self.num_filters * 2**i,
+                          strides=2 if i > 0 and j == 0 else 1,
+                          bottleneck=self.block == "bottleneck",
+                          name=f"stage{i + 1}_block{j + 1}")(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
 
