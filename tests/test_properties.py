@@ -19,7 +19,6 @@ the file fast.
 
 from __future__ import annotations
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

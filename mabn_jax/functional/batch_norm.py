@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional._checks import check_fields
 
 
 class BatchNormState(NamedTuple):
@@ -67,10 +68,10 @@ class BatchNormConfig:
 
   def validate(self, where: str = "BatchNorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
-    if not 0.0 <= self.momentum <= 1.0:
-      raise ValueError(f"{where}: momentum must be in [0, 1], got {self.momentum!r}.")
-    if not self.epsilon >= 0.0:
-      raise ValueError(f"{where}: epsilon must be >= 0, got {self.epsilon!r}.")
+    check_fields(where, [
+        ("momentum", self.momentum, 0.0 <= self.momentum <= 1.0, "in [0, 1]"),
+        ("epsilon", self.epsilon, self.epsilon >= 0.0, ">= 0"),
+    ])
 
 
 def init_state(num_features: int, dtype=jnp.float32) -> BatchNormState:

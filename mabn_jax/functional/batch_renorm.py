@@ -37,6 +37,7 @@ from jax import lax
 
 from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional._checks import check_fields, is_int_at_least
 
 normalize_inference = bn.normalize_inference
 """Inference is BN's: ``(x - mean) / sqrt(var + eps)`` with the running statistics."""
@@ -98,17 +99,13 @@ class BatchRenormConfig:
   def validate(self, where: str = "BatchRenorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
     self.batch_norm_config().validate(where)
-    checks = [
+    check_fields(where, [
         ("r_max", self.r_max, self.r_max >= 1.0, ">= 1"),
         ("d_max", self.d_max, self.d_max >= 0.0, ">= 0"),
-        ("warmup_steps", self.warmup_steps,
-         isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "an integer >= 0"),
-        ("ramp_steps", self.ramp_steps,
-         isinstance(self.ramp_steps, int) and self.ramp_steps >= 0, "an integer >= 0"),
-    ]
-    for field, value, ok, expected in checks:
-      if not ok:
-        raise ValueError(f"{where}: {field} must be {expected}, got {value!r}.")
+        ("warmup_steps", self.warmup_steps, is_int_at_least(self.warmup_steps, 0),
+         "an integer >= 0"),
+        ("ramp_steps", self.ramp_steps, is_int_at_least(self.ramp_steps, 0), "an integer >= 0"),
+    ])
 
 
 def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:

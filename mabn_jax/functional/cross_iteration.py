@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional._checks import check_fields, is_int_at_least
 
 
 class CBNState(NamedTuple):
@@ -126,17 +127,12 @@ class CBNConfig:
 
   def validate(self, where: str = "CBN") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
-    checks = [
-        ("window", self.window,
-         isinstance(self.window, int) and self.window >= 1, "an integer >= 1"),
-        ("burn_in", self.burn_in,
-         isinstance(self.burn_in, int) and self.burn_in >= 0, "an integer >= 0"),
+    check_fields(where, [
+        ("window", self.window, is_int_at_least(self.window, 1), "an integer >= 1"),
+        ("burn_in", self.burn_in, is_int_at_least(self.burn_in, 0), "an integer >= 0"),
         ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
         ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
-    ]
-    for field, value, ok, expected in checks:
-      if not ok:
-        raise ValueError(f"{where}: {field} must be {expected}, got {value!r}.")
+    ])
 
 
 Padding = Union[str, Tuple[Tuple[int, int], ...]]

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional._checks import check_fields, is_int_at_least
 
 
 class MABNState(NamedTuple):
@@ -98,22 +99,18 @@ class MABNConfig:
 
   def validate(self, buffer_size: int, where: str = "MABN") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
-    checks = [
-        ("buffer_size", buffer_size, isinstance(buffer_size, int) and buffer_size >= 1,
-         "an integer >= 1"),
+    check_fields(where, [
+        ("buffer_size", buffer_size, is_int_at_least(buffer_size, 1), "an integer >= 1"),
         ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
         ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
-        ("warmup_steps", self.warmup_steps,
-         isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "an integer >= 0"),
-        ("renorm_start", self.renorm_start,
-         isinstance(self.renorm_start, int) and self.renorm_start >= 0, "an integer >= 0"),
+        ("warmup_steps", self.warmup_steps, is_int_at_least(self.warmup_steps, 0),
+         "an integer >= 0"),
+        ("renorm_start", self.renorm_start, is_int_at_least(self.renorm_start, 0),
+         "an integer >= 0"),
         ("r_max", self.r_max, self.r_max >= 1.0, ">= 1"),
         ("moving_average", self.moving_average, self.moving_average in ("sma", "ema"),
          "'sma' or 'ema'"),
-    ]
-    for field, value, ok, expected in checks:
-      if not ok:
-        raise ValueError(f"{where}: {field} must be {expected}, got {value!r}.")
+    ])
 
 
 def init_state(
