@@ -28,6 +28,10 @@ of a step are treated as consecutive iterations, as in spec section 2
 ("Simulated small normalization batch"): group ``j`` pools the ``P`` most
 recent entries before it (groups of earlier steps, then groups ``0..j-1`` of
 this step, which share the current kernel and so need no compensation).
+Those same-step entries are constants like every buffered entry, so with
+``G >= window`` most of a group's window carries no gradient; at
+normalization batch 2 this trains far worse than BN on the CIFAR-10 CPU
+preset (``experiments/results/cbn_diagnosis_cifar_cpu``).
 
 During burn-in (steps ``t <= burn_in``, counted from 1) the layer is plain BN
 with the biased variance and nothing is buffered; afterwards the window grows
