@@ -316,3 +316,17 @@ def test_mabn_training_step_with_variables_missing_the_taps_is_an_error():
   step = mj.value_and_grad(_loss(model, train=True))
   _raises(lambda: jax.eval_shape(step, variables, jnp.zeros(SHAPE)),
           "MABN 'block/norm'", "backward statistic is not being fed")
+
+
+@pytest.mark.parametrize("name", ["syncbn", "bn", "brn", "mabn", "cbn"])
+def test_unbound_axis_name_in_a_training_step_names_the_layer(name):
+  kw = {} if name == "syncbn" else {"axis_name": "batch"}
+  model = RegistryNet(mj.make_normalizer(name, **kw))
+  variables = model.init(KEY, jnp.ones(SHAPE), train=True)  # init needs no mapped axis
+  _raises(lambda: jax.eval_shape(mj.value_and_grad(_loss(model, True)), variables,
+                                 jnp.ones(SHAPE)),
+          "'block", "axis_name 'batch' is not bound", "pmap")
+  # Inference uses the running statistics: no mapped axis needed.
+  out = model.apply({k: v for k, v in variables.items() if k != mj.BACKWARD_STATS},
+                    jnp.ones(SHAPE), train=False)
+  assert out.shape[0] == SHAPE[0]

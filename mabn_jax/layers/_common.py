@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import flax.linen as nn
 from flax.linen import dtypes, initializers
 
@@ -103,6 +104,8 @@ class BatchStatisticsNorm(nn.Module):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     axis = st.canonical_axis(self.axis, x.ndim, where)
+    if not use_running_average and not self.is_initializing():
+      require_bound_axis(where, self.axis_name)
     return where, use_running_average, axis, x.shape[axis]
 
   def make_config(self, config_class):
@@ -117,6 +120,22 @@ class BatchStatisticsNorm(nn.Module):
     return config_class(**{
         f.name: mapped[f.name] if f.name in mapped else getattr(self, f.name)
         for f in dataclasses.fields(config_class)})
+
+
+def require_bound_axis(where: str, axis_name: Optional[str]) -> None:
+  """Raises ``ValueError`` naming the layer if ``axis_name`` is not a mapped
+  axis of the current trace (the layer runs outside ``pmap``/``shard_map``
+  or under another axis name); does nothing for ``axis_name=None``."""
+  if axis_name is None:
+    return
+  try:
+    lax.axis_size(axis_name)
+  except NameError as error:
+    raise ValueError(
+        f"{where}: axis_name {axis_name!r} is not bound: a training step with "
+        f"synchronized statistics must run under jax.pmap or shard_map with that "
+        f"axis name (or use axis_name=None)."
+    ) from error
 
 
 def state_variables(module: nn.Module, where: str, specs: Mapping[str, tuple]) -> dict:

@@ -16,6 +16,7 @@ from mabn_jax.layers._common import (
     affine,
     commit_state,
     layer_path,
+    require_bound_axis,
     sow_moments,
     state_variables,
 )
@@ -139,6 +140,8 @@ class CrossIterationConvNorm(nn.Module):
       )
     config = self.config()
     config.validate(where)
+    if not use_running_average and not self.is_initializing():
+      require_bound_axis(where, self.axis_name)
     spec = F.ConvSpec.make(rank, self.strides, self.padding, where=where)
 
     conv_cls = CenteredConv if self.centered else nn.Conv
