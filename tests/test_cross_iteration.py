@@ -577,3 +577,61 @@ def test_sows_conv_output_moments_for_precise_bn():
   _, mutated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
                            use_running_average=False, mutable=["batch_stats"])
   assert BATCH_MOMENTS not in mutated
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_group_history_equals_one_independent_layer_per_group(naive):
+  """With group_history, group j of every step is an independent CBN run."""
+  spec = F.ConvSpec.make(2)
+  groups, b = 3, 2
+  config = F.CBNConfig(window=3, burn_in=1, naive=naive, norm_batch_size=b,
+                       group_history=True)
+  single = F.CBNConfig(window=3, burn_in=1, naive=naive)
+  rng = np.random.default_rng(11)
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+  state = F.init_state(w.shape, 3, naive=naive, groups=groups)
+  assert state.mu_buffer.shape == (2, groups, 4)
+  states = [F.init_state(w.shape, 3, naive=naive) for _ in range(groups)]
+  for t in range(5):
+    x = jnp.asarray(rng.normal(size=(groups * b, 5, 5, 2)) + 0.3 * t, jnp.float32)
+    w = w + 0.05 * jnp.asarray(rng.normal(size=w.shape), jnp.float32)
+    out, state = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
+    for j in range(groups):
+      xj = x[j * b:(j + 1) * b]
+      ref, states[j] = F.normalize_train(F.conv(xj, w, spec), xj, w, states[j], spec, single)
+      np.testing.assert_allclose(out[j * b:(j + 1) * b], ref, rtol=1e-4, atol=1e-4,
+                                 err_msg=f"step {t + 1} group {j}")
+      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset",
+                   "nu_offset"):
+        np.testing.assert_allclose(getattr(state, name)[:, j], getattr(states[j], name),
+                                   rtol=1e-4, atol=1e-5, err_msg=f"step {t + 1} {name}")
+    assert int(state.count) == int(states[0].count)
+  assert int(state.count) == 2
+  # The pooled windows differ from the shared-history layout.
+  shared = F.CBNConfig(window=3, burn_in=1, naive=naive, norm_batch_size=b)
+  with pytest.raises(ValueError, match="groups with their own history"):
+    F.normalize_train(F.conv(x, w, spec), x, w, F.init_state(w.shape, 3, naive=naive),
+                      spec, config)
+  assert F.normalize_train(F.conv(x, w, spec), x, w, F.init_state(w.shape, 3, naive=naive),
+                           spec, shared)[0].shape == out.shape
+
+
+def test_group_history_layer_declares_per_group_buffers_and_trains():
+  model = mj.make_normalizer("cbn", group_history=True, norm_batch_size=2, burn_in=0).conv_norm(
+      4, (3, 3))
+  x = jnp.asarray(np.random.default_rng(12).normal(size=(6, 5, 5, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x, train=True)
+  stats = variables["batch_stats"]
+  leaves = {jax.tree_util.keystr(p): v.shape
+            for p, v in jax.tree_util.tree_leaves_with_path(stats)}
+  assert any(k.endswith("['dnu_buffer']") and v == (3, 3, 3, 3, 3, 4) for k, v in leaves.items())
+  for _ in range(3):
+    out, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = {**variables, **mutated}
+  assert bool(jnp.all(jnp.isfinite(out)))
+  counts = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])
+            if jax.tree_util.keystr(p).endswith("['count']")]
+  assert [int(c) for c in counts] == [3]
+  # A batch with another number of groups does not fit the per-group buffers.
+  with pytest.raises(ValueError, match="group"):
+    model.apply(variables, x[:4], train=True, mutable=["batch_stats"])

@@ -28,10 +28,13 @@ of a step are treated as consecutive iterations, as in spec section 2
 ("Simulated small normalization batch"): group ``j`` pools the ``P`` most
 recent entries before it (groups of earlier steps, then groups ``0..j-1`` of
 this step, which share the current kernel and so need no compensation).
-Those same-step entries are constants like every buffered entry, so with
+The same-step entries are constants like every buffered entry, so with
 ``G >= window`` most of a group's window carries no gradient; at
 normalization batch 2 this trains far worse than BN on the CIFAR-10 CPU
-preset (``experiments/results/cbn_diagnosis_cifar_cpu``).
+preset (``experiments/results/cbn_diagnosis_cifar_cpu``). With
+``group_history`` each group instead keeps its own history of past steps
+(buffers ``(P, G, ...)``), as if each group ran on its own device: the
+published setting of one small batch per GPU.
 
 During burn-in (steps ``t <= burn_in``, counted from 1) the layer is plain BN
 with the biased variance and nothing is buffered; afterwards the window grows
@@ -111,6 +114,10 @@ class CBNConfig:
       published "buffer 3" setting is ``k = 4``).
     burn_in: steps ``t <= burn_in`` are plain BN and buffer nothing.
     naive: pool the buffered statistics without the Taylor term.
+    group_history: with ``G`` normalization groups a step, each group pools
+      its own past steps (as if each group were a device with its own CBN
+      state, the published multi-GPU setting); the buffers get a group axis.
+      Otherwise a step's groups are consecutive iterations of one history.
     momentum: Flax EMA convention ``r <- momentum * r + (1 - momentum) * stat``
       (the published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
@@ -123,6 +130,7 @@ class CBNConfig:
   window: int = 4
   burn_in: int = 100
   naive: bool = False
+  group_history: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
@@ -230,7 +238,7 @@ def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
 
 def init_state(
     kernel_shape: Sequence[int], window: int = 4, dtype=jnp.float32,
-    naive: bool = False,
+    naive: bool = False, groups: Optional[int] = None,
 ) -> CBNState:
   """Initial state: ``mean = 0``, ``var = 1``, empty buffers, ``step = 0``.
 
@@ -238,27 +246,33 @@ def init_state(
     kernel_shape: ``(*kernel_size, cin, cout)``.
     window: ``k``; the buffers hold ``k - 1`` entries.
     naive: no derivative buffers (they get ``0`` rows).
+    groups: for ``group_history``, the ``G`` groups of a step: every buffer
+      gets a group axis after its entry axis (``(P, G, ...)``).
   """
   kernel_shape = tuple(kernel_shape)
   channels, past = kernel_shape[-1], window - 1
   taylor = 0 if naive else past
+  g = () if groups is None else (groups,)
   return CBNState(
       mean=jnp.zeros((channels,), dtype),
       var=jnp.ones((channels,), dtype),
-      mu_buffer=jnp.zeros((past, channels), dtype),
-      nu_buffer=jnp.zeros((past, channels), dtype),
-      dmu_buffer=jnp.zeros((taylor,) + kernel_shape[:-1], dtype),
-      dnu_buffer=jnp.zeros((taylor,) + kernel_shape, dtype),
-      mu_offset=jnp.zeros((taylor, channels), dtype),
-      nu_offset=jnp.zeros((taylor, channels), dtype),
+      mu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
+      nu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
+      dmu_buffer=jnp.zeros((taylor,) + g + kernel_shape[:-1], dtype),
+      dnu_buffer=jnp.zeros((taylor,) + g + kernel_shape, dtype),
+      mu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
+      nu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
       count=jnp.zeros((), jnp.int32),
       step=jnp.zeros((), jnp.int32),
   )
 
 
-def state_shapes(kernel_shape: Sequence[int], window: int, naive: bool = False) -> dict:
-  """``{field: shape}`` of a :class:`CBNState` for this kernel and window."""
-  initial = init_state(kernel_shape, window, naive=naive)
+def state_shapes(
+    kernel_shape: Sequence[int], window: int, naive: bool = False,
+    groups: Optional[int] = None,
+) -> dict:
+  """``{field: shape}`` of a :class:`CBNState` (arguments of :func:`init_state`)."""
+  initial = init_state(kernel_shape, window, naive=naive, groups=groups)
   return {k: v.shape for k, v in initial._asdict().items()}
 
 
@@ -370,12 +384,16 @@ def compensate(
 
 
 def _dot_kernel(dmu, dnu, kernel):
-  """Per-entry, per-channel ``(dmu . W, dnu . W)``, each ``(P, C)``."""
-  past, channels = dnu.shape[0], kernel.shape[-1]
+  """Per-entry, per-channel ``(dmu . W, dnu . W)``, each ``(*E, C)``.
+
+  ``dmu`` is ``(*E, *K)`` and ``dnu`` ``(*E, *K, C)`` for entry axes ``E``.
+  """
+  channels = kernel.shape[-1]
+  lead = dnu.shape[:dnu.ndim - kernel.ndim]
   w = lax.stop_gradient(kernel).astype(dnu.dtype).reshape(-1, channels)
-  mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(past, -1), w)
-  nu_dot = jnp.einsum("pkc,kc->pc", dnu.reshape(past, -1, channels), w)
-  return mu_dot, nu_dot
+  mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(math.prod(lead), -1), w)
+  nu_dot = jnp.einsum("pkc,kc->pc", dnu.reshape(math.prod(lead), -1, channels), w)
+  return mu_dot.reshape(lead + (channels,)), nu_dot.reshape(lead + (channels,))
 
 
 def pooled_moments(
@@ -411,6 +429,32 @@ def pooled_moments(
   count = 1.0 + jnp.sum(keep, axis=1)
   mu_bar = (mu + jnp.sum(keep * win_mu, axis=1)) / count
   nu_bar = (nu + jnp.sum(keep * win_nu, axis=1)) / count
+  return mu_bar, nu_bar
+
+
+def pooled_moments_per_group(
+    mu: jax.Array,
+    nu: jax.Array,
+    past_mu: jax.Array,
+    past_nu: jax.Array,
+    past_filled: jax.Array,
+) -> Tuple[jax.Array, jax.Array]:
+  """:func:`pooled_moments` with a history per group (``group_history``).
+
+  Args:
+    mu, nu: ``(G, C)`` current group statistics (with gradient).
+    past_mu, past_nu: ``(P, G, C)`` each group's (compensated) past steps.
+    past_filled: ``(P,)`` bool, which past steps hold real values.
+
+  Returns:
+    ``(mu_bar, nu_bar)``, each ``(G, C)``: group ``j`` averages its own
+    entry and its filled, consistent (``nu >= mu^2``) past entries.
+  """
+  keep = past_filled[:, None, None] & (past_nu >= jnp.square(past_mu))
+  keep = keep.astype(mu.dtype)
+  count = 1.0 + jnp.sum(keep, axis=0)
+  mu_bar = (mu + jnp.sum(keep * past_mu, axis=0)) / count
+  nu_bar = (nu + jnp.sum(keep * past_nu, axis=0)) / count
   return mu_bar, nu_bar
 
 
@@ -452,21 +496,23 @@ def normalize_train(
   """
   config.validate(where)
   past = config.window - 1
-  expected = state_shapes(kernel.shape, config.window, config.naive)
+  groups = st.num_groups(y.shape[0], config.norm_batch_size, where)
+  history_groups = groups if config.group_history else None
+  expected = state_shapes(kernel.shape, config.window, config.naive, history_groups)
   for name, shape in expected.items():
     actual = tuple(getattr(state, name).shape)
     if actual != tuple(shape):
       raise ValueError(
           f"{where}: state '{name}' has shape {actual} but the kernel "
-          f"{tuple(kernel.shape)}, window {config.window} and naive="
-          f"{config.naive} imply {tuple(shape)}."
+          f"{tuple(kernel.shape)}, window {config.window}, naive={config.naive}"
+          + (f" and {groups} groups with their own history" if history_groups else "")
+          + f" imply {tuple(shape)}."
       )
   if y.shape[-1] != kernel.shape[-1] or x.shape[-1] != kernel.shape[-2]:
     raise ValueError(
         f"{where}: kernel {tuple(kernel.shape)} does not match the conv input "
         f"{tuple(x.shape)} and output {tuple(y.shape)}."
     )
-  groups = st.num_groups(y.shape[0], config.norm_batch_size, where)
   dtype = jnp.promote_types(y.dtype, jnp.float32)
   y32 = y.astype(dtype)
   axis = y.ndim - 1
@@ -483,9 +529,8 @@ def normalize_train(
           state.mu_offset, state.nu_offset, state.dmu_buffer, state.dnu_buffer, kernel
       )
     past_filled = jnp.arange(past) >= past - state.count
-    mu_win, nu_win = pooled_moments(
-        mu, nu, past_mu.astype(dtype), past_nu.astype(dtype), past_filled
-    )
+    pool = pooled_moments_per_group if config.group_history else pooled_moments
+    mu_win, nu_win = pool(mu, nu, past_mu.astype(dtype), past_nu.astype(dtype), past_filled)
     mu_bar = jnp.where(burning, mu, mu_win)
     nu_bar = jnp.where(burning, nu, nu_win)
   else:
@@ -508,13 +553,17 @@ def normalize_train(
       step=step,
   )
   if past > 0:
-    # Only the newest min(G, P) groups stay in the buffers: derivatives of
-    # the others would be pushed out at once, so they are never computed.
-    newest = min(groups, past)
+    if config.group_history:
+      # One new entry per step, holding every group's statistics.
+      newest, entries, added = groups, lambda a: a[None], 1
+    else:
+      # Only the newest min(G, P) groups stay in the buffers: derivatives of
+      # the others would be pushed out at once, so they are never computed.
+      newest, entries, added = min(groups, past), lambda a: a, groups
     pushed = dict(
-        mu_buffer=st.push(state.mu_buffer, mu_c[-newest:]),
-        nu_buffer=st.push(state.nu_buffer, nu_c[-newest:]),
-        count=jnp.minimum(state.count + groups, past).astype(jnp.int32),
+        mu_buffer=st.push(state.mu_buffer, entries(mu_c[-newest:])),
+        nu_buffer=st.push(state.nu_buffer, entries(nu_c[-newest:])),
+        count=jnp.minimum(state.count + added, past).astype(jnp.int32),
     )
     if not config.naive:
       rows = newest * (y.shape[0] // groups)
@@ -524,10 +573,10 @@ def normalize_train(
       )
       mu_offset, nu_offset = taylor_offsets(mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel)
       pushed.update(
-          dmu_buffer=st.push(state.dmu_buffer, dmu),
-          dnu_buffer=st.push(state.dnu_buffer, dnu),
-          mu_offset=st.push(state.mu_offset, mu_offset),
-          nu_offset=st.push(state.nu_offset, nu_offset),
+          dmu_buffer=st.push(state.dmu_buffer, entries(dmu)),
+          dnu_buffer=st.push(state.dnu_buffer, entries(dnu)),
+          mu_offset=st.push(state.mu_offset, entries(mu_offset)),
+          nu_offset=st.push(state.nu_offset, entries(nu_offset)),
       )
     kept = {
         name: jnp.where(burning, getattr(state, name), value)

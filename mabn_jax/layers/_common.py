@@ -21,13 +21,14 @@ def layer_path(module: nn.Module) -> str:
   return f"{type(module).__name__} '{path or module.name or '<root>'}'"
 
 
-def check_state_shape(where: str, name: str, value: jax.Array, expected: Sequence[int]):
+def check_state_shape(where: str, name: str, value: jax.Array, expected: Sequence[int],
+                      cause: str = "number of channels (or buffer size)"):
   """Raises if a stored variable's shape differs from what the input implies."""
   if tuple(value.shape) != tuple(expected):
     raise ValueError(
         f"{where}: stored variable '{name}' has shape {tuple(value.shape)} but the "
         f"input implies {tuple(expected)}; was the layer initialized with a "
-        "different number of channels (or buffer size)?"
+        f"different {cause}?"
     )
 
 
@@ -138,19 +139,21 @@ def require_bound_axis(where: str, axis_name: Optional[str]) -> None:
     ) from error
 
 
-def state_variables(module: nn.Module, where: str, specs: Mapping[str, tuple]) -> dict:
+def state_variables(module: nn.Module, where: str, specs: Mapping[str, tuple],
+                    cause: str = "number of channels (or buffer size)") -> dict:
   """Declares ``'batch_stats'`` variables ``{name: (init, shape[, dtype])}``.
 
   ``init(shape, dtype)`` makes the initial value (dtype default float32).
   Also declares the int32 ``nonfinite_count`` (see :func:`commit_state`), so
   the collection has the same layout whichever mode initialized it. Raises if
-  a stored variable's shape differs from ``shape``. Returns ``{name: Variable}``.
+  a stored variable's shape differs from ``shape`` (``cause`` names what may
+  have changed since init). Returns ``{name: Variable}``.
   """
   variables = {}
   for name, (init, shape, *dtype) in {
       **specs, NONFINITE_COUNT: (jnp.zeros, (), jnp.int32)}.items():
     var = module.variable("batch_stats", name, init, shape, *(dtype or [jnp.float32]))
-    check_state_shape(where, name, var.value, shape)
+    check_state_shape(where, name, var.value, shape, cause)
     variables[name] = var
   return variables
 

@@ -67,6 +67,11 @@ class CrossIterationConvNorm(nn.Module):
       order as MABN's warm-up; the paper burns in for several epochs, so
       set it to a few epochs' worth of steps for real training.
     naive: pool buffered statistics without the Taylor compensation.
+    group_history: with ``norm_batch_size`` smaller than the batch, each of
+      the ``G`` groups pools its own past steps (the published setting of one
+      small batch per device); the buffers then get a group axis
+      (``(P, G, ...)``), so the layer must be initialized with the training
+      batch size. Default: a step's groups are consecutive iterations.
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
@@ -92,6 +97,7 @@ class CrossIterationConvNorm(nn.Module):
   window: int = 4
   burn_in: int = 100
   naive: bool = False
+  group_history: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
@@ -115,6 +121,7 @@ class CrossIterationConvNorm(nn.Module):
         window=self.window,
         burn_in=self.burn_in,
         naive=self.naive,
+        group_history=self.group_history,
         momentum=self.momentum,
         epsilon=self.epsilon,
         norm_batch_size=self.norm_batch_size,
@@ -200,14 +207,19 @@ class _CrossIterationNorm(nn.Module):
   ):
     # ``where`` is the parent's layer_path: errors name the layer users wrote.
     features = y.shape[-1]
-    initial = F.init_state(kernel.shape, self.config.window, naive=self.config.naive)
+    groups = st.num_groups(y.shape[0], self.config.norm_batch_size, where)
+    initial = F.init_state(kernel.shape, self.config.window, naive=self.config.naive,
+                           groups=groups if self.config.group_history else None)
     # Empty fields (window 1, or the naive variant's derivative buffers) are
     # constants, not variables: checkpointers reject zero-size arrays.
     declared = [name for name in F.CBNState._fields if getattr(initial, name).size]
     variables = state_variables(self, where, {
         name: (lambda shape, dtype, v=getattr(initial, name): v,
                getattr(initial, name).shape, getattr(initial, name).dtype)
-        for name in declared})
+        for name in declared},
+        cause=("number of channels, or batch size (group_history keeps one history per "
+               f"group of {self.config.norm_batch_size})") if self.config.group_history
+        else "number of channels")
 
     if use_running_average:
       normalized = F.normalize_inference(
@@ -218,8 +230,7 @@ class _CrossIterationNorm(nn.Module):
     # Precise BN (spec, section 1) recomputes mean/var of the conv output,
     # bias included, exactly like the running statistics.
     sow_moments(
-        self, y, st.num_groups(y.shape[0], self.config.norm_batch_size, where),
-        y.ndim - 1, self.config.axis_name, self.config.axis_index_groups,
+        self, y, groups, y.ndim - 1, self.config.axis_name, self.config.axis_index_groups,
     )
     y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     if bias is not None:
