@@ -160,6 +160,13 @@ def _plot():
   return plt
 
 
+def _save_plot(plt, fig, out_dir: str) -> None:
+  """Writes ``fig`` to ``<out_dir>/plot.png`` and closes it."""
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
+  plt.close(fig)
+
+
 # --------------------------------------------------------------------------
 # 1. Accuracy against normalization batch size.
 
@@ -230,9 +237,7 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
   ax.set_ylabel("test top-1 (%)")
   ax.set_title(f"{base.model} on {base.dataset}, SGD batch {B}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
-  plt.close(fig)
+  _save_plot(plt, fig, out_dir)
   return results
 
 
@@ -287,9 +292,7 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
   ax.set_yticklabels(labels, fontsize=7)
   ax.invert_yaxis()
   ax.set_xlabel("test top-1 (%)")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
-  plt.close(fig)
+  _save_plot(plt, fig, out_dir)
   return results
 
 
@@ -349,9 +352,7 @@ def inference_speed(args, base: T.Config) -> Dict[str, Any]:
   ax.invert_yaxis()
   ax.set_xlabel("images/s")
   ax.set_title(f"{base.model} inference, batch {batch}")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
-  plt.close(fig)
+  _save_plot(plt, fig, out_dir)
   return results
 
 
@@ -473,9 +474,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
     ax.set_title(f"{title} ({layer}, channel 0)", fontsize=8)
     ax.set_xlabel("iteration")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
-  plt.close(fig)
+  _save_plot(plt, fig, out_dir)
   return results
 
 

@@ -29,7 +29,7 @@ the limits are ``(r_max_t, d_max_t) = (1, 0)`` (plain BN) for
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -58,47 +58,28 @@ class BatchRenormState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchRenormConfig:
+class BatchRenormConfig(bn.BatchNormConfig):
   """Static BRN hyper-parameters (hashable; safe as a jit static argument).
 
+  The fields of :class:`~mabn_jax.functional.batch_norm.BatchNormConfig`
+  (``axis``, ``momentum``, ``epsilon``, ``norm_batch_size``, ``axis_name``,
+  ``axis_index_groups``: the batch statistics are BN's) and:
+
   Attributes:
-    axis: feature axis of the input (Flax convention: last).
-    momentum: decay of the running averages (Flax convention).
-    epsilon: added to the variances inside the square roots.
     r_max: final clip of ``r`` to ``[1 / r_max, r_max]`` (>= 1).
     d_max: final clip of ``d`` to ``[-d_max, d_max]`` (>= 0).
     warmup_steps: steps ``t <= warmup_steps`` use ``(r_max, d_max) = (1, 0)``.
     ramp_steps: length of the linear ramp to the final limits after warmup.
-    norm_batch_size: samples normalized together (``None``: the whole batch).
-    axis_name: mapped axis over which the group statistics are averaged.
-    axis_index_groups: device groups for that average.
   """
 
-  axis: int = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
   r_max: float = 3.0
   d_max: float = 5.0
   warmup_steps: int = 100
   ramp_steps: int = 1000
-  norm_batch_size: Optional[int] = None
-  axis_name: Optional[str] = None
-  axis_index_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
-
-  def batch_norm_config(self) -> bn.BatchNormConfig:
-    """The BN configuration sharing this one's statistics settings."""
-    return bn.BatchNormConfig(
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        norm_batch_size=self.norm_batch_size,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-    )
 
   def validate(self, where: str = "BatchRenorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
-    self.batch_norm_config().validate(where)
+    super().validate(where)
     check_fields(where, [
         ("r_max", self.r_max, self.r_max >= 1.0, ">= 1"),
         ("d_max", self.d_max, self.d_max >= 0.0, ">= 0"),
@@ -169,10 +150,9 @@ def normalize_train(
     the running statistics updated and ``step`` advanced by one.
   """
   config.validate(where)
-  bn_config = config.batch_norm_config()
   axis = st.canonical_axis(config.axis, x.ndim, where)
   bn.check_channels(where, state.mean.shape[0], x, axis)
-  mean, var = bn.batch_moments(x, bn_config, where)
+  mean, var = bn.batch_moments(x, config, where)
   step = state.step + 1
   r_max, d_max = renorm_limits(step, config)
   r, d = renorm_correction(mean, var, state.mean, state.var, r_max, d_max, config.epsilon)

@@ -423,8 +423,13 @@ def pooled_moments(
   seq_nu = jnp.concatenate([past_nu, lax.stop_gradient(nu)], axis=0)
   filled = jnp.concatenate([past_filled, jnp.ones((groups,), bool)])
   index = jnp.arange(groups)[:, None] + jnp.arange(past)[None, :]  # (G, P)
-  win_mu, win_nu = seq_mu[index], seq_nu[index]  # (G, P, C)
-  keep = filled[index][..., None] & (win_nu >= jnp.square(win_mu))
+  return _average_windows(mu, nu, seq_mu[index], seq_nu[index], filled[index])
+
+
+def _average_windows(mu, nu, win_mu, win_nu, filled):
+  """Per group, the mean of ``(mu, nu)`` and its window entries ``(G, P, C)``
+  that are ``filled`` ``(G, P)`` and consistent (``nu >= mu^2``)."""
+  keep = filled[..., None] & (win_nu >= jnp.square(win_mu))
   keep = keep.astype(mu.dtype)
   count = 1.0 + jnp.sum(keep, axis=1)
   mu_bar = (mu + jnp.sum(keep * win_mu, axis=1)) / count
@@ -450,12 +455,9 @@ def pooled_moments_per_group(
     ``(mu_bar, nu_bar)``, each ``(G, C)``: group ``j`` averages its own
     entry and its filled, consistent (``nu >= mu^2``) past entries.
   """
-  keep = past_filled[:, None, None] & (past_nu >= jnp.square(past_mu))
-  keep = keep.astype(mu.dtype)
-  count = 1.0 + jnp.sum(keep, axis=0)
-  mu_bar = (mu + jnp.sum(keep * past_mu, axis=0)) / count
-  nu_bar = (nu + jnp.sum(keep * past_nu, axis=0)) / count
-  return mu_bar, nu_bar
+  filled = jnp.broadcast_to(past_filled, (mu.shape[0], past_filled.shape[0]))
+  return _average_windows(mu, nu, jnp.swapaxes(past_mu, 0, 1), jnp.swapaxes(past_nu, 0, 1),
+                          filled)
 
 
 def in_burn_in(step: jax.Array, burn_in: int) -> jax.Array:

@@ -101,26 +101,45 @@ class BatchStatisticsNorm(nn.Module):
     ``where`` names the layer in errors; ``axis`` is the validated
     non-negative feature axis and ``features`` its size.
     """
-    where = layer_path(self)
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
+    where, use_running_average = call_mode(self, use_running_average)
     axis = st.canonical_axis(self.axis, x.ndim, where)
-    if not use_running_average and not self.is_initializing():
-      require_bound_axis(where, self.axis_name)
     return where, use_running_average, axis, x.shape[axis]
 
   def make_config(self, config_class):
-    """The functional config: every field of ``config_class`` read from the
-    layer's field of the same name; ``axis_name`` and ``axis_index_groups``
-    as hashable statics, with no mapped axis while initializing."""
-    groups = self.axis_index_groups
-    if groups is not None:
-      groups = tuple(tuple(g) for g in groups)
-    mapped = dict(axis_name=None if self.is_initializing() else self.axis_name,
-                  axis_index_groups=groups)
-    return config_class(**{
-        f.name: mapped[f.name] if f.name in mapped else getattr(self, f.name)
-        for f in dataclasses.fields(config_class)})
+    """:func:`functional_config` of this layer."""
+    return functional_config(self, config_class)
+
+  def sow_input(self, x: jax.Array, axis: int, config: Any, where: str) -> None:
+    """:func:`sow_moments` of the layer's input ``x`` with ``config``'s
+    ``norm_batch_size``, ``axis_name`` and ``axis_index_groups``."""
+    groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
+    sow_moments(self, x, groups, axis, config.axis_name, config.axis_index_groups)
+
+
+def call_mode(module: nn.Module, use_running_average: Optional[bool]):
+  """``(where, use_running_average)`` of a call: the layer's name for errors
+  and the mode merged from the field and the call argument (Flax's rule). A
+  training call with an ``axis_name`` checks that the axis is bound."""
+  where = layer_path(module)
+  use_running_average = nn.merge_param(
+      "use_running_average", module.use_running_average, use_running_average)
+  if not use_running_average and not module.is_initializing():
+    require_bound_axis(where, module.axis_name)
+  return where, use_running_average
+
+
+def functional_config(module: nn.Module, config_class):
+  """The functional config: every field of ``config_class`` read from the
+  layer's field of the same name; ``axis_name`` and ``axis_index_groups``
+  as hashable statics, with no mapped axis while initializing."""
+  groups = module.axis_index_groups
+  if groups is not None:
+    groups = tuple(tuple(g) for g in groups)
+  mapped = dict(axis_name=None if module.is_initializing() else module.axis_name,
+                axis_index_groups=groups)
+  return config_class(**{
+      f.name: mapped[f.name] if f.name in mapped else getattr(module, f.name)
+      for f in dataclasses.fields(config_class)})
 
 
 def require_bound_axis(where: str, axis_name: Optional[str]) -> None:
@@ -158,12 +177,20 @@ def state_variables(module: nn.Module, where: str, specs: Mapping[str, tuple],
   return variables
 
 
-def commit_state(module: nn.Module, variables: dict, new_values: dict) -> None:
+def read_state(variables: dict, initial: Any) -> Any:
+  """The functional state (a ``NamedTuple``) ``initial`` with every field that
+  is a declared variable (:func:`state_variables`) replaced by its value."""
+  return initial._replace(**{
+      name: variables[name].value for name in initial._fields if name in variables})
+
+
+def commit_state(module: nn.Module, variables: dict, new_state: Any) -> None:
   """Writes a step's new ``'batch_stats'`` values unless any is non-finite.
 
   ``variables`` maps names to the layer's ``flax`` variables (as returned by
-  :func:`state_variables`, with the counter) and
-  ``new_values`` names to their new values. A step with any NaN or Inf keeps
+  :func:`state_variables`, with the counter) and ``new_state`` is the
+  functional state after the step (a ``NamedTuple``); its fields that are
+  declared variables are written. A step with any NaN or Inf keeps
   every old value and increments the layer's ``nonfinite_count`` (an int32
   ``'batch_stats'`` variable the training loop can read, see
   :func:`mabn_jax.nonfinite_counts`). Nothing is written while initializing.
@@ -171,6 +198,8 @@ def commit_state(module: nn.Module, variables: dict, new_values: dict) -> None:
   counter = variables[NONFINITE_COUNT]
   if module.is_initializing():
     return
+  new_values = {name: value for name, value in new_state._asdict().items()
+                if name in variables}
   old = {name: variables[name].value for name in new_values}
   kept, finite = st.keep_if_finite(new_values, old)
   for name, value in kept.items():

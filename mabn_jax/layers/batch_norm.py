@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mabn_jax.functional import batch_norm as F
-from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
     BatchStatisticsNorm,
     affine,
     commit_state,
-    sow_moments,
+    read_state,
     state_variables,
 )
 
@@ -64,27 +63,16 @@ class BatchNorm(BatchStatisticsNorm):
     config = self.config()
     config.validate(where)
 
-    stats = state_variables(self, 
-        where, dict(mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,))))
-    ra_mean, ra_var = stats["mean"], stats["var"]
+    stats = state_variables(self, where, dict(
+        mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,))))
+    state = read_state(stats, F.init_state(features))
 
     if use_running_average:
-      normalized = F.normalize_inference(
-          x, ra_mean.value, ra_var.value, self.epsilon, axis, where
-      )
+      normalized = F.normalize_inference(x, state.mean, state.var, self.epsilon, axis, where)
       return affine(self, x, normalized, axis, features)
 
-    sow_moments(
-        self, x, st.num_groups(x.shape[0], self.norm_batch_size, where), axis,
-        config.axis_name, config.axis_index_groups,
-    )
-    state = F.BatchNormState(ra_mean.value, ra_var.value)
+    self.sow_input(x, axis, config, where)
     mean, var = F.batch_moments(x, config, where)
     normalized = F.standardize(x, mean, var, self.epsilon, axis)
-    new_state = F.update_state(state, mean, var, self.momentum)
-    commit_state(
-        self,
-        stats,
-        dict(mean=new_state.mean, var=new_state.var),
-    )
+    commit_state(self, stats, F.update_state(state, mean, var, self.momentum))
     return affine(self, x, normalized, axis, features)

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mabn_jax.functional import batch_renorm as F
-from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
     BatchStatisticsNorm,
     affine,
     commit_state,
-    sow_moments,
+    read_state,
     state_variables,
 )
 
@@ -79,23 +78,13 @@ class BatchRenorm(BatchStatisticsNorm):
     stats = state_variables(self, where, dict(
         mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,)),
         step=(jnp.zeros, (), jnp.int32)))
-    ra_mean, ra_var, step = stats["mean"], stats["var"], stats["step"]
+    state = read_state(stats, F.init_state(features))
 
     if use_running_average:
-      normalized = F.normalize_inference(
-          x, ra_mean.value, ra_var.value, self.epsilon, axis, where
-      )
+      normalized = F.normalize_inference(x, state.mean, state.var, self.epsilon, axis, where)
       return affine(self, x, normalized, axis, features)
 
-    sow_moments(
-        self, x, st.num_groups(x.shape[0], self.norm_batch_size, where), axis,
-        config.axis_name, config.axis_index_groups,
-    )
-    state = F.BatchRenormState(ra_mean.value, ra_var.value, step.value)
+    self.sow_input(x, axis, config, where)
     normalized, new_state = F.normalize_train(x, state, config, where)
-    commit_state(
-        self,
-        stats,
-        dict(mean=new_state.mean, var=new_state.var, step=new_state.step),
-    )
+    commit_state(self, stats, new_state)
     return affine(self, x, normalized, axis, features)

@@ -14,9 +14,10 @@ from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
     affine,
+    call_mode,
     commit_state,
-    layer_path,
-    require_bound_axis,
+    functional_config,
+    read_state,
     sow_moments,
     state_variables,
 )
@@ -114,28 +115,12 @@ class CrossIterationConvNorm(nn.Module):
   conv_bias_init: Any = initializers.zeros
 
   def config(self) -> F.CBNConfig:
-    groups = self.axis_index_groups
-    if groups is not None:
-      groups = tuple(tuple(g) for g in groups)
-    return F.CBNConfig(
-        window=self.window,
-        burn_in=self.burn_in,
-        naive=self.naive,
-        group_history=self.group_history,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        norm_batch_size=self.norm_batch_size,
-        axis_name=None if self.is_initializing() else self.axis_name,
-        axis_index_groups=groups,
-    )
+    return functional_config(self, F.CBNConfig)
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
     """Convolves and normalizes ``x`` ``(N, *spatial, cin)``; returns ``(N, *spatial_out, C)``."""
-    where = layer_path(self)
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
-    )
+    where, use_running_average = call_mode(self, use_running_average)
     kernel_size = (
         (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     )
@@ -147,8 +132,6 @@ class CrossIterationConvNorm(nn.Module):
       )
     config = self.config()
     config.validate(where)
-    if not use_running_average and not self.is_initializing():
-      require_bound_axis(where, self.axis_name)
     spec = F.ConvSpec.make(rank, self.strides, self.padding, where=where)
 
     conv_cls = CenteredConv if self.centered else nn.Conv
@@ -222,9 +205,8 @@ class _CrossIterationNorm(nn.Module):
         else "number of channels")
 
     if use_running_average:
-      normalized = F.normalize_inference(
-          y, variables["mean"].value, variables["var"].value, self.config.epsilon
-      )
+      state = read_state(variables, initial)
+      normalized = F.normalize_inference(y, state.mean, state.var, self.config.epsilon)
       return affine(self, y, normalized, y.ndim - 1, features)
 
     # Precise BN (spec, section 1) recomputes mean/var of the conv output,
@@ -235,9 +217,8 @@ class _CrossIterationNorm(nn.Module):
     y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     if bias is not None:
       y32 = y32 - bias.astype(y32.dtype)
-    state = initial._replace(**{name: variables[name].value for name in declared})
     normalized, new_state = F.normalize_train(
-        y32, x, kernel, state, spec, self.config, bias, where
+        y32, x, kernel, read_state(variables, initial), spec, self.config, bias, where
     )
-    commit_state(self, variables, {name: getattr(new_state, name) for name in declared})
+    commit_state(self, variables, new_state)
     return affine(self, y, normalized, y.ndim - 1, features)

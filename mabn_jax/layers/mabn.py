@@ -9,13 +9,12 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mabn_jax.functional import mabn as F
-from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
     BatchStatisticsNorm,
     affine,
     check_state_shape,
     commit_state,
-    sow_moments,
+    read_state,
     state_variables,
 )
 from mabn_jax.training import BACKWARD_STATS, inference_guard
@@ -89,8 +88,7 @@ class MABN(BatchStatisticsNorm):
         psi_buffer=(jnp.zeros, (m, features)),
         step=(jnp.zeros, (), jnp.int32),
     ))
-    chi_ema, chi_buffer, psi_buffer, step = (
-        stats[k] for k in ("chi_ema", "chi_buffer", "psi_buffer", "step"))
+    state = read_state(stats, F.init_state(features, m))
 
     if self.has_variable(BACKWARD_STATS, "psi_buffer") or self.is_mutable_collection(
         BACKWARD_STATS
@@ -103,21 +101,14 @@ class MABN(BatchStatisticsNorm):
       tap = None  # Forward-only use; differentiating then raises a clear error.
 
     if use_running_average:
-      normalized = F.normalize_inference(x, chi_ema.value, self.epsilon, axis)
+      normalized = F.normalize_inference(x, state.chi_ema, self.epsilon, axis)
       if tap is not None:
         normalized = inference_guard(normalized, tap, where)
       return affine(self, x, normalized, axis, features)
 
-    sow_moments(
-        self, x, st.num_groups(x.shape[0], self.norm_batch_size, where), axis,
-        config.axis_name, config.axis_index_groups,
-    )
-    state = F.MABNState(chi_ema.value, chi_buffer.value, psi_buffer.value, step.value)
+    self.sow_input(x, axis, config, where)
     normalized, new_state = F.normalize_train(x, state, tap, config, where)
-    commit_state(
-        self,
-        stats,
-        dict(chi_ema=new_state.chi_ema, chi_buffer=new_state.chi_buffer,
-             step=new_state.step),
-    )
+    # psi_buffer comes back unchanged: its new value is this step's tap
+    # cotangent, which mj.value_and_grad adds.
+    commit_state(self, stats, new_state)
     return affine(self, x, normalized, axis, features)
