@@ -151,7 +151,7 @@ class CrossIterationConvNorm(nn.Module):
     conv_params = conv.variables["params"]
     kernel = conv_params["kernel"]
     if self.centered:
-      kernel = center_kernel(kernel)
+      kernel = center_kernel(kernel, after=x)
     bias = conv_params.get("bias") if self.use_bias else None
 
     norm = _CrossIterationNorm(
