@@ -104,15 +104,26 @@ def build_training_step(network: str, norm: str, batch: int, size: int):
 
 
 class _Stepper:
-  """Calls a donated training step, threading the new state into the next call."""
+  """Calls a donated training step, each time from the same initial state.
+
+  ``prepare`` (untimed) copies the initial variables and optimizer state into
+  fresh buffers for the next call to donate, so every timed step computes on
+  the same numbers: a state that drifts over the rounds (diverging loss,
+  denormals) would otherwise make step times depend on the round.
+  """
 
   def __init__(self, compiled, args):
-    self.compiled, self.state, self.batch = compiled, args[:2], args[2:]
+    self.compiled, self.initial, self.batch = compiled, args[:2], args[2:]
+    self.state = None
+
+  def prepare(self):
+    self.state = _block(jax.tree_util.tree_map(jnp.copy, self.initial))
 
   def __call__(self):
-    variables, opt_state, loss = self.compiled(*self.state, *self.batch)
-    self.state = (variables, opt_state)
-    return loss
+    if self.state is None:
+      self.prepare()
+    state, self.state = self.state, None
+    return self.compiled(*state, *self.batch)[2]
 
 
 def memory_of(compiled) -> Dict[str, float]:
@@ -135,30 +146,49 @@ def measured_peak_mib() -> float | None:
 
 
 def interleaved_times(fns: Dict[str, Any], rounds: int, warmup: int = 2) -> Dict[str, List[float]]:
-  """Runs ``fns`` round-robin; returns each one's list of wall times (s)."""
+  """Runs ``fns`` round-robin; returns each one's list of wall times (s).
+
+  A function with a ``prepare`` method has it called, untimed, before each call.
+  """
+  def call(fn):
+    if hasattr(fn, "prepare"):
+      fn.prepare()
+    start = time.perf_counter()
+    _block(fn())
+    return time.perf_counter() - start
+
   for fn in fns.values():
     for _ in range(warmup):
-      _block(fn())
+      call(fn)
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      start = time.perf_counter()
-      _block(fn())
-      times[name].append(time.perf_counter() - start)
+      times[name].append(call(fn))
   return times
 
 
-def bench_training(network: str, batch: int, size: int, norms: Sequence[str], rounds: int):
-  """Training-step time, compile time and memory of each normalizer."""
-  steps, results = {}, {}
+def bench_training(network: str, batch: int, size: int, norms: Sequence[str], rounds: int,
+                   compile_rounds: int = 3):
+  """Training-step time, compile time and memory of each normalizer.
+
+  Compile time is the median of ``compile_rounds`` fresh compilations per
+  normalizer, interleaved like the step times.
+  """
+  steps, results, compile_times = {}, {}, {norm: [] for norm in norms}
+  for _ in range(max(1, compile_rounds)):
+    for norm in norms:
+      compiled, args, compile_seconds, memory = build_training_step(network, norm, batch, size)
+      compile_times[norm].append(compile_seconds)
+      if norm not in steps:
+        steps[norm] = _Stepper(compiled, args)
+        results[norm] = dict(memory)
+        peak = measured_peak_mib()
+        if peak is not None:
+          results[norm]["measured_peak_mib_so_far"] = peak
+      print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
   for norm in norms:
-    compiled, args, compile_seconds, memory = build_training_step(network, norm, batch, size)
-    steps[norm] = _Stepper(compiled, args)
-    results[norm] = {"compile_s": compile_seconds, **memory}
-    peak = measured_peak_mib()
-    if peak is not None:
-      results[norm]["measured_peak_mib_so_far"] = peak
-    print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
+    results[norm]["compile_s"] = statistics.median(compile_times[norm])
+    results[norm]["compile_s_all"] = compile_times[norm]
   times = interleaved_times(steps, rounds)
   for norm in norms:
     results[norm]["step_ms"] = 1e3 * statistics.median(times[norm])
@@ -291,7 +321,8 @@ def run(args) -> Dict[str, Any]:
     print(f"{name}: {model} {size}x{size} batch {batch}", flush=True)
     sections = {"config": {"model": model, "size": size, "batch": batch}}
     if not args.skip_train:
-      sections["train"] = bench_training(model, batch, size, args.norms, args.rounds)
+      sections["train"] = bench_training(model, batch, size, args.norms, args.rounds,
+                                         1 if args.smoke else args.compile_rounds)
     if not args.skip_infer:
       sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds)
     report["networks"][name] = sections
@@ -305,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--norms", nargs="+", default=list(TRAIN_NORMS))
   parser.add_argument("--variants", nargs="+", default=list(INFER_VARIANTS))
   parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--compile-rounds", type=int, default=3,
+                      help="fresh compilations per normalizer (median reported)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
   parser.add_argument("--skip-train", action="store_true")
   parser.add_argument("--skip-infer", action="store_true")

@@ -26,10 +26,10 @@ def center_kernel(kernel: jax.Array, after: Optional[jax.Array] = None) -> jax.A
   Returns:
     Array of the same shape and dtype whose every output slice sums to zero.
   """
+  mean = jnp.mean(kernel, axis=tuple(range(kernel.ndim - 1)), keepdims=True)
   if after is not None:
-    kernel = _after(kernel, after)
-  axes = tuple(range(kernel.ndim - 1))
-  return kernel - jnp.mean(kernel, axis=axes, keepdims=True)
+    mean = _after(mean, after)
+  return kernel - mean
 
 
 def _after(value: jax.Array, anchor: jax.Array) -> jax.Array:
@@ -39,7 +39,8 @@ def _after(value: jax.Array, anchor: jax.Array) -> jax.Array:
   scheduler computes every layer's centred kernel at the start of the step,
   so all of them are live through the whole forward pass (for ResNet-18 that
   was 7% more peak memory than BN; ``benchmarks/BENCHMARKS.md``). Tying the
-  kernel to the layer's input moves each centring to its layer.
+  kernel's (small) mean to the layer's input moves each centring to its
+  layer.
   ``optimization_barrier`` does not constrain the CPU scheduler, hence the
   select: ``x < x`` is false for every float, NaN included, so the value and
   its gradient are exactly those of ``value``.
