@@ -262,21 +262,26 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
   out_dir = os.path.join(args.results_root, args.name)
   seeds = _ints(args.seeds)
   b_small = int(args.norm_batch_size_ablation)
+  plan = []
+  for seed in seeds:
+    for i, (label, norm, kw, b) in enumerate(ABLATION):
+      b = b_small if b == 2 else b
+      cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
+                                norm_kwargs={**base.norm_kwargs, **kw} if norm == "mabn" else {})
+      plan.append((label, dataclasses.replace(cfg, workdir=os.path.join(
+          out_dir, "runs", f"v{i}_{cfg.run_name()}"))))
   cache: Dict[str, Any] = {}
-  results = {}
   try:
-    for seed in seeds:
-      for i, (label, norm, kw, b) in enumerate(ABLATION):
-        b = b_small if b == 2 else b
-        cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
-                                  norm_kwargs={**base.norm_kwargs, **kw} if norm == "mabn" else {})
-        cfg = dataclasses.replace(cfg, workdir=os.path.join(
-            out_dir, "runs", f"v{i}_{cfg.run_name()}"))
-        if not args.dry_run:
-          s = run_or_load(cfg, cache, _reuse_dirs(args))
-          results.setdefault(label, []).append(s["final_test_top1"])
+    for _, cfg in plan:
+      if not args.dry_run:
+        run_or_load(cfg, cache, _reuse_dirs(args))
   except KeyboardInterrupt:
     print("ablation interrupted; writing the finished runs", file=sys.stderr)
+  results = {}
+  for label, cfg in plan:  # pick up runs finished by other invocations too
+    s = _load_summary(cfg.workdir)
+    if s is not None:
+      results.setdefault(label, []).append(s["final_test_top1"])
   table = _header(args, base, f"MABN ablation at normalization batch {b_small}")
   table += "| variant | test top-1 |\n|---|---|\n"
   for label, *_ in ABLATION:

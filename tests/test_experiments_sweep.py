@@ -63,6 +63,13 @@ def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys
     assert f"| {label} | " in table
   assert "not run" not in table and "only the backward statistic averaged" in table
   assert os.path.exists(tmp_path / "abl" / "plot.png")
+  # A dry run tabulates the finished runs again; it trains nothing.
+  with open(tmp_path / "abl" / "results.json") as f:
+    trained = json.load(f)
+  assert sweep.main(["ablation", *common, "--name", "abl", "--dry_run"]) == 0
+  with open(tmp_path / "abl" / "results.json") as f:
+    assert json.load(f) == trained
+  assert (tmp_path / "abl" / "table.md").read_text() == table
 
 
 def test_inference_speed_measures_every_normalizer(tmp_path):
