@@ -187,15 +187,13 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
                                   norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
         plan.append(dataclasses.replace(cfg, workdir=os.path.join(out_dir, "runs", cfg.run_name())))
   cache: Dict[str, Any] = {}
-  summaries = {}
   try:
-    for cfg in plan:
-      if args.dry_run:
-        continue
-      summaries[cfg.run_name()] = run_or_load(cfg, cache, _reuse_dirs(args))
+    for cfg in [] if args.dry_run else plan:
+      run_or_load(cfg, cache, _reuse_dirs(args))
   except KeyboardInterrupt:
     print("sweep interrupted; writing the finished runs", file=sys.stderr)
-  for cfg in plan:  # pick up runs finished by other invocations too
+  summaries = {}
+  for cfg in plan:  # the finished runs, also those of other invocations
     s = _load_summary(cfg.workdir)
     if s is not None:
       summaries[cfg.run_name()] = s
@@ -272,13 +270,12 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
           out_dir, "runs", f"v{i}_{cfg.run_name()}"))))
   cache: Dict[str, Any] = {}
   try:
-    for _, cfg in plan:
-      if not args.dry_run:
-        run_or_load(cfg, cache, _reuse_dirs(args))
+    for _, cfg in [] if args.dry_run else plan:
+      run_or_load(cfg, cache, _reuse_dirs(args))
   except KeyboardInterrupt:
     print("ablation interrupted; writing the finished runs", file=sys.stderr)
   results = {}
-  for label, cfg in plan:  # pick up runs finished by other invocations too
+  for label, cfg in plan:  # the finished runs, also those of other invocations
     s = _load_summary(cfg.workdir)
     if s is not None:
       results.setdefault(label, []).append(s["final_test_top1"])
