@@ -187,25 +187,40 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
 # --------------------------------------------------------------------------
 
 
-def test_cheap_derivatives_equal_jacrev_of_mu_and_nu():
+@pytest.mark.parametrize(
+    "kernel_size, strides, padding, dilation, spatial",
+    [
+        ((3, 2), (2, 1), "SAME", 1, (5, 5)),
+        ((3, 3), 1, "VALID", 2, (7, 6)),
+        ((1, 1), 1, "SAME", 1, (4, 5)),
+        ((1, 1), 2, "SAME", 1, (5, 4)),
+        ((1, 1), (2, 3), ((1, 0), (2, 1)), 1, (5, 5)),
+        ((1,), 2, "VALID", 1, (7,)),
+        ((1, 1, 1), (1, 2, 2), "SAME", 1, (3, 4, 5)),
+    ],
+)
+def test_cheap_derivatives_equal_jacrev_of_mu_and_nu(kernel_size, strides, padding, dilation,
+                                                     spatial):
   with jax.enable_x64(True):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)))
-    kernel = jnp.asarray(rng.normal(size=(3, 2, 2, 3)))
-    spec = F.ConvSpec.make(2, strides=(2, 1), padding="SAME")
+    x = jnp.asarray(rng.normal(size=(4,) + spatial + (2,)))
+    kernel = jnp.asarray(rng.normal(size=kernel_size + (2, 3)))
+    spec = F.ConvSpec.make(len(spatial), strides=strides, padding=padding,
+                           kernel_dilation=dilation)
     groups = 2
 
     def moments(w):
       return F.batch_moments(F.conv(x, w, spec), groups)
 
-    jac_mu, jac_nu = jax.jacrev(moments)(kernel)  # (G, C, kh, kw, cin, C)
+    jac_mu, jac_nu = jax.jacrev(moments)(kernel)  # (G, C, *kernel_size, cin, C)
     dmu, dnu = F.moment_derivatives(x, F.conv(x, kernel, spec), kernel, spec, groups)
-    assert dmu.shape == (groups, 3, 2, 2) and dnu.shape == (groups, 3, 2, 2, 3)
+    assert dmu.shape == (groups,) + kernel_size + (2,)
+    assert dnu.shape == (groups,) + kernel_size + (2, 3)
     eye = np.eye(3)
     # d mu_c / d W[..., c'] = delta(c, c') * mean patch: one vector for every c.
-    expected_mu = np.einsum("gijk,cd->gcijkd", dmu, eye)
+    expected_mu = np.einsum("g...,cd->gc...d", dmu, eye)
     np.testing.assert_allclose(jac_mu, expected_mu, rtol=1e-10, atol=1e-12)
-    expected_nu = np.einsum("gijkc,cd->gcijkd", dnu, eye)
+    expected_nu = np.einsum("g...c,cd->gc...d", dnu, eye)
     np.testing.assert_allclose(jac_nu, expected_nu, rtol=1e-10, atol=1e-12)
 
 
