@@ -2,7 +2,10 @@
 
 One command measures every normalizer on the same network in the same
 process, interleaving the variants (A B C A B C ...) so that drifts of the
-machine hit all of them alike, and reports medians and ratios to BN::
+machine hit all of them alike, and reports medians and ratios to BN. Every
+variant is compiled several times (``--compile-rounds``) and every
+executable is timed, since separately compiled executables of one step can
+differ in speed::
 
   python -m benchmarks.bench                 # full run, writes BENCHMARKS.md
   python -m benchmarks.bench --smoke         # tiny shapes, a few steps
@@ -171,28 +174,36 @@ def bench_training(network: str, batch: int, size: int, norms: Sequence[str], ro
                    compile_rounds: int = 3):
   """Training-step time, compile time and memory of each normalizer.
 
-  Compile time is the median of ``compile_rounds`` fresh compilations per
-  normalizer, interleaved like the step times.
+  Each normalizer is compiled ``compile_rounds`` times (fresh traces,
+  interleaved), and *every* executable is timed in the interleaved rounds:
+  on XLA's CPU backend two compilations of the same step can differ by
+  several percent in step time, so one executable per normalizer measures
+  that compilation, not the normalizer. Step time is the median over all
+  executables' steps, compile time the median of the compilations; the
+  per-executable medians are in ``step_ms_per_compile``.
   """
   steps, results, compile_times = {}, {}, {norm: [] for norm in norms}
-  for _ in range(max(1, compile_rounds)):
+  for index in range(max(1, compile_rounds)):
     for norm in norms:
       compiled, args, compile_seconds, memory = build_training_step(network, norm, batch, size)
       compile_times[norm].append(compile_seconds)
-      if norm not in steps:
-        steps[norm] = _Stepper(compiled, args)
+      steps[norm, index] = _Stepper(compiled, args)
+      if norm not in results:
         results[norm] = dict(memory)
         peak = measured_peak_mib()
         if peak is not None:
           results[norm]["measured_peak_mib_so_far"] = peak
       print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
-  for norm in norms:
-    results[norm]["compile_s"] = statistics.median(compile_times[norm])
-    results[norm]["compile_s_all"] = compile_times[norm]
   times = interleaved_times(steps, rounds)
   for norm in norms:
-    results[norm]["step_ms"] = 1e3 * statistics.median(times[norm])
-    results[norm]["step_ms_all"] = [1e3 * t for t in times[norm]]
+    per_compile = [[1e3 * t for t in times[key]] for key in steps if key[0] == norm]
+    results[norm].update(
+        compile_s=statistics.median(compile_times[norm]),
+        compile_s_all=compile_times[norm],
+        step_ms=statistics.median([t for ts in per_compile for t in ts]),
+        step_ms_per_compile=[statistics.median(ts) for ts in per_compile],
+        step_ms_all=per_compile,
+    )
   return results
 
 
@@ -212,16 +223,24 @@ def build_inference(network: str, variant: str, batch: int, size: int):
   return (lambda: apply(variables, images)), model, variables, images
 
 
-def bench_inference(network: str, batch: int, size: int, variants: Sequence[str], rounds: int):
+def bench_inference(network: str, batch: int, size: int, variants: Sequence[str], rounds: int,
+                    compile_rounds: int = 3):
+  """Images/s of each variant: the median over ``compile_rounds`` separately
+  compiled copies (see :func:`bench_training`), timed interleaved."""
   fns = {}
-  for variant in variants:
-    fns[variant] = build_inference(network, variant, batch, size)[0]
+  for index in range(max(1, compile_rounds)):
+    for variant in variants:
+      fns[variant, index] = build_inference(network, variant, batch, size)[0]
   times = interleaved_times(fns, rounds)
-  return {
-      v: {"images_per_s": batch / statistics.median(times[v]),
-          "ms": 1e3 * statistics.median(times[v])}
-      for v in variants
-  }
+  results = {}
+  for variant in variants:
+    per_compile = [times[key] for key in fns if key[0] == variant]
+    seconds = statistics.median([t for ts in per_compile for t in ts])
+    results[variant] = {
+        "images_per_s": batch / seconds, "ms": 1e3 * seconds,
+        "images_per_s_per_compile": [batch / statistics.median(ts) for ts in per_compile],
+    }
+  return results
 
 
 def ratios(results: Dict[str, Dict[str, float]], key: str, base: str) -> Dict[str, float]:
@@ -259,13 +278,20 @@ def check_targets(report: Dict[str, Any]) -> List[Dict[str, Any]]:
   return rows
 
 
+def _span(result: Dict[str, Any], key: str) -> str:
+  """``min-max`` of the per-compile medians of ``key`` (``-`` if absent)."""
+  values = result.get(f"{key}_per_compile")
+  return f"{min(values):.1f}-{max(values):.1f}" if values else "-"
+
+
 def markdown(report: Dict[str, Any]) -> str:
   meta = report["meta"]
   lines = [
       f"## {meta['device']} — {meta['date']}",
       "",
       f"JAX {meta['jax']}, jaxlib {meta['jaxlib']}, Python {meta['python']}, "
-      f"{meta['machine']}; {meta['rounds']} interleaved rounds, medians. "
+      f"{meta['machine']}; {meta.get('compile_rounds', 1)} compilations of every variant, "
+      f"all timed in {meta['rounds']} interleaved rounds; medians over all their steps. "
       f"Command: `{meta['command']}`.",
       "",
   ]
@@ -275,14 +301,15 @@ def markdown(report: Dict[str, Any]) -> str:
     train = sections.get("train", {})
     if train:
       base = train.get("bn", {})
-      lines += ["| normalizer | step ms | / BN | compile s | / BN | XLA temp MiB | XLA total MiB | / BN "
-                "| XLA GFLOP | / BN |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+      lines += ["| normalizer | step ms | / BN | per compile ms | compile s | / BN | XLA temp MiB "
+                "| XLA total MiB | / BN | XLA GFLOP | / BN |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
       for norm, r in train.items():
         def rel(key):
           return f"{r[key] / base[key]:.3f}" if key in r and key in base else "-"
         lines.append(
-            f"| {norm} | {r['step_ms']:.1f} | {rel('step_ms')} | {r['compile_s']:.1f} | "
+            f"| {norm} | {r['step_ms']:.1f} | {rel('step_ms')} | {_span(r, 'step_ms')} | "
+            f"{r['compile_s']:.1f} | "
             f"{rel('compile_s')} | {r.get('temp_mib', float('nan')):.1f} | "
             f"{r.get('total_mib', float('nan')):.1f} | {rel('total_mib')} | "
             f"{r.get('gflops', float('nan')):.2f} | {rel('gflops')} |")
@@ -290,10 +317,12 @@ def markdown(report: Dict[str, Any]) -> str:
     infer = sections.get("infer", {})
     if infer:
       none = infer.get("none", {})
-      lines += ["| inference variant | images/s | / none |", "| --- | ---: | ---: |"]
+      lines += ["| inference variant | images/s | / none | per compile images/s |",
+                "| --- | ---: | ---: | ---: |"]
       for variant, r in infer.items():
         rel = f"{r['images_per_s'] / none['images_per_s']:.3f}" if none else "-"
-        lines.append(f"| {variant} | {r['images_per_s']:.1f} | {rel} |")
+        lines.append(f"| {variant} | {r['images_per_s']:.1f} | {rel} | "
+                     f"{_span(r, 'images_per_s')} |")
       lines.append("")
   lines += ["### Targets", "", "| network | target | measured | bound | met |",
             "| --- | --- | ---: | --- | --- |"]
@@ -311,7 +340,8 @@ def run(args) -> Dict[str, Any]:
                 f"({os.cpu_count()} CPU cores)",
       "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
       "python": platform.python_version(), "machine": platform.machine(),
-      "rounds": args.rounds, "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
+      "rounds": args.rounds, "compile_rounds": 1 if args.smoke else args.compile_rounds,
+      "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
   }, "networks": {}}
   for name in args.networks:
     model, size, cpu_batch, acc_batch = NETWORKS[name]
@@ -324,7 +354,8 @@ def run(args) -> Dict[str, Any]:
       sections["train"] = bench_training(model, batch, size, args.norms, args.rounds,
                                          1 if args.smoke else args.compile_rounds)
     if not args.skip_infer:
-      sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds)
+      sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds,
+                                          1 if args.smoke else args.compile_rounds)
     report["networks"][name] = sections
   report["targets"] = check_targets(report)
   return report
@@ -337,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--variants", nargs="+", default=list(INFER_VARIANTS))
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--compile-rounds", type=int, default=3,
-                      help="fresh compilations per normalizer (median reported)")
+                      help="fresh compilations per variant, all of them timed (medians "
+                           "over every executable's steps)")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
   parser.add_argument("--skip-train", action="store_true")
   parser.add_argument("--skip-infer", action="store_true")

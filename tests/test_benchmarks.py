@@ -18,6 +18,7 @@ def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   assert set(train) == {"bn", "mabn"}
   for r in train.values():
     assert r["step_ms"] > 0 and r["compile_s"] > 0 and r["total_mib"] > 0
+    assert len(r["step_ms_per_compile"]) == 1 and len(r["step_ms_all"][0]) == 1
   infer = report["networks"]["resnet18"]["infer"]
   assert all(v["images_per_s"] > 0 for v in infer.values())
   targets = {row["target"] for row in report["targets"]}
@@ -25,3 +26,19 @@ def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   assert "MABN / BN training step" in targets and "folded MABN / GN inference" in targets
   text = md.read_text()
   assert "| bn |" in text and "### Targets" in text
+
+
+def test_training_times_every_compiled_executable():
+  results = bench.bench_training("cnn6", 4, 8, ["bn", "mabn"], rounds=3, compile_rounds=2)
+  for r in results.values():
+    assert len(r["compile_s_all"]) == 2
+    assert [len(ts) for ts in r["step_ms_all"]] == [3, 3]
+    assert len(r["step_ms_per_compile"]) == 2
+    all_steps = sorted(t for ts in r["step_ms_all"] for t in ts)
+    assert r["step_ms"] == (all_steps[2] + all_steps[3]) / 2  # median of all six steps
+
+
+def test_inference_times_every_compiled_copy():
+  results = bench.bench_inference("cnn6", 4, 8, ["none", "gn"], rounds=2, compile_rounds=2)
+  for r in results.values():
+    assert r["images_per_s"] > 0 and len(r["images_per_s_per_compile"]) == 2
