@@ -33,7 +33,7 @@ import os
 import queue
 import tarfile
 import threading
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -83,6 +83,10 @@ class Split:
   def get(self, indices: np.ndarray):
     return self.images[indices], self.labels[indices]
 
+  @property
+  def image_shape(self):
+    return tuple(self.images.shape[1:])
+
   def subset(self, n: Optional[int], seed: int = 0) -> "Split":
     """The first ``n`` examples of a fixed class-mixing permutation."""
     if n is None or n >= len(self):
@@ -101,8 +105,8 @@ class Dataset:
   """
 
   name: str
-  train: Split
-  test: Split
+  train: Any  # Split or TfdsImageSplit: len(), get(indices), image_shape
+  test: Any
   num_classes: int
   mean: np.ndarray
   std: np.ndarray
@@ -111,7 +115,7 @@ class Dataset:
 
   @property
   def image_shape(self):
-    return tuple(self.train.images.shape[1:])
+    return tuple(self.train.image_shape)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096):
@@ -357,7 +361,6 @@ class TfdsImageSplit:
   def __init__(self, source, resize: int):
     self.source = source
     self.resize = resize
-    self.labels = None
 
   def __len__(self):
     return len(self.source)
@@ -373,6 +376,10 @@ class TfdsImageSplit:
     left, top = (w - self.resize) // 2, (h - self.resize) // 2
     img = img.crop((left, top, left + self.resize, top + self.resize))
     return np.asarray(img.convert("RGB"), np.uint8)
+
+  @property
+  def image_shape(self):
+    return (self.resize, self.resize, 3)
 
   def get(self, indices):
     rows = [self.source[int(i)] for i in indices]
