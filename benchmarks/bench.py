@@ -170,6 +170,11 @@ def interleaved_times(fns: Dict[str, Any], rounds: int, warmup: int = 2) -> Dict
   return times
 
 
+def _per_compile(times: Dict[Any, List[float]], name: str) -> List[List[float]]:
+  """The time lists of ``name``'s executables, from times keyed ``(name, index)``."""
+  return [ts for (variant, _), ts in times.items() if variant == name]
+
+
 def bench_training(network: str, batch: int, size: int, norms: Sequence[str], rounds: int,
                    compile_rounds: int = 3):
   """Training-step time, compile time and memory of each normalizer.
@@ -196,7 +201,7 @@ def bench_training(network: str, batch: int, size: int, norms: Sequence[str], ro
       print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
   times = interleaved_times(steps, rounds)
   for norm in norms:
-    per_compile = [[1e3 * t for t in times[key]] for key in steps if key[0] == norm]
+    per_compile = [[1e3 * t for t in ts] for ts in _per_compile(times, norm)]
     results[norm].update(
         compile_s=statistics.median(compile_times[norm]),
         compile_s_all=compile_times[norm],
@@ -234,7 +239,7 @@ def bench_inference(network: str, batch: int, size: int, variants: Sequence[str]
   times = interleaved_times(fns, rounds)
   results = {}
   for variant in variants:
-    per_compile = [times[key] for key in fns if key[0] == variant]
+    per_compile = _per_compile(times, variant)
     seconds = statistics.median([t for ts in per_compile for t in ts])
     results[variant] = {
         "images_per_s": batch / seconds, "ms": 1e3 * seconds,

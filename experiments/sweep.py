@@ -108,6 +108,22 @@ def run_or_load(config: T.Config, dataset_cache: Dict[str, Any],
   return s
 
 
+def run_plan(plan: List[T.Config], args, what: str) -> List[Optional[Dict[str, Any]]]:
+  """Trains the unfinished runs of ``plan`` (none with ``--dry_run``).
+
+  Returns every run's summary, ``None`` for runs not finished, reading them
+  from disk so that runs finished by other invocations count too. An
+  interrupt stops training and keeps what has finished.
+  """
+  cache: Dict[str, Any] = {}
+  try:
+    for cfg in [] if args.dry_run else plan:
+      run_or_load(cfg, cache, _reuse_dirs(args))
+  except KeyboardInterrupt:
+    print(f"{what} interrupted; writing the finished runs", file=sys.stderr)
+  return [_load_summary(cfg.workdir) for cfg in plan]
+
+
 def _reuse_dirs(args) -> List[str]:
   return [os.path.join(args.results_root, n) for n in (args.reuse or "").split(",") if n]
 
@@ -186,17 +202,8 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
         cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
                                   norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
         plan.append(dataclasses.replace(cfg, workdir=os.path.join(out_dir, "runs", cfg.run_name())))
-  cache: Dict[str, Any] = {}
-  try:
-    for cfg in [] if args.dry_run else plan:
-      run_or_load(cfg, cache, _reuse_dirs(args))
-  except KeyboardInterrupt:
-    print("sweep interrupted; writing the finished runs", file=sys.stderr)
-  summaries = {}
-  for cfg in plan:  # the finished runs, also those of other invocations
-    s = _load_summary(cfg.workdir)
-    if s is not None:
-      summaries[cfg.run_name()] = s
+  summaries = {cfg.run_name(): s for cfg, s in zip(plan, run_plan(plan, args, "sweep"))
+               if s is not None}
 
   results = {}
   for norm in norms:
@@ -268,15 +275,8 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
                                 norm_kwargs={**base.norm_kwargs, **kw} if norm == "mabn" else {})
       plan.append((label, dataclasses.replace(cfg, workdir=os.path.join(
           out_dir, "runs", f"v{i}_{cfg.run_name()}"))))
-  cache: Dict[str, Any] = {}
-  try:
-    for _, cfg in [] if args.dry_run else plan:
-      run_or_load(cfg, cache, _reuse_dirs(args))
-  except KeyboardInterrupt:
-    print("ablation interrupted; writing the finished runs", file=sys.stderr)
   results = {}
-  for label, cfg in plan:  # the finished runs, also those of other invocations
-    s = _load_summary(cfg.workdir)
+  for (label, _), s in zip(plan, run_plan([cfg for _, cfg in plan], args, "ablation")):
     if s is not None:
       results.setdefault(label, []).append(s["final_test_top1"])
   table = _header(args, base, f"MABN ablation at normalization batch {b_small}")
