@@ -13,9 +13,12 @@ from mabn_jax.layers import CrossIterationConvNorm
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
 from mabn_jax.training import (
     BACKWARD_STATS,
+    PSI_TAP,
+    TAP_TARGETS,
     accumulate_value_and_grad,
     check_finite,
     feed_backward_statistics,
+    migrate_variables,
     nonfinite_counts,
     value_and_grad,
 )
@@ -24,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKWARD_STATS",
+    "PSI_TAP",
+    "TAP_TARGETS",
     "BatchNorm",
     "BatchRenorm",
     "CenteredConv",
@@ -38,6 +43,7 @@ __all__ = [
     "fold",
     "functional",
     "make_normalizer",
+    "migrate_variables",
     "nonfinite_counts",
     "recompute_batch_stats",
     "recording",

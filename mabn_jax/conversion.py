@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
-from mabn_jax.training import BACKWARD_STATS
+from mabn_jax.training import BACKWARD_STATS, PSI_TAP
 
 _MABN_DEFAULTS = dict(buffer_size=16, warmup_steps=100)
 
@@ -126,7 +126,7 @@ def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
     node = _get(stats, layer)
     state = mabn_state_from_batch_norm(node["mean"], node["var"], m, step)
     _set(out["batch_stats"], layer, state)
-    _set(taps, layer, {"psi_buffer": jnp.zeros_like(state["psi_buffer"])})
+    _set(taps, layer, {PSI_TAP: jnp.zeros_like(state["psi_buffer"])})
   return out, new_normalizer
 
 
@@ -230,7 +230,7 @@ def _convert_plain(variables: dict, target: dict, step, warmup_steps):
     if BACKWARD_STATS in out:
       try:
         _set(out[BACKWARD_STATS], dst,
-             {"psi_buffer": jnp.zeros_like(_get(target[BACKWARD_STATS], dst)["psi_buffer"])})
+             {PSI_TAP: jnp.zeros_like(_get(target[BACKWARD_STATS], dst)[PSI_TAP])})
       except KeyError:
         pass
 

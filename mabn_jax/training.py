@@ -1,11 +1,18 @@
 """The training contract: gradients plus every statistic a step produces.
 
 Normalizers whose backward pass produces a statistic (MABN's ``Psi``) declare
-a zero-valued *tap* variable in the :data:`BACKWARD_STATS` collection, with the
-same module path and name as the ``'batch_stats'`` variable it updates. The
-cotangent of a tap is that variable's increment for the step.
+a zero-valued *tap* variable in the :data:`BACKWARD_STATS` collection. The
+cotangent of a tap is the step's increment of one ``'batch_stats'`` variable
+of the same layer; which one is given by :data:`TAP_TARGETS` (tap name ->
+statistic name; MABN's tap ``psi_increment`` updates ``psi_buffer``). Taps and
+statistics have distinct names, so a layer's variables have distinct names
+whatever the collection (Flax NNX's ``nnx.bridge`` requires that).
 :func:`value_and_grad` differentiates the loss with respect to ``'params'``
-and the taps together, and adds each tap's cotangent to ``'batch_stats'``.
+and the taps together, and adds each tap's cotangent to its statistic.
+
+Variables saved before the tap had its own name hold ``'backward_stats'``
+entries named ``psi_buffer``; layers and :func:`value_and_grad` reject them
+with a message pointing to :func:`migrate_variables`, which renames them.
 """
 
 from __future__ import annotations
@@ -21,25 +28,103 @@ from flax.core import FrozenDict, freeze, unfreeze
 BACKWARD_STATS = "backward_stats"
 """Collection holding the zero-valued taps of backward statistics."""
 
+PSI_TAP = "psi_increment"
+"""Name of MABN's tap: its cotangent is the step's ``psi_buffer`` increment."""
+
+TAP_TARGETS = {PSI_TAP: "psi_buffer"}
+"""Tap name -> name of the ``'batch_stats'`` variable (same layer) it updates."""
+
+LEGACY_TAP_NAMES = {"psi_buffer": PSI_TAP}
+"""Old tap names (taps once shared their statistic's name) -> current names."""
+
+
+def legacy_tap_message(where: str, path: str) -> str:
+  """The error for a tap saved under its old name: what changed, how to fix it."""
+  new = LEGACY_TAP_NAMES[path.rsplit("/", 1)[-1]]
+  return (
+      f"{where}: the variables hold the backward-statistics tap '{path}' of the "
+      f"old layout; the tap is now named '{new}' (taps no longer share the name "
+      f"of the 'batch_stats' variable they update, so Flax NNX's bridge can hold "
+      f"both). Convert variables saved before the rename with "
+      f"mabn_jax.migrate_variables(variables)."
+  )
+
+
+def _legacy_tap_paths(taps: Mapping) -> list:
+  return ["/".join(path) for path in traverse_util.flatten_dict(unfreeze(taps))
+          if path[-1] in LEGACY_TAP_NAMES]
+
+
+def migrate_variables(variables: Mapping):
+  """Variables saved with the old tap layout, in the current one.
+
+  Renames every ``'backward_stats'`` tap of the old layout (``psi_buffer``,
+  which shared the name of the ``'batch_stats'`` variable it updates) to its
+  current name (``psi_increment``, see :data:`LEGACY_TAP_NAMES`). Values are
+  unchanged (taps are zeros); every other collection is returned as is.
+  Variables already in the current layout come back unchanged, so the call
+  is safe on any variables. A ``FrozenDict`` stays frozen.
+
+  Restore an old checkpoint without a target, then migrate::
+
+    variables = mj.migrate_variables(ocp.StandardCheckpointer().restore(path))
+  """
+  frozen = isinstance(variables, FrozenDict)
+  out = {k: v for k, v in unfreeze(variables).items()}
+  if BACKWARD_STATS in out:
+    flat = traverse_util.flatten_dict(out[BACKWARD_STATS])
+    renamed = {}
+    for path, value in flat.items():
+      name = LEGACY_TAP_NAMES.get(path[-1], path[-1])
+      new_path = path[:-1] + (name,)
+      if new_path in renamed:
+        raise ValueError(
+            f"migrate_variables: '{'/'.join(path)}' and another tap both map to "
+            f"'{'/'.join(new_path)}'.")
+      renamed[new_path] = value
+    out[BACKWARD_STATS] = traverse_util.unflatten_dict(renamed)
+  return freeze(out) if frozen else out
+
+
+def stat_path(tap_path: tuple) -> tuple:
+  """Path of the ``'batch_stats'`` variable a tap at ``tap_path`` updates.
+
+  Raises:
+    ValueError: for a tap name not in :data:`TAP_TARGETS` (an old-layout
+      tap gets the :func:`migrate_variables` message).
+  """
+  name = tap_path[-1]
+  if name in LEGACY_TAP_NAMES:
+    raise ValueError(legacy_tap_message("mabn_jax", "/".join(tap_path)))
+  if name not in TAP_TARGETS:
+    raise ValueError(
+        f"backward-statistics tap {'/'.join(tap_path)}: unknown tap name {name!r} "
+        f"(known taps: {sorted(TAP_TARGETS)}).")
+  return tap_path[:-1] + (TAP_TARGETS[name],)
+
 
 def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
-  """Adds each tap cotangent to the ``batch_stats`` variable of the same path.
+  """Adds each tap cotangent to the ``batch_stats`` variable it updates.
+
+  The tap ``LAYER/TAP`` updates ``LAYER/TAP_TARGETS[TAP]`` (see
+  :func:`stat_path`).
 
   Args:
     batch_stats: the ``'batch_stats'`` tree after the forward pass.
     taps_cotangent: gradient of the loss with respect to the
-      :data:`BACKWARD_STATS` tree (same paths, shapes and dtypes as the
-      variables they update).
+      :data:`BACKWARD_STATS` tree (same shapes and dtypes as the variables
+      they update).
 
   Returns:
     The updated ``batch_stats`` tree (a plain dict).
   """
   stats = traverse_util.flatten_dict(unfreeze(batch_stats))
-  for path, increment in traverse_util.flatten_dict(unfreeze(taps_cotangent)).items():
+  for tap, increment in traverse_util.flatten_dict(unfreeze(taps_cotangent)).items():
+    path = stat_path(tap)
     if path not in stats:
       raise ValueError(
-          f"backward-statistics tap {'/'.join(path)} has no 'batch_stats' "
-          "variable to update; pass mutable=['batch_stats'] to model.apply "
+          f"backward-statistics tap {'/'.join(tap)} has no 'batch_stats' "
+          f"variable {'/'.join(path)} to update; pass mutable=['batch_stats'] to model.apply "
           "in the loss function."
       )
     increment = increment.astype(stats[path].dtype)
@@ -137,6 +222,10 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
           "mabn_jax.value_and_grad: the variables have no 'params' collection "
           f"(found {sorted(variables)})."
       )
+    legacy = _legacy_tap_paths(taps)
+    if legacy:
+      raise ValueError(legacy_tap_message(
+          "mabn_jax.value_and_grad", f"{BACKWARD_STATS}/{legacy[0]}"))
 
     def loss_of(differentiable):
       params, tap_values = differentiable

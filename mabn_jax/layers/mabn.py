@@ -17,7 +17,13 @@ from mabn_jax.layers._common import (
     read_state,
     state_variables,
 )
-from mabn_jax.training import BACKWARD_STATS, inference_guard
+from mabn_jax.training import (
+    BACKWARD_STATS,
+    LEGACY_TAP_NAMES,
+    PSI_TAP,
+    inference_guard,
+    legacy_tap_message,
+)
 
 
 class MABN(BatchStatisticsNorm):
@@ -35,8 +41,11 @@ class MABN(BatchStatisticsNorm):
       ``psi_buffer`` ``(m, C)`` (float32, newest row last) and ``step``
       ``()`` int32; ``nonfinite_count`` ``()`` int32, the steps skipped
       because their statistics were not finite (the state is then kept).
-    ``backward_stats``: ``psi_buffer`` ``(m, C)`` float32 zeros, the tap whose
-      cotangent is the step's ``psi_buffer`` increment.
+    ``backward_stats``: ``psi_increment`` ``(m, C)`` float32 zeros, the tap
+      whose cotangent is the step's ``psi_buffer`` increment
+      (:data:`mabn_jax.TAP_TARGETS`). Variables saved when the tap was named
+      ``psi_buffer`` raise an error; convert them with
+      :func:`mabn_jax.migrate_variables`.
 
   Attributes:
     use_running_average: if True, normalize with ``chi_ema`` (inference: an
@@ -90,13 +99,16 @@ class MABN(BatchStatisticsNorm):
     ))
     state = read_state(stats, F.init_state(features, m))
 
-    if self.has_variable(BACKWARD_STATS, "psi_buffer") or self.is_mutable_collection(
+    for old in LEGACY_TAP_NAMES:
+      if self.has_variable(BACKWARD_STATS, old):
+        raise ValueError(legacy_tap_message(where, f"{BACKWARD_STATS}/{old}"))
+    if self.has_variable(BACKWARD_STATS, PSI_TAP) or self.is_mutable_collection(
         BACKWARD_STATS
     ):
       tap = self.variable(
-          BACKWARD_STATS, "psi_buffer", jnp.zeros, (m, features), jnp.float32
+          BACKWARD_STATS, PSI_TAP, jnp.zeros, (m, features), jnp.float32
       ).value
-      check_state_shape(where, f"{BACKWARD_STATS}/psi_buffer", tap, (m, features))
+      check_state_shape(where, f"{BACKWARD_STATS}/{PSI_TAP}", tap, (m, features))
     else:
       tap = None  # Forward-only use; differentiating then raises a clear error.
 
