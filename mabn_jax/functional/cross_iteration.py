@@ -12,7 +12,9 @@ first-order Taylor expansion::
 
 Entries whose compensated values are inconsistent (``nu < mu^2``) are
 dropped, the rest are averaged, and ``var = max(nu_bar - mu_bar^2, 0)``.
-Only the current batch's ``mu``, ``nu`` carry gradient.
+In the published layer only the current batch's ``mu``, ``nu`` carry
+gradient; ``CBNConfig.backward`` offers two gradients that agree with the
+forward (below).
 
 The derivatives are cheap (spec, section 4): ``d mu_c / d W[..., c]`` is the
 mean input patch, the same ``(*kernel_size, cin)`` vector for every output
@@ -35,6 +37,27 @@ preset (``experiments/results/cbn_diagnosis_cifar_cpu``). With
 ``group_history`` each group instead keeps its own history of past steps
 (buffers ``(P, G, ...)``), as if each group ran on its own device: the
 published setting of one small batch per GPU.
+
+The gradient (``CBNConfig.backward``). The forward is the same for every
+choice; they differ in what the backward pass treats as constant:
+
+* ``'published'`` (the authors' layer, spec section 4): only the current
+  group's ``mu``, ``nu`` carry gradient, so the gradient through the pooled
+  moments is ``1/n`` of BN's for a window of ``n`` entries. The compensated
+  forward is nearly invariant to scaling a channel's kernel (every entry is
+  carried to the current kernel), but this gradient is not: it has a
+  component along the kernel that the loss does not feel.
+* ``'exact'``: the derivative of the forward as computed. The Taylor term
+  ``d . W`` of every compensated entry is linear in the current kernel, so
+  its kernel gradient is the buffered derivative contracted with the pooled
+  moments' cotangent (no extra convolution); entries of earlier groups of the
+  same step (simulated small batch) carry their gradient to ``x`` and ``W``.
+  Buffered offsets (earlier steps' data) stay constants.
+* ``'batch'``: BN's backward with the pooled moments, i.e. the pooled
+  moments differentiated as if they were the current group's own
+  (``mu_bar = mu + stop_gradient(mu_bar - mu)``, same for ``nu``), in the
+  spirit of MABN's backward statistics: the current batch's backward
+  statistics at full weight instead of their ``1/n`` share.
 
 During burn-in (steps ``t <= burn_in``, counted from 1) the layer is plain BN
 with the biased variance and nothing is buffered; afterwards the window grows
@@ -125,12 +148,16 @@ class CBNConfig:
     axis_name: mapped axis over which the statistics and their derivatives
       are averaged.
     axis_index_groups: device groups for that average.
+    backward: the gradient, one of :data:`BACKWARDS` (see the module
+      docstring): ``'published'`` (the authors' layer), ``'exact'`` or
+      ``'batch'``. The forward and the state do not depend on it.
   """
 
   window: int = 4
   burn_in: int = 100
   naive: bool = False
   group_history: bool = False
+  backward: str = "published"
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
@@ -144,7 +171,12 @@ class CBNConfig:
         ("burn_in", self.burn_in, is_int_at_least(self.burn_in, 0), "an integer >= 0"),
         ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
         ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
+        ("backward", self.backward, self.backward in BACKWARDS, f"one of {BACKWARDS}"),
     ])
+
+
+BACKWARDS = ("published", "exact", "batch")
+"""The gradients :class:`CBNConfig` offers (``backward``)."""
 
 
 Padding = Union[str, Tuple[Tuple[int, int], ...]]
@@ -364,6 +396,7 @@ def compensate(
     dmu: jax.Array,
     dnu: jax.Array,
     kernel: jax.Array,
+    differentiable: bool = False,
 ) -> Tuple[jax.Array, jax.Array]:
   """First-order Taylor compensation of entries to ``kernel`` (spec, section 4).
 
@@ -374,23 +407,30 @@ def compensate(
   Args:
     mu_offset, nu_offset: ``(P, C)`` buffered offsets.
     dmu: ``(P, *K)``; dnu: ``(P, *K, C)``.
-    kernel: ``(*K, C)`` the current kernel (treated as a constant).
+    kernel: ``(*K, C)`` the current kernel.
+    differentiable: whether the result carries the gradient of the Taylor
+      term to ``kernel`` (``backward='exact'``); otherwise the kernel is a
+      constant. Offsets and derivatives are constants either way.
 
   Returns:
     The compensated ``(mu, nu)``, each ``(P, C)``.
   """
-  mu_dot, nu_dot = _dot_kernel(dmu, dnu, kernel)
-  return mu_offset + mu_dot, nu_offset + nu_dot
+  mu_dot, nu_dot = _dot_kernel(lax.stop_gradient(dmu), lax.stop_gradient(dnu), kernel,
+                               differentiable)
+  return lax.stop_gradient(mu_offset) + mu_dot, lax.stop_gradient(nu_offset) + nu_dot
 
 
-def _dot_kernel(dmu, dnu, kernel):
+def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
   """Per-entry, per-channel ``(dmu . W, dnu . W)``, each ``(*E, C)``.
 
-  ``dmu`` is ``(*E, *K)`` and ``dnu`` ``(*E, *K, C)`` for entry axes ``E``.
+  ``dmu`` is ``(*E, *K)`` and ``dnu`` ``(*E, *K, C)`` for entry axes ``E``;
+  the kernel is a constant unless ``differentiable``.
   """
   channels = kernel.shape[-1]
   lead = dnu.shape[:dnu.ndim - kernel.ndim]
-  w = lax.stop_gradient(kernel).astype(dnu.dtype).reshape(-1, channels)
+  if not differentiable:
+    kernel = lax.stop_gradient(kernel)
+  w = kernel.astype(dnu.dtype).reshape(-1, channels)
   mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(math.prod(lead), -1), w)
   nu_dot = jnp.einsum("pkc,kc->pc", dnu.reshape(math.prod(lead), -1, channels), w)
   return mu_dot.reshape(lead + (channels,)), nu_dot.reshape(lead + (channels,))
@@ -402,25 +442,32 @@ def pooled_moments(
     past_mu: jax.Array,
     past_nu: jax.Array,
     past_filled: jax.Array,
+    same_step_gradient: bool = False,
 ) -> Tuple[jax.Array, jax.Array]:
   """Averages of the current and the valid past entries, per group.
 
-  Group ``j`` pools its own ``(mu[j], nu[j])`` (always kept; the only terms
-  with gradient) and the ``P`` entries of the sequence ``past ++ current``
-  that precede it, ``seq[j], ..., seq[j + P - 1]``, keeping those that are
-  filled and consistent (``nu >= mu^2``).
+  Group ``j`` pools its own ``(mu[j], nu[j])`` (always kept) and the ``P``
+  entries of the sequence ``past ++ current`` that precede it,
+  ``seq[j], ..., seq[j + P - 1]``, keeping those that are filled and
+  consistent (``nu >= mu^2``).
 
   Args:
     mu, nu: ``(G, C)`` current group statistics.
-    past_mu, past_nu: ``(P, C)`` (compensated) past entries, newest last.
+    past_mu, past_nu: ``(P, C)`` (compensated) past entries, newest last;
+      whatever gradient they carry is kept.
     past_filled: ``(P,)`` bool, which past entries hold real values.
+    same_step_gradient: whether the earlier groups of this step carry their
+      gradient into later groups' windows (``backward='exact'``); otherwise
+      a group's own entry is its only term with gradient from this step.
 
   Returns:
     ``(mu_bar, nu_bar)``, each ``(G, C)``.
   """
   groups, past = mu.shape[0], past_mu.shape[0]
-  seq_mu = jnp.concatenate([past_mu, lax.stop_gradient(mu)], axis=0)
-  seq_nu = jnp.concatenate([past_nu, lax.stop_gradient(nu)], axis=0)
+  same_mu, same_nu = (mu, nu) if same_step_gradient else (
+      lax.stop_gradient(mu), lax.stop_gradient(nu))
+  seq_mu = jnp.concatenate([past_mu, same_mu], axis=0)
+  seq_nu = jnp.concatenate([past_nu, same_nu], axis=0)
   filled = jnp.concatenate([past_filled, jnp.ones((groups,), bool)])
   index = jnp.arange(groups)[:, None] + jnp.arange(past)[None, :]  # (G, P)
   return _average_windows(mu, nu, seq_mu[index], seq_nu[index], filled[index])
@@ -429,7 +476,7 @@ def pooled_moments(
 def _average_windows(mu, nu, win_mu, win_nu, filled):
   """Per group, the mean of ``(mu, nu)`` and its window entries ``(G, P, C)``
   that are ``filled`` ``(G, P)`` and consistent (``nu >= mu^2``)."""
-  keep = filled[..., None] & (win_nu >= jnp.square(win_mu))
+  keep = filled[..., None] & (lax.stop_gradient(win_nu) >= jnp.square(lax.stop_gradient(win_mu)))
   keep = keep.astype(mu.dtype)
   count = 1.0 + jnp.sum(keep, axis=1)
   mu_bar = (mu + jnp.sum(keep * win_mu, axis=1)) / count
@@ -482,9 +529,10 @@ def normalize_train(
       carries the gradient (to ``x`` and the kernel through the caller's
       convolution). ``N`` must be a multiple of ``config.norm_batch_size``.
     x: ``(N, *spatial, cin)`` the conv input (for the derivatives only).
-    kernel: ``(*K, C)`` the effective kernel with ``y = conv(x, kernel)``;
-      used as a constant (the compensation target, and the
-      kernel the new entries' offsets are taken with).
+    kernel: ``(*K, C)`` the effective kernel with ``y = conv(x, kernel)``:
+      the compensation target (differentiated through the Taylor terms with
+      ``backward='exact'``, a constant otherwise) and the kernel the new
+      entries' offsets are taken with (a constant).
     state: the current :class:`CBNState` (buffer ``P`` = ``config.window - 1``).
     spec: the convolution.
     config: static hyper-parameters.
@@ -523,16 +571,24 @@ def normalize_train(
   step = state.step + 1
   burning = in_burn_in(step, config.burn_in)
 
+  exact = config.backward == "exact"
   if past > 0:
     if config.naive:
       past_mu, past_nu = state.mu_buffer, state.nu_buffer
     else:
       past_mu, past_nu = compensate(
-          state.mu_offset, state.nu_offset, state.dmu_buffer, state.dnu_buffer, kernel
+          state.mu_offset, state.nu_offset, state.dmu_buffer, state.dnu_buffer, kernel,
+          differentiable=exact,
       )
+    past_mu, past_nu = past_mu.astype(dtype), past_nu.astype(dtype)
     past_filled = jnp.arange(past) >= past - state.count
-    pool = pooled_moments_per_group if config.group_history else pooled_moments
-    mu_win, nu_win = pool(mu, nu, past_mu.astype(dtype), past_nu.astype(dtype), past_filled)
+    if config.group_history:
+      mu_win, nu_win = pooled_moments_per_group(mu, nu, past_mu, past_nu, past_filled)
+    else:
+      mu_win, nu_win = pooled_moments(mu, nu, past_mu, past_nu, past_filled, exact)
+    if config.backward == "batch":
+      mu_win = mu + lax.stop_gradient(mu_win - mu)
+      nu_win = nu + lax.stop_gradient(nu_win - nu)
     mu_bar = jnp.where(burning, mu, mu_win)
     nu_bar = jnp.where(burning, nu, nu_win)
   else:

@@ -73,6 +73,13 @@ class CrossIterationConvNorm(nn.Module):
       small batch per device); the buffers then get a group axis
       (``(P, G, ...)``), so the layer must be initialized with the training
       batch size. Default: a step's groups are consecutive iterations.
+    backward: the gradient (the forward is the same): ``'published'`` (the
+      authors' layer: only the current batch's moments carry gradient, a
+      ``1/window`` share), ``'exact'`` (the derivative of the compensated
+      forward: the Taylor terms carry gradient to the kernel, and a step's
+      earlier groups to ``x`` and the kernel) or ``'batch'`` (BN's backward
+      with the pooled moments: the current batch's backward statistics at
+      full weight). See :mod:`mabn_jax.functional.cross_iteration`.
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
@@ -99,6 +106,7 @@ class CrossIterationConvNorm(nn.Module):
   burn_in: int = 100
   naive: bool = False
   group_history: bool = False
+  backward: str = "published"
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
