@@ -13,6 +13,7 @@ from mabn_jax.layers._common import (
     BatchStatisticsNorm,
     affine,
     check_state_shape,
+    claim_training_call,
     commit_state,
     read_state,
     state_variables,
@@ -33,7 +34,9 @@ class MABN(BatchStatisticsNorm):
   batches; put it after a :class:`~mabn_jax.CenteredConv` (or
   :class:`~mabn_jax.CenteredDense`), since it does not subtract a mean.
   Train with :func:`mabn_jax.value_and_grad`, which feeds the backward
-  statistic into the state.
+  statistic into the state. Call each layer once per training step: a
+  second training-mode call of the same layer in one ``apply`` raises a
+  ``ValueError`` at trace time (use one layer per call).
 
   Variables (``C`` = number of features, ``m`` = ``buffer_size``):
     ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
@@ -118,6 +121,7 @@ class MABN(BatchStatisticsNorm):
         normalized = inference_guard(normalized, tap, where)
       return affine(self, x, normalized, axis, features)
 
+    claim_training_call(self, where)
     self.sow_input(x, axis, config, where)
     normalized, new_state = F.normalize_train(x, state, tap, config, where)
     # psi_buffer comes back unchanged: its new value is this step's tap
