@@ -44,7 +44,7 @@ from flax.core import FrozenDict, freeze, unfreeze
 from mabn_jax.functional import mabn as mabn_math
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers.mabn import MABN
-from mabn_jax.training import BACKWARD_STATS, feed_backward_statistics
+from mabn_jax.training import BACKWARD_STATS, feed_backward_statistics, training_step
 
 BN_STATISTICS = ("mu", "var", "g", "psi")
 """Names of the four statistics recorded for a BN-type layer (spec, section 1)."""
@@ -230,9 +230,10 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
       params, tap_values, probe_values = differentiable
       return call(params, tap_values, probe_values, {})
 
-    (loss, rest), (grads, taps_cotangent, probe_cotangent) = jax.value_and_grad(
-        loss_of, has_aux=True
-    )((variables["params"], taps, probes))
+    with training_step():
+      (loss, rest), (grads, taps_cotangent, probe_cotangent) = jax.value_and_grad(
+          loss_of, has_aux=True
+      )((variables["params"], taps, probes))
     mutated, aux = rest if has_aux else (rest, None)
     new_variables = {**variables, **unfreeze(mutated)}
     if taps:

@@ -17,6 +17,8 @@ with a message pointing to :func:`migrate_variables`, which renames them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Callable, Mapping
 
@@ -101,6 +103,53 @@ def stat_path(tap_path: tuple) -> tuple:
         f"backward-statistics tap {'/'.join(tap_path)}: unknown tap name {name!r} "
         f"(known taps: {sorted(TAP_TARGETS)}).")
   return tap_path[:-1] + (TAP_TARGETS[name],)
+
+
+# The taps claimed by normalization calls in the training step being traced
+# (None outside one); see claim_tap.
+_STEP_TAPS: contextvars.ContextVar = contextvars.ContextVar("step_taps", default=None)
+
+
+@contextlib.contextmanager
+def training_step():
+  """Context of one traced training step, in which :func:`claim_tap` counts calls.
+
+  :func:`value_and_grad` (and ``mabn_jax.nnx.value_and_grad``,
+  ``mabn_jax.recording.value_and_grad``) trace the loss inside it.
+  """
+  token = _STEP_TAPS.set([])
+  try:
+    yield
+  finally:
+    _STEP_TAPS.reset(token)
+
+
+def claim_tap(tap, where: str) -> None:
+  """Registers a training call's tap; raises if the tap was already used this step.
+
+  Inside :func:`training_step` every tap is a distinct traced value, so one
+  tap reaching two training calls means one layer (one set of variables)
+  normalized twice in the step (weight sharing). That cannot be two
+  consecutive MABN steps: their forward buffers would advance per call but
+  both calls' backward statistics would be summed into one tap cotangent,
+  i.e. one ``psi_buffer`` update, and the second step's backward pass needs
+  the first one's ``Psi``, which the same backward pass computes later. So
+  it is a ``ValueError`` at trace time, naming the layer ``where``. Outside a
+  training step (forward-only calls, which are consecutive steps) and for
+  ``tap=None`` it does nothing.
+  """
+  claimed = _STEP_TAPS.get()
+  if claimed is None or tap is None:
+    return
+  if any(tap is other for other in claimed):
+    raise ValueError(
+        f"{where}: called a second time in training mode within one training "
+        "step. Each training call is one normalization step with its own "
+        "backward statistic, but the calls share one tap, so psi_buffer would "
+        "advance once while chi_buffer advances per call. Use one layer "
+        "instance per call (e.g. two MABN layers with their own variables)."
+    )
+  claimed.append(tap)
 
 
 def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
@@ -239,9 +288,10 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
         )
       return out
 
-    (loss, rest), (grads, taps_cotangent) = jax.value_and_grad(
-        loss_of, has_aux=True
-    )((variables["params"], taps))
+    with training_step():
+      (loss, rest), (grads, taps_cotangent) = jax.value_and_grad(
+          loss_of, has_aux=True
+      )((variables["params"], taps))
     mutated, aux = rest if has_aux else (rest, None)
     new_variables = {**variables, **unfreeze(mutated)}
     if taps:

@@ -94,49 +94,67 @@ def test_cross_iteration_conv_norm_called_twice_equals_two_sequential_steps():
   assert int(state["count"]) == 2 and int(state["step"]) == 2
 
 
-@pytest.mark.parametrize("through", ["value_and_grad", "init", "shared_parent"])
-def test_mabn_called_twice_in_training_mode_raises_naming_the_layer(through):
-  x = jnp.ones((4, 3))
-  layer = mj.MABN(buffer_size=2, warmup_steps=0)
-  match = r"MABN 'layer'.*second time in training mode.*one layer instance per call"
-  if through == "init":
-    with pytest.raises(ValueError, match=match):
-      Twice(layer).init(jax.random.key(0), x, 2 * x, train=True)
-    return
-  variables = Once(layer).init(jax.random.key(0), x, train=True)
-  if through == "value_and_grad":
-    def loss(v):
-      (y1, y2), mutated = Twice(layer).apply(v, x, 2 * x, train=True, mutable=["batch_stats"])
-      return jnp.sum(y1) + jnp.sum(y2), mutated
-    with pytest.raises(ValueError, match=match):
-      jax.jit(mj.value_and_grad(loss))(variables)
-  else:
-    class Outer(nn.Module):  # the same block (hence the same MABN) twice
-      @nn.compact
-      def __call__(self, x):
-        block = Once(layer, name="block")
-        return block(x, train=True) + block(2 * x, train=True)
-    outer_vars = {k: {"block": v} for k, v in variables.items()}
-    with pytest.raises(ValueError, match=r"MABN 'block/layer'.*second time"):
-      Outer().apply(outer_vars, x, mutable=["batch_stats"])
+def _mabn_step(model, variables, *inputs, method=None):
+  def loss(v):
+    out, mutated = model.apply(v, *inputs, train=True, mutable=["batch_stats"],
+                               **({} if method is None else {"method": method}))
+    return sum(jnp.sum(y) for y in jax.tree.leaves(out)), mutated
+  return jax.jit(mj.value_and_grad(loss))(variables)
 
 
-def test_mabn_extra_calls_in_inference_mode_and_separate_applies_are_fine():
+SECOND_CALL = r"MABN '{}'.*second time in training mode.*one layer instance per call"
+
+
+def test_mabn_called_twice_in_one_training_step_raises_naming_the_layer():
   x = jnp.ones((4, 3))
   layer = mj.MABN(buffer_size=2, warmup_steps=0)
   variables = Once(layer).init(jax.random.key(0), x, train=True)
+  with pytest.raises(ValueError, match=SECOND_CALL.format("layer")):
+    _mabn_step(Twice(layer), variables, x, 2 * x)
 
-  class TrainThenEval(nn.Module):
+
+def test_mabn_in_a_block_called_twice_raises_naming_the_layer():
+  x = jnp.ones((4, 3))
+  layer = mj.MABN(buffer_size=2, warmup_steps=0)
+
+  class Outer(nn.Module):  # the same block, hence the same MABN, twice
     @nn.compact
-    def __call__(self, x):
-      norm = layer.clone(parent=self, name="layer")
-      return norm(x, use_running_average=False) + norm(x, use_running_average=True)
+    def __call__(self, x, train: bool):
+      block = Once(layer, name="block")
+      return block(x, train=train) + block(2 * x, train=train)
 
-  _, mutated = TrainThenEval().apply(variables, x, mutable=["batch_stats"])
-  assert int(mutated["batch_stats"]["layer"]["step"]) == 1
-  step = jax.jit(mj.value_and_grad(
-      lambda v: (lambda y, m: (jnp.sum(y), m))(
-          *Once(layer).apply(v, x, train=True, mutable=["batch_stats"]))))
-  for _ in range(2):
-    (_, variables), _ = step(variables)
-  assert int(variables["batch_stats"]["layer"]["step"]) == 2
+  variables = Outer().init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=SECOND_CALL.format("block/layer")):
+    _mabn_step(Outer(), variables, x)
+
+
+def test_mabn_model_applied_twice_in_one_step_raises():
+  x = jnp.ones((4, 3))
+  layer = mj.MABN(buffer_size=2, warmup_steps=0)
+  variables = Once(layer).init(jax.random.key(0), x, train=True)
+  with pytest.raises(ValueError, match=SECOND_CALL.format("layer")):
+    _mabn_step(Once(layer), variables, x,
+               method=lambda m, x, train: (m(x, train), m(2 * x, train)))
+
+
+def test_mabn_called_once_per_step_over_several_steps_is_fine():
+  x = jnp.ones((4, 3))
+  layer = mj.MABN(buffer_size=2, warmup_steps=0)
+  variables = Once(layer).init(jax.random.key(0), x, train=True)
+  for _ in range(3):
+    (_, variables), _ = _mabn_step(Once(layer), variables, x)
+  assert int(variables["batch_stats"]["layer"]["step"]) == 3
+  assert np.abs(np.asarray(variables["batch_stats"]["layer"]["psi_buffer"])).max() > 0
+
+
+def test_mabn_forward_only_calls_twice_are_two_steps():
+  # Without gradients no backward statistic is fed: two calls in one apply
+  # advance the state exactly as two applies.
+  x1, x2 = _data((4, 3), 3)
+  layer = mj.MABN(buffer_size=2, warmup_steps=0)
+  variables = Once(layer).init(jax.random.key(0), x1, train=True)
+  (y1, y2), shared = Twice(layer).apply(variables, x1, x2, train=True, mutable=["batch_stats"])
+  s1, first = Once(layer).apply(variables, x1, train=True, mutable=["batch_stats"])
+  s2, second = Once(layer).apply({**variables, **first}, x2, train=True,
+                                 mutable=["batch_stats"])
+  chex.assert_trees_all_equal((y1, y2, shared), (s1, s2, second))

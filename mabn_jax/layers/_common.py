@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -58,38 +57,6 @@ def affine(
     y = y + st.broadcast_channels(bias, x, axis)
     args.append(bias)
   return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=module.dtype))
-
-
-# Per apply (keyed by its root scope): paths of the layers that already took
-# a training step, for :func:`claim_training_call`.
-_TRAINING_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def claim_training_call(module: nn.Module, where: str) -> None:
-  """Raises ``ValueError`` if the layer already took a training step in this apply.
-
-  For layers whose backward pass feeds a statistic (MABN): a second call of
-  the same layer (same variables) in one ``apply`` would advance the forward
-  buffers twice while the backward statistics of both calls are summed into
-  one tap cotangent, i.e. one ``psi_buffer`` update. Two consecutive steps
-  cannot be reproduced inside one backward pass (the second step's backward
-  needs the first one's ``Psi``, which the backward pass computes later), so
-  it is an error at trace time. Calls are counted per top-level call of the
-  model (the root scope); separate ``apply`` calls are separate steps.
-  """
-  root = module.scope.root
-  path = tuple(module.scope.path)
-  claimed = _TRAINING_CALLS.setdefault(root, set())
-  if path in claimed:
-    raise ValueError(
-        f"{where}: called a second time in training mode within one apply. "
-        "Each training call is one normalization step with its own backward "
-        "statistic, but the calls share one tap, so psi_buffer would advance "
-        "once while chi_buffer advances per call. Use one layer instance per "
-        "call (e.g. two MABN layers), or call the layer with "
-        "use_running_average=True for the extra calls."
-    )
-  claimed.add(path)
 
 
 NONFINITE_COUNT = "nonfinite_count"

@@ -13,7 +13,6 @@ from mabn_jax.layers._common import (
     BatchStatisticsNorm,
     affine,
     check_state_shape,
-    claim_training_call,
     commit_state,
     read_state,
     state_variables,
@@ -22,6 +21,7 @@ from mabn_jax.training import (
     BACKWARD_STATS,
     LEGACY_TAP_NAMES,
     PSI_TAP,
+    claim_tap,
     inference_guard,
     legacy_tap_message,
 )
@@ -35,8 +35,9 @@ class MABN(BatchStatisticsNorm):
   :class:`~mabn_jax.CenteredDense`), since it does not subtract a mean.
   Train with :func:`mabn_jax.value_and_grad`, which feeds the backward
   statistic into the state. Call each layer once per training step: a
-  second training-mode call of the same layer in one ``apply`` raises a
-  ``ValueError`` at trace time (use one layer per call).
+  second training-mode call of the same layer in one step of
+  :func:`mabn_jax.value_and_grad` raises a ``ValueError`` at trace time (see
+  :func:`mabn_jax.training.claim_tap`; use one layer instance per call).
 
   Variables (``C`` = number of features, ``m`` = ``buffer_size``):
     ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
@@ -121,7 +122,7 @@ class MABN(BatchStatisticsNorm):
         normalized = inference_guard(normalized, tap, where)
       return affine(self, x, normalized, axis, features)
 
-    claim_training_call(self, where)
+    claim_tap(tap, where)
     self.sow_input(x, axis, config, where)
     normalized, new_state = F.normalize_train(x, state, tap, config, where)
     # psi_buffer comes back unchanged: its new value is this step's tap
