@@ -152,6 +152,16 @@ def claim_tap(tap, where: str) -> None:
   claimed.append(tap)
 
 
+def add_increment(stat: jax.Array, increment: jax.Array) -> jax.Array:
+  """``stat + increment`` (a tap's cotangent), or ``stat`` if it is not finite.
+
+  A non-finite gradient must not reach a buffer: the statistic keeps its
+  value for this step.
+  """
+  increment = increment.astype(stat.dtype)
+  return jnp.where(jnp.all(jnp.isfinite(increment)), stat + increment, stat)
+
+
 def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
   """Adds each tap cotangent to the ``batch_stats`` variable it updates.
 
@@ -176,11 +186,7 @@ def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
           f"variable {'/'.join(path)} to update; pass mutable=['batch_stats'] to model.apply "
           "in the loss function."
       )
-    increment = increment.astype(stats[path].dtype)
-    # A non-finite gradient must not reach the buffer: keep it for this step.
-    stats[path] = jnp.where(
-        jnp.all(jnp.isfinite(increment)), stats[path] + increment, stats[path]
-    )
+    stats[path] = add_increment(stats[path], increment)
   return traverse_util.unflatten_dict(stats)
 
 

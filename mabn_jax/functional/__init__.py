@@ -1,6 +1,7 @@
 """Pure normalization math, no Flax: usable from Haiku, Equinox, NNX or plain JAX.
 
 Modules:
+  affine: the affine map ``gamma * normalized + beta`` after normalization.
   batch_norm: batch normalization with normalization groups (Flax-exact).
   batch_renorm: Batch Renormalization with a warmup schedule of its limits.
   statistics: per-channel group moments and moving-average buffers.
@@ -9,6 +10,7 @@ Modules:
   mabn: Moving Average Batch Normalization and its stabilized custom VJP.
 """
 
+from mabn_jax.functional import affine
 from mabn_jax.functional import batch_norm
 from mabn_jax.functional import batch_renorm
 from mabn_jax.functional import centering
@@ -17,4 +19,4 @@ from mabn_jax.functional import mabn
 from mabn_jax.functional import statistics
 from mabn_jax.functional.centering import center_kernel
 
-__all__ = ["batch_norm", "batch_renorm", "centering", "cross_iteration", "mabn", "statistics", "center_kernel"]
+__all__ = ["affine", "batch_norm", "batch_renorm", "centering", "cross_iteration", "mabn", "statistics", "center_kernel"]

@@ -262,9 +262,10 @@ def _stabilized_fwd(
         f"{where}: the MABN backward statistic is not being fed: the gradient "
         "is taken with respect to the input but not the 'backward_stats' tap, "
         "so psi_buffer would go stale. Compute gradients with "
-        "mabn_jax.value_and_grad(loss_fn)(variables, ...) (or differentiate "
+        "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
+        "mabn_jax.nnx.value_and_grad(loss_fn)(model, ...); or differentiate "
         "the tap and add its cotangent to psi_buffer) instead of "
-        "jax.grad/jax.value_and_grad on the params alone."
+        "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
     )
   res = tuple(p.value for p in (x, inv_std, r, psi_buffer, use_average, first_step))
   out = _stabilized_normalize(

@@ -250,3 +250,13 @@ def keep_if_finite(new, old):
   finite = all_finite(new)
   kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   return kept, finite
+
+
+def commit_if_finite(new, old, nonfinite_count: jax.Array):
+  """``(values, nonfinite_count)`` after a step: the guard of every stateful layer.
+
+  ``new`` (the step's state) if all its float leaves are finite, else ``old``
+  with ``nonfinite_count`` (an int32 scalar) incremented by one.
+  """
+  kept, finite = keep_if_finite(new, old)
+  return kept, nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32)

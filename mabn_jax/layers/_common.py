@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import flax.linen as nn
-from flax.linen import dtypes, initializers
+from flax.linen import initializers
 
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional.affine import apply_affine
 
 
 def layer_path(module: nn.Module) -> str:
@@ -44,19 +45,14 @@ def affine(
   ``scale`` and ``bias`` are ``(C,)`` arrays in the ``'params'`` collection,
   created with ``module.scale_init``/``bias_init`` in ``module.param_dtype``.
   The result dtype is ``module.dtype`` or inferred from ``x`` and the params,
-  as in ``flax.linen.BatchNorm``.
+  as in ``flax.linen.BatchNorm`` (:func:`mabn_jax.functional.affine.apply_affine`).
   """
-  args = [x]
-  y = normalized
+  scale = bias = None
   if module.use_scale:
     scale = module.param("scale", module.scale_init, (features,), module.param_dtype)
-    y = y * st.broadcast_channels(scale, x, axis)
-    args.append(scale)
   if module.use_bias:
     bias = module.param("bias", module.bias_init, (features,), module.param_dtype)
-    y = y + st.broadcast_channels(bias, x, axis)
-    args.append(bias)
-  return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=module.dtype))
+  return apply_affine(x, normalized, scale, bias, axis, module.dtype)
 
 
 NONFINITE_COUNT = "nonfinite_count"
@@ -201,10 +197,9 @@ def commit_state(module: nn.Module, variables: dict, new_state: Any) -> None:
   new_values = {name: value for name, value in new_state._asdict().items()
                 if name in variables}
   old = {name: variables[name].value for name in new_values}
-  kept, finite = st.keep_if_finite(new_values, old)
+  kept, counter.value = st.commit_if_finite(new_values, old, counter.value)
   for name, value in kept.items():
     variables[name].value = value
-  counter.value = counter.value + jnp.where(finite, 0, 1).astype(jnp.int32)
 
 
 BATCH_MOMENTS = "batch_moments"
