@@ -33,7 +33,7 @@ import os
 import queue
 import tarfile
 import threading
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -96,6 +96,47 @@ class Split:
     return Split(self.images[order], self.labels[order])
 
 
+class IndexedSplit:
+  """The examples ``indices`` of another split (``len``, ``get``, ``image_shape``)."""
+
+  def __init__(self, base: Any, indices: np.ndarray):
+    self.base = base
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def get(self, indices: np.ndarray):
+    return self.base.get(self.indices[np.asarray(indices)])
+
+  @property
+  def image_shape(self):
+    return tuple(self.base.image_shape)
+
+
+def hold_out(n_examples: int, val_size: int, train_size: Optional[int] = None,
+             seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+  """``(train, val)`` sorted index arrays of a fixed permutation of ``n_examples``.
+
+  ``val`` is the *last* ``val_size`` entries of the permutation and ``train``
+  the first ``train_size`` (default: all the others), so the two never
+  overlap, do not depend on the run's seed, and a training subset is the
+  same with and without a validation split (:meth:`Split.subset` takes the
+  first entries of the same permutation).
+
+  Raises:
+    ValueError: if ``train_size + val_size`` exceeds ``n_examples``.
+  """
+  train_size = n_examples - val_size if train_size is None else train_size
+  if val_size < 0 or train_size < 1 or train_size + val_size > n_examples:
+    raise ValueError(
+        f"cannot hold out {val_size} validation examples and keep {train_size} "
+        f"training examples of a split of {n_examples}")
+  order = np.random.default_rng(seed).permutation(n_examples)
+  val = np.sort(order[n_examples - val_size:]) if val_size else np.zeros(0, np.int64)
+  return np.sort(order[:train_size]), val
+
+
 @dataclasses.dataclass
 class Dataset:
   """Train and test splits plus what the pipeline needs to know about them.
@@ -112,6 +153,7 @@ class Dataset:
   std: np.ndarray
   flip: bool = True
   pad: int = 4
+  val: Any = None  # held out from the training images (``val_split``), or None
 
   @property
   def image_shape(self):
@@ -415,7 +457,8 @@ def load_tfds(name: str, data_dir: Optional[str], image_size: int = 224) -> Data
 
 def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
                  train_subset: Optional[int] = None, tarball: Optional[str] = None,
-                 use_tfds: bool = False, image_size: int = 224) -> Dataset:
+                 use_tfds: bool = False, image_size: int = 224,
+                 val_split: int = 0) -> Dataset:
   """Loads a dataset by name (see the module docstring).
 
   Args:
@@ -427,6 +470,9 @@ def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[
     tarball: the CIFAR-10 JPEG tarball (default ``../shared/data/cifar10``).
     use_tfds: read ``cifar10_jpeg`` through the tfds builder.
     image_size: ImageNet-style datasets: the side images are resized to.
+    val_split: hold out this many training images as ``Dataset.val`` (see
+      :func:`hold_out`: disjoint from the training images, the same for every
+      seed; with ``train_subset`` the subset is unchanged).
   """
   if name == "digits":
     ds = load_digits()
@@ -446,6 +492,17 @@ def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[
     ds = load_tfds(name, data_dir, image_size)
   else:
     raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+  if val_split:
+    train_idx, val_idx = hold_out(len(ds.train), val_split,
+                                  min(train_subset, len(ds.train) - val_split)
+                                  if train_subset is not None else None)
+    train_split = (Split(*ds.train.get(train_idx)) if isinstance(ds.train, Split)
+                   else IndexedSplit(ds.train, train_idx))
+    val = (Split(*ds.train.get(val_idx)) if isinstance(ds.train, Split)
+           else IndexedSplit(ds.train, val_idx))
+    stats = _make_dataset(ds.name, train_split, ds.test, ds.num_classes, ds.flip, ds.pad) \
+        if isinstance(train_split, Split) else ds
+    return dataclasses.replace(stats, val=val)
   if train_subset is not None:
     if not isinstance(ds.train, Split):
       raise ValueError(f"train_subset is only supported for in-memory datasets, not {name!r}")

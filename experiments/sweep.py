@@ -53,12 +53,15 @@ def _load_summary(workdir: str) -> Optional[Dict[str, Any]]:
 
 
 # Config fields that do not change what a run computes.
-_BOOKKEEPING = ("workdir", "progress", "resume", "stop_after", "checkpoint_every", "log_every")
+_BOOKKEEPING = ("workdir", "progress", "resume", "stop_after", "checkpoint_every", "log_every",
+                "diagnose")
 
 
 def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
   """Whether two config dicts describe the same training run."""
   def canonical(c):
+    # Fields added after a run was made have their default in it.
+    c = {**dataclasses.asdict(T.Config()), **c}
     c = json.loads(json.dumps({k: v for k, v in c.items() if k not in _BOOKKEEPING}))
     if c.get("norm_batch_size") is None:  # None means the device batch
       c["norm_batch_size"] = T.Config(**{k: v for k, v in c.items()
@@ -94,11 +97,9 @@ def run_or_load(config: T.Config, dataset_cache: Dict[str, Any],
   if done is not None:
     print(f"skip {config.workdir} (finished)", flush=True)
     return done
-  key = (config.dataset, config.train_subset)
+  key = (config.dataset, config.train_subset, config.val_split)
   if key not in dataset_cache:
-    dataset_cache[key] = data_lib.load_dataset(
-        config.dataset, config.data_dir, config.cache_dir, config.train_subset,
-        config.tarball, config.use_tfds, config.image_size)
+    dataset_cache[key] = T.load_data(config)
   s = T.train(dataclasses.replace(config, resume=True), dataset_cache[key])
   if not s["finished"]:
     raise KeyboardInterrupt
@@ -359,6 +360,106 @@ def inference_speed(args, base: T.Config) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
+# 5. Named recipes (experiments/recipes.py) at several normalization batches.
+
+
+def _last_loss(summary: Dict[str, Any], window: int = 4) -> Optional[float]:
+  curve = summary.get("train_loss_curve") or []
+  tail = [loss for _, loss in curve[-window:]]
+  return float(np.mean(tail)) if tail else None
+
+
+RECIPE_COLUMNS = (("val", "final_val_top1"), ("test", "final_test_top1"),
+                  ("test, precise BN", "final_test_top1_precise"), ("train loss", None))
+
+
+def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
+  """Every recipe of ``--recipes`` at every ``--batch_sizes`` and seed.
+
+  The table has one row per (recipe, b): validation top-1 (what recipes are
+  chosen by), test top-1 (evaluated once, at the end), test top-1 after
+  precise BN (``--precise_bn_batches``) and the train loss of the last
+  logged windows. Runs trained with ``--diagnose true`` add
+  ``diagnostics.png``: per-layer kernel norm, gradient-kernel cosine and
+  ``|mu|/sigma`` over training (seed 0 of each row).
+  """
+  from experiments import recipes as R
+
+  out_dir = os.path.join(args.results_root, args.name)
+  names = args.recipes.split(",") if args.recipes else list(R.recipe_names())
+  sizes = _ints(args.batch_sizes) if args.batch_sizes else [base.batch_size]
+  seeds = _ints(args.seeds)
+  plan, keys = [], []
+  for seed in seeds:
+    for name in names:
+      for b in sizes if R.get(name).norm in T.BATCH_NORMALIZERS else [None]:
+        cfg = R.config(name, base, b, seed)
+        plan.append(dataclasses.replace(
+            cfg, workdir=os.path.join(out_dir, "runs", R.run_name(name, cfg))))
+        keys.append((name, b))
+  done = run_plan(plan, args, "recipes")
+  rows: Dict[Any, List[Dict[str, Any]]] = {}
+  for key, s in zip(keys, done):
+    rows.setdefault(key, [])
+    if s is not None:
+      rows[key].append(s)
+  results, table = {}, _header(args, base, "Recipes against normalization batch size")
+  table += ("Validation: " + (f"{base.val_split} training images held out" if base.val_split
+                              else "none (test only)") + ".\n\n")
+  table += "| recipe | b | " + " | ".join(c for c, _ in RECIPE_COLUMNS) + " |\n"
+  table += "|---|---|" + "---|" * len(RECIPE_COLUMNS) + "\n"
+  for (name, b), runs in rows.items():
+    values = {col: [r.get(field) if field else _last_loss(r) for r in runs]
+              for col, field in RECIPE_COLUMNS}
+    results[f"{name}/{b}"] = {"recipe": name, "norm_batch_size": b,
+                              "runs": [r["name"] for r in runs], **values}
+    cells = [_cell([v for v in values[c] if v is not None]) for c, _ in RECIPE_COLUMNS]
+    table += f"| {name} | {b or base.batch_size} | " + " | ".join(cells) + " |\n"
+  table += "\nRecipes:\n\n" + "".join(
+      f"- `{n}`: {R.get(n).description}\n" for n in names)
+  _write(out_dir, table, results)
+  _plot_diagnostics(out_dir, {f"{n} b={b or base.batch_size}": runs[0]["name"]
+                              for (n, b), runs in rows.items() if runs})
+  return results
+
+
+DIAGNOSTICS = (("kernel_norm", "kernel norm ||W||"),
+               ("grad_cos_channel", "cos(grad, W), channel mean"),
+               ("mu_over_sigma", "|mu| / sigma of the conv output"))
+
+
+def _plot_diagnostics(out_dir: str, runs: Dict[str, str]) -> None:
+  """``diagnostics.png`` from the ``'diag'`` records of each run's metrics."""
+  curves = {}
+  for label, run in runs.items():
+    records = T.read_metrics(os.path.join(out_dir, "runs", run, "metrics.jsonl"))
+    records = [r for r in records if "diag" in r]
+    if records:
+      curves[label] = records
+  if not curves:
+    return
+  layers = sorted(next(iter(curves.values()))[0]["diag"])
+  shown = [layers[i] for i in sorted({0, len(layers) // 2, len(layers) - 1})]
+  plt = _plot()
+  fig, axes = plt.subplots(len(DIAGNOSTICS), len(shown), figsize=(4 * len(shown), 8),
+                           squeeze=False)
+  for i, (key, title) in enumerate(DIAGNOSTICS):
+    for j, layer in enumerate(shown):
+      ax = axes[i][j]
+      for label, records in curves.items():
+        pts = [(r["step"], r["diag"][layer][key]) for r in records
+               if key in r["diag"].get(layer, {})]
+        if pts:
+          ax.plot(*zip(*pts), label=label, lw=1)
+      ax.set_title(f"{layer}: {title}", fontsize=8)
+      ax.set_xlabel("step", fontsize=8)
+  axes[0][0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "diagnostics.png"), dpi=110)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------
 # 2. Batch-statistics instability.
 
 
@@ -373,8 +474,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
   out_dir = os.path.join(args.results_root, args.name)
   B = base.batch_size
   settings = [("BN b=2", "bn", 2), (f"BN b={B}", "bn", B), ("MABN b=2", "mabn", 2)]
-  dataset = data_lib.load_dataset(base.dataset, base.data_dir, base.cache_dir, base.train_subset,
-                                  base.tarball, base.use_tfds, base.image_size)
+  dataset = T.load_data(base)
   channels = args.channels
   results: Dict[str, Any] = {}
   traces: Dict[str, Any] = {}
@@ -384,7 +484,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
     loader = data_lib.Loader(dataset, "train", B, True, cfg.seed)
     spe = loader.steps_per_epoch
     total = args.steps
-    model = T.build(cfg, dataset.num_classes)
+    model = T.build(cfg, dataset.num_classes, max(total, 1), spe)
     tx = T.optimizer(cfg, T.learning_rate_schedule(cfg, spe, max(total, 1)))
     variables = unfreeze(model.init(jax.random.PRNGKey(cfg.seed),
                                     jnp.zeros((B,) + dataset.image_shape), train=True))
@@ -484,7 +584,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
 
 
 COMMANDS = {"batch_size": batch_size_sweep, "ablation": ablation, "speed": inference_speed,
-            "statistics": statistics}
+            "statistics": statistics, "recipes": recipe_sweep}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -499,6 +599,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--batch_sizes", default=None)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--norm_batch_size_ablation", default="2")
+  parser.add_argument("--recipes", default=None,
+                      help="recipes: comma-separated names of experiments/recipes.py")
   parser.add_argument("--dry_run", action="store_true")
   parser.add_argument("--reuse", default="",
                       help="result names (comma-separated) whose finished runs with an "

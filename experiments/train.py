@@ -7,7 +7,13 @@
 
 The paper's simulated setting: each device's SGD batch ``B`` (``batch_size``)
 is split into groups of ``b`` (``norm_batch_size``) normalized separately;
-``--small_batch`` makes the SGD batch itself ``b``. Data-parallel over the
+``--small_batch`` makes the SGD batch itself ``b`` (the true small batch per
+device, learning rate scaled linearly: ``lr * b / batch_size``).
+``--val_split N`` holds out ``N`` training images for choosing recipes:
+evaluations during training use them and the test split is evaluated once,
+at the end. Normalizer options counted in steps may be relative to the run
+(``--norm_kwargs burn_in=67%``, ``2ep``, ``first_decay``; see
+:func:`resolve_steps`). Data-parallel over the
 local devices with ``pmap`` (axis ``'batch'``): gradients are averaged,
 batch statistics stay per device unless the normalizer synchronizes them
 (``syncbn``, or ``--sync_stats`` for any normalizer accepting ``axis_name``).
@@ -41,6 +47,7 @@ from flax.core import unfreeze
 
 import mabn_jax as mj
 from experiments import data as data_lib
+from experiments import diagnostics
 from experiments import models
 
 # Normalizers whose statistics depend on the batch: they get norm_batch_size.
@@ -60,6 +67,7 @@ class Config:
   tarball: Optional[str] = None
   use_tfds: bool = False
   train_subset: Optional[int] = None
+  val_split: int = 0
   image_size: int = 224
   prefetch: int = 2
   # Model and normalizer.
@@ -95,9 +103,19 @@ class Config:
   resume: bool = False
   progress: bool = True
   stop_after: int = 0
+  precise_bn_batches: int = 0
+  diagnose: bool = False
 
-  def normalizer_kwargs(self) -> Dict[str, Any]:
-    kw = dict(self.norm_kwargs)
+  def normalizer_kwargs(self, total_steps: Optional[int] = None,
+                        steps_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+    """The registry keyword arguments of the run's normalizer.
+
+    Step-count options (:data:`STEP_OPTIONS`) may be given relative to the
+    run (see :func:`resolve_steps`); they become step counts here, which
+    needs ``total_steps`` and ``steps_per_epoch``.
+    """
+    kw = {k: resolve_steps(k, v, self, total_steps, steps_per_epoch)
+          if k in STEP_OPTIONS else v for k, v in self.norm_kwargs.items()}
     if self.norm in BATCH_NORMALIZERS and self.norm_batch_size is not None:
       kw.setdefault("norm_batch_size", self.norm_batch_size)
     if self.norm == "gn":
@@ -108,6 +126,12 @@ class Config:
 
   def device_batch(self) -> int:
     return self.norm_batch_size if self.small_batch else self.batch_size
+
+  def peak_lr(self) -> float:
+    """``lr``, scaled linearly to the SGD batch with ``small_batch``
+    (``lr * b / batch_size``: the same epochs take ``batch_size / b`` times
+    more steps of a ``b / batch_size`` smaller gradient step)."""
+    return self.lr * self.device_batch() / self.batch_size if self.small_batch else self.lr
 
   def validate(self):
     if self.small_batch and not self.norm_batch_size:
@@ -122,6 +146,51 @@ class Config:
   def run_name(self) -> str:
     b = self.norm_batch_size or self.device_batch()
     return f"{self.norm}_b{b}_s{self.seed}"
+
+
+STEP_OPTIONS = ("burn_in", "warmup_steps", "ramp_steps", "renorm_start")
+"""Normalizer options counted in training steps (CBN's burn-in, Batch Renorm's
+plain-BN steps and ramp, MABN's warm-up and renormalization start)."""
+
+
+def first_decay_step(config: Config, steps_per_epoch: int) -> int:
+  """The first step at which the learning rate decays (``'step'`` schedules)."""
+  if config.schedule != "step" or not config.step_epochs:
+    raise ValueError(
+        f"'first_decay' needs a step schedule with step_epochs, not schedule "
+        f"{config.schedule!r} with step_epochs {tuple(config.step_epochs)}; give a "
+        "fraction of training ('67%') instead")
+  return int(min(config.step_epochs) * steps_per_epoch)
+
+
+def resolve_steps(name: str, value: Any, config: Config, total_steps: Optional[int],
+                  steps_per_epoch: Optional[int]) -> int:
+  """A step-count option as an int number of steps.
+
+  ``value`` is an int (steps), ``'<p>%'`` (that share of the run's training
+  steps, rounded), ``'<e>ep'`` (epochs) or ``'first_decay'`` (the step where
+  a ``'step'`` learning-rate schedule first decays: the CBN authors' burn-in).
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, str)):
+    raise ValueError(f"normalizer option {name}={value!r}: expected an int number of steps, "
+                     "'<p>%', '<e>ep' or 'first_decay'")
+  if isinstance(value, int):
+    return value
+  if total_steps is None or steps_per_epoch is None:
+    raise ValueError(f"normalizer option {name}={value!r} is relative to the run; its "
+                     "length (total_steps, steps_per_epoch) is needed")
+  text = value.strip()
+  try:
+    if text == "first_decay":
+      return first_decay_step(config, steps_per_epoch)
+    if text.endswith("%"):
+      return int(round(float(text[:-1]) / 100.0 * total_steps))
+    if text.endswith("ep"):
+      return int(round(float(text[:-2]) * steps_per_epoch))
+  except ValueError as error:
+    raise ValueError(f"normalizer option {name}={value!r}: {error}") from error
+  raise ValueError(f"normalizer option {name}={value!r}: expected an int number of steps, "
+                   "'<p>%', '<e>ep' or 'first_decay'")
 
 
 PRESETS = ("quick", "cifar", "cifar_cpu", "imagenet")
@@ -164,25 +233,34 @@ def make_normalizer(name: str, **kwargs):
   return mj.make_normalizer(name, **kwargs)
 
 
-def build(config: Config, num_classes: int):
-  norm = make_normalizer(config.norm, **config.normalizer_kwargs())
+def load_data(config: Config) -> data_lib.Dataset:
+  """The run's dataset (``config``'s data fields, validation split included)."""
+  return data_lib.load_dataset(
+      config.dataset, config.data_dir, config.cache_dir, config.train_subset,
+      config.tarball, config.use_tfds, config.image_size, config.val_split)
+
+
+def build(config: Config, num_classes: int, total_steps: Optional[int] = None,
+          steps_per_epoch: Optional[int] = None):
+  norm = make_normalizer(config.norm, **config.normalizer_kwargs(total_steps, steps_per_epoch))
   return models.build_model(config.model, norm, num_classes, config.width)
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: int):
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  lr = config.peak_lr()
   if config.schedule == "cosine":
-    main = optax.cosine_decay_schedule(config.lr, max(1, total_steps - warmup))
+    main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
   elif config.schedule == "step":
     main = optax.piecewise_constant_schedule(
-        config.lr, {int(e * steps_per_epoch) - warmup: config.step_factor
-                    for e in config.step_epochs})
+        lr, {int(e * steps_per_epoch) - warmup: config.step_factor
+             for e in config.step_epochs})
   else:
-    main = optax.constant_schedule(config.lr)
+    main = optax.constant_schedule(lr)
   if warmup <= 0:
     return main
   return optax.join_schedules(
-      [optax.linear_schedule(config.lr / max(1, warmup), config.lr, warmup), main], [warmup])
+      [optax.linear_schedule(lr / max(1, warmup), lr, warmup), main], [warmup])
 
 
 def optimizer(config: Config, schedule) -> optax.GradientTransformation:
@@ -197,11 +275,16 @@ def optimizer(config: Config, schedule) -> optax.GradientTransformation:
   )
 
 
-def make_steps(model, tx, num_classes: int, label_smoothing: float):
-  """``(train_step, eval_step)``, both pmapped over axis ``'batch'``."""
+def make_steps(model, tx, num_classes: int, label_smoothing: float, diagnose: bool = False):
+  """``(train_step, eval_step)``, both pmapped over axis ``'batch'``.
+
+  With ``diagnose`` the train step's metrics also hold ``'diag'``, the
+  per-layer :func:`experiments.diagnostics.layer_diagnostics` of the step.
+  """
+  mutable = ["batch_stats"] + ([diagnostics.MOMENTS] if diagnose else [])
 
   def loss_fn(variables, images, labels):
-    logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    logits, mutated = model.apply(variables, images, train=True, mutable=mutable)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
         if label_smoothing else jax.nn.one_hot(labels, num_classes)
     loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
@@ -211,12 +294,15 @@ def make_steps(model, tx, num_classes: int, label_smoothing: float):
 
   def train_step(variables, opt_state, batch):
     ((loss, logits), new_vars), grads = grad_fn(variables, batch["image"], batch["label"])
+    moments = new_vars.pop(diagnostics.MOMENTS, None)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, opt_state, new_vars["params"])
     new_vars = {**new_vars, "params": optax.apply_updates(new_vars["params"], updates)}
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    metrics = jax.lax.pmean({"loss": loss, "acc": acc.astype(jnp.float32)}, AXIS)
-    return new_vars, opt_state, metrics
+    metrics = {"loss": loss, "acc": acc.astype(jnp.float32)}
+    if diagnose:
+      metrics["diag"] = diagnostics.layer_diagnostics(variables["params"], grads, moments)
+    return new_vars, opt_state, jax.lax.pmean(metrics, AXIS)
 
   def eval_step(variables, batch):
     logits = model.apply(variables, batch["image"], train=False)
@@ -240,6 +326,25 @@ def shard(batch: Dict[str, np.ndarray], n: int):
   return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
 
 
+def _evaluated(record: Dict[str, Any]) -> bool:
+  return any(k.endswith("_top1") for k in record)
+
+
+def evaluate_splits(eval_step, variables, loaders: Dict[str, data_lib.Loader], n: int,
+                    final: bool, suffix: str = "") -> Dict[str, float]:
+  """``{'<split>_top1<suffix>': accuracy}`` of one evaluation.
+
+  With a validation split, evaluations during training use it alone and the
+  test split is evaluated once, at the end (``final``); without one, every
+  evaluation is on the test split.
+  """
+  splits = ["val"] if "val" in loaders else ["test"]
+  if final and "val" in loaders:
+    splits.append("test")
+  return {f"{split}_top1{suffix}": evaluate(eval_step, variables, loaders[split], n)
+          for split in splits}
+
+
 def evaluate(eval_step, variables, loader: data_lib.Loader, n: int) -> float:
   correct = count = 0.0
   for batch in loader.epoch(0):
@@ -247,6 +352,34 @@ def evaluate(eval_step, variables, loader: data_lib.Loader, n: int) -> float:
     correct += float(out["correct"][0])
     count += float(out["count"][0])
   return 100.0 * correct / max(count, 1.0)
+
+
+def precise_bn_evaluation(config: Config, model, dev_vars, dataset: data_lib.Dataset,
+                          eval_step, eval_loaders, n: int) -> Dict[str, Any]:
+  """Evaluation after precise BN (:func:`mabn_jax.recompute_batch_stats`).
+
+  The running statistics of device 0's trained variables are replaced by
+  exact averages over ``config.precise_bn_batches`` training batches of the
+  per-device batch (augmented as in training, in the order of the last
+  epoch), normalized as in training (groups of ``norm_batch_size``); the
+  model is then evaluated like at the end of training. Returns
+  ``{'final_<split>_top1_precise': accuracy}`` for each evaluated split, or
+  ``{}`` for a model with synchronized statistics (precise BN then needs the
+  device mapping) or no batch statistics.
+  """
+  if config.sync_stats or config.norm == "syncbn" or config.norm not in BATCH_NORMALIZERS:
+    return {}
+  variables = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(dev_vars))
+  loader = data_lib.Loader(dataset, "train", config.device_batch(), True, config.seed)
+  last_epoch = max(0, int(np.ceil(config.epochs)) - 1)
+  batches = (b["image"] for _, b in zip(range(config.precise_bn_batches),
+                                         loader.epoch(last_epoch)))
+  precise = mj.recompute_batch_stats(model.apply, variables, batches, train=True)
+  host = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), unfreeze(precise))
+  devices = jax.local_devices()[:n]
+  results = evaluate_splits(eval_step, put_per_device(host, devices), eval_loaders, n,
+                            final=True, suffix="_precise")
+  return {f"final_{k}": v for k, v in results.items()}
 
 
 # --------------------------------------------------------------------------
@@ -360,19 +493,19 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
     raise ValueError(f"num_devices={n} but only {len(devices)} local devices")
   devices = devices[:n]
   if dataset is None:
-    dataset = data_lib.load_dataset(
-        config.dataset, config.data_dir, config.cache_dir, config.train_subset,
-        config.tarball, config.use_tfds, config.image_size)
+    dataset = load_data(config)
   B = config.device_batch()
   host_batch = B * n
   train_loader = data_lib.Loader(dataset, "train", host_batch, True, config.seed,
                                  jax.process_index(), jax.process_count(), config.prefetch)
-  test_loader = data_lib.Loader(dataset, "test", host_batch, False, config.seed,
-                                jax.process_index(), jax.process_count(), config.prefetch)
+  eval_loaders = {
+      split: data_lib.Loader(dataset, split, host_batch, False, config.seed,
+                             jax.process_index(), jax.process_count(), config.prefetch)
+      for split in ("val", "test") if getattr(dataset, split) is not None}
   spe = train_loader.steps_per_epoch
   total_steps = max(1, int(round(config.epochs * spe)))
 
-  model = build(config, dataset.num_classes)
+  model = build(config, dataset.num_classes, total_steps, spe)
   schedule = learning_rate_schedule(config, spe, total_steps)
   tx = optimizer(config, schedule)
   variables = unfreeze(model.init(jax.random.PRNGKey(config.seed),
@@ -405,7 +538,8 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(config), f, indent=1)
 
-  train_step, eval_step = make_steps(model, tx, dataset.num_classes, config.label_smoothing)
+  train_step, eval_step = make_steps(model, tx, dataset.num_classes, config.label_smoothing,
+                                     config.diagnose)
   if step == 0:
     state = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), _to_host(state))
   # Host arrays with a leading device axis -> one shard per device.
@@ -420,11 +554,15 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
 
   pending = []
 
+  latest_diag = {}
+
   def fold_pending():
     for m in jax.device_get(pending):
       host["loss_sum"] += float(m["loss"][0])
       host["acc_sum"] += float(m["acc"][0])
       host["count"] += 1
+      if "diag" in m:
+        latest_diag["diag"] = jax.tree_util.tree_map(lambda v: float(v[0]), m["diag"])
     pending.clear()
 
   def checkpoint():
@@ -451,16 +589,16 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
           last_time, last_step = now, step
           rec = {"step": step, "epoch": step / spe, "loss": host["loss_sum"] / host["count"],
                  "acc": host["acc_sum"] / host["count"], "lr": float(schedule(step - 1)),
-                 "steps_per_sec": rate}
+                 "steps_per_sec": rate, **latest_diag}
           host.update(loss_sum=0.0, acc_sum=0.0, count=0)
           log(rec)
           progress.update(step, {"loss": rec["loss"], "acc": rec["acc"]})
         if end_of_epoch or step == total_steps:
           e = -(-step // spe)
           if step == total_steps or (config.eval_every and e % config.eval_every == 0):
-            if not any(r.get("test_top1") is not None and r["step"] == step for r in records):
-              log({"step": step, "epoch": step / spe,
-                   "test_top1": evaluate(eval_step, dev_vars, test_loader, n)})
+            if not any(r["step"] == step and _evaluated(r) for r in records):
+              log({"step": step, "epoch": step / spe, **evaluate_splits(
+                  eval_step, dev_vars, eval_loaders, n, final=step == total_steps)})
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoint()
         if config.stop_after and step >= config.stop_after and step < total_steps:
@@ -478,6 +616,7 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   mj.check_finite({"batch_stats": jax.tree_util.tree_map(lambda x: x[0],
                                                         dev_vars.get("batch_stats", {}))})
   evals = [r for r in records if "test_top1" in r]
+  vals = [r for r in records if "val_top1" in r]
   trains = [r for r in records if "loss" in r]
   summary = {
       "name": config.run_name(),
@@ -490,9 +629,15 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
       "wall_time_s": time.time() - wall_start,
       "final_test_top1": evals[-1]["test_top1"] if evals else None,
       "best_test_top1": max(r["test_top1"] for r in evals) if evals else None,
+      "final_val_top1": vals[-1]["val_top1"] if vals else None,
+      "best_val_top1": max(r["val_top1"] for r in vals) if vals else None,
       "train_loss_curve": [[r["step"], r["loss"]] for r in trains],
       "test_top1_curve": [[r["step"], r["test_top1"]] for r in evals],
+      "val_top1_curve": [[r["step"], r["val_top1"]] for r in vals],
   }
+  if config.precise_bn_batches and not interrupted:
+    summary.update(precise_bn_evaluation(config, model, dev_vars, dataset, eval_step,
+                                         eval_loaders, n))
   if workdir and not interrupted and jax.process_index() == 0:
     tmp = os.path.join(workdir, "summary.json.tmp")
     with open(tmp, "w") as f:
@@ -578,8 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = dataclasses.replace(cfg, workdir=os.path.join(root, cfg.run_name())
                               if len(norms) > 1 or not base.workdir else base.workdir)
     if dataset is None:
-      dataset = data_lib.load_dataset(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.train_subset,
-                                      cfg.tarball, cfg.use_tfds, cfg.image_size)
+      dataset = load_data(cfg)
     s = train(cfg, dataset)
     results.append(s)
     print(json.dumps({k: s[k] for k in ("name", "final_test_top1", "best_test_top1",

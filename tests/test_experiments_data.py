@@ -179,3 +179,40 @@ def test_unknown_dataset_and_unprepared_tfds_raise(tmp_path):
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(ValueError, match="not prepared"):
     D.load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_validation_split_is_disjoint_deterministic_and_keeps_the_training_subset():
+  train_idx, val_idx = D.hold_out(100, 20, 50)
+  assert len(train_idx) == 50 and len(val_idx) == 20
+  assert not set(train_idx) & set(val_idx)
+  again = D.hold_out(100, 20, 50)
+  np.testing.assert_array_equal(again[0], train_idx)
+  np.testing.assert_array_equal(again[1], val_idx)
+  # The training subset is the one Split.subset takes without validation.
+  split = D.Split(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1), np.arange(100))
+  np.testing.assert_array_equal(split.subset(50).labels, train_idx)
+  with pytest.raises(ValueError, match="cannot hold out 60"):
+    D.hold_out(100, 60, 50)
+
+  plain = D.load_dataset("digits", train_subset=500)
+  ds = D.load_dataset("digits", train_subset=500, val_split=200)
+  np.testing.assert_array_equal(ds.train.images, plain.train.images)
+  np.testing.assert_array_equal(ds.test.labels, plain.test.labels)
+  assert len(ds.val) == 200 and plain.val is None
+  full = D.load_digits().train
+  rows = {im.tobytes() for im in full.images}
+  train_rows = {im.tobytes() for im in ds.train.images}
+  val_rows = [im.tobytes() for im in ds.val.images]
+  assert all(r in rows for r in val_rows)
+  assert not train_rows & set(val_rows)
+  # Without a subset, the validation images leave the training split.
+  ds = D.load_dataset("digits", val_split=100)
+  assert len(ds.train) + len(ds.val) == len(full)
+
+
+def test_indexed_split_views_another_split():
+  base = D.Split(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1), np.arange(10))
+  view = D.IndexedSplit(base, np.array([7, 2, 5]))
+  images, labels = view.get(np.array([0, 2]))
+  np.testing.assert_array_equal(labels, [7, 5])
+  assert len(view) == 3 and view.image_shape == (1, 1, 1)

@@ -111,3 +111,26 @@ def test_recording_statistics_does_not_change_training(tmp_path):
       curves.append({k: v["loss_curve"] for k, v in json.load(f).items()})
   assert curves[0] == curves[1]
   assert len(curves[0]["MABN b=2"]) == 5
+
+
+def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path, capsys):
+  args = ["recipes", *TINY, "--epochs", "1", "--recipes", "bn,cbn_exact,gn",
+          "--batch_sizes", "2,8", "--seeds", "0", "--precise_bn_batches", "2",
+          "--diagnose", "true", "--results_root", str(tmp_path), "--name", "rc"]
+  assert sweep.main(args) == 0
+  assert {"table.md", "results.json", "diagnostics.png", "runs"} <= set(_files(tmp_path, "rc"))
+  assert _files(tmp_path / "rc", "runs") == [
+      "bn_b2_s0", "bn_b8_s0", "cbn_exact_b2_s0", "cbn_exact_b8_s0", "gn_b8_s0"]
+  with open(tmp_path / "rc" / "runs" / "cbn_exact_b2_s0" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["config"]["norm"] == "cbn"
+  assert summary["config"]["norm_kwargs"] == {"backward": "exact"}
+  table = (tmp_path / "rc" / "table.md").read_text()
+  assert "| cbn_exact | 2 |" in table and "test, precise BN" in table
+  with open(tmp_path / "rc" / "results.json") as f:
+    results = json.load(f)
+  assert results["bn/2"]["test, precise BN"][0] is not None
+  assert results["gn/None"]["test, precise BN"] == [None]
+  capsys.readouterr()
+  assert sweep.main(args) == 0
+  assert capsys.readouterr().out.count("skip ") == 5

@@ -145,3 +145,74 @@ def test_presets_are_consistent():
   assert T.preset("cifar_cpu").train_subset == 10000
   with pytest.raises(ValueError, match="unknown preset"):
     T.preset("tiny")
+
+
+def test_relative_step_options_resolve_to_steps():
+  cfg = T.Config(norm="cbn", norm_kwargs={"burn_in": "67%", "window": 4})
+  kw = cfg.normalizer_kwargs(total_steps=300, steps_per_epoch=30)
+  assert kw["burn_in"] == 201 and kw["window"] == 4
+  cfg = T.Config(norm="brn", norm_kwargs={"warmup_steps": "2ep", "ramp_steps": 7})
+  assert cfg.normalizer_kwargs(300, 30)["warmup_steps"] == 60
+  assert cfg.normalizer_kwargs(300, 30)["ramp_steps"] == 7
+  step = T.Config(norm="cbn", schedule="step", step_epochs=(8, 11),
+                  norm_kwargs={"burn_in": "first_decay"})
+  assert step.normalizer_kwargs(360, 30)["burn_in"] == 240
+  with pytest.raises(ValueError, match="first_decay.*step schedule"):
+    T.Config(norm="cbn", norm_kwargs={"burn_in": "first_decay"}).normalizer_kwargs(300, 30)
+  with pytest.raises(ValueError, match="burn_in='often'"):
+    T.Config(norm="cbn", norm_kwargs={"burn_in": "often"}).normalizer_kwargs(300, 30)
+  with pytest.raises(ValueError, match="relative to the run"):
+    T.Config(norm="cbn", norm_kwargs={"burn_in": "50%"}).normalizer_kwargs()
+
+
+def test_relative_burn_in_reaches_the_layer(tiny):
+  cfg = _config("cbn", norm_kwargs={"burn_in": "50%"})
+  model = T.build(cfg, 4, total_steps=8, steps_per_epoch=8)
+  assert model.normalizer.options["burn_in"] == 4
+  summary = T.train(cfg, tiny)
+  stats = summary["variables"]["batch_stats"]
+  # 8 steps, burn-in 4: the last 4 steps buffered (window 4 holds 3).
+  assert int(stats["conv1"]["norm"]["count"]) == 3
+  assert int(stats["conv1"]["norm"]["step"]) == 8
+
+
+def test_small_batch_scales_the_learning_rate_linearly():
+  cfg = T.Config(lr=0.08, batch_size=32, norm_batch_size=4, small_batch=True,
+                 warmup_epochs=0, schedule="constant")
+  assert cfg.peak_lr() == pytest.approx(0.01)
+  assert float(T.learning_rate_schedule(cfg, 10, 100)(5)) == pytest.approx(0.01)
+  assert dataclasses.replace(cfg, small_batch=False).peak_lr() == pytest.approx(0.08)
+
+
+def test_validation_split_is_evaluated_during_training_and_test_once(tiny, tmp_path):
+  with_val = dataclasses.replace(tiny, val=D.Split(tiny.test.images[:10], tiny.test.labels[:10]))
+  s = T.train(_config("bn", epochs=3, eval_every=1, workdir=str(tmp_path)), with_val)
+  assert [step for step, _ in s["val_top1_curve"]] == [8, 16, 24]
+  assert [step for step, _ in s["test_top1_curve"]] == [24]
+  assert s["final_val_top1"] == s["val_top1_curve"][-1][1]
+  records = T.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  assert sum("test_top1" in r for r in records) == 1
+  # Without a validation split every evaluation is on the test split.
+  s = T.train(_config("bn", epochs=2, eval_every=1), tiny)
+  assert len(s["test_top1_curve"]) == 2 and s["final_val_top1"] is None
+
+
+@pytest.mark.parametrize("norm", ["cbn", "bn", "gn"])
+def test_precise_bn_evaluation_is_reported_for_batch_statistics(norm, tiny):
+  s = T.train(_config(norm, precise_bn_batches=3), tiny)
+  if norm == "gn":
+    assert "final_test_top1_precise" not in s
+    return
+  assert 0.0 <= s["final_test_top1_precise"] <= 100.0
+
+
+def test_diagnose_logs_layer_diagnostics_without_changing_training(tiny, tmp_path):
+  plain = T.train(_config("bn", workdir=str(tmp_path / "a")), tiny)
+  diag = T.train(_config("bn", diagnose=True, workdir=str(tmp_path / "b")), tiny)
+  assert plain["train_loss_curve"] == diag["train_loss_curve"]
+  records = [r for r in T.read_metrics(os.path.join(tmp_path / "b", "metrics.jsonl"))
+             if "loss" in r]
+  assert all(set(r["diag"]) == {"conv1", "conv2"} for r in records)
+  entry = records[-1]["diag"]["conv2"]
+  assert set(entry) == {"kernel_norm", "grad_cos", "grad_cos_channel", "mu_over_sigma"}
+  assert entry["kernel_norm"] > 0 and entry["mu_over_sigma"] >= 0

@@ -1,0 +1,95 @@
+"""Named training recipes: a normalizer, its options and training-loop overrides.
+
+A recipe is what a user would choose to train with: ``python -m experiments.sweep
+recipes --recipes bn,cbn_published,... --batch_sizes 2,32`` runs each at each
+normalization batch. Step-count options may be relative to the run (``'67%'``
+of the training steps, ``'2ep'``, ``'first_decay'``; see
+:func:`experiments.train.resolve_steps`), so one recipe fits every preset.
+
+Published recipes, as their papers give them (scaled to the run's length):
+
+* ``cbn_published``: Yao et al.'s detection config: window 4 (buffer 3), CBN
+  switched on after a burn-in of 8 of 12 epochs, i.e. at the first learning-
+  rate decay; on a cosine schedule, after the same share (67%) of training.
+  The published gradient (only the current batch's moments carry gradient).
+* ``brn_published``: Ioffe (2017): plain BN (``r_max = 1``, ``d_max = 0``)
+  for the first 5k steps, then the limits relaxed until ``r_max = 3`` (at
+  40k steps) and ``d_max = 5`` (at 25k) of about 130k: plain BN for the
+  first 4% of training and one linear ramp of both limits to 30% of it.
+  ``brn_published_fast`` adds faster running averages (momentum 0.9, Flax
+  convention: 0.1 on the new value) for this short schedule, where the
+  weights move much more per step than in a 130k-step run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping
+
+from experiments import train as T
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A normalizer (registry name and options) and overrides of the run's config."""
+
+  norm: str
+  norm_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  description: str = ""
+
+
+RECIPES: Dict[str, Recipe] = {
+    "bn": Recipe("bn", description="BN"),
+    "gn": Recipe("gn", description="GroupNorm (batch-independent)"),
+    "mabn": Recipe("mabn", description="MABN (library defaults)"),
+    "brn": Recipe("brn", description="Batch Renorm, library defaults (BN for 100 steps, "
+                                     "ramp over 1,000, momentum 0.99)"),
+    "brn_published": Recipe(
+        "brn", {"warmup_steps": "4%", "ramp_steps": "26%"},
+        description="Batch Renorm, Ioffe's schedule (BN for 4% of training, limits ramped "
+                    "to (3, 5) by 30%), momentum 0.99"),
+    "brn_published_fast": Recipe(
+        "brn", {"warmup_steps": "4%", "ramp_steps": "26%", "momentum": 0.9},
+        description="Batch Renorm, Ioffe's schedule, running averages at momentum 0.9"),
+    "cbn": Recipe("cbn", description="CBN, library defaults (window 4, burn-in 100 steps, "
+                                     "published gradient)"),
+    "cbn_nowarmup": Recipe("cbn", overrides={"warmup_epochs": 0.0},
+                           description="CBN, library defaults, no learning-rate warm-up"),
+    "cbn_late": Recipe("cbn", {"burn_in": "5%"},
+                       description="CBN switched on after the warm-up (burn-in 5% of training)"),
+    "cbn_published": Recipe(
+        "cbn", {"burn_in": "67%"},
+        description="CBN, the authors' recipe: window 4, burn-in until 67% of training "
+                    "(their first lr decay at epoch 8 of 12), published gradient"),
+    "cbn_naive": Recipe("cbn_naive", description="naive CBN (no compensation), burn-in 100"),
+    "cbn_exact": Recipe("cbn", {"backward": "exact"},
+                        description="CBN with the exact gradient of its forward (ours)"),
+    "cbn_batch": Recipe("cbn", {"backward": "batch"},
+                        description="CBN with BN's backward on the pooled moments (ours)"),
+    "cbn_exact_late": Recipe("cbn", {"backward": "exact", "burn_in": "5%"},
+                             description="CBN, exact gradient, burn-in 5% (ours)"),
+    "cbn_batch_late": Recipe("cbn", {"backward": "batch", "burn_in": "5%"},
+                             description="CBN, BN's backward, burn-in 5% (ours)"),
+}
+
+
+def recipe_names():
+  return tuple(RECIPES)
+
+
+def get(name: str) -> Recipe:
+  if name not in RECIPES:
+    raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+  return RECIPES[name]
+
+
+def config(name: str, base: T.Config, norm_batch_size, seed: int) -> T.Config:
+  """The run of recipe ``name`` on ``base`` at normalization batch ``norm_batch_size``."""
+  r = get(name)
+  return dataclasses.replace(base, norm=r.norm, norm_kwargs=dict(r.norm_kwargs),
+                             norm_batch_size=norm_batch_size, seed=seed, **dict(r.overrides))
+
+
+def run_name(name: str, cfg: T.Config) -> str:
+  return f"{name}_b{cfg.norm_batch_size or cfg.device_batch()}_s{cfg.seed}"
