@@ -190,3 +190,31 @@ def test_layer_and_registry_accept_backward_and_reject_unknown_values():
   model = mj.make_normalizer("cbn", backward="both").conv_norm(4, 3, name="c1")
   with pytest.raises(ValueError, match=r"backward must be one of .*published.*got 'both'"):
     model.init(jax.random.PRNGKey(0), x, train=True)
+
+
+def test_pooled_running_statistics_average_what_each_step_normalized_with():
+  rng = np.random.default_rng(6)
+  w = jnp.asarray(rng.normal(size=(2, 2, 2, 3)), jnp.float32)
+  states = {k: F.init_state(w.shape, 3) for k in F.RUNNING_STATS}
+  for t in range(3):
+    x = jnp.asarray(rng.normal(size=(6, 4, 4, 2)) + t, jnp.float32)
+    y = F.conv(x, w, SPEC)
+    for kind in F.RUNNING_STATS:
+      config = F.CBNConfig(window=3, burn_in=0, norm_batch_size=2, running_stats=kind)
+      old = states[kind]
+      out, states[kind] = F.normalize_train(y, x, w, old, SPEC, config)
+      if kind == "pooled":
+        # Recover each group's mu_bar and var_bar from its normalized output.
+        yg, og = y.reshape(3, 2, 4, 4, 3), out.reshape(3, 2, 4, 4, 3)
+        inv_std = jnp.std(og, axis=(1, 2, 3)) / jnp.std(yg, axis=(1, 2, 3))
+        mu_bar = jnp.mean(yg, axis=(1, 2, 3)) - jnp.mean(og, axis=(1, 2, 3)) / inv_std
+        var_bar = 1.0 / inv_std ** 2 - config.epsilon
+        np.testing.assert_allclose(states[kind].mean,
+                                   0.9 * old.mean + 0.1 * jnp.mean(mu_bar, 0), rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(states[kind].var,
+                                   0.9 * old.var + 0.1 * jnp.mean(var_bar, 0), rtol=2e-3, atol=2e-4)
+  # At normalization batch 2 the pooled variance (6 samples) exceeds the
+  # groups' own (2 samples) on average.
+  assert float(jnp.mean(states["pooled"].var)) > float(jnp.mean(states["batch"].var))
+  with pytest.raises(ValueError, match="running_stats must be one of"):
+    F.CBNConfig(running_stats="ema").validate()

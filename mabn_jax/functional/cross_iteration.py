@@ -103,8 +103,10 @@ class CBNState(NamedTuple):
 
   Attributes:
     mean: ``(C,)`` EMA of the current batch mean of the conv output
-      (conv bias included), for inference; starts at 0.
-    var: ``(C,)`` EMA of the current batch's biased variance; starts at 1.
+      (conv bias included), for inference; starts at 0 (with
+      ``running_stats='pooled'``: of the pooled mean ``mu_bar``).
+    var: ``(C,)`` EMA of the current batch's biased variance (``'pooled'``:
+      of ``var_bar``); starts at 1.
     mu_buffer: ``(P, C)`` past entries' ``mu`` (conv bias excluded).
     nu_buffer: ``(P, C)`` past entries' ``nu = mean(y^2)`` (bias excluded).
     dmu_buffer: ``(P, *K)`` past ``d mu / d W`` (the mean input patch).
@@ -151,6 +153,11 @@ class CBNConfig:
     backward: the gradient, one of :data:`BACKWARDS` (see the module
       docstring): ``'published'`` (the authors' layer), ``'exact'`` or
       ``'batch'``. The forward and the state do not depend on it.
+    running_stats: what the inference statistics ``mean``/``var`` average:
+      ``'batch'`` (the spec's: each step's current-batch mean and biased
+      variance, averaged over its groups) or ``'pooled'`` (the pooled
+      ``mu_bar``/``var_bar`` the step normalized with; with a normalization
+      batch smaller than the window's, inference then matches training).
   """
 
   window: int = 4
@@ -158,6 +165,7 @@ class CBNConfig:
   naive: bool = False
   group_history: bool = False
   backward: str = "published"
+  running_stats: str = "batch"
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
@@ -172,11 +180,15 @@ class CBNConfig:
         ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
         ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
         ("backward", self.backward, self.backward in BACKWARDS, f"one of {BACKWARDS}"),
+        ("running_stats", self.running_stats, self.running_stats in RUNNING_STATS,
+         f"one of {RUNNING_STATS}"),
     ])
 
 
 BACKWARDS = ("published", "exact", "batch")
 """The gradients :class:`CBNConfig` offers (``backward``)."""
+RUNNING_STATS = ("batch", "pooled")
+"""What :class:`CBNConfig`'s inference statistics average (``running_stats``)."""
 
 
 Padding = Union[str, Tuple[Tuple[int, int], ...]]
@@ -602,12 +614,17 @@ def normalize_train(
 
   mu_c, nu_c = lax.stop_gradient(mu), lax.stop_gradient(nu)
   var_c = jnp.maximum(nu_c - jnp.square(mu_c), 0.0)
-  batch_mean = jnp.mean(mu_c, axis=0)
+  if config.running_stats == "pooled":
+    # The statistics this step normalized with (spec section 4 uses the batch's).
+    run_mu, run_var = lax.stop_gradient(mu_bar), lax.stop_gradient(var_bar)
+  else:
+    run_mu, run_var = mu_c, var_c
+  batch_mean = jnp.mean(run_mu, axis=0)
   if bias is not None:
     batch_mean = batch_mean + lax.stop_gradient(bias).astype(dtype)
   new_state = state._replace(
       mean=st.ema(state.mean, batch_mean, config.momentum),
-      var=st.ema(state.var, jnp.mean(var_c, axis=0), config.momentum),
+      var=st.ema(state.var, jnp.mean(run_var, axis=0), config.momentum),
       step=step,
   )
   if past > 0:

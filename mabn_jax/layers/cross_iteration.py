@@ -80,6 +80,9 @@ class CrossIterationConvNorm(nn.Module):
       earlier groups to ``x`` and the kernel) or ``'batch'`` (BN's backward
       with the pooled moments: the current batch's backward statistics at
       full weight). See :mod:`mabn_jax.functional.cross_iteration`.
+    running_stats: what ``mean``/``var`` average for inference: ``'batch'``
+      (the published layer: the current batch's statistics) or ``'pooled'``
+      (the pooled statistics each step normalized with).
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
@@ -107,6 +110,7 @@ class CrossIterationConvNorm(nn.Module):
   naive: bool = False
   group_history: bool = False
   backward: str = "published"
+  running_stats: str = "batch"
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
