@@ -67,6 +67,19 @@ RECIPES: Dict[str, Recipe] = {
                         description="CBN with the exact gradient of its forward (ours)"),
     "cbn_batch": Recipe("cbn", {"backward": "batch"},
                         description="CBN with BN's backward on the pooled moments (ours)"),
+    "cbn_exact_pooled": Recipe("cbn", {"backward": "exact", "running_stats": "pooled"},
+                               description="CBN, exact gradient, inference statistics "
+                                           "averaged from the pooled ones (ours)"),
+    "cbn_batch_pooled": Recipe("cbn", {"backward": "batch", "running_stats": "pooled"},
+                               description="CBN, BN's backward, pooled inference "
+                                           "statistics (ours)"),
+    "cbn_group": Recipe("cbn", {"group_history": True},
+                        description="CBN with a history per normalization group "
+                                    "(one small batch per device), published gradient"),
+    "cbn_group_exact": Recipe("cbn", {"group_history": True, "backward": "exact",
+                                      "running_stats": "pooled"},
+                              description="CBN, history per group, exact gradient, pooled "
+                                          "inference statistics (ours)"),
     "cbn_exact_late": Recipe("cbn", {"backward": "exact", "burn_in": "5%"},
                              description="CBN, exact gradient, burn-in 5% (ours)"),
     "cbn_batch_late": Recipe("cbn", {"backward": "batch", "burn_in": "5%"},
