@@ -1,10 +1,11 @@
 """mabn_jax: batch normalization that works at normalization batches of 1, 2, 4.
 
-Flax layers (``MABN``, ``CenteredConv``, ``CenteredDense``), the training
-contract (``value_and_grad``) and the pure math in ``mabn_jax.functional``.
+Flax linen layers (``MABN``, ``CenteredConv``, ``CenteredDense``, ...), the
+training contract (``value_and_grad``), their Flax NNX twins in
+``mabn_jax.nnx`` and the pure math in ``mabn_jax.functional``.
 """
 
-from mabn_jax import functional, recording
+from mabn_jax import functional, nnx, recording
 from mabn_jax.conversion import convert_batch_norm
 from mabn_jax.fold import fold
 from mabn_jax.precise_bn import recompute_batch_stats
@@ -44,6 +45,7 @@ __all__ = [
     "functional",
     "make_normalizer",
     "migrate_variables",
+    "nnx",
     "nonfinite_counts",
     "recompute_batch_stats",
     "recording",

@@ -236,7 +236,8 @@ def _inference_guard_fwd(y, tap, where):
         "use_running_average=True, so its statistics would not update. Call "
         "the model with train=True / use_running_average=False, or, to train "
         f"with frozen statistics on purpose, remove the '{BACKWARD_STATS}' "
-        "collection from the variables."
+        "collection from the variables (Flax NNX: take gradients with "
+        "nnx.value_and_grad, which leaves the taps alone)."
     )
   return y.value, None
 

@@ -1,0 +1,54 @@
+"""Flax NNX weight-centralized convolution and linear layers (spec, section 2 (a))."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from mabn_jax.functional.centering import centered_conv_general_dilated, centered_dot_general
+
+
+class CenteredConv(nnx.Conv):
+  """``nnx.Conv`` whose kernel is centred per output channel.
+
+  Same arguments and state as ``nnx.Conv`` (``nnx.Param``: ``kernel``
+  ``(*kernel_size, in_features // feature_group_count, out_features)``, the
+  raw weight ``W``, and optional ``bias`` ``(out_features,)``); the
+  convolution uses ``W - mean(W)`` over all but the output axis
+  (:func:`~mabn_jax.functional.centering.centered_conv_general_dilated`, as
+  :class:`mabn_jax.CenteredConv`), so gradients flow through the centring.
+  Use it before :class:`~mabn_jax.nnx.MABN`. ``mask`` and a custom
+  ``conv_general_dilated`` are not supported.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: Any,
+               strides: Any = 1, **kwargs: Any):
+    where = f"mabn_jax.nnx.CenteredConv({in_features} -> {out_features})"
+    if kwargs.get("mask") is not None:
+      raise ValueError(f"{where}: mask is not supported (centring would move weight "
+                       "onto masked taps); use nnx.Conv.")
+    if "conv_general_dilated" in kwargs:
+      raise ValueError(f"{where}: the convolution function is set by CenteredConv "
+                       "(it centres the kernel); got a conv_general_dilated override.")
+    super().__init__(in_features, out_features, kernel_size, strides,
+                     conv_general_dilated=centered_conv_general_dilated, **kwargs)
+
+
+class CenteredDense(nnx.Linear):
+  """``nnx.Linear`` whose ``(in_features, out_features)`` kernel is centred per output.
+
+  Named after the linen layer :class:`mabn_jax.CenteredDense`.
+
+  Same arguments and state as ``nnx.Linear``; the product uses
+  ``W - mean(W, axis=0)``
+  (:func:`~mabn_jax.functional.centering.centered_dot_general`), as
+  :class:`mabn_jax.CenteredDense`. A custom ``dot_general`` is not supported.
+  """
+
+  def __init__(self, in_features: int, out_features: int, **kwargs: Any):
+    if "dot_general" in kwargs:
+      raise ValueError(
+          f"mabn_jax.nnx.CenteredDense({in_features} -> {out_features}): the product "
+          "is set by CenteredDense (it centres the kernel); got a dot_general override.")
+    super().__init__(in_features, out_features, dot_general=centered_dot_general, **kwargs)

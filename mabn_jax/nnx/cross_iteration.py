@@ -1,0 +1,180 @@
+"""Flax NNX Cross-Iteration Batch Normalization (spec, section 4)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+from flax.nnx.nn.linear import default_kernel_init
+
+from mabn_jax.functional import cross_iteration as F
+from mabn_jax.functional.centering import center_kernel
+from mabn_jax.nnx import _common as C
+from mabn_jax.nnx.centered import CenteredConv
+
+
+class CrossIterationConvNorm(nnx.Module):
+  """A convolution followed by Cross-Iteration BN (Yao et al., CVPR 2021), for NNX.
+
+  The NNX twin of :class:`mabn_jax.CrossIterationConvNorm` (both call
+  :mod:`mabn_jax.functional.cross_iteration`). CBN compensates buffered
+  statistics for the change of the convolution's kernel, so the convolution
+  and the normalization are one module: training normalizes ``y = conv(x)``
+  with statistics pooled over the last ``window`` iterations; inference is
+  the convolution followed by the affine map of the running ``mean``/``var``.
+
+  State (``K = (*kernel_size, in_features)``, ``C = out_features``,
+  ``P = window - 1``), as the linen layer's variables:
+    ``conv`` (``nnx.Conv``, or :class:`~mabn_jax.nnx.CenteredConv` when
+      ``centered``): ``nnx.Param`` ``kernel`` ``(*K, C)`` and, with
+      ``use_bias``, ``bias`` ``(C,)``.
+    ``norm``: ``nnx.Param`` ``scale``/``bias`` ``(C,)``; ``nnx.BatchStat``
+      ``mean``/``var`` ``(C,)``, ``mu_buffer``/``nu_buffer`` ``(P, C)`` and,
+      unless ``naive``, ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
+      ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, newest
+      last; with ``group_history`` a group axis follows ``P``), ``count``,
+      ``step`` and ``nonfinite_count`` ``()`` int32. Empty buffers (window 1,
+      the naive variant's derivatives) are not state.
+
+  Args:
+    in_features, out_features, kernel_size, strides: as ``nnx.Conv``.
+    padding: ``'SAME'``, ``'VALID'``, an int or ``(low, high)`` pairs.
+    use_bias: whether the convolution has a bias.
+    centered: weight-centralized kernel.
+    window, burn_in, naive, group_history, momentum, epsilon,
+    norm_batch_size, axis_name, axis_index_groups: as the linen layer.
+    num_groups: with ``group_history``, the number ``G`` of normalization
+      groups in a training batch (``batch // norm_batch_size``); the linen
+      layer reads it from the initialization batch.
+    use_running_average: if True, normalize with the running statistics.
+    dtype, param_dtype: computation and parameter dtypes.
+    use_scale, use_norm_bias, scale_init, bias_init: the normalization's
+      affine map.
+    kernel_init, conv_bias_init: the convolution's initializers.
+    rngs: ``nnx.Rngs`` for the parameter initializers.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      kernel_size: Union[int, Sequence[int]],
+      strides: Union[int, Sequence[int]] = 1,
+      *,
+      padding: Any = "SAME",
+      use_bias: bool = False,
+      centered: bool = False,
+      window: int = 4,
+      burn_in: int = 100,
+      naive: bool = False,
+      group_history: bool = False,
+      num_groups: Optional[int] = None,
+      momentum: float = 0.9,
+      epsilon: float = 1e-5,
+      norm_batch_size: Optional[int] = None,
+      axis_name: Optional[str] = None,
+      axis_index_groups: Any = None,
+      use_running_average: Optional[bool] = False,
+      dtype: Optional[Any] = None,
+      param_dtype: Any = jnp.float32,
+      use_scale: bool = True,
+      use_norm_bias: bool = True,
+      scale_init: Any = initializers.ones_init(),
+      bias_init: Any = initializers.zeros_init(),
+      kernel_init: Any = default_kernel_init,
+      conv_bias_init: Any = initializers.zeros_init(),
+      rngs: nnx.Rngs,
+  ):
+    kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    self.num_features = out_features
+    where = C.describe(self, out_features)
+    self.config = F.CBNConfig(
+        window=window, burn_in=burn_in, naive=naive, group_history=group_history,
+        momentum=momentum, epsilon=epsilon, norm_batch_size=norm_batch_size,
+        axis_name=axis_name, axis_index_groups=C.hashable_groups(axis_index_groups))
+    self.config.validate(where)
+    if group_history and num_groups is None:
+      raise ValueError(
+          f"{where}: group_history keeps one history per normalization group, so "
+          "num_groups (training batch // norm_batch_size) must be given.")
+    self.spec = F.ConvSpec.make(len(kernel_size), strides, padding, where=where)
+    self.use_running_average = use_running_average
+    self.centered = centered
+    conv_cls = CenteredConv if centered else nnx.Conv
+    self.conv = conv_cls(
+        in_features, out_features, kernel_size, self.spec.strides, padding=padding,
+        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=kernel_init, bias_init=conv_bias_init, rngs=rngs)
+    self.norm = _CrossIterationNorm(
+        kernel_size + (in_features, out_features), self.config,
+        num_groups if group_history else None, use_scale=use_scale,
+        use_bias=use_norm_bias, scale_init=scale_init, bias_init=bias_init,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+    """Convolves and normalizes ``x`` ``(N, *spatial, in_features)``; returns
+    ``(N, *spatial_out, out_features)``."""
+    where = C.describe(self, self.num_features)
+    use_running_average = C.resolve_mode(where, self.use_running_average, use_running_average)
+    rank = len(self.conv.kernel_size)
+    if x.ndim != rank + 2:
+      raise ValueError(
+          f"{where}: expected an input of rank {rank + 2} (batch, {rank} spatial "
+          f"axes, channels) for kernel_size {self.conv.kernel_size}, got shape "
+          f"{tuple(x.shape)}.")
+    if not use_running_average:
+      C.require_bound_axis(where, self.config.axis_name)
+    y = self.conv(x)
+    kernel = self.conv.kernel[...]
+    if self.centered:
+      kernel = center_kernel(kernel, after=x)
+    bias = self.conv.bias[...] if self.conv.bias is not None else None
+    return self.norm(y, x, kernel, bias, self.spec, use_running_average, where)
+
+
+class _CrossIterationNorm(nnx.Module):
+  """The normalization half of :class:`CrossIterationConvNorm` (its ``norm``):
+  the ``nnx.BatchStat`` state of the functional :class:`~mabn_jax.functional.
+  cross_iteration.CBNState` and the affine ``scale``/``bias``."""
+
+  def __init__(self, kernel_shape, config: F.CBNConfig, history_groups: Optional[int], *,
+               use_scale, use_bias, scale_init, bias_init, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.kernel_shape = tuple(kernel_shape)
+    self.config = config
+    self.history_groups = history_groups
+    self.dtype = dtype
+    C.make_affine(self, self.kernel_shape[-1], use_scale=use_scale, use_bias=use_bias,
+                  scale_init=scale_init, bias_init=bias_init,
+                  param_dtype=param_dtype, rngs=rngs)
+    initial = self.initial_state()
+    # Empty fields (window 1, the naive variant's derivatives) are constants,
+    # not state, as in the linen layer (checkpointers reject empty arrays).
+    C.make_state(self, initial, [name for name in initial._fields
+                                 if getattr(initial, name).size])
+
+  def initial_state(self) -> F.CBNState:
+    return F.init_state(self.kernel_shape, self.config.window, naive=self.config.naive,
+                        groups=self.history_groups)
+
+  def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
+               where: str):
+    axis = y.ndim - 1
+    cause = ("number of channels, or the number of groups (group_history keeps one "
+             "history per group)") if self.config.group_history else "number of channels"
+    state = C.read_state(self, self.initial_state(), where, cause)
+    if use_running_average:
+      normalized = F.normalize_inference(y, state.mean, state.var, self.config.epsilon)
+      return C.affine(self, y, normalized, axis)
+    # The functional step takes the conv output without its bias (it only
+    # shifts the running mean, passed separately).
+    y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
+    if bias is not None:
+      y32 = y32 - bias.astype(y32.dtype)
+    normalized, new_state = F.normalize_train(
+        y32, x, kernel, state, spec, self.config, bias, where)
+    C.commit_state(self, new_state)
+    return C.affine(self, y, normalized, axis)
