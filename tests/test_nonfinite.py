@@ -237,3 +237,35 @@ def test_nan_gradient_with_finite_forward_never_reaches_psi_buffer():
   (_, normal), _ = step(variables, x, gy)
   assert not np.array_equal(normal["batch_stats"]["MABN_0"]["psi_buffer"],
                             before["psi_buffer"])
+
+
+class GroupsProbe(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return mj.MABN(use_running_average=not train, buffer_size=2, warmup_steps=1,
+                   norm_batch_size=1)(x)
+
+
+def test_nonfinite_group_pushed_out_of_the_buffer_still_keeps_psi_buffer():
+  # 4 groups of 1 sample, 2 buffer rows: group 0's NaN statistics leave the
+  # buffers in the same step, yet neither chi nor psi state may move.
+  model = GroupsProbe()
+  x = jax.random.normal(jax.random.key(5), (4, C))
+  variables = model.init(jax.random.key(0), x, train=True)
+
+  def loss_fn(v, x):
+    y, mutated = model.apply(v, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(y), mutated
+
+  step = jax.jit(mj.value_and_grad(loss_fn))
+  (_, variables), _ = step(variables, x)
+  before = variables["batch_stats"]["MABN_0"]
+  x = 2.0 * x + 1.0  # a new batch: its Psi_B rows differ from the buffered ones
+  (_, normal), _ = step(variables, x)
+  assert not np.array_equal(normal["batch_stats"]["MABN_0"]["psi_buffer"],
+                            before["psi_buffer"])
+  (_, after), _ = step(variables, x.at[0, 0].set(jnp.nan))
+  after = after["batch_stats"]["MABN_0"]
+  assert int(after["nonfinite_count"]) == 1
+  for name in ("chi_ema", "chi_buffer", "psi_buffer", "step"):
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)

@@ -287,7 +287,11 @@ def _stabilized_bwd(groups, axis, config, where, res, ct):
   grad_x = (g - xhat * st.broadcast_groups(psi, x, axis)) * st.broadcast_groups(
       inv_std, x, axis
   )
-  tap_increment = new_psi_buffer - psi_buffer
+  # With more groups than buffer rows a group's Psi_B may be pushed out at
+  # once; a non-finite one must still mark the whole increment non-finite,
+  # so that the training loop keeps psi_buffer (as the forward state is kept).
+  tap_increment = jnp.where(
+      jnp.all(jnp.isfinite(psi_batch)), new_psi_buffer - psi_buffer, jnp.nan)
   return (grad_x.astype(x.dtype), tap_increment, None, None, None, None, None)
 
 
