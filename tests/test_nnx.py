@@ -3,8 +3,8 @@
 Each pair is a linear map or convolution followed by a normalizer, trained
 for several steps from the same initial values with the package's training
 contract (``mj.value_and_grad`` for linen, ``mj.nnx.value_and_grad`` for
-NNX), eagerly: outputs, parameter gradients and every statistic agree bit
-for bit (both sides run the same functional core, operation by operation).
+NNX), eagerly and jitted: outputs, parameter gradients and every statistic
+agree bit for bit (both sides run the same functional core).
 """
 
 from __future__ import annotations
@@ -228,3 +228,21 @@ def test_train_and_eval_switch_the_mode():
   model(x)
   assert np.abs(np.asarray(model.norm.mean[...])).min() > 0
   model.norm(x, use_running_average=True)  # the call argument wins
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jitted_nnx_step_equals_jitted_linen_step(name):
+  linen, variables, model, shape = _make(name)
+  out_shape = jax.eval_shape(lambda: linen.apply(variables, jnp.zeros(shape), train=False)).shape
+  linen_step = jax.jit(_linen_step(linen))
+  nnx_step = nnx.jit(mj.nnx.value_and_grad(_nnx_loss, has_aux=True))
+  for t, (x, g) in enumerate(_batches(shape, out_shape, 4), start=1):
+    ((_, y_linen), variables), grads_linen = linen_step(variables, x, g)
+    (_, y_nnx), grads_nnx = nnx_step(model, x, g)
+    np.testing.assert_array_equal(y_nnx, y_linen, err_msg=f"{name}: y at step {t}")
+    expected = _linen_grads_as_nnx_paths(grads_linen)
+    got = _nnx_grads(grads_nnx)
+    for path in expected:
+      np.testing.assert_array_equal(got[path], expected[path],
+                                    err_msg=f"{name}: grad {path} at step {t}")
+    _assert_same(model, variables, t)
