@@ -20,6 +20,10 @@ Names (:func:`normalizer_names`):
   ``'mabn'``      :class:`mabn_jax.CenteredConv` + :class:`mabn_jax.MABN`
   ``'none'``      a convolution with bias, no normalization
 
+The same normalizer builds Flax NNX modules with
+:meth:`Normalizer.nnx_conv_norm`, :meth:`Normalizer.nnx_norm` and
+:meth:`Normalizer.nnx_dense_norm` (see :mod:`mabn_jax.nnx.registry`).
+
 Keyword arguments are the target layer's fields (``use_running_average``,
 which ``train`` sets, excluded), plus ``centered``: whether the convolution of
 :meth:`Normalizer.conv_norm` is weight-centralized (:class:`~mabn_jax.CenteredConv`),
@@ -214,6 +218,35 @@ class Normalizer:
           "only; use conv_norm(...)."
       )
     return DenseNorm(normalizer=self, features=features, kernel_init=kernel_init, name=name)
+
+  def nnx_conv_norm(self, in_features: int, features: int,
+                    kernel_size: Union[int, Sequence[int]],
+                    strides: Union[int, Sequence[int]] = 1, padding: Any = "SAME",
+                    kernel_init: Optional[Callable] = None, *, rngs):
+    """:meth:`conv_norm` as a Flax NNX module (:func:`mabn_jax.nnx.registry.conv_norm`).
+
+    The same convolution and normalization with the same keyword arguments,
+    as ``conv``/``norm`` children holding the linen layout's variables; called
+    as ``module(x)``, switched by ``model.train()``/``model.eval()``.
+    """
+    from mabn_jax.nnx import registry as nnx_registry  # the NNX modules import Flax NNX
+
+    return nnx_registry.conv_norm(self, in_features, features, kernel_size, strides,
+                                  padding=padding, kernel_init=kernel_init, rngs=rngs)
+
+  def nnx_norm(self, num_features: int, *, rngs):
+    """:meth:`norm` as a Flax NNX module (``None`` for ``'none'``)."""
+    from mabn_jax.nnx import registry as nnx_registry
+
+    return nnx_registry.norm(self, num_features, rngs=rngs)
+
+  def nnx_dense_norm(self, in_features: int, features: int,
+                     kernel_init: Optional[Callable] = None, *, rngs):
+    """:meth:`dense_norm` as a Flax NNX module (``dense``/``norm`` children)."""
+    from mabn_jax.nnx import registry as nnx_registry
+
+    return nnx_registry.dense_norm(self, in_features, features, kernel_init=kernel_init,
+                                   rngs=rngs)
 
   def _norm_kwargs(self) -> dict:
     options = self.options
