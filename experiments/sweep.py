@@ -417,6 +417,8 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
     table += f"| {name} | {b or base.batch_size} | " + " | ".join(cells) + " |\n"
   table += "\nRecipes:\n\n" + "".join(
       f"- `{n}`: {R.get(n).description}\n" for n in names)
+  table += _diagnostics_table(out_dir, {f"{n} | {b or base.batch_size}": runs[0]["name"]
+                                        for (n, b), runs in rows.items() if runs})
   _write(out_dir, table, results)
   _plot_diagnostics(out_dir, {f"{n} b={b or base.batch_size}": runs[0]["name"]
                               for (n, b), runs in rows.items() if runs})
@@ -426,6 +428,34 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
 DIAGNOSTICS = (("kernel_norm", "kernel norm ||W||"),
                ("grad_cos_channel", "cos(grad, W), channel mean"),
                ("mu_over_sigma", "|mu| / sigma of the conv output"))
+
+
+def _diagnostics_table(out_dir: str, runs: Dict[str, str]) -> str:
+  """Markdown table of the ``'diag'`` records: per run, the mean over conv
+  layers of the kernel norm at the first and the last log, and of
+  ``grad_cos_channel`` and ``mu_over_sigma`` over the second half of
+  training (where every window is on)."""
+  lines = []
+  for label, run in runs.items():
+    records = [r for r in T.read_metrics(os.path.join(out_dir, "runs", run, "metrics.jsonl"))
+               if "diag" in r]
+    if not records:
+      continue
+    half = [r for r in records if r["step"] > records[-1]["step"] / 2]
+
+    def mean(rs, key):
+      return float(np.mean([d[key] for r in rs for d in r["diag"].values() if key in d]))
+
+    lines.append(f"| {label} | {mean(records[:1], 'kernel_norm'):.2f} | "
+                 f"{mean(records[-1:], 'kernel_norm'):.2f} | "
+                 f"{mean(half, 'grad_cos_channel'):+.4f} | {mean(half, 'mu_over_sigma'):.3f} |")
+  if not lines:
+    return ""
+  return ("\nMechanism (seed 0; means over the conv layers, see diagnostics.png): kernel norm "
+          "at the first and the last log; cosine of the kernel gradient with the kernel "
+          "(channel mean) and abs(mu)/sigma of the conv output, both averaged over the second "
+          "half of training.\n\n| recipe | b | norm of W, first | norm of W, last | cos(g, W) | "
+          "mean abs(mu)/sigma |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def _plot_diagnostics(out_dir: str, runs: Dict[str, str]) -> None:

@@ -127,6 +127,8 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   assert summary["config"]["norm_kwargs"] == {"backward": "exact"}
   table = (tmp_path / "rc" / "table.md").read_text()
   assert "| cbn_exact | 2 |" in table and "test, precise BN" in table
+  mechanism = table.split("Mechanism")[1]
+  assert mechanism.count("| cbn_exact | 2 |") == 1 and mechanism.count("| gn | 8 |") == 1
   with open(tmp_path / "rc" / "results.json") as f:
     results = json.load(f)
   assert results["bn/2"]["test, precise BN"][0] is not None
