@@ -53,6 +53,20 @@ def _pairs():
               CIN, C, (3, 3), centered=True, naive=True, norm_batch_size=1, **CBN_KW,
               rngs=rngs),
           (2,) + SPATIAL + (CIN,)),
+      "mabn_bfloat16": (
+          lambda: nn.Dense(C, use_bias=False, dtype=jnp.bfloat16),
+          lambda: mj.MABN(**MABN_KW, dtype=jnp.bfloat16),
+          lambda rngs: nnx.Linear(CIN, C, use_bias=False, dtype=jnp.bfloat16, rngs=rngs),
+          lambda rngs: mj.nnx.MABN(C, **MABN_KW, dtype=jnp.bfloat16, rngs=rngs), (4, CIN)),
+      "bn_bfloat16": (
+          lambda: nn.Dense(C, use_bias=False, dtype=jnp.bfloat16),
+          lambda: mj.BatchNorm(dtype=jnp.bfloat16),
+          lambda rngs: nnx.Linear(CIN, C, use_bias=False, dtype=jnp.bfloat16, rngs=rngs),
+          lambda rngs: mj.nnx.BatchNorm(C, dtype=jnp.bfloat16, rngs=rngs), (4, CIN)),
+      "centered_dense_bfloat16": (
+          None, lambda: mj.CenteredDense(C, dtype=jnp.bfloat16),
+          None, lambda rngs: mj.nnx.CenteredDense(CIN, C, dtype=jnp.bfloat16, rngs=rngs),
+          (4, CIN)),
       "centered_conv": (
           None, lambda: mj.CenteredConv(C, (3, 3), strides=2),
           None, lambda rngs: mj.nnx.CenteredConv(CIN, C, (3, 3), strides=2, rngs=rngs),
@@ -71,7 +85,7 @@ class LinenNet(nn.Module):
   def __call__(self, x, train: bool = True):
     if self.first is not None:
       x = self.first(x)
-    if isinstance(self.norm, (nn.Conv,)):
+    if isinstance(self.norm, (nn.Conv, nn.Dense)):
       return self.norm(x)
     return self.norm(x, use_running_average=not train)
 

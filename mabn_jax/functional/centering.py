@@ -59,15 +59,3 @@ def centered_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any,
   """
   return lax.conv_general_dilated(lhs, center_kernel(rhs, after=lhs), *args, **kwargs)
 
-
-def centered_dot_general(lhs: jax.Array, rhs: jax.Array, *args: Any,
-                         **kwargs: Any) -> jax.Array:
-  """``lax.dot_general`` with the kernel ``rhs`` centred per output.
-
-  Same arguments as ``lax.dot_general``; ``rhs`` is a dense kernel
-  ``(..., out_features)`` with its output axis last (Flax's ``(in, out)``).
-  The centring is computed when the product runs
-  (``center_kernel(rhs, after=lhs)``), as in
-  :func:`centered_conv_general_dilated`.
-  """
-  return lax.dot_general(lhs, center_kernel(rhs, after=lhs), *args, **kwargs)

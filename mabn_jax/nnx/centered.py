@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from flax import nnx
+from flax.nnx.nn import dtypes
 
-from mabn_jax.functional.centering import centered_conv_general_dilated, centered_dot_general
+from mabn_jax.functional.centering import center_kernel, centered_conv_general_dilated
 
 
 class CenteredConv(nnx.Conv):
@@ -35,20 +36,30 @@ class CenteredConv(nnx.Conv):
                      conv_general_dilated=centered_conv_general_dilated, **kwargs)
 
 
+def _centered_promote_dtype(arrays, /, *, dtype=None, inexact=True):
+  """``nnx.Linear``'s dtype promotion of ``(inputs, kernel, bias)`` with the
+  kernel centred first, in its own dtype (as :class:`mabn_jax.CenteredDense`
+  centres the stored parameter before ``flax.linen.Dense`` promotes it)."""
+  inputs, kernel, bias = arrays
+  return dtypes.promote_dtype((inputs, center_kernel(kernel), bias), dtype=dtype,
+                              inexact=inexact)
+
+
 class CenteredDense(nnx.Linear):
   """``nnx.Linear`` whose ``(in_features, out_features)`` kernel is centred per output.
 
-  Named after the linen layer :class:`mabn_jax.CenteredDense`.
-
-  Same arguments and state as ``nnx.Linear``; the product uses
-  ``W - mean(W, axis=0)``
-  (:func:`~mabn_jax.functional.centering.centered_dot_general`), as
-  :class:`mabn_jax.CenteredDense`. A custom ``dot_general`` is not supported.
+  Named after the linen layer :class:`mabn_jax.CenteredDense`, which it
+  equals: same arguments and state as ``nnx.Linear`` (the stored ``kernel``
+  is the raw weight), and the product uses ``W - mean(W, axis=0)``, centred
+  in ``param_dtype`` before the cast to ``dtype``. A custom
+  ``promote_dtype`` is not supported.
   """
 
   def __init__(self, in_features: int, out_features: int, **kwargs: Any):
-    if "dot_general" in kwargs:
+    if "promote_dtype" in kwargs:
       raise ValueError(
-          f"mabn_jax.nnx.CenteredDense({in_features} -> {out_features}): the product "
-          "is set by CenteredDense (it centres the kernel); got a dot_general override.")
-    super().__init__(in_features, out_features, dot_general=centered_dot_general, **kwargs)
+          f"mabn_jax.nnx.CenteredDense({in_features} -> {out_features}): the dtype "
+          "promotion is set by CenteredDense (it centres the kernel first); got a "
+          "promote_dtype override.")
+    super().__init__(in_features, out_features, promote_dtype=_centered_promote_dtype,
+                     **kwargs)
