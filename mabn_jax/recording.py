@@ -189,8 +189,9 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
     statistics)``: the first item exactly what :func:`mabn_jax.value_and_grad`
     returns, and ``statistics`` ``{layer path: {name: (G, C) float32}}`` with
     names :data:`BN_STATISTICS` for BN-type layers and
-    :data:`MABN_STATISTICS` for MABN (a layer called twice in a step gets
-    ``path#1`` for its second call). Pure and jit-able.
+    :data:`MABN_STATISTICS` for MABN (a BN-type layer called twice in a step
+    gets ``path#1`` for its second call; a MABN layer called twice raises, see
+    :func:`mabn_jax.training.claim_tap`). Pure and jit-able.
   """
 
   def wrapped(variables, *args, **kwargs):
