@@ -1,5 +1,6 @@
 """The NNX training contract: mj.nnx.value_and_grad under nnx.jit (graph and
-tree mode), with nnx.Optimizer, against the float64 MABN reference, and its
+tree mode, pmap with axis_name), with nnx.Optimizer, against the float64 MABN
+reference, and its
 errors (plain nnx.grad, a shared layer, inference mode, wrong shapes)."""
 
 from __future__ import annotations
@@ -200,3 +201,65 @@ def test_nonfinite_batch_keeps_the_state_and_counts_it():
   for path, value in before.items():
     if path != ("nonfinite_count",):
       np.testing.assert_array_equal(after[path], value, err_msg=str(path))
+
+
+@pytest.mark.parametrize("layer", ["mabn", "bn"])
+def test_pmap_with_axis_name_keeps_replicas_identical_and_equals_linen(layer):
+  import flax.linen as nn
+  from flax import traverse_util
+
+  devices, cin = 4, 2
+  make_norm = {"mabn": (lambda **kw: mj.MABN(**kw), lambda **kw: mj.nnx.MABN(C, **kw)),
+               "bn": (lambda **kw: mj.BatchNorm(**kw), lambda **kw: mj.nnx.BatchNorm(C, **kw))}
+  kwargs = dict(axis_name="batch", **(dict(buffer_size=2, warmup_steps=1)
+                                      if layer == "mabn" else {}))
+
+  class Linen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = mj.CenteredDense(C, use_bias=False, name="dense")(x)
+      return make_norm[layer][0](use_running_average=False, name="norm", **kwargs)(y)
+
+  class NNX(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = mj.nnx.CenteredDense(cin, C, use_bias=False, rngs=rngs)
+      self.norm = make_norm[layer][1](rngs=rngs, **kwargs)
+
+    def __call__(self, x):
+      return self.norm(self.dense(x))
+
+  linen = Linen()
+  variables = linen.init(jax.random.key(0), jnp.zeros((2, cin)))
+  model = NNX(nnx.Rngs(0))
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  for (_, *path), value in traverse_util.flatten_dict(dict(variables)).items():
+    flat[tuple(path)][...] = value
+  graphdef, state = nnx.split(model)
+
+  def nnx_step(state, x):
+    m = nnx.merge(graphdef, state)
+    _, grads = mj.nnx.value_and_grad(lambda m, x: jnp.sum(m(x) ** 3))(m, x)
+    return nnx.state(m), jax.lax.pmean(grads, "batch")
+
+  def linen_step(v, x):
+    def loss(v):
+      y, mutated = linen.apply(v, x, mutable=["batch_stats"])
+      return jnp.sum(y ** 3), mutated
+    (_, v), grads = mj.value_and_grad(loss)(v)
+    return v, jax.lax.pmean(grads, "batch")
+
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (devices,) + a.shape),
+                                        tree)
+  state, variables = replicate(state), replicate(variables)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    xs = jnp.asarray(rng.normal(size=(devices, 2, cin)), jnp.float32)
+    state, grads = jax.pmap(nnx_step, axis_name="batch")(state, xs)
+    variables, linen_grads = jax.pmap(linen_step, axis_name="batch")(variables, xs)
+  stats = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
+  for (_, *path), value in traverse_util.flatten_dict(dict(variables)).items():
+    np.testing.assert_array_equal(stats[tuple(path)], value, err_msg=str(path))
+    np.testing.assert_array_equal(value, np.broadcast_to(value[0], value.shape))
+  grads = dict(nnx.to_flat_state(grads))
+  for path, value in traverse_util.flatten_dict(dict(linen_grads)).items():
+    np.testing.assert_array_equal(grads[path][...], value, err_msg=str(path))
