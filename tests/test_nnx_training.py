@@ -1,7 +1,7 @@
 """The NNX training contract: mj.nnx.value_and_grad under nnx.jit (graph and
-tree mode, pmap with axis_name), with nnx.Optimizer, against the float64 MABN
-reference, and its
-errors (plain nnx.grad, a shared layer, inference mode, wrong shapes)."""
+tree mode) and pmap (axis_name), with nnx.Optimizer, against the float64 MABN
+reference, and its errors (plain nnx.grad, a shared layer, inference mode,
+wrong shapes)."""
 
 from __future__ import annotations
 
