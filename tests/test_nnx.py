@@ -9,7 +9,6 @@ agree bit for bit (both sides run the same functional core).
 
 from __future__ import annotations
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
