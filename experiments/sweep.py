@@ -412,15 +412,15 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
     values = {col: [r.get(field) if field else _last_loss(r) for r in runs]
               for col, field in RECIPE_COLUMNS}
     results[f"{name}/{b}"] = {"recipe": name, "norm_batch_size": b,
-                              "runs": [r["name"] for r in runs], **values}
+                              "runs": [_run_dir(r) for r in runs], **values}
     cells = [_cell([v for v in values[c] if v is not None]) for c, _ in RECIPE_COLUMNS]
     table += f"| {name} | {b or base.batch_size} | " + " | ".join(cells) + " |\n"
   table += "\nRecipes:\n\n" + "".join(
       f"- `{n}`: {R.get(n).description}\n" for n in names)
-  table += _diagnostics_table(out_dir, {f"{n} | {b or base.batch_size}": runs[0]["name"]
+  table += _diagnostics_table(out_dir, {f"{n} | {b or base.batch_size}": _run_dir(runs[0])
                                         for (n, b), runs in rows.items() if runs})
   _write(out_dir, table, results)
-  _plot_diagnostics(out_dir, {f"{n} b={b or base.batch_size}": runs[0]["name"]
+  _plot_diagnostics(out_dir, {f"{n} b={b or base.batch_size}": _run_dir(runs[0])
                               for (n, b), runs in rows.items() if runs})
   return results
 
@@ -428,6 +428,11 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
 DIAGNOSTICS = (("kernel_norm", "kernel norm ||W||"),
                ("grad_cos_channel", "cos(grad, W), channel mean"),
                ("mu_over_sigma", "|mu| / sigma of the conv output"))
+
+
+def _run_dir(summary: Dict[str, Any]) -> str:
+  """The folder name of a finished run (under ``<results>/runs/``)."""
+  return os.path.basename(os.path.normpath(summary["config"]["workdir"]))
 
 
 def _diagnostics_table(out_dir: str, runs: Dict[str, str]) -> str:
@@ -443,12 +448,14 @@ def _diagnostics_table(out_dir: str, runs: Dict[str, str]) -> str:
       continue
     half = [r for r in records if r["step"] > records[-1]["step"] / 2]
 
-    def mean(rs, key):
-      return float(np.mean([d[key] for r in rs for d in r["diag"].values() if key in d]))
+    def mean(rs, key, fmt):
+      values = [d[key] for r in rs for d in r["diag"].values() if key in d]
+      return format(float(np.mean(values)), fmt) if values else "—"
 
-    lines.append(f"| {label} | {mean(records[:1], 'kernel_norm'):.2f} | "
-                 f"{mean(records[-1:], 'kernel_norm'):.2f} | "
-                 f"{mean(half, 'grad_cos_channel'):+.4f} | {mean(half, 'mu_over_sigma'):.3f} |")
+    lines.append(f"| {label} | {mean(records[:1], 'kernel_norm', '.2f')} | "
+                 f"{mean(records[-1:], 'kernel_norm', '.2f')} | "
+                 f"{mean(half, 'grad_cos_channel', '+.4f')} | "
+                 f"{mean(half, 'mu_over_sigma', '.3f')} |")
   if not lines:
     return ""
   return ("\nMechanism (seed 0; means over the conv layers, see diagnostics.png): kernel norm "
