@@ -66,6 +66,19 @@ def _pairs():
           None, lambda: mj.CenteredDense(C, dtype=jnp.bfloat16),
           None, lambda rngs: mj.nnx.CenteredDense(CIN, C, dtype=jnp.bfloat16, rngs=rngs),
           (4, CIN)),
+      "cbn_exact_pooled": (
+          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), backward="exact",
+                                                  running_stats="pooled", norm_batch_size=1,
+                                                  **CBN_KW),
+          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
+              CIN, C, (3, 3), backward="exact", running_stats="pooled", norm_batch_size=1,
+              **CBN_KW, rngs=rngs),
+          (2,) + SPATIAL + (CIN,)),
+      "cbn_batch_backward": (
+          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), backward="batch", **CBN_KW),
+          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
+              CIN, C, (3, 3), backward="batch", **CBN_KW, rngs=rngs),
+          (2,) + SPATIAL + (CIN,)),
       "centered_conv": (
           None, lambda: mj.CenteredConv(C, (3, 3), strides=2),
           None, lambda rngs: mj.nnx.CenteredConv(CIN, C, (3, 3), strides=2, rngs=rngs),
@@ -259,3 +272,27 @@ def test_jitted_nnx_step_equals_jitted_linen_step(name):
       np.testing.assert_array_equal(got[path], expected[path],
                                     err_msg=f"{name}: grad {path} at step {t}")
     _assert_same(model, variables, t)
+
+
+@pytest.mark.parametrize("linen_cls,nnx_cls,renamed", [
+    (mj.MABN, mj.nnx.MABN, {}),
+    (mj.BatchNorm, mj.nnx.BatchNorm, {}),
+    (mj.BatchRenorm, mj.nnx.BatchRenorm, {}),
+    (mj.CrossIterationConvNorm, mj.nnx.CrossIterationConvNorm, {"features": "out_features"}),
+])
+def test_nnx_modules_take_every_linen_field_with_its_default(linen_cls, nnx_cls, renamed):
+  import dataclasses
+  import inspect
+
+  parameters = inspect.signature(nnx_cls.__init__).parameters
+  for field in dataclasses.fields(linen_cls):
+    if field.name in ("parent", "name"):
+      continue
+    name = renamed.get(field.name, field.name)
+    assert name in parameters, f"{nnx_cls.__name__} lacks {name}"
+    default = parameters[name].default
+    if field.default is not dataclasses.MISSING and name != "use_running_average":
+      if callable(field.default):  # initializers: same values, not the same object
+        assert callable(default), name
+      else:
+        assert default == field.default, (name, default, field.default)
