@@ -13,10 +13,13 @@ device, learning rate scaled linearly: ``lr * b / batch_size``).
 evaluations during training use them and the test split is evaluated once,
 at the end. Normalizer options counted in steps may be relative to the run
 (``--norm_kwargs burn_in=67%``, ``2ep``, ``first_decay``; see
-:func:`resolve_steps`). Data-parallel over the
-local devices with ``pmap`` (axis ``'batch'``): gradients are averaged,
-batch statistics stay per device unless the normalizer synchronizes them
-(``syncbn``, or ``--sync_stats`` for any normalizer accepting ``axis_name``).
+:func:`resolve_steps`). Data-parallel over the devices (mesh axis
+``'batch'``, ``--parallel``, see :class:`Parallel`): ``jit`` (default) runs
+one program over the global batch, so batch statistics are global (SyncBN
+for free; ``syncbn`` is ``bn`` and ``--sync_stats`` changes nothing);
+``shard_map`` and ``pmap`` keep per-device statistics unless the normalizer
+synchronizes them (``syncbn``, or ``--sync_stats`` for any normalizer
+accepting ``axis_name``); gradients are averaged in every mode.
 
 Each run writes into its workdir: ``metrics.jsonl`` (train windows and test
 evaluations), ``checkpoints/`` (orbax, every ``checkpoint_every`` steps, at
@@ -95,6 +98,7 @@ class Config:
   # Devices.
   num_devices: int = 0
   distributed: bool = False
+  parallel: str = "jit"
   # Bookkeeping.
   workdir: Optional[str] = None
   eval_every: int = 1
@@ -120,7 +124,12 @@ class Config:
       kw.setdefault("norm_batch_size", self.norm_batch_size)
     if self.norm == "gn":
       kw.setdefault("num_groups", self.gn_groups)
-    if self.sync_stats and self.norm != "syncbn":
+    if self.parallel == "jit":
+      # One program over the global batch: statistics are global already and
+      # no mapped axis is bound ('syncbn' is 'bn' here, --sync_stats a no-op).
+      if self.norm == "syncbn":
+        kw.setdefault("axis_name", None)
+    elif self.sync_stats and self.norm != "syncbn":
       kw.setdefault("axis_name", AXIS)
     return kw
 
@@ -140,6 +149,8 @@ class Config:
     if b is not None and (b <= 0 or B % b):
       raise ValueError(
           f"norm_batch_size b={b} must divide the per-device batch B={B}")
+    if self.parallel not in PARALLEL_MODES:
+      raise ValueError(f"parallel {self.parallel!r}: expected one of {PARALLEL_MODES}")
     if self.schedule not in ("cosine", "step", "constant"):
       raise ValueError(f"schedule {self.schedule!r}: expected cosine, step or constant")
 
@@ -275,13 +286,24 @@ def optimizer(config: Config, schedule) -> optax.GradientTransformation:
   )
 
 
-def make_steps(model, tx, num_classes: int, label_smoothing: float, diagnose: bool = False):
-  """``(train_step, eval_step)``, both pmapped over axis ``'batch'``.
+PARALLEL_MODES = ("jit", "shard_map", "pmap")
+"""How a step runs on the devices (``Config.parallel``; see :class:`Parallel`)."""
 
+
+def step_functions(model, tx, num_classes: int, label_smoothing: float,
+                   diagnose: bool = False, axis: Optional[str] = AXIS):
+  """``(train_step, eval_step)`` of one program, not yet mapped or compiled.
+
+  ``axis`` is the mapped axis (``pmap``/``shard_map``) over which gradients
+  and metrics are averaged and evaluation counts summed; ``None`` for one
+  program over the whole global batch (``jit``), whose loss, gradients and
+  counts are already those of the whole batch.
   With ``diagnose`` the train step's metrics also hold ``'diag'``, the
   per-layer :func:`experiments.diagnostics.layer_diagnostics` of the step.
   """
   mutable = ["batch_stats"] + ([diagnostics.MOMENTS] if diagnose else [])
+  mean = (lambda t: jax.lax.pmean(t, axis)) if axis else (lambda t: t)
+  total = (lambda t: jax.lax.psum(t, axis)) if axis else (lambda t: t)
 
   def loss_fn(variables, images, labels):
     logits, mutated = model.apply(variables, images, train=True, mutable=mutable)
@@ -295,22 +317,157 @@ def make_steps(model, tx, num_classes: int, label_smoothing: float, diagnose: bo
   def train_step(variables, opt_state, batch):
     ((loss, logits), new_vars), grads = grad_fn(variables, batch["image"], batch["label"])
     moments = new_vars.pop(diagnostics.MOMENTS, None)
-    grads = jax.lax.pmean(grads, AXIS)
+    grads = mean(grads)
     updates, opt_state = tx.update(grads, opt_state, new_vars["params"])
     new_vars = {**new_vars, "params": optax.apply_updates(new_vars["params"], updates)}
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     metrics = {"loss": loss, "acc": acc.astype(jnp.float32)}
     if diagnose:
       metrics["diag"] = diagnostics.layer_diagnostics(variables["params"], grads, moments)
-    return new_vars, opt_state, jax.lax.pmean(metrics, AXIS)
+    return new_vars, opt_state, mean(metrics)
 
   def eval_step(variables, batch):
     logits = model.apply(variables, batch["image"], train=False)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
-    return jax.lax.psum({"correct": correct, "count": jnp.sum(batch["mask"])}, AXIS)
+    return total({"correct": correct, "count": jnp.sum(batch["mask"])})
 
+  return train_step, eval_step
+
+
+def make_steps(model, tx, num_classes: int, label_smoothing: float, diagnose: bool = False):
+  """``(train_step, eval_step)``, both pmapped over axis ``'batch'``."""
+  return pmap_steps(step_functions(model, tx, num_classes, label_smoothing, diagnose), None)
+
+
+def jit_steps(steps, mesh):
+  """One ``jax.jit`` program over the global batch; outputs replicated."""
+  train_step, eval_step = steps
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return (jax.jit(train_step, donate_argnums=(0, 1), out_shardings=replicated),
+          jax.jit(eval_step, out_shardings=replicated))
+
+
+def shard_map_steps(steps, mesh):
+  """The per-device step under ``jax.shard_map``: state with a leading device
+  axis sharded along ``'batch'`` (each device's own statistics), the batch
+  split along ``'batch'``, metrics and counts reduced over it."""
+  train_step, eval_step = steps
+  spec, none = jax.sharding.PartitionSpec(AXIS), jax.sharding.PartitionSpec()
+  own = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+  lead = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
+
+  def train_body(variables, opt_state, batch):
+    variables, opt_state, metrics = train_step(own(variables), own(opt_state), batch)
+    return lead(variables), lead(opt_state), metrics
+
+  mapped_train = jax.shard_map(train_body, mesh=mesh, in_specs=(spec, spec, spec),
+                               out_specs=(spec, spec, none))
+  mapped_eval = jax.shard_map(lambda v, b: eval_step(own(v), b), mesh=mesh,
+                              in_specs=(spec, spec), out_specs=none)
+  return jax.jit(mapped_train, donate_argnums=(0, 1)), jax.jit(mapped_eval)
+
+
+def pmap_steps(steps, mesh):
+  """The per-device step under ``jax.pmap`` over the mesh's (local) devices."""
+  del mesh
+  train_step, eval_step = steps
   return (jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0, 1)),
           jax.pmap(eval_step, axis_name=AXIS))
+
+
+def _local_value(x) -> np.ndarray:
+  """This process's numpy view of an array: the whole array, one replica of a
+  replicated one, or its devices' shards of the leading axis, in order."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _scalar(x) -> float:
+  """A reduced metric (pmap: one copy per device, identical) as a float."""
+  return float(np.asarray(x).reshape(-1)[0])
+
+
+class Parallel:
+  """Data parallelism of the loop: the mesh, the compiled steps, the layouts.
+
+  ``mode`` (see :data:`PARALLEL_MODES`):
+
+  * ``'jit'``: one ``jax.jit`` program; the batch is sharded along the mesh
+    axis ``'batch'`` (``NamedSharding(mesh, P('batch'))``), variables and
+    optimizer state are replicated. Normalizers see the global batch, so
+    batch statistics are global (groups of ``norm_batch_size`` consecutive
+    samples of the global batch) and there is one copy of them.
+  * ``'shard_map'``: the per-device step under ``jax.shard_map``; variables and
+    optimizer state carry a leading device axis sharded along ``'batch'``, so
+    every device keeps the statistics of its own shard (averaged over
+    ``'batch'`` by layers with ``axis_name``); gradients are ``pmean``-ed.
+  * ``'pmap'``: the same per-device semantics with ``jax.pmap``.
+
+  Host-side state (initial values, checkpoints) is this process's view: one
+  copy (``'jit'``) or a leading axis over its ``n`` devices.
+  """
+
+  def __init__(self, mode: str, steps, n: int):
+    if mode not in PARALLEL_MODES:
+      raise ValueError(f"parallel {mode!r}: expected one of {PARALLEL_MODES}")
+    self.mode, self.n = mode, n
+    self.per_device = mode != "jit"
+    local = jax.local_devices()[:n]
+    if mode == "pmap" or jax.process_count() == 1:
+      devices = local
+    else:  # every process's first n devices, process by process
+      devices = [d for p in range(jax.process_count())
+                 for d in [d for d in jax.devices() if d.process_index == p][:n]]
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+    spec = jax.sharding.PartitionSpec
+    self.sharded = jax.sharding.NamedSharding(self.mesh, spec(AXIS))
+    self.replicated = jax.sharding.NamedSharding(self.mesh, spec())
+    make = {"jit": jit_steps, "shard_map": shard_map_steps, "pmap": pmap_steps}[mode]
+    self.train_step, self.eval_step = make(steps, self.mesh)
+
+  def replicate(self, host_tree):
+    """One copy (e.g. initial variables) -> the host layout of the mode."""
+    if not self.per_device:
+      return host_tree
+    return jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * self.n), host_tree)
+
+  def put(self, host_tree):
+    """Host layout -> device arrays (the global arrays of all processes)."""
+    sharding = self.sharded if self.per_device else self.replicated
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_tree)
+
+  def batch(self, batch: Dict[str, np.ndarray]):
+    """This process's batch ``(n * B, ...)`` -> the step's input."""
+    if self.mode == "pmap":
+      return shard(batch, self.n)
+    return {k: jax.make_array_from_process_local_data(self.sharded, v)
+            for k, v in batch.items()}
+
+  def to_host(self, tree):
+    """Device arrays -> this process's host layout (numpy)."""
+    return jax.tree_util.tree_map(_local_value, tree)
+
+  def first(self, tree):
+    """One device's copy (device 0 of this process), as numpy."""
+    host = self.to_host(tree)
+    return jax.tree_util.tree_map(lambda x: x[0], host) if self.per_device else host
+
+  def device_view(self, tree):
+    """Every local device's copy, along a leading axis (``'jit'``: the one
+    global copy that every device holds)."""
+    host = self.to_host(tree)
+    if self.per_device:
+      return host
+    return jax.tree_util.tree_map(lambda x: np.stack([x] * self.n), host)
+
+  def normalization_batch(self, device_batch: int) -> int:
+    """Samples a layer normalizes together without ``norm_batch_size``."""
+    return device_batch * self.n * jax.process_count() if self.mode == "jit" else device_batch
 
 
 def put_per_device(tree, devices):
@@ -330,7 +487,7 @@ def _evaluated(record: Dict[str, Any]) -> bool:
   return any(k.endswith("_top1") for k in record)
 
 
-def evaluate_splits(eval_step, variables, loaders: Dict[str, data_lib.Loader], n: int,
+def evaluate_splits(parallel: Parallel, variables, loaders: Dict[str, data_lib.Loader],
                     final: bool, suffix: str = "") -> Dict[str, float]:
   """``{'<split>_top1<suffix>': accuracy}`` of one evaluation.
 
@@ -341,44 +498,45 @@ def evaluate_splits(eval_step, variables, loaders: Dict[str, data_lib.Loader], n
   splits = ["val"] if "val" in loaders else ["test"]
   if final and "val" in loaders:
     splits.append("test")
-  return {f"{split}_top1{suffix}": evaluate(eval_step, variables, loaders[split], n)
+  return {f"{split}_top1{suffix}": evaluate(parallel, variables, loaders[split])
           for split in splits}
 
 
-def evaluate(eval_step, variables, loader: data_lib.Loader, n: int) -> float:
+def evaluate(parallel: Parallel, variables, loader: data_lib.Loader) -> float:
   correct = count = 0.0
   for batch in loader.epoch(0):
-    out = jax.device_get(eval_step(variables, shard(batch, n)))
-    correct += float(out["correct"][0])
-    count += float(out["count"][0])
+    out = parallel.to_host(parallel.eval_step(variables, parallel.batch(batch)))
+    correct += _scalar(out["correct"])
+    count += _scalar(out["count"])
   return 100.0 * correct / max(count, 1.0)
 
 
 def precise_bn_evaluation(config: Config, model, dev_vars, dataset: data_lib.Dataset,
-                          eval_step, eval_loaders, n: int) -> Dict[str, Any]:
+                          parallel: Parallel, eval_loaders) -> Dict[str, Any]:
   """Evaluation after precise BN (:func:`mabn_jax.recompute_batch_stats`).
 
   The running statistics of device 0's trained variables are replaced by
   exact averages over ``config.precise_bn_batches`` training batches of the
-  per-device batch (augmented as in training, in the order of the last
-  epoch), normalized as in training (groups of ``norm_batch_size``); the
-  model is then evaluated like at the end of training. Returns
+  normalization batch (the per-device batch; ``'jit'``: the global batch),
+  augmented as in training, in the order of the last epoch, and normalized
+  as in training (groups of ``norm_batch_size``); the model is then
+  evaluated like at the end of training. Returns
   ``{'final_<split>_top1_precise': accuracy}`` for each evaluated split, or
   ``{}`` for a model with synchronized statistics (precise BN then needs the
   device mapping) or no batch statistics.
   """
-  if config.sync_stats or config.norm == "syncbn" or config.norm not in BATCH_NORMALIZERS:
+  synced = config.parallel != "jit" and (config.sync_stats or config.norm == "syncbn")
+  if synced or config.norm not in BATCH_NORMALIZERS:
     return {}
-  variables = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(dev_vars))
-  loader = data_lib.Loader(dataset, "train", config.device_batch(), True, config.seed)
+  variables = parallel.first(dev_vars)
+  loader = data_lib.Loader(dataset, "train", parallel.normalization_batch(config.device_batch()),
+                           True, config.seed)
   last_epoch = max(0, int(np.ceil(config.epochs)) - 1)
   batches = (b["image"] for _, b in zip(range(config.precise_bn_batches),
                                          loader.epoch(last_epoch)))
   precise = mj.recompute_batch_stats(model.apply, variables, batches, train=True)
-  host = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), unfreeze(precise))
-  devices = jax.local_devices()[:n]
-  results = evaluate_splits(eval_step, put_per_device(host, devices), eval_loaders, n,
-                            final=True, suffix="_precise")
+  precise = parallel.put(parallel.replicate(_to_host(unfreeze(precise))))
+  results = evaluate_splits(parallel, precise, eval_loaders, final=True, suffix="_precise")
   return {f"final_{k}": v for k, v in results.items()}
 
 
@@ -491,7 +649,6 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   n = config.num_devices or len(devices)
   if n > len(devices):
     raise ValueError(f"num_devices={n} but only {len(devices)} local devices")
-  devices = devices[:n]
   if dataset is None:
     dataset = load_data(config)
   B = config.device_batch()
@@ -511,7 +668,10 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   variables = unfreeze(model.init(jax.random.PRNGKey(config.seed),
                                   jnp.zeros((B,) + dataset.image_shape, jnp.float32), train=True))
   opt_state = tx.init(variables["params"])
-  state = {"variables": variables, "opt_state": opt_state}
+  parallel = Parallel(config.parallel, step_functions(
+      model, tx, dataset.num_classes, config.label_smoothing, config.diagnose,
+      None if config.parallel == "jit" else AXIS), n)
+  state = parallel.replicate(_to_host({"variables": variables, "opt_state": opt_state}))
 
   workdir = config.workdir
   ckpt_dir = metrics_path = None
@@ -538,12 +698,7 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(config), f, indent=1)
 
-  train_step, eval_step = make_steps(model, tx, dataset.num_classes, config.label_smoothing,
-                                     config.diagnose)
-  if step == 0:
-    state = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), _to_host(state))
-  # Host arrays with a leading device axis -> one shard per device.
-  dev_state = put_per_device(state, devices)
+  dev_state = parallel.put(state)
   dev_vars, dev_opt = dev_state["variables"], dev_state["opt_state"]
 
   def log(record):
@@ -557,18 +712,19 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   latest_diag = {}
 
   def fold_pending():
-    for m in jax.device_get(pending):
-      host["loss_sum"] += float(m["loss"][0])
-      host["acc_sum"] += float(m["acc"][0])
+    for m in parallel.to_host(pending):
+      host["loss_sum"] += _scalar(m["loss"])
+      host["acc_sum"] += _scalar(m["acc"])
       host["count"] += 1
       if "diag" in m:
-        latest_diag["diag"] = jax.tree_util.tree_map(lambda v: float(v[0]), m["diag"])
+        latest_diag["diag"] = jax.tree_util.tree_map(_scalar, m["diag"])
     pending.clear()
 
   def checkpoint():
     if manager is not None:
       fold_pending()
-      save_checkpoint(manager, step, {"variables": dev_vars, "opt_state": dev_opt}, dict(host))
+      save_checkpoint(manager, step, parallel.to_host(
+          {"variables": dev_vars, "opt_state": dev_opt}), dict(host))
 
   progress = Progress(total_steps, step, config.progress and jax.process_index() == 0,
                       f"{config.norm} b={config.norm_batch_size or B}")
@@ -578,7 +734,7 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
     while step < total_steps:
       epoch, start = divmod(step, spe)
       for batch in train_loader.epoch(epoch, start):
-        dev_vars, dev_opt, metrics = train_step(dev_vars, dev_opt, shard(batch, n))
+        dev_vars, dev_opt, metrics = parallel.train_step(dev_vars, dev_opt, parallel.batch(batch))
         pending.append(metrics)
         step += 1
         end_of_epoch = step % spe == 0
@@ -598,7 +754,7 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
           if step == total_steps or (config.eval_every and e % config.eval_every == 0):
             if not any(r["step"] == step and _evaluated(r) for r in records):
               log({"step": step, "epoch": step / spe, **evaluate_splits(
-                  eval_step, dev_vars, eval_loaders, n, final=step == total_steps)})
+                  parallel, dev_vars, eval_loaders, final=step == total_steps)})
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoint()
         if config.stop_after and step >= config.stop_after and step < total_steps:
@@ -613,8 +769,7 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
 
   if not interrupted:
     checkpoint()
-  mj.check_finite({"batch_stats": jax.tree_util.tree_map(lambda x: x[0],
-                                                        dev_vars.get("batch_stats", {}))})
+  mj.check_finite({"batch_stats": parallel.first(dev_vars.get("batch_stats", {}))})
   evals = [r for r in records if "test_top1" in r]
   vals = [r for r in records if "val_top1" in r]
   trains = [r for r in records if "loss" in r]
@@ -636,16 +791,16 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
       "val_top1_curve": [[r["step"], r["val_top1"]] for r in vals],
   }
   if config.precise_bn_batches and not interrupted:
-    summary.update(precise_bn_evaluation(config, model, dev_vars, dataset, eval_step,
-                                         eval_loaders, n))
+    summary.update(precise_bn_evaluation(config, model, dev_vars, dataset, parallel,
+                                         eval_loaders))
   if workdir and not interrupted and jax.process_index() == 0:
     tmp = os.path.join(workdir, "summary.json.tmp")
     with open(tmp, "w") as f:
       json.dump(summary, f, indent=1)
     os.replace(tmp, os.path.join(workdir, "summary.json"))
-  summary["variables"] = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), dev_vars)
+  summary["variables"] = parallel.first(dev_vars)
   # Every device's statistics (leading device axis), for per-device/synchronized checks.
-  summary["device_batch_stats"] = _to_host(dev_vars.get("batch_stats", {}))
+  summary["device_batch_stats"] = parallel.device_view(dev_vars.get("batch_stats", {}))
   return summary
 
 

@@ -71,10 +71,12 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     assert key in summary
 
 
-def test_data_parallel_syncbn_shares_statistics_bn_does_not(tiny):
+@pytest.mark.parametrize("parallel", ["shard_map", "pmap"])
+def test_data_parallel_syncbn_shares_statistics_bn_does_not(tiny, parallel):
   out = {}
   for norm in ("bn", "syncbn"):
-    s = T.train(_config(norm, num_devices=2, batch_size=4, norm_batch_size=None), tiny)
+    s = T.train(_config(norm, num_devices=2, batch_size=4, norm_batch_size=None,
+                        parallel=parallel), tiny)
     out[norm] = s
   # Per-device BN: the two devices saw different halves, so their running
   # means differ; SyncBN averages the statistics over devices.
