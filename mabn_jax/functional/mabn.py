@@ -267,10 +267,47 @@ def _stabilized_fwd(
         "the tap and add its cotangent to psi_buffer) instead of "
         "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
     )
+  _check_tap_varies_like_input(x.value, tap.value, config, where)
   res = tuple(p.value for p in (x, inv_std, r, psi_buffer, use_average, first_step))
   out = _stabilized_normalize(
       res[0], tap.value, *res[1:], groups, axis, config, where)
   return out, res
+
+
+def _varying_axes(value) -> frozenset:
+  """Mesh axes over which ``value`` varies under ``jax.shard_map`` (else empty)."""
+  aval = jax.typeof(value)
+  manual = getattr(aval, "manual_axis_type", None)  # newer JAX
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", None) or ())
+
+
+def _check_tap_varies_like_input(x, tap, config: MABNConfig, where: str) -> None:
+  """Raises if this device's ``Psi_B`` could not be returned through ``tap``.
+
+  Under ``jax.shard_map`` a tap that is replicated over a mesh axis (the
+  variables passed with ``P()``) while the input is split along it would get
+  a cotangent that differs per device, unless the statistics are averaged
+  over that axis (``axis_name``); JAX then fails in the custom VJP with a
+  type error that names neither the layer nor the fix.
+  """
+  synced = set()
+  if config.axis_index_groups is None and config.axis_name is not None:
+    names = config.axis_name
+    synced = set(names) if isinstance(names, (tuple, list)) else {names}
+  axes = sorted(_varying_axes(x) - _varying_axes(tap) - synced, key=str)
+  if axes:
+    name = axes[0] if len(axes) == 1 else tuple(axes)
+    raise ValueError(
+        f"{where}: under jax.shard_map the input varies over mesh axis {name!r} but the "
+        "layer's state (its backward-statistics tap) is replicated over it (passed with "
+        "P()), so this device's statistics cannot be stored in replicated state. Keep "
+        f"per-device state: give the variables a leading device axis sharded with "
+        f"in_specs/out_specs P({name!r}) (as pmap does), or synchronize the statistics "
+        f"over the devices with axis_name={name!r} (registry: "
+        f"make_normalizer('mabn', axis_name={name!r}))."
+    )
 
 
 def _stabilized_bwd(groups, axis, config, where, res, ct):
