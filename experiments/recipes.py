@@ -39,6 +39,9 @@ class Recipe:
   description: str = ""
 
 
+# The published CBN's options, spelled out (the library's defaults differ).
+PUBLISHED = {"backward": "published", "running_stats": "batch"}
+
 RECIPES: Dict[str, Recipe] = {
     "bn": Recipe("bn", description="BN"),
     "gn": Recipe("gn", description="GroupNorm (batch-independent)"),
@@ -52,20 +55,20 @@ RECIPES: Dict[str, Recipe] = {
     "brn_published_fast": Recipe(
         "brn", {"warmup_steps": "4%", "ramp_steps": "26%", "momentum": 0.9},
         description="Batch Renorm, Ioffe's schedule, running averages at momentum 0.9"),
-    "cbn": Recipe("cbn", description="CBN, library defaults (window 4, burn-in 100 steps, "
-                                     "published gradient)"),
-    "cbn_nowarmup": Recipe("cbn", overrides={"warmup_epochs": 0.0},
-                           description="CBN, library defaults, no learning-rate warm-up"),
-    "cbn_late": Recipe("cbn", {"burn_in": "5%"},
+    "cbn": Recipe("cbn", PUBLISHED, description="CBN as published, window 4, burn-in 100 steps"),
+    "cbn_nowarmup": Recipe("cbn", PUBLISHED, overrides={"warmup_epochs": 0.0},
+                           description="CBN as published, burn-in 100, no learning-rate warm-up"),
+    "cbn_late": Recipe("cbn", {**PUBLISHED, "burn_in": "5%"},
                        description="CBN switched on after the warm-up (burn-in 5% of training)"),
     "cbn_published": Recipe(
-        "cbn", {"burn_in": "67%"},
+        "cbn", {**PUBLISHED, "burn_in": "67%"},
         description="CBN, the authors' recipe: window 4, burn-in until 67% of training "
                     "(their first lr decay at epoch 8 of 12), published gradient"),
-    "cbn_naive": Recipe("cbn_naive", description="naive CBN (no compensation), burn-in 100"),
-    "cbn_exact": Recipe("cbn", {"backward": "exact"},
+    "cbn_naive": Recipe("cbn_naive", PUBLISHED,
+                        description="naive CBN (no compensation), burn-in 100"),
+    "cbn_exact": Recipe("cbn", {"backward": "exact", "running_stats": "batch"},
                         description="CBN with the exact gradient of its forward (ours)"),
-    "cbn_batch": Recipe("cbn", {"backward": "batch"},
+    "cbn_batch": Recipe("cbn", {"backward": "batch", "running_stats": "batch"},
                         description="CBN with BN's backward on the pooled moments (ours)"),
     "cbn_exact_pooled": Recipe("cbn", {"backward": "exact", "running_stats": "pooled"},
                                description="CBN, exact gradient, inference statistics "
@@ -73,16 +76,16 @@ RECIPES: Dict[str, Recipe] = {
     "cbn_batch_pooled": Recipe("cbn", {"backward": "batch", "running_stats": "pooled"},
                                description="CBN, BN's backward, pooled inference "
                                            "statistics (ours)"),
-    "cbn_group": Recipe("cbn", {"group_history": True},
+    "cbn_group": Recipe("cbn", {**PUBLISHED, "group_history": True},
                         description="CBN with a history per normalization group "
                                     "(one small batch per device), published gradient"),
     "cbn_group_exact": Recipe("cbn", {"group_history": True, "backward": "exact",
                                       "running_stats": "pooled"},
                               description="CBN, history per group, exact gradient, pooled "
                                           "inference statistics (ours)"),
-    "cbn_exact_late": Recipe("cbn", {"backward": "exact", "burn_in": "5%"},
+    "cbn_exact_late": Recipe("cbn", {"backward": "exact", "running_stats": "batch", "burn_in": "5%"},
                              description="CBN, exact gradient, burn-in 5% (ours)"),
-    "cbn_batch_late": Recipe("cbn", {"backward": "batch", "burn_in": "5%"},
+    "cbn_batch_late": Recipe("cbn", {"backward": "batch", "running_stats": "batch", "burn_in": "5%"},
                              description="CBN, BN's backward, burn-in 5% (ours)"),
 }
 

@@ -124,7 +124,7 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   with open(tmp_path / "rc" / "runs" / "cbn_exact_b2_s0" / "summary.json") as f:
     summary = json.load(f)
   assert summary["config"]["norm"] == "cbn"
-  assert summary["config"]["norm_kwargs"] == {"backward": "exact"}
+  assert summary["config"]["norm_kwargs"] == {"backward": "exact", "running_stats": "batch"}
   table = (tmp_path / "rc" / "table.md").read_text()
   assert "| cbn_exact | 2 |" in table and "test, precise BN" in table
   mechanism = table.split("Mechanism")[1]
