@@ -95,3 +95,21 @@ def test_synchronized_mabn_with_replicated_state_equals_one_device_on_the_whole_
   for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(a["params"]),
                           jax.tree_util.tree_leaves(b["params"])):
     np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_mabn_under_jit_with_a_batch_sharded_over_an_explicit_mesh_axis():
+  # jax.make_mesh's axes are explicit: the batch's type is sharded, which the
+  # weight-centred conv must not slice (it once failed with a ShardingTypeError).
+  mesh = jax.make_mesh((DEVICES,), ("batch",))
+  assert jax.sharding.AxisType.Explicit in mesh.axis_types
+  model = Net(mj.make_normalizer("mabn", **MABN))
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 6, 6, 3)), train=True)
+  replicated = NamedSharding(mesh, P())
+  sharded_step = jax.jit(_step(model, None), out_shardings=replicated)
+  one = jax.jit(_step(model, None))
+  a, b = jax.device_put(variables, replicated), variables
+  for x, y in zip(*_data()):
+    a = sharded_step(a, *(jax.device_put(v, NamedSharding(mesh, P("batch"))) for v in (x, y)))
+    b = one(b, x, y)
+  for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

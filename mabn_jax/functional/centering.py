@@ -44,9 +44,20 @@ def _after(value: jax.Array, anchor: jax.Array) -> jax.Array:
   ``optimization_barrier`` does not constrain the CPU scheduler, hence the
   select: ``x < x`` is false for every float, NaN included, so the value and
   its gradient are exactly those of ``value``.
+  An ``anchor`` sharded over explicit mesh axes (``jax.sharding.AxisType.Explicit``,
+  the default of ``jax.make_mesh``) cannot be sliced to one element without
+  communication; ``value`` is then returned as is.
   """
+  if _explicitly_sharded(anchor):
+    return value
   first = lax.stop_gradient(anchor.reshape(-1)[0])
   return jnp.where(first < first, jnp.zeros_like(value), value)
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+  """Whether ``x``'s type is sharded along an explicit mesh axis."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and any(axis is not None for axis in spec)
 
 
 def centered_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any,
