@@ -98,6 +98,10 @@ class Config:
   # Devices.
   num_devices: int = 0
   distributed: bool = False
+  # jax.distributed.initialize's arguments (None: detected from the cluster).
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
   parallel: str = "jit"
   # Bookkeeping.
   workdir: Optional[str] = None
@@ -619,20 +623,54 @@ def _checkpoint_manager(directory: str):
 
 
 def save_checkpoint(manager, step: int, state, host: Dict[str, Any]):
+  """Saves the device ``state`` (as numpy with one process; with several, the
+  global arrays, each process writing its devices' shards) and ``host``."""
   import orbax.checkpoint as ocp
 
+  if jax.process_count() == 1:
+    state = _to_host(state)
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_to_host(state)), host=ocp.args.JsonSave(host)), force=True)
+      state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)), force=True)
   manager.wait_until_finished()
 
 
 def restore_checkpoint(manager, target):
+  """``(step, state, host)`` of the latest checkpoint; ``target`` is like the
+  saved state (numpy, or the global arrays with several processes)."""
   import orbax.checkpoint as ocp
 
   step = manager.latest_step()
+  if jax.process_count() == 1:
+    target = _to_host(target)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_to_host(target)), host=ocp.args.JsonRestore()))
+      state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()))
   return step, restored["state"], restored["host"]
+
+
+def clear_run(workdir: str, ckpt_dir: str) -> None:
+  """Removes a previous run's checkpoints, metrics and summary (process 0;
+  the others wait for it)."""
+  if jax.process_index() == 0:
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    for f in ("metrics.jsonl", "summary.json"):
+      if os.path.exists(os.path.join(workdir, f)):
+        os.remove(os.path.join(workdir, f))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("experiments.train clear_run")
+
+
+def _checkpoint_target(parallel: "Parallel", host_state):
+  """What a checkpoint restores into: the host state, or with several
+  processes its global arrays (orbax then reads each process's shards)."""
+  return host_state if jax.process_count() == 1 else parallel.put(host_state)
+
+
+def check_checkpointable(parallel: "Parallel") -> None:
+  """Raises for checkpoints orbax cannot write: pmap with several processes."""
+  if jax.process_count() > 1 and parallel.mode == "pmap":
+    raise ValueError("checkpoints of several processes need --parallel jit or shard_map "
+                     "(pmap's arrays are local to each process); or run without --workdir")
 
 
 # --------------------------------------------------------------------------
@@ -643,8 +681,9 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   """Trains one run; returns (and writes) its summary."""
   config.validate()
   wall_start = time.time()
-  if config.distributed:
-    jax.distributed.initialize()
+  if config.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize(config.coordinator_address, config.num_processes,
+                               config.process_id)
   devices = jax.local_devices()
   n = config.num_devices or len(devices)
   if n > len(devices):
@@ -683,18 +722,16 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
     os.makedirs(workdir, exist_ok=True)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if jax.process_count() > 1:
-      ckpt_dir = os.path.join(ckpt_dir, f"process_{jax.process_index()}")
+    check_checkpointable(parallel)
     if not config.resume:
-      shutil.rmtree(ckpt_dir, ignore_errors=True)
-      for f in ("metrics.jsonl", "summary.json"):
-        if os.path.exists(os.path.join(workdir, f)):
-          os.remove(os.path.join(workdir, f))
+      clear_run(workdir, ckpt_dir)
     manager = _checkpoint_manager(ckpt_dir)
     if config.resume and manager.latest_step() is not None:
-      step, state, host = restore_checkpoint(manager, state)
+      step, state, host = restore_checkpoint(manager, _checkpoint_target(parallel, state))
+      state = parallel.to_host(state)
       records = [r for r in read_metrics(metrics_path) if r["step"] <= step]
-      write_metrics(metrics_path, records)
+      if jax.process_index() == 0:
+        write_metrics(metrics_path, records)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(config), f, indent=1)
 
@@ -721,10 +758,9 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
     pending.clear()
 
   def checkpoint():
-    if manager is not None:
+    if manager is not None and manager.latest_step() != step:
       fold_pending()
-      save_checkpoint(manager, step, parallel.to_host(
-          {"variables": dev_vars, "opt_state": dev_opt}), dict(host))
+      save_checkpoint(manager, step, {"variables": dev_vars, "opt_state": dev_opt}, dict(host))
 
   progress = Progress(total_steps, step, config.progress and jax.process_index() == 0,
                       f"{config.norm} b={config.norm_batch_size or B}")
