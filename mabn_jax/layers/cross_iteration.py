@@ -109,8 +109,8 @@ class CrossIterationConvNorm(nn.Module):
   burn_in: int = 100
   naive: bool = False
   group_history: bool = False
-  backward: str = "published"
-  running_stats: str = "batch"
+  backward: str = F.CBNConfig.backward
+  running_stats: str = F.CBNConfig.running_stats
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None

@@ -73,8 +73,8 @@ class CrossIterationConvNorm(nnx.Module):
       naive: bool = False,
       group_history: bool = False,
       num_groups: Optional[int] = None,
-      backward: str = "published",
-      running_stats: str = "batch",
+      backward: str = F.CBNConfig.backward,
+      running_stats: str = F.CBNConfig.running_stats,
       momentum: float = 0.9,
       epsilon: float = 1e-5,
       norm_batch_size: Optional[int] = None,
@@ -96,7 +96,8 @@ class CrossIterationConvNorm(nnx.Module):
     where = C.describe(self, out_features)
     self.config = F.CBNConfig(
         window=window, burn_in=burn_in, naive=naive, group_history=group_history,
-        backward=backward, running_stats=running_stats, momentum=momentum, epsilon=epsilon, norm_batch_size=norm_batch_size,
+        backward=backward, running_stats=running_stats, momentum=momentum, epsilon=epsilon,
+        norm_batch_size=norm_batch_size,
         axis_name=axis_name, axis_index_groups=C.hashable_groups(axis_index_groups))
     self.config.validate(where)
     if group_history and num_groups is None:
