@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -642,9 +643,57 @@ def restore_checkpoint(manager, target):
   step = manager.latest_step()
   if jax.process_count() == 1:
     target = _to_host(target)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()))
+  path = os.path.join(str(manager.directory), str(step))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()))
+    _check_restored(restored["state"], target)
+  except Exception as error:  # noqa: BLE001 - any failure to read it means a bad checkpoint
+    raise ValueError(
+        f"checkpoint {path} is incomplete or corrupted and was not loaded "
+        f"({type(error).__name__}: {str(error)[:300]}); checkpoints in "
+        f"{manager.directory}: steps {list(manager.all_steps())}. Delete {path} to resume "
+        "from the previous one, or rerun without --resume.") from error
   return step, restored["state"], restored["host"]
+
+
+def _check_restored(state, target) -> None:
+  """Raises unless ``state`` has ``target``'s structure, shapes and dtypes."""
+  got = jax.tree_util.tree_structure(state)
+  if got != jax.tree_util.tree_structure(target):
+    raise ValueError(f"restored tree {got} differs from the expected one")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
+                          jax.tree_util.tree_leaves(target)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"{jax.tree_util.keystr(path)}: restored {a.shape} {a.dtype}, "
+                       f"expected {b.shape} {b.dtype}")
+
+
+FAULT_ENV = "MABN_TRAIN_KILL"
+"""Fault injection (tests): ``step:N`` SIGKILLs the run after training step
+``N``; ``save:N`` while saving step ``N``'s checkpoint, after its files are
+written and before orbax finalizes it (renames its temporary directory)."""
+
+
+def _kill_self():
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_fault() -> Optional[int]:
+  """Arms :data:`FAULT_ENV`; returns the step to be killed after (``step:N``)."""
+  kind, _, at = os.environ.get(FAULT_ENV, "").partition(":")
+  if kind == "save":
+    from orbax.checkpoint._src.path import atomicity
+
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def killing_finalize(self, *args, **kwargs):
+      if self._final_path.name == at:
+        _kill_self()
+      return await finalize(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+  return int(at) if kind == "step" else None
 
 
 def clear_run(workdir: str, ckpt_dir: str) -> None:
@@ -681,6 +730,7 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   """Trains one run; returns (and writes) its summary."""
   config.validate()
   wall_start = time.time()
+  kill_after = install_fault()
   if config.distributed and not jax.distributed.is_initialized():
     jax.distributed.initialize(config.coordinator_address, config.num_processes,
                                config.process_id)
@@ -793,6 +843,8 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
                   parallel, dev_vars, eval_loaders, final=step == total_steps)})
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoint()
+        if step == kill_after:
+          _kill_self()
         if config.stop_after and step >= config.stop_after and step < total_steps:
           raise KeyboardInterrupt  # simulated interruption (tests, time-boxed runs)
         if step >= total_steps:
