@@ -5,7 +5,8 @@
   (``shard_map``, ``axis_name='batch'``) and MABN under ``jit`` over the
   sharded batch both equal one process training on the concatenated batch,
   and both processes hold identical variables.
-* ``python -m experiments.train --distributed true`` in two processes: each
+* ``python -m experiments.train --distributed true`` in two processes (``jit``:
+  replicated state; ``shard_map``: one state per device of both processes): each
   reads its shard of the data (``Loader`` ``shard_index``/``shard_count``),
   both finish and write one checkpoint (orbax, the global arrays), process 0
   the summary; resuming both from a checkpoint continues to the same result.
@@ -102,7 +103,9 @@ def _train_command(workdir, process_id, port, *extra):
           "--num_processes", "2", "--process_id", str(process_id), *extra]
 
 
-def test_two_processes_run_the_training_loop_with_sharded_data_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("parallel", ["jit", "shard_map"])
+def test_two_processes_run_the_training_loop_with_sharded_data_and_checkpoints(tmp_path,
+                                                                               parallel):
   # The synthetic training split (64 images) in 2 host shards of 32, each
   # host's batch 4 (2 devices x 2): 8 steps on a global batch of 8.
   tiny = D.synthetic()
@@ -112,22 +115,24 @@ def test_two_processes_run_the_training_loop_with_sharded_data_and_checkpoints(t
 
   env = _env(2)
   port = _free_port()
-  _launch([_train_command(tmp_path / "a", i, port) for i in range(2)], env)
+  mode = ("--parallel", parallel)
+  _launch([_train_command(tmp_path / "a", i, port, *mode) for i in range(2)], env)
   with open(tmp_path / "a" / "summary.json") as f:
     summary = json.load(f)
   assert summary["finished"] and summary["step"] == summary["total_steps"] == 8
-  assert summary["device"]["processes"] == 2 and summary["config"]["parallel"] == "jit"
+  assert summary["device"]["processes"] == 2 and summary["config"]["parallel"] == parallel
   # One checkpoint directory: both processes write their shards of the global arrays.
   steps = sorted(os.listdir(tmp_path / "a" / "checkpoints"))
   assert steps == ["6", "8"], steps
 
   # Interrupted after 5 steps, then resumed: the same losses as straight through.
   port = _free_port()
-  _launch([_train_command(tmp_path / "b", i, port, "--stop_after", "5") for i in range(2)], env,
-          returncode=130)
+  _launch([_train_command(tmp_path / "b", i, port, *mode, "--stop_after", "5")
+           for i in range(2)], env, returncode=130)
   assert not os.path.exists(tmp_path / "b" / "summary.json")
   port = _free_port()
-  _launch([_train_command(tmp_path / "b", i, port, "--resume", "true") for i in range(2)], env)
+  _launch([_train_command(tmp_path / "b", i, port, *mode, "--resume", "true")
+           for i in range(2)], env)
   with open(tmp_path / "b" / "summary.json") as f:
     resumed = json.load(f)
   assert resumed["finished"]
