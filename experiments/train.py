@@ -565,10 +565,20 @@ def device_info() -> Dict[str, Any]:
 
 
 def read_metrics(path: str):
+  """The records of ``metrics.jsonl``; a last line cut short (a run killed
+  while writing it) is dropped, any other unreadable line raises."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = [json.loads(line) for line in lines[:-1]]
+  if lines:
+    try:
+      records.append(json.loads(lines[-1]))
+    except json.JSONDecodeError:
+      if lines[-1].endswith("\n"):
+        raise
+  return records
 
 
 def write_metrics(path: str, records):
@@ -650,7 +660,8 @@ def restore_checkpoint(manager, target):
     _check_restored(restored["state"], target)
   except Exception as error:  # noqa: BLE001 - any failure to read it means a bad checkpoint
     raise ValueError(
-        f"checkpoint {path} is incomplete or corrupted and was not loaded "
+        f"checkpoint {path} is incomplete or corrupted and was not loaded (or it was "
+        "saved by a run with another --parallel mode or number of devices) "
         f"({type(error).__name__}: {str(error)[:300]}); checkpoints in "
         f"{manager.directory}: steps {list(manager.all_steps())}. Delete {path} to resume "
         "from the previous one, or rerun without --resume.") from error

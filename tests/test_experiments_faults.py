@@ -138,3 +138,12 @@ def test_a_corrupted_checkpoint_is_never_loaded(tmp_path, killed_at_5, reference
   shutil.rmtree(latest)
   assert T.main(_args(workdir, "--resume", "true")) == 0
   _assert_same_run(workdir, reference)
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+  assert T.read_metrics(str(path)) == [{"step": 1, "loss": 2.0}]
+  path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 2.0}\n')
+  with pytest.raises(json.JSONDecodeError):
+    T.read_metrics(str(path))

@@ -8,7 +8,7 @@ On the 8 fake CPU devices of tests/conftest.py, a tiny CNN on synthetic data:
 * ``shard_map`` keeps per-device statistics (they differ across devices);
   with ``--sync_stats`` they are identical and equal the ``jit`` result.
 * ``pmap`` equals ``shard_map`` (the same per-device semantics).
-* Resuming equals the uninterrupted run in the default mode.
+* Resuming equals the uninterrupted run, in every mode.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_unknown_mode_raises():
     T.train(_config(parallel="vmap"), _tiny())
 
 
-@pytest.mark.parametrize("parallel", ["jit", "shard_map"])
+@pytest.mark.parametrize("parallel", T.PARALLEL_MODES)
 def test_resume_equals_uninterrupted(parallel, tmp_path):
   kw = dict(norm="mabn", norm_batch_size=2, devices=2, batch=4, parallel=parallel, epochs=2,
             checkpoint_every=3, eval_every=1)
