@@ -657,7 +657,8 @@ def restore_checkpoint(manager, target):
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()))
-    _check_restored(restored["state"], target)
+    state = _one_device_layout(restored["state"], target)
+    _check_restored(state, target)
   except Exception as error:  # noqa: BLE001 - any failure to read it means a bad checkpoint
     raise ValueError(
         f"checkpoint {path} is incomplete or corrupted and was not loaded (or it was "
@@ -665,7 +666,24 @@ def restore_checkpoint(manager, target):
         f"({type(error).__name__}: {str(error)[:300]}); checkpoints in "
         f"{manager.directory}: steps {list(manager.all_steps())}. Delete {path} to resume "
         "from the previous one, or rerun without --resume.") from error
-  return step, restored["state"], restored["host"]
+  return step, state, restored["host"]
+
+
+def _one_device_layout(state, target):
+  """One device's state saved with a leading device axis of 1 (``pmap``,
+  ``shard_map``) in ``target``'s layout without it (``jit``), or the reverse:
+  on one device the modes compute the same thing."""
+  def convert(a, b):
+    if a.shape == (1,) + b.shape:
+      return a[0]
+    if b.shape == (1,) + a.shape:
+      return a[None]
+    return a
+
+  if jax.process_count() > 1 or (jax.tree_util.tree_structure(state)
+                                 != jax.tree_util.tree_structure(target)):
+    return state
+  return jax.tree_util.tree_map(convert, state, target)
 
 
 def _check_restored(state, target) -> None:

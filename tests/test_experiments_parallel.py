@@ -131,3 +131,17 @@ def test_resume_equals_uninterrupted(parallel, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, full["device_batch_stats"],
                          rest["device_batch_stats"])
   assert os.path.exists(tmp_path / "b" / "summary.json")
+
+
+@pytest.mark.parametrize("saved,resumed", [("pmap", "jit"), ("jit", "shard_map")])
+def test_one_device_checkpoints_resume_in_another_mode(saved, resumed, tmp_path):
+  # Checkpoints of one device hold the same state in every mode (with or
+  # without a leading device axis of 1): a run saved in one resumes in another.
+  kw = dict(norm="mabn", norm_batch_size=2, devices=1, batch=8, checkpoint_every=3,
+            workdir=str(tmp_path))
+  part = T.train(_config(parallel=saved, stop_after=5, **kw), _tiny())
+  rest = T.train(_config(parallel=resumed, resume=True, **kw), _tiny())
+  assert rest["finished"] and rest["step"] == rest["total_steps"] == 8
+  assert rest["train_loss_curve"][:5] == part["train_loss_curve"]
+  full = _run(norm="mabn", parallel=resumed, devices=1, batch=8, norm_batch_size=2)
+  _close(rest["variables"], full["variables"], rtol=1e-5, atol=1e-6)
