@@ -17,6 +17,11 @@ from mabn_jax.functional import cross_iteration as F
 from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
 
 
+# The published layer's gradient and running statistics, which the references
+# below implement.
+PUBLISHED = dict(backward="published", running_stats="batch")
+
+
 # --------------------------------------------------------------------------
 # Independent NumPy float64 reference (explicit patches, Python lists).
 # --------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
   cfg = REFERENCE_CASES[case]
   groups = 1 if cfg["norm_batch_size"] is None else 4 // cfg["norm_batch_size"]
   model = CrossIterationConvNorm(
-      features=3, kernel_size=(3, 3), momentum=0.8,
+      features=3, kernel_size=(3, 3), momentum=0.8, **PUBLISHED,
       **{k: v for k, v in cfg.items()},
   )
   rng = np.random.default_rng(0)
@@ -298,7 +303,7 @@ def test_finite_difference_gradient_of_current_batch_path_float64():
     # One group per step: with several, a step's earlier groups enter later
     # groups' windows as (constant) past iterations, which finite differences
     # in x would see.
-    config = F.CBNConfig(window=3, burn_in=0)
+    config = F.CBNConfig(window=3, burn_in=0, **PUBLISHED)
     kernels = [jnp.asarray(rng.normal(size=(2, 2, 2, 3))) for _ in range(3)]
     xs = [jnp.asarray(rng.normal(size=(4, 4, 4, 2)) + 0.2) for _ in range(3)]
     state = _stepped_state(xs[:2], kernels[:2], spec, config, jnp.float64)
@@ -443,7 +448,8 @@ class JitAgreementTest(chex.TestCase):
 @pytest.mark.parametrize("window,burn_in", [(1, 0), (4, 10)])
 def test_equals_flax_conv_batchnorm_outputs_grads_and_running_stats(window, burn_in):
   rng = np.random.default_rng(7)
-  model = CrossIterationConvNorm(features=4, kernel_size=(3, 3), window=window, burn_in=burn_in)
+  model = CrossIterationConvNorm(features=4, kernel_size=(3, 3), window=window, burn_in=burn_in,
+                                 **PUBLISHED)
   reference = _ConvBN()
   x0 = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x0, use_running_average=False)
