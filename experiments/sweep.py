@@ -54,7 +54,7 @@ def _load_summary(workdir: str) -> Optional[Dict[str, Any]]:
 
 # Config fields that do not change what a run computes.
 _BOOKKEEPING = ("workdir", "progress", "resume", "stop_after", "checkpoint_every", "log_every",
-                "diagnose")
+                "diagnose", "coordinator_address", "num_processes", "process_id")
 
 
 def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
