@@ -151,21 +151,24 @@ class CBNConfig:
       are averaged.
     axis_index_groups: device groups for that average.
     backward: the gradient, one of :data:`BACKWARDS` (see the module
-      docstring): ``'published'`` (the authors' layer), ``'exact'`` or
-      ``'batch'``. The forward and the state do not depend on it.
+      docstring): ``'exact'`` (the default: the derivative of the forward),
+      ``'published'`` (the authors' layer) or ``'batch'``. The forward and
+      the state do not depend on it. The default was chosen on a validation
+      split (``experiments/results/cbn_brn_investigation_cifar_cpu``).
     running_stats: what the inference statistics ``mean``/``var`` average:
-      ``'batch'`` (the spec's: each step's current-batch mean and biased
-      variance, averaged over its groups) or ``'pooled'`` (the pooled
-      ``mu_bar``/``var_bar`` the step normalized with; with a normalization
-      batch smaller than the window's, inference then matches training).
+      ``'pooled'`` (the default: the pooled ``mu_bar``/``var_bar`` the step
+      normalized with, so inference matches training at small
+      normalization batches) or ``'batch'`` (the published layer's: each
+      step's current-batch mean and biased variance, averaged over its
+      groups).
   """
 
   window: int = 4
   burn_in: int = 100
   naive: bool = False
   group_history: bool = False
-  backward: str = "published"
-  running_stats: str = "batch"
+  backward: str = "exact"
+  running_stats: str = "pooled"
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None

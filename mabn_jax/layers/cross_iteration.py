@@ -73,16 +73,18 @@ class CrossIterationConvNorm(nn.Module):
       small batch per device); the buffers then get a group axis
       (``(P, G, ...)``), so the layer must be initialized with the training
       batch size. Default: a step's groups are consecutive iterations.
-    backward: the gradient (the forward is the same): ``'published'`` (the
-      authors' layer: only the current batch's moments carry gradient, a
-      ``1/window`` share), ``'exact'`` (the derivative of the compensated
-      forward: the Taylor terms carry gradient to the kernel, and a step's
-      earlier groups to ``x`` and the kernel) or ``'batch'`` (BN's backward
-      with the pooled moments: the current batch's backward statistics at
-      full weight). See :mod:`mabn_jax.functional.cross_iteration`.
-    running_stats: what ``mean``/``var`` average for inference: ``'batch'``
-      (the published layer: the current batch's statistics) or ``'pooled'``
-      (the pooled statistics each step normalized with).
+    backward: the gradient (the forward is the same): ``'exact'`` (the
+      default: the derivative of the compensated forward; the Taylor terms
+      carry gradient to the kernel, and a step's earlier groups to ``x`` and
+      the kernel), ``'published'`` (the authors' layer: only the current
+      batch's moments carry gradient, a ``1/window`` share) or ``'batch'``
+      (BN's backward with the pooled moments: the current batch's backward
+      statistics at full weight). See
+      :mod:`mabn_jax.functional.cross_iteration`.
+    running_stats: what ``mean``/``var`` average for inference: ``'pooled'``
+      (the default: the pooled statistics each step normalized with) or
+      ``'batch'`` (the published layer: the current batch's statistics).
+      The published CBN is ``backward='published', running_stats='batch'``.
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
