@@ -55,6 +55,12 @@ def _load_summary(workdir: str) -> Optional[Dict[str, Any]]:
 # Config fields that do not change what a run computes.
 _BOOKKEEPING = ("workdir", "progress", "resume", "stop_after", "checkpoint_every", "log_every",
                 "diagnose", "coordinator_address", "num_processes", "process_id")
+# Config fields that only add evaluations after training (precise-BN test
+# accuracy): two runs differing in them train the same weights and report the
+# same test accuracy, so one is the other's twin (the missing evaluation reads
+# as absent). So does ``val_split`` when a ``train_subset`` is set: the
+# validation images then come from outside the (unchanged) training subset.
+_EVALUATION_ONLY = ("precise_bn_batches",)
 
 
 def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
@@ -62,7 +68,8 @@ def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
   def canonical(c):
     # Fields added after a run was made have their default in it.
     c = {**dataclasses.asdict(T.Config()), **c}
-    c = json.loads(json.dumps({k: v for k, v in c.items() if k not in _BOOKKEEPING}))
+    ignored = _BOOKKEEPING + _EVALUATION_ONLY + (("val_split",) if c.get("train_subset") else ())
+    c = json.loads(json.dumps({k: v for k, v in c.items() if k not in ignored}))
     if c.get("norm_batch_size") is None:  # None means the device batch
       c["norm_batch_size"] = T.Config(**{k: v for k, v in c.items()
                                          if k in T.Config.__dataclass_fields__}).device_batch()

@@ -58,6 +58,12 @@ def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys
   assert sweep._same_run({**original["config"], "workdir": "x", "norm_batch_size": 2},
                          original["config"])
   assert not sweep._same_run({**original["config"], "lr": 1.0}, original["config"])
+  # Evaluation-only fields (precise-BN test accuracy; a validation split held
+  # out beside a training subset) do not change the trained weights.
+  subset = {**original["config"], "train_subset": 64}
+  assert sweep._same_run({**subset, "val_split": 100, "precise_bn_batches": 5}, subset)
+  assert not sweep._same_run({**original["config"], "train_subset": None, "val_split": 100},
+                             {**original["config"], "train_subset": None})
   table = (tmp_path / "abl" / "table.md").read_text()
   for label, *_ in sweep.ABLATION:
     assert f"| {label} | " in table
