@@ -232,26 +232,36 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
     table += f"| {norm} | " + " | ".join(row) + " |\n"
   _write(out_dir, table, results)
 
+  _plot_against_batch(out_dir, {norm: [results[f"{norm}/{b}"]["final"] for b in sizes]
+                                for norm in norms}, sizes,
+                      {norm for norm in norms if norm not in T.BATCH_NORMALIZERS},
+                      f"{base.model} on {base.dataset}, SGD batch {B}")
+  return results
+
+
+def _plot_against_batch(out_dir: str, series: Dict[str, List[List[float]]], sizes: Sequence[int],
+                        flat: Sequence[str], title: str) -> None:
+  """``plot.png``: test top-1 (mean and sample std over seeds) against the
+  normalization batch, one line per ``series`` key (its per-size value lists);
+  ``flat`` keys (batch-independent methods) are dashed."""
   plt = _plot()
   fig, ax = plt.subplots(figsize=(6, 4))
-  for norm in norms:
-    stats = [_mean_std(results[f"{norm}/{b}"]["final"]) for b in sizes]
+  for label, per_size in series.items():
+    stats = [_mean_std(values) for values in per_size]
     xs = [b for b, (m, _, _) in zip(sizes, stats) if m is not None]
     if not xs:
       continue
     ms = [m for m, _, _ in stats if m is not None]
     ss = [s for m, s, _ in stats if m is not None]
-    style = "--" if norm not in T.BATCH_NORMALIZERS else "-o"
-    ax.errorbar(xs, ms, yerr=ss, fmt=style, capsize=3, label=norm)
+    ax.errorbar(xs, ms, yerr=ss, fmt="--" if label in flat else "-o", capsize=3, label=label)
   ax.set_xscale("log", base=2)
   ax.set_xticks(sizes)
   ax.set_xticklabels([str(b) for b in sizes])
   ax.set_xlabel("normalization batch size b")
   ax.set_ylabel("test top-1 (%)")
-  ax.set_title(f"{base.model} on {base.dataset}, SGD batch {B}")
-  ax.legend()
+  ax.set_title(title)
+  ax.legend(fontsize=8)
   _save_plot(plt, fig, out_dir)
-  return results
 
 
 # --------------------------------------------------------------------------
@@ -422,6 +432,7 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
                               "runs": [_run_dir(r) for r in runs], **values}
     cells = [_cell([v for v in values[c] if v is not None]) for c, _ in RECIPE_COLUMNS]
     table += f"| {name} | {b or base.batch_size} | " + " | ".join(cells) + " |\n"
+  table += _recipes_against_batch(out_dir, names, sizes, rows, base)
   table += "\nRecipes:\n\n" + "".join(
       f"- `{n}`: {R.get(n).description}\n" for n in names)
   table += _diagnostics_table(out_dir, {f"{n} | {b or base.batch_size}": _run_dir(runs[0])
@@ -430,6 +441,28 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
   _plot_diagnostics(out_dir, {f"{n} b={b or base.batch_size}": _run_dir(runs[0])
                               for (n, b), runs in rows.items() if runs})
   return results
+
+
+def _recipes_against_batch(out_dir: str, names: Sequence[str], sizes: Sequence[int],
+                           rows: Dict[Any, List[Dict[str, Any]]], base: T.Config) -> str:
+  """The test column again as one row per recipe and one column per
+  normalization batch (a batch-independent recipe's single run fills its row),
+  and ``plot.png`` of it; returns the table."""
+  from experiments import recipes as R
+
+  flat = [n for n in names if R.get(n).norm not in T.BATCH_NORMALIZERS]
+  series = {n: [[r["final_test_top1"] for r in rows[(n, None if n in flat else b)]]
+                for b in sizes] for n in names}
+  table = ("\nTest top-1 against normalization batch size:\n\n| recipe | "
+           + " | ".join(f"b={b}" for b in sizes) + " |\n|---|" + "---|" * len(sizes) + "\n")
+  for n in names:
+    cells = [_cell(v) for v in series[n]]
+    if n in flat:
+      cells = [f"{cells[0]} (batch-independent)"] + ["″"] * (len(sizes) - 1)
+    table += f"| {n} | " + " | ".join(cells) + " |\n"
+  _plot_against_batch(out_dir, series, sizes, flat,
+                      f"{base.model} on {base.dataset}, SGD batch {base.device_batch()}")
+  return table
 
 
 DIAGNOSTICS = (("kernel_norm", "kernel norm ||W||"),

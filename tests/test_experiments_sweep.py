@@ -138,6 +138,12 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   with open(tmp_path / "rc" / "results.json") as f:
     results = json.load(f)
   assert results["bn/2"]["test, precise BN"][0] is not None
+  # The test column again, one column per normalization batch, and its plot.
+  against_b = table.split("Test top-1 against normalization batch size")[1].split("Recipes:")[0]
+  assert "| recipe | b=2 | b=8 |" in against_b
+  assert "| cbn_exact | " in against_b and "(batch-independent) | ″ |" in against_b
+  assert f"{results['cbn_exact/2']['test'][0]:.2f} (1)" in against_b
+  assert os.path.exists(tmp_path / "rc" / "plot.png")
   assert results["gn/None"]["test, precise BN"] == [None]
   capsys.readouterr()
   assert sweep.main(args) == 0
