@@ -10,22 +10,36 @@ from benchmarks import bench
 def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   md, js = tmp_path / "BENCH.md", tmp_path / "bench.json"
   code = bench.main(["--smoke", "--rounds", "1", "--networks", "resnet18",
-                     "--norms", "bn", "mabn", "--variants", "bn_folded", "mabn_folded",
-                     "gn", "none", "--markdown", str(md), "--json", str(js)])
+                     "--norms", "flax_bn", "gn", "bn", "mabn", "--variants", "flax_bn",
+                     "bn_folded", "mabn_folded", "gn", "none", "--markdown", str(md), "--json", str(js)])
   assert code == 0
   report = json.loads(js.read_text())
   train = report["networks"]["resnet18"]["train"]
-  assert set(train) == {"bn", "mabn"}
+  assert set(train) == {"flax_bn", "gn", "bn", "mabn"}
   for r in train.values():
     assert r["step_ms"] > 0 and r["compile_s"] > 0 and r["total_mib"] > 0
     assert len(r["step_ms_per_compile"]) == 1 and len(r["step_ms_all"][0]) == 1
   infer = report["networks"]["resnet18"]["infer"]
   assert all(v["images_per_s"] > 0 for v in infer.values())
   targets = {row["target"] for row in report["targets"]}
-  assert "MABN / BN training step" in targets and train["bn"]["gflops"] > 0
-  assert "MABN / BN training step" in targets and "folded MABN / GN inference" in targets
+  assert "MABN / flax BN training step" in targets and train["bn"]["gflops"] > 0
+  assert "mj.BatchNorm / flax BN training step" in targets
+  assert "folded MABN / GN inference" in targets
   text = md.read_text()
-  assert "| bn |" in text and "### Targets" in text
+  assert "| bn |" in text and "| flax_bn |" in text and "/ flax BN" in text
+  assert "### Targets" in text
+
+
+def test_flax_baseline_matches_mj_batch_norm_step():
+  """The flax.linen.BatchNorm row is the same network, loss and update as mj.BatchNorm's."""
+  import jax
+
+  losses = {}
+  for norm in ("flax_bn", "bn"):
+    compiled, args, _, _ = bench.build_training_step(bench.SMOKE_MODEL, norm, 4, 8)
+    variables, _, loss = compiled(*jax.tree_util.tree_map(lambda a: a.copy(), args))
+    losses[norm] = (float(loss), variables)
+  assert abs(losses["flax_bn"][0] - losses["bn"][0]) < 1e-5
 
 
 def test_training_times_every_compiled_executable():
