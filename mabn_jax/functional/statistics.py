@@ -131,7 +131,7 @@ def group_moments(
 
   The variance is ``max(0, mean(x^2) - mean(x)^2)`` (``flax.linen.BatchNorm``'s
   ``use_fast_variance``), so with one group the values, and their gradients,
-  equal Flax's. Both means are taken in one reduction (and, with
+  equal Flax's. Both means are taken in one fused pass over ``x`` (and, with
   ``axis_name``, one ``pmean``).
 
   Args:
@@ -146,12 +146,16 @@ def group_moments(
     float32.
   """
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  channels = x.shape[axis]
-  both = group_mean(
-      jnp.concatenate([x, lax.square(x)], axis=axis),
-      groups, axis, axis_name, axis_index_groups,
-  )  # (G, 2C): [mean(x), mean(x^2)]
-  mean, mean_sq = both[:, :channels], both[:, channels:]
+  # Two means of the same input, as Flax takes them: XLA fuses them into one
+  # pass over x. (Concatenating [x, x^2] first wrote a 2C-channel copy of x.)
+  reduced = _grouped_reduction_axes(x.ndim, axis)
+  grouped = split_groups(x, groups)
+  mean = jnp.mean(grouped, axis=reduced)
+  mean_sq = jnp.mean(lax.square(grouped), axis=reduced)
+  if axis_name is not None:
+    # One collective for both (as Flax does).
+    mean, mean_sq = lax.pmean(jnp.stack([mean, mean_sq]), axis_name,
+                              axis_index_groups=axis_index_groups)
   return mean, jnp.maximum(0.0, mean_sq - lax.square(mean))
 
 

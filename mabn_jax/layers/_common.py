@@ -33,6 +33,16 @@ def check_state_shape(where: str, name: str, value: jax.Array, expected: Sequenc
     )
 
 
+def affine_params(module: nn.Module, features: int):
+  """``(scale, bias)``: the ``(C,)`` params of :func:`affine`, ``None`` if disabled."""
+  scale = bias = None
+  if module.use_scale:
+    scale = module.param("scale", module.scale_init, (features,), module.param_dtype)
+  if module.use_bias:
+    bias = module.param("bias", module.bias_init, (features,), module.param_dtype)
+  return scale, bias
+
+
 def affine(
     module: nn.Module,
     x: jax.Array,
@@ -47,11 +57,7 @@ def affine(
   The result dtype is ``module.dtype`` or inferred from ``x`` and the params,
   as in ``flax.linen.BatchNorm`` (:func:`mabn_jax.functional.affine.apply_affine`).
   """
-  scale = bias = None
-  if module.use_scale:
-    scale = module.param("scale", module.scale_init, (features,), module.param_dtype)
-  if module.use_bias:
-    bias = module.param("bias", module.bias_init, (features,), module.param_dtype)
+  scale, bias = affine_params(module, features)
   return apply_affine(x, normalized, scale, bias, axis, module.dtype)
 
 

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mabn_jax.functional import batch_norm as F
+from mabn_jax.functional.affine import result_dtype
 from mabn_jax.layers._common import (
     BatchStatisticsNorm,
     affine,
+    affine_params,
     commit_state,
     read_state,
     state_variables,
@@ -73,6 +75,9 @@ class BatchNorm(BatchStatisticsNorm):
 
     self.sow_input(x, axis, config, where)
     mean, var = F.batch_moments(x, config, where)
-    normalized = F.standardize(x, mean, var, self.epsilon, axis)
     commit_state(self, stats, F.update_state(state, mean, var, self.momentum))
-    return affine(self, x, normalized, axis, features)
+    scale, bias = affine_params(self, features)
+    # The affine map is folded into the standardization as Flax does (one
+    # full-size residual instead of two; see F.standardize_affine).
+    y = F.standardize_affine(x, mean, var, self.epsilon, axis, scale, bias)
+    return jnp.asarray(y, result_dtype(x, scale, bias, dtype=self.dtype))
