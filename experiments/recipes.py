@@ -76,6 +76,11 @@ RECIPES: Dict[str, Recipe] = {
     "cbn_batch_pooled": Recipe("cbn", {"backward": "batch", "running_stats": "pooled"},
                                description="CBN, BN's backward, pooled inference "
                                            "statistics (ours)"),
+    "cbn_averaged_pooled": Recipe("cbn", {"backward": "averaged", "running_stats": "pooled"},
+                                  description="CBN, BN's backward with the backward "
+                                              "statistics averaged over the window "
+                                              "(MABN-style), pooled inference statistics "
+                                              "(ours)"),
     "cbn_group": Recipe("cbn", {**PUBLISHED, "group_history": True},
                         description="CBN with a history per normalization group "
                                     "(one small batch per device), published gradient"),

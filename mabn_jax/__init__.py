@@ -14,6 +14,7 @@ from mabn_jax.layers import CrossIterationConvNorm
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
 from mabn_jax.training import (
     BACKWARD_STATS,
+    G_TAP,
     PSI_TAP,
     TAP_TARGETS,
     accumulate_value_and_grad,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKWARD_STATS",
+    "G_TAP",
     "PSI_TAP",
     "TAP_TARGETS",
     "BatchNorm",

@@ -6,7 +6,9 @@ cotangent of a tap is the step's increment of one ``'batch_stats'`` variable
 of the same layer; which one is given by :data:`TAP_TARGETS` (tap name ->
 statistic name; MABN's tap ``psi_increment`` updates ``psi_buffer``). Taps and
 statistics have distinct names, so a layer's variables have distinct names
-whatever the collection (Flax NNX's ``nnx.bridge`` requires that).
+whatever the collection (Flax NNX's ``nnx.bridge`` requires that). CBN with
+``backward='averaged'`` has two taps, ``g_increment`` (-> ``g_buffer``) and
+``psi_increment`` (-> its own ``psi_buffer``).
 :func:`value_and_grad` differentiates the loss with respect to ``'params'``
 and the taps together, and adds each tap's cotangent to its statistic.
 
@@ -33,7 +35,11 @@ BACKWARD_STATS = "backward_stats"
 PSI_TAP = "psi_increment"
 """Name of MABN's tap: its cotangent is the step's ``psi_buffer`` increment."""
 
-TAP_TARGETS = {PSI_TAP: "psi_buffer"}
+G_TAP = "g_increment"
+"""Name of CBN's second tap (``backward='averaged'``): its cotangent is the
+step's ``g_buffer`` increment (``g_B = mean(g)``, the mean of the gradient)."""
+
+TAP_TARGETS = {PSI_TAP: "psi_buffer", G_TAP: "g_buffer"}
 """Tap name -> name of the ``'batch_stats'`` variable (same layer) it updates."""
 
 LEGACY_TAP_NAMES = {"psi_buffer": PSI_TAP}
@@ -145,8 +151,9 @@ def claim_tap(tap, where: str) -> None:
     raise ValueError(
         f"{where}: called a second time in training mode within one training "
         "step. Each training call is one normalization step with its own "
-        "backward statistic, but the calls share one tap, so psi_buffer would "
-        "advance once while chi_buffer advances per call. Use one layer "
+        "backward statistic, but the calls share one tap, so the backward-"
+        "statistics buffer (MABN's psi_buffer) would advance once while the "
+        "forward buffers advance per call. Use one layer "
         "instance per call (e.g. two MABN layers with their own variables)."
     )
   claimed.append(tap)

@@ -62,7 +62,8 @@ def _train(variables, steps=3):
 def test_tap_and_statistic_have_distinct_names_linked_by_tap_targets():
   variables = Net().init(jax.random.key(0), _data(0)[0], train=True)
   assert set(variables[mj.BACKWARD_STATS]["norm"]) == {mj.PSI_TAP} == {"psi_increment"}
-  assert mj.TAP_TARGETS == {"psi_increment": "psi_buffer"}
+  # CBN's backward='averaged' adds g_increment -> g_buffer.
+  assert mj.TAP_TARGETS == {"psi_increment": "psi_buffer", "g_increment": "g_buffer"}
   assert "psi_buffer" in variables["batch_stats"]["norm"]
   trained = _train(variables)
   assert np.abs(np.asarray(trained["batch_stats"]["norm"]["psi_buffer"])).max() > 0

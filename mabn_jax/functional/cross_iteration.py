@@ -14,7 +14,7 @@ Entries whose compensated values are inconsistent (``nu < mu^2``) are
 dropped, the rest are averaged, and ``var = max(nu_bar - mu_bar^2, 0)``.
 In the published layer only the current batch's ``mu``, ``nu`` carry
 gradient; ``CBNConfig.backward`` offers two gradients that agree with the
-forward (below).
+forward and one with averaged backward statistics (below).
 
 The derivatives are cheap (spec, section 4): ``d mu_c / d W[..., c]`` is the
 mean input patch, the same ``(*kernel_size, cin)`` vector for every output
@@ -58,6 +58,28 @@ choice; they differ in what the backward pass treats as constant:
   (``mu_bar = mu + stop_gradient(mu_bar - mu)``, same for ``nu``), in the
   spirit of MABN's backward statistics: the current batch's backward
   statistics at full weight instead of their ``1/n`` share.
+* ``'averaged'``: ``'batch'``'s backward with its two backward statistics,
+  ``g_B = mean(g)`` and ``Psi_B = mean(g * xhat)`` (``g`` the gradient at
+  ``xhat``), replaced by their simple averages over the same window the
+  forward pools, as MABN does with ``Psi`` (spec section 2 (b))::
+
+      g_x = (g - g_avg - xhat * Psi_avg) / sqrt(var_bar + eps)
+
+  ``g_avg`` (``Psi_avg``) averages this group's ``g_B`` (``Psi_B``) and the
+  buffered values of the filled window entries: the entries the forward
+  pools, whether or not their compensated moments were consistent (the
+  consistency test concerns the Taylor-compensated forward moments; the
+  backward statistics are not compensated). With a simulated small batch
+  the earlier groups of the step are window entries too (as in the
+  forward); with ``group_history`` each group averages its own history. In
+  burn-in it is BN's backward. Like MABN's, this backward is not the
+  derivative of the forward. It is a :func:`jax.custom_vjp` whose statistics
+  of the step leave through two taps (``(g_tap, psi_tap)``, zeros shaped
+  like ``g_buffer``/``psi_buffer``): their cotangents are the step's buffer
+  increments, which :func:`mabn_jax.value_and_grad` (NNX:
+  :func:`mabn_jax.nnx.value_and_grad`) adds to the state. The buffers are
+  pushed exactly when and where ``mu_buffer`` is, so entry ``i`` of every
+  buffer comes from one iteration.
 
 During burn-in (steps ``t <= burn_in``, counted from 1) the layer is plain BN
 with the biased variance and nothing is buffered; afterwards the window grows
@@ -72,6 +94,23 @@ HWIO-like ``(*kernel_size, cin, cout)``)::
     y = cross_iteration.conv(x, kernel, spec)
     xhat, new_state = cross_iteration.normalize_train(y, x, kernel, state, spec)
     return jnp.sum(xhat * gy), new_state
+
+With ``backward='averaged'`` the state is made with ``init_state(...,
+averaged=True)`` and the taps are differentiated with the loss; their
+cotangents are added to the buffers::
+
+  config = cross_iteration.CBNConfig(backward="averaged")
+  state = cross_iteration.init_state(kernel.shape, window=4, averaged=True)
+  def loss(kernel, x, taps, state):
+    y = cross_iteration.conv(x, kernel, spec)
+    xhat, new_state = cross_iteration.normalize_train(
+        y, x, kernel, state, spec, config, tap=taps)
+    return jnp.sum(xhat * gy), new_state
+  taps = (jnp.zeros_like(state.g_buffer), jnp.zeros_like(state.psi_buffer))
+  (l, new_state), (gw, (dg, dpsi)) = jax.value_and_grad(
+      loss, argnums=(0, 2), has_aux=True)(kernel, x, taps, state)
+  new_state = new_state._replace(g_buffer=new_state.g_buffer + dg,
+                                 psi_buffer=new_state.psi_buffer + dpsi)
 """
 
 from __future__ import annotations
@@ -85,6 +124,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax.custom_derivatives import SymbolicZero
+
+from mabn_jax.functional import mabn as ma
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, is_int_at_least
 
@@ -99,7 +141,9 @@ class CBNState(NamedTuple):
   ``d`` and the per-channel number ``stat - d . W_old`` (the *offset*), so no
   past kernel is stored (a ``(P, C)`` offset instead of a ``(P, *K, C)``
   kernel). The naive variant keeps no derivatives: its ``dmu_buffer``,
-  ``dnu_buffer``, ``mu_offset`` and ``nu_offset`` have ``0`` rows.
+  ``dnu_buffer``, ``mu_offset`` and ``nu_offset`` have ``0`` rows. Only
+  ``backward='averaged'`` keeps backward statistics: otherwise ``g_buffer``
+  and ``psi_buffer`` have ``0`` rows.
 
   Attributes:
     mean: ``(C,)`` EMA of the current batch mean of the conv output
@@ -116,6 +160,12 @@ class CBNState(NamedTuple):
     count: ``()`` int32, number of valid past entries (the newest ``count``
       rows of the buffers), at most ``P``.
     step: ``()`` int32, training steps taken (the next one is ``step + 1``).
+    g_buffer: ``(P, C)`` past entries' backward statistic ``g_B = mean(g)``
+      (``g`` the gradient at ``xhat``), written through the tap.
+    psi_buffer: ``(P, C)`` past entries' ``Psi_B = mean(g * xhat)``, written
+      through the tap.
+
+  With ``group_history`` every buffer has a group axis after its entry axis.
   """
 
   mean: jax.Array
@@ -128,6 +178,8 @@ class CBNState(NamedTuple):
   nu_offset: jax.Array
   count: jax.Array
   step: jax.Array
+  g_buffer: jax.Array
+  psi_buffer: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +204,11 @@ class CBNConfig:
     axis_index_groups: device groups for that average.
     backward: the gradient, one of :data:`BACKWARDS` (see the module
       docstring): ``'exact'`` (the default: the derivative of the forward),
-      ``'published'`` (the authors' layer) or ``'batch'``. The forward and
-      the state do not depend on it. The default was chosen on a validation
-      split (``experiments/results/cbn_brn_investigation_cifar_cpu``).
+      ``'published'`` (the authors' layer), ``'batch'`` or ``'averaged'``
+      (``'batch'`` with moving-average backward statistics; it also keeps
+      ``g_buffer``/``psi_buffer``, fed through taps). The forward and the
+      forward state do not depend on it. The default was chosen on a
+      validation split (``experiments/results/cbn_brn_investigation_cifar_cpu``).
     running_stats: what the inference statistics ``mean``/``var`` average:
       ``'pooled'`` (the default: the pooled ``mu_bar``/``var_bar`` the step
       normalized with, so inference matches training at small
@@ -188,7 +242,7 @@ class CBNConfig:
     ])
 
 
-BACKWARDS = ("published", "exact", "batch")
+BACKWARDS = ("published", "exact", "batch", "averaged")
 """The gradients :class:`CBNConfig` offers (``backward``)."""
 RUNNING_STATS = ("batch", "pooled")
 """What :class:`CBNConfig`'s inference statistics average (``running_stats``)."""
@@ -285,7 +339,7 @@ def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
 
 def init_state(
     kernel_shape: Sequence[int], window: int = 4, dtype=jnp.float32,
-    naive: bool = False, groups: Optional[int] = None,
+    naive: bool = False, groups: Optional[int] = None, averaged: bool = False,
 ) -> CBNState:
   """Initial state: ``mean = 0``, ``var = 1``, empty buffers, ``step = 0``.
 
@@ -295,10 +349,13 @@ def init_state(
     naive: no derivative buffers (they get ``0`` rows).
     groups: for ``group_history``, the ``G`` groups of a step: every buffer
       gets a group axis after its entry axis (``(P, G, ...)``).
+    averaged: ``backward='averaged'``: keep ``g_buffer``/``psi_buffer``
+      (otherwise they get ``0`` rows).
   """
   kernel_shape = tuple(kernel_shape)
   channels, past = kernel_shape[-1], window - 1
   taylor = 0 if naive else past
+  backward = past if averaged else 0
   g = () if groups is None else (groups,)
   return CBNState(
       mean=jnp.zeros((channels,), dtype),
@@ -311,15 +368,17 @@ def init_state(
       nu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
       count=jnp.zeros((), jnp.int32),
       step=jnp.zeros((), jnp.int32),
+      g_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
+      psi_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
   )
 
 
 def state_shapes(
     kernel_shape: Sequence[int], window: int, naive: bool = False,
-    groups: Optional[int] = None,
+    groups: Optional[int] = None, averaged: bool = False,
 ) -> dict:
   """``{field: shape}`` of a :class:`CBNState` (arguments of :func:`init_state`)."""
-  initial = init_state(kernel_shape, window, naive=naive, groups=groups)
+  initial = init_state(kernel_shape, window, naive=naive, groups=groups, averaged=averaged)
   return {k: v.shape for k, v in initial._asdict().items()}
 
 
@@ -478,25 +537,65 @@ def pooled_moments(
   Returns:
     ``(mu_bar, nu_bar)``, each ``(G, C)``.
   """
-  groups, past = mu.shape[0], past_mu.shape[0]
   same_mu, same_nu = (mu, nu) if same_step_gradient else (
       lax.stop_gradient(mu), lax.stop_gradient(nu))
-  seq_mu = jnp.concatenate([past_mu, same_mu], axis=0)
-  seq_nu = jnp.concatenate([past_nu, same_nu], axis=0)
-  filled = jnp.concatenate([past_filled, jnp.ones((groups,), bool)])
-  index = jnp.arange(groups)[:, None] + jnp.arange(past)[None, :]  # (G, P)
-  return _average_windows(mu, nu, seq_mu[index], seq_nu[index], filled[index])
+  (win_mu, win_nu), filled = window_entries((past_mu, past_nu), (same_mu, same_nu),
+                                            past_filled)
+  return _average_windows(mu, nu, win_mu, win_nu, filled)
+
+
+def window_entries(past, current, past_filled):
+  """The ``P`` window entries each group of a step pools with its own.
+
+  Group ``j``'s entries are ``seq[j], ..., seq[j + P - 1]`` of the sequence
+  ``past ++ current`` (the past entries, then the earlier groups of this
+  step), for each statistic in the tuples ``past`` and ``current``.
+
+  Args:
+    past: tuple of ``(P, C)`` past entries, newest last.
+    current: tuple of ``(G, C)`` this step's group values, in order.
+    past_filled: ``(P,)`` bool, which past entries hold real values.
+
+  Returns:
+    ``(windows, filled)``: a tuple of ``(G, P, C)`` arrays and the ``(G, P)``
+    bool mask of the entries that hold real values.
+  """
+  groups, size = current[0].shape[0], past[0].shape[0]
+  index = jnp.arange(groups)[:, None] + jnp.arange(size)[None, :]  # (G, P)
+  windows = tuple(jnp.concatenate([p, c.astype(p.dtype)], axis=0)[index]
+                  for p, c in zip(past, current))
+  filled = jnp.concatenate([past_filled, jnp.ones((groups,), bool)])[index]
+  return windows, filled
+
+
+def history_entries(past, past_filled, groups: int):
+  """:func:`window_entries` with a history per group (``group_history``).
+
+  Args:
+    past: tuple of ``(P, G, C)`` each group's past entries, newest last.
+    past_filled: ``(P,)`` bool, which past steps hold real values.
+    groups: ``G``.
+
+  Returns:
+    ``(windows, filled)``: ``(G, P, C)`` arrays and the ``(G, P)`` mask.
+  """
+  windows = tuple(jnp.swapaxes(p, 0, 1) for p in past)
+  return windows, jnp.broadcast_to(past_filled, (groups, past_filled.shape[0]))
+
+
+def window_mean(value: jax.Array, window: jax.Array, keep: jax.Array) -> jax.Array:
+  """Per group, the mean of ``value`` ``(G, C)`` and the entries of ``window``
+  ``(G, P, C)`` selected by ``keep`` (``(G, P)`` or ``(G, P, C)``, bool)."""
+  keep = keep if keep.ndim == window.ndim else keep[..., None]
+  keep = keep.astype(value.dtype)
+  return (value + jnp.sum(keep * window, axis=1)) / (1.0 + jnp.sum(keep, axis=1))
 
 
 def _average_windows(mu, nu, win_mu, win_nu, filled):
   """Per group, the mean of ``(mu, nu)`` and its window entries ``(G, P, C)``
   that are ``filled`` ``(G, P)`` and consistent (``nu >= mu^2``)."""
   keep = filled[..., None] & (lax.stop_gradient(win_nu) >= jnp.square(lax.stop_gradient(win_mu)))
-  keep = keep.astype(mu.dtype)
-  count = 1.0 + jnp.sum(keep, axis=1)
-  mu_bar = (mu + jnp.sum(keep * win_mu, axis=1)) / count
-  nu_bar = (nu + jnp.sum(keep * win_nu, axis=1)) / count
-  return mu_bar, nu_bar
+  return window_mean(mu, win_mu, keep), window_mean(nu, win_nu, keep)
 
 
 def pooled_moments_per_group(
@@ -517,9 +616,8 @@ def pooled_moments_per_group(
     ``(mu_bar, nu_bar)``, each ``(G, C)``: group ``j`` averages its own
     entry and its filled, consistent (``nu >= mu^2``) past entries.
   """
-  filled = jnp.broadcast_to(past_filled, (mu.shape[0], past_filled.shape[0]))
-  return _average_windows(mu, nu, jnp.swapaxes(past_mu, 0, 1), jnp.swapaxes(past_nu, 0, 1),
-                          filled)
+  (win_mu, win_nu), filled = history_entries((past_mu, past_nu), past_filled, mu.shape[0])
+  return _average_windows(mu, nu, win_mu, win_nu, filled)
 
 
 def in_burn_in(step: jax.Array, burn_in: int) -> jax.Array:
@@ -536,6 +634,7 @@ def normalize_train(
     config: CBNConfig = CBNConfig(),
     bias: Optional[jax.Array] = None,
     where: str = "CBN",
+    tap: Optional[Tuple[jax.Array, jax.Array]] = None,
 ) -> Tuple[jax.Array, CBNState]:
   """One CBN training step: ``(y - mu_bar) / sqrt(var_bar + eps)`` and the new state.
 
@@ -554,6 +653,10 @@ def normalize_train(
     bias: optional ``(C,)`` conv bias; only shifts the running ``mean`` (the
       normalized output does not depend on it).
     where: name used in error messages.
+    tap: ``backward='averaged'`` only: ``(g_tap, psi_tap)``, zeros shaped
+      like ``state.g_buffer``/``state.psi_buffer``; their cotangents are this
+      step's increments of those buffers (the returned state leaves them
+      unchanged). ``None`` is allowed only when no gradient is taken.
 
   Returns:
     ``(xhat, new_state)``: ``xhat`` has ``y``'s shape, dtype promoted to at
@@ -563,16 +666,35 @@ def normalize_train(
   past = config.window - 1
   groups = st.num_groups(y.shape[0], config.norm_batch_size, where)
   history_groups = groups if config.group_history else None
-  expected = state_shapes(kernel.shape, config.window, config.naive, history_groups)
+  averaged = config.backward == "averaged"
+  expected = state_shapes(kernel.shape, config.window, config.naive, history_groups,
+                          averaged)
   for name, shape in expected.items():
     actual = tuple(getattr(state, name).shape)
     if actual != tuple(shape):
       raise ValueError(
           f"{where}: state '{name}' has shape {actual} but the kernel "
           f"{tuple(kernel.shape)}, window {config.window}, naive={config.naive}"
+          + (f", backward={config.backward!r}" if name in ("g_buffer", "psi_buffer") else "")
           + (f" and {groups} groups with their own history" if history_groups else "")
-          + f" imply {tuple(shape)}."
+          + f" imply {tuple(shape)}"
+          + (" (make it with init_state(..., averaged=True))"
+             if averaged and name in ("g_buffer", "psi_buffer") else "")
+          + "."
       )
+  if tap is not None and not averaged:
+    raise ValueError(
+        f"{where}: a backward-statistics tap was given but backward="
+        f"{config.backward!r} keeps no backward statistics (only 'averaged' does).")
+  if averaged and past > 0:
+    if tap is None:
+      tap = (jnp.zeros_like(state.g_buffer), jnp.zeros_like(state.psi_buffer))
+    for name, value, buffer in zip(("g_tap", "psi_tap"), tap,
+                                   (state.g_buffer, state.psi_buffer)):
+      if tuple(value.shape) != tuple(buffer.shape):
+        raise ValueError(
+            f"{where}: {name} has shape {tuple(value.shape)} but the buffer it "
+            f"updates has {tuple(buffer.shape)}.")
   if y.shape[-1] != kernel.shape[-1] or x.shape[-1] != kernel.shape[-2]:
     raise ValueError(
         f"{where}: kernel {tuple(kernel.shape)} does not match the conv input "
@@ -585,6 +707,7 @@ def normalize_train(
   mu, nu = batch_moments(y32, groups, config.axis_name, config.axis_index_groups)
   step = state.step + 1
   burning = in_burn_in(step, config.burn_in)
+  past_filled = jnp.arange(past) >= past - state.count
 
   exact = config.backward == "exact"
   if past > 0:
@@ -596,12 +719,11 @@ def normalize_train(
           differentiable=exact,
       )
     past_mu, past_nu = past_mu.astype(dtype), past_nu.astype(dtype)
-    past_filled = jnp.arange(past) >= past - state.count
     if config.group_history:
       mu_win, nu_win = pooled_moments_per_group(mu, nu, past_mu, past_nu, past_filled)
     else:
       mu_win, nu_win = pooled_moments(mu, nu, past_mu, past_nu, past_filled, exact)
-    if config.backward == "batch":
+    if config.backward == "batch" or (averaged and past == 0):
       mu_win = mu + lax.stop_gradient(mu_win - mu)
       nu_win = nu + lax.stop_gradient(nu_win - nu)
     mu_bar = jnp.where(burning, mu, mu_win)
@@ -611,9 +733,13 @@ def normalize_train(
   var_bar = jnp.maximum(nu_bar - jnp.square(mu_bar), 0.0)
 
   inv_std = lax.rsqrt(var_bar + config.epsilon)
-  xhat = (y32 - st.broadcast_groups(mu_bar, y32, axis)) * st.broadcast_groups(
-      inv_std, y32, axis
-  )
+  if averaged and past > 0:
+    xhat = _averaged_normalize(
+        y32, tap[0], tap[1], lax.stop_gradient(mu_bar), lax.stop_gradient(inv_std),
+        state.g_buffer, state.psi_buffer, past_filled, burning, groups, config, where)
+  else:
+    # With window 1 'averaged' is BN's backward: what 'batch' differentiates.
+    xhat = _centred_scaled(y32, mu_bar, inv_std)
 
   mu_c, nu_c = lax.stop_gradient(mu), lax.stop_gradient(nu)
   var_c = jnp.maximum(nu_c - jnp.square(mu_c), 0.0)
@@ -662,6 +788,76 @@ def normalize_train(
     }
     new_state = new_state._replace(**kept)
   return xhat, new_state
+
+
+def _centred_scaled(y, mu_bar, inv_std):
+  """``(y - mu_bar) * inv_std`` with ``(G, C)`` group statistics."""
+  axis = y.ndim - 1
+  return (y - st.broadcast_groups(mu_bar, y, axis)) * st.broadcast_groups(inv_std, y, axis)
+
+
+# backward='averaged' (module docstring): forward (y - mu_bar) * inv_std with
+# the pooled statistics (constants); backward, with g the gradient at xhat,
+#   g_B, Psi_B = mean(g), mean(g * xhat)     (per group, over axis_name)
+#   g_y = (g - g_avg - xhat * Psi_avg) * inv_std
+# with g_avg, Psi_avg the means over the group's filled window entries and
+# itself (g_B, Psi_B in burn-in). The taps' cotangents are the increments of
+# g_buffer/psi_buffer, pushed as the forward pushes mu_buffer.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _averaged_normalize(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer,
+                        past_filled, burning, groups, config, where):
+  del g_tap, psi_tap, g_buffer, psi_buffer, past_filled, burning, groups, config, where
+  return _centred_scaled(y, mu_bar, inv_std)
+
+
+def _averaged_fwd(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer, past_filled,
+                  burning, groups, config, where):
+  if y.perturbed and not (g_tap.perturbed and psi_tap.perturbed):
+    raise ValueError(
+        f"{where}: the CBN backward statistics (backward='averaged') are not being "
+        "fed: the gradient is taken with respect to the input or the kernel but not "
+        "the 'backward_stats' taps (g_increment, psi_increment), so g_buffer and "
+        "psi_buffer would go stale. Compute gradients with "
+        "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
+        "mabn_jax.nnx.value_and_grad(loss_fn)(model, ...); or differentiate the "
+        "taps and add their cotangents to the buffers) instead of "
+        "jax.grad/jax.value_and_grad (nnx.grad) on the params alone.")
+  for tap in (g_tap, psi_tap):
+    ma.check_tap_varies_like_input(y.value, tap.value, config, where, normalizer="cbn")
+  res = tuple(p.value for p in (y, mu_bar, inv_std, g_buffer, psi_buffer, past_filled,
+                                burning))
+  return _centred_scaled(res[0], res[1], res[2]), res
+
+
+def _averaged_bwd(groups, config, where, res, ct):
+  del where
+  y, mu_bar, inv_std, g_buffer, psi_buffer, past_filled, burning = res
+  if isinstance(ct, SymbolicZero):
+    ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
+  axis = y.ndim - 1
+  xhat = _centred_scaled(y, mu_bar, inv_std)
+  g = ct.astype(xhat.dtype)
+  g_batch, psi_batch = ma.backward_statistics(
+      xhat, g, groups, axis, config.axis_name, config.axis_index_groups, with_mean=True)
+  past = (g_buffer.astype(g.dtype), psi_buffer.astype(g.dtype))
+  if config.group_history:
+    windows, filled = history_entries(past, past_filled, groups)
+    new_rows = lambda a: a[None]  # one entry per step, every group's value
+  else:
+    windows, filled = window_entries(past, (g_batch, psi_batch), past_filled)
+    newest = min(groups, g_buffer.shape[0])
+    new_rows = lambda a: a[-newest:]
+  g_mean = jnp.where(burning, g_batch, window_mean(g_batch, windows[0], filled))
+  psi = jnp.where(burning, psi_batch, window_mean(psi_batch, windows[1], filled))
+  grad_y = ma.stabilized_input_gradient(g, xhat, inv_std, psi, axis, g_mean=g_mean)
+  increments = tuple(
+      ma.tap_increment(jnp.where(burning, buffer, st.push(buffer, new_rows(batch))), buffer,
+                       g_batch, psi_batch)
+      for buffer, batch in ((g_buffer, g_batch), (psi_buffer, psi_batch)))
+  return (grad_y.astype(y.dtype),) + increments + (None,) * 6
+
+
+_averaged_normalize.defvjp(_averaged_fwd, _averaged_bwd, symbolic_zeros=True)
 
 
 def inference_scale_shift(

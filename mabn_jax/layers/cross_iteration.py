@@ -15,6 +15,7 @@ from mabn_jax.functional import statistics as st
 from mabn_jax.layers._common import (
     affine,
     call_mode,
+    check_state_shape,
     commit_state,
     functional_config,
     read_state,
@@ -22,6 +23,7 @@ from mabn_jax.layers._common import (
     state_variables,
 )
 from mabn_jax.layers.centered import CenteredConv
+from mabn_jax.training import BACKWARD_STATS, G_TAP, PSI_TAP, claim_tap, inference_guard
 
 
 class CrossIterationConvNorm(nn.Module):
@@ -51,7 +53,16 @@ class CrossIterationConvNorm(nn.Module):
       ``()`` int32 (valid entries), ``step`` ``()`` int32, and
       ``nonfinite_count`` ``()`` int32 (steps skipped because their
       statistics were not finite; the state is then kept). With
-      ``window = 1`` there are no buffers.
+      ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)``
+      (the backward statistics ``mean(g)`` and ``mean(g * xhat)`` of the
+      past entries). With ``group_history`` the buffers have a group axis
+      after ``P``. With ``window = 1`` there are no buffers.
+    ``backward_stats`` (``backward='averaged'`` only): ``norm``:
+      ``g_increment`` and ``psi_increment``, float32 zeros shaped like
+      ``g_buffer``/``psi_buffer``, the taps whose cotangents are the step's
+      increments of those buffers (:data:`mabn_jax.TAP_TARGETS`). Train with
+      :func:`mabn_jax.value_and_grad`, and call the layer once per training
+      step (a second training call in one step raises).
 
   Attributes:
     features: output channels ``C``.
@@ -79,7 +90,9 @@ class CrossIterationConvNorm(nn.Module):
       the kernel), ``'published'`` (the authors' layer: only the current
       batch's moments carry gradient, a ``1/window`` share) or ``'batch'``
       (BN's backward with the pooled moments: the current batch's backward
-      statistics at full weight). See
+      statistics at full weight) or ``'averaged'`` (``'batch'`` with the
+      backward statistics averaged over the window, as MABN does; not the
+      derivative of the forward; needs :func:`mabn_jax.value_and_grad`). See
       :mod:`mabn_jax.functional.cross_iteration`.
     running_stats: what ``mean``/``var`` average for inference: ``'pooled'``
       (the default: the pooled statistics each step normalized with) or
@@ -205,8 +218,10 @@ class _CrossIterationNorm(nn.Module):
     # ``where`` is the parent's layer_path: errors name the layer users wrote.
     features = y.shape[-1]
     groups = st.num_groups(y.shape[0], self.config.norm_batch_size, where)
+    averaged = self.config.backward == "averaged"
     initial = F.init_state(kernel.shape, self.config.window, naive=self.config.naive,
-                           groups=groups if self.config.group_history else None)
+                           groups=groups if self.config.group_history else None,
+                           averaged=averaged)
     # Empty fields (window 1, or the naive variant's derivative buffers) are
     # constants, not variables: checkpointers reject zero-size arrays.
     declared = [name for name in F.CBNState._fields if getattr(initial, name).size]
@@ -218,9 +233,22 @@ class _CrossIterationNorm(nn.Module):
                f"group of {self.config.norm_batch_size})") if self.config.group_history
         else "number of channels")
 
+    taps = None
+    if initial.g_buffer.size and (
+        self.has_variable(BACKWARD_STATS, G_TAP) or self.is_mutable_collection(BACKWARD_STATS)):
+      taps = tuple(
+          self.variable(BACKWARD_STATS, name, jnp.zeros, buffer.shape, jnp.float32).value
+          for name, buffer in ((G_TAP, initial.g_buffer), (PSI_TAP, initial.psi_buffer)))
+      for name, tap, buffer in zip((G_TAP, PSI_TAP), taps,
+                                   (initial.g_buffer, initial.psi_buffer)):
+        check_state_shape(where, f"{BACKWARD_STATS}/{name}", tap, buffer.shape)
+    # Otherwise forward-only use; differentiating then raises a clear error.
+
     if use_running_average:
       state = read_state(variables, initial)
       normalized = F.normalize_inference(y, state.mean, state.var, self.config.epsilon)
+      if taps is not None:
+        normalized = inference_guard(normalized, taps[0], where)
       return affine(self, y, normalized, y.ndim - 1, features)
 
     # Precise BN (spec, section 1) recomputes mean/var of the conv output,
@@ -231,8 +259,14 @@ class _CrossIterationNorm(nn.Module):
     y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     if bias is not None:
       y32 = y32 - bias.astype(y32.dtype)
+    if taps is not None:
+      for tap in taps:
+        claim_tap(tap, where)
     normalized, new_state = F.normalize_train(
-        y32, x, kernel, read_state(variables, initial), spec, self.config, bias, where
+        y32, x, kernel, read_state(variables, initial), spec, self.config, bias, where,
+        tap=taps,
     )
+    # g_buffer/psi_buffer come back unchanged: their new values are this
+    # step's tap cotangents, which mj.value_and_grad adds.
     commit_state(self, variables, new_state)
     return affine(self, y, normalized, y.ndim - 1, features)

@@ -14,6 +14,8 @@ from mabn_jax.functional import cross_iteration as F
 from mabn_jax.functional.centering import center_kernel
 from mabn_jax.nnx import _common as C
 from mabn_jax.nnx.centered import CenteredConv
+from mabn_jax.nnx.variables import BackwardStat
+from mabn_jax.training import G_TAP, PSI_TAP, claim_tap, inference_guard
 
 
 class CrossIterationConvNorm(nnx.Module):
@@ -36,8 +38,12 @@ class CrossIterationConvNorm(nnx.Module):
       unless ``naive``, ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
       ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, newest
       last; with ``group_history`` a group axis follows ``P``), ``count``,
-      ``step`` and ``nonfinite_count`` ``()`` int32. Empty buffers (window 1,
-      the naive variant's derivatives) are not state.
+      ``step`` and ``nonfinite_count`` ``()`` int32; with
+      ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)`` and
+      the :class:`~mabn_jax.nnx.BackwardStat` taps ``g_increment``/
+      ``psi_increment`` of their shapes (train with
+      :func:`mabn_jax.nnx.value_and_grad`, one call per training step).
+      Empty buffers (window 1, the naive variant's derivatives) are not state.
 
   Args:
     in_features, out_features, kernel_size, strides: as ``nnx.Conv``.
@@ -159,10 +165,15 @@ class _CrossIterationNorm(nnx.Module):
     # not state, as in the linen layer (checkpointers reject empty arrays).
     C.make_state(self, initial, [name for name in initial._fields
                                  if getattr(initial, name).size])
+    self.has_taps = bool(initial.g_buffer.size)
+    if self.has_taps:
+      setattr(self, G_TAP, BackwardStat(jnp.zeros_like(initial.g_buffer)))
+      setattr(self, PSI_TAP, BackwardStat(jnp.zeros_like(initial.psi_buffer)))
 
   def initial_state(self) -> F.CBNState:
     return F.init_state(self.kernel_shape, self.config.window, naive=self.config.naive,
-                        groups=self.history_groups)
+                        groups=self.history_groups,
+                        averaged=self.config.backward == "averaged")
 
   def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
                where: str):
@@ -170,15 +181,27 @@ class _CrossIterationNorm(nnx.Module):
     cause = ("number of channels, or the number of groups (group_history keeps one "
              "history per group)") if self.config.group_history else "number of channels"
     state = C.read_state(self, self.initial_state(), where, cause)
+    taps = None
+    if self.has_taps:
+      taps = tuple(getattr(self, name).get_value() for name in (G_TAP, PSI_TAP))
+      for name, tap, buffer in zip((G_TAP, PSI_TAP), taps, (state.g_buffer, state.psi_buffer)):
+        C.check_state_shape(where, name, tap, buffer.shape, cause)
     if use_running_average:
       normalized = F.normalize_inference(y, state.mean, state.var, self.config.epsilon)
+      if taps is not None:
+        normalized = inference_guard(normalized, taps[0], where)
       return C.affine(self, y, normalized, axis)
     # The functional step takes the conv output without its bias (it only
     # shifts the running mean, passed separately).
     y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
     if bias is not None:
       y32 = y32 - bias.astype(y32.dtype)
+    if taps is not None:
+      for tap in taps:
+        claim_tap(tap, where)
     normalized, new_state = F.normalize_train(
-        y32, x, kernel, state, spec, self.config, bias, where)
+        y32, x, kernel, state, spec, self.config, bias, where, tap=taps)
+    # g_buffer/psi_buffer come back unchanged: mabn_jax.nnx.value_and_grad
+    # adds this step's tap cotangents.
     C.commit_state(self, new_state)
     return C.affine(self, y, normalized, axis)
