@@ -183,6 +183,8 @@ def normalize_train(
     tap: Optional[jax.Array] = None,
     config: MABNConfig = MABNConfig(),
     where: str = "MABN",
+    scale: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, MABNState]:
   """One MABN training step: ``r * x / sqrt(chi + eps)`` and the new state.
 
@@ -194,10 +196,17 @@ def normalize_train(
       increment. ``None`` is allowed only when no gradient is taken.
     config: static hyper-parameters.
     where: name used in error messages (a Flax layer passes its path).
+    scale: optional ``(C,)`` gamma; ``out`` is then multiplied by it.
+    bias: optional ``(C,)`` beta; ``out`` then has it added. With ``scale``
+      and ``bias`` the affine map is part of the custom VJP (the same values
+      and gradients as applying it outside, in fewer passes over ``x``: the
+      backward pass recomputes everything from ``x`` and the cotangent, with
+      one fused reduction and one elementwise pass).
 
   Returns:
     ``(out, new_state)``: ``out`` has ``x``'s shape and dtype promoted to at
-    least float32 (multiply by gamma and add beta outside); ``new_state`` has
+    least float32 (and to ``scale``'s and ``bias``'s dtypes; without them
+    multiply by gamma and add beta outside); ``new_state`` has
     ``chi_ema``, ``chi_buffer`` and ``step`` advanced and ``psi_buffer``
     unchanged (the tap's cotangent carries its update).
   """
@@ -227,9 +236,18 @@ def normalize_train(
   )
   r = jnp.where(renormalizes(step, config.renorm_start, config.warmup_steps), r, 1.0)
 
+  stat_dtype = std.dtype
+  if scale is not None:
+    stat_dtype = jnp.promote_types(stat_dtype, scale.dtype)
+  if bias is not None:
+    stat_dtype = jnp.promote_types(stat_dtype, bias.dtype)
+  channels = x.shape[axis]
   out = _stabilized_normalize(
       x, tap, 1.0 / std, r, state.psi_buffer, use_sma & config.average_backward,
-      step == 1, groups, axis, config, where,
+      step == 1,
+      jnp.ones((channels,), stat_dtype) if scale is None else scale,
+      jnp.zeros((channels,), stat_dtype) if bias is None else bias,
+      groups, axis, config, where,
   )
   new_state = MABNState(
       chi_ema=st.ema(state.chi_ema, jnp.mean(chi, axis=0), config.momentum),
@@ -240,22 +258,34 @@ def normalize_train(
   return out, new_state
 
 
-# The stabilized normalization: forward r * x * inv_std, backward (spec 2 (b, c))
-#   g     = r * ct                      (gradient at xhat)
+# The stabilized normalization and the affine map: forward
+#   y     = x * (inv_std * r * gamma) + beta,
+# backward (spec 2 (b, c)), ct the cotangent of y:
+#   g     = r * gamma * ct              (gradient at xhat = x * inv_std)
 #   Psi_B = mean(xhat * g)              (per group, averaged over axis_name)
-#   g_x   = (g - xhat * Psi) * inv_std  with Psi the SMA (or Psi_B in warmup).
+#   g_x   = (g - xhat * Psi) * inv_std  with Psi the SMA (or Psi_B in warmup)
+#   g_gamma = sum(ct * xhat * r),  g_beta = sum(ct).
+# With s = sum(x * ct) per group, Psi_B = s * inv_std * r * gamma / count and
+# g_gamma = sum_groups(s * inv_std * r): one fused reduction pass over
+# (x, ct) gives s and sum(ct), and one elementwise pass gives
+#   g_x   = ct * (r * gamma * inv_std) - x * (Psi * inv_std^2).
+# No full-size residual other than x is kept, and xhat is never formed.
 # inv_std, r, psi_buffer and the flags get no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
 def _stabilized_normalize(
-    x, tap, inv_std, r, psi_buffer, use_average, first_step, groups, axis, config, where,
+    x, tap, inv_std, r, psi_buffer, use_average, first_step, scale, bias,
+    groups, axis, config, where,
 ):
   del tap, psi_buffer, use_average, first_step, config, where
-  x32 = x.astype(inv_std.dtype)
-  return x32 * st.broadcast_groups(inv_std * r, x, axis)
+  dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
+  mul = (inv_std * r).astype(dtype) * scale.astype(dtype)[None, :]
+  return (x.astype(dtype) * st.broadcast_groups(mul, x, axis)
+          + st.broadcast_channels(bias.astype(dtype), x, axis))
 
 
 def _stabilized_fwd(
-    x, tap, inv_std, r, psi_buffer, use_average, first_step, groups, axis, config, where,
+    x, tap, inv_std, r, psi_buffer, use_average, first_step, scale, bias,
+    groups, axis, config, where,
 ):
   if x.perturbed and not tap.perturbed:
     raise ValueError(
@@ -267,8 +297,9 @@ def _stabilized_fwd(
         "the tap and add its cotangent to psi_buffer) instead of "
         "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
     )
-  check_tap_varies_like_input(x.value, tap.value, config, where)
-  res = tuple(p.value for p in (x, inv_std, r, psi_buffer, use_average, first_step))
+  _check_tap_varies_like_input(x.value, tap.value, config, where)
+  res = tuple(p.value for p in (x, inv_std, r, psi_buffer, use_average, first_step, scale,
+                                bias))
   out = _stabilized_normalize(
       res[0], tap.value, *res[1:], groups, axis, config, where)
   return out, res
@@ -283,11 +314,8 @@ def _varying_axes(value) -> frozenset:
   return frozenset(getattr(aval, "vma", None) or ())
 
 
-def check_tap_varies_like_input(x, tap, config, where: str, normalizer: str = "mabn") -> None:
+def _check_tap_varies_like_input(x, tap, config: MABNConfig, where: str) -> None:
   """Raises if this device's ``Psi_B`` could not be returned through ``tap``.
-
-  ``config`` is any config with ``axis_name``/``axis_index_groups`` (MABN's,
-  CBN's); ``normalizer`` is the registry name the message suggests.
 
   Under ``jax.shard_map`` a tap that is replicated over a mesh axis (the
   variables passed with ``P()``) while the input is split along it would get
@@ -309,80 +337,53 @@ def check_tap_varies_like_input(x, tap, config, where: str, normalizer: str = "m
         f"per-device state: give the variables a leading device axis sharded with "
         f"in_specs/out_specs P({name!r}) (as pmap does), or synchronize the statistics "
         f"over the devices with axis_name={name!r} (registry: "
-        f"make_normalizer({normalizer!r}, axis_name={name!r}))."
+        f"make_normalizer('mabn', axis_name={name!r}))."
     )
 
 
-def backward_statistics(
-    xhat: jax.Array, g: jax.Array, groups: int, axis: int, axis_name=None,
-    axis_index_groups=None, with_mean: bool = False,
-):
-  """This step's backward statistics per group (spec, sections 1 and 2 (b)).
-
-  ``Psi_B = mean(xhat * g)`` and, with ``with_mean`` (a normalizer that
-  subtracts a mean, like BN), ``g_B = mean(g)``: per group and channel,
-  averaged over ``axis_name`` if given.
-
-  Args:
-    xhat: ``(N, ..., C)`` the normalized input (before ``r``).
-    g: ``(N, ..., C)`` the gradient arriving at ``xhat``.
-    groups: ``G``, normalization groups in the batch.
-    axis: the feature axis (non-negative).
-
-  Returns:
-    ``Psi_B`` ``(G, C)``, or ``(g_B, Psi_B)`` with ``with_mean``.
-  """
-  psi = st.group_mean(xhat * g, groups, axis, axis_name, axis_index_groups)
-  if not with_mean:
-    return psi
-  return st.group_mean(g, groups, axis, axis_name, axis_index_groups), psi
-
-
-def stabilized_input_gradient(
-    g: jax.Array, xhat: jax.Array, inv_std: jax.Array, psi: jax.Array, axis: int,
-    g_mean: Optional[jax.Array] = None,
-) -> jax.Array:
-  """``(g - g_mean - xhat * psi) * inv_std``: BN's input gradient with the given
-  backward statistics (spec, section 1; MABN's stabilized one, section 2 (b),
-  has no ``g_mean`` and the moving average ``psi``).
-
-  Args:
-    g: ``(N, ..., C)`` gradient at ``xhat``; xhat: ``(N, ..., C)``.
-    inv_std, psi: ``(G, C)`` per-group values; g_mean: ``(G, C)`` or ``None``.
-    axis: the feature axis (non-negative).
-  """
-  centred = g if g_mean is None else g - st.broadcast_groups(g_mean, g, axis)
-  return (centred - xhat * st.broadcast_groups(psi, g, axis)) * st.broadcast_groups(
-      inv_std, g, axis)
-
-
-def tap_increment(new_buffer: jax.Array, buffer: jax.Array, *batch_stats) -> jax.Array:
-  """A tap's cotangent: ``new_buffer - buffer``, or NaN if any of this step's
-  ``batch_stats`` is not finite.
-
-  With more groups than buffer rows a group's statistic may be pushed out at
-  once; a non-finite one must still mark the whole increment non-finite, so
-  that the training loop keeps the buffer (as the forward state is kept,
-  :func:`mabn_jax.training.add_increment`).
-  """
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in batch_stats]))
-  return jnp.where(finite, new_buffer - buffer, jnp.nan)
+def _sum_to_type_of(grad: jax.Array, param: jax.Array) -> jax.Array:
+  """``grad`` summed over the mesh axes along which it varies but ``param``
+  does not (under ``jax.shard_map``, replicated ``scale``/``bias`` with a
+  split input: what autodiff's transpose of the implicit broadcast does), in
+  ``param``'s dtype."""
+  axes = tuple(sorted(_varying_axes(grad) - _varying_axes(param), key=str))
+  if axes:
+    grad = jax.lax.psum(grad, axes)
+  return grad.astype(param.dtype)
 
 
 def _stabilized_bwd(groups, axis, config, where, res, ct):
   del where
-  x, inv_std, r, psi_buffer, use_average, first_step = res
+  x, inv_std, r, psi_buffer, use_average, first_step, scale, bias = res
   if isinstance(ct, SymbolicZero):
     ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
-  xhat = x.astype(inv_std.dtype) * st.broadcast_groups(inv_std, x, axis)
-  g = ct.astype(inv_std.dtype) * st.broadcast_groups(r, x, axis)
-  psi_batch = backward_statistics(
-      xhat, g, groups, axis, config.axis_name, config.axis_index_groups)
+  dtype = inv_std.dtype
+  x32, ct32 = x.astype(dtype), ct.astype(dtype)
+  gamma = scale.astype(dtype)[None, :]
+  count = x.size // (groups * x.shape[axis])  # elements per group and channel
+  # The one reduction pass over (x, ct): per group sum(x * ct) (local; the
+  # statistic is averaged over axis_name below) and sum(ct).
+  reduced = st._grouped_reduction_axes(x.ndim, axis)
+  x_ct = jnp.sum(st.split_groups(x32 * ct32, groups), axis=reduced)  # (G, C)
+  ct_sum = jnp.sum(st.split_groups(ct32, groups), axis=reduced)  # (G, C)
+  # psi_batch = mean(xhat * g) = mean(x * ct) * inv_std * r * gamma.
+  psi_batch = (x_ct / count) * (inv_std * r * gamma)
+  if config.axis_name is not None:
+    psi_batch = jax.lax.pmean(
+        psi_batch, config.axis_name, axis_index_groups=config.axis_index_groups)
   psi_average, new_psi_buffer = moving_averages(psi_buffer, psi_batch, first_step, config)
   psi = jnp.where(use_average, psi_average, psi_batch)
-  grad_x = stabilized_input_gradient(g, xhat, inv_std, psi, axis)
-  increment = tap_increment(new_psi_buffer, psi_buffer, psi_batch)
-  return (grad_x.astype(x.dtype), increment, None, None, None, None, None)
+  grad_x = (ct32 * st.broadcast_groups(r * gamma * inv_std, x, axis)
+            - x32 * st.broadcast_groups(psi * jnp.square(inv_std), x, axis))
+  grad_scale = _sum_to_type_of(jnp.sum(x_ct * inv_std * r, axis=0), scale)
+  grad_bias = _sum_to_type_of(jnp.sum(ct_sum, axis=0), bias)
+  # With more groups than buffer rows a group's Psi_B may be pushed out at
+  # once; a non-finite one must still mark the whole increment non-finite,
+  # so that the training loop keeps psi_buffer (as the forward state is kept).
+  tap_increment = jnp.where(
+      jnp.all(jnp.isfinite(psi_batch)), new_psi_buffer - psi_buffer, jnp.nan)
+  return (grad_x.astype(x.dtype), tap_increment, None, None, None, None, None,
+          grad_scale, grad_bias)
 
 
 _stabilized_normalize.defvjp(_stabilized_fwd, _stabilized_bwd, symbolic_zeros=True)

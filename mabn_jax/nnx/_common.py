@@ -59,10 +59,16 @@ def make_affine(module: nnx.Module, num_features: int, *, use_scale: bool,
                  if use_bias else nnx.data(None))
 
 
-def affine(module: nnx.Module, x: jax.Array, normalized: jax.Array, axis: int) -> jax.Array:
-  """``scale * normalized + bias`` with the module's params and ``dtype``."""
+def affine_params(module: nnx.Module):
+  """``(scale, bias)``: the module's ``(C,)`` param values, ``None`` if disabled."""
   scale = module.scale[...] if module.scale is not None else None
   bias = module.bias[...] if module.bias is not None else None
+  return scale, bias
+
+
+def affine(module: nnx.Module, x: jax.Array, normalized: jax.Array, axis: int) -> jax.Array:
+  """``scale * normalized + bias`` with the module's params and ``dtype``."""
+  scale, bias = affine_params(module)
   return apply_affine(x, normalized, scale, bias, axis, module.dtype)
 
 

@@ -11,6 +11,7 @@ from flax.nnx.nn import initializers
 
 from mabn_jax.functional import batch_norm as F
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional.affine import result_dtype
 from mabn_jax.nnx import _common as C
 
 
@@ -44,6 +45,11 @@ class BatchStatisticsNorm(nnx.Module):
     """``(normalized, new_state)`` of one training step."""
     raise NotImplementedError
 
+  def train_output(self, x: jax.Array, state, where: str, axis: int):
+    """``(output, new_state)`` of one training step, the affine map applied."""
+    normalized, new_state = self.normalize_train(x, state, where)
+    return C.affine(self, x, normalized, axis), new_state
+
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
     """Normalizes ``x`` ``(N, ..., C)`` (any float dtype); returns its shape."""
     where = C.describe(self, self.num_features)
@@ -55,9 +61,9 @@ class BatchStatisticsNorm(nnx.Module):
       normalized = F.normalize_inference(x, state.mean, state.var, self.epsilon, axis, where)
       return C.affine(self, x, normalized, axis)
     C.require_bound_axis(where, self.config.axis_name)
-    normalized, new_state = self.normalize_train(x, state, where)
+    y, new_state = self.train_output(x, state, where, axis)
     C.commit_state(self, new_state)
-    return C.affine(self, x, normalized, axis)
+    return y
 
 
 class BatchNorm(BatchStatisticsNorm):
@@ -120,3 +126,12 @@ class BatchNorm(BatchStatisticsNorm):
     mean, var = F.batch_moments(x, self.config, where)
     normalized = F.standardize(x, mean, var, self.epsilon, st.canonical_axis(self.axis, x.ndim))
     return normalized, F.update_state(state, mean, var, self.config.momentum)
+
+  def train_output(self, x: jax.Array, state, where: str, axis: int):
+    # The affine map folded into the standardization, as the linen layer and
+    # Flax do (F.standardize_affine).
+    mean, var = F.batch_moments(x, self.config, where)
+    scale, bias = C.affine_params(self)
+    y = F.standardize_affine(x, mean, var, self.epsilon, axis, scale, bias)
+    return (jnp.asarray(y, result_dtype(x, scale, bias, dtype=self.dtype)),
+            F.update_state(state, mean, var, self.config.momentum))

@@ -10,6 +10,7 @@ from flax import nnx
 from flax.nnx.nn import initializers
 
 from mabn_jax.functional import mabn as F
+from mabn_jax.functional.affine import result_dtype
 from mabn_jax.functional import statistics as st
 from mabn_jax.nnx import _common as C
 from mabn_jax.nnx.variables import BackwardStat
@@ -131,8 +132,10 @@ class MABN(nnx.Module):
 
     C.require_bound_axis(where, self.config.axis_name)
     claim_tap(tap, where)
-    normalized, new_state = F.normalize_train(x, state, tap, self.config, where)
+    scale, bias = C.affine_params(self)
+    # The affine map is part of MABN's custom VJP, as in the linen layer.
+    y, new_state = F.normalize_train(x, state, tap, self.config, where, scale, bias)
     # psi_buffer comes back unchanged: its new value is this step's tap
     # cotangent, which mabn_jax.nnx.value_and_grad adds.
     C.commit_state(self, new_state)
-    return C.affine(self, x, normalized, axis)
+    return jnp.asarray(y, result_dtype(x, scale, bias, dtype=self.dtype))
