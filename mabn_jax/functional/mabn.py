@@ -297,7 +297,7 @@ def _stabilized_fwd(
         "the tap and add its cotangent to psi_buffer) instead of "
         "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
     )
-  _check_tap_varies_like_input(x.value, tap.value, config, where)
+  check_tap_varies_like_input(x.value, tap.value, config, where)
   res = tuple(p.value for p in (x, inv_std, r, psi_buffer, use_average, first_step, scale,
                                 bias))
   out = _stabilized_normalize(
@@ -314,8 +314,11 @@ def _varying_axes(value) -> frozenset:
   return frozenset(getattr(aval, "vma", None) or ())
 
 
-def _check_tap_varies_like_input(x, tap, config: MABNConfig, where: str) -> None:
+def check_tap_varies_like_input(x, tap, config, where: str, normalizer: str = "mabn") -> None:
   """Raises if this device's ``Psi_B`` could not be returned through ``tap``.
+
+  ``config`` is any config with ``axis_name``/``axis_index_groups`` (MABN's,
+  CBN's); ``normalizer`` is the registry name the message suggests.
 
   Under ``jax.shard_map`` a tap that is replicated over a mesh axis (the
   variables passed with ``P()``) while the input is split along it would get
@@ -337,8 +340,64 @@ def _check_tap_varies_like_input(x, tap, config: MABNConfig, where: str) -> None
         f"per-device state: give the variables a leading device axis sharded with "
         f"in_specs/out_specs P({name!r}) (as pmap does), or synchronize the statistics "
         f"over the devices with axis_name={name!r} (registry: "
-        f"make_normalizer('mabn', axis_name={name!r}))."
+        f"make_normalizer({normalizer!r}, axis_name={name!r}))."
     )
+
+
+def backward_statistics(
+    xhat: jax.Array, g: jax.Array, groups: int, axis: int, axis_name=None,
+    axis_index_groups=None, with_mean: bool = False,
+):
+  """This step's backward statistics per group (spec, sections 1 and 2 (b)).
+
+  ``Psi_B = mean(xhat * g)`` and, with ``with_mean`` (a normalizer that
+  subtracts a mean, like BN), ``g_B = mean(g)``: per group and channel,
+  averaged over ``axis_name`` if given.
+
+  Args:
+    xhat: ``(N, ..., C)`` the normalized input (before ``r``).
+    g: ``(N, ..., C)`` the gradient arriving at ``xhat``.
+    groups: ``G``, normalization groups in the batch.
+    axis: the feature axis (non-negative).
+
+  Returns:
+    ``Psi_B`` ``(G, C)``, or ``(g_B, Psi_B)`` with ``with_mean``.
+  """
+  psi = st.group_mean(xhat * g, groups, axis, axis_name, axis_index_groups)
+  if not with_mean:
+    return psi
+  return st.group_mean(g, groups, axis, axis_name, axis_index_groups), psi
+
+
+def stabilized_input_gradient(
+    g: jax.Array, xhat: jax.Array, inv_std: jax.Array, psi: jax.Array, axis: int,
+    g_mean: Optional[jax.Array] = None,
+) -> jax.Array:
+  """``(g - g_mean - xhat * psi) * inv_std``: BN's input gradient with the given
+  backward statistics (spec, section 1; MABN's stabilized one, section 2 (b),
+  has no ``g_mean`` and the moving average ``psi``).
+
+  Args:
+    g: ``(N, ..., C)`` gradient at ``xhat``; xhat: ``(N, ..., C)``.
+    inv_std, psi: ``(G, C)`` per-group values; g_mean: ``(G, C)`` or ``None``.
+    axis: the feature axis (non-negative).
+  """
+  centred = g if g_mean is None else g - st.broadcast_groups(g_mean, g, axis)
+  return (centred - xhat * st.broadcast_groups(psi, g, axis)) * st.broadcast_groups(
+      inv_std, g, axis)
+
+
+def tap_increment(new_buffer: jax.Array, buffer: jax.Array, *batch_stats) -> jax.Array:
+  """A tap's cotangent: ``new_buffer - buffer``, or NaN if any of this step's
+  ``batch_stats`` is not finite.
+
+  With more groups than buffer rows a group's statistic may be pushed out at
+  once; a non-finite one must still mark the whole increment non-finite, so
+  that the training loop keeps the buffer (as the forward state is kept,
+  :func:`mabn_jax.training.add_increment`).
+  """
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in batch_stats]))
+  return jnp.where(finite, new_buffer - buffer, jnp.nan)
 
 
 def _sum_to_type_of(grad: jax.Array, param: jax.Array) -> jax.Array:
@@ -377,12 +436,8 @@ def _stabilized_bwd(groups, axis, config, where, res, ct):
             - x32 * st.broadcast_groups(psi * jnp.square(inv_std), x, axis))
   grad_scale = _sum_to_type_of(jnp.sum(x_ct * inv_std * r, axis=0), scale)
   grad_bias = _sum_to_type_of(jnp.sum(ct_sum, axis=0), bias)
-  # With more groups than buffer rows a group's Psi_B may be pushed out at
-  # once; a non-finite one must still mark the whole increment non-finite,
-  # so that the training loop keeps psi_buffer (as the forward state is kept).
-  tap_increment = jnp.where(
-      jnp.all(jnp.isfinite(psi_batch)), new_psi_buffer - psi_buffer, jnp.nan)
-  return (grad_x.astype(x.dtype), tap_increment, None, None, None, None, None,
+  increment = tap_increment(new_psi_buffer, psi_buffer, psi_batch)
+  return (grad_x.astype(x.dtype), increment, None, None, None, None, None,
           grad_scale, grad_bias)
 
 
