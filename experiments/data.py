@@ -2,8 +2,9 @@
 
 Sources (``load_dataset(name, ...)``):
 
-* ``digits``: scikit-learn's 8x8 digits, upsampled to 16x16x1; the tiny
-  built-in default (no download, no files).
+* ``digits``: scikit-learn's 8x8 digits, upsampled to 16x16x1, and
+  ``digits8``: the same images at their native 8x8 (the main job's data):
+  the tiny built-in sets (no download, no files).
 * ``cifar10_jpeg``: the offline CIFAR-10 JPEG tarball (train/<class>/NNNN.jpg,
   test/<class>/NNNN.jpg). Read in archive order, decoded once with Pillow and
   cached as ``.npy`` under ``cache_dir``. When tensorflow-datasets is
@@ -59,7 +60,7 @@ def default_cifar10_tarball() -> str:
 
 
 TFDS_NAMES = ("cifar10", "cifar100", "imagenette", "imagenet2012")
-DATASET_NAMES = ("digits", "cifar10_jpeg", "synthetic") + TFDS_NAMES
+DATASET_NAMES = ("digits", "digits8", "cifar10_jpeg", "synthetic") + TFDS_NAMES
 
 
 def tfds_available() -> bool:
@@ -185,8 +186,9 @@ def _make_dataset(name, train, test, num_classes, flip=True, pad=4) -> Dataset:
 # digits and synthetic data (no files).
 
 
-def load_digits(test_fraction: float = 0.2, upsample: int = 2) -> Dataset:
-  """scikit-learn digits as ``(8*upsample)^2 x 1`` uint8 images, fixed split."""
+def load_digits(test_fraction: float = 0.2, upsample: int = 2, name: str = "digits") -> Dataset:
+  """scikit-learn digits as ``(8*upsample)^2 x 1`` uint8 images, fixed split
+  (the same images in train and test for every ``upsample``)."""
   from sklearn.datasets import load_digits as sk_digits
 
   d = sk_digits()
@@ -197,7 +199,7 @@ def load_digits(test_fraction: float = 0.2, upsample: int = 2) -> Dataset:
   n_test = int(round(len(labels) * test_fraction))
   test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
   return _make_dataset(
-      "digits", Split(images[train], labels[train]), Split(images[test], labels[test]),
+      name, Split(images[train], labels[train]), Split(images[test], labels[test]),
       10, flip=False, pad=2,
   )
 
@@ -476,6 +478,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[
   """
   if name == "digits":
     ds = load_digits()
+  elif name == "digits8":
+    ds = load_digits(upsample=1, name=name)
   elif name == "synthetic":
     ds = synthetic()
   elif name == "cifar10_jpeg":

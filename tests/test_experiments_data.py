@@ -92,6 +92,14 @@ def test_digits_default_dataset_shapes_and_split():
   assert ds.train.images.max() == 255
 
 
+def test_digits8_is_digits_at_native_resolution_with_the_same_split():
+  native, upsampled = D.load_dataset("digits8"), D.load_digits()
+  assert native.name == "digits8" and native.train.images.shape[1:] == (8, 8, 1)
+  for a, b in ((native.train, upsampled.train), (native.test, upsampled.test)):
+    np.testing.assert_array_equal(a.images, b.images[:, ::2, ::2])
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
 def test_channel_stats_match_numpy():
   rng = np.random.default_rng(1)
   x = rng.integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)

@@ -139,6 +139,41 @@ def test_cli_runs_two_normalizers_and_prints_the_table(tmp_path, capsys):
       assert json.load(f)["config"]["norm_batch_size"] == 2
 
 
+def test_main_job_runs_bn_large_and_small_and_mabn_small_and_reports_the_gap(tmp_path, capsys):
+  # The README's first command on a miniature config: the main job's plan
+  # (BN at the SGD batch and at 2, MABN at 2, two seeds), its table and plot.
+  rc = T.main(["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--epochs", "1",
+               "--batch_size", "8", "--num_devices", "1", "--norm_kwargs", "",
+               "--workdir", str(tmp_path), "--progress", "false"])
+  assert rc == 0
+  out = capsys.readouterr().out
+  names = [json.loads(line)["name"] for line in out.splitlines() if line.startswith("{")]
+  assert names == ["bn_b8_s0", "bn_b2_s0", "mabn_b2_s0", "bn_b8_s1", "bn_b2_s1", "mabn_b2_s1"]
+  assert "BN at b=2 is" in out and "below BN at b=8" in out
+  assert (tmp_path / "main_job.png").exists()
+  with open(tmp_path / "main_job.json") as f:
+    numbers = json.load(f)
+  summaries = []
+  for name in names:
+    with open(tmp_path / name / "summary.json") as f:
+      summaries.append(json.load(f))
+  top1 = lambda n: np.mean([s["final_test_top1"] for s in summaries if s["name"].startswith(n)])
+  assert numbers["bn_gap"] == pytest.approx(top1("bn_b8") - top1("bn_b2"))
+  assert numbers["top1"]["mabn_b2"] == pytest.approx(top1("mabn_b2"))
+
+
+def test_main_job_table_computes_the_gap_and_the_recovered_share():
+  def run(norm, b, top1):
+    return {"config": {"norm": norm, "norm_batch_size": b, "batch_size": 32},
+            "final_test_top1": top1}
+  runs = [run("bn", None, 96.0), run("bn", 2, 90.0), run("mabn", 2, 94.0),
+          run("bn", None, 94.0), run("bn", 2, 88.0), run("mabn", 2, 95.0)]
+  text, numbers = T.main_job_table(runs)
+  assert numbers["bn_gap"] == pytest.approx(95.0 - 89.0)
+  assert numbers["mabn_recovered"] == pytest.approx((94.5 - 89.0) / 6.0)
+  assert "recovers 92% of that gap" in text and "95.00 ± 1.41" in text
+
+
 def test_presets_are_consistent():
   for name in T.PRESETS:
     cfg = T.preset(name)
