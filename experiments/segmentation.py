@@ -271,9 +271,13 @@ def load_variables(path: str) -> dict:
 
 
 def init_variables(model, config: Config, dataset: seg_data.SegDataset):
-  """``model.init`` on one training-sized batch, from ``PRNGKey(config.seed)``."""
+  """``model.init`` on one training-sized batch, from ``PRNGKey(config.seed)``.
+
+  Jitted: one compilation instead of one per operation.
+  """
   x = jnp.zeros((config.batch_size,) + dataset.train.images.shape[1:], jnp.float32)
-  return unfreeze(model.init(jax.random.PRNGKey(config.seed), x, train=True))
+  init = jax.jit(lambda key, x: model.init(key, x, train=True))
+  return unfreeze(init(jax.random.PRNGKey(config.seed), x))
 
 
 def train(config: Config, dataset: seg_data.SegDataset, variables=None, normalizer=None,
@@ -371,13 +375,15 @@ class RunSpec:
 
 def plan_runs(norms: Sequence[str], batch_sizes: Sequence[int], seeds: Sequence[int],
               reference_batch: int, reference: bool = True, finetune: bool = False,
-              pretrained: bool = False) -> List[RunSpec]:
+              pretrained: bool = False,
+              finetune_methods: Sequence[str] = FINETUNE_METHODS) -> List[RunSpec]:
   """The runs, pretraining (BN at ``reference_batch``) first for every seed.
 
   ``norms`` at every batch size; BN at the reference batch when ``reference``,
   or with ``finetune`` unless the BN variables are given (``pretrained``):
   its final variables are the fine-tuning start; with ``finetune``,
-  :data:`FINETUNE_METHODS` at every batch size other than the reference.
+  ``finetune_methods`` (of :data:`FINETUNE_METHODS`) at every batch size
+  other than the reference.
   Duplicates are dropped.
   """
   runs: List[RunSpec] = []
@@ -387,7 +393,7 @@ def plan_runs(norms: Sequence[str], batch_sizes: Sequence[int], seeds: Sequence[
     runs += [RunSpec(norm, b, seed) for b in batch_sizes for norm in norms]
     if finetune:
       runs += [RunSpec(m, b, seed) for b in batch_sizes if b != reference_batch
-               for m in FINETUNE_METHODS]
+               for m in finetune_methods]
   return list(dict.fromkeys(runs))
 
 
@@ -628,6 +634,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="skip BN at --reference_batch (kept with --finetune unless --pretrained)")
   p.add_argument("--finetune", action="store_true",
                  help="also fine-tune the BN reference model at each batch (ft_mabn, ft_bn)")
+  p.add_argument("--finetune_methods", default=",".join(FINETUNE_METHODS),
+                 help="which fine-tune runs --finetune adds")
   p.add_argument("--pretrained", default=None,
                  help="BN variables for --finetune: a .msgpack file or a directory of "
                       "bn_b<ref>_s<seed>.msgpack (default: the reference runs' checkpoints)")
@@ -677,9 +685,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for norm in norms:
     if norm not in mj.normalizer_names():
       raise SystemExit(f"unknown normalizer {norm!r}; valid: {', '.join(mj.normalizer_names())}")
+  for method in _names(args.finetune_methods):
+    if method not in FINETUNE_METHODS:
+      raise SystemExit(f"unknown fine-tune method {method!r}; valid: {', '.join(FINETUNE_METHODS)}")
   specs = plan_runs(norms, _ints(args.batch_size), _ints(args.seeds), base.reference_batch,
                     reference=not args.no_reference, finetune=args.finetune,
-                    pretrained=bool(args.pretrained))
+                    pretrained=bool(args.pretrained),
+                    finetune_methods=_names(args.finetune_methods))
   dataset = None
   finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else base.epochs / 2
   finetune_lr = args.finetune_lr if args.finetune_lr is not None else base.lr / 5
