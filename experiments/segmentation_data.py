@@ -129,7 +129,8 @@ def composite_split(images: np.ndarray, labels: np.ndarray, pool: np.ndarray,
     objects: ``(min, max)`` pasted images per canvas, inclusive.
     background: ``'random'`` (a grey level uniform in 0..255 per canvas) or a
       fixed level.
-    seed: everything (choice, order, positions, grey) follows from it.
+    seed: an int or a sequence of ints (``numpy.random.default_rng``);
+      everything (choice, order, positions, grey) follows from it.
 
   Returns:
     a :class:`SegSplit` with ``sources`` (indices into ``images``) and

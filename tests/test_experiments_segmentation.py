@@ -321,6 +321,8 @@ def test_cli_writes_table_plot_examples_and_json_and_a_rerun_skips_finished_runs
   assert [(l["run"], l["skipped"]) for l in lines] == [("mabn_b2_s0", True)]
   assert os.path.getmtime(out / "runs" / "mabn_b2_s0.json") == stamp
   assert "| mabn | 2 |" in (out / "table.md").read_text()
+  with pytest.raises(ValueError, match="other settings"):  # same name, other settings
+    S.main(args + ["--lr", "0.2"])
 
 
 def test_plan_puts_the_bn_reference_first_and_finetunes_at_the_small_batches():
