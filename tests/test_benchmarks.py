@@ -43,7 +43,7 @@ def test_flax_baseline_matches_mj_batch_norm_step():
 
 
 def test_training_times_every_compiled_executable():
-  results = bench.bench_training("cnn6", 4, 8, ["bn", "mabn"], rounds=3, compile_rounds=2)
+  results = bench.bench_training(bench.SMOKE_MODEL, 4, 8, ["bn", "mabn"], rounds=3, compile_rounds=2)
   for r in results.values():
     assert len(r["compile_s_all"]) == 2
     assert [len(ts) for ts in r["step_ms_all"]] == [3, 3]
@@ -53,6 +53,6 @@ def test_training_times_every_compiled_executable():
 
 
 def test_inference_times_every_compiled_copy():
-  results = bench.bench_inference("cnn6", 4, 8, ["none", "gn"], rounds=2, compile_rounds=2)
+  results = bench.bench_inference(bench.SMOKE_MODEL, 4, 8, ["none", "gn"], rounds=2, compile_rounds=2)
   for r in results.values():
     assert r["images_per_s"] > 0 and len(r["images_per_s_per_compile"]) == 2
