@@ -6,6 +6,10 @@ conv without normalization); the classifier is a plain ``Dense``.
 
 Inputs are NHWC float images; outputs are ``(N, num_classes)`` logits.
 ``train`` is the only call-time flag.
+
+The CNN family (``cnn2``, ``cnn6``) also takes which convolutions are
+normalized (``norm_layers``, :func:`normalized_layers`); the others are the
+registry's ``'none'`` conv (a biased conv, no normalization).
 """
 
 from __future__ import annotations
@@ -15,7 +19,57 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+import mabn_jax as mj
+
 MODEL_NAMES = ("cnn2", "cnn6", "resnet20", "resnet56", "resnet18_cifar", "resnet18", "resnet50")
+# Models taking ``norm_layers`` (the others normalize every conv).
+PLACEMENT_MODELS = ("cnn2", "cnn6")
+# Named placements of the normalization: every conv, the first one, the
+# first half (``n // 2``, at least one) and none.
+NORM_LAYERS = ("all", "first", "first_half", "none")
+
+
+def _placement_error(norm_layers: Any) -> ValueError:
+  return ValueError(
+      f"norm_layers {norm_layers!r}: expected one of {', '.join(map(repr, NORM_LAYERS))} or "
+      "conv numbers as in the layer names (1-based: conv1, conv2, ...), e.g. '1,3' or (1, 3)")
+
+
+def normalized_layers(norm_layers: Any, num_layers: int) -> Tuple[int, ...]:
+  """The 0-based indices of the normalized convs among ``num_layers``.
+
+  ``norm_layers`` is a name of :data:`NORM_LAYERS` or explicit conv numbers,
+  1-based as in the layer names ``conv1, conv2, ...``: a sequence of ints or
+  a comma-separated string (``'1,3'``).
+
+  Raises:
+    ValueError: for an unknown name, a malformed list or a conv number
+      outside ``1..num_layers``.
+  """
+  if isinstance(norm_layers, str):
+    if norm_layers == "all":
+      return tuple(range(num_layers))
+    if norm_layers == "first":
+      return (0,)
+    if norm_layers == "first_half":
+      return tuple(range(max(num_layers // 2, 1)))
+    if norm_layers == "none":
+      return ()
+    try:
+      numbers = [int(v) for v in norm_layers.split(",") if v.strip()]
+    except ValueError:
+      raise _placement_error(norm_layers) from None
+    if not numbers:
+      raise _placement_error(norm_layers)
+  elif isinstance(norm_layers, (list, tuple)) and all(
+      isinstance(v, int) and not isinstance(v, bool) for v in norm_layers):
+    numbers = list(norm_layers)
+  else:
+    raise _placement_error(norm_layers)
+  bad = [v for v in numbers if not 1 <= v <= num_layers]
+  if bad:
+    raise ValueError(f"norm_layers {norm_layers!r}: conv number(s) {bad} outside 1..{num_layers}")
+  return tuple(sorted({v - 1 for v in numbers}))
 
 
 class CNN6(nn.Module):
@@ -25,16 +79,21 @@ class CNN6(nn.Module):
     normalizer: a ``mabn_jax`` ``Normalizer`` (``mj.make_normalizer``).
     num_classes: logits size.
     widths: channels of the six convolutions.
+    norm_layers: which convs ``normalizer`` normalizes (:func:`normalized_layers`);
+      the others are ``mj.make_normalizer('none')`` convs (with a bias).
   """
 
   normalizer: Any
   num_classes: int = 10
   widths: Sequence[int] = (32, 32, 64, 64, 128, 128)
+  norm_layers: Any = "all"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
+    normalized = normalized_layers(self.norm_layers, len(self.widths))
     for i, width in enumerate(self.widths):
-      x = self.normalizer.conv_norm(
+      normalizer = self.normalizer if i in normalized else mj.make_normalizer("none")
+      x = normalizer.conv_norm(
           features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME",
           name=f"conv{i + 1}")(x, train=train)
       x = nn.relu(x)
@@ -122,14 +181,29 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-def build_model(name: str, normalizer, num_classes: int, width: int = 0) -> nn.Module:
-  """A model by name (:data:`MODEL_NAMES`); ``width`` overrides the base width."""
+def build_model(name: str, normalizer, num_classes: int, width: int = 0,
+                norm_layers: Any = "all") -> nn.Module:
+  """A model by name (:data:`MODEL_NAMES`); ``width`` overrides the base width.
+
+  ``norm_layers`` (:func:`normalized_layers`) chooses the normalized convs of
+  the :data:`PLACEMENT_MODELS`; the other models take only ``'all'``.
+  """
+  if isinstance(norm_layers, list):
+    norm_layers = tuple(norm_layers)  # a Flax field must hash
   if name == "cnn2":  # two conv+norm layers: tests and smoke runs
     w = width or 8
-    return CNN6(normalizer, num_classes, widths=(w, 2 * w))
-  if name == "cnn6":
+    widths = (w, 2 * w)
+  elif name == "cnn6":
     w = width or 32
-    return CNN6(normalizer, num_classes, widths=(w, w, 2 * w, 2 * w, 4 * w, 4 * w))
+    widths = (w, w, 2 * w, 2 * w, 4 * w, 4 * w)
+  else:
+    widths = None
+  if widths is not None:
+    normalized_layers(norm_layers, len(widths))  # a bad value fails here, not at init
+    return CNN6(normalizer, num_classes, widths=widths, norm_layers=norm_layers)
+  if norm_layers != "all" and name in MODEL_NAMES:
+    raise ValueError(f"norm_layers {norm_layers!r}: model {name!r} normalizes every conv; "
+                     f"other placements need one of {PLACEMENT_MODELS}")
   if name in ("resnet20", "resnet56"):
     n = {"resnet20": 3, "resnet56": 9}[name]
     return ResNet(normalizer, (n, n, n), num_classes, "basic", width or 16, "cifar")

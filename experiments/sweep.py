@@ -9,6 +9,8 @@
     python -m experiments.sweep ablation --preset cifar_cpu --seeds 0 --name ablation_cifar_cpu
     # 4. inference speed (images/s), folded BN and MABN against GN, LN, IN, none
     python -m experiments.sweep speed --model resnet50 --image_size 224 --batch 32 --name speed_cpu
+    # 6. placement: BN/MABN after every conv, the first half, the first one, none (b = 2, 32)
+    python -m experiments.sweep placement --preset cifar_cpu --seeds 0,1 --name placement_cifar_cpu
 
 ``--norm_kwargs`` apply to the MABN runs only (GN takes ``--gn_groups``).
 Each training run writes its own ``runs/<run>/summary.json``; a rerun skips
@@ -537,6 +539,157 @@ def _plot_diagnostics(out_dir: str, runs: Dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------
+# 6. Placement of the normalization: after every conv, the first half, the
+# first one, none.
+
+PLACEMENTS = ("all", "first_half", "first", "none")
+PLACEMENT_NORMS = ("bn", "mabn")
+PLACEMENT_BATCH_SIZES = (2, 32)
+
+
+def steps_to_loss(curve: Sequence[Sequence[float]], threshold: float) -> Optional[int]:
+  """The step of the first logged train-loss window (``[step, loss]`` of a
+  summary's ``train_loss_curve``) at or below ``threshold``; ``None`` if none is."""
+  for step, loss in curve or ():
+    if loss is not None and loss <= threshold:
+      return int(step)
+  return None
+
+
+def _steps_cell(values: Sequence[Optional[int]]) -> str:
+  """Steps to the threshold over seeds: mean ± sample std over the runs that
+  reached it (reached/runs); ``'—'`` if none did."""
+  reached = [v for v in values if v is not None]
+  if not reached:
+    return "—"
+  mean, std, n = _mean_std(reached)
+  spread = f" ± {std:.0f}" if n > 1 else ""
+  return f"{mean:.0f}{spread} ({n}/{len(values)})"
+
+
+def _mean_curve(curves: Sequence[Sequence[Sequence[float]]]):
+  """Steps and mean loss over the curves, at the steps every curve logged."""
+  steps = sorted(set.intersection(*[{s for s, _ in c} for c in curves])) if curves else []
+  by_step = [dict((s, l) for s, l in c) for c in curves]
+  return steps, [float(np.mean([c[s] for c in by_step])) for s in steps]
+
+
+def placement(args, base: T.Config) -> Dict[str, Any]:
+  """``--norms`` (default BN, MABN) after every conv, only the first half of
+  the convs, only the first one, and none (one normalizer-independent row), at
+  each ``--batch_sizes`` normalization batch (default 2 and 32) and seed.
+
+  ``table.md``: final test top-1 and the steps to reach a train loss of
+  ``--loss_threshold`` (the first logged window at or below it); ``plot.png``:
+  the train-loss curves (mean over seeds), one panel per normalizer and b.
+  """
+  from experiments import models
+
+  out_dir = os.path.join(args.results_root, args.name)
+  norms = args.norms.split(",") if args.norms else list(PLACEMENT_NORMS)
+  sizes = _ints(args.batch_sizes) if args.batch_sizes else list(PLACEMENT_BATCH_SIZES)
+  seeds = _ints(args.seeds)
+  threshold = float(args.loss_threshold)
+  B = base.batch_size
+  for b in sizes:
+    if B % b:
+      raise ValueError(f"normalization batch {b} does not divide the SGD batch {B}")
+  # Without normalization b changes nothing, unless it is the SGD batch (--small_batch).
+  none_sizes = sizes if base.small_batch else [None]
+  plan, keys = [], []
+  for seed in seeds:  # seeds outermost: a stopped sweep has every cell at least once
+    for norm in norms:
+      for layers in PLACEMENTS[:-1]:
+        for b in sizes:
+          cfg = dataclasses.replace(base, norm=norm, norm_layers=layers, norm_batch_size=b,
+                                    seed=seed,
+                                    norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
+          plan.append(cfg)
+          keys.append((norm, layers, b))
+    for b in none_sizes:  # the 'none' placement is the 'none' normalizer
+      plan.append(dataclasses.replace(base, norm="none", norm_layers="all", norm_batch_size=b,
+                                      seed=seed, norm_kwargs={}))
+      keys.append(("none", "none", b))
+  plan = [dataclasses.replace(c, workdir=os.path.join(out_dir, "runs", c.run_name()))
+          for c in plan]
+  rows: Dict[Any, List[Dict[str, Any]]] = {}
+  for key, s in zip(keys, run_plan(plan, args, "placement")):
+    rows.setdefault(key, [])
+    if s is not None:
+      rows[key].append(s)
+
+  def runs_of(norm, layers, b):
+    if layers == "none":
+      return rows.get(("none", "none", b if base.small_batch else None), [])
+    return rows.get((norm, layers, b), [])
+
+  cells = {}
+  for (norm, layers, b), runs in rows.items():
+    cells[f"{norm}/{layers}/{b}"] = {
+        "norm": norm, "placement": layers, "norm_batch_size": b,
+        "runs": [_run_dir(r) for r in runs],
+        "final": [r["final_test_top1"] for r in runs],
+        "steps_to_threshold": [steps_to_loss(r.get("train_loss_curve"), threshold)
+                               for r in runs],
+        "mean_loss_curve": [list(p) for p in zip(*_mean_curve(
+            [r["train_loss_curve"] for r in runs if r.get("train_loss_curve")]))],
+    }
+  results = {"loss_threshold": threshold, "cells": cells}
+
+  table = _header(args, base, "Placement of the normalization")
+  n_convs = 2 if base.model == "cnn2" else 6
+  table += (f"Placements ({n_convs} convs): `all` every conv, `first_half` convs "
+            + ", ".join(str(i + 1) for i in models.normalized_layers("first_half", n_convs))
+            + ", `first` conv 1, `none` no normalization (every conv biased, no normalizer: "
+            "one run for all normalizers"
+            + ("" if base.small_batch else " and normalization batches") + "). Steps: the "
+            f"first logged train-loss window (every {base.log_every} steps) at or below "
+            f"{threshold:g}, mean ± sample std over the seeds that reached it (reached/runs); "
+            "— if none did.\n\n")
+  table += ("| normalizer | placement | " + " | ".join(f"b={b} top-1 | b={b} steps to loss ≤ "
+                                                       f"{threshold:g}" for b in sizes)
+            + " |\n|---|---|" + "---|---|" * len(sizes) + "\n")
+  for norm in norms:
+    for layers in PLACEMENTS[:-1]:
+      row = []
+      for b in sizes:
+        runs = rows.get((norm, layers, b), [])
+        row += [_cell([r["final_test_top1"] for r in runs]),
+                _steps_cell(cells[f"{norm}/{layers}/{b}"]["steps_to_threshold"])]
+      table += f"| {norm} | {layers} | " + " | ".join(row) + " |\n"
+  row = []
+  for b in none_sizes:
+    c = cells[f"none/none/{b}"]
+    row += [_cell(c["final"]), _steps_cell(c["steps_to_threshold"])]
+  if not base.small_batch:
+    row = [f"{row[0]} (batch-independent)", row[1]] + ["″", "″"] * (len(sizes) - 1)
+  table += "| none (no normalizer) | none | " + " | ".join(row) + " |\n"
+  _write(out_dir, table, results)
+
+  plt = _plot()
+  fig, axes = plt.subplots(len(norms), len(sizes), figsize=(4.5 * len(sizes), 3.2 * len(norms)),
+                           squeeze=False, sharey=True)
+  for i, norm in enumerate(norms):
+    for j, b in enumerate(sizes):
+      ax = axes[i][j]
+      for layers in PLACEMENTS:
+        runs = runs_of(norm, layers, b)
+        steps, losses = _mean_curve([r["train_loss_curve"] for r in runs
+                                     if r.get("train_loss_curve")])
+        if steps:
+          ax.plot(steps, losses, "--" if layers == "none" else "-", lw=1,
+                  marker="." if len(steps) < 10 else None, label=f"{layers} ({len(runs)})")
+      ax.axhline(threshold, color="gray", lw=0.6, ls=":")
+      ax.set_title(f"{norm}, b={b}", fontsize=9)
+      ax.set_xlabel("step", fontsize=8)
+      ax.set_ylabel("train loss", fontsize=8)
+      if ax.get_lines()[:-1]:  # a placement besides the threshold line
+        ax.legend(fontsize=7, title="placement (seeds)", title_fontsize=7)
+  _save_plot(plt, fig, out_dir)
+  return results
+
+
+# --------------------------------------------------------------------------
 # 2. Batch-statistics instability.
 
 
@@ -661,7 +814,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
 
 
 COMMANDS = {"batch_size": batch_size_sweep, "ablation": ablation, "speed": inference_speed,
-            "statistics": statistics, "recipes": recipe_sweep}
+            "statistics": statistics, "recipes": recipe_sweep, "placement": placement}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -682,6 +835,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--reuse", default="",
                       help="result names (comma-separated) whose finished runs with an "
                            "identical config are copied instead of retrained")
+  parser.add_argument("--loss_threshold", type=float, default=1.2,
+                      help="placement: the train loss whose first crossing is counted in steps")
   parser.add_argument("--steps", type=int, default=300, help="statistics: training steps")
   parser.add_argument("--no_record", action="store_true",
                       help="statistics: train without the recorder (loss curve only)")

@@ -84,6 +84,9 @@ class Config:
   small_batch: bool = False
   sync_stats: bool = False
   gn_groups: int = 32
+  # Which convs are normalized (models.NORM_LAYERS or 1-based conv numbers
+  # '1,3'; cnn2/cnn6 only); the others are biased convs without normalization.
+  norm_layers: str = "all"
   # Optimization.
   epochs: float = 10.0
   lr: float = 0.05
@@ -158,10 +161,31 @@ class Config:
       raise ValueError(f"parallel {self.parallel!r}: expected one of {PARALLEL_MODES}")
     if self.schedule not in ("cosine", "step", "constant"):
       raise ValueError(f"schedule {self.schedule!r}: expected cosine, step or constant")
+    self.validate_norm_layers()
+
+  def validate_norm_layers(self):
+    """``norm_layers`` is a placement the model takes (a ``ValueError`` naming
+    the field and the allowed values otherwise)."""
+    if self.norm_layers == "all":
+      return
+    allowed = (f"{', '.join(map(repr, models.NORM_LAYERS))} or 1-based conv numbers "
+               "such as '1,3'")
+    if not isinstance(self.norm_layers, str):
+      raise ValueError(f"Config.norm_layers={self.norm_layers!r}: expected a string, "
+                       f"one of {allowed}")
+    if self.model not in models.PLACEMENT_MODELS:
+      raise ValueError(f"Config.norm_layers={self.norm_layers!r} needs model one of "
+                       f"{models.PLACEMENT_MODELS}, not {self.model!r} (which takes only 'all')")
+    try:
+      models.normalized_layers(self.norm_layers, 2 if self.model == "cnn2" else 6)
+    except ValueError as error:
+      raise ValueError(f"Config.norm_layers={self.norm_layers!r}: expected one of "
+                       f"{allowed} ({error})") from None
 
   def run_name(self) -> str:
     b = self.norm_batch_size or self.device_batch()
-    return f"{self.norm}_b{b}_s{self.seed}"
+    layers = "" if self.norm_layers == "all" else "_" + str(self.norm_layers).replace(",", "-")
+    return f"{self.norm}_b{b}_s{self.seed}{layers}"
 
 
 STEP_OPTIONS = ("burn_in", "warmup_steps", "ramp_steps", "renorm_start")
@@ -262,7 +286,7 @@ def load_data(config: Config) -> data_lib.Dataset:
 def build(config: Config, num_classes: int, total_steps: Optional[int] = None,
           steps_per_epoch: Optional[int] = None):
   norm = make_normalizer(config.norm, **config.normalizer_kwargs(total_steps, steps_per_epoch))
-  return models.build_model(config.model, norm, num_classes, config.width)
+  return models.build_model(config.model, norm, num_classes, config.width, config.norm_layers)
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +76,80 @@ def test_cnn6_logits_shape_and_unknown_model():
   assert out.shape == (2, 7)
   with pytest.raises(ValueError, match="unknown model"):
     models.build_model("vgg", mj.make_normalizer("bn"), 10)
+
+
+def _init(model, x_shape=(4, 8, 8, 3)):
+  return model.init(jax.random.PRNGKey(0), jnp.ones(x_shape), train=True)
+
+
+@pytest.mark.parametrize("norm", ["bn", "mabn"])
+@pytest.mark.parametrize("norm_layers,normalized", [
+    ("all", {1, 2, 3, 4, 5, 6}), ("first", {1}), ("first_half", {1, 2, 3}), ("none", set()),
+    ("2,5", {2, 5}), ((1, 6), {1, 6})])
+def test_norm_layers_normalizes_exactly_the_chosen_convs(norm, norm_layers, normalized):
+  model = models.build_model("cnn6", mj.make_normalizer(norm, norm_batch_size=2), 10, width=2,
+                             norm_layers=norm_layers)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=True),
+                             jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32))
+  params = variables["params"]
+  assert set(params) == {f"conv{i}" for i in range(1, 7)} | {"head"}
+  assert set(variables.get("batch_stats", {})) == {f"conv{i}" for i in normalized}
+  for i in range(1, 7):
+    layer = params[f"conv{i}"]
+    if i in normalized:
+      assert set(layer) == {"conv", "norm"} and "bias" not in layer["conv"]
+    else:  # the registry's 'none' conv: a bias, no normalization
+      assert set(layer) == {"conv"} and set(layer["conv"]) == {"kernel", "bias"}
+
+
+class _CNNBefore(nn.Module):
+  """CNN6 as it was before ``norm_layers`` (every conv normalized)."""
+
+  normalizer: object
+  num_classes: int = 10
+  widths: tuple = (32, 32, 64, 64, 128, 128)
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    for i, width in enumerate(self.widths):
+      x = self.normalizer.conv_norm(
+          features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME",
+          name=f"conv{i + 1}")(x, train=train)
+      x = nn.relu(x)
+      if i % 2 == 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def test_norm_layers_default_is_the_model_of_before():
+  norm = mj.make_normalizer("mabn", norm_batch_size=2)
+  old = _CNNBefore(norm, 10, widths=(4, 8))  # what build_model('cnn2') returned before
+  new = models.build_model("cnn2", norm, 10, width=4)
+  assert new.norm_layers == "all"
+  a, b = _init(old), _init(new)
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+  np.testing.assert_array_equal(old.apply(a, x, train=False), new.apply(b, x, train=False))
+
+
+def test_no_normalized_layer_is_the_none_normalizer():
+  plain = _init(models.build_model("cnn2", mj.make_normalizer("none"), 10, width=4))
+  unnormalized = _init(models.build_model("cnn2", mj.make_normalizer("bn"), 10, width=4,
+                                          norm_layers="none"))
+  assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(unnormalized)
+  for x, y in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(unnormalized)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("bad", ["some", "0", "3", "1,x", "", 1, (0,)])
+def test_bad_norm_layers_raise(bad):
+  with pytest.raises(ValueError, match="norm_layers"):
+    models.build_model("cnn2", mj.make_normalizer("bn"), 10, width=4, norm_layers=bad)
+
+
+def test_norm_layers_other_than_all_need_a_cnn():
+  with pytest.raises(ValueError, match="norm_layers 'first'.*resnet20"):
+    models.build_model("resnet20", mj.make_normalizer("bn"), 10, norm_layers="first")

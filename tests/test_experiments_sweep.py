@@ -148,3 +148,52 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   capsys.readouterr()
   assert sweep.main(args) == 0
   assert capsys.readouterr().out.count("skip ") == 5
+
+
+def test_steps_to_loss_is_the_first_logged_window_at_or_below_the_threshold():
+  curve = [[10, 2.3], [20, 1.5], [30, 1.2], [40, 1.3], [50, 0.9]]
+  assert sweep.steps_to_loss(curve, 1.2) == 30  # at the threshold counts
+  assert sweep.steps_to_loss(curve, 1.4) == 30
+  assert sweep.steps_to_loss(curve, 2.5) == 10
+  assert sweep.steps_to_loss(curve, 0.5) is None
+  assert sweep.steps_to_loss([], 1.0) is None
+  assert sweep._steps_cell([30, 50, None]) == "40 ± 14 (2/3)"
+  assert sweep._steps_cell([None, None]) == "—"
+
+
+def test_placement_sweep_writes_table_plot_and_json_and_skips_on_rerun(tmp_path, capsys):
+  args = ["placement", *TINY, "--epochs", "0.25", "--norms", "mabn", "--batch_sizes", "2,8",
+          "--seeds", "0", "--norm_kwargs", "warmup_steps=2,buffer_size=4",
+          "--loss_threshold", "100", "--results_root", str(tmp_path), "--name", "pl"]
+  assert sweep.main(args) == 0
+  assert {"table.md", "plot.png", "results.json", "runs"} <= set(_files(tmp_path, "pl"))
+  # Three placements per b; no normalization once (b does not matter to it).
+  assert _files(tmp_path / "pl", "runs") == [
+      "mabn_b2_s0", "mabn_b2_s0_first", "mabn_b2_s0_first_half",
+      "mabn_b8_s0", "mabn_b8_s0_first", "mabn_b8_s0_first_half", "none_b8_s0"]
+  with open(tmp_path / "pl" / "runs" / "mabn_b2_s0_first" / "summary.json") as f:
+    assert json.load(f)["config"]["norm_layers"] == "first"
+  with open(tmp_path / "pl" / "results.json") as f:
+    results = json.load(f)
+  assert results["loss_threshold"] == 100
+  cells = results["cells"]
+  assert set(cells) == {f"mabn/{p}/{b}" for p in ("all", "first_half", "first")
+                        for b in (2, 8)} | {"none/none/None"}
+  first = cells["mabn/first/2"]
+  assert len(first["final"]) == 1 and first["mean_loss_curve"]
+  assert first["steps_to_threshold"] == [first["mean_loss_curve"][0][0]]  # every loss < 100
+  table = (tmp_path / "pl" / "table.md").read_text()
+  assert "| normalizer | placement | b=2 top-1 | b=2 steps to loss ≤ 100 | b=8 top-1 |" in table
+  for p in ("all", "first_half", "first"):
+    assert table.count(f"| mabn | {p} | ") == 1
+  assert f"| mabn | first | {first['final'][0]:.2f} (1) | {first['steps_to_threshold'][0]} (1/1) |" \
+      in table
+  assert "| none (no normalizer) | none | " in table and "(batch-independent)" in table
+  capsys.readouterr()
+  # A rerun trains nothing; a threshold never reached reads '—'.
+  assert sweep.main(args[:-6] + ["--loss_threshold", "0", *args[-4:]]) == 0
+  assert capsys.readouterr().out.count("skip ") == 7
+  table = (tmp_path / "pl" / "table.md").read_text()
+  assert "| mabn | first | " in table and "(1) | — |" in table
+  with open(tmp_path / "pl" / "results.json") as f:
+    assert json.load(f)["cells"]["mabn/first/2"]["steps_to_threshold"] == [None]

@@ -253,3 +253,35 @@ def test_diagnose_logs_layer_diagnostics_without_changing_training(tiny, tmp_pat
   entry = records[-1]["diag"]["conv2"]
   assert set(entry) == {"kernel_norm", "grad_cos", "grad_cos_channel", "mu_over_sigma"}
   assert entry["kernel_norm"] > 0 and entry["mu_over_sigma"] >= 0
+
+
+def test_norm_layers_reach_the_model_and_bad_values_name_the_field(tiny):
+  assert T.Config().norm_layers == "all"
+  x = tiny.train.images[:8]
+  for layers, normalized in (("all", {"conv1", "conv2"}), ("first", {"conv1"}),
+                             ("none", set()), ("2", {"conv2"})):
+    cfg = _config("bn", norm_layers=layers)
+    cfg.validate()
+    variables = T.build(cfg, 4).init(jax.random.PRNGKey(0), x, train=True)
+    assert set(variables.get("batch_stats", {})) == normalized
+  assert _config("bn").run_name() == "bn_b2_s0"  # the default keeps its run names
+  assert _config("bn", norm_layers="first_half").run_name() == "bn_b2_s0_first_half"
+  assert _config("bn", norm_layers="1,2").run_name() == "bn_b2_s0_1-2"
+  for bad in ("second", "0", "1,x"):
+    with pytest.raises(ValueError, match=r"Config\.norm_layers=.*'all', 'first', 'first_half', "
+                                         r"'none'"):
+      _config("bn", norm_layers=bad).validate()
+  with pytest.raises(ValueError, match=r"Config\.norm_layers='first' needs model"):
+    _config("bn", model="resnet20", norm_layers="first").validate()
+  with pytest.raises(ValueError, match=r"Config\.norm_layers"):
+    T.train(_config("bn", norm_layers="last"), tiny)
+
+
+def test_norm_layers_command_line_option():
+  import argparse
+  parser = argparse.ArgumentParser()
+  T.add_config_arguments(parser)
+  for value in ("first_half", "none", "1,3"):
+    args = parser.parse_args(["--norm_layers", value])
+    assert T.preset("quick", **T.overrides_from_args(args)).norm_layers == value
+  assert T.preset("quick", **T.overrides_from_args(parser.parse_args([]))).norm_layers == "all"
