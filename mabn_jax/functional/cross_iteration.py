@@ -665,6 +665,39 @@ def normalize_train(
   config.validate(where)
   past = config.window - 1
   groups = st.num_groups(y.shape[0], config.norm_batch_size, where)
+  tap = _checked_tap(y, x, kernel, state, config, groups, tap, where)
+  averaged = config.backward == "averaged"
+  dtype = jnp.promote_types(y.dtype, jnp.float32)
+  y32 = y.astype(dtype)
+
+  mu, nu = batch_moments(y32, groups, config.axis_name, config.axis_index_groups)
+  step = state.step + 1
+  burning = in_burn_in(step, config.burn_in)
+  past_filled = jnp.arange(past) >= past - state.count
+  mu_bar, nu_bar = _window_moments(mu, nu, kernel, state, config, past_filled, burning)
+  var_bar = jnp.maximum(nu_bar - jnp.square(mu_bar), 0.0)
+
+  inv_std = lax.rsqrt(var_bar + config.epsilon)
+  if averaged and past > 0:
+    xhat = _averaged_normalize(
+        y32, tap[0], tap[1], lax.stop_gradient(mu_bar), lax.stop_gradient(inv_std),
+        state.g_buffer, state.psi_buffer, past_filled, burning, groups, config, where)
+  else:
+    # With window 1 'averaged' is BN's backward: what 'batch' differentiates.
+    xhat = _centred_scaled(y32, mu_bar, inv_std)
+
+  mu_c, nu_c = lax.stop_gradient(mu), lax.stop_gradient(nu)
+  new_state = _with_running_stats(state, mu_c, nu_c, mu_bar, var_bar, bias, config, step)
+  if past > 0:
+    new_state = _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config,
+                                  groups, burning)
+  return xhat, new_state
+
+
+def _checked_tap(y, x, kernel, state, config, groups, tap, where):
+  """Raises a ValueError naming ``where`` for a state, tap or kernel that does
+  not fit; returns the tap (zeros when ``'averaged'`` is called without one)."""
+  past = config.window - 1
   history_groups = groups if config.group_history else None
   averaged = config.backward == "averaged"
   expected = state_shapes(kernel.shape, config.window, config.naive, history_groups,
@@ -700,15 +733,15 @@ def normalize_train(
         f"{where}: kernel {tuple(kernel.shape)} does not match the conv input "
         f"{tuple(x.shape)} and output {tuple(y.shape)}."
     )
-  dtype = jnp.promote_types(y.dtype, jnp.float32)
-  y32 = y.astype(dtype)
-  axis = y.ndim - 1
+  return tap
 
-  mu, nu = batch_moments(y32, groups, config.axis_name, config.axis_index_groups)
-  step = state.step + 1
-  burning = in_burn_in(step, config.burn_in)
-  past_filled = jnp.arange(past) >= past - state.count
 
+def _window_moments(mu, nu, kernel, state, config, past_filled, burning):
+  """``(mu_bar, nu_bar)``, ``(G, C)``: the group moments pooled with the
+  compensated buffered ones (plain BN's during burn-in), differentiable as
+  ``config.backward`` says (module docstring)."""
+  past = config.window - 1
+  dtype = mu.dtype
   exact = config.backward == "exact"
   if past > 0:
     if config.naive:
@@ -723,25 +756,20 @@ def normalize_train(
       mu_win, nu_win = pooled_moments_per_group(mu, nu, past_mu, past_nu, past_filled)
     else:
       mu_win, nu_win = pooled_moments(mu, nu, past_mu, past_nu, past_filled, exact)
-    if config.backward == "batch" or (averaged and past == 0):
+    if config.backward == "batch":
       mu_win = mu + lax.stop_gradient(mu_win - mu)
       nu_win = nu + lax.stop_gradient(nu_win - nu)
     mu_bar = jnp.where(burning, mu, mu_win)
     nu_bar = jnp.where(burning, nu, nu_win)
   else:
     mu_bar, nu_bar = mu, nu
-  var_bar = jnp.maximum(nu_bar - jnp.square(mu_bar), 0.0)
+  return mu_bar, nu_bar
 
-  inv_std = lax.rsqrt(var_bar + config.epsilon)
-  if averaged and past > 0:
-    xhat = _averaged_normalize(
-        y32, tap[0], tap[1], lax.stop_gradient(mu_bar), lax.stop_gradient(inv_std),
-        state.g_buffer, state.psi_buffer, past_filled, burning, groups, config, where)
-  else:
-    # With window 1 'averaged' is BN's backward: what 'batch' differentiates.
-    xhat = _centred_scaled(y32, mu_bar, inv_std)
 
-  mu_c, nu_c = lax.stop_gradient(mu), lax.stop_gradient(nu)
+def _with_running_stats(state, mu_c, nu_c, mu_bar, var_bar, bias, config, step):
+  """``state`` with the running ``mean``/``var`` EMAs updated (from the pooled
+  statistics or the group's own, ``config.running_stats``) and ``step``."""
+  dtype = mu_c.dtype
   var_c = jnp.maximum(nu_c - jnp.square(mu_c), 0.0)
   if config.running_stats == "pooled":
     # The statistics this step normalized with (spec section 4 uses the batch's).
@@ -756,38 +784,46 @@ def normalize_train(
       var=st.ema(state.var, jnp.mean(run_var, axis=0), config.momentum),
       step=step,
   )
-  if past > 0:
-    if config.group_history:
-      # One new entry per step, holding every group's statistics.
-      newest, entries, added = groups, lambda a: a[None], 1
-    else:
-      # Only the newest min(G, P) groups stay in the buffers: derivatives of
-      # the others would be pushed out at once, so they are never computed.
-      newest, entries, added = min(groups, past), lambda a: a, groups
-    pushed = dict(
-        mu_buffer=st.push(state.mu_buffer, entries(mu_c[-newest:])),
-        nu_buffer=st.push(state.nu_buffer, entries(nu_c[-newest:])),
-        count=jnp.minimum(state.count + added, past).astype(jnp.int32),
+  return new_state
+
+
+def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config, groups,
+                      burning):
+  """``new_state`` with this step's entries pushed into the window buffers
+  (moments, and for the compensated layer their derivatives and Taylor
+  offsets); the buffers are kept as they were during burn-in."""
+  past = config.window - 1
+  if config.group_history:
+    # One new entry per step, holding every group's statistics.
+    newest, entries, added = groups, lambda a: a[None], 1
+  else:
+    # Only the newest min(G, P) groups stay in the buffers: derivatives of
+    # the others would be pushed out at once, so they are never computed.
+    newest, entries, added = min(groups, past), lambda a: a, groups
+  pushed = dict(
+      mu_buffer=st.push(state.mu_buffer, entries(mu_c[-newest:])),
+      nu_buffer=st.push(state.nu_buffer, entries(nu_c[-newest:])),
+      count=jnp.minimum(state.count + added, past).astype(jnp.int32),
+  )
+  if not config.naive:
+    rows = newest * (y32.shape[0] // groups)
+    dmu, dnu = moment_derivatives(
+        x[-rows:], y32[-rows:], kernel, spec, newest, config.axis_name,
+        config.axis_index_groups,
     )
-    if not config.naive:
-      rows = newest * (y.shape[0] // groups)
-      dmu, dnu = moment_derivatives(
-          x[-rows:], y32[-rows:], kernel, spec, newest, config.axis_name,
-          config.axis_index_groups,
-      )
-      mu_offset, nu_offset = taylor_offsets(mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel)
-      pushed.update(
-          dmu_buffer=st.push(state.dmu_buffer, entries(dmu)),
-          dnu_buffer=st.push(state.dnu_buffer, entries(dnu)),
-          mu_offset=st.push(state.mu_offset, entries(mu_offset)),
-          nu_offset=st.push(state.nu_offset, entries(nu_offset)),
-      )
-    kept = {
-        name: jnp.where(burning, getattr(state, name), value)
-        for name, value in pushed.items()
-    }
-    new_state = new_state._replace(**kept)
-  return xhat, new_state
+    mu_offset, nu_offset = taylor_offsets(mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel)
+    pushed.update(
+        dmu_buffer=st.push(state.dmu_buffer, entries(dmu)),
+        dnu_buffer=st.push(state.dnu_buffer, entries(dnu)),
+        mu_offset=st.push(state.mu_offset, entries(mu_offset)),
+        nu_offset=st.push(state.nu_offset, entries(nu_offset)),
+    )
+  kept = {
+      name: jnp.where(burning, getattr(state, name), value)
+      for name, value in pushed.items()
+  }
+  new_state = new_state._replace(**kept)
+  return new_state
 
 
 def _centred_scaled(y, mu_bar, inv_std):
