@@ -40,11 +40,12 @@ def _loss(config, state, g):
   return loss
 
 
-@pytest.mark.parametrize("norm_batch_size", [None, 2])
-def test_exact_gradient_equals_finite_differences_of_the_forward_float64(norm_batch_size):
+@pytest.mark.parametrize("norm_batch_size, derivative_stride", [(None, 1), (2, 1), (None, 2)])
+def test_exact_gradient_equals_finite_differences_of_the_forward_float64(norm_batch_size,
+                                                                        derivative_stride):
   with jax.enable_x64(True):
     config = F.CBNConfig(window=3, burn_in=0, backward="exact",
-                         norm_batch_size=norm_batch_size)
+                         norm_batch_size=norm_batch_size, derivative_stride=derivative_stride)
     state, x, w, g, _, _ = _buffered(config, np.random.default_rng(0))
     assert int(state.count) == 2
     # Finite differences perturb x and W in the whole forward: the current

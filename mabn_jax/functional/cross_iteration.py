@@ -215,6 +215,14 @@ class CBNConfig:
       normalization batches) or ``'batch'`` (the published layer's: each
       step's current-batch mean and biased variance, averaged over its
       groups).
+    derivative_stride: ``s``: the derivatives ``d mu / d W`` and
+      ``d nu / d W`` of a new entry are taken over the output positions
+      whose every spatial index is a multiple of ``s`` (about ``1 / s^d`` of
+      them), which divides the cost of the extra backward-weight
+      convolution by about ``s^d``. ``1`` (the default) is the exact
+      derivative. The entries' moments are always the full ones; only the
+      Taylor step ``d . (W - W_old)`` is estimated on the subset
+      (``benchmarks/cbn_derivatives.py`` measures the compensation error).
   """
 
   window: int = 4
@@ -223,6 +231,7 @@ class CBNConfig:
   group_history: bool = False
   backward: str = "exact"
   running_stats: str = "pooled"
+  derivative_stride: int = 1
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
@@ -239,6 +248,8 @@ class CBNConfig:
         ("backward", self.backward, self.backward in BACKWARDS, f"one of {BACKWARDS}"),
         ("running_stats", self.running_stats, self.running_stats in RUNNING_STATS,
          f"one of {RUNNING_STATS}"),
+        ("derivative_stride", self.derivative_stride,
+         is_int_at_least(self.derivative_stride, 1), "an integer >= 1"),
     ])
 
 
@@ -405,6 +416,7 @@ def moment_derivatives(
     groups: int,
     axis_name: Optional[str] = None,
     axis_index_groups=None,
+    stride: int = 1,
 ) -> Tuple[jax.Array, jax.Array]:
   """Per-group ``d mu / d W`` and ``d nu / d W`` of ``y = conv(x, W)``.
 
@@ -420,6 +432,10 @@ def moment_derivatives(
     kernel: ``(*K, C)`` kernel with ``K = (*kernel_size, cin)``.
     spec: the convolution.
     groups: ``G``, normalization groups in the batch.
+    stride: ``s`` (``CBNConfig.derivative_stride``): the derivatives of the
+      moments over the output positions whose spatial indices are all
+      multiples of ``s`` only (a strided convolution over the same ``x``);
+      ``1`` is every position.
 
   Returns:
     ``(dmu, dnu)`` of shapes ``(G, *K)`` and ``(G, *K, C)``, float32 (or
@@ -428,6 +444,9 @@ def moment_derivatives(
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
   x = lax.stop_gradient(x).astype(dtype)
   y = lax.stop_gradient(y).astype(dtype)
+  if stride > 1:
+    spec = _position_subset(spec, x.shape[1:-1], kernel.shape[:-2], y.shape[1:-1], stride)
+    y = y[(slice(None),) + (slice(None, None, stride),) * (y.ndim - 2)]
   elements = (y.shape[0] // groups) * math.prod(y.shape[1:-1])
   kshape = tuple(kernel.shape)
 
@@ -446,6 +465,22 @@ def moment_derivatives(
   if axis_name is not None:
     dmu, dnu = lax.pmean((dmu, dnu), axis_name, axis_index_groups=axis_index_groups)
   return dmu, dnu
+
+
+def _position_subset(spec, in_spatial, kernel_spatial, out_spatial, stride):
+  """The :class:`ConvSpec` whose outputs are ``conv(x, W, spec)`` at the
+  positions ``(stride * i, ...)``: ``stride`` times the strides, the same low
+  padding, and a high padding (negative: a crop) that ends at the last of
+  those positions."""
+  dilated = [(k - 1) * d + 1 for k, d in zip(kernel_spatial, spec.kernel_dilation)]
+  pads = (lax.padtype_to_pads(in_spatial, dilated, spec.strides, spec.padding)
+          if isinstance(spec.padding, str) else spec.padding)
+  strides = tuple(stride * s for s in spec.strides)
+  padding = tuple(
+      (low, (-(-out // stride) - 1) * step + window - size - low)
+      for (low, _), out, step, window, size in zip(pads, out_spatial, strides, dilated,
+                                                   in_spatial))
+  return ConvSpec(strides, padding, spec.kernel_dilation)
 
 
 def taylor_offsets(
@@ -809,7 +844,7 @@ def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config
     rows = newest * (y32.shape[0] // groups)
     dmu, dnu = moment_derivatives(
         x[-rows:], y32[-rows:], kernel, spec, newest, config.axis_name,
-        config.axis_index_groups,
+        config.axis_index_groups, config.derivative_stride,
     )
     mu_offset, nu_offset = taylor_offsets(mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel)
     pushed.update(

@@ -98,6 +98,10 @@ class CrossIterationConvNorm(nn.Module):
       (the default: the pooled statistics each step normalized with) or
       ``'batch'`` (the published layer: the current batch's statistics).
       The published CBN is ``backward='published', running_stats='batch'``.
+    derivative_stride: take the new entries' kernel derivatives over every
+      ``s``-th output position per spatial axis only (about ``1 / s^d`` of
+      the extra backward-weight convolution's cost; the moments stay the
+      full ones). ``1`` (the default): the exact derivatives.
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
@@ -126,6 +130,7 @@ class CrossIterationConvNorm(nn.Module):
   group_history: bool = False
   backward: str = F.CBNConfig.backward
   running_stats: str = F.CBNConfig.running_stats
+  derivative_stride: int = F.CBNConfig.derivative_stride
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None

@@ -50,8 +50,9 @@ class CrossIterationConvNorm(nnx.Module):
     padding: ``'SAME'``, ``'VALID'``, an int or ``(low, high)`` pairs.
     use_bias: whether the convolution has a bias.
     centered: weight-centralized kernel.
-    window, burn_in, naive, group_history, backward, running_stats, momentum,
-    epsilon, norm_batch_size, axis_name, axis_index_groups: as the linen
+    window, burn_in, naive, group_history, backward, running_stats,
+    derivative_stride, momentum, epsilon, norm_batch_size, axis_name,
+    axis_index_groups: as the linen
       layer (the same :class:`~mabn_jax.functional.cross_iteration.CBNConfig`).
     num_groups: with ``group_history``, the number ``G`` of normalization
       groups in a training batch (``batch // norm_batch_size``); the linen
@@ -81,6 +82,7 @@ class CrossIterationConvNorm(nnx.Module):
       num_groups: Optional[int] = None,
       backward: str = F.CBNConfig.backward,
       running_stats: str = F.CBNConfig.running_stats,
+      derivative_stride: int = F.CBNConfig.derivative_stride,
       momentum: float = 0.9,
       epsilon: float = 1e-5,
       norm_batch_size: Optional[int] = None,
@@ -102,7 +104,8 @@ class CrossIterationConvNorm(nnx.Module):
     where = C.describe(self, out_features)
     self.config = F.CBNConfig(
         window=window, burn_in=burn_in, naive=naive, group_history=group_history,
-        backward=backward, running_stats=running_stats, momentum=momentum, epsilon=epsilon,
+        backward=backward, running_stats=running_stats,
+        derivative_stride=derivative_stride, momentum=momentum, epsilon=epsilon,
         norm_batch_size=norm_batch_size,
         axis_name=axis_name, axis_index_groups=C.hashable_groups(axis_index_groups))
     self.config.validate(where)

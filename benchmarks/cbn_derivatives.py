@@ -1,0 +1,165 @@
+"""CBN's compensation error with derivatives over a subset of positions.
+
+``CBNConfig.derivative_stride = s`` takes a new window entry's kernel
+derivatives ``d mu / d W`` and ``d nu / d W`` over every ``s``-th output
+position per spatial axis, about ``1 / s^d`` of the extra backward-weight
+convolution's cost (``benchmarks/bench.py``'s ``cbn_s2`` row times it). This
+script measures what that costs in accuracy of the compensation, the way the
+compensated-vs-naive comparison does: train the CIFAR-10 6-conv CNN with CBN
+for a few hundred steps on real images, then for every CBN layer carry the
+statistics of the batch of ``lag`` steps ago to the current kernel (naive:
+not at all; Taylor with derivatives at stride 1, 2, 4) and compare them with
+the statistics recomputed with the current kernel on the same layer input::
+
+  python -m benchmarks.cbn_derivatives --steps 300 --json benchmarks/results/cbn_derivatives_cpu.json
+
+Printed and written: per layer and lag, the relative error of the variance
+``|var_est - var| / |var|`` and of ``nu = mean(y^2)`` (norms over channels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mabn_jax as mj
+from experiments import data as D
+from experiments.models import build_model
+from mabn_jax.functional import cross_iteration as F
+from mabn_jax.layers.cross_iteration import _CrossIterationNorm
+
+
+def _layer_inputs(model, variables, images):
+  """``{layer path: (x, effective kernel, spec)}`` of every CBN layer, from one
+  eager training-mode forward pass (its state updates are discarded)."""
+  captured = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, _CrossIterationNorm) and context.method_name == "__call__":
+      _, x, kernel, _, spec = args[:5]
+      captured["/".join(context.module.path[:-1])] = (x, kernel, spec)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, images, train=True, mutable=["batch_stats"])
+  return captured
+
+
+def _relative(estimate, exact):
+  return float(jnp.linalg.norm(estimate - exact) / jnp.linalg.norm(exact))
+
+
+def compensation_errors(x, w_old, w_new, spec, strides: Sequence[int]) -> Dict[str, Dict[str, float]]:
+  """Relative errors of the statistics of ``conv(x, w_old)`` carried to ``w_new``."""
+  y_old = F.conv(x, w_old, spec)
+  mu_old, nu_old = F.batch_moments(y_old, 1)
+  mu, nu = F.batch_moments(F.conv(x, w_new, spec), 1)
+  var = nu - mu ** 2
+  rows = {"naive": {"var": _relative(nu_old - mu_old ** 2, var), "nu": _relative(nu_old, nu)}}
+  for s in strides:
+    dmu, dnu = F.moment_derivatives(x, y_old, w_old, spec, 1, stride=s)
+    mu_c, nu_c = F.compensate(*F.taylor_offsets(mu_old, nu_old, dmu, dnu, w_old), dmu, dnu,
+                              w_new)
+    rows[f"stride {s}"] = {"var": _relative(nu_c - mu_c ** 2, var), "nu": _relative(nu_c, nu)}
+  rows["kernel change"] = {"relative": _relative(w_new, w_old)}
+  return rows
+
+
+def train(steps: int, batch: int, seed: int, train_subset: int, lr: float, keep: int):
+  """SGD on CIFAR-10 with CBN (window 4, burn-in 50); returns the model, the
+  variables of the last ``keep`` steps (oldest first) and their batches."""
+  ds = D.load_dataset("cifar10_jpeg", train_subset=train_subset)
+  model = build_model("cnn6", mj.make_normalizer("cbn", window=4, burn_in=50), 10)
+  rng = np.random.default_rng(seed)
+
+  def batch_at():
+    idx = rng.choice(len(ds.train), batch, replace=False)
+    images, labels = ds.train.get(idx)
+    return (jnp.asarray(D.normalize(images, ds.mean, ds.std), jnp.float32),
+            jnp.asarray(labels, jnp.int32))
+
+  images, _ = batch_at()
+  variables = model.init(jax.random.key(seed), images, train=True)
+  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9))
+  opt_state = tx.init(variables["params"])
+
+  def loss_fn(variables, images, labels):
+    logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), mutated
+
+  @jax.jit
+  def step(variables, opt_state, images, labels):
+    (loss, variables), grads = mj.value_and_grad(loss_fn)(variables, images, labels)
+    updates, opt_state = tx.update(grads, opt_state, variables["params"])
+    return {**variables, "params": optax.apply_updates(variables["params"], updates)}, \
+        opt_state, loss
+
+  history = []
+  for t in range(steps):
+    images, labels = batch_at()
+    history = (history + [(variables, images)])[-keep:]
+    variables, opt_state, loss = step(variables, opt_state, images, labels)
+    if (t + 1) % 100 == 0:
+      print(f"step {t + 1}: loss {float(loss):.3f}", flush=True)
+  return model, history + [(variables, None)]
+
+
+def run(args) -> Dict[str, Any]:
+  keep = max(args.lags)
+  model, history = train(args.steps, args.batch, args.seed, args.train_subset, args.lr, keep)
+  current, _ = history[-1]
+  report = {"config": vars(args), "layers": {}}
+  for lag in args.lags:
+    old, images = history[-1 - lag]
+    inputs = _layer_inputs(model, old, images)
+    kernels_now = _layer_inputs(model, current, images)
+    for path, (x, w_old, spec) in inputs.items():
+      w_new = kernels_now[path][1]
+      report["layers"].setdefault(path, {})[f"lag {lag}"] = compensation_errors(
+          x, w_old, w_new, spec, args.strides)
+  return report
+
+
+def markdown(report: Dict[str, Any]) -> str:
+  strides = report["config"]["strides"]
+  methods = ["naive"] + [f"stride {s}" for s in strides]
+  lines = ["| layer | lag | |dW|/|W| | " + " | ".join(f"var err {m}" for m in methods) + " |",
+           "| --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+  for path, lags in report["layers"].items():
+    for lag, rows in lags.items():
+      lines.append(f"| {path} | {lag.split()[1]} | {rows['kernel change']['relative']:.2e} | "
+                   + " | ".join(f"{rows[m]['var']:.2e}" for m in methods) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--lr", type=float, default=0.05)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--train_subset", type=int, default=10000)
+  parser.add_argument("--lags", type=int, nargs="+", default=[1, 3])
+  parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4])
+  parser.add_argument("--json", default="")
+  args = parser.parse_args(argv)
+  report = run(args)
+  print(markdown(report))
+  if args.json:
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
