@@ -128,13 +128,13 @@ def _block(tree):
   return jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
 
 
-SMOKE_MODEL = "cnn6_smoke"
+SMOKE_MODEL = "cnn2_smoke"
 
 
 def _model(network: str, normalizer):
-  # The smoke network is a narrow 6-conv CNN so that CI compiles it quickly.
+  # The smoke network is a narrow 2-conv CNN so that CI compiles it quickly.
   if network == SMOKE_MODEL:
-    return build_model("cnn6", normalizer, 10, width=4)
+    return build_model("cnn2", normalizer, 10, width=4)
   return build_model(network, normalizer, 10)
 
 

@@ -1,12 +1,32 @@
-"""Test configuration: 8 fake CPU devices for the multi-device tests.
+"""Test configuration: 8 fake CPU devices, and one compilation cache per run.
 
-XLA reads the flag when JAX initializes its backend, so it is set here,
-before any test module imports JAX.
+XLA reads the device flag when JAX initializes its backend, so it is set
+here, before any test module imports JAX. Many tests compile the same
+programs (a training step trained, killed and resumed in fresh processes,
+two launches of a multi-process run); a persistent compilation cache shared
+by the run's workers and subprocesses (environment variables they inherit)
+compiles each of them once. It starts empty and is deleted when the run
+ends, so every run compiles from scratch.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The controller of an xdist run (or a run without workers) sets the
+# directory; its workers and their subprocesses inherit the variables.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      tempfile.gettempdir(), f"mabn_jax_tests_xla_cache_{os.getpid()}")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

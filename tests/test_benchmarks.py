@@ -10,23 +10,22 @@ from benchmarks import bench
 def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   md, js = tmp_path / "BENCH.md", tmp_path / "bench.json"
   code = bench.main(["--smoke", "--rounds", "1", "--networks", "resnet18",
-                     "--norms", "flax_bn", "gn", "bn", "mabn", "--variants", "flax_bn",
-                     "bn_folded", "mabn_folded", "gn", "none", "--markdown", str(md), "--json", str(js)])
+                     "--norms", "flax_bn", "mabn", "--variants", "mabn_folded", "gn", "none",
+                     "--markdown", str(md), "--json", str(js)])
   assert code == 0
   report = json.loads(js.read_text())
   train = report["networks"]["resnet18"]["train"]
-  assert set(train) == {"flax_bn", "gn", "bn", "mabn"}
+  assert set(train) == {"flax_bn", "mabn"}
   for r in train.values():
     assert r["step_ms"] > 0 and r["compile_s"] > 0 and r["total_mib"] > 0
     assert len(r["step_ms_per_compile"]) == 1 and len(r["step_ms_all"][0]) == 1
   infer = report["networks"]["resnet18"]["infer"]
   assert all(v["images_per_s"] > 0 for v in infer.values())
   targets = {row["target"] for row in report["targets"]}
-  assert "MABN / flax BN training step" in targets and train["bn"]["gflops"] > 0
-  assert "mj.BatchNorm / flax BN training step" in targets
-  assert "folded MABN / GN inference" in targets
+  assert "MABN / flax BN training step" in targets and train["mabn"]["gflops"] > 0
+  assert {"folded MABN / GN inference", "folded MABN / none inference"} <= targets
   text = md.read_text()
-  assert "| bn |" in text and "| flax_bn |" in text and "/ flax BN" in text
+  assert "| mabn |" in text and "| flax_bn |" in text and "/ flax BN" in text
   assert "### Targets" in text
 
 
@@ -43,7 +42,7 @@ def test_flax_baseline_matches_mj_batch_norm_step():
 
 
 def test_training_times_every_compiled_executable():
-  results = bench.bench_training(bench.SMOKE_MODEL, 4, 8, ["bn", "mabn"], rounds=3, compile_rounds=2)
+  results = bench.bench_training(bench.SMOKE_MODEL, 4, 8, ["mabn"], rounds=3, compile_rounds=2)
   for r in results.values():
     assert len(r["compile_s_all"]) == 2
     assert [len(ts) for ts in r["step_ms_all"]] == [3, 3]
@@ -56,3 +55,10 @@ def test_inference_times_every_compiled_copy():
   results = bench.bench_inference(bench.SMOKE_MODEL, 4, 8, ["none", "gn"], rounds=2, compile_rounds=2)
   for r in results.values():
     assert r["images_per_s"] > 0 and len(r["images_per_s_per_compile"]) == 2
+
+
+def test_strided_cbn_row_is_the_registry_cbn_with_derivative_stride_2():
+  normalizer = bench.make_normalizer("cbn_s2", "cnn6")
+  assert normalizer.name == "cbn"
+  assert normalizer.options == {**bench.make_normalizer("cbn", "cnn6").options,
+                                "derivative_stride": 2}

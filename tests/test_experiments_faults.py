@@ -26,6 +26,10 @@ import pytest
 
 from experiments import train as T
 
+# One worker runs the whole module, so its fixtures (two training runs) are
+# computed once.
+pytestmark = pytest.mark.xdist_group("experiments_faults")
+
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT = 120
 ARGS = ["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--norms", "mabn",
@@ -84,13 +88,22 @@ def _killed(proc):
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
-def test_killed_after_a_step_resumes_to_the_uninterrupted_result(tmp_path, reference):
-  _killed(_cli(tmp_path, kill="step:5"))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
-  assert not (tmp_path / "summary.json").exists()
-  proc = _cli(tmp_path, "--resume", "true")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  _assert_same_run(tmp_path, reference)
+@pytest.fixture(scope="module")
+def killed_at_5(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("killed")
+  _killed(_cli(workdir, kill="step:5"))
+  return workdir
+
+
+def test_killed_after_a_step_resumes_to_the_uninterrupted_result(tmp_path, killed_at_5,
+                                                                 reference):
+  workdir = tmp_path / "run"
+  shutil.copytree(killed_at_5, workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert not (workdir / "summary.json").exists()
+  # The killed process is gone; this process resumes its files.
+  assert T.main(_args(workdir, "--resume", "true")) == 0
+  _assert_same_run(workdir, reference)
 
 
 def test_killed_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_path,
@@ -103,13 +116,6 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp
   proc = _cli(tmp_path, "--resume", "true")
   assert proc.returncode == 0, proc.stderr[-3000:]
   _assert_same_run(tmp_path, reference)
-
-
-@pytest.fixture(scope="module")
-def killed_at_5(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("killed")
-  _killed(_cli(workdir, kill="step:5"))
-  return workdir
 
 
 def _metadata_missing(state):
@@ -134,7 +140,8 @@ def test_a_corrupted_checkpoint_is_never_loaded(tmp_path, killed_at_5, reference
   damage(latest / "state")
   with pytest.raises(ValueError, match=f"checkpoint {latest} is incomplete or corrupted"):
     T.main(_args(workdir, "--resume", "true"))
-  # As the message says: without it, the run resumes from step 2, exactly.
+  # As the message says: without it, the run resumes from step 2 (exactly:
+  # the uninterrupted result).
   shutil.rmtree(latest)
   assert T.main(_args(workdir, "--resume", "true")) == 0
   _assert_same_run(workdir, reference)
