@@ -36,7 +36,7 @@ def test_batch_size_sweep_is_incremental_and_writes_table_and_plot(tmp_path, cap
   # A rerun trains nothing: every run is skipped.
   mtime = os.path.getmtime(tmp_path / "bs" / "runs" / "bn_b2_s0" / "summary.json")
   assert sweep.main(args) == 0
-  assert capsys.readouterr().out.count("skip ") == 5
+  assert capsys.readouterr().out.count("skip ") == 3
   assert os.path.getmtime(tmp_path / "bs" / "runs" / "bn_b2_s0" / "summary.json") == mtime
 
 
@@ -120,13 +120,12 @@ def test_recording_statistics_does_not_change_training(tmp_path):
 
 
 def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path, capsys):
-  args = ["recipes", *TINY, "--epochs", "1", "--recipes", "bn,cbn_exact,gn",
+  args = ["recipes", *TINY, "--epochs", "1", "--recipes", "cbn_exact,gn",
           "--batch_sizes", "2,8", "--seeds", "0", "--precise_bn_batches", "2",
           "--diagnose", "true", "--results_root", str(tmp_path), "--name", "rc"]
   assert sweep.main(args) == 0
   assert {"table.md", "results.json", "diagnostics.png", "runs"} <= set(_files(tmp_path, "rc"))
-  assert _files(tmp_path / "rc", "runs") == [
-      "bn_b2_s0", "bn_b8_s0", "cbn_exact_b2_s0", "cbn_exact_b8_s0", "gn_b8_s0"]
+  assert _files(tmp_path / "rc", "runs") == ["cbn_exact_b2_s0", "cbn_exact_b8_s0", "gn_b8_s0"]
   with open(tmp_path / "rc" / "runs" / "cbn_exact_b2_s0" / "summary.json") as f:
     summary = json.load(f)
   assert summary["config"]["norm"] == "cbn"
@@ -137,7 +136,7 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   assert mechanism.count("| cbn_exact | 2 |") == 1 and mechanism.count("| gn | 8 |") == 1
   with open(tmp_path / "rc" / "results.json") as f:
     results = json.load(f)
-  assert results["bn/2"]["test, precise BN"][0] is not None
+  assert results["cbn_exact/2"]["test, precise BN"][0] is not None
   # The test column again, one column per normalization batch, and its plot.
   against_b = table.split("Test top-1 against normalization batch size")[1].split("Recipes:")[0]
   assert "| recipe | b=2 | b=8 |" in against_b
@@ -147,7 +146,7 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   assert results["gn/None"]["test, precise BN"] == [None]
   capsys.readouterr()
   assert sweep.main(args) == 0
-  assert capsys.readouterr().out.count("skip ") == 5
+  assert capsys.readouterr().out.count("skip ") == 3
 
 
 def test_steps_to_loss_is_the_first_logged_window_at_or_below_the_threshold():

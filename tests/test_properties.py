@@ -178,7 +178,7 @@ class Block(nn.Module):
     return self.normalizer.conv_norm(self.features, 3, name="block")(x, train=train)
 
 
-REGISTRY_SETTINGS = settings(max_examples=2, deadline=None, derandomize=True,
+REGISTRY_SETTINGS = settings(max_examples=1, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
 GROUPED = ("bn", "brn", "mabn", "cbn", "cbn_naive")
 

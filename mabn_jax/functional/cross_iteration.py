@@ -441,7 +441,8 @@ def moment_derivatives(
     ``(dmu, dnu)`` of shapes ``(G, *K)`` and ``(G, *K, C)``, float32 (or
     wider), averaged over ``axis_name`` if given.
   """
-  dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+  dtype = jax.dtypes.canonicalize_dtype(
+      jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32))
   x = lax.stop_gradient(x).astype(dtype)
   y = lax.stop_gradient(y).astype(dtype)
   if stride > 1:
