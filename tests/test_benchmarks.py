@@ -62,3 +62,26 @@ def test_strided_cbn_row_is_the_registry_cbn_with_derivative_stride_2():
   assert normalizer.name == "cbn"
   assert normalizer.options == {**bench.make_normalizer("cbn", "cnn6").options,
                                 "derivative_stride": 2}
+
+
+def test_derivative_benchmark_captures_every_cbn_layer_and_orders_the_errors():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import mabn_jax as mj
+  from benchmarks import cbn_derivatives as CD
+  from experiments.models import build_model
+
+  model = build_model("cnn2", mj.make_normalizer("cbn", window=4, burn_in=0), 10, width=4)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images, train=True)
+  inputs = CD._layer_inputs(model, variables, images)
+  assert sorted(inputs) == ["conv1", "conv2"]
+  x, w_old, spec = inputs["conv1"]
+  assert x.shape == (4, 8, 8, 3) and w_old.shape == (3, 3, 3, 4)
+  w_new = w_old + 0.01 * jnp.asarray(rng.normal(size=w_old.shape), jnp.float32)
+  errors = CD.compensation_errors(x, w_old, w_new, spec, [1, 2])
+  assert set(errors) == {"naive", "stride 1", "stride 2", "kernel change"}
+  assert errors["stride 1"]["var"] < errors["naive"]["var"]

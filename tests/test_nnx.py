@@ -74,6 +74,11 @@ def _pairs():
               CIN, C, (3, 3), backward="exact", running_stats="pooled", norm_batch_size=1,
               **CBN_KW, rngs=rngs),
           (2,) + SPATIAL + (CIN,)),
+      "cbn_derivative_stride_2": (
+          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), derivative_stride=2, **CBN_KW),
+          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
+              CIN, C, (3, 3), derivative_stride=2, **CBN_KW, rngs=rngs),
+          (2,) + SPATIAL + (CIN,)),
       "cbn_batch_backward": (
           None, lambda: mj.CrossIterationConvNorm(C, (3, 3), backward="batch", **CBN_KW),
           None, lambda rngs: mj.nnx.CrossIterationConvNorm(
