@@ -138,8 +138,12 @@ def _model(network: str, normalizer):
   return build_model(network, normalizer, 10)
 
 
-def build_training_step(network: str, norm: str, batch: int, size: int):
-  """Returns ``(compiled_step, args, compile_seconds, memory)`` for one variant."""
+def training_step_and_args(network: str, norm: str, batch: int, size: int):
+  """``(train_step, args)``: one variant's uncompiled SGD step and its inputs.
+
+  ``train_step(variables, opt_state, images, labels)`` returns the new
+  variables, optimizer state and loss; ``args`` are the initial values.
+  """
   model = _model(network, make_normalizer(norm, network))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
@@ -169,7 +173,12 @@ def build_training_step(network: str, norm: str, batch: int, size: int):
     params = optax.apply_updates(variables["params"], updates)
     return {**variables, "params": params}, opt_state, loss
 
-  args = (variables, opt_state, images, labels)
+  return train_step, (variables, opt_state, images, labels)
+
+
+def build_training_step(network: str, norm: str, batch: int, size: int):
+  """Returns ``(compiled_step, args, compile_seconds, memory)`` for one variant."""
+  train_step, args = training_step_and_args(network, norm, batch, size)
   start = time.perf_counter()
   # Variables and optimizer state are donated, as in a real training loop, so
   # XLA's memory analysis counts the state once (inputs alias outputs).

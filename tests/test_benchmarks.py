@@ -85,3 +85,41 @@ def test_derivative_benchmark_captures_every_cbn_layer_and_orders_the_errors():
   errors = CD.compensation_errors(x, w_old, w_new, spec, [1, 2])
   assert set(errors) == {"naive", "stride 1", "stride 2", "kernel change"}
   assert errors["stride 1"]["var"] < errors["naive"]["var"]
+
+
+def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
+  from benchmarks import compile_time as CT
+  from mabn_jax.functional import centering
+  from mabn_jax.functional import mabn as functional_mabn
+
+  before = {(module, name): getattr(module, name)
+            for patches in CT.ABLATIONS.values() for module, name, _ in patches}
+  result = CT.measure(bench.SMOKE_MODEL, ["flax_bn", "mabn", "mabn_unguarded", "mabn_uncentred"],
+                      rounds=1, step_rounds=1, log=lambda _: None)
+  assert result["mabn_unguarded"]["kernels"] < result["mabn"]["kernels"]
+  assert result["mabn_uncentred"]["kernels"] < result["mabn"]["kernels"]
+  assert result["flax_bn"]["compile_vs_flax_bn"] == 1.0
+  assert all(row["compile"] > 0 and row["step_ms"] > 0 for row in result.values())
+  assert {(m, n): getattr(m, n) for m, n in before} == before
+  assert centering.center_kernel is before[centering, "center_kernel"]
+  assert functional_mabn.tap_increment is before[functional_mabn, "tap_increment"]
+  table = CT.table(bench.SMOKE_MODEL, result)
+  assert "| mabn_unguarded |" in table and "compile / flax BN" in table
+
+
+def test_two_multiply_ablation_is_the_same_training_step():
+  """``mabn_two_mul`` differs from MABN only in how XLA compiles it, not in what it computes."""
+  import jax
+  import numpy as np
+
+  from benchmarks import compile_time as CT
+
+  outputs = {}
+  for variant in ("mabn", "mabn_two_mul"):
+    with CT.ablated(variant) as norm:
+      step, args = bench.training_step_and_args(bench.SMOKE_MODEL, norm, 4, 8)
+      outputs[variant] = jax.jit(step)(*args)
+  (v1, _, l1), (v2, _, l2) = outputs["mabn"], outputs["mabn_two_mul"]
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         v1, v2)

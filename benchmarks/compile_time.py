@@ -1,0 +1,216 @@
+"""Where a training step's compile time goes: MABN against flax.linen.BatchNorm.
+
+::
+
+  python -m benchmarks.compile_time --json benchmarks/results/compile_time_cpu.json
+  python -m benchmarks.compile_time --network cnn2_smoke --rounds 1 --step-rounds 1
+
+Every variant is the training step of :mod:`benchmarks.bench` (batch 32,
+32x32 images, SGD). Variants are traced and compiled ``--rounds`` times,
+interleaved (A B C A B C ...); the table gives median seconds of tracing
+(``lower()``) and of XLA's compilation (``compile()``, wall and process CPU
+time), the kernels (fusions) of the optimized HLO, the compile ratio to
+flax BN, and the step time of the compiled executables (interleaved,
+``--step-rounds`` rounds of 3 steps each) as a ratio to flax BN.
+
+The ``mabn_*`` ablations remove guarantees the library makes; they exist to
+measure what each part costs, never to train with:
+
+* ``mabn``: ``mj.MABN`` after ``mj.CenteredConv`` (the library);
+* ``mabn_unguarded``: without the finiteness guards (the state commit of
+  :func:`~mabn_jax.functional.statistics.commit_if_finite`, the check in
+  :func:`~mabn_jax.functional.mabn.tap_increment` and in
+  :func:`~mabn_jax.training.add_increment`): a NaN would reach the state;
+* ``mabn_uncentred``: the convolutions' kernels used as they are (no
+  weight centralization, so MABN's premise of zero-mean inputs is gone);
+* ``mabn_two_mul``: MABN's forward affine map written
+  ``x * (r / sigma) * gamma + beta`` instead of ``x * (r gamma / sigma) + beta``
+  (the same values up to rounding; it changes how XLA's CPU backend
+  compiles the transposes that feed the next layer's weight gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Dict, Iterator, List, Sequence
+
+import jax
+import jax.numpy as jnp
+
+import mabn_jax.training as training
+from benchmarks import bench
+from mabn_jax.functional import centering
+from mabn_jax.functional import mabn as functional_mabn
+from mabn_jax.functional import statistics as st
+
+
+def _commit_unguarded(new, old, nonfinite_count):
+  del old
+  return new, nonfinite_count
+
+
+def _tap_increment_unguarded(new_buffer, buffer, *batch_stats):
+  del batch_stats
+  return new_buffer - buffer
+
+
+def _add_increment_unguarded(stat, increment):
+  return stat + increment.astype(stat.dtype)
+
+
+def _center_kernel_none(kernel, after=None):
+  del after
+  return kernel
+
+
+def _two_multiplies(x, tap, inv_std, r, psi_buffer, use_average, first_step, scale, bias,
+                    groups, axis, config, where):
+  del tap, psi_buffer, use_average, first_step, groups, config, where
+  dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
+  return (x.astype(dtype) * st.broadcast_groups((inv_std * r).astype(dtype), x, axis)
+          * st.broadcast_channels(scale.astype(dtype), x, axis)
+          + st.broadcast_channels(bias.astype(dtype), x, axis))
+
+
+_TWO_MUL = jax.custom_vjp(_two_multiplies, nondiff_argnums=(9, 10, 11, 12))
+# The same backward rule as the library's: only the forward expression differs.
+_TWO_MUL.defvjp(functional_mabn._stabilized_fwd, functional_mabn._stabilized_bwd,
+                symbolic_zeros=True)
+
+ABLATIONS: Dict[str, list] = {
+    "mabn_unguarded": [(st, "commit_if_finite", _commit_unguarded),
+                       (functional_mabn, "tap_increment", _tap_increment_unguarded),
+                       (training, "add_increment", _add_increment_unguarded)],
+    "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],
+    "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
+}
+VARIANTS = ("flax_bn", "bn", "mabn") + tuple(ABLATIONS)
+
+
+@contextlib.contextmanager
+def ablated(variant: str) -> Iterator[str]:
+  """Patches the library for ``variant`` while tracing; yields the registry norm."""
+  patches = ABLATIONS.get(variant, [])
+  saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+  try:
+    for module, name, value in patches:
+      setattr(module, name, value)
+    yield "mabn" if variant.startswith("mabn") else variant
+  finally:
+    for module, name, value in saved:
+      setattr(module, name, value)
+
+
+def count_kernels(compiled) -> int:
+  """Fusions (kernels) in the entry computation of the optimized HLO."""
+  text = compiled.as_text()
+  entry = text[text.index("ENTRY"):]
+  return len(re.findall(r"= \S+ fusion\(", entry))
+
+
+def shapes(network: str):
+  """``(batch, image size)`` of ``network``'s CPU training step in :mod:`benchmarks.bench`."""
+  if network == bench.SMOKE_MODEL:
+    return 4, 8
+  _, size, batch, _ = bench.NETWORKS[network]
+  return batch, size
+
+
+def measure(network: str, variants: Sequence[str], rounds: int, step_rounds: int,
+            log: Callable[[str], None] = print) -> Dict:
+  """Compile (and time) every variant ``rounds`` times, interleaved; returns medians.
+
+  Returns ``{variant: row}`` with median ``trace``, ``compile`` and
+  ``compile_cpu`` seconds, ``kernels``, ``step_ms`` (if ``step_rounds``) and
+  the ratios ``compile_vs_flax_bn`` and ``step_vs_flax_bn`` where flax BN is
+  among the variants.
+  """
+  batch, size = shapes(network)
+  samples = {v: {"trace": [], "compile": [], "compile_cpu": []} for v in variants}
+  kernels, steppers = {}, {}
+  for index in range(max(1, rounds)):
+    for variant in variants:
+      with ablated(variant) as norm:
+        step, args = bench.training_step_and_args(network, norm, batch, size)
+        start = time.perf_counter()
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*args)
+      traced = time.perf_counter()
+      cpu = time.process_time()
+      compiled = lowered.compile()
+      samples[variant]["compile_cpu"].append(time.process_time() - cpu)
+      samples[variant]["compile"].append(time.perf_counter() - traced)
+      samples[variant]["trace"].append(traced - start)
+      kernels[variant] = count_kernels(compiled)
+      steppers[variant, index] = bench._Stepper(compiled, args)
+      log(f"  compiled {network}/{variant} in {samples[variant]['compile'][-1]:.2f}s")
+  step_times: Dict[str, List[float]] = {v: [] for v in variants}
+  for _ in range(max(0, step_rounds)):
+    for (variant, _index), stepper in steppers.items():
+      stepper.prepare()
+      jax.block_until_ready(stepper())  # warm
+      for _ in range(3):
+        stepper.prepare()
+        start = time.perf_counter()
+        jax.block_until_ready(stepper())
+        step_times[variant].append(time.perf_counter() - start)
+  result = {}
+  for variant in variants:
+    row = {key: statistics.median(values) for key, values in samples[variant].items()}
+    row["kernels"] = kernels[variant]
+    if step_times[variant]:
+      row["step_ms"] = 1e3 * statistics.median(step_times[variant])
+    result[variant] = row
+  base = result.get(bench.BASELINE)
+  if base is not None:
+    for row in result.values():
+      row["compile_vs_flax_bn"] = row["compile"] / base["compile"]
+      if "step_ms" in row and "step_ms" in base:
+        row["step_vs_flax_bn"] = row["step_ms"] / base["step_ms"]
+  return result
+
+
+def table(network: str, result: Dict) -> str:
+  lines = [f"| {network} variant | trace s | compile s (wall) | compile s (CPU) | kernels "
+           "| compile / flax BN | step / flax BN |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for variant, row in result.items():
+    ratio = lambda key: f"{row[key]:.3f}" if key in row else "-"
+    lines.append(f"| {variant} | {row['trace']:.2f} | {row['compile']:.2f} | "
+                 f"{row['compile_cpu']:.2f} | {row['kernels']} | {ratio('compile_vs_flax_bn')} | "
+                 f"{ratio('step_vs_flax_bn')} |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--network", default="cnn6",
+                      choices=list(bench.NETWORKS) + [bench.SMOKE_MODEL])
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument("--rounds", type=int, default=3, help="compilations per variant")
+  parser.add_argument("--step-rounds", type=int, default=4,
+                      help="interleaved rounds of 3 timed steps per executable (0: none)")
+  parser.add_argument("--json", default=None, help="also write the rows here")
+  args = parser.parse_args(argv)
+  result = measure(args.network, args.variants, args.rounds, args.step_rounds)
+  print(table(args.network, result))
+  if args.json:
+    report = {"network": args.network, "rounds": args.rounds, "step_rounds": args.step_rounds,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+              "machine": platform.machine(), "cpus": os.cpu_count(), "rows": result}
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
