@@ -40,7 +40,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -782,11 +782,8 @@ def check_checkpointable(parallel: "Parallel") -> None:
 # The loop.
 
 
-def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[str, Any]:
-  """Trains one run; returns (and writes) its summary."""
-  config.validate()
-  wall_start = time.time()
-  kill_after = install_fault()
+def _devices_to_use(config: Config) -> int:
+  """Starts ``jax.distributed`` if asked; returns the local devices the run uses."""
   if config.distributed and not jax.distributed.is_initialized():
     jax.distributed.initialize(config.coordinator_address, config.num_processes,
                                config.process_id)
@@ -794,16 +791,142 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   n = config.num_devices or len(devices)
   if n > len(devices):
     raise ValueError(f"num_devices={n} but only {len(devices)} local devices")
+  return n
+
+
+def make_loaders(config: Config, dataset: data_lib.Dataset, host_batch: int):
+  """``(train_loader, {split: eval_loader})`` of this process's share of the data."""
+  def loader(split, shuffle):
+    return data_lib.Loader(dataset, split, host_batch, shuffle, config.seed,
+                           jax.process_index(), jax.process_count(), config.prefetch)
+
+  evals = {split: loader(split, False)
+           for split in ("val", "test") if getattr(dataset, split) is not None}
+  return loader("train", True), evals
+
+
+@dataclasses.dataclass
+class RunLog:
+  """A run's metrics: the records of ``metrics.jsonl`` (``path``, process 0
+  writes it) and the training metrics accumulated since the last record.
+
+  ``pending`` holds the device metrics of the steps not yet read back (read
+  back in batches: a transfer per step would stall the loop).
+  """
+
+  path: Optional[str] = None
+  records: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  host: Dict[str, Any] = dataclasses.field(
+      default_factory=lambda: {"loss_sum": 0.0, "acc_sum": 0.0, "count": 0})
+  pending: List[Any] = dataclasses.field(default_factory=list)
+  latest_diag: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def log(self, record: Dict[str, Any]) -> None:
+    self.records.append(record)
+    if self.path and jax.process_index() == 0:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def fold_pending(self, parallel: Parallel) -> None:
+    """Adds the pending steps' loss and accuracy to the sums (and keeps the
+    latest diagnostics)."""
+    for m in parallel.to_host(self.pending):
+      self.host["loss_sum"] += _scalar(m["loss"])
+      self.host["acc_sum"] += _scalar(m["acc"])
+      self.host["count"] += 1
+      if "diag" in m:
+        self.latest_diag["diag"] = jax.tree_util.tree_map(_scalar, m["diag"])
+    self.pending.clear()
+
+  def log_training(self, parallel: Parallel, step: int, steps_per_epoch: int, lr: float,
+                   steps_per_sec: float) -> Dict[str, Any]:
+    """Logs the averages since the last training record and resets them."""
+    self.fold_pending(parallel)
+    host = self.host
+    record = {"step": step, "epoch": step / steps_per_epoch,
+              "loss": host["loss_sum"] / host["count"], "acc": host["acc_sum"] / host["count"],
+              "lr": lr, "steps_per_sec": steps_per_sec, **self.latest_diag}
+    host.update(loss_sum=0.0, acc_sum=0.0, count=0)
+    self.log(record)
+    return record
+
+  def evaluated(self, step: int) -> bool:
+    return any(r["step"] == step and _evaluated(r) for r in self.records)
+
+
+def open_run(config: Config, parallel: Parallel, state):
+  """``(manager, step, state, run_log)``: the run directory, resumed if asked.
+
+  Without ``config.workdir`` nothing is written (``manager`` is ``None``).
+  With it, ``config.json`` is written, a previous run is cleared (no
+  ``resume``) or continued from its latest checkpoint, its metrics cut back
+  to that step.
+  """
+  workdir = config.workdir
+  if not workdir:
+    return None, 0, state, RunLog()
+  os.makedirs(workdir, exist_ok=True)
+  run_log = RunLog(path=os.path.join(workdir, "metrics.jsonl"))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  check_checkpointable(parallel)
+  if not config.resume:
+    clear_run(workdir, ckpt_dir)
+  manager = _checkpoint_manager(ckpt_dir)
+  step = 0
+  if config.resume and manager.latest_step() is not None:
+    step, state, run_log.host = restore_checkpoint(manager, _checkpoint_target(parallel, state))
+    state = parallel.to_host(state)
+    run_log.records = [r for r in read_metrics(run_log.path) if r["step"] <= step]
+    if jax.process_index() == 0:
+      write_metrics(run_log.path, run_log.records)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(config), f, indent=1)
+  return manager, step, state, run_log
+
+
+def summarize(config: Config, records, step: int, total_steps: int, finished: bool,
+              wall_time_s: float) -> Dict[str, Any]:
+  """The summary of a run (what ``summary.json`` holds) from its records."""
+  evals = [r for r in records if "test_top1" in r]
+  vals = [r for r in records if "val_top1" in r]
+  trains = [r for r in records if "loss" in r]
+  return {
+      "name": config.run_name(),
+      "finished": finished,
+      "step": step,
+      "total_steps": total_steps,
+      "config": dataclasses.asdict(config),
+      "git_commit": git_commit(),
+      "device": device_info(),
+      "wall_time_s": wall_time_s,
+      "final_test_top1": evals[-1]["test_top1"] if evals else None,
+      "best_test_top1": max(r["test_top1"] for r in evals) if evals else None,
+      "final_val_top1": vals[-1]["val_top1"] if vals else None,
+      "best_val_top1": max(r["val_top1"] for r in vals) if vals else None,
+      "train_loss_curve": [[r["step"], r["loss"]] for r in trains],
+      "test_top1_curve": [[r["step"], r["test_top1"]] for r in evals],
+      "val_top1_curve": [[r["step"], r["val_top1"]] for r in vals],
+  }
+
+
+def write_summary(workdir: str, summary: Dict[str, Any]) -> None:
+  """Writes ``summary.json`` atomically (its presence marks a finished run)."""
+  tmp = os.path.join(workdir, "summary.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, "summary.json"))
+
+
+def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[str, Any]:
+  """Trains one run; returns (and writes) its summary."""
+  config.validate()
+  wall_start = time.time()
+  kill_after = install_fault()
+  n = _devices_to_use(config)
   if dataset is None:
     dataset = load_data(config)
   B = config.device_batch()
-  host_batch = B * n
-  train_loader = data_lib.Loader(dataset, "train", host_batch, True, config.seed,
-                                 jax.process_index(), jax.process_count(), config.prefetch)
-  eval_loaders = {
-      split: data_lib.Loader(dataset, split, host_batch, False, config.seed,
-                             jax.process_index(), jax.process_count(), config.prefetch)
-      for split in ("val", "test") if getattr(dataset, split) is not None}
+  train_loader, eval_loaders = make_loaders(config, dataset, B * n)
   spe = train_loader.steps_per_epoch
   total_steps = max(1, int(round(config.epochs * spe)))
 
@@ -817,56 +940,15 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
       model, tx, dataset.num_classes, config.label_smoothing, config.diagnose,
       None if config.parallel == "jit" else AXIS), n)
   state = parallel.replicate(_to_host({"variables": variables, "opt_state": opt_state}))
-
-  workdir = config.workdir
-  ckpt_dir = metrics_path = None
-  manager = None
-  step = 0
-  host = {"loss_sum": 0.0, "acc_sum": 0.0, "count": 0}
-  records = []
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    check_checkpointable(parallel)
-    if not config.resume:
-      clear_run(workdir, ckpt_dir)
-    manager = _checkpoint_manager(ckpt_dir)
-    if config.resume and manager.latest_step() is not None:
-      step, state, host = restore_checkpoint(manager, _checkpoint_target(parallel, state))
-      state = parallel.to_host(state)
-      records = [r for r in read_metrics(metrics_path) if r["step"] <= step]
-      if jax.process_index() == 0:
-        write_metrics(metrics_path, records)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(dataclasses.asdict(config), f, indent=1)
-
+  manager, step, state, run_log = open_run(config, parallel, state)
   dev_state = parallel.put(state)
   dev_vars, dev_opt = dev_state["variables"], dev_state["opt_state"]
 
-  def log(record):
-    records.append(record)
-    if metrics_path and jax.process_index() == 0:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-  pending = []
-
-  latest_diag = {}
-
-  def fold_pending():
-    for m in parallel.to_host(pending):
-      host["loss_sum"] += _scalar(m["loss"])
-      host["acc_sum"] += _scalar(m["acc"])
-      host["count"] += 1
-      if "diag" in m:
-        latest_diag["diag"] = jax.tree_util.tree_map(_scalar, m["diag"])
-    pending.clear()
-
   def checkpoint():
     if manager is not None and manager.latest_step() != step:
-      fold_pending()
-      save_checkpoint(manager, step, {"variables": dev_vars, "opt_state": dev_opt}, dict(host))
+      run_log.fold_pending(parallel)
+      save_checkpoint(manager, step, {"variables": dev_vars, "opt_state": dev_opt},
+                      dict(run_log.host))
 
   progress = Progress(total_steps, step, config.progress and jax.process_index() == 0,
                       f"{config.norm} b={config.norm_batch_size or B}")
@@ -877,25 +959,21 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
       epoch, start = divmod(step, spe)
       for batch in train_loader.epoch(epoch, start):
         dev_vars, dev_opt, metrics = parallel.train_step(dev_vars, dev_opt, parallel.batch(batch))
-        pending.append(metrics)
+        run_log.pending.append(metrics)
         step += 1
         end_of_epoch = step % spe == 0
         if step % config.log_every == 0 or step == total_steps or end_of_epoch:
-          fold_pending()
+          run_log.fold_pending(parallel)  # waits for the steps, so the rate is true
           now = time.time()
-          rate = (step - last_step) / max(now - last_time, 1e-9)
+          rec = run_log.log_training(parallel, step, spe, float(schedule(step - 1)),
+                                     (step - last_step) / max(now - last_time, 1e-9))
           last_time, last_step = now, step
-          rec = {"step": step, "epoch": step / spe, "loss": host["loss_sum"] / host["count"],
-                 "acc": host["acc_sum"] / host["count"], "lr": float(schedule(step - 1)),
-                 "steps_per_sec": rate, **latest_diag}
-          host.update(loss_sum=0.0, acc_sum=0.0, count=0)
-          log(rec)
           progress.update(step, {"loss": rec["loss"], "acc": rec["acc"]})
         if end_of_epoch or step == total_steps:
           e = -(-step // spe)
           if step == total_steps or (config.eval_every and e % config.eval_every == 0):
-            if not any(r["step"] == step and _evaluated(r) for r in records):
-              log({"step": step, "epoch": step / spe, **evaluate_splits(
+            if not run_log.evaluated(step):
+              run_log.log({"step": step, "epoch": step / spe, **evaluate_splits(
                   parallel, dev_vars, eval_loaders, final=step == total_steps)})
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoint()
@@ -914,34 +992,13 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   if not interrupted:
     checkpoint()
   mj.check_finite({"batch_stats": parallel.first(dev_vars.get("batch_stats", {}))})
-  evals = [r for r in records if "test_top1" in r]
-  vals = [r for r in records if "val_top1" in r]
-  trains = [r for r in records if "loss" in r]
-  summary = {
-      "name": config.run_name(),
-      "finished": not interrupted,
-      "step": step,
-      "total_steps": total_steps,
-      "config": dataclasses.asdict(config),
-      "git_commit": git_commit(),
-      "device": device_info(),
-      "wall_time_s": time.time() - wall_start,
-      "final_test_top1": evals[-1]["test_top1"] if evals else None,
-      "best_test_top1": max(r["test_top1"] for r in evals) if evals else None,
-      "final_val_top1": vals[-1]["val_top1"] if vals else None,
-      "best_val_top1": max(r["val_top1"] for r in vals) if vals else None,
-      "train_loss_curve": [[r["step"], r["loss"]] for r in trains],
-      "test_top1_curve": [[r["step"], r["test_top1"]] for r in evals],
-      "val_top1_curve": [[r["step"], r["val_top1"]] for r in vals],
-  }
+  summary = summarize(config, run_log.records, step, total_steps, not interrupted,
+                      time.time() - wall_start)
   if config.precise_bn_batches and not interrupted:
     summary.update(precise_bn_evaluation(config, model, dev_vars, dataset, parallel,
                                          eval_loaders))
-  if workdir and not interrupted and jax.process_index() == 0:
-    tmp = os.path.join(workdir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+  if config.workdir and not interrupted and jax.process_index() == 0:
+    write_summary(config.workdir, summary)
   summary["variables"] = parallel.first(dev_vars)
   # Every device's statistics (leading device axis), for per-device/synchronized checks.
   summary["device_batch_stats"] = parallel.device_view(dev_vars.get("batch_stats", {}))
