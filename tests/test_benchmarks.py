@@ -94,11 +94,10 @@ def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
 
   before = {(module, name): getattr(module, name)
             for patches in CT.ABLATIONS.values() for module, name, _ in patches}
-  result = CT.measure(bench.SMOKE_MODEL, ["flax_bn", "mabn", "mabn_unguarded", "mabn_uncentred"],
+  result = CT.measure(bench.SMOKE_MODEL, ["mabn", "mabn_unguarded", "mabn_uncentred"],
                       rounds=1, step_rounds=1, log=lambda _: None)
   assert result["mabn_unguarded"]["kernels"] < result["mabn"]["kernels"]
   assert result["mabn_uncentred"]["kernels"] < result["mabn"]["kernels"]
-  assert result["flax_bn"]["compile_vs_flax_bn"] == 1.0
   assert all(row["compile"] > 0 and row["step_ms"] > 0 for row in result.values())
   assert {(m, n): getattr(m, n) for m, n in before} == before
   assert centering.center_kernel is before[centering, "center_kernel"]
