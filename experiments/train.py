@@ -838,10 +838,10 @@ class RunLog:
         self.latest_diag["diag"] = jax.tree_util.tree_map(_scalar, m["diag"])
     self.pending.clear()
 
-  def log_training(self, parallel: Parallel, step: int, steps_per_epoch: int, lr: float,
+  def log_training(self, step: int, steps_per_epoch: int, lr: float,
                    steps_per_sec: float) -> Dict[str, Any]:
-    """Logs the averages since the last training record and resets them."""
-    self.fold_pending(parallel)
+    """Logs the averages since the last training record and resets them
+    (after :meth:`fold_pending`)."""
     host = self.host
     record = {"step": step, "epoch": step / steps_per_epoch,
               "loss": host["loss_sum"] / host["count"], "acc": host["acc_sum"] / host["count"],
@@ -965,7 +965,7 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
         if step % config.log_every == 0 or step == total_steps or end_of_epoch:
           run_log.fold_pending(parallel)  # waits for the steps, so the rate is true
           now = time.time()
-          rec = run_log.log_training(parallel, step, spe, float(schedule(step - 1)),
+          rec = run_log.log_training(step, spe, float(schedule(step - 1)),
                                      (step - last_step) / max(now - last_time, 1e-9))
           last_time, last_step = now, step
           progress.update(step, {"loss": rec["loss"], "acc": rec["acc"]})
