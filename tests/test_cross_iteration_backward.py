@@ -22,7 +22,8 @@ def _buffered(config, rng, steps=2, batch=6, dtype=jnp.float64, spread=0.2):
   base = rng.normal(size=(2, 2, 2, 3))
   kernels = [jnp.asarray(base + spread * rng.normal(size=base.shape)) for _ in range(steps + 1)]
   xs = [jnp.asarray(rng.normal(size=(batch, 4, 4, 2)) + 0.3) for _ in range(steps + 1)]
-  state = F.init_state(kernels[0].shape, config.window, dtype)
+  groups = batch // config.norm_batch_size if config.group_history else None
+  state = F.init_state(kernels[0].shape, config.window, dtype, groups=groups)
   for x, w in zip(xs[:steps], kernels[:steps]):
     _, state = F.normalize_train(F.conv(x, w, SPEC), x, w, state, SPEC, config)
   g = jnp.asarray(rng.normal(size=(batch, 4, 4, 3)))
@@ -40,14 +41,17 @@ def _loss(config, state, g):
   return loss
 
 
-@pytest.mark.parametrize("norm_batch_size, derivative_stride", [(None, 1), (2, 1), (None, 2)])
-def test_exact_gradient_equals_finite_differences_of_the_forward_float64(norm_batch_size,
-                                                                        derivative_stride):
+@pytest.mark.parametrize("norm_batch_size, derivative_stride, group_history",
+                         [(None, 1, False), (2, 1, False), (None, 2, False), (2, 1, True)])
+def test_exact_gradient_equals_finite_differences_of_the_forward_float64(
+    norm_batch_size, derivative_stride, group_history):
   with jax.enable_x64(True):
-    config = F.CBNConfig(window=3, burn_in=0, backward="exact",
-                         norm_batch_size=norm_batch_size, derivative_stride=derivative_stride)
+    config = F.CBNConfig(window=3, burn_in=0, backward="exact", norm_batch_size=norm_batch_size,
+                         derivative_stride=derivative_stride, group_history=group_history)
     state, x, w, g, _, _ = _buffered(config, np.random.default_rng(0))
     assert int(state.count) == 2
+    if group_history:  # every group's window holds its own two past steps
+      assert state.dmu_buffer.shape[:2] == (2, 3)
     # Finite differences perturb x and W in the whole forward: the current
     # batch, the step's earlier groups and the Taylor terms of past entries.
     check_grads(jax.jit(_loss(config, state, g)), (x, w), order=1, modes=["rev"], eps=1e-6)
