@@ -727,3 +727,37 @@ def test_group_history_layer_declares_per_group_buffers_and_trains():
   # A batch with another number of groups does not fit the per-group buffers.
   with pytest.raises(ValueError, match="group"):
     model.apply(variables, x[:4], train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("backward", ["exact", "published"])
+def test_group_history_with_one_group_is_the_shared_history(backward):
+  """With one normalization group a step, a history per group is the
+  ordinary history: same outputs, states and gradients, step by step."""
+  spec = F.ConvSpec.make(2)
+  per_group = F.CBNConfig(window=3, burn_in=1, backward=backward, group_history=True)
+  shared = F.CBNConfig(window=3, burn_in=1, backward=backward)
+  rng = np.random.default_rng(13)
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+  state_g = F.init_state(w.shape, 3, groups=1)
+  state_s = F.init_state(w.shape, 3)
+
+  def loss(x, w, state, config):
+    out, new = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
+    return jnp.sum(out * jnp.cos(out)), (out, new)
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  for t in range(5):
+    x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)) + 0.3 * t, jnp.float32)
+    w = w + 0.05 * jnp.asarray(rng.normal(size=w.shape), jnp.float32)
+    (_, (out_g, state_g)), grads_g = grad(x, w, state_g, per_group)
+    (_, (out_s, state_s)), grads_s = grad(x, w, state_s, shared)
+    np.testing.assert_allclose(out_g, out_s, rtol=1e-5, atol=1e-5, err_msg=f"step {t + 1}")
+    for a, b in zip(grads_g, grads_s):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"step {t + 1}")
+    for name in ("mean", "var", "mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer",
+                 "mu_offset", "nu_offset"):
+      g, s = getattr(state_g, name), getattr(state_s, name)
+      g = g[:, 0] if name not in ("mean", "var") else g
+      np.testing.assert_allclose(g, s, rtol=1e-5, atol=1e-6, err_msg=f"step {t + 1} {name}")
+    assert int(state_g.count) == int(state_s.count)
+  assert int(state_s.count) == 2

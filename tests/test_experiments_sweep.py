@@ -58,6 +58,12 @@ def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys
   assert sweep._same_run({**original["config"], "workdir": "x", "norm_batch_size": 2},
                          original["config"])
   assert not sweep._same_run({**original["config"], "lr": 1.0}, original["config"])
+  # CBN's history per group is its ordinary history with one group a step.
+  cbn = {**original["config"], "norm": "cbn", "norm_kwargs": {"backward": "exact"},
+         "norm_batch_size": 8}
+  per_group = {**cbn, "norm_kwargs": {"backward": "exact", "group_history": True}}
+  assert sweep._same_run({**per_group, "norm_batch_size": None}, cbn)
+  assert not sweep._same_run({**per_group, "norm_batch_size": 2}, {**cbn, "norm_batch_size": 2})
   # Evaluation-only fields (precise-BN test accuracy; a validation split held
   # out beside a training subset) do not change the trained weights.
   subset = {**original["config"], "train_subset": 64}
