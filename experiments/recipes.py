@@ -12,6 +12,10 @@ Published recipes, as their papers give them (scaled to the run's length):
   switched on after a burn-in of 8 of 12 epochs, i.e. at the first learning-
   rate decay; on a cosine schedule, after the same share (67%) of training.
   The published gradient (only the current batch's moments carry gradient).
+  ``cbn_published_group`` is the same with one history per normalization
+  group (``group_history``): each group of the simulated small batch pools
+  its own past steps, as each device does in the authors' code, instead of
+  the step's earlier groups (spec section 2's simulated setting).
 * ``brn_published``: Ioffe (2017): plain BN (``r_max = 1``, ``d_max = 0``)
   for the first 5k steps, then the limits relaxed until ``r_max = 3`` (at
   40k steps) and ``d_max = 5`` (at 25k) of about 130k: plain BN for the
@@ -64,6 +68,10 @@ RECIPES: Dict[str, Recipe] = {
         "cbn", {**PUBLISHED, "burn_in": "67%"},
         description="CBN, the authors' recipe: window 4, burn-in until 67% of training "
                     "(their first lr decay at epoch 8 of 12), published gradient"),
+    "cbn_published_group": Recipe(
+        "cbn", {**PUBLISHED, "burn_in": "67%", "group_history": True},
+        description="CBN, the authors' recipe, with one history per normalization group "
+                    "(one small batch per device, as in their code)"),
     "cbn_naive": Recipe("cbn_naive", PUBLISHED,
                         description="naive CBN (no compensation), burn-in 100"),
     "cbn_exact": Recipe("cbn", {"backward": "exact", "running_stats": "batch"},

@@ -22,6 +22,8 @@ def test_every_recipe_makes_a_valid_normalizer_on_the_cpu_preset(name):
 def test_published_recipes_scale_with_the_run():
   cbn = R.config("cbn_published", T.preset("cifar_cpu"), 32, 0)
   assert cbn.normalizer_kwargs(2496, 312)["burn_in"] == 1672  # 67% of 2496
+  group = R.config("cbn_published_group", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
+  assert group == {**cbn.normalizer_kwargs(2496, 312), "group_history": True, "norm_batch_size": 2}
   brn = R.config("brn_published", T.preset("cifar_cpu"), 32, 0).normalizer_kwargs(2496, 312)
   assert (brn["warmup_steps"], brn["ramp_steps"]) == (100, 649)
   fast = R.config("brn_published_fast", T.preset("cifar_cpu"), 32, 0)
