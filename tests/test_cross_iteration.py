@@ -745,7 +745,7 @@ def test_group_history_with_one_group_is_the_shared_history(backward):
     out, new = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
     return jnp.sum(out * jnp.cos(out)), (out, new)
 
-  grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=3)
   for t in range(5):
     x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)) + 0.3 * t, jnp.float32)
     w = w + 0.05 * jnp.asarray(rng.normal(size=w.shape), jnp.float32)
