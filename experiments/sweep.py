@@ -441,6 +441,7 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
     cells = [_cell([v for v in values[c] if v is not None]) for c, _ in RECIPE_COLUMNS]
     table += f"| {name} | {b or base.batch_size} | " + " | ".join(cells) + " |\n"
   table += _recipes_against_batch(out_dir, names, sizes, rows, base)
+  table += _recipes_against_bn(names, sizes, rows)
   table += "\nRecipes:\n\n" + "".join(
       f"- `{n}`: {R.get(n).description}\n" for n in names)
   table += _diagnostics_table(out_dir, {f"{n} | {b or base.batch_size}": _run_dir(runs[0])
@@ -470,6 +471,92 @@ def _recipes_against_batch(out_dir: str, names: Sequence[str], sizes: Sequence[i
     table += f"| {n} | " + " | ".join(cells) + " |\n"
   _plot_against_batch(out_dir, series, sizes, flat,
                       f"{base.model} on {base.dataset}, SGD batch {base.device_batch()}")
+  return table
+
+
+def _test_by_seed(runs: Sequence[Dict[str, Any]]) -> Dict[int, float]:
+  return {r["config"]["seed"]: r["final_test_top1"] for r in runs}
+
+
+def paired_differences(runs: Sequence[Dict[str, Any]],
+                       reference: Sequence[Dict[str, Any]]) -> List[float]:
+  """Test top-1 of ``runs`` minus that of ``reference`` for each seed both have."""
+  a, b = _test_by_seed(runs), _test_by_seed(reference)
+  return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+# A share of BN's gap is not reported when BN's own gap (in the mean over
+# seeds) is smaller than this many points: the ratio of two small, noisy
+# differences says nothing.
+MIN_GAP = 1.0
+
+
+def gap_closed(runs: Sequence[Dict[str, Any]], bn_small: Sequence[Dict[str, Any]],
+               bn_large: Sequence[Dict[str, Any]]):
+  """The share of BN's large-batch minus small-batch gap that ``runs`` close.
+
+  ``(share, per_seed)``: ``share = (mean(runs) - mean(bn_small)) /
+  (mean(bn_large) - mean(bn_small))`` over all their seeds (``None`` if a list
+  is empty or BN's gap is under :data:`MIN_GAP` points), and the same ratio
+  seed by seed for the seeds all three share (its spread).
+  """
+  means = [_mean_std([r["final_test_top1"] for r in v])[0] for v in (runs, bn_small, bn_large)]
+  if any(m is None for m in means) or means[2] - means[1] < MIN_GAP:
+    return None, []
+  share = (means[0] - means[1]) / (means[2] - means[1])
+  by_seed = [_test_by_seed(v) for v in (runs, bn_small, bn_large)]
+  seeds = sorted(set(by_seed[0]) & set(by_seed[1]) & set(by_seed[2]))
+  per_seed = [(by_seed[0][s] - by_seed[1][s]) / (by_seed[2][s] - by_seed[1][s]) for s in seeds
+              if by_seed[2][s] != by_seed[1][s]]
+  return share, per_seed
+
+
+def _difference_cell(values: Sequence[float]) -> str:
+  mean, std, n = _mean_std(values)
+  if mean is None:
+    return "—"
+  return f"{mean:+.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:+.2f} (1)"
+
+
+def _share_cell(share: Optional[float], per_seed: Sequence[float]) -> str:
+  if share is None:
+    return "—"
+  mean, std, n = _mean_std([100 * v for v in per_seed])
+  spread = f"; per seed {mean:.0f} ± {std:.0f}% ({n})" if n > 1 else ""
+  return f"{100 * share:.1f}%{spread}"
+
+
+def _recipes_against_bn(names: Sequence[str], sizes: Sequence[int],
+                        rows: Dict[Any, List[Dict[str, Any]]]) -> str:
+  """Two tables read against the recipe ``bn`` (empty without it): each
+  recipe's test top-1 minus BN's at the same b, paired by seed; and the share
+  of BN's gap between the largest b and each smaller b that it closes
+  (:func:`gap_closed`)."""
+  from experiments import recipes as R
+
+  if "bn" not in names:
+    return ""
+  largest = max(sizes)
+  runs = {(n, b): rows[(n, b if R.get(n).norm in T.BATCH_NORMALIZERS else None)]
+          for n in names for b in sizes}
+  others = [n for n in names if n != "bn"]
+  header = " | ".join(f"b={b}" for b in sizes)
+  table = ("\nAgainst BN at the same b: test top-1 minus BN's, seed by seed (mean ± "
+           f"sample std over the seeds both have):\n\n| recipe | {header} |\n|---|"
+           + "---|" * len(sizes) + "\n")
+  for n in others:
+    table += f"| {n} | " + " | ".join(
+        _difference_cell(paired_differences(runs[(n, b)], runs[("bn", b)])) for b in sizes) + " |\n"
+  small = [b for b in sizes if b < largest]
+  header = " | ".join(f"b={b}" for b in small)
+  table += (f"\nShare of BN's gap (BN at b={largest} minus BN at b) closed: (recipe - BN(b)) / "
+            f"(BN({largest}) - BN(b)) on the means over seeds, then the same ratio seed by seed "
+            f"(mean ± std); — where BN's gap is under {MIN_GAP:g} point:\n\n"
+            f"| recipe | {header} |\n|---|" + "---|" * len(small) + "\n")
+  for n in others:
+    table += f"| {n} | " + " | ".join(
+        _share_cell(*gap_closed(runs[(n, b)], runs[("bn", b)], runs[("bn", largest)]))
+        for b in small) + " |\n"
   return table
 
 

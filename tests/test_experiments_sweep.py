@@ -155,6 +155,40 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   assert capsys.readouterr().out.count("skip ") == 3
 
 
+def _runs(**test_by_seed):
+  return [{"config": {"seed": int(s[1:])}, "final_test_top1": v} for s, v in test_by_seed.items()]
+
+
+def test_differences_to_bn_pair_runs_by_seed():
+  runs, bn = _runs(s0=70.0, s1=66.0, s2=64.0), _runs(s1=60.0, s0=61.0)
+  assert sweep.paired_differences(runs, bn) == [9.0, 6.0]  # seeds 0, 1; seed 2 has no BN
+  assert sweep.paired_differences(runs, []) == []
+
+
+def test_gap_closed_is_the_ratio_of_mean_gaps_with_per_seed_spread():
+  bn_small, bn_large = _runs(s0=60.0, s1=62.0), _runs(s0=70.0, s1=68.0)
+  runs = _runs(s0=65.0, s1=68.0, s2=80.0)
+  share, per_seed = sweep.gap_closed(runs, bn_small, bn_large)
+  # Means: runs 71, BN small 61, BN large 69: (71 - 61) / (69 - 61).
+  assert share == pytest.approx(10.0 / 8.0)
+  assert per_seed == pytest.approx([5.0 / 10.0, 6.0 / 6.0])
+  # BN's gap under MIN_GAP points (in the means): no share.
+  assert sweep.gap_closed(runs, bn_small, _runs(s0=61.5, s1=61.9)) == (None, [])
+  assert sweep.gap_closed([], bn_small, bn_large) == (None, [])
+
+
+def test_recipe_table_against_bn_has_differences_and_shares():
+  rows = {("bn", 2): _runs(s0=60.0, s1=62.0), ("bn", 8): _runs(s0=70.0, s1=68.0),
+          ("mabn", 2): _runs(s0=68.0, s1=67.0), ("mabn", 8): _runs(s0=71.0),
+          ("gn", None): _runs(s0=50.0)}
+  table = sweep._recipes_against_bn(["bn", "mabn", "gn"], [2, 8], rows)
+  assert "| mabn | +6.50 ± 2.12 (2) | +1.00 (1) |" in table
+  assert "| gn | -10.00 (1) | -20.00 (1) |" in table  # batch-independent: one run for every b
+  # MABN closes (67.5 - 61) / (69 - 61) of BN's gap; per seed 8/10 and 5/6.
+  assert "| mabn | 81.2%; per seed 82 ± 2% (2) |" in table
+  assert sweep._recipes_against_bn(["mabn", "gn"], [2, 8], rows) == ""
+
+
 def test_steps_to_loss_is_the_first_logged_window_at_or_below_the_threshold():
   curve = [[10, 2.3], [20, 1.5], [30, 1.2], [40, 1.3], [50, 0.9]]
   assert sweep.steps_to_loss(curve, 1.2) == 30  # at the threshold counts
