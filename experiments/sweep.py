@@ -488,7 +488,7 @@ def paired_differences(runs: Sequence[Dict[str, Any]],
 # A share of BN's gap is not reported when BN's own gap (in the mean over
 # seeds) is smaller than this many points: the ratio of two small, noisy
 # differences says nothing.
-MIN_GAP = 1.0
+MIN_GAP = 2.0
 
 
 def gap_closed(runs: Sequence[Dict[str, Any]], bn_small: Sequence[Dict[str, Any]],
@@ -551,7 +551,7 @@ def _recipes_against_bn(names: Sequence[str], sizes: Sequence[int],
   header = " | ".join(f"b={b}" for b in small)
   table += (f"\nShare of BN's gap (BN at b={largest} minus BN at b) closed: (recipe - BN(b)) / "
             f"(BN({largest}) - BN(b)) on the means over seeds, then the same ratio seed by seed "
-            f"(mean ± std); — where BN's gap is under {MIN_GAP:g} point:\n\n"
+            f"(mean ± std); — where BN's gap is under {MIN_GAP:g} points:\n\n"
             f"| recipe | {header} |\n|---|" + "---|" * len(small) + "\n")
   for n in others:
     table += f"| {n} | " + " | ".join(

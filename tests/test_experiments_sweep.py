@@ -173,7 +173,7 @@ def test_gap_closed_is_the_ratio_of_mean_gaps_with_per_seed_spread():
   assert share == pytest.approx(10.0 / 8.0)
   assert per_seed == pytest.approx([5.0 / 10.0, 6.0 / 6.0])
   # BN's gap under MIN_GAP points (in the means): no share.
-  assert sweep.gap_closed(runs, bn_small, _runs(s0=61.5, s1=61.9)) == (None, [])
+  assert sweep.gap_closed(runs, bn_small, _runs(s0=62.5, s1=62.9)) == (None, [])
   assert sweep.gap_closed([], bn_small, bn_large) == (None, [])
 
 
