@@ -81,6 +81,10 @@ RECIPES: Dict[str, Recipe] = {
     "cbn_exact_pooled": Recipe("cbn", {"backward": "exact", "running_stats": "pooled"},
                                description="CBN, exact gradient, inference statistics "
                                            "averaged from the pooled ones (ours)"),
+    "cbn_exact_pooled_w8": Recipe("cbn", {"backward": "exact", "running_stats": "pooled",
+                                          "window": 8},
+                                  description="CBN, exact gradient, pooled inference "
+                                              "statistics, window 8 (ours)"),
     "cbn_batch_pooled": Recipe("cbn", {"backward": "batch", "running_stats": "pooled"},
                                description="CBN, BN's backward, pooled inference "
                                            "statistics (ours)"),
