@@ -54,3 +54,23 @@ def test_keep_if_finite_keeps_old_state_on_nan():
   assert not bool(finite)
   np.testing.assert_array_equal(kept["a"], [1, 1])
   assert int(kept["n"]) == 3
+
+
+@pytest.mark.parametrize("added", [1, 3, 5])
+def test_push_unless_is_the_push_or_the_kept_buffer(added):
+  buffer = jnp.arange(6.0).reshape(3, 2)
+  rows = jnp.arange(2.0 * added).reshape(added, 2) + 10
+  np.testing.assert_array_equal(st.push_unless(buffer, rows, jnp.array(False)),
+                                st.push(buffer, rows))
+  np.testing.assert_array_equal(st.push_unless(buffer, rows, jnp.array(True)), buffer)
+
+
+def test_keep_if_finite_decides_on_the_checked_values():
+  old = {"a": jnp.ones(2)}
+  new = {"a": jnp.array([2.0, jnp.nan])}
+  kept, finite = st.keep_if_finite(new, old, checked={"a": new["a"][:1]})
+  assert bool(finite)
+  np.testing.assert_array_equal(kept["a"], new["a"])
+  kept, finite = st.keep_if_finite(old, new, checked={"a": jnp.array([jnp.inf])})
+  assert not bool(finite)
+  np.testing.assert_array_equal(kept["a"], new["a"])

@@ -542,8 +542,36 @@ def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
     kernel = lax.stop_gradient(kernel)
   w = kernel.astype(dnu.dtype).reshape(-1, channels)
   mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(math.prod(lead), -1), w)
-  nu_dot = jnp.einsum("pkc,kc->pc", dnu.reshape(math.prod(lead), -1, channels), w)
+  nu_dot = _channel_inner(dnu.reshape(math.prod(lead), -1, channels), w)
   return mu_dot.reshape(lead + (channels,)), nu_dot.reshape(lead + (channels,))
+
+
+# out[e, c] = sum_k d[e, k, c] * w[k, c] for d (E, K, C), w (K, C): one inner
+# product per entry and channel, written as XLA's CPU backend runs it fastest
+# (BENCHMARKS.md, "CBN's compensation without copies"): the elementwise
+# product summed by a matrix-vector product with ones (ResNet-18's largest
+# buffer, (3, 4608, 512): 8 ms). As an einsum, a dot with C as batch axis,
+# XLA copies the whole array into a (C, E, K) layout every step (30-40 ms);
+# as a sum over K it strides through it (60 ms). The backward pass is
+# elementwise: w's cotangent is one sum over the E entries (1 ms; autodiff's
+# transpose of the matrix-vector product takes 60 ms).
+@jax.custom_vjp
+def _channel_inner(d, w):
+  return jnp.einsum("k,ekc->ec", jnp.ones((d.shape[1],), d.dtype), d * w[None])
+
+
+def _channel_inner_fwd(d, w):
+  return _channel_inner(d, w), (d, w)
+
+
+def _channel_inner_bwd(res, ct):
+  d, w = res
+  grad_w = functools.reduce(jnp.add, [d[e] * ct[e][None] for e in range(d.shape[0])],
+                            jnp.zeros_like(w))
+  return ct[:, None, :] * w[None], grad_w
+
+
+_channel_inner.defvjp(_channel_inner_fwd, _channel_inner_bwd)
 
 
 def pooled_moments(
@@ -597,10 +625,13 @@ def window_entries(past, current, past_filled):
     bool mask of the entries that hold real values.
   """
   groups, size = current[0].shape[0], past[0].shape[0]
-  index = jnp.arange(groups)[:, None] + jnp.arange(size)[None, :]  # (G, P)
-  windows = tuple(jnp.concatenate([p, c.astype(p.dtype)], axis=0)[index]
+
+  def windows_of(sequence):  # (P + G, ...) -> (G, P, ...), by static slices
+    return jnp.stack([sequence[j:j + size] for j in range(groups)])
+
+  windows = tuple(windows_of(jnp.concatenate([p, c.astype(p.dtype)], axis=0))
                   for p, c in zip(past, current))
-  filled = jnp.concatenate([past_filled, jnp.ones((groups,), bool)])[index]
+  filled = windows_of(jnp.concatenate([past_filled, jnp.ones((groups,), bool)]))
   return windows, filled
 
 
@@ -836,10 +867,12 @@ def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config
     # Only the newest min(G, P) groups stay in the buffers: derivatives of
     # the others would be pushed out at once, so they are never computed.
     newest, entries, added = min(groups, past), lambda a: a, groups
+  push = lambda name, rows: st.push_unless(getattr(state, name), entries(rows), burning)
   pushed = dict(
-      mu_buffer=st.push(state.mu_buffer, entries(mu_c[-newest:])),
-      nu_buffer=st.push(state.nu_buffer, entries(nu_c[-newest:])),
-      count=jnp.minimum(state.count + added, past).astype(jnp.int32),
+      mu_buffer=push("mu_buffer", mu_c[-newest:]),
+      nu_buffer=push("nu_buffer", nu_c[-newest:]),
+      count=jnp.where(burning, state.count,
+                      jnp.minimum(state.count + added, past).astype(jnp.int32)),
   )
   if not config.naive:
     rows = newest * (y32.shape[0] // groups)
@@ -849,17 +882,34 @@ def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config
     )
     mu_offset, nu_offset = taylor_offsets(mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel)
     pushed.update(
-        dmu_buffer=st.push(state.dmu_buffer, entries(dmu)),
-        dnu_buffer=st.push(state.dnu_buffer, entries(dnu)),
-        mu_offset=st.push(state.mu_offset, entries(mu_offset)),
-        nu_offset=st.push(state.nu_offset, entries(nu_offset)),
+        dmu_buffer=push("dmu_buffer", dmu),
+        dnu_buffer=push("dnu_buffer", dnu),
+        mu_offset=push("mu_offset", mu_offset),
+        nu_offset=push("nu_offset", nu_offset),
     )
-  kept = {
-      name: jnp.where(burning, getattr(state, name), value)
-      for name, value in pushed.items()
-  }
-  new_state = new_state._replace(**kept)
-  return new_state
+  return new_state._replace(**pushed)
+
+
+def newest_entries(state: CBNState, config: CBNConfig, groups: int) -> CBNState:
+  """``state`` with every buffer cut to the rows a training step writes.
+
+  A step pushes its newest ``min(G, P)`` groups (with ``group_history``: one
+  entry holding every group); the older rows were computed, and checked, by
+  earlier steps. The layers test only this for finiteness before committing
+  a step (:func:`~mabn_jax.functional.statistics.commit_if_finite`): the same
+  decision as testing the whole state, without a reduction over (and so a
+  materialized copy of) every ``(P, *K, C)`` derivative buffer.
+
+  Args:
+    state: a :class:`CBNState` returned by :func:`normalize_train`.
+    config: its static hyper-parameters.
+    groups: ``G``, normalization groups in the step's batch.
+  """
+  past = config.window - 1
+  rows = 1 if config.group_history else min(groups, past)
+  buffers = ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset",
+             "nu_offset", "g_buffer", "psi_buffer")
+  return state._replace(**{name: getattr(state, name)[past - rows:] for name in buffers})
 
 
 def _centred_scaled(y, mu_bar, inv_std):

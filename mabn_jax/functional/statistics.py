@@ -184,6 +184,22 @@ def push(buffer: jax.Array, rows: jax.Array) -> jax.Array:
   return jnp.concatenate([buffer, rows.astype(buffer.dtype)], axis=0)[-size:]
 
 
+def push_unless(buffer: jax.Array, rows: jax.Array, keep: jax.Array) -> jax.Array:
+  """``buffer`` if ``keep`` (a scalar bool) else :func:`push` ``(buffer, rows)``.
+
+  Written as the concatenation of two selects, so that the rows a step writes
+  stay a separate operand: XLA then reads them directly when a caller looks
+  at the newest rows (a finiteness check), instead of materializing the whole
+  pushed buffer (which, for a large buffer, is one more copy of it).
+  """
+  size, added = buffer.shape[0], rows.shape[0]
+  if added >= size:
+    return jnp.where(keep, buffer, rows[-size:].astype(buffer.dtype))
+  head = jnp.where(keep, buffer[:size - added], buffer[added:])
+  tail = jnp.where(keep, buffer[size - added:], rows.astype(buffer.dtype))
+  return jnp.concatenate([head, tail], axis=0)
+
+
 def window_means(buffer: jax.Array, rows: jax.Array) -> jax.Array:
   """Simple moving averages that each new row sees (spec, section 2 (b)).
 
@@ -244,23 +260,27 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def keep_if_finite(new, old):
-  """``(new, True)`` if every float leaf of ``new`` is finite, else ``(old, False)``.
+def keep_if_finite(new, old, checked=None):
+  """``(new, True)`` if every float leaf of ``checked`` is finite, else ``(old, False)``.
 
   The guard every stateful normalizer applies before committing a step, so a
   batch (or gradient) with NaN or Inf never reaches running statistics,
-  buffers or step counters.
+  buffers or step counters. ``checked`` (default: ``new``) is what the step
+  computed: a layer whose state holds shift buffers passes only their new
+  rows (the older rows were checked when they were written), which spares
+  a reduction over, and a copy of, every buffer.
   """
-  finite = all_finite(new)
+  finite = all_finite(new if checked is None else checked)
   kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   return kept, finite
 
 
-def commit_if_finite(new, old, nonfinite_count: jax.Array):
+def commit_if_finite(new, old, nonfinite_count: jax.Array, checked=None):
   """``(values, nonfinite_count)`` after a step: the guard of every stateful layer.
 
-  ``new`` (the step's state) if all its float leaves are finite, else ``old``
-  with ``nonfinite_count`` (an int32 scalar) incremented by one.
+  ``new`` (the step's state) if all float leaves of ``checked`` (default:
+  ``new``; see :func:`keep_if_finite`) are finite, else ``old`` with
+  ``nonfinite_count`` (an int32 scalar) incremented by one.
   """
-  kept, finite = keep_if_finite(new, old)
+  kept, finite = keep_if_finite(new, old, checked)
   return kept, nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32)

@@ -186,7 +186,7 @@ def read_state(variables: dict, initial: Any) -> Any:
       name: variables[name].value for name in initial._fields if name in variables})
 
 
-def commit_state(module: nn.Module, variables: dict, new_state: Any) -> None:
+def commit_state(module: nn.Module, variables: dict, new_state: Any, checked: Any = None) -> None:
   """Writes a step's new ``'batch_stats'`` values unless any is non-finite.
 
   ``variables`` maps names to the layer's ``flax`` variables (as returned by
@@ -195,7 +195,10 @@ def commit_state(module: nn.Module, variables: dict, new_state: Any) -> None:
   declared variables are written. A step with any NaN or Inf keeps
   every old value and increments the layer's ``nonfinite_count`` (an int32
   ``'batch_stats'`` variable the training loop can read, see
-  :func:`mabn_jax.nonfinite_counts`). Nothing is written while initializing.
+  :func:`mabn_jax.nonfinite_counts`). ``checked`` (default: ``new_state``)
+  is what is tested for finiteness (see
+  :func:`~mabn_jax.functional.statistics.keep_if_finite`). Nothing is
+  written while initializing.
   """
   counter = variables[NONFINITE_COUNT]
   if module.is_initializing():
@@ -203,7 +206,7 @@ def commit_state(module: nn.Module, variables: dict, new_state: Any) -> None:
   new_values = {name: value for name, value in new_state._asdict().items()
                 if name in variables}
   old = {name: variables[name].value for name in new_values}
-  kept, counter.value = st.commit_if_finite(new_values, old, counter.value)
+  kept, counter.value = st.commit_if_finite(new_values, old, counter.value, checked)
   for name, value in kept.items():
     variables[name].value = value
 

@@ -273,5 +273,6 @@ class _CrossIterationNorm(nn.Module):
     )
     # g_buffer/psi_buffer come back unchanged: their new values are this
     # step's tap cotangents, which mj.value_and_grad adds.
-    commit_state(self, variables, new_state)
+    commit_state(self, variables, new_state,
+                 checked=F.newest_entries(new_state, self.config, groups))
     return affine(self, y, normalized, y.ndim - 1, features)

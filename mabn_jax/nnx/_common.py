@@ -97,15 +97,16 @@ def read_state(module: nnx.Module, initial: NamedTuple, where: str,
   return initial._replace(**values)
 
 
-def commit_state(module: nnx.Module, new_state: NamedTuple) -> None:
+def commit_state(module: nnx.Module, new_state: NamedTuple, checked: Any = None) -> None:
   """Writes a step's new state into the module's ``nnx.BatchStat`` attributes,
-  unless any value is non-finite: then every old value is kept and
-  ``nonfinite_count`` is incremented (:func:`~mabn_jax.functional.statistics.commit_if_finite`)."""
+  unless any value of ``checked`` (default: ``new_state``) is non-finite:
+  then every old value is kept and ``nonfinite_count`` is incremented
+  (:func:`~mabn_jax.functional.statistics.commit_if_finite`)."""
   names = [name for name in new_state._fields
            if isinstance(getattr(module, name, None), nnx.BatchStat)]
   new = {name: getattr(new_state, name) for name in names}
   old = {name: getattr(module, name)[...] for name in names}
   counter = getattr(module, NONFINITE_COUNT)
-  kept, counter[...] = st.commit_if_finite(new, old, counter[...])
+  kept, counter[...] = st.commit_if_finite(new, old, counter[...], checked)
   for name, value in kept.items():
     getattr(module, name)[...] = value

@@ -12,6 +12,7 @@ from flax.nnx.nn.linear import default_kernel_init
 
 from mabn_jax.functional import cross_iteration as F
 from mabn_jax.functional.centering import center_kernel
+from mabn_jax.functional import statistics as st
 from mabn_jax.nnx import _common as C
 from mabn_jax.nnx.centered import CenteredConv
 from mabn_jax.nnx.variables import BackwardStat
@@ -206,5 +207,6 @@ class _CrossIterationNorm(nnx.Module):
         y32, x, kernel, state, spec, self.config, bias, where, tap=taps)
     # g_buffer/psi_buffer come back unchanged: mabn_jax.nnx.value_and_grad
     # adds this step's tap cotangents.
-    C.commit_state(self, new_state)
+    groups = st.num_groups(y.shape[0], self.config.norm_batch_size, where)
+    C.commit_state(self, new_state, checked=F.newest_entries(new_state, self.config, groups))
     return C.affine(self, y, normalized, axis)
