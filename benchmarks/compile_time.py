@@ -53,8 +53,8 @@ from mabn_jax.functional import mabn as functional_mabn
 from mabn_jax.functional import statistics as st
 
 
-def _commit_unguarded(new, old, nonfinite_count):
-  del old
+def _commit_unguarded(new, old, nonfinite_count, checked=None):
+  del old, checked
   return new, nonfinite_count
 
 

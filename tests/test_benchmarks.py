@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import jax
+import numpy as np
+
 from benchmarks import bench
 
 
@@ -122,3 +125,19 @@ def test_two_multiply_ablation_is_the_same_training_step():
   np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                          v1, v2)
+
+
+def test_compensation_benchmark_forms_agree_and_are_timed():
+  from benchmarks import cbn_compensation
+  d = jax.random.normal(jax.random.PRNGKey(1), (3, 18, 4))
+  w = jax.random.normal(jax.random.PRNGKey(2), (18, 4))
+  ct = jax.random.normal(jax.random.PRNGKey(3), (3, 4))
+  values = [f(d, w) for f in cbn_compensation.FORWARD.values()]
+  grads = [cbn_compensation.kernel_cotangent(f)(d, w, ct)
+           for f in cbn_compensation.FORWARD.values()]
+  for v, g in zip(values[1:], grads[1:]):
+    np.testing.assert_allclose(v, values[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, grads[0], rtol=1e-5, atol=1e-5)
+  medians = cbn_compensation.run((2, 9, 4), rounds=1, repeats=1)
+  assert set(medians) == {"library", "library_vjp", "einsum", "einsum_vjp", "sum", "sum_vjp"}
+  assert all(ms > 0 for ms in medians.values())
