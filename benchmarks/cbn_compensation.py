@@ -69,9 +69,8 @@ def run(shape: Sequence[int], rounds: int, repeats: int) -> Dict[str, float]:
   for name, forward in FORWARD.items():
     fns[name] = jax.jit(forward)
     args[name] = (d, w)
-    backward = f"{name}_vjp" if name != "library" else "library_vjp"
-    fns[backward] = jax.jit(kernel_cotangent(forward))
-    args[backward] = (d, w, ct)
+    fns[f"{name}_vjp"] = jax.jit(kernel_cotangent(forward))
+    args[f"{name}_vjp"] = (d, w, ct)
   times = time_interleaved(fns, args, rounds, repeats)
   return {name: statistics.median(values) for name, values in times.items()}
 

@@ -899,7 +899,8 @@ def newest_entries(state: CBNState, config: CBNConfig, groups: int) -> CBNState:
   A step pushes its newest ``min(G, P)`` groups (with ``group_history``: one
   entry holding every group); the older rows were computed, and checked, by
   earlier steps. The layers test only this for finiteness before committing
-  a step (:func:`~mabn_jax.functional.statistics.commit_if_finite`): the same
+  a step (:func:`~mabn_jax.functional.statistics.commit_if_finite`): for a
+  state built by committed steps from a finite initial state, the same
   decision as testing the whole state, without a reduction over (and so a
   materialized copy of) every ``(P, *K, C)`` derivative buffer.
 
@@ -976,7 +977,7 @@ def _averaged_bwd(groups, config, where, res, ct):
   psi = jnp.where(burning, psi_batch, window_mean(psi_batch, windows[1], filled))
   grad_y = ma.stabilized_input_gradient(g, xhat, inv_std, psi, axis, g_mean=g_mean)
   increments = tuple(
-      ma.tap_increment(jnp.where(burning, buffer, st.push(buffer, new_rows(batch))), buffer,
+      ma.tap_increment(st.push_unless(buffer, new_rows(batch), burning), buffer,
                        g_batch, psi_batch)
       for buffer, batch in ((g_buffer, g_batch), (psi_buffer, psi_batch)))
   return (grad_y.astype(y.dtype),) + increments + (None,) * 6
