@@ -203,13 +203,20 @@ def test_where_on_updates_is_an_equivalent_skip_recipe():
 
 
 class Probe(nn.Module):
+  options: tuple = ()
+
   @nn.compact
   def __call__(self, x, train: bool):
-    return mj.MABN(use_running_average=not train, buffer_size=2, warmup_steps=1)(x)
+    return mj.MABN(use_running_average=not train, buffer_size=2, warmup_steps=1,
+                   **dict(self.options))(x)
 
 
-def test_nan_gradient_with_finite_forward_never_reaches_psi_buffer():
-  model = Probe()
+# Groups fit in the buffer here, so the check is the one of the tap's increment
+# itself (functional.mabn._stabilized_bwd); with the EMA the averages carry it.
+@pytest.mark.parametrize("options", [(), (("norm_batch_size", 2),),
+                                     (("moving_average", "ema"), ("norm_batch_size", 2))])
+def test_nan_gradient_with_finite_forward_never_reaches_psi_buffer(options):
+  model = Probe(options)
   x = jax.random.normal(jax.random.key(3), (4, C))
   gy = jax.random.normal(jax.random.key(4), (4, C))
   variables = model.init(jax.random.key(0), x, train=True)
@@ -239,17 +246,19 @@ def test_nan_gradient_with_finite_forward_never_reaches_psi_buffer():
                             before["psi_buffer"])
 
 
-class GroupsProbe(nn.Module):
-  @nn.compact
-  def __call__(self, x, train: bool):
-    return mj.MABN(use_running_average=not train, buffer_size=2, warmup_steps=1,
-                   norm_batch_size=1)(x)
-
-
-def test_nonfinite_group_pushed_out_of_the_buffer_still_keeps_psi_buffer():
+# The layers test only the new chi_ema for finiteness (mabn.newest_entries):
+# every group's chi_B must reach it, whatever the averaging.
+@pytest.mark.parametrize("options", [
+    (),
+    (("moving_average", "ema"),),
+    (("average_forward", False),),
+    (("average_forward", False), ("average_backward", False)),
+    (("norm_batch_size", 2),),  # 2 groups of 2: both stay in the buffers
+])
+def test_nonfinite_group_pushed_out_of_the_buffer_still_keeps_psi_buffer(options):
   # 4 groups of 1 sample, 2 buffer rows: group 0's NaN statistics leave the
   # buffers in the same step, yet neither chi nor psi state may move.
-  model = GroupsProbe()
+  model = Probe((("norm_batch_size", 1),) + options)
   x = jax.random.normal(jax.random.key(5), (4, C))
   variables = model.init(jax.random.key(0), x, train=True)
 

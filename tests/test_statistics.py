@@ -9,13 +9,15 @@ import pytest
 from mabn_jax.functional import statistics as st
 
 
-def test_window_means_average_the_m_most_recent_values_including_each_row():
-  rng = np.random.default_rng(0)
+@pytest.mark.parametrize("groups", [1, 2, 6])  # 1: the plain-sum path
+def test_window_means_average_the_m_most_recent_values_including_each_row(groups):
+  rng = np.random.default_rng(groups)
   buffer = rng.normal(size=(4, 3))
-  rows = rng.normal(size=(6, 3))
+  rows = rng.normal(size=(groups, 3))
   got = st.window_means(jnp.asarray(buffer, jnp.float32), jnp.asarray(rows, jnp.float32))
   sequence = np.concatenate([buffer, rows])
-  expected = np.stack([sequence[j + 1:j + 5].mean(0) for j in range(6)])
+  expected = np.stack([sequence[j + 1:j + 5].mean(0) for j in range(groups)])
+  assert got.shape == (groups, 3)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 

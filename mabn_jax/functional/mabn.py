@@ -144,6 +144,26 @@ def moving_averages(
   return averages, st.push(buffer, averages)
 
 
+def newest_entries(state: MABNState) -> MABNState:
+  """What a layer tests for finiteness before committing a training step.
+
+  The new ``chi_ema`` alone, with the buffers cut to no rows: every ``chi_B``
+  of the step reaches it (through the moving average or directly, and the
+  EMA weighs it by ``1 - momentum > 0``; second moments are non-negative, so
+  no Inf cancels), and ``psi_buffer`` comes back unchanged (its update is the
+  tap's cotangent, which :func:`mabn_jax.training.add_increment` checks).
+  The older buffer rows were computed, and checked, by earlier steps. For a
+  state built by committed steps from a finite initial state this is the
+  same decision as testing the whole state
+  (:func:`~mabn_jax.functional.statistics.commit_if_finite`), in one
+  reduction over ``C`` values instead of one per buffer.
+
+  Args:
+    state: a :class:`MABNState` returned by :func:`normalize_train`.
+  """
+  return state._replace(chi_buffer=state.chi_buffer[:0], psi_buffer=state.psi_buffer[:0])
+
+
 def uses_moving_averages(step: jax.Array, buffer_size: int, warmup_steps: int):
   """True from step ``max(m + 1, warmup)`` on: both passes use the SMAs."""
   return (step > buffer_size) & (step >= warmup_steps)
@@ -436,7 +456,12 @@ def _stabilized_bwd(groups, axis, config, where, res, ct):
             - x32 * st.broadcast_groups(psi * jnp.square(inv_std), x, axis))
   grad_scale = _sum_to_type_of(jnp.sum(x_ct * inv_std * r, axis=0), scale)
   grad_bias = _sum_to_type_of(jnp.sum(ct_sum, axis=0), bias)
-  increment = tap_increment(new_psi_buffer, psi_buffer, psi_batch)
+  if groups <= psi_buffer.shape[0]:
+    # Every group's Psi_B (or an average it reaches) is pushed into the
+    # buffer, so a non-finite one makes the increment non-finite by itself.
+    increment = new_psi_buffer - psi_buffer
+  else:
+    increment = tap_increment(new_psi_buffer, psi_buffer, psi_batch)
   return (grad_x.astype(x.dtype), increment, None, None, None, None, None,
           grad_scale, grad_bias)
 

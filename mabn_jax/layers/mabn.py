@@ -131,5 +131,5 @@ class MABN(BatchStatisticsNorm):
     y, new_state = F.normalize_train(x, state, tap, config, where, scale, bias)
     # psi_buffer comes back unchanged: its new value is this step's tap
     # cotangent, which mj.value_and_grad adds.
-    commit_state(self, stats, new_state)
+    commit_state(self, stats, new_state, checked=F.newest_entries(new_state))
     return jnp.asarray(y, result_dtype(x, scale, bias, dtype=self.dtype))

@@ -137,5 +137,5 @@ class MABN(nnx.Module):
     y, new_state = F.normalize_train(x, state, tap, self.config, where, scale, bias)
     # psi_buffer comes back unchanged: its new value is this step's tap
     # cotangent, which mabn_jax.nnx.value_and_grad adds.
-    C.commit_state(self, new_state)
+    C.commit_state(self, new_state, checked=F.newest_entries(new_state))
     return jnp.asarray(y, result_dtype(x, scale, bias, dtype=self.dtype))
