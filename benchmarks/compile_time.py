@@ -72,11 +72,11 @@ def _center_kernel_none(kernel, after=None):
   return kernel
 
 
-def _two_multiplies(x, tap, inv_std, r, psi_buffer, use_average, first_step, scale, bias,
+def _two_multiplies(x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
                     groups, axis, config, where):
   del tap, psi_buffer, use_average, first_step, groups, config, where
   dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
-  return (x.astype(dtype) * st.broadcast_groups((inv_std * r).astype(dtype), x, axis)
+  return (x.astype(dtype) * st.broadcast_groups(rate.astype(dtype), x, axis)
           * st.broadcast_channels(scale.astype(dtype), x, axis)
           + st.broadcast_channels(bias.astype(dtype), x, axis))
 

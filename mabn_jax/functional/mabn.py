@@ -250,20 +250,21 @@ def normalize_train(
   use_sma = uses_moving_averages(step, buffer_size, config.warmup_steps)
   chi_average, chi_buffer = moving_averages(state.chi_buffer, chi_batch, step == 1, config)
   chi = jnp.where(use_sma & config.average_forward, chi_average, chi_batch)
-  std = jnp.sqrt(chi + config.epsilon)
-  r = jnp.clip(
-      std / jnp.sqrt(state.chi_ema + config.epsilon), 1.0 / config.r_max, config.r_max
-  )
+  inv_std = 1.0 / jnp.sqrt(chi + config.epsilon)
+  # r = sigma_B / sigma_ema as one square root, so that no intermediate is
+  # shared between inv_std and r (XLA then computes each in one kernel).
+  r = jnp.clip(jnp.sqrt((chi + config.epsilon) / (state.chi_ema + config.epsilon)),
+               1.0 / config.r_max, config.r_max)
   r = jnp.where(renormalizes(step, config.renorm_start, config.warmup_steps), r, 1.0)
 
-  stat_dtype = std.dtype
+  stat_dtype = inv_std.dtype
   if scale is not None:
     stat_dtype = jnp.promote_types(stat_dtype, scale.dtype)
   if bias is not None:
     stat_dtype = jnp.promote_types(stat_dtype, bias.dtype)
   channels = x.shape[axis]
   out = _stabilized_normalize(
-      x, tap, 1.0 / std, r, state.psi_buffer, use_sma & config.average_backward,
+      x, tap, inv_std, inv_std * r, state.psi_buffer, use_sma & config.average_backward,
       step == 1,
       jnp.ones((channels,), stat_dtype) if scale is None else scale,
       jnp.zeros((channels,), stat_dtype) if bias is None else bias,
@@ -279,32 +280,32 @@ def normalize_train(
 
 
 # The stabilized normalization and the affine map: forward
-#   y     = x * (inv_std * r * gamma) + beta,
+#   y     = x * (rate * gamma) + beta,      rate = inv_std * r,
 # backward (spec 2 (b, c)), ct the cotangent of y:
 #   g     = r * gamma * ct              (gradient at xhat = x * inv_std)
 #   Psi_B = mean(xhat * g)              (per group, averaged over axis_name)
 #   g_x   = (g - xhat * Psi) * inv_std  with Psi the SMA (or Psi_B in warmup)
 #   g_gamma = sum(ct * xhat * r),  g_beta = sum(ct).
-# With s = sum(x * ct) per group, Psi_B = s * inv_std * r * gamma / count and
-# g_gamma = sum_groups(s * inv_std * r): one fused reduction pass over
+# With s = sum(x * ct) per group, Psi_B = s * rate * gamma / count and
+# g_gamma = sum_groups(s * rate): one fused reduction pass over
 # (x, ct) gives s and sum(ct), and one elementwise pass gives
-#   g_x   = ct * (r * gamma * inv_std) - x * (Psi * inv_std^2).
+#   g_x   = ct * (rate * gamma) - x * (Psi * inv_std^2).
 # No full-size residual other than x is kept, and xhat is never formed.
-# inv_std, r, psi_buffer and the flags get no gradient.
+# inv_std, rate, psi_buffer and the flags get no gradient.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
 def _stabilized_normalize(
-    x, tap, inv_std, r, psi_buffer, use_average, first_step, scale, bias,
+    x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
     groups, axis, config, where,
 ):
   del tap, psi_buffer, use_average, first_step, config, where
   dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
-  mul = (inv_std * r).astype(dtype) * scale.astype(dtype)[None, :]
+  mul = rate.astype(dtype) * scale.astype(dtype)[None, :]
   return (x.astype(dtype) * st.broadcast_groups(mul, x, axis)
           + st.broadcast_channels(bias.astype(dtype), x, axis))
 
 
 def _stabilized_fwd(
-    x, tap, inv_std, r, psi_buffer, use_average, first_step, scale, bias,
+    x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
     groups, axis, config, where,
 ):
   if x.perturbed and not tap.perturbed:
@@ -318,7 +319,7 @@ def _stabilized_fwd(
         "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
     )
   check_tap_varies_like_input(x.value, tap.value, config, where)
-  res = tuple(p.value for p in (x, inv_std, r, psi_buffer, use_average, first_step, scale,
+  res = tuple(p.value for p in (x, inv_std, rate, psi_buffer, use_average, first_step, scale,
                                 bias))
   out = _stabilized_normalize(
       res[0], tap.value, *res[1:], groups, axis, config, where)
@@ -433,7 +434,7 @@ def _sum_to_type_of(grad: jax.Array, param: jax.Array) -> jax.Array:
 
 def _stabilized_bwd(groups, axis, config, where, res, ct):
   del where
-  x, inv_std, r, psi_buffer, use_average, first_step, scale, bias = res
+  x, inv_std, rate, psi_buffer, use_average, first_step, scale, bias = res
   if isinstance(ct, SymbolicZero):
     ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
   dtype = inv_std.dtype
@@ -446,15 +447,15 @@ def _stabilized_bwd(groups, axis, config, where, res, ct):
   x_ct = jnp.sum(st.split_groups(x32 * ct32, groups), axis=reduced)  # (G, C)
   ct_sum = jnp.sum(st.split_groups(ct32, groups), axis=reduced)  # (G, C)
   # psi_batch = mean(xhat * g) = mean(x * ct) * inv_std * r * gamma.
-  psi_batch = (x_ct / count) * (inv_std * r * gamma)
+  psi_batch = (x_ct / count) * (rate * gamma)
   if config.axis_name is not None:
     psi_batch = jax.lax.pmean(
         psi_batch, config.axis_name, axis_index_groups=config.axis_index_groups)
   psi_average, new_psi_buffer = moving_averages(psi_buffer, psi_batch, first_step, config)
   psi = jnp.where(use_average, psi_average, psi_batch)
-  grad_x = (ct32 * st.broadcast_groups(r * gamma * inv_std, x, axis)
+  grad_x = (ct32 * st.broadcast_groups(rate * gamma, x, axis)
             - x32 * st.broadcast_groups(psi * jnp.square(inv_std), x, axis))
-  grad_scale = _sum_to_type_of(jnp.sum(x_ct * inv_std * r, axis=0), scale)
+  grad_scale = _sum_to_type_of(jnp.sum(x_ct * rate, axis=0), scale)
   grad_bias = _sum_to_type_of(jnp.sum(ct_sum, axis=0), bias)
   if groups <= psi_buffer.shape[0]:
     # Every group's Psi_B (or an average it reaches) is pushed into the
