@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mabn_jax.functional import mabn
 from mabn_reference import MABNReference
@@ -52,3 +53,31 @@ def test_schedule_predicates_follow_the_published_rules():
   assert not sma[:19].any() and sma[19:].all()  # from step 20
   renorm = np.asarray(mabn.renormalizes(steps, 12, 5))
   assert not renorm[:12].any() and renorm[12:].all()  # after step 12
+
+
+@pytest.mark.parametrize("moving_average", ["sma", "ema"])
+@pytest.mark.parametrize("average_forward", [True, False])
+@pytest.mark.parametrize("steps_before", [0, 5])  # warmup (batch chi) and the SMA phase
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_every_group_chi_reaches_the_new_chi_ema_that_the_commit_checks(
+    moving_average, average_forward, steps_before, value):
+  # The layers test only newest_entries(state) for finiteness: a non-finite
+  # input in any one group must make it non-finite, in every phase.
+  groups, size, channels = 4, 2, 3
+  config = mabn.MABNConfig(norm_batch_size=2, warmup_steps=3, moving_average=moving_average,
+                           average_forward=average_forward)
+  rng = np.random.default_rng(0)
+  state = mabn.init_state(channels, buffer_size=size)
+  for _ in range(steps_before):
+    x = jnp.asarray(rng.normal(size=(2 * groups, channels)), jnp.float32)
+    _, state = mabn.normalize_train(x, state, config=config)
+  x = jnp.asarray(rng.normal(size=(2 * groups, channels)), jnp.float32)
+  _, clean = mabn.normalize_train(x, state, config=config)
+  assert bool(jnp.all(jnp.isfinite(mabn.newest_entries(clean).chi_ema)))
+  for group in range(groups):
+    bad = x.at[2 * group, 1].set(value)
+    _, new = mabn.normalize_train(bad, state, config=config)
+    checked = mabn.newest_entries(new)
+    assert checked.chi_buffer.shape == (0, channels) and checked.psi_buffer.shape == (0, channels)
+    assert not bool(jnp.isfinite(checked.chi_ema[1])), group
+    np.testing.assert_array_equal(checked.chi_ema[::2], clean.chi_ema[::2])
