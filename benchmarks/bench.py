@@ -50,7 +50,8 @@ import mabn_jax as mj
 from experiments.models import build_model
 from mabn_jax.fold import fold
 
-TRAIN_NORMS = ("flax_bn", "gn", "bn", "mabn", "brn", "cbn", "cbn_s2")
+TRAIN_NORMS = ("flax_bn", "gn", "bn", "mabn", "brn", "cbn", "cbn_s2", "cbn_bf16",
+               "cbn_s2_bf16")
 INFER_VARIANTS = ("flax_bn", "bn", "bn_folded", "mabn", "mabn_folded", "gn", "ln", "in",
                   "none")
 BASELINE = "flax_bn"
@@ -66,19 +67,24 @@ NETWORKS = {
 }
 
 
-ROW_NORMS = {"cbn_s2": "cbn"}
+ROW_NORMS = {"cbn_s2": "cbn", "cbn_bf16": "cbn", "cbn_s2_bf16": "cbn"}
 """Rows that are a registry normalizer with other settings: row -> registry name."""
 
 
 def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
   """Settings that exercise each method's steady state (not its warmup);
-  CBN at the published window (``k = 4``, buffer 3), and ``cbn_s2`` with its
-  derivatives over every second position (``derivative_stride=2``)."""
+  CBN at the published window (``k = 4``, buffer 3), ``cbn_s2`` with its
+  derivatives over every second position (``derivative_stride=2``),
+  ``cbn_bf16`` with its derivative buffers in bfloat16
+  (``derivative_dtype``), and ``cbn_s2_bf16`` with both."""
   return {
       "mabn": dict(warmup_steps=0, renorm_start=0),
       "brn": dict(warmup_steps=0, ramp_steps=0),
       "cbn": dict(window=4, burn_in=0),
       "cbn_s2": dict(window=4, burn_in=0, derivative_stride=2),
+      "cbn_bf16": dict(window=4, burn_in=0, derivative_dtype=jnp.bfloat16),
+      "cbn_s2_bf16": dict(window=4, burn_in=0, derivative_stride=2,
+                          derivative_dtype=jnp.bfloat16),
       "gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
   }.get(norm, {})
 
@@ -354,6 +360,12 @@ TARGETS = [
     ("CBN / flax BN peak memory (XLA total)", "train", "total_mib", "cbn", "flax_bn", 1.5, "<="),
     ("CBN, derivatives at every 2nd position / flax BN training step", "train", "step_ms",
      "cbn_s2", "flax_bn", 1.25, "<="),
+    ("CBN, bfloat16 derivative buffers / flax BN training step", "train", "step_ms",
+     "cbn_bf16", "flax_bn", 1.25, "<="),
+    ("CBN, bfloat16 derivative buffers / flax BN peak memory (XLA total)", "train",
+     "total_mib", "cbn_bf16", "flax_bn", 1.5, "<="),
+    ("CBN, every 2nd position and bfloat16 buffers / flax BN training step", "train",
+     "step_ms", "cbn_s2_bf16", "flax_bn", 1.25, "<="),
     ("folded MABN / none inference", "infer", "images_per_s", "mabn_folded", "none", 0.99, ">="),
     ("folded BN / none inference", "infer", "images_per_s", "bn_folded", "none", 0.99, ">="),
     ("folded MABN / GN inference", "infer", "images_per_s", "mabn_folded", "gn", 2.4, ">="),

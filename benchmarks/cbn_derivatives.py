@@ -1,4 +1,5 @@
-"""CBN's compensation error with derivatives over a subset of positions.
+"""CBN's compensation error with derivatives over a subset of positions, or
+stored in a narrower dtype.
 
 ``CBNConfig.derivative_stride = s`` takes a new window entry's kernel
 derivatives ``d mu / d W`` and ``d nu / d W`` over every ``s``-th output
@@ -8,8 +9,10 @@ script measures what that costs in accuracy of the compensation, the way the
 compensated-vs-naive comparison does: train the CIFAR-10 6-conv CNN with CBN
 for a few hundred steps on real images, then for every CBN layer carry the
 statistics of the batch of ``lag`` steps ago to the current kernel (naive:
-not at all; Taylor with derivatives at stride 1, 2, 4) and compare them with
-the statistics recomputed with the current kernel on the same layer input::
+not at all; Taylor with derivatives at stride 1, 2, 4, each stored in float32
+and in bfloat16 (``CBNConfig.derivative_dtype``, which halves the derivative
+buffers' memory)) and compare them with the statistics recomputed with the
+current kernel on the same layer input::
 
   python -m benchmarks.cbn_derivatives --steps 300 --json benchmarks/results/cbn_derivatives_cpu.json
 
@@ -58,18 +61,30 @@ def _relative(estimate, exact):
   return float(jnp.linalg.norm(estimate - exact) / jnp.linalg.norm(exact))
 
 
-def compensation_errors(x, w_old, w_new, spec, strides: Sequence[int]) -> Dict[str, Dict[str, float]]:
-  """Relative errors of the statistics of ``conv(x, w_old)`` carried to ``w_new``."""
+def method_name(stride: int, dtype: str = "float32") -> str:
+  """A column of the report: ``'stride s'``, or ``'stride s, dtype'`` for
+  derivative buffers narrower than float32."""
+  return f"stride {stride}" + ("" if dtype == "float32" else f", {dtype}")
+
+
+def compensation_errors(x, w_old, w_new, spec, strides: Sequence[int],
+                        dtypes: Sequence[str] = ("float32",)) -> Dict[str, Dict[str, float]]:
+  """Relative errors of the statistics of ``conv(x, w_old)`` carried to
+  ``w_new``, naive and with derivatives at each stride, stored in each dtype
+  (``CBNConfig.derivative_dtype``) as the layer stores them."""
   y_old = F.conv(x, w_old, spec)
   mu_old, nu_old = F.batch_moments(y_old, 1)
   mu, nu = F.batch_moments(F.conv(x, w_new, spec), 1)
   var = nu - mu ** 2
   rows = {"naive": {"var": _relative(nu_old - mu_old ** 2, var), "nu": _relative(nu_old, nu)}}
   for s in strides:
-    dmu, dnu = F.moment_derivatives(x, y_old, w_old, spec, 1, stride=s)
-    mu_c, nu_c = F.compensate(*F.taylor_offsets(mu_old, nu_old, dmu, dnu, w_old), dmu, dnu,
-                              w_new)
-    rows[f"stride {s}"] = {"var": _relative(nu_c - mu_c ** 2, var), "nu": _relative(nu_c, nu)}
+    exact_dmu, exact_dnu = F.moment_derivatives(x, y_old, w_old, spec, 1, stride=s)
+    for dtype in dtypes:
+      dmu, dnu, mu_offset, nu_offset = F.stored_entries(
+          mu_old, nu_old, exact_dmu, exact_dnu, w_old, jnp.dtype(dtype))
+      mu_c, nu_c = F.compensate(mu_offset, nu_offset, dmu, dnu, w_new)
+      rows[method_name(s, dtype)] = {"var": _relative(nu_c - mu_c ** 2, var),
+                                     "nu": _relative(nu_c, nu)}
   rows["kernel change"] = {"relative": _relative(w_new, w_old)}
   return rows
 
@@ -125,13 +140,14 @@ def run(args) -> Dict[str, Any]:
     for path, (x, w_old, spec) in inputs.items():
       w_new = kernels_now[path][1]
       report["layers"].setdefault(path, {})[f"lag {lag}"] = compensation_errors(
-          x, w_old, w_new, spec, args.strides)
+          x, w_old, w_new, spec, args.strides, args.dtypes)
   return report
 
 
 def markdown(report: Dict[str, Any]) -> str:
-  strides = report["config"]["strides"]
-  methods = ["naive"] + [f"stride {s}" for s in strides]
+  config = report["config"]
+  methods = ["naive"] + [method_name(s, dtype) for s in config["strides"]
+                         for dtype in config.get("dtypes", ["float32"])]
   lines = ["| layer | lag | |dW|/|W| | " + " | ".join(f"var err {m}" for m in methods) + " |",
            "| --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
   for path, lags in report["layers"].items():
@@ -150,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--train_subset", type=int, default=10000)
   parser.add_argument("--lags", type=int, nargs="+", default=[1, 3])
   parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4])
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                      help="derivative_dtype values to store the derivatives in")
   parser.add_argument("--json", default="")
   args = parser.parse_args(argv)
   report = run(args)

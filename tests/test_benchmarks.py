@@ -85,9 +85,12 @@ def test_derivative_benchmark_captures_every_cbn_layer_and_orders_the_errors():
   x, w_old, spec = inputs["conv1"]
   assert x.shape == (4, 8, 8, 3) and w_old.shape == (3, 3, 3, 4)
   w_new = w_old + 0.01 * jnp.asarray(rng.normal(size=w_old.shape), jnp.float32)
-  errors = CD.compensation_errors(x, w_old, w_new, spec, [1, 2])
-  assert set(errors) == {"naive", "stride 1", "stride 2", "kernel change"}
+  errors = CD.compensation_errors(x, w_old, w_new, spec, [1, 2], ["float32", "bfloat16"])
+  assert set(errors) == {"naive", "stride 1", "stride 2", "stride 1, bfloat16",
+                         "stride 2, bfloat16", "kernel change"}
   assert errors["stride 1"]["var"] < errors["naive"]["var"]
+  assert errors["stride 1, bfloat16"]["var"] < errors["naive"]["var"]
+  assert errors["stride 1, bfloat16"]["var"] != errors["stride 1"]["var"]
 
 
 def test_compile_time_ablations_change_the_compiled_step_and_are_undone():

@@ -822,3 +822,95 @@ def test_training_step_copies_the_derivative_buffer_at_most_once():
   # Under the tests' XLA flags 1.7 buffers; 2.7 with the einsum and the
   # separately pushed buffer.
   assert compiled.memory_analysis().temp_size_in_bytes <= 2.2 * buffer
+
+
+def test_bfloat16_derivatives_are_exact_at_the_old_kernel_and_round_only_the_taylor_step():
+  """Stored in bfloat16 (``derivative_dtype``), an entry's derivatives are
+  rounded before its offsets are taken: carried back to the kernel it was
+  measured with, it is the measured statistics to float32 rounding; carried
+  to a new kernel it is the float32 compensation up to a rounding of the
+  Taylor step alone, far below the naive error."""
+  rng = np.random.default_rng(31)
+  x = jnp.asarray(rng.normal(size=(4, 8, 8, 16)) + 0.3, jnp.float32)
+  w_old = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) * 0.1, jnp.float32)
+  w_new = w_old + 0.01 * jnp.asarray(rng.normal(size=w_old.shape) * 0.1, jnp.float32)
+  spec = F.ConvSpec.make(2)
+  y_old = F.conv(x, w_old, spec)
+  mu_old, nu_old = F.batch_moments(y_old, 1)
+  mu_new, nu_new = F.batch_moments(F.conv(x, w_new, spec), 1)
+  dmu, dnu = F.moment_derivatives(x, y_old, w_old, spec, 1)
+
+  def carried(dtype, kernel):
+    dmu_s, dnu_s, mu_offset, nu_offset = F.stored_entries(mu_old, nu_old, dmu, dnu, w_old,
+                                                          dtype)
+    assert dmu_s.dtype == dnu_s.dtype == jnp.dtype(dtype)
+    assert mu_offset.dtype == nu_offset.dtype == jnp.float32
+    return F.compensate(mu_offset, nu_offset, dmu_s, dnu_s, kernel)
+
+  mu_back, nu_back = carried(jnp.bfloat16, w_old)
+  np.testing.assert_allclose(mu_back, mu_old, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(nu_back, nu_old, rtol=1e-5, atol=1e-6)
+
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  _, nu32 = carried(jnp.float32, w_new)
+  _, nu16 = carried(jnp.bfloat16, w_new)
+  naive = rel(nu_old, nu_new)
+  # bfloat16 keeps 8 significant bits: the Taylor step is off by <= 2^-8 of itself.
+  assert rel(nu16, nu32) <= 2.0 ** -8 * rel(nu_old, nu32)
+  assert rel(nu16, nu_new) < 0.1 * naive
+
+
+def test_layer_keeps_derivative_buffers_in_derivative_dtype_through_training_steps():
+  x = jnp.asarray(np.random.default_rng(32).normal(size=(4, 6, 6, 3)), jnp.float32)
+  layers = {dtype: CrossIterationConvNorm(features=4, kernel_size=(3, 3), window=4, burn_in=0,
+                                          derivative_dtype=dtype)
+            for dtype in (None, jnp.bfloat16)}
+  outputs = {}
+  for dtype, layer in layers.items():
+
+    def loss_fn(variables, layer=layer):
+      y, updates = layer.apply(variables, x, use_running_average=False,
+                               mutable=["batch_stats"])
+      return jnp.mean(jnp.sin(y)), (updates, y)
+
+    @jax.jit
+    def step(variables, loss_fn=loss_fn):
+      ((_, y), variables), grads = mj.value_and_grad(loss_fn, has_aux=True)(variables)
+      params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, variables["params"], grads)
+      return {**variables, "params": params}, y
+
+    variables = layer.init(jax.random.PRNGKey(0), x, use_running_average=False)
+    for _ in range(5):
+      variables, y = step(variables)
+    stats = variables["batch_stats"]["norm"]
+    expected = jnp.float32 if dtype is None else dtype
+    assert stats["dmu_buffer"].dtype == stats["dnu_buffer"].dtype == jnp.dtype(expected)
+    for name in ("mean", "var", "mu_buffer", "nu_buffer", "mu_offset", "nu_offset"):
+      assert stats[name].dtype == jnp.float32, name
+    assert int(stats["count"]) == 3 and int(stats["nonfinite_count"]) == 0
+    outputs[dtype] = y
+  # Same steps, only the stored derivatives rounded: the outputs agree closely.
+  np.testing.assert_allclose(outputs[jnp.bfloat16], outputs[None], rtol=1e-3, atol=1e-3)
+
+
+def test_state_in_another_derivative_dtype_raises_naming_the_layer():
+  spec = F.ConvSpec.make(2)
+  x = jnp.ones((2, 5, 5, 2))
+  w = jnp.ones((3, 3, 2, 4)) * 0.1
+  state = F.init_state(w.shape, 4)  # float32 buffers
+  config = F.CBNConfig(window=4, derivative_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"net/c1: state 'dmu_buffer' has dtype float32 but "
+                                       r"derivative_dtype is bfloat16"):
+    F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config, where="net/c1")
+  ok = F.init_state(w.shape, 4, derivative_dtype=jnp.bfloat16)
+  _, new = F.normalize_train(F.conv(x, w, spec), x, w, ok, spec, config, where="net/c1")
+  assert new.dnu_buffer.dtype == jnp.bfloat16
+
+
+def test_derivative_dtype_is_validated_with_the_layer_name():
+  x = jnp.ones((2, 6, 6, 3))
+  for bad in (jnp.int32, "not a dtype"):
+    model = mj.CrossIterationConvNorm(4, (3, 3), derivative_dtype=bad, name="c1")
+    with pytest.raises(ValueError, match=r"c1.*derivative_dtype must be None or a floating "
+                                         r"dtype"):
+      model.init(jax.random.PRNGKey(0), x, use_running_average=False)

@@ -79,6 +79,12 @@ def _pairs():
           None, lambda rngs: mj.nnx.CrossIterationConvNorm(
               CIN, C, (3, 3), derivative_stride=2, **CBN_KW, rngs=rngs),
           (2,) + SPATIAL + (CIN,)),
+      "cbn_bfloat16_derivatives": (
+          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), derivative_dtype=jnp.bfloat16,
+                                                  **CBN_KW),
+          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
+              CIN, C, (3, 3), derivative_dtype=jnp.bfloat16, **CBN_KW, rngs=rngs),
+          (2,) + SPATIAL + (CIN,)),
       "cbn_batch_backward": (
           None, lambda: mj.CrossIterationConvNorm(C, (3, 3), backward="batch", **CBN_KW),
           None, lambda rngs: mj.nnx.CrossIterationConvNorm(

@@ -118,7 +118,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +223,16 @@ class CBNConfig:
       derivative. The entries' moments are always the full ones; only the
       Taylor step ``d . (W - W_old)`` is estimated on the subset
       (``benchmarks/cbn_derivatives.py`` measures the compensation error).
+    derivative_dtype: the dtype ``dmu_buffer``/``dnu_buffer`` are stored in
+      (a floating dtype; ``None``, the default: the dtype of the state's
+      other buffers, float32 in the layers). A new entry's derivatives are
+      computed in float32, rounded to it, and its Taylor offsets taken with
+      the rounded values, so that the compensation ``nu + dnu . (W - W_old)``
+      is exact at ``W = W_old`` and only the Taylor step carries the
+      rounding; the inner products ``dnu . W`` are computed in float32.
+      ``bfloat16`` halves the buffers' memory and the traffic of reading,
+      pushing and differentiating them every step
+      (``benchmarks/cbn_derivatives.py`` measures the compensation error).
   """
 
   window: int = 4
@@ -232,6 +242,7 @@ class CBNConfig:
   backward: str = "exact"
   running_stats: str = "pooled"
   derivative_stride: int = 1
+  derivative_dtype: Any = None
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
@@ -250,7 +261,17 @@ class CBNConfig:
          f"one of {RUNNING_STATS}"),
         ("derivative_stride", self.derivative_stride,
          is_int_at_least(self.derivative_stride, 1), "an integer >= 1"),
+        ("derivative_dtype", self.derivative_dtype,
+         self.derivative_dtype is None or _is_floating(self.derivative_dtype),
+         "None or a floating dtype (e.g. jnp.bfloat16)"),
     ])
+
+
+def _is_floating(dtype: Any) -> bool:
+  try:
+    return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+  except TypeError:
+    return False
 
 
 BACKWARDS = ("published", "exact", "batch", "averaged")
@@ -351,6 +372,7 @@ def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
 def init_state(
     kernel_shape: Sequence[int], window: int = 4, dtype=jnp.float32,
     naive: bool = False, groups: Optional[int] = None, averaged: bool = False,
+    derivative_dtype: Any = None,
 ) -> CBNState:
   """Initial state: ``mean = 0``, ``var = 1``, empty buffers, ``step = 0``.
 
@@ -362,8 +384,11 @@ def init_state(
       gets a group axis after its entry axis (``(P, G, ...)``).
     averaged: ``backward='averaged'``: keep ``g_buffer``/``psi_buffer``
       (otherwise they get ``0`` rows).
+    derivative_dtype: dtype of ``dmu_buffer``/``dnu_buffer``
+      (``CBNConfig.derivative_dtype``; default ``dtype``).
   """
   kernel_shape = tuple(kernel_shape)
+  derivative_dtype = dtype if derivative_dtype is None else derivative_dtype
   channels, past = kernel_shape[-1], window - 1
   taylor = 0 if naive else past
   backward = past if averaged else 0
@@ -373,8 +398,8 @@ def init_state(
       var=jnp.ones((channels,), dtype),
       mu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
       nu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
-      dmu_buffer=jnp.zeros((taylor,) + g + kernel_shape[:-1], dtype),
-      dnu_buffer=jnp.zeros((taylor,) + g + kernel_shape, dtype),
+      dmu_buffer=jnp.zeros((taylor,) + g + kernel_shape[:-1], derivative_dtype),
+      dnu_buffer=jnp.zeros((taylor,) + g + kernel_shape, derivative_dtype),
       mu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
       nu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
       count=jnp.zeros((), jnp.int32),
@@ -500,6 +525,32 @@ def taylor_offsets(
   return mu - mu_dot, nu - nu_dot
 
 
+def stored_entries(
+    mu: jax.Array, nu: jax.Array, dmu: jax.Array, dnu: jax.Array, kernel: jax.Array,
+    derivative_dtype: Any = jnp.float32,
+) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """New entries as the buffers hold them: ``(dmu, dnu, mu_offset, nu_offset)``.
+
+  The derivatives are rounded to ``derivative_dtype``
+  (``CBNConfig.derivative_dtype``) *before* the offsets are taken with them,
+  so that :func:`compensate` returns the measured ``(mu, nu)`` exactly at the
+  kernel they were measured with; a narrower dtype rounds only the Taylor
+  step ``d . (W - W_old)``.
+
+  Args:
+    mu, nu: ``(P, C)`` statistics measured with ``kernel``.
+    dmu: ``(P, *K)``; dnu: ``(P, *K, C)``, from :func:`moment_derivatives`.
+    kernel: ``(*K, C)``.
+    derivative_dtype: the buffers' dtype.
+
+  Returns:
+    ``dmu``, ``dnu`` in ``derivative_dtype`` and the ``(P, C)`` offsets of
+    :func:`taylor_offsets`.
+  """
+  dmu, dnu = dmu.astype(derivative_dtype), dnu.astype(derivative_dtype)
+  return (dmu, dnu) + taylor_offsets(mu, nu, dmu, dnu, kernel)
+
+
 def compensate(
     mu_offset: jax.Array,
     nu_offset: jax.Array,
@@ -533,15 +584,18 @@ def compensate(
 def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
   """Per-entry, per-channel ``(dmu . W, dnu . W)``, each ``(*E, C)``.
 
-  ``dmu`` is ``(*E, *K)`` and ``dnu`` ``(*E, *K, C)`` for entry axes ``E``;
-  the kernel is a constant unless ``differentiable``.
+  ``dmu`` is ``(*E, *K)`` and ``dnu`` ``(*E, *K, C)`` for entry axes ``E``,
+  in any floating dtype (``CBNConfig.derivative_dtype``): the products are
+  taken in at least float32, never with a rounded kernel. The kernel is a
+  constant unless ``differentiable``.
   """
   channels = kernel.shape[-1]
   lead = dnu.shape[:dnu.ndim - kernel.ndim]
   if not differentiable:
     kernel = lax.stop_gradient(kernel)
-  w = kernel.astype(dnu.dtype).reshape(-1, channels)
-  mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(math.prod(lead), -1), w)
+  dtype = jnp.promote_types(jnp.promote_types(dnu.dtype, kernel.dtype), jnp.float32)
+  w = kernel.astype(dtype).reshape(-1, channels)
+  mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(math.prod(lead), -1).astype(dtype), w)
   nu_dot = _channel_inner(dnu.reshape(math.prod(lead), -1, channels), w)
   return mu_dot.reshape(lead + (channels,)), nu_dot.reshape(lead + (channels,))
 
@@ -555,12 +609,13 @@ def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
 # axis XLA copies the whole array into a (C, E, K) layout (30-40 ms); as a
 # sum over K it strides through it (60 ms). The backward pass is
 # elementwise: w's cotangent is one sum over the E entries (1 ms; autodiff's
-# transpose of the matrix-vector product takes 60 ms).
+# transpose of the matrix-vector product takes 60 ms). A narrower d (a
+# bfloat16 buffer) is widened to w's dtype inside the products' fusions.
 @jax.custom_vjp
 def _channel_inner(d, w):
   if d.shape[0] == 0:
-    return jnp.zeros((0, d.shape[2]), jnp.promote_types(d.dtype, w.dtype))
-  return jnp.einsum("ek,ekc->ec", jnp.ones(d.shape[:2], d.dtype), d * w[None])
+    return jnp.zeros((0, d.shape[2]), w.dtype)
+  return jnp.einsum("ek,ekc->ec", jnp.ones(d.shape[:2], w.dtype), d.astype(w.dtype) * w[None])
 
 
 def _channel_inner_fwd(d, w):
@@ -569,9 +624,10 @@ def _channel_inner_fwd(d, w):
 
 def _channel_inner_bwd(res, ct):
   d, w = res
-  grad_w = functools.reduce(jnp.add, [d[e] * ct[e][None] for e in range(d.shape[0])],
-                            jnp.zeros_like(w))
-  return ct[:, None, :] * w[None], grad_w
+  grad_w = functools.reduce(
+      jnp.add, [d[e].astype(w.dtype) * ct[e][None] for e in range(d.shape[0])],
+      jnp.zeros_like(w))
+  return (ct[:, None, :] * w[None]).astype(d.dtype), grad_w
 
 
 _channel_inner.defvjp(_channel_inner_fwd, _channel_inner_bwd)
@@ -785,6 +841,15 @@ def _checked_tap(y, x, kernel, state, config, groups, tap, where):
              if averaged and name in ("g_buffer", "psi_buffer") else "")
           + "."
       )
+  if past > 0 and not config.naive and config.derivative_dtype is not None:
+    expected_dtype = jnp.dtype(config.derivative_dtype)
+    for name in ("dmu_buffer", "dnu_buffer"):
+      actual = getattr(state, name).dtype
+      if actual != expected_dtype:
+        raise ValueError(
+            f"{where}: state '{name}' has dtype {actual} but derivative_dtype is "
+            f"{expected_dtype.name} (make it with init_state(..., "
+            f"derivative_dtype={expected_dtype.name!r})).")
   if tap is not None and not averaged:
     raise ValueError(
         f"{where}: a backward-statistics tap was given but backward="
@@ -883,7 +948,8 @@ def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config
         x[-rows:], y32[-rows:], kernel, spec, newest, config.axis_name,
         config.axis_index_groups, config.derivative_stride,
     )
-    mu_offset, nu_offset = taylor_offsets(mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel)
+    dmu, dnu, mu_offset, nu_offset = stored_entries(
+        mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel, state.dnu_buffer.dtype)
     pushed.update(
         dmu_buffer=push("dmu_buffer", dmu),
         dnu_buffer=push("dnu_buffer", dnu),

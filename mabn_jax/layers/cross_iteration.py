@@ -47,7 +47,7 @@ class CrossIterationConvNorm(nn.Module):
       ``flax.linen.BatchNorm``), ``mu_buffer``/``nu_buffer`` ``(P, C)``,
       and unless ``naive`` ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
       ``(P, *K, C)`` and ``mu_offset``/``nu_offset`` ``(P, C)`` (float32,
-      newest entry last; derivatives of the effective, centred if
+      the derivative buffers in ``derivative_dtype``; newest entry last; derivatives of the effective, centred if
       ``centered``, kernel; see
       :class:`~mabn_jax.functional.cross_iteration.CBNState`), ``count``
       ``()`` int32 (valid entries), ``step`` ``()`` int32, and
@@ -102,6 +102,10 @@ class CrossIterationConvNorm(nn.Module):
       ``s``-th output position per spatial axis only (about ``1 / s^d`` of
       the extra backward-weight convolution's cost; the moments stay the
       full ones). ``1`` (the default): the exact derivatives.
+    derivative_dtype: dtype of the ``dmu_buffer``/``dnu_buffer`` variables
+      (``None``, the default: float32); ``jnp.bfloat16`` halves their memory and per-step
+      traffic (the new entries' derivatives are rounded to it; the Taylor
+      offsets and inner products stay float32).
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
@@ -131,6 +135,7 @@ class CrossIterationConvNorm(nn.Module):
   backward: str = F.CBNConfig.backward
   running_stats: str = F.CBNConfig.running_stats
   derivative_stride: int = F.CBNConfig.derivative_stride
+  derivative_dtype: Any = F.CBNConfig.derivative_dtype
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None
@@ -226,7 +231,7 @@ class _CrossIterationNorm(nn.Module):
     averaged = self.config.backward == "averaged"
     initial = F.init_state(kernel.shape, self.config.window, naive=self.config.naive,
                            groups=groups if self.config.group_history else None,
-                           averaged=averaged)
+                           averaged=averaged, derivative_dtype=self.config.derivative_dtype)
     # Empty fields (window 1, or the naive variant's derivative buffers) are
     # constants, not variables: checkpointers reject zero-size arrays.
     declared = [name for name in F.CBNState._fields if getattr(initial, name).size]

@@ -37,8 +37,8 @@ class CrossIterationConvNorm(nnx.Module):
     ``norm``: ``nnx.Param`` ``scale``/``bias`` ``(C,)``; ``nnx.BatchStat``
       ``mean``/``var`` ``(C,)``, ``mu_buffer``/``nu_buffer`` ``(P, C)`` and,
       unless ``naive``, ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
-      ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, newest
-      last; with ``group_history`` a group axis follows ``P``), ``count``,
+      ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, the
+      derivative buffers in ``derivative_dtype``; newest last; with ``group_history`` a group axis follows ``P``), ``count``,
       ``step`` and ``nonfinite_count`` ``()`` int32; with
       ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)`` and
       the :class:`~mabn_jax.nnx.BackwardStat` taps ``g_increment``/
@@ -52,7 +52,7 @@ class CrossIterationConvNorm(nnx.Module):
     use_bias: whether the convolution has a bias.
     centered: weight-centralized kernel.
     window, burn_in, naive, group_history, backward, running_stats,
-    derivative_stride, momentum, epsilon, norm_batch_size, axis_name,
+    derivative_stride, derivative_dtype, momentum, epsilon, norm_batch_size, axis_name,
     axis_index_groups: as the linen
       layer (the same :class:`~mabn_jax.functional.cross_iteration.CBNConfig`).
     num_groups: with ``group_history``, the number ``G`` of normalization
@@ -84,6 +84,7 @@ class CrossIterationConvNorm(nnx.Module):
       backward: str = F.CBNConfig.backward,
       running_stats: str = F.CBNConfig.running_stats,
       derivative_stride: int = F.CBNConfig.derivative_stride,
+      derivative_dtype: Any = F.CBNConfig.derivative_dtype,
       momentum: float = 0.9,
       epsilon: float = 1e-5,
       norm_batch_size: Optional[int] = None,
@@ -106,7 +107,8 @@ class CrossIterationConvNorm(nnx.Module):
     self.config = F.CBNConfig(
         window=window, burn_in=burn_in, naive=naive, group_history=group_history,
         backward=backward, running_stats=running_stats,
-        derivative_stride=derivative_stride, momentum=momentum, epsilon=epsilon,
+        derivative_stride=derivative_stride, derivative_dtype=derivative_dtype,
+        momentum=momentum, epsilon=epsilon,
         norm_batch_size=norm_batch_size,
         axis_name=axis_name, axis_index_groups=C.hashable_groups(axis_index_groups))
     self.config.validate(where)
@@ -177,7 +179,8 @@ class _CrossIterationNorm(nnx.Module):
   def initial_state(self) -> F.CBNState:
     return F.init_state(self.kernel_shape, self.config.window, naive=self.config.naive,
                         groups=self.history_groups,
-                        averaged=self.config.backward == "averaged")
+                        averaged=self.config.backward == "averaged",
+                        derivative_dtype=self.config.derivative_dtype)
 
   def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
                where: str):
