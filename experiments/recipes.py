@@ -81,6 +81,11 @@ RECIPES: Dict[str, Recipe] = {
     "cbn_exact_pooled": Recipe("cbn", {"backward": "exact", "running_stats": "pooled"},
                                description="CBN, exact gradient, inference statistics "
                                            "averaged from the pooled ones (ours)"),
+    "cbn_exact_pooled_fast": Recipe(
+        "cbn", {"backward": "exact", "running_stats": "pooled", "derivative_stride": 2,
+                "derivative_dtype": "bfloat16"},
+        description="cbn_exact_pooled with the cheaper derivatives: every 2nd position, "
+                    "bfloat16 buffers"),
     "cbn_exact_pooled_w8": Recipe("cbn", {"backward": "exact", "running_stats": "pooled",
                                           "window": 8},
                                   description="CBN, exact gradient, pooled inference "

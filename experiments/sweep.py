@@ -195,6 +195,7 @@ def _plot():
 def _save_plot(plt, fig, out_dir: str) -> None:
   """Writes ``fig`` to ``<out_dir>/plot.png`` and closes it."""
   fig.tight_layout()
+  os.makedirs(out_dir, exist_ok=True)  # a --dry_run before any run has no directory yet
   fig.savefig(os.path.join(out_dir, "plot.png"), dpi=120)
   plt.close(fig)
 

@@ -155,6 +155,26 @@ def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path
   assert capsys.readouterr().out.count("skip ") == 3
 
 
+def test_dry_run_before_any_run_and_the_fast_cbn_recipe(tmp_path):
+  """A --dry_run with nothing trained writes an empty table and plot (it
+  used to fail on the missing directory); the CBN recipe with the cheaper
+  derivatives (every 2nd position, bfloat16 buffers given as a JSON string)
+  trains and records its settings."""
+  args = ["recipes", *TINY, "--epochs", "0.25", "--recipes", "cbn_exact_pooled_fast",
+          "--batch_sizes", "2", "--seeds", "0", "--results_root", str(tmp_path),
+          "--name", "fast"]
+  assert sweep.main([*args, "--dry_run"]) == 0
+  assert {"table.md", "plot.png"} <= set(_files(tmp_path, "fast"))
+  assert not os.path.exists(tmp_path / "fast" / "runs" / "cbn_exact_pooled_fast_b2_s0")
+  assert sweep.main(args) == 0
+  with open(tmp_path / "fast" / "runs" / "cbn_exact_pooled_fast_b2_s0" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["config"]["norm_kwargs"] == {
+      "backward": "exact", "running_stats": "pooled", "derivative_stride": 2,
+      "derivative_dtype": "bfloat16"}
+  assert summary["finished"] and summary["final_test_top1"] is not None
+
+
 def _runs(**test_by_seed):
   return [{"config": {"seed": int(s[1:])}, "final_test_top1": v} for s, v in test_by_seed.items()]
 
