@@ -269,7 +269,8 @@ def _plot_against_batch(out_dir: str, series: Dict[str, List[List[float]]], size
   ax.set_xlabel("normalization batch size b")
   ax.set_ylabel("test top-1 (%)")
   ax.set_title(title)
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:  # nothing finished yet: an empty plot
+    ax.legend(fontsize=8)
   _save_plot(plt, fig, out_dir)
 
 
