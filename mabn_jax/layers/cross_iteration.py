@@ -47,8 +47,8 @@ class CrossIterationConvNorm(nn.Module):
       ``flax.linen.BatchNorm``), ``mu_buffer``/``nu_buffer`` ``(P, C)``,
       and unless ``naive`` ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
       ``(P, *K, C)`` and ``mu_offset``/``nu_offset`` ``(P, C)`` (float32,
-      the derivative buffers in ``derivative_dtype``; newest entry last; derivatives of the effective, centred if
-      ``centered``, kernel; see
+      the derivative buffers in ``derivative_dtype``; newest entry last;
+      derivatives of the effective, centred if ``centered``, kernel; see
       :class:`~mabn_jax.functional.cross_iteration.CBNState`), ``count``
       ``()`` int32 (valid entries), ``step`` ``()`` int32, and
       ``nonfinite_count`` ``()`` int32 (steps skipped because their
@@ -103,9 +103,9 @@ class CrossIterationConvNorm(nn.Module):
       the extra backward-weight convolution's cost; the moments stay the
       full ones). ``1`` (the default): the exact derivatives.
     derivative_dtype: dtype of the ``dmu_buffer``/``dnu_buffer`` variables
-      (``None``, the default: float32); ``jnp.bfloat16`` halves their memory and per-step
-      traffic (the new entries' derivatives are rounded to it; the Taylor
-      offsets and inner products stay float32).
+      (``None``, the default: float32); ``jnp.bfloat16`` halves their
+      memory and per-step traffic (the new entries' derivatives are rounded
+      to it; the Taylor offsets and inner products stay float32).
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.

@@ -38,7 +38,8 @@ class CrossIterationConvNorm(nnx.Module):
       ``mean``/``var`` ``(C,)``, ``mu_buffer``/``nu_buffer`` ``(P, C)`` and,
       unless ``naive``, ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
       ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, the
-      derivative buffers in ``derivative_dtype``; newest last; with ``group_history`` a group axis follows ``P``), ``count``,
+      derivative buffers in ``derivative_dtype``; newest last; with
+      ``group_history`` a group axis follows ``P``), ``count``,
       ``step`` and ``nonfinite_count`` ``()`` int32; with
       ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)`` and
       the :class:`~mabn_jax.nnx.BackwardStat` taps ``g_increment``/
