@@ -12,9 +12,12 @@ statistics of the batch of ``lag`` steps ago to the current kernel (naive:
 not at all; Taylor with derivatives at stride 1, 2, 4, each stored in float32
 and in bfloat16 (``CBNConfig.derivative_dtype``, which halves the derivative
 buffers' memory)) and compare them with the statistics recomputed with the
-current kernel on the same layer input::
+current kernel on the same layer input. ``--task segmentation`` measures
+the same on the segmentation experiment's U-Net trained at a true batch of 2
+(``experiments/segmentation.py``)::
 
   python -m benchmarks.cbn_derivatives --steps 300 --json benchmarks/results/cbn_derivatives_cpu.json
+  python -m benchmarks.cbn_derivatives --task segmentation --steps 2000 --strides 1 --dtypes float32
 
 Printed and written: per layer and lag, the relative error of the variance
 ``|var_est - var| / |var|`` and of ``nu = mean(y^2)`` (norms over channels).
@@ -128,9 +131,48 @@ def train(steps: int, batch: int, seed: int, train_subset: int, lr: float, keep:
   return model, history + [(variables, None)]
 
 
+def train_segmentation(steps: int, seed: int, keep: int, preset: str = "seg_cpu",
+                       epochs: float = 16.0, **overrides):
+  """The segmentation experiment's U-Net with CBN at a true batch of 2
+  (``experiments/segmentation.py``: its preset and learning-rate schedule
+  for ``epochs``), stopped after ``steps``; returns what :func:`train` does.
+  ``overrides`` replace fields of the preset (the tests' tiny data)."""
+  from experiments import segmentation as S
+  from experiments import segmentation_data as seg_data
+  from experiments.segmentation_models import UNet
+
+  config = S.preset(preset, norm="cbn", batch_size=2, seed=seed, epochs=epochs, **overrides)
+  dataset = S.load_data(config)
+  model = UNet(config.normalizer(), dataset.num_classes, tuple(config.widths))
+  steps_per_epoch = len(dataset.train) // config.batch_size
+  tx = S.make_optimizer(config, S.learning_rate_schedule(
+      config, steps_per_epoch, config.total_steps(len(dataset.train))))
+  train_step, _ = S.step_functions(model, tx, dataset.num_classes)
+  variables = jax.tree_util.tree_map(jnp.asarray, S.init_variables(model, config, dataset))
+  opt_state = tx.init(variables["params"])
+  history, t, epoch = [], 0, 0
+  while t < steps:
+    for batch in seg_data.train_batches(dataset.train, dataset.mean, dataset.std,
+                                        config.batch_size, seed, epoch, config.flip):
+      # The step donates its inputs: keep copies of the last ``keep`` states.
+      kept = jax.tree_util.tree_map(jnp.copy, variables)
+      history = (history + [(kept, jnp.asarray(batch["image"]))])[-keep:]
+      variables, opt_state, loss = train_step(variables, opt_state, batch)
+      t += 1
+      if t % 100 == 0:
+        print(f"step {t}: loss {float(loss):.3f}", flush=True)
+      if t >= steps:
+        break
+    epoch += 1
+  return model, history + [(variables, None)]
+
+
 def run(args) -> Dict[str, Any]:
   keep = max(args.lags)
-  model, history = train(args.steps, args.batch, args.seed, args.train_subset, args.lr, keep)
+  if args.task == "segmentation":
+    model, history = train_segmentation(args.steps, args.seed, keep, args.seg_preset)
+  else:
+    model, history = train(args.steps, args.batch, args.seed, args.train_subset, args.lr, keep)
   current, _ = history[-1]
   report = {"config": vars(args), "layers": {}}
   for lag in args.lags:
@@ -159,6 +201,12 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--task", choices=("classification", "segmentation"),
+                      default="classification",
+                      help="classification: the 6-conv CNN on CIFAR-10 (batch --batch, lr "
+                           "--lr); segmentation: the segmentation experiment's U-Net at a "
+                           "true batch of 2 (its 16-epoch schedule, stopped after --steps)")
+  parser.add_argument("--seg_preset", default="seg_cpu")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--lr", type=float, default=0.05)

@@ -9,9 +9,13 @@ compiles each of them once. It starts empty and is deleted when the run
 ends, so every run compiles from scratch.
 """
 
+import io
 import os
 import shutil
+import tarfile
 import tempfile
+
+import pytest
 
 # The test programs are tiny and each is compiled once: LLVM's optimization
 # of the CPU code costs more time than it saves (about 10% of the suite).
@@ -33,3 +37,32 @@ if _OWN_CACHE:
 def pytest_sessionfinish(session, exitstatus):
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def write_cifar_tarball(path: str, per_class=(2, 1), seed: int = 0) -> None:
+  """A tiny CIFAR-10 JPEG tarball in the layout of ``../shared/data/cifar10``:
+  ``per_class`` random train/test images per class."""
+  import numpy as np
+  from PIL import Image
+
+  from experiments import data as D
+
+  rng = np.random.default_rng(seed)
+  with tarfile.open(path, "w:gz") as archive:
+    for split, count in zip(("train", "test"), per_class):
+      for cls in D.CIFAR10_CLASSES:
+        for i in range(count):
+          buf = io.BytesIO()
+          Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+          info = tarfile.TarInfo(f"cifar10/{split}/{cls}/{i:04d}.jpg")
+          info.size = buf.tell()
+          buf.seek(0)
+          archive.addfile(info, buf)
+
+
+@pytest.fixture
+def tiny_tarball(tmp_path):
+  """Path of a :func:`write_cifar_tarball` tarball (2 train, 1 test image per class)."""
+  path = str(tmp_path / "cifar10-jpeg.tar.gz")
+  write_cifar_tarball(path)
+  return path

@@ -144,3 +144,32 @@ def test_compensation_benchmark_forms_agree_and_are_timed():
   medians = cbn_compensation.run((2, 9, 4), rounds=1, repeats=1)
   assert set(medians) == {"library", "library_vjp", "einsum", "einsum_vjp", "sum", "sum_vjp"}
   assert all(ms > 0 for ms in medians.values())
+
+
+def test_derivative_benchmark_trains_the_segmentation_unet_at_batch_2(tmp_path, tiny_tarball):
+  """``--task segmentation``: the segmentation experiment's U-Net with CBN at
+  a true batch of 2, each kept state the one its step started from (the step
+  donates its inputs), and every CBN layer of it measured."""
+  from benchmarks import cbn_derivatives as CD
+
+  model, history = CD.train_segmentation(
+      3, 0, 2, "seg_quick", epochs=1.0, widths=(4, 8), tarball=tiny_tarball,
+      cache_dir=str(tmp_path / "cache"))
+  assert len(history) == 3 and history[-1][1] is None
+  assert all(images.shape[0] == 2 for _, images in history[:-1])
+  from flax import traverse_util
+
+  def layer_steps(variables):
+    flat = traverse_util.flatten_dict(variables["batch_stats"])
+    return {int(v) for k, v in flat.items() if k[-1] == "step"}
+
+  # The states steps 2 and 3 started from, then the final one.
+  assert [layer_steps(v) for v, _ in history] == [{1}, {2}, {3}]
+  inputs = CD._layer_inputs(model, history[0][0], history[0][1])
+  assert len(inputs) >= 4
+  path = sorted(inputs)[0]
+  x, w_old, spec = inputs[path]
+  w_new = CD._layer_inputs(model, history[-1][0], history[0][1])[path][1]
+  errors = CD.compensation_errors(x, w_old, w_new, spec, [1])
+  assert errors["kernel change"]["relative"] > 0
+  assert set(errors) == {"naive", "stride 1", "kernel change"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -263,30 +262,6 @@ def test_learning_rate_scales_linearly_from_the_reference_batch():
 
 # --------------------------------------------------------------------------
 # The command line and fine-tuning.
-
-
-def _write_tarball(path: str, per_class=(2, 1), seed: int = 0) -> None:
-  """A tiny CIFAR-10 JPEG tarball: ``per_class`` train/test images per class."""
-  from PIL import Image
-
-  rng = np.random.default_rng(seed)
-  with tarfile.open(path, "w:gz") as archive:
-    for split, count in zip(("train", "test"), per_class):
-      for cls in D.CIFAR10_CLASSES:
-        for i in range(count):
-          buf = io.BytesIO()
-          Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
-          info = tarfile.TarInfo(f"cifar10/{split}/{cls}/{i:04d}.jpg")
-          info.size = buf.tell()
-          buf.seek(0)
-          archive.addfile(info, buf)
-
-
-@pytest.fixture
-def tiny_tarball(tmp_path):
-  path = str(tmp_path / "cifar10-jpeg.tar.gz")
-  _write_tarball(path)
-  return path
 
 
 def _cli(tmp_path, tarball, *extra):
