@@ -328,6 +328,15 @@ def test_compensated_statistics_of_a_past_batch_are_closer_to_exact_than_naive()
   assert 6.0 < ratio < 16.0, ratio
 
 
+def _moments_at_old_and_new_kernel(x, w_old, w_new):
+  """``(spec, y_old, (mu_old, nu_old), (mu_new, nu_new))`` of a 'SAME' conv
+  of ``x`` with the kernel before and after a change (one group)."""
+  spec = F.ConvSpec.make(2)
+  y_old = F.conv(x, w_old, spec)
+  return (spec, y_old, F.batch_moments(y_old, 1),
+          F.batch_moments(F.conv(x, w_new, spec), 1))
+
+
 def test_compensation_with_strided_derivatives_still_beats_the_naive_statistics():
   """Derivatives over every second position (a quarter of them) estimate the
   Taylor step from a sample, so on a spatially smooth input (a 3x3 box blur
@@ -339,11 +348,8 @@ def test_compensation_with_strided_derivatives_still_beats_the_naive_statistics(
   x_old = jnp.asarray(smooth / smooth.std() + 0.3, jnp.float32)
   w_old = jnp.asarray(rng.normal(size=(3, 3, 4, 6)) * 0.2, jnp.float32)
   w_new = w_old + 0.01 * jnp.asarray(rng.normal(size=w_old.shape) * 0.2, jnp.float32)
-  spec = F.ConvSpec.make(2)
-  y_old = F.conv(x_old, w_old, spec)
-  mu_old, nu_old = F.batch_moments(y_old, 1)
-  mu_exact, nu_exact = F.batch_moments(F.conv(x_old, w_new, spec), 1)
-
+  spec, y_old, (mu_old, nu_old), (mu_exact, nu_exact) = _moments_at_old_and_new_kernel(
+      x_old, w_old, w_new)
   var_exact = nu_exact - mu_exact ** 2
 
   def var_error(mu, nu):
@@ -842,10 +848,7 @@ def test_bfloat16_derivatives_are_exact_at_the_old_kernel_and_round_only_the_tay
   x = jnp.asarray(rng.normal(size=(4, 8, 8, 16)) + 0.3, jnp.float32)
   w_old = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) * 0.1, jnp.float32)
   w_new = w_old + 0.01 * jnp.asarray(rng.normal(size=w_old.shape) * 0.1, jnp.float32)
-  spec = F.ConvSpec.make(2)
-  y_old = F.conv(x, w_old, spec)
-  mu_old, nu_old = F.batch_moments(y_old, 1)
-  mu_new, nu_new = F.batch_moments(F.conv(x, w_new, spec), 1)
+  spec, y_old, (mu_old, nu_old), (_, nu_new) = _moments_at_old_and_new_kernel(x, w_old, w_new)
   dmu, dnu = F.moment_derivatives(x, y_old, w_old, spec, 1)
 
   def carried(dtype, kernel):
