@@ -103,9 +103,9 @@ class CrossIterationConvNorm(nn.Module):
       the extra backward-weight convolution's cost; the moments stay the
       full ones). ``1`` (the default): the exact derivatives.
     derivative_dtype: dtype of the ``dmu_buffer``/``dnu_buffer`` variables
-      (``None``, the default: float32); ``jnp.bfloat16`` halves their
-      memory and per-step traffic (the new entries' derivatives are rounded
-      to it; the Taylor offsets and inner products stay float32).
+      (``None``, the default: float32); ``jnp.bfloat16`` halves them (the
+      new entries' derivatives are rounded to it; the Taylor offsets and
+      inner products stay float32; see ``CBNConfig.derivative_dtype``).
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
