@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
+from mabn_jax.functional import statistics as st
 
 BACKWARD_STATS = "backward_stats"
 """Collection holding the zero-valued taps of backward statistics."""
@@ -166,7 +167,7 @@ def add_increment(stat: jax.Array, increment: jax.Array) -> jax.Array:
   value for this step.
   """
   increment = increment.astype(stat.dtype)
-  return jnp.where(jnp.all(jnp.isfinite(increment)), stat + increment, stat)
+  return jnp.where(st.all_finite(increment), stat + increment, stat)
 
 
 def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,6 +48,22 @@ def test_num_groups_errors_name_both_numbers():
     st.num_groups(1, 2)
   with pytest.raises(ValueError, match=r"positive integer"):
     st.num_groups(4, 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("bad", [None, jnp.nan, jnp.inf, -jnp.inf])
+def test_all_finite_is_all_isfinite_at_the_extremes_of_the_dtype(dtype, bad):
+  # sum(x * 0) == 0 must not overflow at the largest finite values, nor miss
+  # a single NaN/Inf among them, in eager mode and compiled.
+  big = float(jnp.finfo(dtype).max)
+  values = jnp.array([big, -big, big, 0.0, float(jnp.finfo(dtype).tiny)] * 8, dtype)
+  if bad is not None:
+    values = values.at[17].set(bad)
+  tree = {"x": values, "count": jnp.array(3)}
+  expected = bad is None
+  assert bool(st.all_finite(tree)) is expected
+  assert bool(jax.jit(st.all_finite)(tree)) is expected
+  assert bool(jax.jit(st.all_finite)(values.reshape(5, 8))) is expected
 
 
 def test_keep_if_finite_keeps_old_state_on_nan():

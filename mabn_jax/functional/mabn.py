@@ -417,7 +417,7 @@ def tap_increment(new_buffer: jax.Array, buffer: jax.Array, *batch_stats) -> jax
   that the training loop keeps the buffer (as the forward state is kept,
   :func:`mabn_jax.training.add_increment`).
   """
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in batch_stats]))
+  finite = st.all_finite(batch_stats)
   return jnp.where(finite, new_buffer - buffer, jnp.nan)
 
 
