@@ -23,6 +23,11 @@ measure what each part costs, never to train with:
   :func:`~mabn_jax.training.add_increment`): a NaN would reach the state;
 * ``mabn_uncentred``: the convolutions' kernels used as they are (no
   weight centralization, so MABN's premise of zero-mean inputs is gone);
+* ``mabn_bool_guard``: the finiteness guards as a reduction of booleans,
+  ``all(isfinite(x))``, instead of the library's one float reduction
+  ``sum(x * 0) == 0`` (the same decision;
+  :func:`~mabn_jax.functional.statistics.all_finite`): what the guards cost
+  before that change;
 * ``mabn_two_mul``: MABN's forward affine map written
   ``x * (r / sigma) * gamma + beta`` instead of ``x * (r gamma / sigma) + beta``
   (the same values up to rounding; it changes how XLA's CPU backend
@@ -67,6 +72,12 @@ def _add_increment_unguarded(stat, increment):
   return stat + increment.astype(stat.dtype)
 
 
+def _all_finite_boolean(tree):
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def _center_kernel_none(kernel, after=None):
   del after
   return kernel
@@ -91,6 +102,7 @@ ABLATIONS: Dict[str, list] = {
                        (functional_mabn, "tap_increment", _tap_increment_unguarded),
                        (training, "add_increment", _add_increment_unguarded)],
     "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],
+    "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
     "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
 }
 VARIANTS = ("flax_bn", "bn", "mabn") + tuple(ABLATIONS)

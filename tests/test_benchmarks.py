@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import bench
 
@@ -112,19 +113,21 @@ def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
   assert "| mabn_unguarded |" in table and "compile / flax BN" in table
 
 
-def test_two_multiply_ablation_is_the_same_training_step():
-  """``mabn_two_mul`` differs from MABN only in how XLA compiles it, not in what it computes."""
+@pytest.mark.parametrize("variant", ["mabn_two_mul", "mabn_bool_guard"])
+def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(variant):
+  """``mabn_two_mul`` and ``mabn_bool_guard`` differ from MABN only in how XLA
+  compiles them, not in what they compute."""
   import jax
   import numpy as np
 
   from benchmarks import compile_time as CT
 
   outputs = {}
-  for variant in ("mabn", "mabn_two_mul"):
-    with CT.ablated(variant) as norm:
+  for name in ("mabn", variant):
+    with CT.ablated(name) as norm:
       step, args = bench.training_step_and_args(bench.SMOKE_MODEL, norm, 4, 8)
-      outputs[variant] = jax.jit(step)(*args)
-  (v1, _, l1), (v2, _, l2) = outputs["mabn"], outputs["mabn_two_mul"]
+      outputs[name] = jax.jit(step)(*args)
+  (v1, _, l1), (v2, _, l2) = outputs["mabn"], outputs[variant]
   np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                          v1, v2)
