@@ -183,7 +183,14 @@ def training_step_and_args(network: str, norm: str, batch: int, size: int):
 
 
 def build_training_step(network: str, norm: str, batch: int, size: int):
-  """Returns ``(compiled_step, args, compile_seconds, memory)`` for one variant."""
+  """Returns ``(compiled_step, args, compile_seconds, memory)`` for one variant.
+
+  Every call starts from empty JAX caches, as a fresh process would: the
+  variables are initialized (which traces the layers, as a user's
+  ``model.init`` does), then the step is traced and compiled, so a later
+  round is not faster for having traced the same layers before.
+  """
+  jax.clear_caches()
   train_step, args = training_step_and_args(network, norm, batch, size)
   start = time.perf_counter()
   # Variables and optimizer state are donated, as in a real training loop, so

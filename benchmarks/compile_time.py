@@ -28,6 +28,11 @@ measure what each part costs, never to train with:
   ``sum(x * 0) == 0`` (the same decision;
   :func:`~mabn_jax.functional.statistics.all_finite`): what the guards cost
   before that change;
+* ``mabn_unshared``: the library's per-layer functions (MABN's training
+  step, the guarded commit, the tap's increment, the kernel centring) called
+  without their ``jax.jit``, so every layer traces its few dozen
+  ``jax.numpy`` calls again (the same program: what sharing the traces
+  saves);
 * ``mabn_two_mul``: MABN's forward affine map written
   ``x * (r / sigma) * gamma + beta`` instead of ``x * (r gamma / sigma) + beta``
   (the same values up to rounding; it changes how XLA's CPU backend
@@ -103,6 +108,9 @@ ABLATIONS: Dict[str, list] = {
                        (training, "add_increment", _add_increment_unguarded)],
     "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],
     "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
+    "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
+        (functional_mabn, "_train_step"), (st, "commit_if_finite"),
+        (training, "add_increment"), (centering, "center_kernel"))],
     "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
 }
 VARIANTS = ("flax_bn", "bn", "mabn") + tuple(ABLATIONS)
@@ -113,6 +121,10 @@ def ablated(variant: str) -> Iterator[str]:
   """Patches the library for ``variant`` while tracing; yields the registry norm."""
   patches = ABLATIONS.get(variant, [])
   saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+  # Every variant starts from empty JAX caches, as a fresh process would
+  # (and the library jits its per-layer steps, whose cached traces would
+  # ignore a patch of a function they call).
+  jax.clear_caches()
   try:
     for module, name, value in patches:
       setattr(module, name, value)
@@ -120,6 +132,7 @@ def ablated(variant: str) -> Iterator[str]:
   finally:
     for module, name, value in saved:
       setattr(module, name, value)
+    jax.clear_caches()
 
 
 def count_kernels(compiled) -> int:

@@ -160,6 +160,8 @@ def claim_tap(tap, where: str) -> None:
   claimed.append(tap)
 
 
+# Jitted so that the taps of equal shapes share one trace of it.
+@jax.jit
 def add_increment(stat: jax.Array, increment: jax.Array) -> jax.Array:
   """``stat + increment`` (a tap's cotangent), or ``stat`` if it is not finite.
 

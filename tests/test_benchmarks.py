@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.extend.core
 import numpy as np
 import pytest
 
@@ -113,10 +114,10 @@ def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
   assert "| mabn_unguarded |" in table and "compile / flax BN" in table
 
 
-@pytest.mark.parametrize("variant", ["mabn_two_mul", "mabn_bool_guard"])
+@pytest.mark.parametrize("variant", ["mabn_two_mul", "mabn_bool_guard", "mabn_unshared"])
 def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(variant):
-  """``mabn_two_mul`` and ``mabn_bool_guard`` differ from MABN only in how XLA
-  compiles them, not in what they compute."""
+  """These ablations differ from MABN only in how the step is traced or how
+  XLA compiles it, not in what it computes."""
   import jax
   import numpy as np
 
@@ -176,3 +177,26 @@ def test_derivative_benchmark_trains_the_segmentation_unet_at_batch_2(tmp_path, 
   errors = CD.compensation_errors(x, w_old, w_new, spec, [1])
   assert errors["kernel change"]["relative"] > 0
   assert set(errors) == {"naive", "stride 1", "kernel change"}
+
+
+def test_unshared_ablation_traces_every_layer_without_the_shared_jits():
+  from benchmarks import compile_time as CT
+
+  def shared_calls(variant):
+    with CT.ablated(variant) as norm:
+      step, args = bench.training_step_and_args(bench.SMOKE_MODEL, norm, 4, 8)
+      jaxpr = jax.make_jaxpr(step)(*args)
+    names = []
+
+    def visit(jaxpr):
+      for eqn in jaxpr.eqns:
+        names.append(eqn.params.get("name"))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          visit(sub)
+    visit(jaxpr.jaxpr)
+    return {n for n in names if n in ("_train_step", "commit_if_finite", "add_increment",
+                                       "center_kernel")}
+
+  assert shared_calls("mabn") == {"_train_step", "commit_if_finite", "add_increment",
+                                  "center_kernel"}
+  assert shared_calls("mabn_unshared") == set()

@@ -81,3 +81,23 @@ def test_every_group_chi_reaches_the_new_chi_ema_that_the_commit_checks(
     assert checked.chi_buffer.shape == (0, channels) and checked.psi_buffer.shape == (0, channels)
     assert not bool(jnp.isfinite(checked.chi_ema[1])), group
     np.testing.assert_array_equal(checked.chi_ema[::2], clean.chi_ema[::2])
+
+
+def test_normalizers_of_equal_shapes_share_one_trace_of_the_training_step():
+  # Tracing cost grows with the distinct (shape, config) pairs of a network,
+  # not with its number of MABN layers; the layer names stay per call.
+  x = jnp.ones((4, 3, 3, 5))
+  state = mabn.init_state(5)
+  tap = jnp.zeros_like(state.psi_buffer)
+
+  def two_layers(x, tap1, tap2, state1, state2):
+    y, new1 = mabn.normalize_train(x, state1, tap1, where="first")
+    z, new2 = mabn.normalize_train(2.0 * y, state2, tap2, where="second")
+    return jnp.sum(z), (new1, new2)
+
+  jaxpr = jax.make_jaxpr(two_layers)(x, tap, tap, state, state)
+  steps = [e for e in jaxpr.eqns if e.params.get("name") == "_train_step"]
+  assert len(steps) == 2
+  assert steps[0].params["jaxpr"] is steps[1].params["jaxpr"]
+  with pytest.raises(ValueError, match=r"^first: the MABN backward statistic is not being fed"):
+    jax.grad(lambda x: two_layers(x, tap, tap, state, state)[0])(x)

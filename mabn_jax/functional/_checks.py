@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
 
 def is_int_at_least(value: Any, low: int) -> bool:
@@ -19,3 +19,24 @@ def check_fields(where: str, checks: Iterable[Tuple[str, Any, bool, str]]) -> No
   for field, value, ok, expected in checks:
     if not ok:
       raise ValueError(f"{where}: {field} must be {expected}, got {value!r}.")
+
+
+class UnnamedLayerError(ValueError):
+  """An error found inside a computation traced once and shared by many
+  layers (a ``jax.jit`` whose cache must not depend on a layer's name).
+
+  It carries the message without the layer's name; the function that
+  called the shared computation re-raises it with :meth:`named`.
+  """
+
+  def named(self, where: str) -> ValueError:
+    """The ``ValueError`` this error stands for, naming ``where``."""
+    return ValueError(f"{where}: {self.args[0]}")
+
+
+def layer_error(where: Optional[str], message: str) -> ValueError:
+  """``ValueError(f"{where}: {message}")``, or an :class:`UnnamedLayerError`
+  carrying ``message`` if ``where`` is ``None``."""
+  if where is None:
+    return UnnamedLayerError(message)
+  return ValueError(f"{where}: {message}")

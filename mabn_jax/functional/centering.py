@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 
+# Jitted so that a network's convolutions of equal shapes share one trace of it.
+@jax.jit
 def center_kernel(kernel: jax.Array, after: Optional[jax.Array] = None) -> jax.Array:
   """Returns ``kernel`` minus its mean over all axes but the last (outputs).
 

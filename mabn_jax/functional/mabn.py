@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from mabn_jax.functional import statistics as st
-from mabn_jax.functional._checks import check_fields, is_int_at_least
+from mabn_jax.functional._checks import (
+    UnnamedLayerError, check_fields, is_int_at_least, layer_error)
 
 
 class MABNState(NamedTuple):
@@ -241,7 +242,21 @@ def normalize_train(
     )
   if tap is None:
     tap = jnp.zeros_like(state.psi_buffer)
+  try:
+    return _train_step(x, state, tap, scale, bias, config, axis, groups)
+  except UnnamedLayerError as error:
+    raise error.named(where) from None
 
+
+# One jit per (shapes, config): a network's layers of equal shapes share one
+# trace of the step (and its custom VJP), instead of tracing every layer's
+# few dozen jax.numpy calls again; XLA inlines it, so the compiled program is
+# the same. Errors found inside it are raised unnamed and named by the caller.
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _train_step(x, state, tap, scale, bias, config, axis, groups):
+  """:func:`normalize_train` after its checks (``axis`` non-negative,
+  ``groups`` the number of normalization groups)."""
+  buffer_size = state.chi_buffer.shape[0]
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   chi_batch = st.group_mean(
       jnp.square(x32), groups, axis, config.axis_name, config.axis_index_groups
@@ -268,7 +283,7 @@ def normalize_train(
       step == 1,
       jnp.ones((channels,), stat_dtype) if scale is None else scale,
       jnp.zeros((channels,), stat_dtype) if bias is None else bias,
-      groups, axis, config, where,
+      groups, axis, config, None,
   )
   new_state = MABNState(
       chi_ema=st.ema(state.chi_ema, jnp.mean(chi, axis=0), config.momentum),
@@ -309,8 +324,9 @@ def _stabilized_fwd(
     groups, axis, config, where,
 ):
   if x.perturbed and not tap.perturbed:
-    raise ValueError(
-        f"{where}: the MABN backward statistic is not being fed: the gradient "
+    raise layer_error(
+        where,
+        "the MABN backward statistic is not being fed: the gradient "
         "is taken with respect to the input but not the 'backward_stats' tap, "
         "so psi_buffer would go stale. Compute gradients with "
         "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
@@ -335,11 +351,14 @@ def _varying_axes(value) -> frozenset:
   return frozenset(getattr(aval, "vma", None) or ())
 
 
-def check_tap_varies_like_input(x, tap, config, where: str, normalizer: str = "mabn") -> None:
+def check_tap_varies_like_input(x, tap, config, where: Optional[str],
+                                normalizer: str = "mabn") -> None:
   """Raises if this device's ``Psi_B`` could not be returned through ``tap``.
 
   ``config`` is any config with ``axis_name``/``axis_index_groups`` (MABN's,
-  CBN's); ``normalizer`` is the registry name the message suggests.
+  CBN's); ``normalizer`` is the registry name the message suggests;
+  ``where`` names the layer (``None``: the error is a
+  :class:`~mabn_jax.functional._checks.UnnamedLayerError`).
 
   Under ``jax.shard_map`` a tap that is replicated over a mesh axis (the
   variables passed with ``P()``) while the input is split along it would get
@@ -354,8 +373,9 @@ def check_tap_varies_like_input(x, tap, config, where: str, normalizer: str = "m
   axes = sorted(_varying_axes(x) - _varying_axes(tap) - synced, key=str)
   if axes:
     name = axes[0] if len(axes) == 1 else tuple(axes)
-    raise ValueError(
-        f"{where}: under jax.shard_map the input varies over mesh axis {name!r} but the "
+    raise layer_error(
+        where,
+        f"under jax.shard_map the input varies over mesh axis {name!r} but the "
         "layer's state (its backward-statistics tap) is replicated over it (passed with "
         "P()), so this device's statistics cannot be stored in replicated state. Keep "
         f"per-device state: give the variables a leading device axis sharded with "

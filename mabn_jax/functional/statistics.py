@@ -285,6 +285,8 @@ def keep_if_finite(new, old, checked=None):
   return kept, finite
 
 
+# Jitted so that a network's layers of equal shapes share one trace of it.
+@jax.jit
 def commit_if_finite(new, old, nonfinite_count: jax.Array, checked=None):
   """``(values, nonfinite_count)`` after a step: the guard of every stateful layer.
 
