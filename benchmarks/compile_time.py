@@ -33,6 +33,9 @@ measure what each part costs, never to train with:
   without their ``jax.jit``, so every layer traces its few dozen
   ``jax.numpy`` calls again (the same program: what sharing the traces
   saves);
+* ``cbn`` (window 4) and ``cbn_unshared``: the same for CBN's training step
+  (``functional.cross_iteration._train_step``) and the shared commit and
+  tap functions;
 * ``mabn_two_mul``: MABN's forward affine map written
   ``x * (r / sigma) * gamma + beta`` instead of ``x * (r gamma / sigma) + beta``
   (the same values up to rounding; it changes how XLA's CPU backend
@@ -59,6 +62,7 @@ import jax.numpy as jnp
 import mabn_jax.training as training
 from benchmarks import bench
 from mabn_jax.functional import centering
+from mabn_jax.functional import cross_iteration
 from mabn_jax.functional import mabn as functional_mabn
 from mabn_jax.functional import statistics as st
 
@@ -111,9 +115,12 @@ ABLATIONS: Dict[str, list] = {
     "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
         (functional_mabn, "_train_step"), (st, "commit_if_finite"),
         (training, "add_increment"), (centering, "center_kernel"))],
+    "cbn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
+        (cross_iteration, "_train_step"), (st, "commit_if_finite"),
+        (training, "add_increment"))],
     "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
 }
-VARIANTS = ("flax_bn", "bn", "mabn") + tuple(ABLATIONS)
+VARIANTS = ("flax_bn", "bn", "mabn", "cbn") + tuple(ABLATIONS)
 
 
 @contextlib.contextmanager
@@ -128,7 +135,7 @@ def ablated(variant: str) -> Iterator[str]:
   try:
     for module, name, value in patches:
       setattr(module, name, value)
-    yield "mabn" if variant.startswith("mabn") else variant
+    yield variant.split("_")[0] if variant in ABLATIONS else variant
   finally:
     for module, name, value in saved:
       setattr(module, name, value)

@@ -179,7 +179,10 @@ def test_derivative_benchmark_trains_the_segmentation_unet_at_batch_2(tmp_path, 
   assert set(errors) == {"naive", "stride 1", "kernel change"}
 
 
-def test_unshared_ablation_traces_every_layer_without_the_shared_jits():
+@pytest.mark.parametrize("norm, shared", [
+    ("mabn", {"_train_step", "commit_if_finite", "add_increment", "center_kernel"}),
+    ("cbn", {"_train_step", "commit_if_finite"})])
+def test_unshared_ablation_traces_every_layer_without_the_shared_jits(norm, shared):
   from benchmarks import compile_time as CT
 
   def shared_calls(variant):
@@ -197,6 +200,5 @@ def test_unshared_ablation_traces_every_layer_without_the_shared_jits():
     return {n for n in names if n in ("_train_step", "commit_if_finite", "add_increment",
                                        "center_kernel")}
 
-  assert shared_calls("mabn") == {"_train_step", "commit_if_finite", "add_increment",
-                                  "center_kernel"}
-  assert shared_calls("mabn_unshared") == set()
+  assert shared_calls(norm) == shared
+  assert shared_calls(f"{norm}_unshared") == set()

@@ -925,3 +925,23 @@ def test_derivative_dtype_is_validated_with_the_layer_name():
     with pytest.raises(ValueError, match=r"c1.*derivative_dtype must be None or a floating "
                                          r"dtype"):
       model.init(jax.random.PRNGKey(0), x, use_running_average=False)
+
+
+def test_layers_of_equal_shapes_share_one_trace_of_the_training_step():
+  kernel = jnp.ones((3, 3, 2, 4)) * 0.1
+  x = jnp.ones((2, 5, 5, 2))
+  spec = F.ConvSpec.make(2)
+  config = F.CBNConfig(window=3, burn_in=0)
+  state = F.init_state(kernel.shape, 3)
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def two_layers(y, state1, state2):
+    a, new1 = F.normalize_train(y, x, kernel, state1, spec, config, None, "first")
+    b, new2 = F.normalize_train(a, x, kernel, state2, spec, config, None, "second")
+    return jnp.sum(b), (new1, new2)
+
+  jaxpr = jax.make_jaxpr(two_layers)(y, state, state)
+  steps = [e for e in jaxpr.eqns if e.params.get("name") == "_train_step"]
+  assert len(steps) == 2
+  assert steps[0].params["jaxpr"] is steps[1].params["jaxpr"]

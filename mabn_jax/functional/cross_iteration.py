@@ -128,7 +128,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from mabn_jax.functional import mabn as ma
 from mabn_jax.functional import statistics as st
-from mabn_jax.functional._checks import check_fields, is_int_at_least
+from mabn_jax.functional._checks import (
+    UnnamedLayerError, check_fields, is_int_at_least, layer_error)
 
 
 class CBNState(NamedTuple):
@@ -790,9 +791,20 @@ def normalize_train(
     least float32 (apply gamma and beta outside).
   """
   config.validate(where)
-  past = config.window - 1
   groups = st.num_groups(y.shape[0], config.norm_batch_size, where)
   tap = _checked_tap(y, x, kernel, state, config, groups, tap, where)
+  try:
+    return _train_step(y, x, kernel, state, bias, tap, spec, config, groups)
+  except UnnamedLayerError as error:
+    raise error.named(where) from None
+
+
+# One jit per (shapes, config), as MABN's (functional.mabn._train_step): a
+# network's layers of equal shapes share one trace of the step.
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _train_step(y, x, kernel, state, bias, tap, spec, config, groups):
+  """:func:`normalize_train` after its checks (``tap`` as ``_checked_tap`` returns it)."""
+  past = config.window - 1
   averaged = config.backward == "averaged"
   dtype = jnp.promote_types(y.dtype, jnp.float32)
   y32 = y.astype(dtype)
@@ -808,7 +820,7 @@ def normalize_train(
   if averaged and past > 0:
     xhat = _averaged_normalize(
         y32, tap[0], tap[1], lax.stop_gradient(mu_bar), lax.stop_gradient(inv_std),
-        state.g_buffer, state.psi_buffer, past_filled, burning, groups, config, where)
+        state.g_buffer, state.psi_buffer, past_filled, burning, groups, config, None)
   else:
     # With window 1 'averaged' is BN's backward: what 'batch' differentiates.
     xhat = _centred_scaled(y32, mu_bar, inv_std)
@@ -1006,8 +1018,9 @@ def _averaged_normalize(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer
 def _averaged_fwd(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer, past_filled,
                   burning, groups, config, where):
   if y.perturbed and not (g_tap.perturbed and psi_tap.perturbed):
-    raise ValueError(
-        f"{where}: the CBN backward statistics (backward='averaged') are not being "
+    raise layer_error(
+        where,
+        "the CBN backward statistics (backward='averaged') are not being "
         "fed: the gradient is taken with respect to the input or the kernel but not "
         "the 'backward_stats' taps (g_increment, psi_increment), so g_buffer and "
         "psi_buffer would go stale. Compute gradients with "
