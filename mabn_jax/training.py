@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
+
 from mabn_jax.functional import statistics as st
 
 BACKWARD_STATS = "backward_stats"

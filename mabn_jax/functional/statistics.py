@@ -258,9 +258,10 @@ def all_finite(tree) -> jax.Array:
   Each float leaf is tested as ``sum(leaf * 0) == 0``: ``leaf * 0`` is
   exactly 0 for a finite element and NaN for NaN or +-Inf, so the sum is 0
   exactly when all are finite (it cannot overflow: every term is 0 or NaN).
-  The same decision as ``all(isfinite(leaf))``, in one float reduction,
-  which XLA's CPU backend compiles as one kernel; a reduction of booleans
-  becomes three (``benchmarks/BENCHMARKS.md``, MABN's compile time).
+  The same decision as ``all(isfinite(leaf))``, as one float reduction:
+  XLA's CPU backend compiles a reduction of more than 32 booleans as three
+  kernels, and a float sum over a buffer as one library call
+  (``BENCHMARKS.md``, "The finiteness guards as one float reduction").
   """
   leaves = [
       jnp.sum(leaf * jnp.zeros((), jnp.result_type(leaf))) == 0
