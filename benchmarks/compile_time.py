@@ -93,15 +93,15 @@ def _center_kernel_none(kernel, after=None):
 
 
 def _two_multiplies(x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
-                    groups, axis, config, where):
-  del tap, psi_buffer, use_average, first_step, groups, config, where
+                    groups, axis, config):
+  del tap, psi_buffer, use_average, first_step, groups, config
   dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
   return (x.astype(dtype) * st.broadcast_groups(rate.astype(dtype), x, axis)
           * st.broadcast_channels(scale.astype(dtype), x, axis)
           + st.broadcast_channels(bias.astype(dtype), x, axis))
 
 
-_TWO_MUL = jax.custom_vjp(_two_multiplies, nondiff_argnums=(9, 10, 11, 12))
+_TWO_MUL = jax.custom_vjp(_two_multiplies, nondiff_argnums=(9, 10, 11))
 # The same backward rule as the library's: only the forward expression differs.
 _TWO_MUL.defvjp(functional_mabn._stabilized_fwd, functional_mabn._stabilized_bwd,
                 symbolic_zeros=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, Tuple
 
 
 def is_int_at_least(value: Any, low: int) -> bool:
@@ -33,10 +33,3 @@ class UnnamedLayerError(ValueError):
     """The ``ValueError`` this error stands for, naming ``where``."""
     return ValueError(f"{where}: {self.args[0]}")
 
-
-def layer_error(where: Optional[str], message: str) -> ValueError:
-  """``ValueError(f"{where}: {message}")``, or an :class:`UnnamedLayerError`
-  carrying ``message`` if ``where`` is ``None``."""
-  if where is None:
-    return UnnamedLayerError(message)
-  return ValueError(f"{where}: {message}")

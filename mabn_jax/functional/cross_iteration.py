@@ -129,7 +129,7 @@ from jax.custom_derivatives import SymbolicZero
 from mabn_jax.functional import mabn as ma
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import (
-    UnnamedLayerError, check_fields, is_int_at_least, layer_error)
+    UnnamedLayerError, check_fields, is_int_at_least)
 
 
 class CBNState(NamedTuple):
@@ -820,7 +820,7 @@ def _train_step(y, x, kernel, state, bias, tap, spec, config, groups):
   if averaged and past > 0:
     xhat = _averaged_normalize(
         y32, tap[0], tap[1], lax.stop_gradient(mu_bar), lax.stop_gradient(inv_std),
-        state.g_buffer, state.psi_buffer, past_filled, burning, groups, config, None)
+        state.g_buffer, state.psi_buffer, past_filled, burning, groups, config)
   else:
     # With window 1 'averaged' is BN's backward: what 'batch' differentiates.
     xhat = _centred_scaled(y32, mu_bar, inv_std)
@@ -1008,18 +1008,19 @@ def _centred_scaled(y, mu_bar, inv_std):
 # with g_avg, Psi_avg the means over the group's filled window entries and
 # itself (g_B, Psi_B in burn-in). The taps' cotangents are the increments of
 # g_buffer/psi_buffer, pushed as the forward pushes mu_buffer.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+# Errors raised here are UnnamedLayerErrors (the trace is shared by layers);
+# normalize_train names the layer.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
 def _averaged_normalize(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer,
-                        past_filled, burning, groups, config, where):
-  del g_tap, psi_tap, g_buffer, psi_buffer, past_filled, burning, groups, config, where
+                        past_filled, burning, groups, config):
+  del g_tap, psi_tap, g_buffer, psi_buffer, past_filled, burning, groups, config
   return _centred_scaled(y, mu_bar, inv_std)
 
 
 def _averaged_fwd(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer, past_filled,
-                  burning, groups, config, where):
+                  burning, groups, config):
   if y.perturbed and not (g_tap.perturbed and psi_tap.perturbed):
-    raise layer_error(
-        where,
+    raise UnnamedLayerError(
         "the CBN backward statistics (backward='averaged') are not being "
         "fed: the gradient is taken with respect to the input or the kernel but not "
         "the 'backward_stats' taps (g_increment, psi_increment), so g_buffer and "
@@ -1029,14 +1030,13 @@ def _averaged_fwd(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer, past
         "taps and add their cotangents to the buffers) instead of "
         "jax.grad/jax.value_and_grad (nnx.grad) on the params alone.")
   for tap in (g_tap, psi_tap):
-    ma.check_tap_varies_like_input(y.value, tap.value, config, where, normalizer="cbn")
+    ma.check_tap_varies_like_input(y.value, tap.value, config, normalizer="cbn")
   res = tuple(p.value for p in (y, mu_bar, inv_std, g_buffer, psi_buffer, past_filled,
                                 burning))
   return _centred_scaled(res[0], res[1], res[2]), res
 
 
-def _averaged_bwd(groups, config, where, res, ct):
-  del where
+def _averaged_bwd(groups, config, res, ct):
   y, mu_bar, inv_std, g_buffer, psi_buffer, past_filled, burning = res
   if isinstance(ct, SymbolicZero):
     ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)

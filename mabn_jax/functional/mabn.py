@@ -41,7 +41,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import (
-    UnnamedLayerError, check_fields, is_int_at_least, layer_error)
+    UnnamedLayerError, check_fields, is_int_at_least)
 
 
 class MABNState(NamedTuple):
@@ -283,7 +283,7 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
       step == 1,
       jnp.ones((channels,), stat_dtype) if scale is None else scale,
       jnp.zeros((channels,), stat_dtype) if bias is None else bias,
-      groups, axis, config, None,
+      groups, axis, config,
   )
   new_state = MABNState(
       chi_ema=st.ema(state.chi_ema, jnp.mean(chi, axis=0), config.momentum),
@@ -307,12 +307,14 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
 #   g_x   = ct * (rate * gamma) - x * (Psi * inv_std^2).
 # No full-size residual other than x is kept, and xhat is never formed.
 # inv_std, rate, psi_buffer and the flags get no gradient.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+# Errors raised here are UnnamedLayerErrors (the trace is shared by layers);
+# normalize_train names the layer.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
 def _stabilized_normalize(
     x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
-    groups, axis, config, where,
+    groups, axis, config,
 ):
-  del tap, psi_buffer, use_average, first_step, config, where
+  del tap, psi_buffer, use_average, first_step, config
   dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
   mul = rate.astype(dtype) * scale.astype(dtype)[None, :]
   return (x.astype(dtype) * st.broadcast_groups(mul, x, axis)
@@ -321,11 +323,10 @@ def _stabilized_normalize(
 
 def _stabilized_fwd(
     x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
-    groups, axis, config, where,
+    groups, axis, config,
 ):
   if x.perturbed and not tap.perturbed:
-    raise layer_error(
-        where,
+    raise UnnamedLayerError(
         "the MABN backward statistic is not being fed: the gradient "
         "is taken with respect to the input but not the 'backward_stats' tap, "
         "so psi_buffer would go stale. Compute gradients with "
@@ -334,11 +335,11 @@ def _stabilized_fwd(
         "the tap and add its cotangent to psi_buffer) instead of "
         "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
     )
-  check_tap_varies_like_input(x.value, tap.value, config, where)
+  check_tap_varies_like_input(x.value, tap.value, config)
   res = tuple(p.value for p in (x, inv_std, rate, psi_buffer, use_average, first_step, scale,
                                 bias))
   out = _stabilized_normalize(
-      res[0], tap.value, *res[1:], groups, axis, config, where)
+      res[0], tap.value, *res[1:], groups, axis, config)
   return out, res
 
 
@@ -351,14 +352,13 @@ def _varying_axes(value) -> frozenset:
   return frozenset(getattr(aval, "vma", None) or ())
 
 
-def check_tap_varies_like_input(x, tap, config, where: Optional[str],
-                                normalizer: str = "mabn") -> None:
+def check_tap_varies_like_input(x, tap, config, normalizer: str = "mabn") -> None:
   """Raises if this device's ``Psi_B`` could not be returned through ``tap``.
 
   ``config`` is any config with ``axis_name``/``axis_index_groups`` (MABN's,
-  CBN's); ``normalizer`` is the registry name the message suggests;
-  ``where`` names the layer (``None``: the error is a
-  :class:`~mabn_jax.functional._checks.UnnamedLayerError`).
+  CBN's); ``normalizer`` is the registry name the message suggests. The
+  error is an :class:`~mabn_jax.functional._checks.UnnamedLayerError`: this
+  runs inside a trace shared by layers, whose caller names the layer.
 
   Under ``jax.shard_map`` a tap that is replicated over a mesh axis (the
   variables passed with ``P()``) while the input is split along it would get
@@ -373,8 +373,7 @@ def check_tap_varies_like_input(x, tap, config, where: Optional[str],
   axes = sorted(_varying_axes(x) - _varying_axes(tap) - synced, key=str)
   if axes:
     name = axes[0] if len(axes) == 1 else tuple(axes)
-    raise layer_error(
-        where,
+    raise UnnamedLayerError(
         f"under jax.shard_map the input varies over mesh axis {name!r} but the "
         "layer's state (its backward-statistics tap) is replicated over it (passed with "
         "P()), so this device's statistics cannot be stored in replicated state. Keep "
@@ -452,8 +451,7 @@ def _sum_to_type_of(grad: jax.Array, param: jax.Array) -> jax.Array:
   return grad.astype(param.dtype)
 
 
-def _stabilized_bwd(groups, axis, config, where, res, ct):
-  del where
+def _stabilized_bwd(groups, axis, config, res, ct):
   x, inv_std, rate, psi_buffer, use_average, first_step, scale, bias = res
   if isinstance(ct, SymbolicZero):
     ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
