@@ -50,6 +50,15 @@ RECIPES: Dict[str, Recipe] = {
     "bn": Recipe("bn", description="BN"),
     "gn": Recipe("gn", description="GroupNorm (batch-independent)"),
     "mabn": Recipe("mabn", description="MABN (library defaults)"),
+    "mabn_sma32": Recipe("mabn", {"buffer_size": 32},
+                         description="MABN with simple moving averages over 32 "
+                                     "normalization groups (default 16)"),
+    "mabn_renorm_early": Recipe("mabn", {"renorm_start": "20%"},
+                                description="MABN renormalizing toward the EMA from 20% of "
+                                            "training (default: step 1,000)"),
+    "mabn_no_renorm": Recipe("mabn", {"renorm_start": "100%"},
+                             description="MABN without renormalization (r = 1 throughout; "
+                                         "the EMA is used at inference only)"),
     "brn": Recipe("brn", description="Batch Renorm, library defaults (BN for 100 steps, "
                                      "ramp over 1,000, momentum 0.99)"),
     "brn_published": Recipe(

@@ -34,3 +34,18 @@ def test_published_recipes_scale_with_the_run():
 def test_unknown_recipe_lists_the_known_ones():
   with pytest.raises(ValueError, match="unknown recipe 'cbm'.*cbn_published"):
     R.get("cbm")
+
+
+def test_mabn_candidate_recipes_set_their_one_option():
+  from mabn_jax.functional import mabn as F
+  base = R.config("mabn", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
+  assert base == {"norm_batch_size": 2}
+  sma = R.config("mabn_sma32", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
+  assert sma == {**base, "buffer_size": 32}
+  early = R.config("mabn_renorm_early", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
+  assert early == {**base, "renorm_start": 499}  # 20% of 2496, rounded
+  never = R.config("mabn_no_renorm", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
+  assert never == {**base, "renorm_start": 2496}
+  # r stays 1 through the run's last step (the layer counts steps 1 to 2496).
+  assert not bool(F.renormalizes(2496, never["renorm_start"], 100))
+  assert bool(F.renormalizes(500, early["renorm_start"], 100))
