@@ -53,6 +53,9 @@ RECIPES: Dict[str, Recipe] = {
     "mabn_sma32": Recipe("mabn", {"buffer_size": 32},
                          description="MABN with simple moving averages over 32 "
                                      "normalization groups (default 16)"),
+    "mabn_sma64": Recipe("mabn", {"buffer_size": 64},
+                         description="MABN with simple moving averages over 64 "
+                                     "normalization groups (default 16)"),
     "mabn_renorm_early": Recipe("mabn", {"renorm_start": "20%"},
                                 description="MABN renormalizing toward the EMA from 20% of "
                                             "training (default: step 1,000)"),
