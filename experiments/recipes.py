@@ -56,6 +56,9 @@ RECIPES: Dict[str, Recipe] = {
     "mabn_sma64": Recipe("mabn", {"buffer_size": 64},
                          description="MABN with simple moving averages over 64 "
                                      "normalization groups (default 16)"),
+    "mabn_sma64_renorm_early": Recipe(
+        "mabn", {"buffer_size": 64, "renorm_start": "20%"},
+        description="MABN with SMAs over 64 groups, renormalizing from 20% of training"),
     "mabn_renorm_early": Recipe("mabn", {"renorm_start": "20%"},
                                 description="MABN renormalizing toward the EMA from 20% of "
                                             "training (default: step 1,000)"),
