@@ -533,7 +533,7 @@ def _recipes_against_bn(names: Sequence[str], sizes: Sequence[int],
   """Two tables read against the recipe ``bn`` (empty without it): each
   recipe's test top-1 minus BN's at the same b, paired by seed; and the share
   of BN's gap between the largest b and each smaller b that it closes
-  (:func:`gap_closed`)."""
+  (:func:`gap_closed`; left out when ``sizes`` has one batch size)."""
   from experiments import recipes as R
 
   if "bn" not in names:
@@ -550,6 +550,8 @@ def _recipes_against_bn(names: Sequence[str], sizes: Sequence[int],
     table += f"| {n} | " + " | ".join(
         _difference_cell(paired_differences(runs[(n, b)], runs[("bn", b)])) for b in sizes) + " |\n"
   small = [b for b in sizes if b < largest]
+  if not small:  # one batch size: there is no gap to close
+    return table
   header = " | ".join(f"b={b}" for b in small)
   table += (f"\nShare of BN's gap (BN at b={largest} minus BN at b) closed: (recipe - BN(b)) / "
             f"(BN({largest}) - BN(b)) on the means over seeds, then the same ratio seed by seed "

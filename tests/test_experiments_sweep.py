@@ -209,6 +209,13 @@ def test_recipe_table_against_bn_has_differences_and_shares():
   assert sweep._recipes_against_bn(["mabn", "gn"], [2, 8], rows) == ""
 
 
+def test_recipe_table_at_one_batch_size_has_no_share_of_a_gap():
+  rows = {("bn", 2): _runs(s0=60.0, s1=62.0), ("mabn", 2): _runs(s0=68.0, s1=67.0)}
+  table = sweep._recipes_against_bn(["bn", "mabn"], [2], rows)
+  assert "| mabn | +6.50 ± 2.12 (2) |" in table
+  assert "Share of BN's gap" not in table
+
+
 def test_steps_to_loss_is_the_first_logged_window_at_or_below_the_threshold():
   curve = [[10, 2.3], [20, 1.5], [30, 1.2], [40, 1.3], [50, 0.9]]
   assert sweep.steps_to_loss(curve, 1.2) == 30  # at the threshold counts
