@@ -59,6 +59,11 @@ RECIPES: Dict[str, Recipe] = {
     "mabn_sma64_renorm_early": Recipe(
         "mabn", {"buffer_size": 64, "renorm_start": "20%"},
         description="MABN with SMAs over 64 groups, renormalizing from 20% of training"),
+    "mabn_sma4_renorm_early": Recipe(
+        "mabn", {"buffer_size": 4, "renorm_start": "20%"},
+        description="MABN with SMAs over 4 groups, renormalizing from 20% of training "
+                    "(at b = 32, one group a step: the 4 steps that "
+                    "mabn_sma64_renorm_early spans at b = 2)"),
     "mabn_renorm_early": Recipe("mabn", {"renorm_start": "20%"},
                                 description="MABN renormalizing toward the EMA from 20% of "
                                             "training (default: step 1,000)"),

@@ -46,6 +46,9 @@ def test_mabn_candidate_recipes_set_their_one_option():
   assert sma64 == {**base, "buffer_size": 64}
   both = R.config("mabn_sma64_renorm_early", T.preset("cifar_cpu"), 2, 0)
   assert both.normalizer_kwargs(2496, 312) == {**sma64, "renorm_start": 499}
+  steps = R.config("mabn_sma4_renorm_early", T.preset("cifar_cpu"), 32, 0)
+  assert steps.normalizer_kwargs(2496, 312) == {"norm_batch_size": 32, "buffer_size": 4,
+                                                "renorm_start": 499}
   early = R.config("mabn_renorm_early", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
   assert early == {**base, "renorm_start": 499}  # 20% of 2496, rounded
   never = R.config("mabn_no_renorm", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
