@@ -36,23 +36,23 @@ def test_unknown_recipe_lists_the_known_ones():
     R.get("cbm")
 
 
-def test_mabn_candidate_recipes_set_their_one_option():
+def test_mabn_candidate_recipes_resolve_to_exactly_their_options():
   from mabn_jax.functional import mabn as F
-  base = R.config("mabn", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
+
+  def kwargs(name, b=2):
+    return R.config(name, T.preset("cifar_cpu"), b, 0).normalizer_kwargs(2496, 312)
+
+  base = kwargs("mabn")
   assert base == {"norm_batch_size": 2}
-  sma = R.config("mabn_sma32", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
-  assert sma == {**base, "buffer_size": 32}
-  sma64 = R.config("mabn_sma64", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
-  assert sma64 == {**base, "buffer_size": 64}
-  both = R.config("mabn_sma64_renorm_early", T.preset("cifar_cpu"), 2, 0)
-  assert both.normalizer_kwargs(2496, 312) == {**sma64, "renorm_start": 499}
-  steps = R.config("mabn_sma4_renorm_early", T.preset("cifar_cpu"), 32, 0)
-  assert steps.normalizer_kwargs(2496, 312) == {"norm_batch_size": 32, "buffer_size": 4,
-                                                "renorm_start": 499}
-  early = R.config("mabn_renorm_early", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
-  assert early == {**base, "renorm_start": 499}  # 20% of 2496, rounded
-  never = R.config("mabn_no_renorm", T.preset("cifar_cpu"), 2, 0).normalizer_kwargs(2496, 312)
+  assert kwargs("mabn_sma32") == {**base, "buffer_size": 32}
+  assert kwargs("mabn_sma64") == {**base, "buffer_size": 64}
+  # renorm_start '20%' of 2496 steps, rounded: 499.
+  assert kwargs("mabn_renorm_early") == {**base, "renorm_start": 499}
+  assert kwargs("mabn_sma64_renorm_early") == {**base, "buffer_size": 64, "renorm_start": 499}
+  assert kwargs("mabn_sma4_renorm_early", b=32) == {"norm_batch_size": 32, "buffer_size": 4,
+                                                    "renorm_start": 499}
+  never = kwargs("mabn_no_renorm")
   assert never == {**base, "renorm_start": 2496}
   # r stays 1 through the run's last step (the layer counts steps 1 to 2496).
   assert not bool(F.renormalizes(2496, never["renorm_start"], 100))
-  assert bool(F.renormalizes(500, early["renorm_start"], 100))
+  assert bool(F.renormalizes(500, 499, 100))
