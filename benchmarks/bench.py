@@ -13,7 +13,10 @@ differ in speed::
 Every ratio is reported twice: to ``mj.BatchNorm`` (``bn``) and to the layer a
 user would otherwise use, ``flax.linen.BatchNorm`` after a ``flax.linen.Conv``
 (``flax_bn``, trained through plain ``jax.value_and_grad``). ``gn`` is
-``flax.linen.GroupNorm`` (also plain ``jax.value_and_grad``).
+``flax.linen.GroupNorm`` (also plain ``jax.value_and_grad``). ``cbn_floor``
+is not a normalizer: flax BN plus CBN's two derivative convolutions per
+layer (:func:`mabn_jax.functional.cross_iteration.moment_derivatives`), i.e.
+CBN's step without its window, the floor CBN's step can reach on the device.
 
 Measured per network:
   * jitted training-step time (``mj.value_and_grad`` + optax SGD; plain
@@ -49,14 +52,15 @@ import optax
 import mabn_jax as mj
 from experiments.models import build_model
 from mabn_jax.fold import fold
+from mabn_jax.functional import cross_iteration
 
 TRAIN_NORMS = ("flax_bn", "gn", "bn", "mabn", "brn", "cbn", "cbn_s2", "cbn_bf16",
-               "cbn_s2_bf16")
+               "cbn_s2_bf16", "cbn_floor")
 INFER_VARIANTS = ("flax_bn", "bn", "bn_folded", "mabn", "mabn_folded", "gn", "ln", "in",
                   "none")
 BASELINE = "flax_bn"
 """The row every ratio is also reported against: ``flax.linen.BatchNorm``."""
-PLAIN_AUTODIFF = ("flax_bn", "gn")
+PLAIN_AUTODIFF = ("flax_bn", "gn", "cbn_floor")
 """Rows trained through plain ``jax.value_and_grad`` (no backward statistics)."""
 
 NETWORKS = {
@@ -112,21 +116,52 @@ class _FlaxConvBatchNorm(nn.Module):
     return nn.BatchNorm(use_running_average=not train, name="norm")(x)
 
 
+class _FlaxConvBatchNormWithDerivatives(_FlaxConvBatchNorm):
+  """:class:`_FlaxConvBatchNorm` that also computes, in training, the moment
+  derivatives CBN computes for every layer (``d mu / d W`` and
+  ``d nu / d W``, :func:`~mabn_jax.functional.cross_iteration.moment_derivatives`:
+  two backward-weight convolutions) and adds ``0 *`` their sum to the output,
+  so that XLA keeps them. What CBN's step costs without its window: no
+  buffers, no Taylor compensation, no pooling."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    rank = x.ndim - 2
+    spatial = lambda v: (v,) * rank if isinstance(v, int) else tuple(v)
+    extra = {} if self.kernel_init is None else {"kernel_init": self.kernel_init}
+    conv = nn.Conv(self.features, spatial(self.kernel_size), spatial(self.strides),
+                   padding=self.padding, use_bias=False, name="conv", **extra)
+    y = conv(x)
+    out = nn.BatchNorm(use_running_average=not train, name="norm")(y)
+    if train:
+      spec = cross_iteration.ConvSpec.make(rank, self.strides, self.padding)
+      dmu, dnu = cross_iteration.moment_derivatives(
+          x, y, conv.variables["params"]["kernel"], spec, groups=1)
+      out = out + 0.0 * (jnp.sum(dmu) + jnp.sum(dnu)).astype(out.dtype)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class FlaxBatchNormNormalizer:
-  """A ``Normalizer`` look-alike for the models: ``flax.linen.BatchNorm``."""
+  """A ``Normalizer`` look-alike for the models: ``flax.linen.BatchNorm``
+  (``with_derivatives``: plus CBN's derivative convolutions, ``cbn_floor``)."""
 
   name: str = "flax_bn"
+  with_derivatives: bool = False
 
   def conv_norm(self, features, kernel_size, strides=1, padding="SAME", kernel_init=None,
                 name=None):
-    return _FlaxConvBatchNorm(features=features, kernel_size=kernel_size, strides=strides,
-                              padding=padding, kernel_init=kernel_init, name=name)
+    layer = (_FlaxConvBatchNormWithDerivatives if self.with_derivatives
+             else _FlaxConvBatchNorm)
+    return layer(features=features, kernel_size=kernel_size, strides=strides,
+                 padding=padding, kernel_init=kernel_init, name=name)
 
 
 def make_normalizer(norm: str, network: str):
   if norm == "flax_bn":
     return FlaxBatchNormNormalizer()
+  if norm == "cbn_floor":
+    return FlaxBatchNormNormalizer(name="cbn_floor", with_derivatives=True)
   return mj.make_normalizer(ROW_NORMS.get(norm, norm), **normalizer_kwargs(norm, network))
 
 
@@ -365,6 +400,8 @@ TARGETS = [
     ("CBN / flax BN XLA FLOPs (a floor for compute-bound devices)", "train", "gflops", "cbn",
      "flax_bn", 1.25, "<="),
     ("CBN / flax BN peak memory (XLA total)", "train", "total_mib", "cbn", "flax_bn", 1.5, "<="),
+    ("CBN's floor (flax BN + CBN's derivative convolutions) / flax BN training step", "train",
+     "step_ms", "cbn_floor", "flax_bn", 1.25, "<="),
     ("CBN, derivatives at every 2nd position / flax BN training step", "train", "step_ms",
      "cbn_s2", "flax_bn", 1.25, "<="),
     ("CBN, bfloat16 derivative buffers / flax BN training step", "train", "step_ms",

@@ -46,6 +46,26 @@ def test_flax_baseline_matches_mj_batch_norm_step():
   assert abs(losses["flax_bn"][0] - losses["bn"][0]) < 1e-5
 
 
+def test_cbn_floor_row_is_flax_bn_plus_the_derivative_convolutions_of_cbn():
+  """The same loss and update as flax BN's, with CBN's extra FLOPs (its two
+  derivative convolutions per layer) and none of CBN's state."""
+  import jax
+  import numpy as np
+
+  out = {}
+  for norm in ("flax_bn", "cbn_floor", "cbn"):
+    compiled, args, _, memory = bench.build_training_step(bench.SMOKE_MODEL, norm, 4, 8)
+    variables, _, loss = compiled(*jax.tree_util.tree_map(lambda a: a.copy(), args))
+    out[norm] = (float(loss), variables, memory["gflops"])
+  (l0, v0, f0), (l1, v1, f1), (_, _, f2) = out["flax_bn"], out["cbn_floor"], out["cbn"]
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         v0, v1)
+  # The floor adds the derivative convolutions' FLOPs; CBN adds those and
+  # its window's per-channel work.
+  assert 1.1 * f0 < f1 < f2
+
+
 def test_training_times_every_compiled_executable():
   results = bench.bench_training(bench.SMOKE_MODEL, 4, 8, ["mabn"], rounds=3, compile_rounds=2)
   for r in results.values():
