@@ -23,6 +23,11 @@ measure what each part costs, never to train with:
   :func:`~mabn_jax.training.add_increment`): a NaN would reach the state;
 * ``mabn_uncentred``: the convolutions' kernels used as they are (no
   weight centralization, so MABN's premise of zero-mean inputs is gone);
+* ``cbn_product_guard``: every finiteness guard as the float reduction
+  ``sum(x * 0) == 0``, also over leaves larger than
+  :data:`~mabn_jax.functional.statistics.LARGE_LEAF` (CBN's derivative
+  entries), which the library tests as ``all(isfinite(x))`` (the same
+  decision): what CBN's guards cost before that change;
 * ``mabn_bool_guard``: the finiteness guards as a reduction of booleans,
   ``all(isfinite(x))``, instead of the library's one float reduction
   ``sum(x * 0) == 0`` (the same decision;
@@ -87,6 +92,13 @@ def _all_finite_boolean(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _all_finite_product(tree):
+  leaves = [jnp.sum(leaf * jnp.zeros((), jnp.result_type(leaf))) == 0
+            for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def _center_kernel_none(kernel, after=None):
   del after
   return kernel
@@ -112,6 +124,7 @@ ABLATIONS: Dict[str, list] = {
                        (training, "add_increment", _add_increment_unguarded)],
     "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],
     "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
+    "cbn_product_guard": [(st, "all_finite", _all_finite_product)],
     "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
         (functional_mabn, "_train_step"), (st, "commit_if_finite"),
         (training, "add_increment"), (centering, "center_kernel"))],

@@ -66,6 +66,18 @@ def test_all_finite_is_all_isfinite_at_the_extremes_of_the_dtype(dtype, bad):
   assert bool(jax.jit(st.all_finite)(values.reshape(5, 8))) is expected
 
 
+@pytest.mark.parametrize("size", [40, st.LARGE_LEAF, st.LARGE_LEAF + 1])
+@pytest.mark.parametrize("bad", [None, jnp.nan, jnp.inf, -jnp.inf])
+def test_all_finite_decides_the_same_for_small_and_large_leaves(size, bad):
+  # Up to LARGE_LEAF elements the float form, above it the boolean one; both
+  # at the largest finite values and with one bad element at the far end.
+  big = float(jnp.finfo(jnp.float32).max)
+  values = jnp.where(jnp.arange(size) % 2 == 0, big, -big).astype(jnp.float32)
+  if bad is not None:
+    values = values.at[size - 1].set(bad)
+  assert bool(jax.jit(st.all_finite)({"x": values})) is (bad is None)
+
+
 def test_keep_if_finite_keeps_old_state_on_nan():
   old = {"a": jnp.ones(2), "n": jnp.array(3)}
   new = {"a": jnp.array([1.0, jnp.nan]), "n": jnp.array(4)}

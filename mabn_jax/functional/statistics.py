@@ -252,22 +252,34 @@ def ema(running: jax.Array, value: jax.Array, momentum: float) -> jax.Array:
   return momentum * running + (1.0 - momentum) * value.astype(running.dtype)
 
 
+# Above this many elements all_finite tests a leaf as all(isfinite(leaf)).
+LARGE_LEAF = 2**16
+
+
 def all_finite(tree) -> jax.Array:
   """Scalar bool: every element of every array leaf of ``tree`` is finite.
 
-  Each float leaf is tested as ``sum(leaf * 0) == 0``: ``leaf * 0`` is
-  exactly 0 for a finite element and NaN for NaN or +-Inf, so the sum is 0
-  exactly when all are finite (it cannot overflow: every term is 0 or NaN).
-  The same decision as ``all(isfinite(leaf))``, as one float reduction:
-  XLA's CPU backend compiles a reduction of more than 32 booleans as three
-  kernels, and a float sum over a buffer as one library call
-  (``BENCHMARKS.md``, "The finiteness guards as one float reduction").
+  A float leaf of up to :data:`LARGE_LEAF` elements is tested as
+  ``sum(leaf * 0) == 0``: ``leaf * 0`` is exactly 0 for a finite element and
+  NaN for NaN or +-Inf, so the sum is 0 exactly when all are finite (it
+  cannot overflow: every term is 0 or NaN). The same decision as
+  ``all(isfinite(leaf))``, as one float reduction: XLA's CPU backend
+  compiles a reduction of more than 32 booleans as three kernels, and a
+  float sum over a buffer as one library call (``BENCHMARKS.md``, "The
+  finiteness guards as one float reduction"). That call reads a buffer, so
+  ``leaf * 0`` is first written out in full; for a larger leaf (CBN's
+  kernel derivatives: up to 2.4M elements per ResNet-50 layer) that copy
+  costs more memory and time than the boolean reduction, which is used
+  there (``BENCHMARKS.md``, "CBN's guards without a copy").
   """
-  leaves = [
-      jnp.sum(leaf * jnp.zeros((), jnp.result_type(leaf))) == 0
-      for leaf in jax.tree_util.tree_leaves(tree)
-      if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-  ]
+  leaves = []
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      continue
+    if jnp.size(leaf) > LARGE_LEAF:
+      leaves.append(jnp.all(jnp.isfinite(leaf)))
+    else:
+      leaves.append(jnp.sum(leaf * jnp.zeros((), jnp.result_type(leaf))) == 0)
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
