@@ -98,6 +98,13 @@ class _FlaxConvBatchNorm(nn.Module):
 
   The same variable layout as the registry's ``conv_norm`` (``conv``/``norm``
   children) and Flax's defaults (momentum 0.99, epsilon 1e-5, fast variance).
+  With ``with_derivatives`` (the ``cbn_floor`` row) it also computes, in
+  training, the moment derivatives CBN computes for every layer (``d mu / d W``
+  and ``d nu / d W``,
+  :func:`~mabn_jax.functional.cross_iteration.moment_derivatives`: two
+  backward-weight convolutions) and adds ``0 *`` their sum to the output, so
+  that XLA keeps them: what CBN's step costs without its window (no
+  buffers, no Taylor compensation, no pooling).
   """
 
   features: int
@@ -105,24 +112,7 @@ class _FlaxConvBatchNorm(nn.Module):
   strides: Any = 1
   padding: Any = "SAME"
   kernel_init: Any = None
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    rank = x.ndim - 2
-    spatial = lambda v: (v,) * rank if isinstance(v, int) else tuple(v)
-    extra = {} if self.kernel_init is None else {"kernel_init": self.kernel_init}
-    x = nn.Conv(self.features, spatial(self.kernel_size), spatial(self.strides),
-                padding=self.padding, use_bias=False, name="conv", **extra)(x)
-    return nn.BatchNorm(use_running_average=not train, name="norm")(x)
-
-
-class _FlaxConvBatchNormWithDerivatives(_FlaxConvBatchNorm):
-  """:class:`_FlaxConvBatchNorm` that also computes, in training, the moment
-  derivatives CBN computes for every layer (``d mu / d W`` and
-  ``d nu / d W``, :func:`~mabn_jax.functional.cross_iteration.moment_derivatives`:
-  two backward-weight convolutions) and adds ``0 *`` their sum to the output,
-  so that XLA keeps them. What CBN's step costs without its window: no
-  buffers, no Taylor compensation, no pooling."""
+  with_derivatives: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -133,7 +123,7 @@ class _FlaxConvBatchNormWithDerivatives(_FlaxConvBatchNorm):
                    padding=self.padding, use_bias=False, name="conv", **extra)
     y = conv(x)
     out = nn.BatchNorm(use_running_average=not train, name="norm")(y)
-    if train:
+    if self.with_derivatives and train:
       spec = cross_iteration.ConvSpec.make(rank, self.strides, self.padding)
       dmu, dnu = cross_iteration.moment_derivatives(
           x, y, conv.variables["params"]["kernel"], spec, groups=1)
@@ -151,10 +141,9 @@ class FlaxBatchNormNormalizer:
 
   def conv_norm(self, features, kernel_size, strides=1, padding="SAME", kernel_init=None,
                 name=None):
-    layer = (_FlaxConvBatchNormWithDerivatives if self.with_derivatives
-             else _FlaxConvBatchNorm)
-    return layer(features=features, kernel_size=kernel_size, strides=strides,
-                 padding=padding, kernel_init=kernel_init, name=name)
+    return _FlaxConvBatchNorm(features=features, kernel_size=kernel_size, strides=strides,
+                              padding=padding, kernel_init=kernel_init,
+                              with_derivatives=self.with_derivatives, name=name)
 
 
 def make_normalizer(norm: str, network: str):
