@@ -134,21 +134,23 @@ def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
   assert "| mabn_unguarded |" in table and "compile / flax BN" in table
 
 
-@pytest.mark.parametrize("variant", ["mabn_two_mul", "mabn_bool_guard", "mabn_unshared"])
+@pytest.mark.parametrize(
+    "variant", ["mabn_two_mul", "mabn_bool_guard", "mabn_unshared", "cbn_product_guard"])
 def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(variant):
-  """These ablations differ from MABN only in how the step is traced or how
-  XLA compiles it, not in what it computes."""
+  """These ablations differ from the library's MABN (CBN) only in how the
+  step is traced or how XLA compiles it, not in what it computes."""
   import jax
   import numpy as np
 
   from benchmarks import compile_time as CT
 
+  library = variant.split("_")[0]
   outputs = {}
-  for name in ("mabn", variant):
+  for name in (library, variant):
     with CT.ablated(name) as norm:
       step, args = bench.training_step_and_args(bench.SMOKE_MODEL, norm, 4, 8)
       outputs[name] = jax.jit(step)(*args)
-  (v1, _, l1), (v2, _, l2) = outputs["mabn"], outputs[variant]
+  (v1, _, l1), (v2, _, l2) = outputs[library], outputs[variant]
   np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                          v1, v2)

@@ -256,10 +256,10 @@ def ema(running: jax.Array, value: jax.Array, momentum: float) -> jax.Array:
 LARGE_LEAF = 2**16
 
 
-def all_finite(tree) -> jax.Array:
+def all_finite(tree, large_leaf: float = LARGE_LEAF) -> jax.Array:
   """Scalar bool: every element of every array leaf of ``tree`` is finite.
 
-  A float leaf of up to :data:`LARGE_LEAF` elements is tested as
+  A float leaf of up to ``large_leaf`` elements is tested as
   ``sum(leaf * 0) == 0``: ``leaf * 0`` is exactly 0 for a finite element and
   NaN for NaN or +-Inf, so the sum is 0 exactly when all are finite (it
   cannot overflow: every term is 0 or NaN). The same decision as
@@ -270,13 +270,14 @@ def all_finite(tree) -> jax.Array:
   ``leaf * 0`` is first written out in full; for a larger leaf (CBN's
   kernel derivatives: up to 2.4M elements per ResNet-50 layer) that copy
   costs more memory and time than the boolean reduction, which is used
-  there (``BENCHMARKS.md``, "CBN's guards without a copy").
+  there (``BENCHMARKS.md``, "CBN's floor measured in time, and CBN's guards
+  without a copy").
   """
   leaves = []
   for leaf in jax.tree_util.tree_leaves(tree):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       continue
-    if jnp.size(leaf) > LARGE_LEAF:
+    if jnp.size(leaf) > large_leaf:
       leaves.append(jnp.all(jnp.isfinite(leaf)))
     else:
       leaves.append(jnp.sum(leaf * jnp.zeros((), jnp.result_type(leaf))) == 0)
