@@ -28,6 +28,12 @@ measure what each part costs, never to train with:
   :data:`~mabn_jax.functional.statistics.LARGE_LEAF` (CBN's derivative
   entries), which the library tests as ``all(isfinite(x))`` (the same
   decision): what CBN's guards cost before that change;
+* ``cbn_conv_derivatives``: CBN's ``d nu / d W`` always as the
+  backward-weight convolution, also for the pointwise kernels with fewer
+  input than output channels where the library takes the same derivative
+  from the inputs' Gram matrix
+  (:func:`~mabn_jax.functional.cross_iteration.gram_is_cheaper`): what
+  those layers cost before that change;
 * ``mabn_bool_guard``: the finiteness guards as a reduction of booleans,
   ``all(isfinite(x))``, instead of the library's one float reduction
   ``sum(x * 0) == 0`` (the same decision;
@@ -120,6 +126,7 @@ ABLATIONS: Dict[str, list] = {
     "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
     "cbn_product_guard": [(st, "all_finite",
                            functools.partial(st.all_finite, large_leaf=float("inf")))],
+    "cbn_conv_derivatives": [(cross_iteration, "gram_is_cheaper", lambda kernel_shape: False)],
     "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
         (functional_mabn, "_train_step"), (st, "commit_if_finite"),
         (training, "add_increment"), (centering, "center_kernel"))],

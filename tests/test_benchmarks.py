@@ -6,6 +6,7 @@ import json
 
 import jax
 import jax.extend.core
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -155,6 +156,24 @@ def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(v
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                          v1, v2)
 
+
+def test_conv_derivatives_ablation_takes_every_d_nu_from_a_convolution():
+  from benchmarks import compile_time as CT
+  from mabn_jax.functional import cross_iteration as F
+
+  x = jnp.ones((2, 4, 4, 2))
+  kernel = jnp.ones((1, 1, 2, 5))
+  spec = F.ConvSpec.make(2)
+
+  def convs():
+    jaxpr = jax.make_jaxpr(lambda x, k: F.moment_derivatives(x, F.conv(x, k, spec), k, spec, 1))
+    return str(jaxpr(x, kernel)).count("conv_general_dilated")
+
+  library = convs()
+  with CT.ablated("cbn_conv_derivatives") as norm:
+    assert norm == "cbn"
+    ablated = convs()
+  assert (library, ablated, convs()) == (2, 3, 2)
 
 def test_compensation_benchmark_forms_agree_and_are_timed():
   from benchmarks import cbn_compensation

@@ -261,6 +261,53 @@ def test_strided_derivatives_equal_jacrev_of_the_moments_over_the_position_subse
                                rtol=1e-10, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("cin, cout, stride", [(2, 5, 1), (2, 5, 2), (5, 2, 1), (3, 3, 2)])
+def test_pointwise_derivatives_take_the_cheaper_route_and_equal_jacrev(cin, cout, stride):
+  # Pointwise kernels that widen the channels take d nu / d W from the inputs'
+  # Gram matrix (one convolution fewer); both routes are the moments' jacobian.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(4, 7, 6, cin)))
+    kernel = jnp.asarray(rng.normal(size=(1, 1, cin, cout)))
+    spec = F.ConvSpec.make(2, strides=2, padding=((1, 0), (0, 1)))
+    groups = 2
+
+    def subset_moments(w):
+      return F.batch_moments(F.conv(x, w, spec)[:, ::stride, ::stride], groups)
+
+    def derivatives(x, kernel):
+      return F.moment_derivatives(x, F.conv(x, kernel, spec), kernel, spec, groups,
+                                  stride=stride)
+
+    jac_mu, jac_nu = jax.jacrev(subset_moments)(kernel)
+    dmu, dnu = derivatives(x, kernel)
+    eye = np.eye(cout)
+    np.testing.assert_allclose(jac_mu, np.einsum("g...,cd->gc...d", dmu, eye),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jac_nu, np.einsum("g...c,cd->gc...d", dnu, eye),
+                               rtol=1e-10, atol=1e-12)
+    gram = F.gram_is_cheaper(kernel.shape)
+    assert gram == (cin < cout)
+    convs = str(jax.make_jaxpr(derivatives)(x, kernel)).count("conv_general_dilated")
+    # The layer's own conv, d mu / d W, and d nu / d W unless from the Gram matrix.
+    assert convs == (2 if gram else 3)
+    # Constants of the step, by either route: no gradient flows through them.
+    grads = jax.grad(lambda x, k: sum(jnp.sum(d ** 2) for d in derivatives(x, k)),
+                     argnums=(0, 1))(x, kernel)
+    for grad in grads:
+      np.testing.assert_array_equal(grad, np.zeros_like(grad))
+
+
+def test_gram_route_is_only_for_pointwise_widening_kernels():
+  assert F.gram_is_cheaper((1, 1, 64, 256))
+  assert F.gram_is_cheaper((1, 64, 65))
+  assert not F.gram_is_cheaper((1, 1, 256, 64))
+  assert not F.gram_is_cheaper((1, 1, 64, 64))
+  assert not F.gram_is_cheaper((3, 3, 64, 256))
+  assert not F.gram_is_cheaper((1, 3, 16, 256))
+
+
 def test_derivative_stride_is_validated_with_the_layer_name():
   x = jnp.ones((2, 6, 6, 3))
   model = mj.CrossIterationConvNorm(4, (3, 3), derivative_stride=0, name="c1")

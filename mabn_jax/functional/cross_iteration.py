@@ -451,7 +451,9 @@ def moment_derivatives(
   cotangent of ``conv(x_g, .)`` for the output cotangent ``1 / M`` (one
   output channel: ``d mu_c / d W[..., c]`` is the same mean input patch for
   every ``c``) and for ``2 y / M``. ``M`` is the number of elements per
-  channel in a group. No gradient flows through the results.
+  channel in a group. Where it is cheaper (:func:`gram_is_cheaper`),
+  ``d nu / d W`` is the same derivative taken from the inputs' Gram matrix.
+  No gradient flows through the results.
 
   Args:
     x: ``(N, *spatial, cin)`` conv input.
@@ -488,11 +490,50 @@ def moment_derivatives(
   xg = st.split_groups(x, groups)
   ones = jnp.full(st.split_groups(y, groups).shape[:-1] + (1,), 1.0 / elements, dtype)
   dmu = jax.vmap(lambda a, c: kernel_cotangent(a, c, 1))(xg, ones)[..., 0]
-  ct = st.split_groups(2.0 * y / elements, groups)
-  dnu = jax.vmap(lambda a, c: kernel_cotangent(a, c, kshape[-1]))(xg, ct)
+  if gram_is_cheaper(kshape):
+    dnu = _dnu_from_gram(x, lax.stop_gradient(kernel).astype(dtype), spec, groups, elements)
+  else:
+    ct = st.split_groups(2.0 * y / elements, groups)
+    dnu = jax.vmap(lambda a, c: kernel_cotangent(a, c, kshape[-1]))(xg, ct)
   if axis_name is not None:
     dmu, dnu = lax.pmean((dmu, dnu), axis_name, axis_index_groups=axis_index_groups)
   return dmu, dnu
+
+
+def gram_is_cheaper(kernel_shape: Sequence[int]) -> bool:
+  """Whether :func:`moment_derivatives` takes ``d nu / d W`` from the inputs'
+  Gram matrix: for pointwise (``1 x ... x 1``) kernels with fewer input than
+  output channels, where it costs ``N cin^2`` multiply-adds instead of the
+  backward-weight convolution's ``N cin C``."""
+  *window, cin, cout = kernel_shape
+  return math.prod(window) == 1 and cin < cout
+
+
+def _dnu_from_gram(x, kernel, spec, groups, elements):
+  """``d nu / d W = 2 S W`` for a pointwise conv, ``S`` the per-group mean of
+  ``p p^T`` over the input ``p`` each output position reads (zero in the
+  padding): the same derivative as the backward-weight convolution
+  ``2 mean(p y^T)``, since ``y = W^T p``.
+
+  Args:
+    x: ``(N, *spatial, cin)``; kernel: ``(1, ..., 1, cin, C)``, both in the
+      derivatives' dtype; ``elements``: ``M``, output positions per group.
+
+  Returns:
+    ``(G, 1, ..., 1, cin, C)``.
+  """
+  rank = x.ndim - 2
+  pads = (lax.padtype_to_pads(x.shape[1:-1], (1,) * rank, spec.strides, spec.padding)
+          if isinstance(spec.padding, str) else spec.padding)
+  zero = jnp.zeros((), x.dtype)
+  # The input under each output position: x padded (or cropped) as the conv
+  # pads it, then every stride-th position.
+  padded = lax.pad(x, zero, ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads) + ((0, 0, 0),))
+  inputs = lax.slice(padded, (0,) * x.ndim, padded.shape, (1,) + tuple(spec.strides) + (1,))
+  inputs = st.split_groups(inputs, groups).reshape(groups, -1, x.shape[-1])
+  gram = jnp.einsum("gpi,gpj->gij", inputs, inputs) / elements
+  w = kernel.reshape(kernel.shape[-2:])
+  return (2.0 * jnp.einsum("gij,jc->gic", gram, w)).reshape((groups,) + kernel.shape)
 
 
 def _position_subset(spec, in_spatial, kernel_spatial, out_spatial, stride):
