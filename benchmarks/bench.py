@@ -41,7 +41,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -276,6 +276,21 @@ def interleaved_times(fns: Dict[str, Any], rounds: int, warmup: int = 2) -> Dict
 
   A function with a ``prepare`` method has it called, untimed, before each call.
   """
+  return interleaved_bursts(fns, rounds, 1, warmup)[0]
+
+
+def interleaved_bursts(fns: Dict[str, Any], rounds: int, burst: int, warmup: int = 2
+                       ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+  """Runs ``fns`` round-robin, ``burst`` calls back to back per turn.
+
+  Returns ``(firsts, later)``: each function's wall times (s) of the first
+  call of every turn, and of the other ``burst - 1`` calls (empty lists for
+  ``burst == 1``). A training loop runs one step after another; on a CPU the
+  first step after another executable's can be slower (ResNet-50 CBN:
+  BENCHMARKS.md, "CBN's first step after another executable's"), and
+  ``later`` measures without that. A function with a ``prepare`` method has
+  it called, untimed, before each call.
+  """
   def call(fn):
     if hasattr(fn, "prepare"):
       fn.prepare()
@@ -286,11 +301,13 @@ def interleaved_times(fns: Dict[str, Any], rounds: int, warmup: int = 2) -> Dict
   for fn in fns.values():
     for _ in range(warmup):
       call(fn)
-  times = {name: [] for name in fns}
+  firsts = {name: [] for name in fns}
+  later = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      times[name].append(call(fn))
-  return times
+      firsts[name].append(call(fn))
+      later[name] += [call(fn) for _ in range(burst - 1)]
+  return firsts, later
 
 
 def _per_compile(times: Dict[Any, List[float]], name: str) -> List[List[float]]:
@@ -299,7 +316,7 @@ def _per_compile(times: Dict[Any, List[float]], name: str) -> List[List[float]]:
 
 
 def bench_training(network: str, batch: int, size: int, norms: Sequence[str], rounds: int,
-                   compile_rounds: int = 3):
+                   compile_rounds: int = 3, burst: int = 1):
   """Training-step time, compile time and memory of each normalizer.
 
   Each normalizer is compiled ``compile_rounds`` times (fresh traces,
@@ -308,7 +325,10 @@ def bench_training(network: str, batch: int, size: int, norms: Sequence[str], ro
   several percent in step time, so one executable per normalizer measures
   that compilation, not the normalizer. Step time is the median over all
   executables' steps, compile time the median of the compilations; the
-  per-executable medians are in ``step_ms_per_compile``.
+  per-executable medians are in ``step_ms_per_compile``. With ``burst > 1``
+  every turn runs ``burst`` steps back to back (:func:`interleaved_bursts`):
+  the step times are those of the later steps of each turn, and
+  ``first_step_ms`` is the median of the first ones.
   """
   steps, results, compile_times = {}, {}, {norm: [] for norm in norms}
   for index in range(max(1, compile_rounds)):
@@ -322,9 +342,13 @@ def bench_training(network: str, batch: int, size: int, norms: Sequence[str], ro
         if peak is not None:
           results[norm]["measured_peak_mib_so_far"] = peak
       print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
-  times = interleaved_times(steps, rounds)
+  firsts, later = interleaved_bursts(steps, rounds, burst)
+  times = later if burst > 1 else firsts
   for norm in norms:
     per_compile = [[1e3 * t for t in ts] for ts in _per_compile(times, norm)]
+    if burst > 1:
+      results[norm]["first_step_ms"] = 1e3 * statistics.median(
+          [t for ts in _per_compile(firsts, norm) for t in ts])
     results[norm].update(
         compile_s=statistics.median(compile_times[norm]),
         compile_s_all=compile_times[norm],
@@ -432,7 +456,11 @@ def markdown(report: Dict[str, Any]) -> str:
       "",
       f"JAX {meta['jax']}, jaxlib {meta['jaxlib']}, Python {meta['python']}, "
       f"{meta['machine']}; {meta.get('compile_rounds', 1)} compilations of every variant, "
-      f"all timed in {meta['rounds']} interleaved rounds; medians over all their steps. "
+      f"all timed in {meta['rounds']} interleaved rounds"
+      + (f" of {meta['burst']} back-to-back training steps each (step times: the "
+         f"last {meta['burst'] - 1} of every turn; the first are in the json, "
+         f"`first_step_ms`)" if meta.get("burst", 1) > 1 else "")
+      + "; medians over all their steps. "
       f"Command: `{meta['command']}`.",
       "",
   ]
@@ -487,6 +515,7 @@ def run(args) -> Dict[str, Any]:
       "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
       "python": platform.python_version(), "machine": platform.machine(),
       "rounds": args.rounds, "compile_rounds": 1 if args.smoke else args.compile_rounds,
+      "burst": args.burst,
       "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
   }, "networks": {}}
   for name in args.networks:
@@ -498,7 +527,7 @@ def run(args) -> Dict[str, Any]:
     sections = {"config": {"model": model, "size": size, "batch": batch}}
     if not args.skip_train:
       sections["train"] = bench_training(model, batch, size, args.norms, args.rounds,
-                                         1 if args.smoke else args.compile_rounds)
+                                         1 if args.smoke else args.compile_rounds, args.burst)
     if not args.skip_infer:
       sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds,
                                           1 if args.smoke else args.compile_rounds)
@@ -516,6 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--compile-rounds", type=int, default=3,
                       help="fresh compilations per variant, all of them timed (medians "
                            "over every executable's steps)")
+  parser.add_argument("--burst", type=int, default=1,
+                      help="training steps per variant per turn, back to back; above 1, "
+                           "step times leave out the first of every turn")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
   parser.add_argument("--skip-train", action="store_true")
   parser.add_argument("--skip-infer", action="store_true")
@@ -523,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="file the tables are appended to ('' for none)")
   parser.add_argument("--json", default="benchmarks/results/cpu.json")
   args = parser.parse_args(argv)
+  if args.burst < 1:
+    parser.error(f"--burst must be at least 1, got {args.burst}")
   report = run(args)
   text = markdown(report)
   print(text)

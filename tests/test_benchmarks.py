@@ -77,6 +77,39 @@ def test_training_times_every_compiled_executable():
     assert r["step_ms"] == (all_steps[2] + all_steps[3]) / 2  # median of all six steps
 
 
+
+def test_bursts_run_each_variant_back_to_back_and_split_off_the_first_step():
+  calls = []
+
+  class Fn:
+    def __init__(self, name):
+      self.name = name
+
+    def prepare(self):
+      calls.append(("prepare", self.name))
+
+    def __call__(self):
+      calls.append(("call", self.name))
+      return jnp.zeros(())
+
+  firsts, later = bench.interleaved_bursts({"a": Fn("a"), "b": Fn("b")}, rounds=2, burst=3,
+                                           warmup=1)
+  assert {k: len(v) for k, v in firsts.items()} == {"a": 2, "b": 2}
+  assert {k: len(v) for k, v in later.items()} == {"a": 4, "b": 4}
+  steps = [name for kind, name in calls if kind == "call"]
+  assert steps == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+  assert calls.count(("prepare", "a")) == calls.count(("call", "a")) == 7
+
+
+def test_training_with_bursts_times_the_later_steps_and_keeps_the_first():
+  results = bench.bench_training(bench.SMOKE_MODEL, 4, 8, ["mabn"], rounds=2, compile_rounds=1,
+                                 burst=3)
+  r = results["mabn"]
+  assert [len(ts) for ts in r["step_ms_all"]] == [4]
+  assert r["first_step_ms"] > 0 and r["step_ms"] > 0
+  with pytest.raises(SystemExit):
+    bench.main(["--smoke", "--burst", "0"])
+
 def test_inference_times_every_compiled_copy():
   results = bench.bench_inference(bench.SMOKE_MODEL, 4, 8, ["none", "gn"], rounds=2, compile_rounds=2)
   for r in results.values():
