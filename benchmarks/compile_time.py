@@ -165,11 +165,12 @@ def count_kernels(compiled) -> int:
 
 
 def shapes(network: str):
-  """``(batch, image size)`` of ``network``'s CPU training step in :mod:`benchmarks.bench`."""
+  """``(model, batch, image size)`` of ``network``'s CPU training step in
+  :mod:`benchmarks.bench` (``resnet18`` is the CIFAR ResNet-18 there)."""
   if network == bench.SMOKE_MODEL:
-    return 4, 8
-  _, size, batch, _ = bench.NETWORKS[network]
-  return batch, size
+    return network, 4, 8
+  model, size, batch, _ = bench.NETWORKS[network]
+  return model, batch, size
 
 
 def measure(network: str, variants: Sequence[str], rounds: int, step_rounds: int,
@@ -181,13 +182,13 @@ def measure(network: str, variants: Sequence[str], rounds: int, step_rounds: int
   the ratios ``compile_vs_flax_bn`` and ``step_vs_flax_bn`` where flax BN is
   among the variants.
   """
-  batch, size = shapes(network)
+  model, batch, size = shapes(network)
   samples = {v: {"trace": [], "compile": [], "compile_cpu": []} for v in variants}
   kernels, steppers = {}, {}
   for index in range(max(1, rounds)):
     for variant in variants:
       with ablated(variant) as norm:
-        step, args = bench.training_step_and_args(network, norm, batch, size)
+        step, args = bench.training_step_and_args(model, norm, batch, size)
         start = time.perf_counter()
         lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*args)
       traced = time.perf_counter()

@@ -190,6 +190,13 @@ def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(v
                          v1, v2)
 
 
+def test_compile_time_measures_the_networks_of_the_step_benchmark():
+  from benchmarks import compile_time as CT
+  for network, (model, size, batch, _) in bench.NETWORKS.items():
+    assert CT.shapes(network) == (model, batch, size)
+  assert CT.shapes("resnet18")[0] == "resnet18_cifar"
+  assert CT.shapes(bench.SMOKE_MODEL) == (bench.SMOKE_MODEL, 4, 8)
+
 def test_conv_derivatives_ablation_takes_every_d_nu_from_a_convolution():
   from benchmarks import compile_time as CT
   from mabn_jax.functional import cross_iteration as F
