@@ -34,6 +34,11 @@ measure what each part costs, never to train with:
   from the inputs' Gram matrix
   (:func:`~mabn_jax.functional.cross_iteration.gram_is_cheaper`): what
   those layers cost before that change;
+* ``cbn_saved_activations``: CBN's training step without its
+  ``jax.checkpoint`` (``functional.cross_iteration._train_step``), so that
+  its backward pass keeps what autodiff saves (two more activation-sized
+  arrays per layer) instead of recomputing them from the conv output: what
+  CBN's step cost before that change;
 * ``mabn_bool_guard``: the finiteness guards as a reduction of booleans,
   ``all(isfinite(x))``, instead of the library's one float reduction
   ``sum(x * 0) == 0`` (the same decision;
@@ -127,6 +132,8 @@ ABLATIONS: Dict[str, list] = {
     "cbn_product_guard": [(st, "all_finite",
                            functools.partial(st.all_finite, large_leaf=float("inf")))],
     "cbn_conv_derivatives": [(cross_iteration, "gram_is_cheaper", lambda kernel_shape: False)],
+    "cbn_saved_activations": [(cross_iteration, "_train_step",
+                               jax.jit(cross_iteration._train_step_body, static_argnums=(6, 7, 8)))],
     "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
         (functional_mabn, "_train_step"), (st, "commit_if_finite"),
         (training, "add_increment"), (centering, "center_kernel"))],

@@ -169,7 +169,8 @@ def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
 
 
 @pytest.mark.parametrize(
-    "variant", ["mabn_two_mul", "mabn_bool_guard", "mabn_unshared", "cbn_product_guard"])
+    "variant", ["mabn_two_mul", "mabn_bool_guard", "mabn_unshared", "cbn_product_guard",
+                "cbn_saved_activations", "cbn_conv_derivatives"])
 def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(variant):
   """These ablations differ from the library's MABN (CBN) only in how the
   step is traced or how XLA compiles it, not in what it computes."""

@@ -974,6 +974,20 @@ def test_derivative_dtype_is_validated_with_the_layer_name():
       model.init(jax.random.PRNGKey(0), x, use_running_average=False)
 
 
+@pytest.mark.parametrize("backward", ["exact", "batch", "published"])
+def test_training_step_keeps_its_moments_not_activations_for_the_backward(backward):
+  # The backward pass recomputes y - mu_bar and xhat from y (which the conv
+  # keeps anyway): y is the only activation-sized residual.
+  kernel = jnp.ones((3, 3, 2, 4)) * 0.1
+  x = jnp.ones((4, 5, 5, 2))
+  spec = F.ConvSpec.make(2)
+  config = F.CBNConfig(window=3, burn_in=0, backward=backward)
+  state = F.init_state(kernel.shape, 3)
+  y = F.conv(x, kernel, spec)
+  _, vjp = jax.vjp(lambda y, k: F.normalize_train(y, x, k, state, spec, config)[0], y, kernel)
+  residuals = [leaf.shape for leaf in jax.tree_util.tree_leaves(vjp)]
+  assert residuals.count(y.shape) == 1, residuals
+
 def test_layers_of_equal_shapes_share_one_trace_of_the_training_step():
   kernel = jnp.ones((3, 3, 2, 4)) * 0.1
   x = jnp.ones((2, 5, 5, 2))

@@ -124,6 +124,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from mabn_jax.functional import mabn as ma
@@ -840,21 +841,26 @@ def normalize_train(
     raise error.named(where) from None
 
 
-# One jit per (shapes, config), as MABN's (functional.mabn._train_step): a
-# network's layers of equal shapes share one trace of the step.
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))
-def _train_step(y, x, kernel, state, bias, tap, spec, config, groups):
+SAVED_STATISTICS = ("cbn_batch_moments", "cbn_pooled_moments")
+"""Names (``jax.ad_checkpoint.checkpoint_name``) of the per-group moments the
+training step keeps for its backward pass; everything else it recomputes."""
+
+
+def _train_step_body(y, x, kernel, state, bias, tap, spec, config, groups):
   """:func:`normalize_train` after its checks (``tap`` as ``_checked_tap`` returns it)."""
   past = config.window - 1
   averaged = config.backward == "averaged"
   dtype = jnp.promote_types(y.dtype, jnp.float32)
   y32 = y.astype(dtype)
 
-  mu, nu = batch_moments(y32, groups, config.axis_name, config.axis_index_groups)
+  mu, nu = checkpoint_name(
+      batch_moments(y32, groups, config.axis_name, config.axis_index_groups),
+      SAVED_STATISTICS[0])
   step = state.step + 1
   burning = in_burn_in(step, config.burn_in)
   past_filled = jnp.arange(past) >= past - state.count
-  mu_bar, nu_bar = _window_moments(mu, nu, kernel, state, config, past_filled, burning)
+  mu_bar, nu_bar = checkpoint_name(
+      _window_moments(mu, nu, kernel, state, config, past_filled, burning), SAVED_STATISTICS[1])
   var_bar = jnp.maximum(nu_bar - jnp.square(mu_bar), 0.0)
 
   inv_std = lax.rsqrt(var_bar + config.epsilon)
@@ -872,6 +878,24 @@ def _train_step(y, x, kernel, state, bias, tap, spec, config, groups):
     new_state = _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config,
                                   groups, burning)
   return xhat, new_state
+
+
+# One jit per (shapes, config), as MABN's (functional.mabn._train_step): a
+# network's layers of equal shapes share one trace of the step. Its backward
+# pass keeps only the (G, C) moments and recomputes the activation-sized
+# values (y - mu_bar, xhat, ...) from y, which the caller's convolution keeps
+# anyway: without the checkpoint XLA kept two more activation-sized arrays
+# per layer (BENCHMARKS.md, "CBN's step keeps its moments, not its
+# activations").
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _train_step(y, x, kernel, state, bias, tap, spec, config, groups):
+  """:func:`_train_step_body`, keeping only :data:`SAVED_STATISTICS` for the backward pass."""
+  return _CHECKPOINTED_STEP(y, x, kernel, state, bias, tap, spec, config, groups)
+
+
+_CHECKPOINTED_STEP = jax.checkpoint(
+    _train_step_body, static_argnums=(6, 7, 8),
+    policy=jax.checkpoint_policies.save_only_these_names(*SAVED_STATISTICS))
 
 
 def _checked_tap(y, x, kernel, state, config, groups, tap, where):
