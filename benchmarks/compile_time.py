@@ -5,8 +5,8 @@
   python -m benchmarks.compile_time --json benchmarks/results/compile_time_cpu.json
   python -m benchmarks.compile_time --network cnn2_smoke --rounds 1 --step-rounds 1
 
-Every variant is the training step of :mod:`benchmarks.bench` (batch 32,
-32x32 images, SGD). Variants are traced and compiled ``--rounds`` times,
+Every variant is the training step of :mod:`benchmarks.bench` on its
+network (the same model, batch and image size; SGD). Variants are traced and compiled ``--rounds`` times,
 interleaved (A B C A B C ...); the table gives median seconds of tracing
 (``lower()``) and of XLA's compilation (``compile()``, wall and process CPU
 time), the kernels (fusions) of the optimized HLO, the compile ratio to
