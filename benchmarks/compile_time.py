@@ -6,8 +6,9 @@
   python -m benchmarks.compile_time --network cnn2_smoke --rounds 1 --step-rounds 1
 
 Every variant is the training step of :mod:`benchmarks.bench` on its
-network (the same model, batch and image size; SGD). Variants are traced and compiled ``--rounds`` times,
-interleaved (A B C A B C ...); the table gives median seconds of tracing
+network (the same model, batch and image size; SGD). Variants are traced
+and compiled ``--rounds`` times, interleaved (A B C A B C ...); the table
+gives median seconds of tracing
 (``lower()``) and of XLA's compilation (``compile()``, wall and process CPU
 time), the kernels (fusions) of the optimized HLO, the compile ratio to
 flax BN, and the step time of the compiled executables (interleaved,
