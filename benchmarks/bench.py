@@ -287,7 +287,8 @@ def interleaved_bursts(fns: Dict[str, Any], rounds: int, burst: int, warmup: int
   call of every turn, and of the other ``burst - 1`` calls (empty lists for
   ``burst == 1``). A training loop runs one step after another; on a CPU the
   first step after another executable's can be slower (ResNet-50 CBN:
-  BENCHMARKS.md, "CBN's first step after another executable's"), and
+  BENCHMARKS.md, "CBN's d nu / d W from a Gram matrix, and steady-state
+  steps"), and
   ``later`` measures without that. A function with a ``prepare`` method has
   it called, untimed, before each call.
   """

@@ -261,7 +261,6 @@ def test_strided_derivatives_equal_jacrev_of_the_moments_over_the_position_subse
                                rtol=1e-10, atol=1e-12)
 
 
-
 @pytest.mark.parametrize("cin, cout, stride", [(2, 5, 1), (2, 5, 2), (5, 2, 1), (3, 3, 2)])
 def test_pointwise_derivatives_take_the_cheaper_route_and_equal_jacrev(cin, cout, stride):
   # Pointwise kernels that widen the channels take d nu / d W from the inputs'
@@ -987,6 +986,7 @@ def test_training_step_keeps_its_moments_not_activations_for_the_backward(backwa
   _, vjp = jax.vjp(lambda y, k: F.normalize_train(y, x, k, state, spec, config)[0], y, kernel)
   residuals = [leaf.shape for leaf in jax.tree_util.tree_leaves(vjp)]
   assert residuals.count(y.shape) == 1, residuals
+
 
 def test_layers_of_equal_shapes_share_one_trace_of_the_training_step():
   kernel = jnp.ones((3, 3, 2, 4)) * 0.1
