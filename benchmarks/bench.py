@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -465,6 +466,9 @@ def markdown(report: Dict[str, Any]) -> str:
       f"Command: `{meta['command']}`.",
       "",
   ]
+  if report.get("skipped"):
+    lines += [f"Not measured (the time budget of {meta['time_budget_s']:g} s was spent): "
+              + ", ".join(report["skipped"]) + ".", ""]
   for network, sections in report["networks"].items():
     cfg = sections["config"]
     lines += [f"### {network} ({cfg['model']}, {cfg['size']}x{cfg['size']}, batch {cfg['batch']})", ""]
@@ -507,7 +511,15 @@ def markdown(report: Dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run(args) -> Dict[str, Any]:
+def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
+  """Measures every network's sections; returns the report.
+
+  ``save(report)`` (if given) is called after every section, so that a run
+  stopped from outside keeps what it measured. With ``args.time_budget``
+  (seconds), a section (one network's training or inference benchmark) is
+  started only while the budget lasts; the ones left out are listed in
+  ``report["skipped"]`` and in the tables. A started section runs to its end.
+  """
   accelerator = jax.default_backend() != "cpu"
   report = {"meta": {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -516,9 +528,14 @@ def run(args) -> Dict[str, Any]:
       "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
       "python": platform.python_version(), "machine": platform.machine(),
       "rounds": args.rounds, "compile_rounds": 1 if args.smoke else args.compile_rounds,
-      "burst": args.burst,
+      "burst": args.burst, "time_budget_s": args.time_budget,
       "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
-  }, "networks": {}}
+  }, "networks": {}, "skipped": []}
+  start = clock()
+
+  def within_budget() -> bool:
+    return args.time_budget is None or clock() - start < args.time_budget
+
   for name in args.networks:
     model, size, cpu_batch, acc_batch = NETWORKS[name]
     batch = acc_batch if accelerator else cpu_batch
@@ -526,18 +543,37 @@ def run(args) -> Dict[str, Any]:
       model, size, batch = SMOKE_MODEL, 8, 4
     print(f"{name}: {model} {size}x{size} batch {batch}", flush=True)
     sections = {"config": {"model": model, "size": size, "batch": batch}}
-    if not args.skip_train:
-      sections["train"] = bench_training(model, batch, size, args.norms, args.rounds,
-                                         1 if args.smoke else args.compile_rounds, args.burst)
-    if not args.skip_infer:
-      sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds,
-                                          1 if args.smoke else args.compile_rounds)
     report["networks"][name] = sections
+    for section, skip in (("train", args.skip_train), ("infer", args.skip_infer)):
+      if skip:
+        continue
+      if not within_budget():
+        print(f"  skipped {name}/{section}: the time budget of {args.time_budget:g}s is spent",
+              flush=True)
+        report["skipped"].append(f"{name}/{section}")
+        continue
+      compile_rounds = 1 if args.smoke else args.compile_rounds
+      if section == "train":
+        sections["train"] = bench_training(model, batch, size, args.norms, args.rounds,
+                                           compile_rounds, args.burst)
+      else:
+        sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds,
+                                            compile_rounds)
+      report["targets"] = check_targets(report)
+      if save is not None:
+        save(report)
   report["targets"] = check_targets(report)
   return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _write_json(path: str, report: Dict[str, Any]) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The command line of :func:`main`, checked."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
   parser.add_argument("--norms", nargs="+", default=list(TRAIN_NORMS))
@@ -554,17 +590,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--skip-infer", action="store_true")
   parser.add_argument("--markdown", default="BENCHMARKS.md",
                       help="file the tables are appended to ('' for none)")
-  parser.add_argument("--json", default="benchmarks/results/cpu.json")
+  parser.add_argument("--json", default="benchmarks/results/cpu.json",
+                      help="file the report is written to, after every section ('' for none)")
+  parser.add_argument("--time-budget", type=float, default=None,
+                      help="seconds; start no further section (one network's training or "
+                           "inference benchmark) once they are spent")
   args = parser.parse_args(argv)
   if args.burst < 1:
     parser.error(f"--burst must be at least 1, got {args.burst}")
-  report = run(args)
+  if args.time_budget is not None and args.time_budget <= 0:
+    parser.error(f"--time-budget must be positive, got {args.time_budget:g}")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  report = run(args, save=functools.partial(_write_json, args.json) if args.json else None)
   text = markdown(report)
   print(text)
   if args.json:
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+    _write_json(args.json, report)
   if args.markdown:
     with open(args.markdown, "a") as f:
       f.write(text + "\n")

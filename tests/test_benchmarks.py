@@ -35,6 +35,42 @@ def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   assert "### Targets" in text
 
 
+def test_time_budget_skips_the_sections_left_and_saves_after_each_section():
+  args = bench.parse_args(["--smoke", "--rounds", "1", "--networks", "cnn6", "resnet18",
+                           "--norms", "flax_bn", "--variants", "none", "--time-budget", "5"])
+  clock = iter([0.0, 1.0, 6.0, 7.0, 8.0]).__next__  # start, then one read per section
+  saved = []
+  report = bench.run(args, save=lambda r: saved.append(json.loads(json.dumps(r))), clock=clock)
+  assert report["skipped"] == ["cnn6/infer", "resnet18/train", "resnet18/infer"]
+  assert set(report["networks"]["cnn6"]) == {"config", "train"}
+  assert set(report["networks"]["resnet18"]) == {"config"}
+  assert len(saved) == 1 and set(saved[0]["networks"]["cnn6"]["train"]) == {"flax_bn"}
+  assert report["meta"]["time_budget_s"] == 5.0
+  text = bench.markdown(report)
+  assert "Not measured (the time budget of 5 s was spent): cnn6/infer, resnet18/train" in text
+
+
+def test_json_is_written_after_every_section(tmp_path, monkeypatch):
+  js = tmp_path / "bench.json"
+  writes = []
+  real = bench._write_json
+  monkeypatch.setattr(bench, "_write_json",
+                      lambda path, report: (writes.append(sorted(
+                          (n, s) for n, ss in report["networks"].items() for s in ss
+                          if s != "config")), real(path, report)))
+  bench.main(["--smoke", "--rounds", "1", "--networks", "cnn6", "--norms", "flax_bn",
+              "--variants", "none", "--markdown", "", "--json", str(js)])
+  assert writes == [[("cnn6", "train")], [("cnn6", "infer"), ("cnn6", "train")],
+                    [("cnn6", "infer"), ("cnn6", "train")]]
+  assert json.loads(js.read_text())["skipped"] == []
+
+
+@pytest.mark.parametrize("budget", ["0", "-3"])
+def test_time_budget_must_be_positive(budget):
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--smoke", "--time-budget", budget])
+
+
 def test_flax_baseline_matches_mj_batch_norm_step():
   """The flax.linen.BatchNorm row is the same network, loss and update as mj.BatchNorm's."""
   import jax
