@@ -9,6 +9,7 @@ differ in speed::
 
   python -m benchmarks.bench                 # full run, writes BENCHMARKS.md
   python -m benchmarks.bench --smoke         # tiny shapes, a few steps
+  python -m benchmarks.bench --time-budget 360  # start no section after 6 min
 
 Every ratio is reported twice: to ``mj.BatchNorm`` (``bn``) and to the layer a
 user would otherwise use, ``flax.linen.BatchNorm`` after a ``flax.linen.Conv``
@@ -531,6 +532,7 @@ def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
       "burst": args.burst, "time_budget_s": args.time_budget,
       "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
   }, "networks": {}, "skipped": []}
+  compile_rounds = 1 if args.smoke else args.compile_rounds
   start = clock()
 
   def within_budget() -> bool:
@@ -552,7 +554,6 @@ def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
               flush=True)
         report["skipped"].append(f"{name}/{section}")
         continue
-      compile_rounds = 1 if args.smoke else args.compile_rounds
       if section == "train":
         sections["train"] = bench_training(model, batch, size, args.norms, args.rounds,
                                            compile_rounds, args.burst)
