@@ -4,6 +4,7 @@
 
   python -m benchmarks.compile_time --json benchmarks/results/compile_time_cpu.json
   python -m benchmarks.compile_time --network cnn2_smoke --rounds 1 --step-rounds 1
+  python -m benchmarks.compile_time --variants flax_bn mabn --llvm-modules
 
 Every variant is the training step of :mod:`benchmarks.bench` on its
 network (the same model, batch and image size; SGD). Variants are traced
@@ -13,6 +14,13 @@ gives median seconds of tracing
 time), the kernels (fusions) of the optimized HLO, the compile ratio to
 flax BN, and the step time of the compiled executables (interleaved,
 ``--step-rounds`` rounds of 3 steps each) as a ratio to flax BN.
+
+With ``--llvm-modules`` it instead compiles every variant once more, each
+in a process of its own with XLA's LLVM log on
+(``TF_CPP_VMODULE=ir_compiler=2``), and sums the LLVM time of the compiled
+kernel modules by the library function each kernel comes from (the
+``op_name`` of the optimized HLO; :data:`SOURCES`): where a step's compile
+time goes, per source.
 
 The ``mabn_*`` ablations remove guarantees the library makes; they exist to
 measure what each part costs, never to train with:
@@ -70,6 +78,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Sequence
@@ -246,6 +255,105 @@ def table(network: str, result: Dict) -> str:
   return "\n".join(lines)
 
 
+SOURCES = (
+    # (source, op_name fragments): a kernel belongs to the first whose
+    # fragments all occur in its op_name.
+    ("state commit (statistics.commit_if_finite)", ("jit(commit_if_finite)",)),
+    ("tap commit (training.add_increment)", ("jit(add_increment)",)),
+    ("weight centring (centering.center_kernel)", ("jit(center_kernel)",)),
+    ("normalizer step, backward", ("jit(_train_step)", "transpose(")),
+    ("normalizer step, forward", ("jit(_train_step)",)),
+)
+"""Library sources that ``--llvm-modules`` reports (the per-layer functions
+the library jits); the rest of the step is ``other``."""
+
+_LLVM_MODULE = re.compile(
+    r"Compiled LLVM module: __compute_module_(\S+?)_kernel_module time: ([\d.]+) (us|ms|s) ")
+_MARK = "-- compile starts --"
+
+
+def kernel_sources(hlo_text: str) -> Dict[str, str]:
+  """``{kernel name: source}`` for the instructions of the optimized HLO's entry."""
+  sources = {}
+  entry = hlo_text[hlo_text.index("ENTRY"):]
+  for match in re.finditer(r"^\s*%(\S+) = .*?op_name=\"([^\"]*)\"", entry, re.M):
+    name, op_name = match.groups()
+    sources[name] = next((label for label, fragments in SOURCES
+                          if all(f in op_name for f in fragments)), "other")
+  return sources
+
+
+def llvm_module_times(log: str) -> List[tuple]:
+  """``[(kernel name, ms)]`` of the LLVM modules XLA's log lists after :data:`_MARK`."""
+  units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+  tail = log.split(_MARK, 1)[-1]
+  return [(m.group(1), float(m.group(2)) * units[m.group(3)])
+          for m in _LLVM_MODULE.finditer(tail)]
+
+
+def _print_kernel_sources(network: str, variant: str) -> None:
+  """Child of :func:`llvm_modules`: compiles once, prints the kernels' sources."""
+  model, batch, size = shapes(network)
+  with ablated(variant) as norm:
+    step, args = bench.training_step_and_args(model, norm, batch, size)
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*args)
+  os.write(2, (_MARK + "\n").encode())
+  print(json.dumps(kernel_sources(lowered.compile().as_text())))
+
+
+def llvm_modules(network: str, variant: str) -> Dict[str, Dict[str, float]]:
+  """``{source: {"modules": n, "ms": LLVM time}}`` of one compilation of ``variant``.
+
+  Compiles in a fresh process with XLA's per-module LLVM log
+  (``TF_CPP_VMODULE=ir_compiler=2``) and no persistent compilation cache;
+  the log is XLA's as it runs (its optimization level, for one, follows
+  ``XLA_FLAGS``). XLA compiles a kernel that occurs
+  several times once, so these are modules, not kernels. Raises
+  ``RuntimeError`` if the process fails or its log lists no module.
+  """
+  # A persistent compilation cache would load the executable without
+  # compiling (and logging) its modules.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="ir_compiler=2",
+             JAX_ENABLE_COMPILATION_CACHE="false")
+  child = subprocess.run(
+      [sys.executable, "-m", "benchmarks.compile_time", "--network", network,
+       "--variants", variant, "--print-kernel-sources"],
+      env=env, capture_output=True, text=True, timeout=1800,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if child.returncode:
+    raise RuntimeError(f"compiling {network}/{variant} failed:\n{child.stderr[-2000:]}")
+  sources = json.loads(child.stdout.strip().splitlines()[-1])
+  modules = llvm_module_times(child.stderr)
+  if not modules:
+    raise RuntimeError(
+        f"XLA's log lists no LLVM module for {network}/{variant} (this jaxlib may not "
+        "log them with TF_CPP_VMODULE=ir_compiler=2).")
+  rows: Dict[str, Dict[str, float]] = {}
+  for name, ms in modules:
+    row = rows.setdefault(sources.get(name, "other"), {"modules": 0, "ms": 0.0})
+    row["modules"] += 1
+    row["ms"] += ms
+  return rows
+
+
+def llvm_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+  labels = [label for label, _ in SOURCES] + ["other"]
+  lines = [f"| {network}: LLVM ms (modules) | " + " | ".join(result) + " |",
+           "| --- |" + " ---: |" * len(result)]
+  for label in labels + ["total"]:
+    cells = []
+    for rows in result.values():
+      if label == "total":
+        cells.append(f"{sum(r['ms'] for r in rows.values()):.0f} "
+                     f"({sum(r['modules'] for r in rows.values())})")
+      else:
+        row = rows.get(label, {"ms": 0.0, "modules": 0})
+        cells.append(f"{row['ms']:.0f} ({row['modules']})")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--network", default="cnn6",
@@ -255,11 +363,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--step-rounds", type=int, default=4,
                       help="interleaved rounds of 3 timed steps per executable (0: none)")
   parser.add_argument("--json", default=None, help="also write the rows here")
+  parser.add_argument("--llvm-modules", action="store_true",
+                      help="instead: LLVM time of one compilation per variant, by source")
+  parser.add_argument("--print-kernel-sources", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  result = measure(args.network, args.variants, args.rounds, args.step_rounds)
-  print(table(args.network, result))
+  if args.print_kernel_sources:
+    _print_kernel_sources(args.network, args.variants[0])
+    return 0
+  if args.llvm_modules:
+    result = {variant: llvm_modules(args.network, variant) for variant in args.variants}
+    print(llvm_table(args.network, result))
+  else:
+    result = measure(args.network, args.variants, args.rounds, args.step_rounds)
+    print(table(args.network, result))
   if args.json:
     report = {"network": args.network, "rounds": args.rounds, "step_rounds": args.step_rounds,
+              "llvm_modules": args.llvm_modules,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "machine": platform.machine(), "cpus": os.cpu_count(), "rows": result}

@@ -235,6 +235,51 @@ def test_compile_time_measures_the_networks_of_the_step_benchmark():
   assert CT.shapes(bench.SMOKE_MODEL) == (bench.SMOKE_MODEL, 4, 8)
 
 
+def test_llvm_module_log_is_read_after_the_mark_in_every_unit():
+  from benchmarks import compile_time as CT
+  log = ("I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_init_kernel_module "
+         "time: 9.0 ms (9000 us)\n" + CT._MARK + "\n"
+         "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_add_select_fusion.3_"
+         "kernel_module time: 12.5 ms (12500 us) (cumulative: 1 ms)\n"
+         "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_wrapped_reduce_kernel_"
+         "module time: 850 us (850 us)\n"
+         "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_ynn_fusion.2_kernel_"
+         "module time: 1.5 s (1500000 us)\n")
+  assert CT.llvm_module_times(log) == [("add_select_fusion.3", 12.5), ("wrapped_reduce", 0.85),
+                                        ("ynn_fusion.2", 1500.0)]
+
+
+def test_kernel_sources_name_the_library_function_of_each_kernel():
+  from benchmarks import compile_time as CT
+  hlo = """HloModule m
+
+ENTRY %main {
+  %a = f32[4]{0} fusion(%p), kind=kLoop, calls=%c1, metadata={op_name="jit(step)/jvp(M)/n/jit(commit_if_finite)/select_n" stack_frame_id=3}
+  %b = f32[4]{0} fusion(%p), kind=kLoop, calls=%c2, metadata={op_name="jit(step)/transpose(jvp(M))/n/jit(_train_step)/mul"}
+  %c = f32[4]{0} fusion(%p), kind=kLoop, calls=%c3, metadata={op_name="jit(step)/jvp(M)/n/jit(_train_step)/sqrt"}
+  %d = f32[4]{0} fusion(%p), kind=kLoop, calls=%c4, metadata={op_name="jit(step)/transpose(jvp(M))/conv/jit(center_kernel)/reduce_sum"}
+  %e = f32[4]{0} fusion(%p), kind=kLoop, calls=%c5, metadata={op_name="jit(step)/jit(add_increment)/select_n"}
+  %f = f32[4]{0} fusion(%p), kind=kLoop, calls=%c6, metadata={op_name="jit(step)/transpose(jvp(M))/relu"}
+}
+"""
+  assert CT.kernel_sources(hlo) == {
+      "a": "state commit (statistics.commit_if_finite)", "b": "normalizer step, backward",
+      "c": "normalizer step, forward", "d": "weight centring (centering.center_kernel)",
+      "e": "tap commit (training.add_increment)", "f": "other"}
+
+
+def test_llvm_modules_attributes_mabn_kernels_to_the_library_functions():
+  from benchmarks import compile_time as CT
+  result = {v: CT.llvm_modules(bench.SMOKE_MODEL, v) for v in ("flax_bn", "mabn")}
+  assert set(result["flax_bn"]) == {"other"}
+  assert {label for label, _ in CT.SOURCES} <= set(result["mabn"])
+  for rows in result.values():
+    assert all(row["modules"] > 0 and row["ms"] > 0 for row in rows.values())
+  table = CT.llvm_table(bench.SMOKE_MODEL, result)
+  assert "| state commit (statistics.commit_if_finite) | 0 (0) |" in table
+  assert table.splitlines()[-1].startswith("| total |")
+
+
 def test_conv_derivatives_ablation_takes_every_d_nu_from_a_convolution():
   from benchmarks import compile_time as CT
   from mabn_jax.functional import cross_iteration as F
