@@ -306,10 +306,10 @@ def llvm_modules(network: str, variant: str) -> Dict[str, Dict[str, float]]:
 
   Compiles in a fresh process with XLA's per-module LLVM log
   (``TF_CPP_VMODULE=ir_compiler=2``) and no persistent compilation cache;
-  the log is XLA's as it runs (its optimization level, for one, follows
-  ``XLA_FLAGS``). XLA compiles a kernel that occurs
-  several times once, so these are modules, not kernels. Raises
-  ``RuntimeError`` if the process fails or its log lists no module.
+  the process inherits ``XLA_FLAGS`` (the optimization level, for one). XLA
+  compiles a kernel that occurs several times once, so these are modules,
+  not kernels. Raises ``RuntimeError`` if the process fails or its log
+  lists no module.
   """
   # A persistent compilation cache would load the executable without
   # compiling (and logging) its modules.
