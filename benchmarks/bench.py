@@ -567,7 +567,8 @@ def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
   return report
 
 
-def _write_json(path: str, report: Dict[str, Any]) -> None:
+def write_json(path: str, report: Dict[str, Any]) -> None:
+  """Writes ``report`` to ``path`` (indented json), creating its directory."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump(report, f, indent=1)
@@ -606,11 +607,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  report = run(args, save=functools.partial(_write_json, args.json) if args.json else None)
+  report = run(args, save=functools.partial(write_json, args.json) if args.json else None)
   text = markdown(report)
   print(text)
   if args.json:
-    _write_json(args.json, report)
+    write_json(args.json, report)
   if args.markdown:
     with open(args.markdown, "a") as f:
       f.write(text + "\n")

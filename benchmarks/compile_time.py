@@ -338,19 +338,16 @@ def llvm_modules(network: str, variant: str) -> Dict[str, Dict[str, float]]:
 
 
 def llvm_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -> str:
-  labels = [label for label, _ in SOURCES] + ["other"]
+  """Markdown table of :func:`llvm_modules` rows, one column per variant."""
+  cell = lambda ms, modules: f"{ms:.0f} ({modules})"
   lines = [f"| {network}: LLVM ms (modules) | " + " | ".join(result) + " |",
            "| --- |" + " ---: |" * len(result)]
-  for label in labels + ["total"]:
-    cells = []
-    for rows in result.values():
-      if label == "total":
-        cells.append(f"{sum(r['ms'] for r in rows.values()):.0f} "
-                     f"({sum(r['modules'] for r in rows.values())})")
-      else:
-        row = rows.get(label, {"ms": 0.0, "modules": 0})
-        cells.append(f"{row['ms']:.0f} ({row['modules']})")
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  for label in [label for label, _ in SOURCES] + ["other"]:
+    rows = [r.get(label, {"ms": 0.0, "modules": 0}) for r in result.values()]
+    lines.append(f"| {label} | " + " | ".join(cell(r["ms"], r["modules"]) for r in rows) + " |")
+  totals = [cell(sum(r["ms"] for r in rows.values()), sum(r["modules"] for r in rows.values()))
+            for rows in result.values()]
+  lines.append("| total | " + " | ".join(totals) + " |")
   return "\n".join(lines)
 
 
@@ -382,8 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "machine": platform.machine(), "cpus": os.cpu_count(), "rows": result}
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+    bench.write_json(args.json, report)
   return 0
 
 

@@ -53,8 +53,8 @@ def test_time_budget_skips_the_sections_left_and_saves_after_each_section():
 def test_json_is_written_after_every_section(tmp_path, monkeypatch):
   js = tmp_path / "bench.json"
   writes = []
-  real = bench._write_json
-  monkeypatch.setattr(bench, "_write_json",
+  real = bench.write_json
+  monkeypatch.setattr(bench, "write_json",
                       lambda path, report: (writes.append(sorted(
                           (n, s) for n, ss in report["networks"].items() for s in ss
                           if s != "config")), real(path, report)))
