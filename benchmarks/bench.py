@@ -24,7 +24,9 @@ Measured per network:
     ``jax.value_and_grad`` for the Flax baselines);
   * XLA's compiled memory analysis of that step (temporaries, and the total
     with arguments and outputs), and the measured peak where the backend
-    reports ``memory_stats`` (GPUs; CPUs report none);
+    reports ``memory_stats`` (GPUs; CPUs report none), read after each
+    normalizer's first step: the process's peak so far, so the first
+    normalizer's (``flax_bn``, listed first) is its own;
   * compile time of the step (``lower().compile()``);
   * inference throughput (images/s) of the eval graph, unfolded and with
     foldable normalizers folded into the convolutions (``mj.fold``), against
@@ -267,6 +269,7 @@ def memory_of(compiled) -> Dict[str, float]:
 
 
 def measured_peak_mib() -> float | None:
+  """The first device's peak memory in use (MiB) so far, or None if it reports none."""
   stats = jax.devices()[0].memory_stats()
   if not stats or "peak_bytes_in_use" not in stats:
     return None
@@ -341,9 +344,11 @@ def bench_training(network: str, batch: int, size: int, norms: Sequence[str], ro
       steps[norm, index] = _Stepper(compiled, args)
       if norm not in results:
         results[norm] = dict(memory)
-        peak = measured_peak_mib()
-        if peak is not None:
-          results[norm]["measured_peak_mib_so_far"] = peak
+        if measured_peak_mib() is not None:  # the backend reports its memory
+          # The process's peak after this normalizer's first step: the first
+          # normalizer's own peak, then the largest so far (it cannot be reset).
+          _block(steps[norm, index]())
+          results[norm]["measured_peak_mib_so_far"] = measured_peak_mib()
       print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
   firsts, later = interleaved_bursts(steps, rounds, burst)
   times = later if burst > 1 else firsts

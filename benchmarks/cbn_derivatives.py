@@ -26,8 +26,6 @@ Printed and written: per layer and lag, the relative error of the variance
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Any, Dict, Sequence
 
@@ -38,6 +36,7 @@ import numpy as np
 import optax
 
 import mabn_jax as mj
+from benchmarks import bench
 from experiments import data as D
 from experiments.models import build_model
 from mabn_jax.functional import cross_iteration as F
@@ -221,9 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   report = run(args)
   print(markdown(report))
   if args.json:
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+    bench.write_json(args.json, report)
   return 0
 
 

@@ -5,6 +5,7 @@
   python -m benchmarks.compile_time --json benchmarks/results/compile_time_cpu.json
   python -m benchmarks.compile_time --network cnn2_smoke --rounds 1 --step-rounds 1
   python -m benchmarks.compile_time --variants flax_bn mabn --llvm-modules
+  python -m benchmarks.compile_time --variants flax_bn mabn --cached-load
 
 Every variant is the training step of :mod:`benchmarks.bench` on its
 network (the same model, batch and image size; SGD). Variants are traced
@@ -21,6 +22,14 @@ in a process of its own with XLA's LLVM log on
 kernel modules by the library function each kernel comes from (the
 ``op_name`` of the optimized HLO; :data:`SOURCES`): where a step's compile
 time goes, per source.
+
+With ``--cached-load`` it instead measures what JAX's persistent
+compilation cache saves: for every variant, two fresh processes share an
+empty cache directory (``jax_compilation_cache_dir``, entries written
+whatever their compile time or size); the first compiles the step and
+writes it, the second traces the step and loads the executable. Reported
+per process: tracing and ``compile()`` seconds and the cache's entries
+after it (the second process adds none when it loaded the step).
 
 The ``mabn_*`` ablations remove guarantees the library makes; they exist to
 measure what each part costs, never to train with:
@@ -80,6 +89,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, Iterator, List, Sequence
 
@@ -337,6 +347,61 @@ def llvm_modules(network: str, variant: str) -> Dict[str, Dict[str, float]]:
   return rows
 
 
+def _print_compile_time(network: str, variant: str) -> None:
+  """Child of :func:`cached_load`: traces and compiles once, prints the seconds."""
+  model, batch, size = shapes(network)
+  with ablated(variant) as norm:
+    step, args = bench.training_step_and_args(model, norm, batch, size)
+    start = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*args)
+  traced = time.perf_counter()
+  lowered.compile()
+  print(json.dumps({"trace": traced - start, "compile": time.perf_counter() - traced}))
+
+
+def cache_entries(cache_dir: str) -> int:
+  """Number of executables in a persistent compilation cache directory."""
+  return sum(1 for name in os.listdir(cache_dir) if not name.startswith("."))
+
+
+def cached_load(network: str, variant: str, cache_dir: str) -> Dict[str, Dict[str, float]]:
+  """Two fresh processes compiling ``variant`` with one persistent cache.
+
+  ``cache_dir`` should be empty. Returns ``{"first": row, "second": row}``,
+  each row the process's ``trace`` and ``compile`` seconds and the cache's
+  ``entries`` after it. Raises ``RuntimeError`` if a process fails.
+  """
+  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true",
+             JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  rows = {}
+  for process in ("first", "second"):
+    child = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_time", "--network", network,
+         "--variants", variant, "--print-compile-time"],
+        env=env, capture_output=True, text=True, timeout=1800,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if child.returncode:
+      raise RuntimeError(f"compiling {network}/{variant} failed:\n{child.stderr[-2000:]}")
+    rows[process] = json.loads(child.stdout.strip().splitlines()[-1])
+    rows[process]["entries"] = cache_entries(cache_dir)
+  return rows
+
+
+def cached_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+  """Markdown table of :func:`cached_load` rows, one row per variant."""
+  lines = [f"| {network} | trace s, first | compile s, first | trace s, second "
+           "| load s, second | cache entries after first / second |",
+           "| --- | ---: | ---: | ---: | ---: | --- |"]
+  for variant, rows in result.items():
+    first, second = rows["first"], rows["second"]
+    lines.append(f"| {variant} | {first['trace']:.2f} | {first['compile']:.2f} | "
+                 f"{second['trace']:.2f} | {second['compile']:.2f} | "
+                 f"{first['entries']} / {second['entries']} |")
+  return "\n".join(lines)
+
+
 def llvm_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -> str:
   """Markdown table of :func:`llvm_modules` rows, one column per variant."""
   cell = lambda ms, modules: f"{ms:.0f} ({modules})"
@@ -362,12 +427,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--json", default=None, help="also write the rows here")
   parser.add_argument("--llvm-modules", action="store_true",
                       help="instead: LLVM time of one compilation per variant, by source")
+  parser.add_argument("--cached-load", action="store_true",
+                      help="instead: compile and cached load, each in a fresh process")
   parser.add_argument("--print-kernel-sources", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--print-compile-time", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.print_kernel_sources:
     _print_kernel_sources(args.network, args.variants[0])
     return 0
-  if args.llvm_modules:
+  if args.print_compile_time:
+    _print_compile_time(args.network, args.variants[0])
+    return 0
+  if args.cached_load:
+    result = {}
+    for variant in args.variants:
+      with tempfile.TemporaryDirectory() as cache_dir:
+        result[variant] = cached_load(args.network, variant, cache_dir)
+    print(cached_table(args.network, result))
+  elif args.llvm_modules:
     result = {variant: llvm_modules(args.network, variant) for variant in args.variants}
     print(llvm_table(args.network, result))
   else:
@@ -375,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(args.network, result))
   if args.json:
     report = {"network": args.network, "rounds": args.rounds, "step_rounds": args.step_rounds,
-              "llvm_modules": args.llvm_modules,
+              "llvm_modules": args.llvm_modules, "cached_load": args.cached_load,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "machine": platform.machine(), "cpus": os.cpu_count(), "rows": result}

@@ -65,6 +65,29 @@ def test_json_is_written_after_every_section(tmp_path, monkeypatch):
   assert json.loads(js.read_text())["skipped"] == []
 
 
+def test_accelerator_run_uses_its_batch_and_reads_the_peak_after_each_first_step(monkeypatch):
+  monkeypatch.setattr(bench, "NETWORKS", {"tiny": (bench.SMOKE_MODEL, 8, 2, 4)})
+  monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+  calls = []
+  real_call = bench._Stepper.__call__
+  monkeypatch.setattr(bench._Stepper, "__call__",
+                      lambda self: (calls.append("step"), real_call(self))[1])
+  monkeypatch.setattr(bench, "measured_peak_mib",
+                      lambda: (calls.append("peak"), 10.0 * len(calls))[1])
+  args = bench.parse_args(["--networks", "tiny", "--norms", "flax_bn", "mabn", "--skip-infer",
+                           "--rounds", "1", "--compile-rounds", "1"])
+  report = bench.run(args)
+  assert report["networks"]["tiny"]["config"]["batch"] == 4  # the accelerator batch
+  assert calls[:6] == ["peak", "step", "peak", "peak", "step", "peak"]
+  train = report["networks"]["tiny"]["train"]
+  assert train["flax_bn"]["measured_peak_mib_so_far"] == 30.0
+  assert train["mabn"]["measured_peak_mib_so_far"] == 60.0
+
+
+def test_cpu_reports_no_measured_peak():
+  assert jax.default_backend() == "cpu" and bench.measured_peak_mib() is None
+
+
 @pytest.mark.parametrize("budget", ["0", "-3"])
 def test_time_budget_must_be_positive(budget):
   with pytest.raises(SystemExit):
@@ -278,6 +301,16 @@ def test_llvm_modules_attributes_mabn_kernels_to_the_library_functions():
   table = CT.llvm_table(bench.SMOKE_MODEL, result)
   assert "| state commit (statistics.commit_if_finite) | 0 (0) |" in table
   assert table.splitlines()[-1].startswith("| total |")
+
+
+def test_second_process_loads_the_mabn_step_from_the_persistent_cache(tmp_path):
+  from benchmarks import compile_time as CT
+  rows = CT.cached_load(bench.SMOKE_MODEL, "mabn", str(tmp_path))
+  assert rows["first"]["entries"] > 0
+  assert rows["second"]["entries"] == rows["first"]["entries"]  # loaded, nothing written
+  assert all(rows[p][k] > 0 for p in ("first", "second") for k in ("trace", "compile"))
+  table = CT.cached_table(bench.SMOKE_MODEL, {"mabn": rows})
+  assert table.splitlines()[-1].startswith("| mabn |")
 
 
 def test_conv_derivatives_ablation_takes_every_d_nu_from_a_convolution():
