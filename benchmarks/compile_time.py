@@ -27,9 +27,10 @@ With ``--cached-load`` it instead measures what JAX's persistent
 compilation cache saves: for every variant, two fresh processes share an
 empty cache directory (``jax_compilation_cache_dir``, entries written
 whatever their compile time or size); the first compiles the step and
-writes it, the second traces the step and loads the executable. Reported
-per process: tracing and ``compile()`` seconds and the cache's entries
-after it (the second process adds none when it loaded the step).
+writes it, the second traces the step and loads the executable; the pairs
+are repeated ``--rounds`` times, interleaved. Reported per process
+(medians): tracing and ``compile()`` seconds and the cache's entries after
+it (the second process adds none when it loaded the step).
 
 The ``mabn_*`` ablations remove guarantees the library makes; they exist to
 measure what each part costs, never to train with:
@@ -389,16 +390,37 @@ def cached_load(network: str, variant: str, cache_dir: str) -> Dict[str, Dict[st
   return rows
 
 
+def cached_load_rounds(network: str, variants: Sequence[str], rounds: int
+                       ) -> Dict[str, Dict[str, Dict[str, float]]]:
+  """:func:`cached_load` ``rounds`` times per variant, interleaved, each pair
+  with an empty cache of its own; medians per process and quantity."""
+  samples: Dict[str, List[Dict]] = {v: [] for v in variants}
+  for _ in range(max(1, rounds)):
+    for variant in variants:
+      with tempfile.TemporaryDirectory() as cache_dir:
+        samples[variant].append(cached_load(network, variant, cache_dir))
+  return {variant: {process: {key: statistics.median(r[process][key] for r in runs)
+                              for key in runs[0][process]}
+                    for process in ("first", "second")}
+          for variant, runs in samples.items()}
+
+
 def cached_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -> str:
-  """Markdown table of :func:`cached_load` rows, one row per variant."""
-  lines = [f"| {network} | trace s, first | compile s, first | trace s, second "
-           "| load s, second | cache entries after first / second |",
-           "| --- | ---: | ---: | ---: | ---: | --- |"]
+  """Markdown table of :func:`cached_load_rounds` rows, one row per variant;
+  with flax BN among them, each process's trace + compile (or load) as a
+  ratio to flax BN's."""
+  total = lambda row: row["trace"] + row["compile"]
+  base = result.get(bench.BASELINE)
+  lines = [f"| {network} | first: trace s | compile s | / flax BN "
+           "| second: trace s | load s | / flax BN | cache entries after first / second |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
   for variant, rows in result.items():
     first, second = rows["first"], rows["second"]
+    ratio = lambda process: (f"{total(rows[process]) / total(base[process]):.2f}"
+                             if base else "-")
     lines.append(f"| {variant} | {first['trace']:.2f} | {first['compile']:.2f} | "
-                 f"{second['trace']:.2f} | {second['compile']:.2f} | "
-                 f"{first['entries']} / {second['entries']} |")
+                 f"{ratio('first')} | {second['trace']:.2f} | {second['compile']:.2f} | "
+                 f"{ratio('second')} | {int(first['entries'])} / {int(second['entries'])} |")
   return "\n".join(lines)
 
 
@@ -439,10 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_compile_time(args.network, args.variants[0])
     return 0
   if args.cached_load:
-    result = {}
-    for variant in args.variants:
-      with tempfile.TemporaryDirectory() as cache_dir:
-        result[variant] = cached_load(args.network, variant, cache_dir)
+    result = cached_load_rounds(args.network, args.variants, args.rounds)
     print(cached_table(args.network, result))
   elif args.llvm_modules:
     result = {variant: llvm_modules(args.network, variant) for variant in args.variants}
