@@ -25,8 +25,9 @@ Measured per network:
   * XLA's compiled memory analysis of that step (temporaries, and the total
     with arguments and outputs), and the measured peak where the backend
     reports ``memory_stats`` (GPUs; CPUs report none), read after each
-    normalizer's first step: the process's peak so far, so the first
-    normalizer's (``flax_bn``, listed first) is its own;
+    normalizer's first step: the process's peak so far (it cannot be
+    reset), so only the first normalizer of the first network (``flax_bn``
+    by default) reads its own, and later readings bound theirs from below;
   * compile time of the step (``lower().compile()``);
   * inference throughput (images/s) of the eval graph, unfolded and with
     foldable normalizers folded into the convolutions (``mj.fold``), against
@@ -345,8 +346,7 @@ def bench_training(network: str, batch: int, size: int, norms: Sequence[str], ro
       if norm not in results:
         results[norm] = dict(memory)
         if measured_peak_mib() is not None:  # the backend reports its memory
-          # The process's peak after this normalizer's first step: the first
-          # normalizer's own peak, then the largest so far (it cannot be reset).
+          # The process's peak so far, after this normalizer's first step.
           _block(steps[norm, index]())
           results[norm]["measured_peak_mib_so_far"] = measured_peak_mib()
       print(f"  compiled {network}/{norm} in {compile_seconds:.1f}s {memory}", flush=True)
