@@ -27,7 +27,7 @@ Measured per network:
     reports ``memory_stats`` (GPUs; CPUs report none), read after each
     normalizer's first step: the process's peak so far (it cannot be
     reset), so only the first normalizer of the first network (``flax_bn``
-    by default) reads its own, and later readings bound theirs from below;
+    by default) reads its own; a later reading is an upper bound of its own;
   * compile time of the step (``lower().compile()``);
   * inference throughput (images/s) of the eval graph, unfolded and with
     foldable normalizers folded into the convolutions (``mj.fold``), against
