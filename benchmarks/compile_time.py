@@ -302,12 +302,32 @@ def llvm_module_times(log: str) -> List[tuple]:
           for m in _LLVM_MODULE.finditer(tail)]
 
 
-def _print_kernel_sources(network: str, variant: str) -> None:
-  """Child of :func:`llvm_modules`: compiles once, prints the kernels' sources."""
+def _run_child(network: str, variant: str, mode: str, env: Dict[str, str]):
+  """Runs this module with ``mode`` (a hidden flag) for one variant in a fresh
+  process; returns the finished process. Raises ``RuntimeError`` if it fails."""
+  child = subprocess.run(
+      [sys.executable, "-m", "benchmarks.compile_time", "--network", network,
+       "--variants", variant, mode],
+      env=env, capture_output=True, text=True, timeout=1800,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if child.returncode:
+    raise RuntimeError(f"compiling {network}/{variant} failed:\n{child.stderr[-2000:]}")
+  return child
+
+
+def _lowered(network: str, variant: str):
+  """``(lowered training step, seconds it took to trace)`` of ``variant``."""
   model, batch, size = shapes(network)
   with ablated(variant) as norm:
     step, args = bench.training_step_and_args(model, norm, batch, size)
+    start = time.perf_counter()
     lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*args)
+  return lowered, time.perf_counter() - start
+
+
+def _print_kernel_sources(network: str, variant: str) -> None:
+  """Child of :func:`llvm_modules`: compiles once, prints the kernels' sources."""
+  lowered, _ = _lowered(network, variant)
   os.write(2, (_MARK + "\n").encode())
   print(json.dumps(kernel_sources(lowered.compile().as_text())))
 
@@ -327,13 +347,7 @@ def llvm_modules(network: str, variant: str) -> Dict[str, Dict[str, float]]:
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="ir_compiler=2",
              JAX_ENABLE_COMPILATION_CACHE="false")
-  child = subprocess.run(
-      [sys.executable, "-m", "benchmarks.compile_time", "--network", network,
-       "--variants", variant, "--print-kernel-sources"],
-      env=env, capture_output=True, text=True, timeout=1800,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if child.returncode:
-    raise RuntimeError(f"compiling {network}/{variant} failed:\n{child.stderr[-2000:]}")
+  child = _run_child(network, variant, "--print-kernel-sources", env)
   sources = json.loads(child.stdout.strip().splitlines()[-1])
   modules = llvm_module_times(child.stderr)
   if not modules:
@@ -350,14 +364,10 @@ def llvm_modules(network: str, variant: str) -> Dict[str, Dict[str, float]]:
 
 def _print_compile_time(network: str, variant: str) -> None:
   """Child of :func:`cached_load`: traces and compiles once, prints the seconds."""
-  model, batch, size = shapes(network)
-  with ablated(variant) as norm:
-    step, args = bench.training_step_and_args(model, norm, batch, size)
-    start = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(*args)
-  traced = time.perf_counter()
+  lowered, trace = _lowered(network, variant)
+  start = time.perf_counter()
   lowered.compile()
-  print(json.dumps({"trace": traced - start, "compile": time.perf_counter() - traced}))
+  print(json.dumps({"trace": trace, "compile": time.perf_counter() - start}))
 
 
 def cache_entries(cache_dir: str) -> int:
@@ -378,13 +388,7 @@ def cached_load(network: str, variant: str, cache_dir: str) -> Dict[str, Dict[st
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   rows = {}
   for process in ("first", "second"):
-    child = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_time", "--network", network,
-         "--variants", variant, "--print-compile-time"],
-        env=env, capture_output=True, text=True, timeout=1800,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if child.returncode:
-      raise RuntimeError(f"compiling {network}/{variant} failed:\n{child.stderr[-2000:]}")
+    child = _run_child(network, variant, "--print-compile-time", env)
     rows[process] = json.loads(child.stdout.strip().splitlines()[-1])
     rows[process]["entries"] = cache_entries(cache_dir)
   return rows
