@@ -371,7 +371,8 @@ def _print_compile_time(network: str, variant: str) -> None:
 
 
 def cache_entries(cache_dir: str) -> int:
-  """Number of executables in a persistent compilation cache directory."""
+  """Number of entries in a persistent compilation cache directory (the step
+  and every small computation the process compiled, such as initialization)."""
   return sum(1 for name in os.listdir(cache_dir) if not name.startswith("."))
 
 
@@ -474,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = measure(args.network, args.variants, args.rounds, args.step_rounds)
     print(table(args.network, result))
   if args.json:
-    report = {"network": args.network, "rounds": args.rounds, "step_rounds": args.step_rounds,
+    step_rounds = None if args.llvm_modules or args.cached_load else args.step_rounds
+    report = {"network": args.network, "rounds": args.rounds, "step_rounds": step_rounds,
               "llvm_modules": args.llvm_modules, "cached_load": args.cached_load,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "jax": jax.__version__, "device": jax.devices()[0].device_kind,

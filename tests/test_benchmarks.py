@@ -309,8 +309,9 @@ def test_second_process_loads_the_mabn_step_from_the_persistent_cache(tmp_path):
   assert rows["first"]["entries"] > 0
   assert rows["second"]["entries"] == rows["first"]["entries"]  # loaded, nothing written
   assert all(rows[p][k] > 0 for p in ("first", "second") for k in ("trace", "compile"))
-  table = CT.cached_table(bench.SMOKE_MODEL, {"mabn": rows})
+  table = CT.cached_table(bench.SMOKE_MODEL, {"flax_bn": rows, "mabn": rows})
   assert table.splitlines()[-1].startswith("| mabn |")
+  assert table.splitlines()[-1].count("| 1.00 |") == 2  # both processes, against itself
 
 
 def test_conv_derivatives_ablation_takes_every_d_nu_from_a_convolution():
