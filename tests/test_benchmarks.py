@@ -175,11 +175,14 @@ def test_inference_times_every_compiled_copy():
     assert r["images_per_s"] > 0 and len(r["images_per_s_per_compile"]) == 2
 
 
-def test_strided_cbn_row_is_the_registry_cbn_with_derivative_stride_2():
-  normalizer = bench.make_normalizer("cbn_s2", "cnn6")
+@pytest.mark.parametrize("row, changed", [
+    ("cbn_s2", {"derivative_stride": 2}),
+    ("cbn_published", {"backward": "published"}),
+])
+def test_cbn_option_rows_are_the_registry_cbn_with_one_setting_changed(row, changed):
+  normalizer = bench.make_normalizer(row, "cnn6")
   assert normalizer.name == "cbn"
-  assert normalizer.options == {**bench.make_normalizer("cbn", "cnn6").options,
-                                "derivative_stride": 2}
+  assert normalizer.options == {**bench.make_normalizer("cbn", "cnn6").options, **changed}
 
 
 def test_derivative_benchmark_captures_every_cbn_layer_and_orders_the_errors():
