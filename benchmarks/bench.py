@@ -60,7 +60,7 @@ from mabn_jax.fold import fold
 from mabn_jax.functional import cross_iteration
 
 TRAIN_NORMS = ("flax_bn", "gn", "bn", "mabn", "brn", "cbn", "cbn_s2", "cbn_bf16",
-               "cbn_s2_bf16", "cbn_published", "cbn_floor")
+               "cbn_s2_bf16", "cbn_published", "cbn_batch", "cbn_floor")
 INFER_VARIANTS = ("flax_bn", "bn", "bn_folded", "mabn", "mabn_folded", "gn", "ln", "in",
                   "none")
 BASELINE = "flax_bn"
@@ -77,7 +77,7 @@ NETWORKS = {
 
 
 ROW_NORMS = {"cbn_s2": "cbn", "cbn_bf16": "cbn", "cbn_s2_bf16": "cbn",
-             "cbn_published": "cbn"}
+             "cbn_published": "cbn", "cbn_batch": "cbn"}
 """Rows that are a registry normalizer with other settings: row -> registry name."""
 
 
@@ -86,10 +86,11 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
   CBN at the published window (``k = 4``, buffer 3), ``cbn_s2`` with its
   derivatives over every second position (``derivative_stride=2``),
   ``cbn_bf16`` with its derivative buffers in bfloat16
-  (``derivative_dtype``), ``cbn_s2_bf16`` with both, and ``cbn_published``
-  with the authors' gradient (``backward='published'``: no gradient through
-  the Taylor compensation, so the backward pass does not read the
-  derivative buffers)."""
+  (``derivative_dtype``), ``cbn_s2_bf16`` with both; ``cbn_published``
+  with the authors' gradient (``backward='published'``) and ``cbn_batch``
+  with BN's backward on the pooled moments (``backward='batch'``): neither
+  differentiates the Taylor compensation, so their backward passes do not
+  read the derivative buffers."""
   return {
       "mabn": dict(warmup_steps=0, renorm_start=0),
       "brn": dict(warmup_steps=0, ramp_steps=0),
@@ -99,6 +100,7 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
       "cbn_s2_bf16": dict(window=4, burn_in=0, derivative_stride=2,
                           derivative_dtype=jnp.bfloat16),
       "cbn_published": dict(window=4, burn_in=0, backward="published"),
+      "cbn_batch": dict(window=4, burn_in=0, backward="batch"),
       "gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
   }.get(norm, {})
 
@@ -438,6 +440,8 @@ TARGETS = [
      "step_ms", "cbn_s2_bf16", "flax_bn", 1.25, "<="),
     ("CBN, the authors' gradient / flax BN training step", "train", "step_ms",
      "cbn_published", "flax_bn", 1.25, "<="),
+    ("CBN, BN's backward on the pooled moments / flax BN training step", "train", "step_ms",
+     "cbn_batch", "flax_bn", 1.25, "<="),
     ("folded MABN / none inference", "infer", "images_per_s", "mabn_folded", "none", 0.99, ">="),
     ("folded BN / none inference", "infer", "images_per_s", "bn_folded", "none", 0.99, ">="),
     ("folded MABN / GN inference", "infer", "images_per_s", "mabn_folded", "gn", 2.4, ">="),

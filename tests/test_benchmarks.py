@@ -178,6 +178,7 @@ def test_inference_times_every_compiled_copy():
 @pytest.mark.parametrize("row, changed", [
     ("cbn_s2", {"derivative_stride": 2}),
     ("cbn_published", {"backward": "published"}),
+    ("cbn_batch", {"backward": "batch"}),
 ])
 def test_cbn_option_rows_are_the_registry_cbn_with_one_setting_changed(row, changed):
   normalizer = bench.make_normalizer(row, "cnn6")
