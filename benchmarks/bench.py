@@ -91,16 +91,16 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
   with BN's backward on the pooled moments (``backward='batch'``): neither
   differentiates the Taylor compensation, so their backward passes do not
   read the derivative buffers."""
+  cbn = dict(window=4, burn_in=0)
   return {
       "mabn": dict(warmup_steps=0, renorm_start=0),
       "brn": dict(warmup_steps=0, ramp_steps=0),
-      "cbn": dict(window=4, burn_in=0),
-      "cbn_s2": dict(window=4, burn_in=0, derivative_stride=2),
-      "cbn_bf16": dict(window=4, burn_in=0, derivative_dtype=jnp.bfloat16),
-      "cbn_s2_bf16": dict(window=4, burn_in=0, derivative_stride=2,
-                          derivative_dtype=jnp.bfloat16),
-      "cbn_published": dict(window=4, burn_in=0, backward="published"),
-      "cbn_batch": dict(window=4, burn_in=0, backward="batch"),
+      "cbn": cbn,
+      "cbn_s2": dict(cbn, derivative_stride=2),
+      "cbn_bf16": dict(cbn, derivative_dtype=jnp.bfloat16),
+      "cbn_s2_bf16": dict(cbn, derivative_stride=2, derivative_dtype=jnp.bfloat16),
+      "cbn_published": dict(cbn, backward="published"),
+      "cbn_batch": dict(cbn, backward="batch"),
       "gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
   }.get(norm, {})
 

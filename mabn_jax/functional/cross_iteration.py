@@ -211,10 +211,10 @@ class CBNConfig:
       ``g_buffer``/``psi_buffer``, fed through taps). The forward and the
       forward state do not depend on it. The default was chosen on a
       validation split (``experiments/results/cbn_brn_investigation_cifar_cpu``).
-      Only ``'exact'`` reads the derivative buffers in the backward pass,
-      which keeps a copy of them alive until then: on ResNet-50 (CPU)
-      ``'batch'`` took 1.22x ``flax.linen.BatchNorm``'s step against 1.38x
-      (``BENCHMARKS.md``).
+      Only ``'exact'`` reads the derivative buffers in the backward pass;
+      XLA's CPU backend then keeps a copy of them alive until then (found
+      in its buffer assignment): on ResNet-50 ``'batch'`` took 1.22x
+      ``flax.linen.BatchNorm``'s step against 1.38x (``BENCHMARKS.md``).
     running_stats: what the inference statistics ``mean``/``var`` average:
       ``'pooled'`` (the default: the pooled ``mu_bar``/``var_bar`` the step
       normalized with, so inference matches training at small
