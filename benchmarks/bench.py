@@ -480,7 +480,10 @@ def markdown(report: Dict[str, Any]) -> str:
          f"last {meta['burst'] - 1} of every turn; the first are in the json, "
          f"`first_step_ms`)" if meta.get("burst", 1) > 1 else "")
       + "; medians over all their steps. "
-      f"Command: `{meta['command']}`.",
+      f"Command: `{meta['command']}`"
+      + "".join(f", with `{name}={value}`"
+                for name, value in meta.get("environment", {}).items())
+      + ".",
       "",
   ]
   if report.get("skipped"):
@@ -528,6 +531,18 @@ def markdown(report: Dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+# Environment variables that change what is measured without changing the
+# code: XLA's flags, and glibc's allocator tunables (on Linux,
+# ``glibc.malloc.hugetlb=1`` backs XLA:CPU's per-step temporaries with huge
+# pages; BENCHMARKS.md, "Page faults of XLA's temporaries on the CPU").
+TIMING_ENVIRONMENT = ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def timing_environment(environ=os.environ) -> Dict[str, str]:
+  """The variables of :data:`TIMING_ENVIRONMENT` that are set, as the report's meta keeps them."""
+  return {name: environ[name] for name in TIMING_ENVIRONMENT if name in environ}
+
+
 def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
   """Measures every network's sections; returns the report.
 
@@ -547,6 +562,7 @@ def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
       "rounds": args.rounds, "compile_rounds": 1 if args.smoke else args.compile_rounds,
       "burst": args.burst, "time_budget_s": args.time_budget,
       "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
+      "environment": timing_environment(),
   }, "networks": {}, "skipped": []}
   compile_rounds = 1 if args.smoke else args.compile_rounds
   start = clock()

@@ -35,6 +35,19 @@ def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   assert "### Targets" in text
 
 
+def test_report_keeps_the_environment_variables_that_change_timings(monkeypatch):
+  environ = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "XLA_FLAGS": "--x", "HOME": "/h"}
+  assert bench.timing_environment(environ) == {
+      "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "XLA_FLAGS": "--x"}
+  assert bench.timing_environment({}) == {}
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  args = bench.parse_args(["--smoke", "--rounds", "1", "--networks", "cnn6",
+                           "--norms", "flax_bn", "--skip-infer"])
+  report = bench.run(args)
+  assert report["meta"]["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert "with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`" in bench.markdown(report)
+
+
 def test_time_budget_skips_the_sections_left_and_saves_after_each_section():
   args = bench.parse_args(["--smoke", "--rounds", "1", "--networks", "cnn6", "resnet18",
                            "--norms", "flax_bn", "--variants", "none", "--time-budget", "5"])
