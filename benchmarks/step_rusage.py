@@ -125,7 +125,8 @@ def in_children(args: argparse.Namespace, run=subprocess.run) -> List[Dict]:
                    "--norms", *args.norms, "--rounds", str(args.rounds),
                    "--burst", str(args.burst), "--json", out]
         print(f"pair {pair}: {text or '(no settings)'}", flush=True)
-        run(command, env={**os.environ, **settings}, check=True)
+        # The child's table is printed here, with the others: its stdout is not needed.
+        run(command, env={**os.environ, **settings}, check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
           rows = json.load(f)["rows"]
         results.append({"environment": text, "pair": pair, "rows": rows})

@@ -69,7 +69,7 @@ def test_environment_settings_are_name_value_pairs():
 def test_children_alternate_the_environments_and_keep_their_rows():
   seen = []
 
-  def fake_run(command, env, check):
+  def fake_run(command, env, check, stdout):
     seen.append(env.get("MABN_TEST_SETTING"))
     out = command[command.index("--json") + 1]
     with open(out, "w") as f:
