@@ -292,26 +292,28 @@ def interleaved_times(fns: Dict[str, Any], rounds: int, warmup: int = 2) -> Dict
   return interleaved_bursts(fns, rounds, 1, warmup)[0]
 
 
-def interleaved_bursts(fns: Dict[str, Any], rounds: int, burst: int, warmup: int = 2
-                       ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+def wall_seconds(fn) -> float:
+  """Wall time (s) of one call of ``fn``, its result blocked on; a ``prepare``
+  method, where ``fn`` has one, is called untimed first."""
+  if hasattr(fn, "prepare"):
+    fn.prepare()
+  start = time.perf_counter()
+  _block(fn())
+  return time.perf_counter() - start
+
+
+def interleaved_bursts(fns: Dict[str, Any], rounds: int, burst: int, warmup: int = 2,
+                       call=wall_seconds) -> Tuple[Dict[str, List], Dict[str, List]]:
   """Runs ``fns`` round-robin, ``burst`` calls back to back per turn.
 
-  Returns ``(firsts, later)``: each function's wall times (s) of the first
-  call of every turn, and of the other ``burst - 1`` calls (empty lists for
-  ``burst == 1``). A training loop runs one step after another; on a CPU the
-  first step after another executable's can be slower (ResNet-50 CBN:
-  BENCHMARKS.md, "CBN's d nu / d W from a Gram matrix, and steady-state
-  steps"), and
-  ``later`` measures without that. A function with a ``prepare`` method has
-  it called, untimed, before each call.
+  Returns ``(firsts, later)``: each function's measurements (``call(fn)``,
+  by default :func:`wall_seconds`) of the first call of every turn, and of
+  the other ``burst - 1`` calls (empty lists for ``burst == 1``). A training
+  loop runs one step after another; on a CPU the first step after another
+  executable's can be slower (ResNet-50 CBN: BENCHMARKS.md, "CBN's d nu / d
+  W from a Gram matrix, and steady-state steps"), and ``later`` measures
+  without that. ``warmup`` unmeasured calls of each function come first.
   """
-  def call(fn):
-    if hasattr(fn, "prepare"):
-      fn.prepare()
-    start = time.perf_counter()
-    _block(fn())
-    return time.perf_counter() - start
-
   for fn in fns.values():
     for _ in range(warmup):
       call(fn)

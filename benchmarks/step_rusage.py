@@ -82,13 +82,8 @@ def measure(network: str, norms: Sequence[str], rounds: int, burst: int,
     compiled, args, _, memory = bench.build_training_step(model, norm, batch, size)
     steppers[norm] = bench._Stepper(compiled, args)
     temp[norm] = memory.get("temp_mib", float("nan"))
-  samples: Dict[str, List[Dict[str, float]]] = {norm: [] for norm in norms}
-  for norm in norms:  # one untimed step each: first-call costs
-    step_usage(steppers[norm])
-  for _ in range(rounds):
-    for norm in norms:
-      step_usage(steppers[norm])  # the first of the turn follows another executable
-      samples[norm] += [step_usage(steppers[norm]) for _ in range(burst - 1)]
+  # The first step of a turn follows another executable's: not measured.
+  _, samples = bench.interleaved_bursts(steppers, rounds, burst, warmup=1, call=step_usage)
   rows = {}
   for norm, steps in samples.items():
     row = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
