@@ -545,6 +545,16 @@ def timing_environment(environ=os.environ) -> Dict[str, str]:
   return {name: environ[name] for name in TIMING_ENVIRONMENT if name in environ}
 
 
+def process_meta() -> Dict[str, Any]:
+  """What the benchmark scripts' json reports say of the process: the date
+  (UTC), JAX, the first device, the machine, its CPUs and
+  :func:`timing_environment`."""
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+          "machine": platform.machine(), "cpus": os.cpu_count(),
+          "environment": timing_environment()}
+
+
 def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
   """Measures every network's sections; returns the report.
 

@@ -81,11 +81,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -476,11 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(args.network, result))
   if args.json:
     step_rounds = None if args.llvm_modules or args.cached_load else args.step_rounds
-    report = {"network": args.network, "rounds": args.rounds, "step_rounds": step_rounds,
-              "llvm_modules": args.llvm_modules, "cached_load": args.cached_load,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-              "machine": platform.machine(), "cpus": os.cpu_count(), "rows": result}
+    report = dict(bench.process_meta(), network=args.network, rounds=args.rounds,
+                  step_rounds=step_rounds, llvm_modules=args.llvm_modules,
+                  cached_load=args.cached_load, rows=result)
     bench.write_json(args.json, report)
   return 0
 

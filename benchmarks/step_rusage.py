@@ -11,7 +11,9 @@ image size and SGD step, donated state). Each variant is compiled once;
 then ``--rounds`` interleaved turns of ``--burst`` steps each run (A A A B B
 B ...), and every step but the first of a turn is measured with
 ``getrusage`` of the process: wall time, user and system CPU time, and
-minor page faults (``faulted_mib``: the faults in 4 KiB pages, in MiB).
+minor page faults (``faulted_mib``: the faults times the 4 KiB base page,
+in MiB; a fault on a huge page maps 2 MiB, so with huge pages only the
+count ``minor_faults`` means anything).
 XLA's CPU runtime allocates a step's temporaries on every execution, so a
 step faults its pages in again each time; ``temp_mib`` is XLA's memory
 analysis of those temporaries. Medians per variant.
@@ -27,10 +29,8 @@ process starts, which is why each needs a process of its own.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,13 +39,11 @@ import tempfile
 import time
 from typing import Dict, List, Sequence
 
-import jax
-
 from benchmarks import bench
 from benchmarks.compile_time import shapes
 
 PAGE_MIB = 4096 / 2**20
-"""MiB per minor page fault, at the 4 KiB base page of x86-64 and most ARM Linux."""
+"""MiB per minor page fault on a 4 KiB base page (x86-64 and most ARM Linux)."""
 
 
 def _usage() -> resource.struct_rusage:
@@ -131,12 +129,14 @@ def in_children(args: argparse.Namespace, run=subprocess.run) -> List[Dict]:
 def table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
   """A markdown table of :func:`measure`'s rows."""
   lines = [title, ""] if title else []
-  lines += ["| variant | wall ms | / flax BN | user ms | sys ms | faulted MiB | XLA temp MiB |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines += ["| variant | wall ms | / flax BN | user ms | sys ms | minor faults | "
+            "x 4 KiB, MiB | XLA temp MiB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for norm, r in rows.items():
     ratio = f"{r['wall_vs_flax_bn']:.3f}" if "wall_vs_flax_bn" in r else "-"
     lines.append(f"| {norm} | {r['wall_ms']:.0f} | {ratio} | {r['user_ms']:.0f} | "
-                 f"{r['sys_ms']:.0f} | {r['faulted_mib']:.1f} | {r['temp_mib']:.1f} |")
+                 f"{r['sys_ms']:.0f} | {r['minor_faults']:.0f} | {r['faulted_mib']:.1f} | "
+                 f"{r['temp_mib']:.1f} |")
   return "\n".join(lines)
 
 
@@ -153,11 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--pairs", type=int, default=2)
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
-  meta = {"network": args.network, "rounds": args.rounds, "burst": args.burst,
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-          "machine": platform.machine(), "cpus": os.cpu_count(),
-          "environment": bench.timing_environment()}
+  for name in ("rounds", "burst", "pairs"):
+    if getattr(args, name) < (2 if name == "burst" else 1):
+      parser.error(f"--{name} must be at least {2 if name == 'burst' else 1}, "
+                   f"got {getattr(args, name)}")
+  meta = dict(bench.process_meta(), network=args.network, rounds=args.rounds,
+              burst=args.burst)
   if args.environments:
     results = in_children(args)
     for result in results:

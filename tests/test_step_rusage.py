@@ -83,3 +83,25 @@ def test_children_alternate_the_environments_and_keep_their_rows():
   assert [(r["environment"], r["pair"]) for r in results] == [
       ("", 0), ("MABN_TEST_SETTING=1", 0), ("", 1), ("MABN_TEST_SETTING=1", 1)]
   assert [r["rows"]["flax_bn"]["wall_ms"] for r in results] == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--burst", "1"], "--burst must be at least 2"),
+    (["--pairs", "0"], "--pairs must be at least 1"),
+])
+def test_command_line_refuses_counts_that_measure_nothing(flags, message, capsys):
+  with pytest.raises(SystemExit):
+    step_rusage.main(["--network", bench.SMOKE_MODEL, *flags])
+  assert message in capsys.readouterr().err
+
+
+def test_reports_share_the_process_meta_with_the_other_benchmarks(tmp_path, monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  out = tmp_path / "rusage.json"
+  assert step_rusage.main(["--network", bench.SMOKE_MODEL, "--norms", "flax_bn",
+                           "--rounds", "1", "--burst", "2", "--json", str(out)]) == 0
+  report = json.loads(out.read_text())
+  assert set(bench.process_meta()) <= set(report)
+  assert report["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert report["rows"]["flax_bn"]["minor_faults"] >= 0
