@@ -98,10 +98,10 @@ def test_synchronized_mabn_with_replicated_state_equals_one_device_on_the_whole_
 
 
 def test_mabn_under_jit_with_a_batch_sharded_over_an_explicit_mesh_axis():
-  # jax.make_mesh's axes are explicit: the batch's type is sharded, which the
-  # weight-centred conv must not slice (it once failed with a ShardingTypeError).
-  mesh = jax.make_mesh((DEVICES,), ("batch",))
-  assert jax.sharding.AxisType.Explicit in mesh.axis_types
+  # Over an explicit axis the batch's type is sharded, which the weight-centred
+  # conv must not slice (it once failed with a ShardingTypeError).
+  mesh = jax.make_mesh((DEVICES,), ("batch",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
   model = Net(mj.make_normalizer("mabn", **MABN))
   variables = model.init(jax.random.key(0), jnp.zeros((2, 6, 6, 3)), train=True)
   replicated = NamedSharding(mesh, P())
