@@ -53,12 +53,6 @@ measure what each part costs, never to train with:
   from the inputs' Gram matrix
   (:func:`~mabn_jax.functional.cross_iteration.gram_is_cheaper`): what
   those layers cost before that change;
-* ``cbn_conv_dmu`` and ``cbn_floor_conv_dmu``: CBN's ``d mu / d W`` (in CBN
-  and in its floor, ``bench.py``'s ``cbn_floor`` row, also a variant here) as
-  the backward-weight convolution for the cotangent ``1 / M`` instead of the
-  library's sum of the images through the kernel's offsets
-  (``functional.cross_iteration._patch_mean``): what it cost before that
-  change;
 * ``cbn_saved_activations``: CBN's training step without its
   ``jax.checkpoint`` (``functional.cross_iteration._train_step``), so that
   its backward pass keeps what autodiff saves (two more activation-sized
@@ -143,22 +137,6 @@ def _two_multiplies(x, tap, inv_std, rate, psi_buffer, use_average, first_step, 
           + st.broadcast_channels(bias.astype(dtype), x, axis))
 
 
-def _patch_mean_by_convolution(x, kernel_spatial, spec, out_spatial, groups, elements):
-  """``d mu / d W`` as the backward-weight convolution of each group's images
-  for the output cotangent ``1 / M`` (one output channel)."""
-  shape = tuple(kernel_spatial) + (x.shape[-1], 1)
-
-  def one_group(images):
-    cotangent = jnp.full((images.shape[0],) + tuple(out_spatial) + (1,), 1.0 / elements,
-                         x.dtype)
-    transpose = jax.linear_transpose(
-        lambda kernel: cross_iteration.conv(images, kernel, spec),
-        jax.ShapeDtypeStruct(shape, x.dtype))
-    return transpose(cotangent)[0][..., 0]
-
-  return jax.vmap(one_group)(st.split_groups(x, groups))
-
-
 _TWO_MUL = jax.custom_vjp(_two_multiplies, nondiff_argnums=(9, 10, 11))
 # The same backward rule as the library's: only the forward expression differs.
 _TWO_MUL.defvjp(functional_mabn._stabilized_fwd, functional_mabn._stabilized_bwd,
@@ -173,8 +151,6 @@ ABLATIONS: Dict[str, list] = {
     "cbn_product_guard": [(st, "all_finite",
                            functools.partial(st.all_finite, large_leaf=float("inf")))],
     "cbn_conv_derivatives": [(cross_iteration, "gram_is_cheaper", lambda kernel_shape: False)],
-    "cbn_conv_dmu": [(cross_iteration, "_patch_mean", _patch_mean_by_convolution)],
-    "cbn_floor_conv_dmu": [(cross_iteration, "_patch_mean", _patch_mean_by_convolution)],
     "cbn_saved_activations": [(cross_iteration, "_train_step",
                                jax.jit(cross_iteration._train_step_body, static_argnums=(6, 7, 8)))],
     "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
@@ -185,15 +161,7 @@ ABLATIONS: Dict[str, list] = {
         (training, "add_increment"))],
     "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
 }
-VARIANTS = ("flax_bn", "bn", "mabn", "cbn", "cbn_floor") + tuple(ABLATIONS)
-
-
-def norm_of(variant: str) -> str:
-  """The :mod:`benchmarks.bench` row a variant trains: itself, or the
-  longest row its ablation's name starts with."""
-  if variant not in ABLATIONS:
-    return variant
-  return max((norm for norm in bench.TRAIN_NORMS if variant.startswith(norm + "_")), key=len)
+VARIANTS = ("flax_bn", "bn", "mabn", "cbn") + tuple(ABLATIONS)
 
 
 @contextlib.contextmanager
@@ -208,7 +176,7 @@ def ablated(variant: str) -> Iterator[str]:
   try:
     for module, name, value in patches:
       setattr(module, name, value)
-    yield norm_of(variant)
+    yield variant.split("_")[0] if variant in ABLATIONS else variant
   finally:
     for module, name, value in saved:
       setattr(module, name, value)

@@ -291,9 +291,8 @@ def test_pointwise_derivatives_take_the_cheaper_route_and_equal_jacrev(cin, cout
     gram = F.gram_is_cheaper(kernel.shape)
     assert gram == (cin < cout)
     convs = str(jax.make_jaxpr(derivatives)(x, kernel)).count("conv_general_dilated")
-    # The layer's own conv and d nu / d W unless from the Gram matrix (d mu / d W
-    # sums the images through the kernel's offsets, no convolution).
-    assert convs == (1 if gram else 2)
+    # The layer's own conv, d mu / d W, and d nu / d W unless from the Gram matrix.
+    assert convs == (2 if gram else 3)
     # Constants of the step, by either route: no gradient flows through them.
     grads = jax.grad(lambda x, k: sum(jnp.sum(d ** 2) for d in derivatives(x, k)),
                      argnums=(0, 1))(x, kernel)

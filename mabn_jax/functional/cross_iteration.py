@@ -19,11 +19,9 @@ forward and one with averaged backward statistics (below).
 The derivatives are cheap (spec, section 4): ``d mu_c / d W[..., c]`` is the
 mean input patch, the same ``(*kernel_size, cin)`` vector for every output
 channel (the Jacobian is zero across channels), and ``d nu / d W`` is the
-kernel gradient of the convolution for the cotangent ``2 y / M``, one
-backward-weight convolution (:func:`jax.linear_transpose` of the convolution
-in its kernel); ``d mu / d W`` is a sum of the group's images read through the
-kernel's offsets (:func:`moment_derivatives`). Nothing differentiates the
-network twice.
+kernel gradient of the convolution for the cotangent ``2 y / M``. Both are
+one backward-weight convolution each (:func:`jax.linear_transpose` of the
+convolution in its kernel); nothing differentiates the network twice.
 
 Buffers are fixed-size shift arrays (newest entry last) with a count of valid
 entries; the buffer holds ``P = k - 1`` past entries. With a normalization
@@ -124,7 +122,6 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jax.ad_checkpoint import checkpoint_name
@@ -455,13 +452,13 @@ def moment_derivatives(
 ) -> Tuple[jax.Array, jax.Array]:
   """Per-group ``d mu / d W`` and ``d nu / d W`` of ``y = conv(x, W)``.
 
-  Both are kernel cotangents of ``conv(x_g, .)`` (spec, section 4): for the
-  output cotangent ``1 / M`` (``d mu_c / d W[..., c]`` is the same mean input
-  patch for every ``c``), taken from the group's summed images
-  (:func:`_patch_mean`), and for ``2 y / M``, a backward-weight convolution.
-  ``M`` is the number of elements per channel in a group. Where it is
-  cheaper (:func:`gram_is_cheaper`), ``d nu / d W`` is the same derivative
-  taken from the inputs' Gram matrix. No gradient flows through the results.
+  Both are backward-weight convolutions (spec, section 4): the kernel
+  cotangent of ``conv(x_g, .)`` for the output cotangent ``1 / M`` (one
+  output channel: ``d mu_c / d W[..., c]`` is the same mean input patch for
+  every ``c``) and for ``2 y / M``. ``M`` is the number of elements per
+  channel in a group. Where it is cheaper (:func:`gram_is_cheaper`),
+  ``d nu / d W`` is the same derivative taken from the inputs' Gram matrix.
+  No gradient flows through the results.
 
   Args:
     x: ``(N, *spatial, cin)`` conv input.
@@ -495,11 +492,12 @@ def moment_derivatives(
     )
     return transpose(ct)[0]
 
-  dmu = _patch_mean(x, kshape[:-2], spec, y.shape[1:-1], groups, elements)
+  xg = st.split_groups(x, groups)
+  ones = jnp.full(st.split_groups(y, groups).shape[:-1] + (1,), 1.0 / elements, dtype)
+  dmu = jax.vmap(lambda a, c: kernel_cotangent(a, c, 1))(xg, ones)[..., 0]
   if gram_is_cheaper(kshape):
     dnu = _dnu_from_gram(x, lax.stop_gradient(kernel).astype(dtype), spec, groups, elements)
   else:
-    xg = st.split_groups(x, groups)
     ct = st.split_groups(2.0 * y / elements, groups)
     dnu = jax.vmap(lambda a, c: kernel_cotangent(a, c, kshape[-1]))(xg, ct)
   if axis_name is not None:
@@ -540,50 +538,6 @@ def _dnu_from_gram(x, kernel, spec, groups, elements):
   gram = jnp.einsum("gpi,gpj->gij", inputs, inputs) / elements
   w = kernel.reshape(kernel.shape[-2:])
   return (2.0 * jnp.einsum("gij,jc->gic", gram, w)).reshape((groups,) + kernel.shape)
-
-
-def _patch_mean(x, kernel_spatial, spec, out_spatial, groups, elements):
-  """``d mu / d W``: per group, the mean over output positions of the input
-  patch each reads (zero in the padding).
-
-  Along a spatial axis, output ``o`` reads input ``o * stride + k * dilation -
-  low`` at kernel offset ``k``. The patch sum is therefore the sum of the
-  group's images contracted, axis by axis, with the 0/1 matrix of the inputs
-  each offset reads: the backward-weight convolution for the constant
-  cotangent ``1 / M``, summed over the images first.
-
-  Args:
-    x: ``(N, *spatial, cin)`` in the derivatives' dtype.
-    kernel_spatial: the kernel's spatial shape.
-    out_spatial: the spatial shape of ``conv(x, ., spec)``.
-    elements: ``M``, output positions per group.
-
-  Returns:
-    ``(G, *kernel_spatial, cin)``.
-  """
-  pads = _explicit_pads(spec, x.shape[1:-1], kernel_spatial)
-  images = st.split_groups(x, groups)
-  # The sum over a group's images as a product with ones: XLA's CPU backend
-  # reduces a leading axis about ten times slower than it multiplies.
-  total = jnp.einsum("gnp,n->gp", images.reshape(images.shape[:2] + (-1,)),
-                     jnp.ones(images.shape[1], x.dtype),
-                     precision=lax.Precision.HIGHEST).reshape((groups,) + x.shape[1:])
-  # One 0/1 matrix per spatial axis: which input each (output, tap) reads.
-  reads = []
-  for size, taps, step, dilation, (low, _), outputs in zip(
-      x.shape[1:-1], kernel_spatial, spec.strides, spec.kernel_dilation, pads, out_spatial):
-    index = np.arange(outputs)[:, None] * step + np.arange(taps)[None, :] * dilation - low
-    tap = np.broadcast_to(np.arange(taps), index.shape)
-    inside = (index >= 0) & (index < size)
-    read = np.zeros((size, taps), np.float32)
-    read[index[inside], tap[inside]] = 1.0
-    reads.append(jnp.asarray(read, x.dtype))
-  rank = len(reads)
-  spatial, window = "abcdef"[:rank], "ABCDEF"[:rank]
-  subscripts = ",".join([f"g{spatial}z"] + [f"{a}{b}" for a, b in zip(spatial, window)])
-  total = jnp.einsum(f"{subscripts}->g{window}z", total, *reads,
-                     precision=lax.Precision.HIGHEST)
-  return total / elements
 
 
 def _explicit_pads(spec, in_spatial, kernel_spatial):
