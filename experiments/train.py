@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -743,10 +744,19 @@ def install_fault() -> Optional[int]:
 
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
-    async def killing_finalize(self, *args, **kwargs):
-      if self._final_path.name == at:
+    def kill_if_armed(path):
+      if path._final_path.name == at:
         _kill_self()
-      return await finalize(self, *args, **kwargs)
+
+    # A coroutine in recent orbax-checkpoint releases, a function in 0.11.17.
+    if inspect.iscoroutinefunction(finalize):
+      async def killing_finalize(self, *args, **kwargs):
+        kill_if_armed(self)
+        return await finalize(self, *args, **kwargs)
+    else:
+      def killing_finalize(self, *args, **kwargs):
+        kill_if_armed(self)
+        return finalize(self, *args, **kwargs)
 
     atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
   return int(at) if kind == "step" else None
