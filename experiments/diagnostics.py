@@ -14,7 +14,7 @@ one training step gives:
 * ``mu_over_sigma``: the channel mean of ``|mu_c| / sigma_c`` of the
   normalizer's input (the conv output) in the batch, from the moments the
   layer sows for precise BN (collection ``'batch_moments'``, see
-  :func:`mabn_jax.layers._common.sow_moments`).
+  :func:`mabn_jax.layers.base.sow_moments`).
 
 ``grad_cos`` and ``kernel_norm`` are also given per output channel averaged
 (``grad_cos_channel``: the mean over channels of the cosine of each channel's

@@ -6,7 +6,7 @@ normalization batches, are biased. :func:`recompute_batch_stats` replaces them
 with exact averages over a given set of batches: the frozen network is run in
 training-statistics mode (each layer normalizes as it does in training), every
 normalizer sows the per-channel mean and second moment ``E[x^2]`` of its input
-(:func:`mabn_jax.layers._common.sow_moments`, collection ``'batch_moments'``),
+(:func:`mabn_jax.layers.base.sow_moments`, collection ``'batch_moments'``),
 and these per-batch moments are averaged exactly over all batches, weighted by
 the number of samples per batch.
 """
@@ -23,7 +23,8 @@ from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
 from mabn_jax.functional import statistics as st
-from mabn_jax.layers._common import BATCH_MOMENTS, sow_moments
+from mabn_jax.layers.base import sow_moments
+from mabn_jax.training import BATCH_MOMENTS
 
 MOMENT_NAMES = ("mean", "second_moment")
 

@@ -44,6 +44,18 @@ step's ``g_buffer`` increment (``g_B = mean(g)``, the mean of the gradient)."""
 TAP_TARGETS = {PSI_TAP: "psi_buffer", G_TAP: "g_buffer"}
 """Tap name -> name of the ``'batch_stats'`` variable (same layer) it updates."""
 
+NONFINITE_COUNT = "nonfinite_count"
+"""The int32 ``'batch_stats'`` variable (NNX: ``nnx.BatchStat``) of every
+stateful normalizer counting the steps it skipped as non-finite."""
+
+BATCH_MOMENTS = "batch_moments"
+"""Collection the normalizers sow their input moments into (precise BN).
+
+Written only when a caller made it mutable (``model.apply(...,
+mutable=['batch_moments', ...])``, as :func:`mabn_jax.recompute_batch_stats`
+does); it never exists otherwise.
+"""
+
 LEGACY_TAP_NAMES = {"psi_buffer": PSI_TAP}
 """Old tap names (taps once shared their statistic's name) -> current names."""
 
@@ -211,7 +223,7 @@ def nonfinite_counts(variables: Mapping) -> dict:
   return {
       "/".join(path[:-1]): int(value)
       for path, value in stats.items()
-      if path[-1] == "nonfinite_count"
+      if path[-1] == NONFINITE_COUNT
   }
 
 

@@ -299,7 +299,7 @@ class BatchNormStateTest(chex.TestCase):
 
 
 def test_sows_whole_batch_moments_for_precise_bn_only_when_asked():
-  from mabn_jax.layers._common import BATCH_MOMENTS
+  from mabn_jax.training import BATCH_MOMENTS
   x, _ = _data((4, 2, 3), seed=12)
   module = mj.BatchNorm(norm_batch_size=2)
   v = module.init(jax.random.key(0), x, use_running_average=False)

@@ -711,7 +711,7 @@ def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch(derivativ
 
 
 def test_sows_conv_output_moments_for_precise_bn():
-  from mabn_jax.layers._common import BATCH_MOMENTS
+  from mabn_jax.training import BATCH_MOMENTS
 
   rng = np.random.default_rng(10)
   model = CrossIterationConvNorm(features=3, kernel_size=(3, 3), use_bias=True,

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mabn_jax.functional import statistics as st
-from mabn_jax.functional._checks import check_fields
+from mabn_jax.functional import interface
+from mabn_jax.functional._checks import check_fields, layer_error
 
 
 class BatchNormState(NamedTuple):
@@ -66,7 +67,7 @@ class BatchNormConfig:
   axis_name: Optional[str] = None
   axis_index_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
 
-  def validate(self, where: str = "BatchNorm") -> None:
+  def validate(self, where: Optional[str] = "BatchNorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
     check_fields(where, [
         ("momentum", self.momentum, 0.0 <= self.momentum <= 1.0, "in [0, 1]"),
@@ -151,7 +152,7 @@ def normalize_inference(
     var: jax.Array,
     epsilon: float = 1e-5,
     axis: int = -1,
-    where: str = "BatchNorm",
+    where: Optional[str] = "BatchNorm",
 ) -> jax.Array:
   """Inference normalization with the running ``(C,)`` ``mean`` and ``var``.
 
@@ -180,20 +181,19 @@ def update_state(
   )
 
 
-def check_channels(where: str, state_channels: int, x: jax.Array, axis: int) -> None:
+def check_channels(where: Optional[str], state_channels: int, x: jax.Array, axis: int) -> None:
   """Raises if the state's channel count differs from ``x``'s feature axis."""
   if state_channels != x.shape[axis]:
-    raise ValueError(
-        f"{where}: the state holds {state_channels} channels but the input has "
-        f"{x.shape[axis]} on axis {axis} (shape {x.shape})."
-    )
+    raise layer_error(
+        where, f"the state holds {state_channels} channels but the input has "
+        f"{x.shape[axis]} on axis {axis} (shape {x.shape}).")
 
 
 def normalize_train(
     x: jax.Array,
     state: BatchNormState,
     config: BatchNormConfig = BatchNormConfig(),
-    where: str = "BatchNorm",
+    where: Optional[str] = "BatchNorm",
 ) -> Tuple[jax.Array, BatchNormState]:
   """One BN training step: ``(x - mu_B) / sqrt(var_B + eps)`` per group.
 
@@ -216,3 +216,54 @@ def normalize_train(
   mean, var = batch_moments(x, config, where)
   out = standardize(x, mean, var, config.epsilon, axis)
   return out, update_state(state, mean, var, config.momentum)
+
+
+def running_affine(mean, var, epsilon: float):
+  """``(s, t)`` of inference with running ``mean``/``var``: ``x * s + t``."""
+  s = (var + epsilon) ** -0.5
+  return s, -mean * s
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanVarMethod(interface.Method):
+  """What the methods whose running state is BN's ``mean``/``var`` share:
+  inference, its affine map, precise BN and the state from BN statistics."""
+
+  def infer(self, x, state, *, scale=None, bias=None):
+    axis = self.feature_axis(x.ndim)
+    normalized = normalize_inference(x, state.mean, state.var, self.config.epsilon, axis, None)
+    return interface.apply_affine(normalized, scale, bias, axis)
+
+  def inference_affine(self, state):
+    return running_affine(state.mean, state.var, self.config.epsilon)
+
+  def from_moments(self, state, mean, second_moment):
+    var = second_moment - mean * mean
+    var = var * (var > 0)
+    return state._replace(mean=mean, var=var)
+
+  def from_batch_norm(self, state, mean, var):
+    return state._replace(mean=mean, var=var)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(MeanVarMethod):
+  """Batch normalization with normalization groups (:class:`BatchNormConfig`)."""
+
+  config: BatchNormConfig = BatchNormConfig()
+  config_class = BatchNormConfig
+  state_class = BatchNormState
+
+  def init(self, num_features, *, kernel_shape=None, groups=None):
+    del kernel_shape, groups
+    return init_state(num_features)
+
+  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
+    del tap, conv
+    self.validate()
+    axis = self.feature_axis(x.ndim)
+    check_channels(None, state.mean.shape[0], x, axis)
+    mean, var = batch_moments(x, self.config, None)
+    # The affine map folded into the standardization, as Flax does.
+    y = standardize_affine(x, mean, var, self.config.epsilon, axis, scale, bias)
+    return interface.TrainOutput(y, update_state(state, mean, var, self.config.momentum))

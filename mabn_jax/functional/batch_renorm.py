@@ -29,13 +29,14 @@ the limits are ``(r_max_t, d_max_t) = (1, 0)`` (plain BN) for
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from mabn_jax.functional import batch_norm as bn
+from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, is_int_at_least
 
@@ -77,7 +78,7 @@ class BatchRenormConfig(bn.BatchNormConfig):
   warmup_steps: int = 100
   ramp_steps: int = 1000
 
-  def validate(self, where: str = "BatchRenorm") -> None:
+  def validate(self, where: Optional[str] = "BatchRenorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
     super().validate(where)
     check_fields(where, [
@@ -133,7 +134,7 @@ def normalize_train(
     x: jax.Array,
     state: BatchRenormState,
     config: BatchRenormConfig = BatchRenormConfig(),
-    where: str = "BatchRenorm",
+    where: Optional[str] = "BatchRenorm",
 ) -> Tuple[jax.Array, BatchRenormState]:
   """One BRN training step: ``xhat * r + d`` per group, and the new state.
 
@@ -160,3 +161,22 @@ def normalize_train(
   out = xhat * st.broadcast_groups(r, xhat, axis) + st.broadcast_groups(d, xhat, axis)
   stats = bn.update_state(bn.BatchNormState(state.mean, state.var), mean, var, config.momentum)
   return out, BatchRenormState(stats.mean, stats.var, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(bn.MeanVarMethod):
+  """Batch Renormalization (:class:`BatchRenormConfig`); inference is BN's."""
+
+  config: BatchRenormConfig = BatchRenormConfig()
+  config_class = BatchRenormConfig
+  state_class = BatchRenormState
+
+  def init(self, num_features, *, kernel_shape=None, groups=None):
+    del kernel_shape, groups
+    return init_state(num_features)
+
+  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
+    del tap, conv
+    normalized, new_state = normalize_train(x, state, self.config, None)
+    axis = self.feature_axis(x.ndim)
+    return interface.TrainOutput(interface.apply_affine(normalized, scale, bias, axis), new_state)

@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import (
-    UnnamedLayerError, check_fields, is_int_at_least)
+    UnnamedLayerError, check_fields, is_int_at_least, layer_error)
 
 
 class MABNState(NamedTuple):
@@ -98,7 +99,7 @@ class MABNConfig:
   average_backward: bool = True
   moving_average: str = "sma"
 
-  def validate(self, buffer_size: int, where: str = "MABN") -> None:
+  def validate(self, buffer_size: int, where: Optional[str] = "MABN") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
     check_fields(where, [
         ("buffer_size", buffer_size, is_int_at_least(buffer_size, 1), "an integer >= 1"),
@@ -203,7 +204,7 @@ def normalize_train(
     state: MABNState,
     tap: Optional[jax.Array] = None,
     config: MABNConfig = MABNConfig(),
-    where: str = "MABN",
+    where: Optional[str] = "MABN",
     scale: Optional[jax.Array] = None,
     bias: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, MABNState]:
@@ -236,16 +237,15 @@ def normalize_train(
   axis = st.canonical_axis(config.axis, x.ndim, where)
   groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
   if state.chi_buffer.shape[1] != x.shape[axis]:
-    raise ValueError(
-        f"{where}: the state holds {state.chi_buffer.shape[1]} channels but the "
-        f"input has {x.shape[axis]} on axis {config.axis} (shape {x.shape})."
-    )
+    raise layer_error(
+        where, f"the state holds {state.chi_buffer.shape[1]} channels but the "
+        f"input has {x.shape[axis]} on axis {config.axis} (shape {x.shape}).")
   if tap is None:
     tap = jnp.zeros_like(state.psi_buffer)
-  try:
+  if where is None:
     return _train_step(x, state, tap, scale, bias, config, axis, groups)
-  except UnnamedLayerError as error:
-    raise error.named(where) from None
+  with interface.named_errors(where):
+    return _train_step(x, state, tap, scale, bias, config, axis, groups)
 
 
 # One jit per (shapes, config): a network's layers of equal shapes share one
@@ -486,3 +486,56 @@ def _stabilized_bwd(groups, axis, config, res, ct):
 
 
 _stabilized_normalize.defvjp(_stabilized_fwd, _stabilized_bwd, symbolic_zeros=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(interface.Method):
+  """MABN (:class:`MABNConfig`) with SMA buffers of ``buffer_size`` rows.
+
+  Its tap ``psi_increment`` (``(m, C)`` float32 zeros) gets this step's
+  ``psi_buffer`` increment as its cotangent.
+  """
+
+  config: MABNConfig = MABNConfig()
+  buffer_size: int = 16
+  config_class = MABNConfig
+  state_class = MABNState
+  tap_targets = {"psi_increment": "psi_buffer"}
+
+  def validate(self):
+    self.config.validate(self.buffer_size, None)
+
+  def init(self, num_features, *, kernel_shape=None, groups=None):
+    del kernel_shape, groups
+    return init_state(num_features, self.buffer_size)
+
+  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
+    del conv
+    self.validate()
+    y, new_state = normalize_train(
+        x, state, None if tap is None else tap["psi_increment"], self.config, None,
+        scale, bias)
+    return interface.TrainOutput(y, new_state, newest_entries(new_state))
+
+  def infer(self, x, state, *, scale=None, bias=None):
+    axis = self.feature_axis(x.ndim)
+    normalized = normalize_inference(x, state.chi_ema, self.config.epsilon, axis)
+    return interface.apply_affine(normalized, scale, bias, axis)
+
+  def inference_affine(self, state):
+    s = (state.chi_ema + self.config.epsilon) ** -0.5
+    return s, 0.0 * s
+
+  def from_moments(self, state, mean, second_moment):
+    del mean
+    return state._replace(chi_ema=second_moment)
+
+  def from_batch_norm(self, state, mean, var):
+    """``chi_ema = var + mean^2`` (``E[x^2]``), every ``chi_buffer`` row equal to
+    it, ``psi_buffer`` zero (a BN checkpoint has no estimate of ``Psi``)."""
+    chi = var + mean * mean
+    return state._replace(
+        chi_ema=chi,
+        chi_buffer=jnp.broadcast_to(jnp.asarray(chi, state.chi_buffer.dtype),
+                                    state.chi_buffer.shape),
+        psi_buffer=jnp.zeros_like(state.psi_buffer))

@@ -20,34 +20,32 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mabn_jax.functional._checks import layer_error
 
-def canonical_axis(axis: int, ndim: int, where: str = "normalizer") -> int:
+
+def canonical_axis(axis: int, ndim: int, where: Optional[str] = "normalizer") -> int:
   """Returns ``axis`` as a non-negative index of an ``ndim``-dimensional array.
 
   Raises:
     ValueError: if ``axis`` is the batch axis (0) or out of range.
   """
   if ndim < 2:
-    raise ValueError(
-        f"{where}: expected an input of rank >= 2 (batch, ..., features), "
-        f"got rank {ndim}."
-    )
+    raise layer_error(
+        where, f"expected an input of rank >= 2 (batch, ..., features), got rank {ndim}.")
   if not -ndim <= axis < ndim:
-    raise ValueError(
-        f"{where}: axis {axis} is out of range for an input of rank {ndim} "
-        f"(expected an integer in [{-ndim}, {ndim - 1}])."
-    )
+    raise layer_error(
+        where, f"axis {axis} is out of range for an input of rank {ndim} "
+        f"(expected an integer in [{-ndim}, {ndim - 1}]).")
   axis = axis % ndim
   if axis == 0:
-    raise ValueError(
-        f"{where}: axis 0 is the batch axis; the feature axis must be one of "
-        f"1..{ndim - 1} (or negative)."
-    )
+    raise layer_error(
+        where, f"axis 0 is the batch axis; the feature axis must be one of "
+        f"1..{ndim - 1} (or negative).")
   return axis
 
 
 def num_groups(
-    batch_size: int, norm_batch_size: Optional[int], where: str = "normalizer"
+    batch_size: int, norm_batch_size: Optional[int], where: Optional[str] = "normalizer"
 ) -> int:
   """Number of normalization groups ``G`` in a batch of ``batch_size`` samples.
 
@@ -59,20 +57,16 @@ def num_groups(
   if norm_batch_size is None:
     return 1
   if not isinstance(norm_batch_size, int) or norm_batch_size < 1:
-    raise ValueError(
-        f"{where}: norm_batch_size must be None or a positive integer, "
-        f"got {norm_batch_size!r}."
-    )
+    raise layer_error(
+        where, f"norm_batch_size must be None or a positive integer, got {norm_batch_size!r}.")
   if batch_size < norm_batch_size:
-    raise ValueError(
-        f"{where}: the batch of {batch_size} samples is smaller than one "
-        f"normalization group (norm_batch_size={norm_batch_size})."
-    )
+    raise layer_error(
+        where, f"the batch of {batch_size} samples is smaller than one "
+        f"normalization group (norm_batch_size={norm_batch_size}).")
   if batch_size % norm_batch_size:
-    raise ValueError(
-        f"{where}: the batch of {batch_size} samples is not a multiple of "
-        f"norm_batch_size={norm_batch_size}."
-    )
+    raise layer_error(
+        where, f"the batch of {batch_size} samples is not a multiple of "
+        f"norm_batch_size={norm_batch_size}.")
   return batch_size // norm_batch_size
 
 

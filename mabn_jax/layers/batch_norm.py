@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import jax
-import jax.numpy as jnp
-import flax.linen as nn
-
 from mabn_jax.functional import batch_norm as F
-from mabn_jax.functional.affine import result_dtype
-from mabn_jax.layers._common import (
-    BatchStatisticsNorm,
-    affine,
-    affine_params,
-    commit_state,
-    read_state,
-    state_variables,
-)
+from mabn_jax.layers.base import BatchStatisticsNorm
 
 
 class BatchNorm(BatchStatisticsNorm):
@@ -54,30 +40,4 @@ class BatchNorm(BatchStatisticsNorm):
       batch must be a multiple of it.
   """
 
-  def config(self) -> F.BatchNormConfig:
-    return self.make_config(F.BatchNormConfig)
-
-  @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
-    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
-    where, use_running_average, axis, features = self.resolve_call(
-        x, use_running_average)
-    config = self.config()
-    config.validate(where)
-
-    stats = state_variables(self, where, dict(
-        mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,))))
-    state = read_state(stats, F.init_state(features))
-
-    if use_running_average:
-      normalized = F.normalize_inference(x, state.mean, state.var, self.epsilon, axis, where)
-      return affine(self, x, normalized, axis, features)
-
-    self.sow_input(x, axis, config, where)
-    mean, var = F.batch_moments(x, config, where)
-    commit_state(self, stats, F.update_state(state, mean, var, self.momentum))
-    scale, bias = affine_params(self, features)
-    # The affine map is folded into the standardization as Flax does (one
-    # full-size residual instead of two; see F.standardize_affine).
-    y = F.standardize_affine(x, mean, var, self.epsilon, axis, scale, bias)
-    return jnp.asarray(y, result_dtype(x, scale, bias, dtype=self.dtype))
+  method_class = F.Method

@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import jax
-import jax.numpy as jnp
-import flax.linen as nn
-
 from mabn_jax.functional import batch_renorm as F
-from mabn_jax.layers._common import (
-    BatchStatisticsNorm,
-    affine,
-    commit_state,
-    read_state,
-    state_variables,
-)
+from mabn_jax.layers.base import BatchStatisticsNorm
 
 
 class BatchRenorm(BatchStatisticsNorm):
@@ -64,27 +52,4 @@ class BatchRenorm(BatchStatisticsNorm):
   warmup_steps: int = 100
   ramp_steps: int = 1000
 
-  def config(self) -> F.BatchRenormConfig:
-    return self.make_config(F.BatchRenormConfig)
-
-  @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
-    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
-    where, use_running_average, axis, features = self.resolve_call(
-        x, use_running_average)
-    config = self.config()
-    config.validate(where)
-
-    stats = state_variables(self, where, dict(
-        mean=(jnp.zeros, (features,)), var=(jnp.ones, (features,)),
-        step=(jnp.zeros, (), jnp.int32)))
-    state = read_state(stats, F.init_state(features))
-
-    if use_running_average:
-      normalized = F.normalize_inference(x, state.mean, state.var, self.epsilon, axis, where)
-      return affine(self, x, normalized, axis, features)
-
-    self.sow_input(x, axis, config, where)
-    normalized, new_state = F.normalize_train(x, state, config, where)
-    commit_state(self, stats, new_state)
-    return affine(self, x, normalized, axis, features)
+  method_class = F.Method

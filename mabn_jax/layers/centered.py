@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 
 from mabn_jax.functional.centering import center_kernel, centered_conv_general_dilated
-from mabn_jax.layers._common import layer_path
+from mabn_jax.layers.base import layer_path
 
 
 class CenteredConv(nn.Conv):

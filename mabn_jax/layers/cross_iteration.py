@@ -10,20 +10,12 @@ import flax.linen as nn
 from flax.linen import initializers
 
 from mabn_jax.functional import cross_iteration as F
+from mabn_jax.functional.cbn_method import Method as CBN
 from mabn_jax.functional.centering import center_kernel
-from mabn_jax.functional import statistics as st
-from mabn_jax.layers._common import (
-    affine,
-    call_mode,
-    check_state_shape,
-    commit_state,
-    functional_config,
-    read_state,
-    sow_moments,
-    state_variables,
-)
+from mabn_jax.functional._checks import require_bound_axis
+from mabn_jax.functional.interface import ConvContext
+from mabn_jax.layers.base import functional_config, layer_path, normalize
 from mabn_jax.layers.centered import CenteredConv
-from mabn_jax.training import BACKWARD_STATS, G_TAP, PSI_TAP, claim_tap, inference_guard
 
 
 class CrossIterationConvNorm(nn.Module):
@@ -157,7 +149,11 @@ class CrossIterationConvNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
     """Convolves and normalizes ``x`` ``(N, *spatial, cin)``; returns ``(N, *spatial_out, C)``."""
-    where, use_running_average = call_mode(self, use_running_average)
+    where = layer_path(self)
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    if not use_running_average and not self.is_initializing():
+      require_bound_axis(where, self.axis_name)
     kernel_size = (
         (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     )
@@ -207,9 +203,9 @@ class CrossIterationConvNorm(nn.Module):
 class _CrossIterationNorm(nn.Module):
   """The normalization half of :class:`CrossIterationConvNorm` (its ``'norm'`` child).
 
-  Holds the ``batch_stats`` state and the affine ``scale``/``bias``; called
-  with the conv output, its input, its effective kernel, the conv bias (or
-  None), the conv spec, the mode and the parent's path for error messages.
+  Holds the ``batch_stats`` state, the taps and the affine ``scale``/``bias``;
+  called with the conv output, its input, its effective kernel, the conv
+  bias (or None), the conv spec, the mode and the parent's path for errors.
   """
 
   config: F.CBNConfig
@@ -219,65 +215,14 @@ class _CrossIterationNorm(nn.Module):
   bias_init: Any = initializers.zeros
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
+  use_running_average: Optional[bool] = None
+
+  def functional(self) -> CBN:
+    return CBN(self.config)
 
   @nn.compact
-  def __call__(
-      self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
-      where: str,
-  ):
+  def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
+               where: str):
     # ``where`` is the parent's layer_path: errors name the layer users wrote.
-    features = y.shape[-1]
-    groups = st.num_groups(y.shape[0], self.config.norm_batch_size, where)
-    averaged = self.config.backward == "averaged"
-    initial = F.init_state(kernel.shape, self.config.window, naive=self.config.naive,
-                           groups=groups if self.config.group_history else None,
-                           averaged=averaged, derivative_dtype=self.config.derivative_dtype)
-    # Empty fields (window 1, or the naive variant's derivative buffers) are
-    # constants, not variables: checkpointers reject zero-size arrays.
-    declared = [name for name in F.CBNState._fields if getattr(initial, name).size]
-    variables = state_variables(self, where, {
-        name: (lambda shape, dtype, v=getattr(initial, name): v,
-               getattr(initial, name).shape, getattr(initial, name).dtype)
-        for name in declared},
-        cause=("number of channels, or batch size (group_history keeps one history per "
-               f"group of {self.config.norm_batch_size})") if self.config.group_history
-        else "number of channels")
-
-    taps = None
-    if initial.g_buffer.size and (
-        self.has_variable(BACKWARD_STATS, G_TAP) or self.is_mutable_collection(BACKWARD_STATS)):
-      taps = tuple(
-          self.variable(BACKWARD_STATS, name, jnp.zeros, buffer.shape, jnp.float32).value
-          for name, buffer in ((G_TAP, initial.g_buffer), (PSI_TAP, initial.psi_buffer)))
-      for name, tap, buffer in zip((G_TAP, PSI_TAP), taps,
-                                   (initial.g_buffer, initial.psi_buffer)):
-        check_state_shape(where, f"{BACKWARD_STATS}/{name}", tap, buffer.shape)
-    # Otherwise forward-only use; differentiating then raises a clear error.
-
-    if use_running_average:
-      state = read_state(variables, initial)
-      normalized = F.normalize_inference(y, state.mean, state.var, self.config.epsilon)
-      if taps is not None:
-        normalized = inference_guard(normalized, taps[0], where)
-      return affine(self, y, normalized, y.ndim - 1, features)
-
-    # Precise BN (spec, section 1) recomputes mean/var of the conv output,
-    # bias included, exactly like the running statistics.
-    sow_moments(
-        self, y, groups, y.ndim - 1, self.config.axis_name, self.config.axis_index_groups,
-    )
-    y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
-    if bias is not None:
-      y32 = y32 - bias.astype(y32.dtype)
-    if taps is not None:
-      for tap in taps:
-        claim_tap(tap, where)
-    normalized, new_state = F.normalize_train(
-        y32, x, kernel, read_state(variables, initial), spec, self.config, bias, where,
-        tap=taps,
-    )
-    # g_buffer/psi_buffer come back unchanged: their new values are this
-    # step's tap cotangents, which mj.value_and_grad adds.
-    commit_state(self, variables, new_state,
-                 checked=F.newest_entries(new_state, self.config, groups))
-    return affine(self, y, normalized, y.ndim - 1, features)
+    return normalize(self, y, use_running_average,
+                     conv=ConvContext(x, kernel, spec, bias), where=where)

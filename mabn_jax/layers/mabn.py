@@ -2,31 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import jax
-import jax.numpy as jnp
-import flax.linen as nn
-
 from mabn_jax.functional import mabn as F
-from mabn_jax.functional.affine import result_dtype
-from mabn_jax.layers._common import (
-    BatchStatisticsNorm,
-    affine,
-    affine_params,
-    check_state_shape,
-    commit_state,
-    read_state,
-    state_variables,
-)
-from mabn_jax.training import (
-    BACKWARD_STATS,
-    LEGACY_TAP_NAMES,
-    PSI_TAP,
-    claim_tap,
-    inference_guard,
-    legacy_tap_message,
-)
+from mabn_jax.layers.base import BatchStatisticsNorm
 
 
 class MABN(BatchStatisticsNorm):
@@ -66,10 +43,9 @@ class MABN(BatchStatisticsNorm):
       every device normalizes with the same statistics (SyncBN-style MABN).
     axis_index_groups: device groups for that average.
     buffer_size: ``m``, the number of normalization groups in each SMA;
-      with ``G`` groups a step it spans ``m / G`` steps (at ``G = 16``
-      the default is one step; 64 groups, 4 steps, did better at
-      normalization batch 2 on CIFAR-10, and 64 steps at ``G = 1``
-      diverged: ``experiments/results/mabn_validation_cifar_cpu``).
+      with ``G`` groups a step it spans ``m / G`` steps (see
+      ``experiments/results/mabn_validation_cifar_cpu`` for how it was
+      chosen).
     warmup_steps: batch statistics are used while ``t < warmup_steps``.
     renorm_start: ``r = 1`` until step ``max(renorm_start, warmup_steps)``.
     r_max: renormalization clip.
@@ -89,51 +65,4 @@ class MABN(BatchStatisticsNorm):
   average_backward: bool = True
   moving_average: str = "sma"
 
-  def config(self) -> F.MABNConfig:
-    return self.make_config(F.MABNConfig)
-
-  @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
-    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
-    where, use_running_average, axis, features = self.resolve_call(
-        x, use_running_average)
-    config = self.config()
-    config.validate(self.buffer_size, where)
-    m = self.buffer_size
-
-    stats = state_variables(self, where, dict(
-        chi_ema=(jnp.ones, (features,)),
-        chi_buffer=(jnp.zeros, (m, features)),
-        psi_buffer=(jnp.zeros, (m, features)),
-        step=(jnp.zeros, (), jnp.int32),
-    ))
-    state = read_state(stats, F.init_state(features, m))
-
-    for old in LEGACY_TAP_NAMES:
-      if self.has_variable(BACKWARD_STATS, old):
-        raise ValueError(legacy_tap_message(where, f"{BACKWARD_STATS}/{old}"))
-    if self.has_variable(BACKWARD_STATS, PSI_TAP) or self.is_mutable_collection(
-        BACKWARD_STATS
-    ):
-      tap = self.variable(
-          BACKWARD_STATS, PSI_TAP, jnp.zeros, (m, features), jnp.float32
-      ).value
-      check_state_shape(where, f"{BACKWARD_STATS}/{PSI_TAP}", tap, (m, features))
-    else:
-      tap = None  # Forward-only use; differentiating then raises a clear error.
-
-    if use_running_average:
-      normalized = F.normalize_inference(x, state.chi_ema, self.epsilon, axis)
-      if tap is not None:
-        normalized = inference_guard(normalized, tap, where)
-      return affine(self, x, normalized, axis, features)
-
-    claim_tap(tap, where)
-    self.sow_input(x, axis, config, where)
-    scale, bias = affine_params(self, features)
-    # The affine map is part of MABN's custom VJP (fewer passes over x).
-    y, new_state = F.normalize_train(x, state, tap, config, where, scale, bias)
-    # psi_buffer comes back unchanged: its new value is this step's tap
-    # cotangent, which mj.value_and_grad adds.
-    commit_state(self, stats, new_state, checked=F.newest_entries(new_state))
-    return jnp.asarray(y, result_dtype(x, scale, bias, dtype=self.dtype))
+  method_class = F.Method

@@ -11,12 +11,13 @@ from flax.nnx.nn import initializers
 from flax.nnx.nn.linear import default_kernel_init
 
 from mabn_jax.functional import cross_iteration as F
+from mabn_jax.functional.cbn_method import Method as CBN
 from mabn_jax.functional.centering import center_kernel
-from mabn_jax.functional import statistics as st
-from mabn_jax.nnx import _common as C
+from mabn_jax.functional._checks import require_bound_axis
+from mabn_jax.functional.interface import ConvContext
+from mabn_jax.nnx.base import (
+    describe, hashable_groups, make_affine, make_state, normalize, resolve_mode)
 from mabn_jax.nnx.centered import CenteredConv
-from mabn_jax.nnx.variables import BackwardStat
-from mabn_jax.training import G_TAP, PSI_TAP, claim_tap, inference_guard
 
 
 class CrossIterationConvNorm(nnx.Module):
@@ -104,14 +105,14 @@ class CrossIterationConvNorm(nnx.Module):
   ):
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     self.num_features = out_features
-    where = C.describe(self, out_features)
+    where = describe(self, out_features)
     self.config = F.CBNConfig(
         window=window, burn_in=burn_in, naive=naive, group_history=group_history,
         backward=backward, running_stats=running_stats,
         derivative_stride=derivative_stride, derivative_dtype=derivative_dtype,
         momentum=momentum, epsilon=epsilon,
         norm_batch_size=norm_batch_size,
-        axis_name=axis_name, axis_index_groups=C.hashable_groups(axis_index_groups))
+        axis_name=axis_name, axis_index_groups=hashable_groups(axis_index_groups))
     self.config.validate(where)
     if group_history and num_groups is None:
       raise ValueError(
@@ -134,8 +135,8 @@ class CrossIterationConvNorm(nnx.Module):
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
     """Convolves and normalizes ``x`` ``(N, *spatial, in_features)``; returns
     ``(N, *spatial_out, out_features)``."""
-    where = C.describe(self, self.num_features)
-    use_running_average = C.resolve_mode(where, self.use_running_average, use_running_average)
+    where = describe(self, self.num_features)
+    use_running_average = resolve_mode(where, self.use_running_average, use_running_average)
     rank = len(self.conv.kernel_size)
     if x.ndim != rank + 2:
       raise ValueError(
@@ -143,7 +144,7 @@ class CrossIterationConvNorm(nnx.Module):
           f"axes, channels) for kernel_size {self.conv.kernel_size}, got shape "
           f"{tuple(x.shape)}.")
     if not use_running_average:
-      C.require_bound_axis(where, self.config.axis_name)
+      require_bound_axis(where, self.config.axis_name)
     y = self.conv(x)
     kernel = self.conv.kernel[...]
     if self.centered:
@@ -155,62 +156,31 @@ class CrossIterationConvNorm(nnx.Module):
 class _CrossIterationNorm(nnx.Module):
   """The normalization half of :class:`CrossIterationConvNorm` (its ``norm``):
   the ``nnx.BatchStat`` state of the functional :class:`~mabn_jax.functional.
-  cross_iteration.CBNState` and the affine ``scale``/``bias``."""
+  cross_iteration.CBNState`, the taps and the affine ``scale``/``bias``."""
 
   def __init__(self, kernel_shape, config: F.CBNConfig, history_groups: Optional[int], *,
                use_scale, use_bias, scale_init, bias_init, dtype, param_dtype,
                rngs: nnx.Rngs):
     self.kernel_shape = tuple(kernel_shape)
+    self.num_features = self.kernel_shape[-1]
     self.config = config
     self.history_groups = history_groups
+    self.use_running_average = None
     self.dtype = dtype
-    C.make_affine(self, self.kernel_shape[-1], use_scale=use_scale, use_bias=use_bias,
-                  scale_init=scale_init, bias_init=bias_init,
-                  param_dtype=param_dtype, rngs=rngs)
-    initial = self.initial_state()
-    # Empty fields (window 1, the naive variant's derivatives) are constants,
-    # not state, as in the linen layer (checkpointers reject empty arrays).
-    C.make_state(self, initial, [name for name in initial._fields
-                                 if getattr(initial, name).size])
-    self.has_taps = bool(initial.g_buffer.size)
-    if self.has_taps:
-      setattr(self, G_TAP, BackwardStat(jnp.zeros_like(initial.g_buffer)))
-      setattr(self, PSI_TAP, BackwardStat(jnp.zeros_like(initial.psi_buffer)))
+    self.use_scale, self.use_bias = use_scale, use_bias
+    self.scale_init, self.bias_init, self.param_dtype = scale_init, bias_init, param_dtype
+    method = self.functional()
+    make_affine(self, self.num_features, rngs)
+    make_state(self, method, self.initial_state(method))
 
-  def initial_state(self) -> F.CBNState:
-    return F.init_state(self.kernel_shape, self.config.window, naive=self.config.naive,
-                        groups=self.history_groups,
-                        averaged=self.config.backward == "averaged",
-                        derivative_dtype=self.config.derivative_dtype)
+  def functional(self) -> CBN:
+    return CBN(self.config)
+
+  def initial_state(self, method: CBN) -> F.CBNState:
+    return method.init(self.num_features, kernel_shape=self.kernel_shape,
+                       groups=self.history_groups)
 
   def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
                where: str):
-    axis = y.ndim - 1
-    cause = ("number of channels, or the number of groups (group_history keeps one "
-             "history per group)") if self.config.group_history else "number of channels"
-    state = C.read_state(self, self.initial_state(), where, cause)
-    taps = None
-    if self.has_taps:
-      taps = tuple(getattr(self, name).get_value() for name in (G_TAP, PSI_TAP))
-      for name, tap, buffer in zip((G_TAP, PSI_TAP), taps, (state.g_buffer, state.psi_buffer)):
-        C.check_state_shape(where, name, tap, buffer.shape, cause)
-    if use_running_average:
-      normalized = F.normalize_inference(y, state.mean, state.var, self.config.epsilon)
-      if taps is not None:
-        normalized = inference_guard(normalized, taps[0], where)
-      return C.affine(self, y, normalized, axis)
-    # The functional step takes the conv output without its bias (it only
-    # shifts the running mean, passed separately).
-    y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
-    if bias is not None:
-      y32 = y32 - bias.astype(y32.dtype)
-    if taps is not None:
-      for tap in taps:
-        claim_tap(tap, where)
-    normalized, new_state = F.normalize_train(
-        y32, x, kernel, state, spec, self.config, bias, where, tap=taps)
-    # g_buffer/psi_buffer come back unchanged: mabn_jax.nnx.value_and_grad
-    # adds this step's tap cotangents.
-    groups = st.num_groups(y.shape[0], self.config.norm_batch_size, where)
-    C.commit_state(self, new_state, checked=F.newest_entries(new_state, self.config, groups))
-    return C.affine(self, y, normalized, axis)
+    return normalize(self, y, use_running_average,
+                     conv=ConvContext(x, kernel, spec, bias), where=where)

@@ -1,0 +1,194 @@
+"""The one functional interface of every batch-statistics normalizer.
+
+A normalizer is a frozen, hashable :class:`Method`: its static configuration
+(``config``, and layout fields such as MABN's ``buffer_size``) and one set of
+pure functions of one shape::
+
+  method = mabn.Method(mabn.MABNConfig(norm_batch_size=2), buffer_size=16)
+  state = method.init(num_features)
+  y, new_state, checked = method.train(x, state, scale=gamma, bias=beta, tap=taps)
+  y = method.infer(x, state, scale=gamma, bias=beta)
+
+The hooks the tools use:
+
+* :meth:`Method.inference_affine`: the per-channel map ``x * s + t`` that
+  inference applies before ``gamma``/``beta`` (folding into a convolution);
+* :meth:`Method.from_moments`: the state whose inference statistics are the
+  given population moments (precise BN);
+* :meth:`Method.from_batch_norm`: the state that continues from BatchNorm's
+  running ``mean``/``var`` (converting a BN checkpoint).
+
+Errors are raised without a layer name, as
+:class:`~mabn_jax.functional._checks.UnnamedLayerError`; a wrapper that knows
+the layer's name runs the calls inside :func:`named_errors`. Adding a
+normalizer means one module with its state, config and :class:`Method`
+subclass; the linen and NNX layers and the tools need no edits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, ClassVar, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from mabn_jax.functional import statistics as st
+from mabn_jax.functional._checks import UnnamedLayerError
+
+
+class ConvContext(NamedTuple):
+  """What a normalizer that depends on its producer (CBN) needs of it.
+
+  Attributes:
+    x: the convolution's input ``(N, *spatial, cin)``.
+    kernel: the effective kernel ``(*kernel_size, cin, C)`` (centred when the
+      convolution is weight-centralized).
+    spec: the convolution's geometry (a ``ConvSpec``).
+    bias: the convolution's ``(C,)`` bias, or ``None``.
+  """
+
+  x: jax.Array
+  kernel: jax.Array
+  spec: Any
+  bias: Optional[jax.Array] = None
+
+
+class TrainOutput(NamedTuple):
+  """What :meth:`Method.train` returns.
+
+  Attributes:
+    y: the output, ``x``'s shape, the affine map applied, in the promotion of
+      the statistics' dtype (float32 or wider) with ``scale``'s and
+      ``bias``'s (cast it to the layer's result dtype outside).
+    state: the state after the step (fields updated by a tap's cotangent come
+      back unchanged).
+    checked: what a layer tests for finiteness before committing ``state``
+      (``None``: all of ``state``; see
+      :func:`~mabn_jax.functional.statistics.commit_if_finite`).
+  """
+
+  y: jax.Array
+  state: Any
+  checked: Any = None
+
+
+@contextlib.contextmanager
+def named_errors(where: str) -> Iterator[None]:
+  """Re-raises the core's unnamed errors as ``ValueError`` naming ``where``."""
+  try:
+    yield
+  except UnnamedLayerError as error:
+    raise error.named(where) from None
+
+
+def apply_affine(normalized: jax.Array, scale: Optional[jax.Array],
+                 bias: Optional[jax.Array], axis: int) -> jax.Array:
+  """``normalized * scale + bias`` along ``axis``, in the promoted dtype (no cast)."""
+  y = normalized
+  if scale is not None:
+    y = y * st.broadcast_channels(scale, normalized, axis)
+  if bias is not None:
+    y = y + st.broadcast_channels(bias, normalized, axis)
+  return y
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A batch-statistics normalizer: its static configuration and its functions.
+
+  Subclasses set :attr:`config_class` and :attr:`state_class`, may add layout
+  fields (every field but ``config`` is read by the layers from their
+  attribute of the same name), and implement the functions below.
+
+  Attributes:
+    config: the static hyper-parameters (an instance of ``config_class``).
+  """
+
+  config: Any
+
+  config_class: ClassVar[type]
+  """The dataclass of :attr:`config`; the layers read its fields by name."""
+  state_class: ClassVar[type]
+  """The ``NamedTuple`` of the state; its non-empty fields are the layer's
+  ``'batch_stats'`` variables (linen) or ``nnx.BatchStat`` attributes (NNX)."""
+  tap_targets: ClassVar[Mapping[str, str]] = {}
+  """Tap name -> the state field its cotangent increments (backward statistics)."""
+  needs_conv: ClassVar[bool] = False
+  """Whether :meth:`train` needs the producing convolution (``conv=``)."""
+
+  def validate(self) -> None:
+    """Raises an unnamed error for an out-of-range static value."""
+    self.config.validate(None)
+
+  def mismatch_cause(self) -> str:
+    """What may have changed when a stored state's shape differs (errors)."""
+    return "number of channels (or buffer size)"
+
+  def feature_axis(self, ndim: int) -> int:
+    """The non-negative feature axis of an input of rank ``ndim``."""
+    return st.canonical_axis(getattr(self.config, "axis", -1), ndim, None)
+
+  def init(self, num_features: int, *, kernel_shape: Optional[Tuple[int, ...]] = None,
+           groups: Optional[int] = None) -> Any:
+    """The state a new layer of ``num_features`` channels starts from.
+
+    ``kernel_shape`` (the producing convolution's kernel) and ``groups`` (the
+    normalization groups of a training batch) are for methods whose state
+    depends on them (CBN); others ignore them.
+    """
+    raise NotImplementedError(type(self).__name__)
+
+  def init_for(self, x: jax.Array, conv: Optional[ConvContext] = None) -> Any:
+    """:meth:`init` for the input ``x`` (and producer ``conv``) of a call."""
+    del conv
+    return self.init(x.shape[self.feature_axis(x.ndim)])
+
+  def taps(self, state: Any) -> Dict[str, jax.Array]:
+    """The zero taps of ``state``: one per :attr:`tap_targets` entry whose
+    target field is not empty, shaped and float32 like it."""
+    taps = {}
+    for tap, target in self.tap_targets.items():
+      value = getattr(state, target)
+      if value.size:
+        taps[tap] = jnp.zeros(value.shape, jnp.float32)
+    return taps
+
+  def train(self, x: jax.Array, state: Any, *, scale: Optional[jax.Array] = None,
+            bias: Optional[jax.Array] = None, tap: Optional[Mapping[str, jax.Array]] = None,
+            conv: Optional[ConvContext] = None) -> TrainOutput:
+    """One training step on ``x`` ``(N, ..., C)``: the output and the new state.
+
+    Args:
+      x: the activations (any float dtype); for CBN the convolution's output,
+        bias included.
+      state: the current state.
+      scale: ``(C,)`` gamma, or ``None``.
+      bias: ``(C,)`` beta, or ``None``.
+      tap: ``{tap name: zeros}`` (see :meth:`taps`), differentiated by the
+        training loop, or ``None`` when no gradient is taken.
+      conv: the producing convolution (:attr:`needs_conv` methods).
+    """
+    raise NotImplementedError(type(self).__name__)
+
+  def infer(self, x: jax.Array, state: Any, *, scale: Optional[jax.Array] = None,
+            bias: Optional[jax.Array] = None) -> jax.Array:
+    """Inference with the running statistics; touches no state. Returns
+    ``x``'s shape in the promoted dtype (at least float32), not cast."""
+    raise NotImplementedError(type(self).__name__)
+
+  def inference_affine(self, state: Any) -> Tuple[Any, Any]:
+    """``(s, t)``, ``(C,)`` each: inference normalizes ``x`` to ``x * s + t``
+    (then ``gamma``, ``beta``). Written with array operators only, so float64
+    NumPy statistics give float64 results."""
+    raise NotImplementedError(type(self).__name__)
+
+  def from_moments(self, state: Any, mean: Any, second_moment: Any) -> Any:
+    """``state`` with its inference statistics set from the population moments
+    ``E[x]`` and ``E[x^2]`` (``(C,)`` each) of the layer's input."""
+    raise NotImplementedError(type(self).__name__)
+
+  def from_batch_norm(self, state: Any, mean: Any, var: Any) -> Any:
+    """``state`` continued from BatchNorm's running ``mean`` and ``var``."""
+    raise NotImplementedError(type(self).__name__)

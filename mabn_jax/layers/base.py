@@ -1,0 +1,245 @@
+"""The generic Flax linen layer over :mod:`mabn_jax.functional.interface`.
+
+Every batch-statistics normalizer of :mod:`mabn_jax` is a subclass of
+:class:`BatchStatisticsNorm` that declares its fields and its functional
+:class:`~mabn_jax.functional.interface.Method` (``method_class``); the call
+itself lives here once:
+
+* ``'batch_stats'``: one variable per non-empty field of the method's state
+  (same names, shapes and dtypes as ``method.init``), plus the int32
+  ``nonfinite_count``;
+* ``'backward_stats'``: the method's taps (:data:`mabn_jax.BACKWARD_STATS`),
+  declared when the collection is present or mutable;
+* ``'params'``: ``scale``/``bias`` ``(C,)`` in ``param_dtype``;
+* ``'batch_moments'``: the input moments, sown for precise BN when a caller
+  makes the collection mutable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import initializers
+
+from mabn_jax.functional import interface
+from mabn_jax.functional import statistics as st
+from mabn_jax.functional._checks import check_state_shape, require_bound_axis
+from mabn_jax.functional.affine import result_dtype
+from mabn_jax.training import (
+    BACKWARD_STATS,
+    BATCH_MOMENTS,
+    LEGACY_TAP_NAMES,
+    NONFINITE_COUNT,
+    claim_tap,
+    inference_guard,
+    legacy_tap_message,
+)
+
+__all__ = [
+    "BATCH_MOMENTS", "NONFINITE_COUNT", "BatchStatisticsNorm", "check_state_shape",
+    "functional_config", "layer_path", "normalize", "require_bound_axis", "sow_moments",
+]
+
+
+def layer_path(module: nn.Module) -> str:
+  """``ClassName 'Outer/Inner'``: the module's Flax path, for error messages."""
+  scope = module.scope
+  path = "/".join(str(p) for p in scope.path) if scope is not None else ""
+  return f"{type(module).__name__} '{path or module.name or '<root>'}'"
+
+
+def functional_config(module: nn.Module, config_class):
+  """The functional config: every field of ``config_class`` read from the
+  layer's field of the same name; ``axis_name`` and ``axis_index_groups``
+  as hashable statics, with no mapped axis while initializing."""
+  groups = module.axis_index_groups
+  if groups is not None:
+    groups = tuple(tuple(g) for g in groups)
+  mapped = dict(axis_name=None if module.is_initializing() else module.axis_name,
+                axis_index_groups=groups)
+  return config_class(**{
+      f.name: mapped[f.name] if f.name in mapped else getattr(module, f.name)
+      for f in dataclasses.fields(config_class)})
+
+
+def make_method(module: nn.Module) -> interface.Method:
+  """``module.method_class`` built from the layer's fields of the same names."""
+  method_class = module.method_class
+  layout = {f.name: getattr(module, f.name) for f in dataclasses.fields(method_class)
+            if f.name != "config"}
+  return method_class(config=functional_config(module, method_class.config_class), **layout)
+
+
+class BatchStatisticsNorm(nn.Module):
+  """A normalizer with batch statistics: ``flax.linen.BatchNorm``'s fields
+  (plus ``norm_batch_size``) over a functional method.
+
+  Subclasses set ``method_class`` and declare the method's further fields.
+
+  Attributes:
+    use_running_average: if True, normalize with the stored statistics.
+    axis: the feature axis.
+    momentum: decay of the running averages (Flax convention).
+    epsilon: added inside the square root.
+    dtype: result dtype (default: inferred from input and params).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias, use_scale, bias_init, scale_init: the affine map, as in Flax.
+    axis_name: mapped axis over which batch statistics are averaged.
+    axis_index_groups: device groups for that average.
+    norm_batch_size: samples normalized together; ``None`` is the whole
+      per-device batch, which must be a multiple of it.
+  """
+
+  method_class: ClassVar[type]
+
+  use_running_average: Optional[bool] = None
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Optional[str] = None
+  axis_index_groups: Any = None
+  norm_batch_size: Optional[int] = None
+
+  def functional(self) -> interface.Method:
+    """The functional method this layer runs, with its configuration."""
+    return make_method(self)
+
+  def config(self):
+    """The functional config of this layer."""
+    return self.functional().config
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
+    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
+    return normalize(self, x, use_running_average)
+
+
+def normalize(module: nn.Module, x: jax.Array, use_running_average: Optional[bool],
+              conv: Optional[interface.ConvContext] = None, where: Optional[str] = None):
+  """The call of every batch-statistics layer (inside its compact method).
+
+  ``conv`` is the producing convolution of methods that need it; ``where``
+  names the layer in errors (default: the module's path).
+  """
+  where = where or layer_path(module)
+  use_running_average = nn.merge_param(
+      "use_running_average", module.use_running_average, use_running_average)
+  with interface.named_errors(where):
+    method = module.functional()
+    if not use_running_average and not module.is_initializing():
+      require_bound_axis(where, method.config.axis_name)
+    method.validate()
+    axis = method.feature_axis(x.ndim)
+    initial = method.init_for(x, conv)
+  stats = _state_variables(module, where, initial, method.mismatch_cause())
+  state = initial._replace(**{name: var.value for name, var in stats.items()
+                              if name != NONFINITE_COUNT})
+  taps = _tap_variables(module, where, method.taps(initial))
+  scale, bias = _affine_params(module, x.shape[axis])
+  with interface.named_errors(where):
+    if use_running_average:
+      y = method.infer(x, state, scale=scale, bias=bias)
+      if taps:
+        y = inference_guard(y, next(iter(taps.values())), where)
+    else:
+      for tap in (taps or {}).values():
+        claim_tap(tap, where)
+      _sow_input(module, x, axis, method.config)
+      y, new_state, checked = method.train(x, state, scale=scale, bias=bias, tap=taps,
+                                           conv=conv)
+      _commit_state(module, stats, new_state, checked)
+  return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
+
+
+def _state_variables(module: nn.Module, where: str, initial: Any, cause: str) -> dict:
+  """Declares a ``'batch_stats'`` variable per non-empty field of ``initial``
+  (empty ones are constants: checkpointers reject zero-size arrays) and the
+  int32 :data:`NONFINITE_COUNT`; raises if a stored shape differs."""
+  values = {name: value for name, value in initial._asdict().items() if value.size}
+  values[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
+  variables = {}
+  for name, value in values.items():
+    var = module.variable("batch_stats", name, lambda v=value: v)
+    check_state_shape(where, name, var.value, value.shape, cause)
+    variables[name] = var
+  return variables
+
+
+def _tap_variables(module: nn.Module, where: str, initial: dict) -> Optional[dict]:
+  """The ``'backward_stats'`` taps' values, or ``None`` for forward-only use
+  (the collection neither given nor mutable; differentiating then raises)."""
+  if not initial:
+    return None
+  for old in LEGACY_TAP_NAMES:
+    if module.has_variable(BACKWARD_STATS, old):
+      raise ValueError(legacy_tap_message(where, f"{BACKWARD_STATS}/{old}"))
+  first = next(iter(initial))
+  if not (module.has_variable(BACKWARD_STATS, first)
+          or module.is_mutable_collection(BACKWARD_STATS)):
+    return None
+  taps = {}
+  for name, zeros in initial.items():
+    taps[name] = module.variable(BACKWARD_STATS, name, jnp.zeros, zeros.shape,
+                                 jnp.float32).value
+    check_state_shape(where, f"{BACKWARD_STATS}/{name}", taps[name], zeros.shape)
+  return taps
+
+
+def _affine_params(module: nn.Module, features: int):
+  """``(scale, bias)``: the ``(C,)`` ``'params'``, ``None`` when disabled."""
+  scale = bias = None
+  if module.use_scale:
+    scale = module.param("scale", module.scale_init, (features,), module.param_dtype)
+  if module.use_bias:
+    bias = module.param("bias", module.bias_init, (features,), module.param_dtype)
+  return scale, bias
+
+
+def _commit_state(module: nn.Module, variables: dict, new_state: Any, checked: Any) -> None:
+  """Writes the step's state unless a value of ``checked`` (default: the new
+  state) is non-finite: then the old values stay and ``nonfinite_count``
+  grows by one (:func:`~mabn_jax.functional.statistics.commit_if_finite`).
+  Nothing is written while initializing."""
+  if module.is_initializing():
+    return
+  counter = variables[NONFINITE_COUNT]
+  new = {name: value for name, value in new_state._asdict().items() if name in variables}
+  old = {name: variables[name].value for name in new}
+  kept, counter.value = st.commit_if_finite(new, old, counter.value, checked)
+  for name, value in kept.items():
+    variables[name].value = value
+
+
+def _sow_input(module: nn.Module, x: jax.Array, axis: int, config: Any) -> None:
+  groups = st.num_groups(x.shape[0], config.norm_batch_size, None)
+  sow_moments(module, x, groups, axis, config.axis_name, config.axis_index_groups)
+
+
+def sow_moments(module: nn.Module, x: jax.Array, groups: int, axis: int,
+                axis_name: Optional[str] = None, axis_index_groups: Any = None) -> None:
+  """Sows the batch moments of a normalizer's input for precise BN.
+
+  If the :data:`BATCH_MOMENTS` collection is mutable, two float32 ``(C,)``
+  arrays are sown (one tuple entry per call): ``'mean'``, the per-channel
+  mean of ``x``, and ``'second_moment'``, the mean of ``x**2``, over the
+  whole device batch (the mean of the ``groups`` equal-sized group moments)
+  and over ``axis_name`` if given. Otherwise, and while initializing, it
+  does nothing and adds nothing to the computation.
+  """
+  if module.is_initializing() or not module.is_mutable_collection(BATCH_MOMENTS):
+    return
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = st.group_mean(x, groups, axis, axis_name, axis_index_groups)
+  second = st.group_mean(jnp.square(x), groups, axis, axis_name, axis_index_groups)
+  module.sow(BATCH_MOMENTS, "mean", jnp.mean(mean, axis=0).astype(jnp.float32))
+  module.sow(BATCH_MOMENTS, "second_moment", jnp.mean(second, axis=0).astype(jnp.float32))

@@ -1,0 +1,246 @@
+"""The generic Flax NNX module over :mod:`mabn_jax.functional.interface`.
+
+Every batch-statistics normalizer of :mod:`mabn_jax.nnx` is a subclass of
+:class:`BatchStatisticsNorm` that names its functional
+:class:`~mabn_jax.functional.interface.Method` (``method_class``); its
+constructor's keyword arguments are ``nnx.BatchNorm``'s layer options and
+every field of the method and its config, with their defaults (shown by
+``inspect.signature`` and ``help``). State, as the linen layers' variables:
+
+* ``nnx.Param``: ``scale``/``bias`` ``(C,)`` in ``param_dtype`` (``None`` when
+  disabled);
+* ``nnx.BatchStat``: one per non-empty field of the method's state, plus the
+  int32 ``nonfinite_count``;
+* :class:`~mabn_jax.nnx.BackwardStat`: the method's taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, ClassVar, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+
+from mabn_jax.functional import interface
+from mabn_jax.functional import statistics as st
+from mabn_jax.functional._checks import check_state_shape, require_bound_axis
+from mabn_jax.functional.affine import result_dtype
+from mabn_jax.nnx.variables import BackwardStat
+from mabn_jax.training import NONFINITE_COUNT, claim_tap, inference_guard
+
+_LAYER_OPTIONS = (
+    ("use_running_average", False),
+    ("dtype", None),
+    ("param_dtype", jnp.float32),
+    ("use_bias", True),
+    ("use_scale", True),
+    ("bias_init", initializers.zeros_init()),
+    ("scale_init", initializers.ones_init()),
+)
+
+
+def options(method_class: type) -> Dict[str, Any]:
+  """``{keyword: default}`` of an NNX normalizer over ``method_class``: the
+  layer options, then the config's fields, then the method's layout fields."""
+  defaults = dict(_LAYER_OPTIONS)
+  for field in dataclasses.fields(method_class.config_class):
+    defaults.setdefault(field.name, field.default)
+  for field in dataclasses.fields(method_class):
+    if field.name != "config":
+      defaults.setdefault(field.name, field.default)
+  return defaults
+
+
+def describe(module: nnx.Module, num_features: int) -> str:
+  """``mabn_jax.nnx.MABN(num_features=C)``: how errors name an NNX layer."""
+  return f"mabn_jax.nnx.{type(module).__name__}(num_features={num_features})"
+
+
+def resolve_mode(where: str, field: Optional[bool], argument: Optional[bool]) -> bool:
+  """``use_running_average``: the call argument if given, else the attribute
+  (``model.train()`` / ``model.eval()`` set it); an error if both are None."""
+  mode = field if argument is None else argument
+  if mode is None:
+    raise ValueError(
+        f"{where}: use_running_average is None both as an attribute and as a "
+        "call argument; pass use_running_average=True/False, or call "
+        "model.train() / model.eval().")
+  return bool(mode)
+
+
+def hashable_groups(axis_index_groups: Any):
+  """``axis_index_groups`` as nested tuples (a hashable functional config field)."""
+  if axis_index_groups is None:
+    return None
+  return tuple(tuple(group) for group in axis_index_groups)
+
+
+def make_affine(module: nnx.Module, num_features: int, rngs: nnx.Rngs) -> None:
+  """Sets ``module.scale``/``module.bias``: ``(C,)`` ``nnx.Param`` in the
+  module's ``param_dtype``, or ``None`` when disabled (as ``nnx.BatchNorm``)."""
+  shape = (num_features,)
+  module.scale = (nnx.Param(module.scale_init(rngs.params(), shape, module.param_dtype))
+                  if module.use_scale else nnx.data(None))
+  module.bias = (nnx.Param(module.bias_init(rngs.params(), shape, module.param_dtype))
+                 if module.use_bias else nnx.data(None))
+
+
+def make_state(module: nnx.Module, method: interface.Method, initial: Any) -> None:
+  """Sets an ``nnx.BatchStat`` per non-empty field of ``initial`` (empty ones
+  are constants, as in the linen layers), the int32 ``nonfinite_count`` and a
+  :class:`BackwardStat` per tap of ``method``."""
+  for name, value in initial._asdict().items():
+    if value.size:
+      setattr(module, name, nnx.BatchStat(value))
+  setattr(module, NONFINITE_COUNT, nnx.BatchStat(jnp.zeros((), jnp.int32)))
+  for name, zeros in method.taps(initial).items():
+    setattr(module, name, BackwardStat(zeros))
+
+
+def make_method(module: nnx.Module) -> interface.Method:
+  """``module.method_class`` built from the module's attributes of the same names."""
+  method_class = module.method_class
+  config = method_class.config_class(**{
+      f.name: getattr(module, f.name) for f in dataclasses.fields(method_class.config_class)})
+  layout = {f.name: getattr(module, f.name) for f in dataclasses.fields(method_class)
+            if f.name != "config"}
+  return method_class(config=config, **layout)
+
+
+class BatchStatisticsNorm(nnx.Module):
+  """A normalizer with batch statistics over a functional method (NNX).
+
+  Args:
+    num_features: ``C``, the size of the feature axis.
+    rngs: ``nnx.Rngs`` for the parameter initializers.
+    **options: see :func:`options` (and the subclass's docstring); unknown
+      keywords raise a ``TypeError``.
+  """
+
+  method_class: ClassVar[type]
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "method_class" in cls.__dict__ and "__init__" not in cls.__dict__:
+      # The subclass's own __init__, with the real keywords as its signature.
+      def __init__(self, num_features: int, *, rngs: nnx.Rngs, **kwargs: Any):
+        BatchStatisticsNorm.__init__(self, num_features, rngs=rngs, **kwargs)
+
+      positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+      keyword = inspect.Parameter.KEYWORD_ONLY
+      parameters = (
+          [inspect.Parameter("num_features", positional, annotation=int)]
+          + [inspect.Parameter(name, keyword, default=default)
+             for name, default in options(cls.method_class).items()]
+          + [inspect.Parameter("rngs", keyword, annotation=nnx.Rngs)])
+      __init__.__signature__ = inspect.Signature(
+          [inspect.Parameter("self", positional)] + parameters)
+      __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+      __init__.__doc__ = cls.__doc__
+      cls.__init__ = __init__
+      cls.__signature__ = inspect.Signature(parameters)
+
+  def __init__(self, num_features: int, *, rngs: nnx.Rngs, **kwargs: Any):
+    where = describe(self, num_features)
+    defaults = options(self.method_class)
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+      raise TypeError(f"{where}: unexpected keyword argument(s) {', '.join(unknown)}; "
+                      f"valid ones: {', '.join(defaults)}.")
+    self.num_features = num_features
+    for name, default in defaults.items():
+      setattr(self, name, kwargs.get(name, default))
+    self.axis_index_groups = hashable_groups(self.axis_index_groups)
+    method = self.functional()
+    with interface.named_errors(where):
+      method.validate()
+      initial = self.initial_state(method)
+    make_affine(self, num_features, rngs)
+    make_state(self, method, initial)
+
+  def functional(self) -> interface.Method:
+    """The functional method this module runs, with its configuration."""
+    return make_method(self)
+
+  def initial_state(self, method: interface.Method) -> Any:
+    """The functional state a new module starts from."""
+    return method.init(self.num_features)
+
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+    """Normalizes ``x`` ``(N, ..., C)`` (any float dtype); returns its shape."""
+    return normalize(self, x, use_running_average)
+
+
+def normalize(module: nnx.Module, x: jax.Array, use_running_average: Optional[bool],
+              conv: Optional[interface.ConvContext] = None,
+              where: Optional[str] = None) -> jax.Array:
+  """The call of every batch-statistics module: inference with the stored
+  statistics, or a training step whose state is committed unless non-finite."""
+  where = where or describe(module, module.num_features)
+  use_running_average = resolve_mode(where, module.use_running_average, use_running_average)
+  method = module.functional()
+  with interface.named_errors(where):
+    axis = method.feature_axis(x.ndim)
+    if x.shape[axis] != module.num_features:
+      raise ValueError(
+          f"{where}: expected {module.num_features} features on axis {axis} of the input, "
+          f"got {x.shape[axis]} (input shape {tuple(x.shape)}).")
+    initial = module.initial_state(method)
+  state = _read_state(module, initial, where, method.mismatch_cause())
+  taps = _read_taps(module, method, initial, where)
+  scale = module.scale[...] if module.scale is not None else None
+  bias = module.bias[...] if module.bias is not None else None
+  with interface.named_errors(where):
+    if use_running_average:
+      y = method.infer(x, state, scale=scale, bias=bias)
+      if taps:
+        y = inference_guard(y, next(iter(taps.values())), where)
+    else:
+      require_bound_axis(where, method.config.axis_name)
+      for tap in (taps or {}).values():
+        claim_tap(tap, where)
+      y, new_state, checked = method.train(x, state, scale=scale, bias=bias, tap=taps,
+                                           conv=conv)
+      _commit_state(module, new_state, checked)
+  return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
+
+
+def _read_state(module: nnx.Module, initial: Any, where: str, cause: str) -> Any:
+  """``initial`` with each field held by the module replaced by its value;
+  raises if a stored shape differs (a state restored from another layout)."""
+  values = {}
+  for name in initial._fields:
+    variable = getattr(module, name, None)
+    if isinstance(variable, nnx.BatchStat):
+      check_state_shape(where, name, variable[...], getattr(initial, name).shape, cause)
+      values[name] = variable[...]
+  return initial._replace(**values)
+
+
+def _read_taps(module: nnx.Module, method: interface.Method, initial: Any,
+               where: str) -> Optional[dict]:
+  expected = method.taps(initial)
+  if not expected:
+    return None
+  taps = {name: getattr(module, name).get_value() for name in expected}
+  for name, tap in taps.items():
+    check_state_shape(where, name, tap, expected[name].shape, method.mismatch_cause())
+  return taps
+
+
+def _commit_state(module: nnx.Module, new_state: Any, checked: Any) -> None:
+  """Writes a step's new state into the ``nnx.BatchStat`` attributes unless a
+  value of ``checked`` (default: the new state) is non-finite; then the old
+  values stay and ``nonfinite_count`` grows by one."""
+  names = [name for name in new_state._fields
+           if isinstance(getattr(module, name, None), nnx.BatchStat)]
+  new = {name: getattr(new_state, name) for name in names}
+  old = {name: getattr(module, name)[...] for name in names}
+  counter = getattr(module, NONFINITE_COUNT)
+  kept, counter[...] = st.commit_if_finite(new, old, counter[...], checked)
+  for name, value in kept.items():
+    getattr(module, name)[...] = value
