@@ -1,12 +1,13 @@
 """Folding normalizers into the preceding convolution for inference.
 
-At inference a BN-type layer is a per-channel affine map ``y = s * x + t``
-(spec, sections 1 and 2), so ``norm(conv(x, W) + b)`` equals
-``conv(x, W * s) + (b * s + t)``: the normalizer costs nothing. The maps are
-
-* BN, SyncBN, Batch Renorm and CBN (running ``mean``/``var``):
-  ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``;
-* MABN (running ``chi_ema``): ``s = gamma / sqrt(chi_ema + eps)``, ``t = beta``.
+At inference a batch-statistics layer is a per-channel affine map
+``y = s * x + t`` (``docs/normalization.md``, sections 1 and 2), so
+``norm(conv(x, W) + b)`` equals ``conv(x, W * s) + (b * s + t)``: the
+normalizer costs nothing. Each method gives its map through the functional
+interface (:meth:`~mabn_jax.functional.interface.Method.inference_affine`),
+then ``gamma``, ``beta`` are applied: for BN, Batch Renorm and CBN
+``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``; for MABN
+``s = gamma / sqrt(chi_ema + eps)``, ``t = beta``.
 
 A weight-centralized conv (:class:`mabn_jax.CenteredConv`, registry
 ``centered=True``) stores the raw kernel; it is centred before folding, so the
@@ -23,15 +24,12 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import jax.numpy as jnp
-from flax import traverse_util
+from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
+from mabn_jax import discovery
 from mabn_jax.functional.centering import center_kernel
-
-FOLDABLE = ("bn", "syncbn", "brn", "mabn", "cbn", "cbn_naive")
-"""Registry normalizers that fold into the preceding conv."""
-UNFOLDABLE = ("gn", "ln", "in")
-"""Registry normalizers with per-sample statistics: left in place."""
+from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 
 Path = Union[str, Sequence[str]]
 
@@ -70,31 +68,33 @@ def _delete(tree: dict, path: Tuple[str, ...]) -> None:
 
 
 def affine_of_normalizer(
-    norm_params: Mapping, norm_state: Mapping, epsilon: float, where: str = "normalizer"
+    norm_params: Mapping, norm_state: Mapping, epsilon: float, where: str = "normalizer",
+    method: Any = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
   """The inference map ``(s, t)`` of one normalizer, float64 ``(C,)`` each.
 
   Args:
     norm_params: the layer's ``'params'`` (optional ``scale``, ``bias``).
-    norm_state: the layer's ``'batch_stats'`` (``mean``/``var`` or ``chi_ema``).
-    epsilon: the layer's ``epsilon``.
+    norm_state: the layer's ``'batch_stats'``.
+    epsilon: the layer's ``epsilon`` (when ``method`` is not given).
     where: layer name for errors.
+    method: the layer's functional method; default: the one whose state
+      ``norm_state`` holds (:func:`mabn_jax.discovery.method_for_state`).
   """
-  if "chi_ema" in norm_state:
-    inv = 1.0 / np.sqrt(np.asarray(norm_state["chi_ema"], np.float64) + epsilon)
-    mean = np.zeros_like(inv)
-  elif "mean" in norm_state and "var" in norm_state:
-    inv = 1.0 / np.sqrt(np.asarray(norm_state["var"], np.float64) + epsilon)
-    mean = np.asarray(norm_state["mean"], np.float64)
-  else:
-    raise ValueError(
-        f"fold: {where} has neither 'mean'/'var' nor 'chi_ema' statistics "
-        f"(found {sorted(norm_state)}); it is not a foldable normalizer."
-    )
+  if method is None:
+    method_class = discovery.method_for_state(norm_state)
+    if method_class is None:
+      raise ValueError(
+          f"fold: {where} holds no statistics of a batch-statistics normalizer "
+          f"(found {sorted(norm_state)}); it is not a foldable normalizer."
+      )
+    method = discovery.default_method(method_class, epsilon=epsilon)
+  state = discovery.stored_state(
+      {name: np.asarray(value, np.float64) for name, value in norm_state.items()})
+  inv, shift = method.inference_affine(state)
   gamma = np.asarray(norm_params.get("scale", np.ones_like(inv)), np.float64)
   beta = np.asarray(norm_params.get("bias", np.zeros_like(inv)), np.float64)
-  scale = gamma * inv
-  return scale, beta - mean * scale
+  return gamma * inv, gamma * shift + beta
 
 
 def fold_conv(
@@ -104,6 +104,7 @@ def fold_conv(
     epsilon: float,
     centered: bool,
     where: str = "conv",
+    method: Any = None,
 ) -> dict:
   """``{'kernel', 'bias'}`` of the conv equal to ``norm(conv(.))`` at inference.
 
@@ -113,7 +114,7 @@ def fold_conv(
   kernel = np.asarray(conv_params["kernel"], np.float64)
   if centered:
     kernel = np.asarray(center_kernel(kernel))
-  scale, shift = affine_of_normalizer(norm_params, norm_state, epsilon, where)
+  scale, shift = affine_of_normalizer(norm_params, norm_state, epsilon, where, method)
   if scale.shape != (kernel.shape[-1],):
     raise ValueError(
         f"fold: {where}: the normalizer has {scale.shape[0]} channels but the "
@@ -143,27 +144,20 @@ def _conv_norm_paths(params: Mapping) -> list:
 def _fold_registry(variables: dict, normalizer, epsilon: Optional[float]):
   from mabn_jax import registry  # imported lazily: registry imports the layers
 
-  name = normalizer.name
-  kwargs = dict(normalizer.kwargs)
-  if name in UNFOLDABLE or name == "none":
+  method = normalizer.method(**({} if epsilon is None else {"epsilon": epsilon}))
+  if method is None:  # per-sample statistics, or no normalization: nothing folds
     return variables, normalizer
-  if name not in FOLDABLE:
-    raise ValueError(
-        f"fold: normalizer '{name}' is not known; foldable: {FOLDABLE}, "
-        f"left in place: {UNFOLDABLE + ('none',)}."
-    )
-  eps = kwargs.get("epsilon", 1e-5) if epsilon is None else epsilon
-  centered = normalizer.centered
   params = variables["params"]
   stats = variables.get("batch_stats", {})
   folded_params = unfreeze(params)
   modules = _conv_norm_paths(params)
   for module, child in modules:
     where = f"{child}_norm '{'/'.join(module)}'"
-    conv_params = _subtree(params, module + (child,), "params")
-    norm_params = _subtree(params, module + ("norm",), "params")
-    norm_state = _subtree(stats, module + ("norm",), "batch_stats")
-    new_conv = fold_conv(conv_params, norm_params, norm_state, eps, centered, where)
+    new_conv = fold_conv(
+        _subtree(params, module + (child,), "params"),
+        _subtree(params, module + ("norm",), "params"),
+        _subtree(stats, module + ("norm",), "batch_stats"),
+        method.config.epsilon, normalizer.centered, where, method)
     _delete(folded_params, module)
     node = folded_params
     for key in module:
@@ -171,25 +165,30 @@ def _fold_registry(variables: dict, normalizer, epsilon: Optional[float]):
     node[child] = new_conv
   out = {"params": folded_params}
   for collection, tree in variables.items():
-    if collection == "params":
-      continue
-    tree = unfreeze(tree)
-    for module, _ in modules:
-      _delete(tree, module)
-    if collection == "batch_stats":
-      left = sorted(
-          "/".join(p[:-1]) for p in traverse_util.flatten_dict(tree)
-          if p[-1] in ("mean", "var", "chi_ema")
-      )
-      if left:
-        raise ValueError(
-            f"fold: normalizers without a preceding conv cannot be folded: {left}; "
-            "only conv_norm modules fold (build standalone norms as conv_norm "
-            "or keep the unfolded model)."
-        )
-    if tree:
-      out[collection] = tree
+    if collection != "params":
+      tree = _without_modules(unfreeze(tree), modules, collection == "batch_stats")
+      if tree:
+        out[collection] = tree
   return out, registry.make_normalizer("none")
+
+
+def _without_modules(tree: dict, modules, check_left: bool) -> dict:
+  """``tree`` without the folded modules; with ``check_left``, raises if a
+  normalizer's statistics remain (a norm without a preceding conv)."""
+  for module, _ in modules:
+    _delete(tree, module)
+  if check_left:
+    flat = traverse_util.flatten_dict(tree)
+    layers = {path[:-1] for path in flat}
+    left = sorted("/".join(layer) for layer in layers if discovery.method_for_state(
+        [path[-1] for path in flat if path[:-1] == layer]) is not None)
+    if left:
+      raise ValueError(
+          f"fold: normalizers without a preceding conv cannot be folded: {left}; "
+          "only conv_norm modules fold (build standalone norms as conv_norm "
+          "or keep the unfolded model)."
+      )
+  return tree
 
 
 def fold(
@@ -226,9 +225,17 @@ def fold(
     removed. Build the twin model with ``nn.Conv(..., use_bias=True)`` in
     place of each pair (and no norm); other layers keep their variables.
 
+  * Flax NNX models (``fold(model)``): in place, every child ``norm`` that
+    is a batch-statistics normalizer (:mod:`mabn_jax.nnx` or
+    ``flax.nnx.BatchNorm``) next to a child ``conv`` (or ``dense``), as in
+    the registry's NNX modules, or the ``pairs`` of attribute paths
+    ``(conv_path, norm_path)`` (``'block/conv'``; list items by index) of a
+    plain model. The conv gets the folded kernel and a bias, the norm is
+    replaced by :class:`Folded` (the identity); returns the model.
+
   Args:
     variables: the trained model's variables (``'params'``, ``'batch_stats'``,
-      others passed through).
+      others passed through), or an NNX model.
     normalizer: the registry normalizer the model was built with.
     pairs: for plain models, the (conv, norm) pairs to fold.
     centered: plain models: True (all convs are centred), False, or the
@@ -241,6 +248,10 @@ def fold(
     ones; same container type as the input. Computed in float64, stored in
     the kernel's dtype.
   """
+  if isinstance(variables, nnx.Module):
+    if normalizer is not None:
+      raise ValueError("fold: an NNX model is folded by type; give no normalizer.")
+    return _fold_nnx(variables, pairs)
   frozen = isinstance(variables, FrozenDict)
   variables = unfreeze(variables)
   if "params" not in variables:
@@ -295,3 +306,59 @@ def fold(
     if tree or collection == "params":
       out[collection] = tree
   return freeze(out) if frozen else out
+
+
+class Folded(nnx.Module):
+  """A normalizer folded into its convolution: the identity on its first argument."""
+
+  def __call__(self, x, *args, **kwargs):
+    del args, kwargs
+    return x
+
+
+def _at(model: nnx.Module, path: Tuple) -> Any:
+  node = model
+  for key in path:
+    node = node[int(key)] if isinstance(node, (list, tuple)) else getattr(node, key)
+  return node
+
+
+def _nnx_pairs(model: nnx.Module, pairs) -> list:
+  """``[(conv, norm parent, norm attribute, path)]`` to fold in an NNX model."""
+  if pairs is not None:
+    found = []
+    for conv_path, norm_path in pairs:
+      conv_path, norm_path = _as_path(conv_path), _as_path(norm_path)
+      found.append((_at(model, conv_path), _at(model, norm_path[:-1]), norm_path[-1],
+                    "/".join(norm_path)))
+    return found
+  found = []
+  for path, module in list(discovery._iter_modules(model)):
+    norm = vars(module).get("norm")
+    conv = vars(module).get("conv", vars(module).get("dense"))
+    if conv is not None and norm is not None and discovery.method_of(norm) is not None:
+      found.append((conv, module, "norm", "/".join(map(str, path + ("norm",)))))
+  return found
+
+
+def _fold_nnx(model: nnx.Module, pairs) -> nnx.Module:
+  for conv, parent, attribute, where in _nnx_pairs(model, pairs):
+    norm = getattr(parent, attribute)
+    method = discovery.method_of(norm)
+    if method is None:
+      raise ValueError(f"fold: '{where}' ({type(norm).__name__}) is not a foldable "
+                       "batch-statistics normalizer.")
+    params = {name: getattr(norm, name)[...] for name in ("scale", "bias")
+              if getattr(norm, name, None) is not None}
+    stats = {name: value[...] for name, value in vars(norm).items()
+             if isinstance(value, nnx.BatchStat)}
+    conv_params = {"kernel": conv.kernel[...]}
+    if conv.bias is not None:
+      conv_params["bias"] = conv.bias[...]
+    new = fold_conv(conv_params, params, stats, method.config.epsilon,
+                    isinstance(conv, (CenteredConv, CenteredDense)), where, method)
+    conv.kernel[...] = new["kernel"]
+    conv.bias = nnx.Param(new["bias"])
+    conv.use_bias = True
+    setattr(parent, attribute, Folded())
+  return model

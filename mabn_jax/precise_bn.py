@@ -6,24 +6,30 @@ normalization batches, are biased. :func:`recompute_batch_stats` replaces them
 with exact averages over a given set of batches: the frozen network is run in
 training-statistics mode (each layer normalizes as it does in training), every
 normalizer sows the per-channel mean and second moment ``E[x^2]`` of its input
-(:func:`mabn_jax.layers.base.sow_moments`, collection ``'batch_moments'``),
-and these per-batch moments are averaged exactly over all batches, weighted by
-the number of samples per batch.
+(linen: collection ``'batch_moments'``; NNX: :class:`mabn_jax.nnx.BatchMoments`
+captured with ``nnx.capture``), these per-batch moments are averaged exactly
+over all batches, weighted by the number of samples per batch, and each layer's
+functional method sets its statistics from them
+(:meth:`~mabn_jax.functional.interface.Method.from_moments`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+import functools
+import itertools
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
-from flax import traverse_util
+from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
+from mabn_jax import discovery
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers.base import sow_moments
+from mabn_jax.nnx.variables import BatchMoments
 from mabn_jax.training import BATCH_MOMENTS
 
 MOMENT_NAMES = ("mean", "second_moment")
@@ -91,10 +97,48 @@ def _batch_size(batch) -> int:
   return int(np.shape(leaves[0])[0])
 
 
+def _averaged(moments_fn: Callable[[Any], dict], batches: Iterable[Any]) -> dict:
+  """``{layer: (E[x], E[x^2])}`` float64, each batch's moments weighted by its size."""
+  sums: dict = {}
+  total = 0
+  for batch in batches:
+    n = _batch_size(batch)
+    for layer, values in jax.device_get(moments_fn(batch)).items():
+      acc = sums.setdefault(layer, [0.0, 0.0])
+      for i, name in enumerate(MOMENT_NAMES):
+        acc[i] = acc[i] + n * np.asarray(values[name], np.float64)
+    total += n
+  if total == 0:
+    raise ValueError("recompute_batch_stats: `batches` yielded no batch.")
+  if not sums:
+    raise ValueError(
+        "recompute_batch_stats: no normalizer reported batch moments; pass the "
+        "call arguments that select training statistics (e.g. train=True or "
+        "use_running_average=False).")
+  return {layer: (acc[0] / total, acc[1] / total) for layer, acc in sums.items()}
+
+
+def _set_from_moments(method, stored: Mapping, moments: Tuple) -> dict:
+  """A layer's stored statistics set by ``method.from_moments``, each in its dtype."""
+  state = discovery.stored_state({k: np.asarray(v, np.float64) for k, v in stored.items()})
+  new = method.from_moments(state, *moments)._asdict()
+  return {name: jnp.asarray(new[name], value.dtype) if name in new else value
+          for name, value in stored.items()}
+
+
+def _check_reported(layers: Iterable[Tuple], reported: Iterable[Tuple]) -> None:
+  missing = sorted("/".join(map(str, layer)) for layer in set(layers) - set(reported))
+  if missing:
+    raise ValueError(
+        "recompute_batch_stats: these normalizers reported no batch moments "
+        f"in training mode: {missing}; pass strict=False to keep their "
+        "statistics unchanged.")
+
+
 def recompute_batch_stats(
-    apply_fn: Callable[..., Any],
-    variables: Mapping,
-    batches: Iterable[Any],
+    apply_fn: Any,
+    variables: Any,
+    batches: Any = None,
     *,
     jit: bool = True,
     strict: bool = True,
@@ -104,110 +148,116 @@ def recompute_batch_stats(
 
   The network is run, frozen (parameters and state as given; state updates
   of the passes are discarded), in training-statistics mode over every
-  batch, one jitted forward pass per batch. Each batch-statistics layer's
-  per-batch input mean ``mu_B`` and second moment ``E[x^2]`` (over the whole
-  device batch; with ``norm_batch_size`` the mean of its group moments) are
-  averaged exactly over the batches, weighted by their sizes, and written to
-  ``'batch_stats'``:
+  batch, one (jitted) forward pass per batch. Each normalizer's per-batch
+  input mean ``mu_B`` and second moment ``E[x^2]`` (over the whole device
+  batch; with ``norm_batch_size`` the mean of its group moments) are
+  averaged exactly over the batches, weighted by their sizes, and its
+  method sets its statistics from them: for BN (``flax.linen.BatchNorm``,
+  ``flax.nnx.BatchNorm`` in linen form, :class:`mabn_jax.BatchNorm`), Batch
+  Renorm and CBN ``mean = E[mu_B]`` and ``var = E[x^2] - mean^2`` (clipped
+  at 0); for MABN ``chi_ema = E[x^2]``. Every layer sees the input it sees
+  in training mode; Batch Renorm's and MABN's training forward depends on
+  their state, which is used as given. MABN's buffers and ``step``, and the
+  parameters, are never modified.
 
-  * BN (``flax.linen.BatchNorm``, :class:`mabn_jax.BatchNorm`), Batch Renorm
-    and CBN (state ``mean``/``var``): ``mean = E[mu_B]`` and
-    ``var = E[x^2] - mean^2`` (clipped at 0).
-  * MABN (state ``chi_ema``): ``chi_ema = E[x^2]``.
+  Two forms:
 
-  All layers are measured in one pass per batch, which is exact for the given
-  batches: every layer sees the input it sees in training mode. For BN the
-  training forward does not depend on the running statistics at all; for
-  Batch Renorm (``r``, ``d``) and MABN (its SMA buffers, ``r``) it depends on
-  their state, which is used as given (frozen), not as recomputed. MABN's
-  buffers and ``step``, and ``params``, are never modified.
+  * linen: ``recompute_batch_stats(model.apply, variables, batches,
+    **call_kwargs)`` returns new variables (same container type) with
+    ``'batch_stats'`` replaced; ``call_kwargs`` select training statistics,
+    e.g. ``train=True`` or ``use_running_average=False``.
+  * NNX: ``recompute_batch_stats(model, batches, **call_kwargs)`` sets the
+    statistics of every :mod:`mabn_jax.nnx` normalizer of ``model`` in place
+    and returns it; the passes run on a copy switched to training mode
+    (``model.train()``), called as ``copy(batch, **call_kwargs)``.
 
   Args:
-    apply_fn: ``model.apply``, called as
-      ``apply_fn(variables, batch, mutable=[...], **call_kwargs)``.
-    variables: the trained model's variables (``'params'``, ``'batch_stats'``
-      and any others, passed through unchanged).
-    batches: iterable of model inputs (arrays or trees of arrays with a
-      leading batch axis), e.g. ``(images for images, _ in dataset)``.
+    apply_fn: ``model.apply`` (linen), or the NNX model.
+    variables: linen: the trained model's variables; NNX: the batches.
+    batches: linen: iterable of model inputs (arrays or trees of arrays with
+      a leading batch axis).
     jit: compile the forward pass (one compilation per distinct batch shape).
-    strict: raise if a layer with ``mean``/``var`` or ``chi_ema`` state
-      reported no moments (e.g. it is only used at inference), instead of
-      leaving its statistics unchanged.
-    **call_kwargs: arguments of the model call selecting training statistics,
-      e.g. ``train=True`` for registry models or ``use_running_average=False``.
-      Models whose normalizers use ``axis_name`` must be applied under the
-      corresponding ``pmap``; build them without ``axis_name`` here.
-
-  Returns:
-    New variables of the same container type with ``'batch_stats'`` replaced.
+    strict: raise if a normalizer with statistics reported no moments (e.g.
+      it is only used at inference), instead of leaving them unchanged.
+    **call_kwargs: further arguments of the model call. Models whose
+      normalizers use ``axis_name`` must be applied under the corresponding
+      ``pmap``; build them without ``axis_name`` here.
 
   Raises:
     ValueError: no batches, no normalizer reported moments, or (``strict``) a
-      normalizer reported none, or an unknown state layout.
+      normalizer reported none.
   """
+  if isinstance(apply_fn, nnx.Module):
+    if batches is not None:
+      raise TypeError("recompute_batch_stats(model, batches, ...): an NNX model takes "
+                      "the batches as its second argument.")
+    return _recompute_nnx(apply_fn, variables, jit=jit, strict=strict, **call_kwargs)
+  return _recompute_linen(apply_fn, variables, batches, jit=jit, strict=strict,
+                          **call_kwargs)
+
+
+def _recompute_linen(apply_fn, variables, batches, *, jit, strict, **call_kwargs):
   frozen = isinstance(variables, FrozenDict)
   variables = unfreeze(variables)
   if "batch_stats" not in variables:
     raise ValueError(
         "recompute_batch_stats: the variables have no 'batch_stats' collection "
-        f"(found {sorted(variables)})."
-    )
-
-  def moments_of(v, batch):
-    return collect_moments(apply_fn, v, batch, **call_kwargs)
-
-  moments_fn = jax.jit(moments_of) if jit else moments_of
-  sums: dict = {}
-  total = 0
-  for batch in batches:
-    n = _batch_size(batch)
-    moments = jax.device_get(moments_fn(variables, batch))
-    for layer, values in moments.items():
-      acc = sums.setdefault(layer, {name: 0.0 for name in MOMENT_NAMES})
-      for name in MOMENT_NAMES:
-        acc[name] = acc[name] + n * np.asarray(values[name], np.float64)
-    total += n
-  if total == 0:
+        f"(found {sorted(variables)}).")
+  batches = iter(batches)
+  first = next(batches, None)
+  if first is None:
     raise ValueError("recompute_batch_stats: `batches` yielded no batch.")
-  if not sums:
-    raise ValueError(
-        "recompute_batch_stats: no normalizer reported batch moments; pass the "
-        "call arguments that select training statistics (e.g. train=True or "
-        "use_running_average=False)."
-    )
-
+  methods = discovery.linen_normalizers(
+      apply_fn, variables, first, mutable=["batch_stats", BATCH_MOMENTS], **call_kwargs)
+  moments_fn = lambda v, batch: collect_moments(apply_fn, v, batch, **call_kwargs)
+  moments_fn = functools.partial(jax.jit(moments_fn) if jit else moments_fn, variables)
+  moments = _averaged(moments_fn, itertools.chain([first], batches))
   stats = traverse_util.flatten_dict(variables["batch_stats"])
-  layers = {path[:-1] for path in stats}
-  normalizers = {
-      layer for layer in layers
-      if (layer + ("chi_ema",)) in stats
-      or ((layer + ("mean",)) in stats and (layer + ("var",)) in stats)
-  }
+  layers = {}
+  for path, value in stats.items():
+    layers.setdefault(path[:-1], {})[path[-1]] = value
   if strict:
-    missing = sorted("/".join(map(str, layer)) for layer in normalizers - set(sums))
-    if missing:
-      raise ValueError(
-          "recompute_batch_stats: these normalizers reported no batch moments "
-          f"in training mode: {missing}; pass strict=False to keep their "
-          "statistics unchanged."
-      )
-  for layer, acc in sums.items():
-    mean = acc["mean"] / total
-    second = acc["second_moment"] / total
-    where = "/".join(map(str, layer))
-    if layer + ("chi_ema",) in stats:
-      key = layer + ("chi_ema",)
-      stats[key] = jnp.asarray(second, stats[key].dtype)
-    elif layer + ("mean",) in stats and layer + ("var",) in stats:
-      stats[layer + ("mean",)] = jnp.asarray(mean, stats[layer + ("mean",)].dtype)
-      stats[layer + ("var",)] = jnp.asarray(
-          np.maximum(second - mean * mean, 0.0), stats[layer + ("var",)].dtype
-      )
-    else:
-      raise ValueError(
-          f"recompute_batch_stats: layer '{where}' reported batch moments but "
-          "its 'batch_stats' has neither 'mean'/'var' nor 'chi_ema' (found "
-          f"{sorted(p[-1] for p in stats if p[:-1] == layer)})."
-      )
+    _check_reported([layer for layer, names in layers.items()
+                     if discovery.method_for_state(names) is not None], moments)
+  for layer, values in moments.items():
+    method = methods.get(layer) or discovery.default_method(
+        discovery.method_for_state(layers[layer]))
+    for name, value in _set_from_moments(method, layers[layer], values).items():
+      stats[layer + (name,)] = value
   variables["batch_stats"] = traverse_util.unflatten_dict(stats)
   return freeze(variables) if frozen else variables
+
+
+def _nnx_moments(model: nnx.Module, **call_kwargs) -> Callable[[Any, Any], dict]:
+  """``(moments, state)``: ``moments(state, batch) -> {path: {name: (C,)}}`` of
+  a training-mode copy of ``model`` whose state is ``state``."""
+  copy = nnx.clone(model)
+  copy.train()
+  graphdef, state = nnx.split(copy)
+
+  def moments(state, batch):
+    forward = nnx.capture(lambda m, b: m(b, **call_kwargs), BatchMoments)
+    _, captured = forward(nnx.merge(graphdef, state), batch)
+    out: Dict[Tuple, dict] = {}
+    for path, value in nnx.to_flat_state(captured):
+      values = value.get_value() if isinstance(value, nnx.Variable) else value
+      out.setdefault(tuple(path[:-1]), {})[path[-1]] = jnp.mean(jnp.stack(values), axis=0)
+    return out
+
+  return moments, state
+
+
+def _recompute_nnx(model: nnx.Module, batches, *, jit, strict, **call_kwargs):
+  norms = {path: (module, method) for path, module, method in discovery.nnx_normalizers(model)}
+  moments_fn, state = _nnx_moments(model, **call_kwargs)
+  moments_fn = functools.partial(jax.jit(moments_fn) if jit else moments_fn, state)
+  moments = _averaged(moments_fn, batches)
+  if strict:
+    _check_reported(norms, moments)
+  for path, values in moments.items():
+    module, method = norms[path]
+    stored = {name: variable[...] for name, variable in vars(module).items()
+              if isinstance(variable, nnx.BatchStat)}
+    for name, value in _set_from_moments(method, stored, values).items():
+      getattr(module, name)[...] = value
+  return model

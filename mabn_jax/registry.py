@@ -248,6 +248,25 @@ class Normalizer:
     return nnx_registry.dense_norm(self, in_features, features, kernel_init=kernel_init,
                                    rngs=rngs)
 
+  def method(self, **overrides):
+    """The functional method of this normalization (its
+    :class:`~mabn_jax.functional.interface.Method`, configured by the keyword
+    arguments, ``overrides`` and the layer's defaults), or ``None`` for a
+    normalization without batch statistics (``'gn'``, ``'ln'``, ``'in'``,
+    ``'none'``)."""
+    if self.name not in _BATCH_STATISTICS + _CBN:
+      return None
+    layer = _target(self.name)
+    method_class = layer.method_class
+    options = {**self._norm_kwargs(), **overrides}
+    if self.name in _CBN:
+      options["naive"] = self.name == "cbn_naive"
+    values = lambda fields: {
+        f.name: _hashable(options.get(f.name, getattr(layer, f.name, f.default)))
+        for f in fields if f.name != "config"}
+    config = method_class.config_class(**values(dataclasses.fields(method_class.config_class)))
+    return method_class(config=config, **values(dataclasses.fields(method_class)))
+
   def _norm_kwargs(self) -> dict:
     options = self.options
     options.pop("centered", None)

@@ -253,6 +253,7 @@ class Method(MeanVarMethod):
   config: BatchNormConfig = BatchNormConfig()
   config_class = BatchNormConfig
   state_class = BatchNormState
+  signature_fields = ("mean", "var")
 
   def init(self, num_features, *, kernel_shape=None, groups=None):
     del kernel_shape, groups

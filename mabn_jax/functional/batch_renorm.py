@@ -170,6 +170,7 @@ class Method(bn.MeanVarMethod):
   config: BatchRenormConfig = BatchRenormConfig()
   config_class = BatchRenormConfig
   state_class = BatchRenormState
+  signature_fields = ("mean", "var", "step")
 
   def init(self, num_features, *, kernel_shape=None, groups=None):
     del kernel_shape, groups

@@ -25,6 +25,7 @@ class Method(bn.MeanVarMethod):
   config: F.CBNConfig = F.CBNConfig()
   config_class = F.CBNConfig
   state_class = F.CBNState
+  signature_fields = ("mean", "var", "count", "step")
   tap_targets = {"g_increment": "g_buffer", "psi_increment": "psi_buffer"}
   needs_conv = True
 

@@ -94,6 +94,14 @@ def apply_affine(normalized: jax.Array, scale: Optional[jax.Array],
   return y
 
 
+_METHOD_CLASSES: list = []
+
+
+def method_classes() -> Tuple[type, ...]:
+  """Every :class:`Method` subclass defined so far, in definition order."""
+  return tuple(_METHOD_CLASSES)
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A batch-statistics normalizer: its static configuration and its functions.
@@ -117,6 +125,13 @@ class Method:
   """Tap name -> the state field its cotangent increments (backward statistics)."""
   needs_conv: ClassVar[bool] = False
   """Whether :meth:`train` needs the producing convolution (``conv=``)."""
+  signature_fields: ClassVar[Tuple[str, ...]] = ()
+  """State fields that identify the method in stored variables (the method
+  with the most of them present wins; see :func:`method_classes`)."""
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    _METHOD_CLASSES.append(cls)
 
   def validate(self) -> None:
     """Raises an unnamed error for an out-of-range static value."""

@@ -500,6 +500,7 @@ class Method(interface.Method):
   buffer_size: int = 16
   config_class = MABNConfig
   state_class = MABNState
+  signature_fields = ("chi_ema", "chi_buffer", "psi_buffer")
   tap_targets = {"psi_increment": "psi_buffer"}
 
   def validate(self):

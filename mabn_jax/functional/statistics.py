@@ -153,6 +153,23 @@ def group_moments(
   return mean, jnp.maximum(0.0, mean_sq - lax.square(mean))
 
 
+def input_moments(
+    x: jax.Array,
+    groups: int,
+    axis: int,
+    axis_name: Optional[str] = None,
+    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+) -> Tuple[jax.Array, jax.Array]:
+  """``(E[x], E[x^2])``, float32 ``(C,)`` each, over the whole device batch (the
+  mean of the ``groups`` equal-sized group moments) and over ``axis_name``:
+  the moments precise BN averages over batches."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = group_mean(x, groups, axis, axis_name, axis_index_groups)
+  second = group_mean(jnp.square(x), groups, axis, axis_name, axis_index_groups)
+  return (jnp.mean(mean, axis=0).astype(jnp.float32),
+          jnp.mean(second, axis=0).astype(jnp.float32))
+
+
 def broadcast_groups(stats: jax.Array, x: jax.Array, axis: int) -> jax.Array:
   """Expands ``(G, C)`` group statistics to ``x``'s shape ``(N, ..., C, ...)``."""
   groups, channels = stats.shape

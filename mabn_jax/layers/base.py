@@ -55,11 +55,13 @@ def layer_path(module: nn.Module) -> str:
 def functional_config(module: nn.Module, config_class):
   """The functional config: every field of ``config_class`` read from the
   layer's field of the same name; ``axis_name`` and ``axis_index_groups``
-  as hashable statics, with no mapped axis while initializing."""
+  as hashable statics, with no mapped axis while initializing (an unbound
+  layer gives its configuration as declared)."""
   groups = module.axis_index_groups
   if groups is not None:
     groups = tuple(tuple(g) for g in groups)
-  mapped = dict(axis_name=None if module.is_initializing() else module.axis_name,
+  initializing = module.scope is not None and module.is_initializing()
+  mapped = dict(axis_name=None if initializing else module.axis_name,
                 axis_index_groups=groups)
   return config_class(**{
       f.name: mapped[f.name] if f.name in mapped else getattr(module, f.name)
@@ -238,8 +240,6 @@ def sow_moments(module: nn.Module, x: jax.Array, groups: int, axis: int,
   """
   if module.is_initializing() or not module.is_mutable_collection(BATCH_MOMENTS):
     return
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean = st.group_mean(x, groups, axis, axis_name, axis_index_groups)
-  second = st.group_mean(jnp.square(x), groups, axis, axis_name, axis_index_groups)
-  module.sow(BATCH_MOMENTS, "mean", jnp.mean(mean, axis=0).astype(jnp.float32))
-  module.sow(BATCH_MOMENTS, "second_moment", jnp.mean(second, axis=0).astype(jnp.float32))
+  mean, second = st.input_moments(x, groups, axis, axis_name, axis_index_groups)
+  module.sow(BATCH_MOMENTS, "mean", mean)
+  module.sow(BATCH_MOMENTS, "second_moment", second)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +143,8 @@ class CrossIterationConvNorm(nn.Module):
   kernel_init: Any = nn.linear.default_kernel_init
   conv_bias_init: Any = initializers.zeros
 
+  method_class: ClassVar[type] = CBN
+
   def config(self) -> F.CBNConfig:
     return functional_config(self, F.CBNConfig)
 
@@ -216,6 +218,8 @@ class _CrossIterationNorm(nn.Module):
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   use_running_average: Optional[bool] = None
+
+  method_class: ClassVar[type] = CBN
 
   def functional(self) -> CBN:
     return CBN(self.config)

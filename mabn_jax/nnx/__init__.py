@@ -17,7 +17,7 @@ style signatures and the same math as the linen layers of :mod:`mabn_jax`
     return loss
 """
 
-from mabn_jax.nnx.variables import BackwardStat, is_tap
+from mabn_jax.nnx.variables import BackwardStat, BatchMoments, is_tap
 from mabn_jax.nnx.batch_norm import BatchNorm
 from mabn_jax.nnx.batch_renorm import BatchRenorm
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
@@ -27,6 +27,7 @@ from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics, valu
 
 __all__ = [
     "BackwardStat",
+    "BatchMoments",
     "BatchNorm",
     "BatchRenorm",
     "CenteredConv",

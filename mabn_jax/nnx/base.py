@@ -29,7 +29,7 @@ from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
 from mabn_jax.functional.affine import result_dtype
-from mabn_jax.nnx.variables import BackwardStat
+from mabn_jax.nnx.variables import BackwardStat, BatchMoments
 from mabn_jax.training import NONFINITE_COUNT, claim_tap, inference_guard
 
 _LAYER_OPTIONS = (
@@ -203,10 +203,23 @@ def normalize(module: nnx.Module, x: jax.Array, use_running_average: Optional[bo
       require_bound_axis(where, method.config.axis_name)
       for tap in (taps or {}).values():
         claim_tap(tap, where)
+      _sow_moments(module, x, axis, method.config)
       y, new_state, checked = method.train(x, state, scale=scale, bias=bias, tap=taps,
                                            conv=conv)
       _commit_state(module, new_state, checked)
   return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
+
+
+def _sow_moments(module: nnx.Module, x: jax.Array, axis: int, config: Any) -> None:
+  """Sows the input's :class:`BatchMoments` while a caller captures them
+  (precise BN); otherwise adds nothing to the computation."""
+  captures = getattr(module, "__captures__", ())
+  if not any(type(capture) is BatchMoments for capture in captures):
+    return
+  groups = st.num_groups(x.shape[0], config.norm_batch_size, None)
+  mean, second = st.input_moments(x, groups, axis, config.axis_name, config.axis_index_groups)
+  module.sow(BatchMoments, "mean", mean)
+  module.sow(BatchMoments, "second_moment", second)
 
 
 def _read_state(module: nnx.Module, initial: Any, where: str, cause: str) -> Any:

@@ -158,6 +158,8 @@ class _CrossIterationNorm(nnx.Module):
   the ``nnx.BatchStat`` state of the functional :class:`~mabn_jax.functional.
   cross_iteration.CBNState`, the taps and the affine ``scale``/``bias``."""
 
+  method_class = CBN
+
   def __init__(self, kernel_shape, config: F.CBNConfig, history_groups: Optional[int], *,
                use_scale, use_bias, scale_init, bias_init, dtype, param_dtype,
                rngs: nnx.Rngs):

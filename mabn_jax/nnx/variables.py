@@ -24,6 +24,13 @@ class BackwardStat(nnx.Variable):
   """
 
 
+class BatchMoments(nnx.Variable):
+  """The input moments a normalizer sows in training mode while a caller
+  captures this type (``nnx.capture(fn, BatchMoments)``, as
+  :func:`mabn_jax.recompute_batch_stats` does): ``mean`` and
+  ``second_moment``, float32 ``(C,)``, one tuple entry per call."""
+
+
 def _register() -> None:
   registered = variablelib.VariableTypeCache.get(BACKWARD_STATS)
   if registered is None:

@@ -1,0 +1,134 @@
+"""Finding the batch-statistics normalizers of a model, for the tools.
+
+The tools (:mod:`~mabn_jax.fold`, :mod:`~mabn_jax.precise_bn`,
+:mod:`~mabn_jax.conversion`, :mod:`~mabn_jax.recording`) act on every layer
+whose functional :class:`~mabn_jax.functional.interface.Method` they can
+find, and call its hooks; they know no normalizer by name:
+
+* a Flax NNX model: every module with a ``functional()`` method (the
+  :mod:`mabn_jax.nnx` normalizers) and every ``flax.nnx.BatchNorm``, by type
+  (:func:`nnx_normalizers`);
+* a Flax linen model and an input: every call of a :mod:`mabn_jax` layer or
+  ``flax.linen.BatchNorm``, by type (:func:`linen_normalizers`);
+* variables alone (a checkpoint): every layer whose ``'batch_stats'`` hold
+  the identifying state fields of a method (:func:`method_for_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from mabn_jax.functional import batch_norm as bn
+from mabn_jax.functional import interface
+
+
+def flax_batch_norm_method(module: Any) -> bn.Method:
+  """The functional method of a ``flax.linen.BatchNorm`` or ``flax.nnx.BatchNorm``."""
+  if not isinstance(module.axis, int):
+    raise ValueError(
+        f"{type(module).__name__}: feature axes {module.axis}; the tools support a "
+        "single integer axis.")
+  groups = module.axis_index_groups
+  return bn.Method(bn.BatchNormConfig(
+      axis=module.axis, momentum=module.momentum, epsilon=module.epsilon,
+      axis_name=module.axis_name,
+      axis_index_groups=None if groups is None else tuple(tuple(g) for g in groups)))
+
+
+def method_of(module: Any) -> Optional[interface.Method]:
+  """The functional method of a normalizer module (linen or NNX), else ``None``."""
+  if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
+    return flax_batch_norm_method(module)
+  functional = getattr(module, "functional", None)
+  if callable(functional) and hasattr(module, "method_class"):
+    return functional()
+  return None
+
+
+def _iter_modules(model: nnx.Module):
+  iterate = getattr(nnx, "iter_modules", None)
+  return iterate(model) if iterate is not None else model.iter_modules()
+
+
+def nnx_normalizers(model: nnx.Module) -> List[Tuple[Tuple, nnx.Module, interface.Method]]:
+  """``[(path, module, method)]`` of the normalizers of an NNX model, in
+  graph order (a module reached twice is listed once)."""
+  found = []
+  for path, module in _iter_modules(model):
+    method = method_of(module)
+    if method is not None:
+      found.append((tuple(path), module, method))
+  return found
+
+
+def linen_normalizers(apply_fn: Callable[..., Any], variables: Any, *args: Any,
+                      **kwargs: Any) -> Dict[Tuple, interface.Method]:
+  """``{layer path: method}`` of the normalizers a linen model calls.
+
+  Traces ``apply_fn(variables, *args, **kwargs)`` once (``jax.eval_shape``:
+  nothing is computed) and records every call of a normalizer module.
+  """
+  found: Dict[Tuple, interface.Method] = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    if context.method_name == "__call__":
+      method = method_of(context.module)
+      if method is not None:
+        found.setdefault(tuple(context.module.path), method)
+    return next_fun(*call_args, **call_kwargs)
+
+  def run(v, *a):
+    with nn.intercept_methods(record):
+      return apply_fn(v, *a, **kwargs)
+
+  jax.eval_shape(run, variables, *args)
+  return found
+
+
+def method_for_state(names: Iterable[str]) -> Optional[type]:
+  """The method class whose identifying state fields (``signature_fields``)
+  are all in ``names`` (a layer's ``'batch_stats'`` names), preferring the
+  one with the most; ``None`` if none matches."""
+  names = set(names)
+  best = None
+  for method_class in interface.method_classes():
+    fields = set(method_class.signature_fields)
+    if fields and fields <= names and (
+        best is None or len(fields) > len(best.signature_fields)):
+      best = method_class
+  return best
+
+
+def stored_state(stored: Dict[str, Any]) -> Any:
+  """A layer's stored ``'batch_stats'`` as a state the hooks take (fields by
+  attribute, ``_replace``, ``_asdict``)."""
+  return _Stored(stored)
+
+
+class _Stored(dict):
+  """A layer's stored ``'batch_stats'`` seen as a state: fields by attribute,
+  ``_replace`` and ``_asdict`` as a ``NamedTuple``'s."""
+
+  def __getattr__(self, name: str) -> Any:
+    try:
+      return self[name]
+    except KeyError as error:
+      raise AttributeError(name) from error
+
+  def _replace(self, **values: Any) -> "_Stored":
+    return _Stored({**self, **values})
+
+  def _asdict(self) -> dict:
+    return dict(self)
+
+
+def default_method(method_class: type, **config: Any) -> interface.Method:
+  """``method_class`` with its config's defaults and ``config`` overrides."""
+  fields = {f.name for f in dataclasses.fields(method_class.config_class)}
+  return method_class(config=method_class.config_class(
+      **{k: v for k, v in config.items() if k in fields}))

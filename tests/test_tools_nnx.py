@@ -1,0 +1,147 @@
+"""The tools on an NNX model equal the tools on the same linen model.
+
+Each NNX model is the registry's NNX twin of a linen model, loaded with the
+linen model's variables after a few training steps; fold and precise BN then
+give the same statistics, kernels and outputs in both APIs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mabn_jax as mj
+from mabn_jax.fold import Folded
+from test_nnx import _load
+from test_nnx_registry import CIN, KWARGS, LinenBlock, NNXBlock
+
+SHAPE = (4, 5, 5, CIN)
+NAMES = ("bn", "brn", "mabn", "cbn")
+
+
+def _trained(name):
+  """A linen registry block after three training steps, its variables, and
+  its NNX twin holding the same values."""
+  normalizer = mj.make_normalizer(name, **KWARGS[name])
+  linen = LinenBlock(normalizer, "conv")
+  variables = linen.init(jax.random.key(0), jnp.zeros(SHAPE))
+
+  def loss(v, x):
+    y, mutated = linen.apply(v, x, train=True, mutable=["batch_stats"])
+    return jnp.mean(y ** 2 + y), mutated
+
+  step = jax.jit(mj.value_and_grad(loss))
+  for i in range(3):
+    x = jax.random.normal(jax.random.key(i + 1), SHAPE) * 2.0 + 0.5
+    (_, variables), grads = step(variables, x)
+    variables = {**variables, "params": jax.tree.map(
+        lambda p, g: p - 0.1 * g, variables["params"], grads)}
+  model = NNXBlock(normalizer, "conv", nnx.Rngs(1))
+  _load(model, variables)
+  return normalizer, linen, variables, model
+
+
+def _batches(count=3):
+  return [jax.random.normal(jax.random.key(10 + i), SHAPE) * 1.5 - 0.3 for i in range(count)]
+
+
+def _nnx_stats(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_precise_bn_on_an_nnx_model_equals_it_on_the_linen_model(name):
+  _, linen, variables, model = _trained(name)
+  batches = _batches()
+  expected = mj.recompute_batch_stats(linen.apply, variables, batches, train=True)
+  assert mj.recompute_batch_stats(model, batches) is model
+  got = _nnx_stats(model)
+  flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected["batch_stats"]))
+  flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
+  assert set(map(str, flat_got)) == set(map(str, flat_expected))
+  for path, value in flat_expected.items():
+    np.testing.assert_allclose(flat_got[path], value, rtol=1e-6, atol=1e-6, err_msg=str(path))
+  changed = [not np.allclose(value, flat) for value, flat in zip(
+      jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(expected["batch_stats"]),
+      strict=True)]
+  assert any(changed)  # the recomputation did something
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fold_on_an_nnx_model_equals_fold_on_the_linen_model(name):
+  normalizer, linen, variables, model = _trained(name)
+  x = _batches(1)[0]
+  before = linen.apply(variables, x, train=False)
+  folded, none = mj.fold(variables, normalizer)
+  assert mj.fold(model) is model
+  assert isinstance(model.block.norm, Folded)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for path, value in jax.tree_util.tree_leaves_with_path(folded["params"]):
+    got = params
+    for key in path:
+      got = got[key.key]
+    np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-7, err_msg=str(path))
+  model.eval()
+  np.testing.assert_allclose(model(x), before, rtol=1e-4, atol=1e-4)
+  twin = LinenBlock(none, "conv")
+  np.testing.assert_allclose(twin.apply(folded, x, train=False), before, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_of_nnx_pairs_by_path():
+  class Plain(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(CIN, 3, (3, 3), use_bias=False, rngs=rngs)
+      self.bn = nnx.BatchNorm(3, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.conv(x))
+
+  model = Plain(nnx.Rngs(0))
+  model.bn.mean[...] = jnp.array([0.1, -0.2, 0.3])
+  model.bn.var[...] = jnp.array([0.5, 2.0, 1.5])
+  model.bn.scale[...] = jnp.array([1.5, 0.5, -1.0])
+  x = _batches(1)[0]
+  before = model(x)
+  mj.fold(model, pairs=[("conv", "bn")])
+  np.testing.assert_allclose(model(x), before, rtol=1e-5, atol=1e-5)
+  assert model.conv.bias is not None
+
+
+LAYERS = {
+    "BatchNorm": (mj.BatchNorm, mj.nnx.BatchNorm, dict(norm_batch_size=2)),
+    "BatchRenorm": (mj.BatchRenorm, mj.nnx.BatchRenorm, dict(warmup_steps=0, ramp_steps=1)),
+    "MABN": (mj.MABN, mj.nnx.MABN, dict(buffer_size=2, warmup_steps=0, renorm_start=0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layers_hold_no_math_their_output_is_the_functional_methods(name):
+  linen_cls, nnx_cls, kwargs = LAYERS[name]
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 5)) * 3.0 + 1.0
+  layer = linen_cls(**kwargs)
+  variables = layer.init(jax.random.key(1), x, use_running_average=False)
+  scale = jnp.linspace(0.5, 1.5, 5)
+  bias = jnp.linspace(-1.0, 1.0, 5)
+  variables = {**variables, "params": {"scale": scale, "bias": bias}}
+  method = layer.functional()
+  state = method.init(5)
+  for step in range(3):  # the layer and the method step through the same states
+    x_step = x * (step + 1)
+    y, mutated = layer.apply(variables, x_step, use_running_average=False,
+                             mutable=["batch_stats"])
+    expected, state, _ = method.train(x_step, state, scale=scale, bias=bias)
+    np.testing.assert_array_equal(y, expected)
+    for field, value in state._asdict().items():
+      np.testing.assert_array_equal(mutated["batch_stats"][field], value, err_msg=field)
+    variables = {**variables, **mutated}
+  y = layer.apply(variables, x, use_running_average=True)
+  np.testing.assert_array_equal(y, method.infer(x, state, scale=scale, bias=bias))
+  module = nnx_cls(5, **kwargs, rngs=nnx.Rngs(0))
+  assert module.functional() == method
+  module.scale[...], module.bias[...] = scale, bias
+  for field, value in state._asdict().items():
+    getattr(module, field)[...] = value
+  np.testing.assert_array_equal(module(x, use_running_average=True), y)
