@@ -34,9 +34,12 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
-from mabn_jax.training import BACKWARD_STATS, PSI_TAP
+from mabn_jax import discovery
+from mabn_jax.functional import batch_norm as bn
+from mabn_jax.functional import mabn as mabn_math
+from mabn_jax.training import BACKWARD_STATS, NONFINITE_COUNT
 
-_MABN_DEFAULTS = dict(buffer_size=16, warmup_steps=100)
+_DEFAULT_WARMUP = mabn_math.MABNConfig.warmup_steps
 
 
 def _natural(path) -> tuple:
@@ -47,20 +50,52 @@ def _natural(path) -> tuple:
   )
 
 
-def _bn_layers(stats: Mapping) -> list:
-  """Paths of layers with ``mean``/``var`` state, in natural path order."""
+def _layers(stats: Mapping, source: bool) -> list:
+  """Paths of the layers whose state is BN's running ``mean``/``var``
+  (``source``) or another method's (the target), in natural path order."""
   flat = traverse_util.flatten_dict(unfreeze(stats))
-  layers = []
+  names: dict = {}
   for path in flat:
-    layer = path[:-1]
-    if path[-1] == "mean" and layer + ("var",) in flat and layer not in layers:
+    names.setdefault(path[:-1], []).append(path[-1])
+  layers = []
+  for layer, fields in names.items():
+    method_class = discovery.method_for_state(fields)
+    if method_class is not None and issubclass(method_class, bn.MeanVarMethod) == source:
       layers.append(layer)
-  return layers
+  return sorted(layers, key=_natural)
+
+
+def _bn_layers(stats: Mapping) -> list:
+  return _layers(stats, source=True)
 
 
 def _mabn_layers(stats: Mapping) -> list:
-  flat = traverse_util.flatten_dict(unfreeze(stats))
-  return [path[:-1] for path in flat if path[-1] == "chi_ema"]
+  return _layers(stats, source=False)
+
+
+def converted_state(method, template: Mapping, mean: jax.Array, var: jax.Array,
+                    step: int) -> dict:
+  """One layer's ``'batch_stats'`` for ``method`` from BN's running ``mean``/``var``.
+
+  ``template`` is the layer's state as declared (names, shapes, dtypes);
+  :meth:`~mabn_jax.functional.interface.Method.from_batch_norm` fills it,
+  then ``step`` (if the state has one) and a zero ``nonfinite_count``.
+  """
+  mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+  state = method.from_batch_norm(discovery.stored_state(dict(template)), mean, var)
+  values = state._asdict()
+  if "step" in template:
+    values["step"] = step
+  if NONFINITE_COUNT in template:
+    values[NONFINITE_COUNT] = 0
+  return {name: jnp.asarray(values[name], template[name].dtype) for name in template}
+
+
+def _template(method, channels: int) -> dict:
+  initial = method.init(channels)
+  template = {name: value for name, value in initial._asdict().items() if value.size}
+  template[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
+  return template
 
 
 def mabn_state_from_batch_norm(
@@ -71,16 +106,8 @@ def mabn_state_from_batch_norm(
   Returns ``{'chi_ema': (C,), 'chi_buffer': (m, C), 'psi_buffer': (m, C),
   'step': () int32, 'nonfinite_count': () int32}``, float32 statistics.
   """
-  mean = np.asarray(mean, np.float64)
-  chi = jnp.asarray(np.asarray(var, np.float64) + mean * mean, jnp.float32)
-  channels = chi.shape[0]
-  return {
-      "chi_ema": chi,
-      "chi_buffer": jnp.broadcast_to(chi, (buffer_size, channels)),
-      "psi_buffer": jnp.zeros((buffer_size, channels), jnp.float32),
-      "step": jnp.asarray(step, jnp.int32),
-      "nonfinite_count": jnp.zeros((), jnp.int32),
-  }
+  method = mabn_math.Method(buffer_size=buffer_size)
+  return converted_state(method, _template(method, np.shape(mean)[0]), mean, var, step)
 
 
 def _set(tree: dict, path, value) -> None:
@@ -112,10 +139,9 @@ def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
     kwargs["axis_name"] = "batch"
   kwargs.update(mabn_kwargs)
   new_normalizer = registry.make_normalizer("mabn", **kwargs)
-  resolved = {**_MABN_DEFAULTS, **dict(new_normalizer.kwargs)}
-  m, warmup = resolved["buffer_size"], resolved["warmup_steps"]
+  method = new_normalizer.method()
   if step is None:
-    step = max(m, warmup)
+    step = max(method.buffer_size, method.config.warmup_steps)
   stats = unfreeze(variables["batch_stats"])
   layers = _bn_layers(stats)
   if not layers:
@@ -124,9 +150,10 @@ def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
   taps = out.setdefault(BACKWARD_STATS, {})
   for layer in layers:
     node = _get(stats, layer)
-    state = mabn_state_from_batch_norm(node["mean"], node["var"], m, step)
+    state = converted_state(method, _template(method, node["mean"].shape[0]), node["mean"],
+                            node["var"], step)
     _set(out["batch_stats"], layer, state)
-    _set(taps, layer, {PSI_TAP: jnp.zeros_like(state["psi_buffer"])})
+    _set(taps, layer, method.taps(discovery.stored_state(state)))
   return out, new_normalizer
 
 
@@ -200,56 +227,77 @@ def convert_batch_norm(
         "models (valid: warmup_steps)."
     )
   out = _convert_plain(variables, unfreeze(target), step,
-                       mabn_kwargs.get("warmup_steps", _MABN_DEFAULTS["warmup_steps"]))
+                       mabn_kwargs.get("warmup_steps", _DEFAULT_WARMUP))
   return freeze(out) if frozen else out
 
 
 def _convert_plain(variables: dict, target: dict, step, warmup_steps):
   src_layers = _bn_layers(variables["batch_stats"])
   dst_layers = _mabn_layers(target.get("batch_stats", {}))
-  names = lambda layers: ["/".join(layer) for layer in layers]
   if len(src_layers) != len(dst_layers):
     raise ValueError(
         f"convert_batch_norm: the BN model has {len(src_layers)} BatchNorm layers "
-        f"{names(src_layers)} but the target has {len(dst_layers)} MABN layers "
-        f"{names(dst_layers)}."
+        f"{_names(src_layers)} but the target has {len(dst_layers)} MABN layers "
+        f"{_names(dst_layers)}."
     )
   out = {k: unfreeze(v) for k, v in target.items()}
-  for src, dst in zip(src_layers, dst_layers):
-    node = _get(variables["batch_stats"], src)
-    template = _get(target["batch_stats"], dst)
-    m, channels = template["chi_buffer"].shape
-    if node["mean"].shape != (channels,):
-      raise ValueError(
-          f"convert_batch_norm: BatchNorm '{'/'.join(src)}' has "
-          f"{node['mean'].shape[0]} channels but MABN '{'/'.join(dst)}' has {channels}."
-      )
-    layer_step = max(m, warmup_steps) if step is None else step
-    state = mabn_state_from_batch_norm(node["mean"], node["var"], m, layer_step)
-    _set(out["batch_stats"], dst, {k: state[k] for k in template})
-    if BACKWARD_STATS in out:
-      try:
-        _set(out[BACKWARD_STATS], dst,
-             {PSI_TAP: jnp.zeros_like(_get(target[BACKWARD_STATS], dst)[PSI_TAP])})
-      except KeyError:
-        pass
+  for src, dst in zip(src_layers, dst_layers, strict=True):
+    _convert_plain_layer(out, variables, target, src, dst, step, warmup_steps)
+  out["params"] = _matched_params(variables["params"], target["params"],
+                                  dict(zip(src_layers, dst_layers, strict=True)))
+  return out
 
-  src = traverse_util.flatten_dict(variables["params"])
-  dst = traverse_util.flatten_dict(target["params"])
-  layer_map = dict(zip(src_layers, dst_layers))
-  src_rest = sorted({p[:-1] for p in src} - set(src_layers), key=_natural)
-  dst_rest = sorted({p[:-1] for p in dst} - set(dst_layers), key=_natural)
+
+def _names(layers) -> list:
+  return ["/".join(layer) for layer in layers]
+
+
+def _convert_plain_layer(out, variables, target, src, dst, step, warmup_steps) -> None:
+  """Sets the target layer ``dst``'s state (and zero taps) from BN layer ``src``."""
+  node = _get(variables["batch_stats"], src)
+  template = _get(target["batch_stats"], dst)
+  method_class = discovery.method_for_state(template)
+  method = discovery.default_method(method_class, warmup_steps=warmup_steps)
+  channels = _channels(template)
+  if node["mean"].shape != (channels,):
+    raise ValueError(
+        f"convert_batch_norm: BatchNorm '{'/'.join(src)}' has "
+        f"{node['mean'].shape[0]} channels but MABN '{'/'.join(dst)}' has {channels}."
+    )
+  rows = max((value.shape[0] for value in template.values() if np.ndim(value) == 2),
+             default=0)
+  layer_step = max(rows, warmup_steps) if step is None else step
+  _set(out["batch_stats"], dst,
+       converted_state(method, template, node["mean"], node["var"], layer_step))
+  taps = target.get(BACKWARD_STATS, {})
+  try:
+    _set(out[BACKWARD_STATS], dst, jax.tree.map(jnp.zeros_like, _get(taps, dst)))
+  except KeyError:
+    pass
+
+
+def _channels(template: Mapping) -> int:
+  return max(value.shape[-1] for value in template.values() if np.ndim(value) >= 1)
+
+
+def _matched_params(src_params: Mapping, dst_params: Mapping, layer_map: dict) -> dict:
+  """The BN model's parameters under the target's paths: norm layers as
+  matched, other layers by equal path, then in natural path order."""
+  src = traverse_util.flatten_dict(src_params)
+  dst = traverse_util.flatten_dict(dst_params)
+  src_rest = sorted({p[:-1] for p in src} - set(layer_map), key=_natural)
+  dst_rest = sorted({p[:-1] for p in dst} - set(layer_map.values()), key=_natural)
   same = [layer for layer in src_rest if layer in dst_rest]
-  layer_map.update({layer: layer for layer in same})
+  layer_map = {**layer_map, **{layer: layer for layer in same}}
   src_rest = [layer for layer in src_rest if layer not in same]
   dst_rest = [layer for layer in dst_rest if layer not in same]
   if len(src_rest) != len(dst_rest):
     raise ValueError(
         f"convert_batch_norm: after matching equal paths, the BN model has "
-        f"{len(src_rest)} other parameterized layers {names(src_rest)} but the "
-        f"target has {len(dst_rest)} {names(dst_rest)}."
+        f"{len(src_rest)} other parameterized layers {_names(src_rest)} but the "
+        f"target has {len(dst_rest)} {_names(dst_rest)}."
     )
-  layer_map.update(zip(src_rest, dst_rest))
+  layer_map.update(zip(src_rest, dst_rest, strict=True))
   new_params = {}
   for s_path, value in src.items():
     d_path = layer_map[s_path[:-1]] + s_path[-1:]
@@ -268,5 +316,4 @@ def _convert_plain(variables: dict, target: dict, step, warmup_steps):
         f"convert_batch_norm: target parameters {missing} have no counterpart in "
         "the BN model."
     )
-  out["params"] = traverse_util.unflatten_dict(new_params)
-  return out
+  return traverse_util.unflatten_dict(new_params)

@@ -39,29 +39,17 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from flax.core import FrozenDict, freeze, unfreeze
+from flax.core import unfreeze
 
+from mabn_jax import discovery
 from mabn_jax.functional import mabn as mabn_math
 from mabn_jax.functional import statistics as st
-from mabn_jax.layers.mabn import MABN
-from mabn_jax.training import BACKWARD_STATS, feed_backward_statistics, training_step
+from mabn_jax.training import differentiate
 
 BN_STATISTICS = ("mu", "var", "g", "psi")
 """Names of the four statistics recorded for a BN-type layer (spec, section 1)."""
 MABN_STATISTICS = ("chi_batch", "chi_used", "psi_batch", "psi_used")
 """Names recorded for a MABN layer (spec, section 2)."""
-
-
-def _bn_types() -> tuple:
-  from mabn_jax import layers
-
-  return tuple(
-      cls for cls in (
-          nn.BatchNorm,
-          getattr(layers, "BatchNorm", None),
-          getattr(layers, "BatchRenorm", None),
-      ) if cls is not None
-  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -106,33 +94,28 @@ def _layer_key(module: nn.Module, seen: dict) -> str:
 
 def _interceptor(layers: dict, probes: Optional[Mapping], seen: dict):
   """Flax interceptor: describes (``probes`` None) or taps the normalizers."""
-  bn_types = _bn_types()
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or module.is_initializing():
       return next_fun(*args, **kwargs)
-    is_mabn = isinstance(module, MABN)
-    if not (is_mabn or isinstance(module, bn_types)):
+    method = discovery.method_of(module)
+    if method is None or method.needs_conv:
       return next_fun(*args, **kwargs)
     call_flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
     if nn.merge_param("use_running_average", module.use_running_average, call_flag):
       return next_fun(*args, **kwargs)
-    x = args[0]
+    x, config = args[0], method.config
     where = f"{type(module).__name__} '{'/'.join(module.path)}'"
-    axis = st.canonical_axis(module.axis, x.ndim, where)
-    groups = st.num_groups(x.shape[0], getattr(module, "norm_batch_size", None), where)
+    axis = st.canonical_axis(config.axis, x.ndim, where)
+    groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
     key = _layer_key(module, seen)
     y = next_fun(*args, **kwargs)
-    if is_mabn:
-      layers[key] = ("mabn", tuple(module.path), groups, module.warmup_steps)
+    if method.records_from_state:
+      layers[key] = ("state", tuple(module.path), groups, method)
       return y
-    channels = x.shape[axis]
-    index_groups = module.axis_index_groups
-    if index_groups is not None:
-      index_groups = tuple(tuple(g) for g in index_groups)
-    info = (groups, axis, float(module.epsilon), module.axis_name, index_groups)
-    layers[key] = ("bn", (4, groups, channels))
+    info = (groups, axis, float(config.epsilon), config.axis_name, config.axis_index_groups)
+    layers[key] = ("bn", (4, groups, x.shape[axis]))
     if probes is None:
       return y
     gamma = module.get_variable("params", "scale") if module.use_scale else None
@@ -164,15 +147,9 @@ def mabn_statistics(old_state: Mapping, new_state: Mapping, groups: int, warmup_
     each: row ``j`` is group ``j``'s batch value and the value it used (the
     batch value during warmup, else the SMA of the ``m`` latest groups).
   """
-  m = old_state["chi_buffer"].shape[0]
-  use_sma = mabn_math.uses_moving_averages(new_state["step"], m, warmup_steps)
-  out = {}
-  for name in ("chi", "psi"):
-    rows = new_state[f"{name}_buffer"][-groups:]
-    sma = st.window_means(old_state[f"{name}_buffer"], rows)
-    out[f"{name}_batch"] = rows
-    out[f"{name}_used"] = jnp.where(use_sma, sma, rows)
-  return out
+  method = mabn_math.Method(mabn_math.MABNConfig(warmup_steps=warmup_steps),
+                            buffer_size=old_state["chi_buffer"].shape[0])
+  return method.step_statistics(old_state, new_state, groups)
 
 
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
@@ -193,74 +170,42 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
     gets ``path#1`` for its second call; a MABN layer called twice raises, see
     :func:`mabn_jax.training.claim_tap`). Pure and jit-able.
   """
+  name = "mabn_jax.recording.value_and_grad"
 
   def wrapped(variables, *args, **kwargs):
-    frozen = isinstance(variables, FrozenDict)
-    variables = unfreeze(variables)
-    if "params" not in variables:
-      raise ValueError(
-          "mabn_jax.recording.value_and_grad: the variables have no 'params' "
-          f"collection (found {sorted(variables)})."
-      )
-    taps = variables.get(BACKWARD_STATS, {})
-
-    def call(params, tap_values, probes, layers):
-      inner = (
-          {**variables, "params": params, BACKWARD_STATS: tap_values}
-          if taps else {**variables, "params": params}
-      )
-      with nn.intercept_methods(_interceptor(layers, probes, {})):
-        out = fun(inner, *args, **kwargs)
-      if not (isinstance(out, tuple) and len(out) == 2):
-        raise ValueError(
-            "mabn_jax.recording.value_and_grad: fun must return (loss, mutated)"
-            + (" with mutated = (mutated_collections, aux)" if has_aux else "")
-            + f", got {type(out).__name__}."
-        )
-      return out
-
-    # Describe the normalizer calls (shapes only, nothing is computed).
-    layers: dict = {}
-    jax.eval_shape(lambda p, t: call(p, t, None, layers), variables["params"], taps)
-    probes = {
-        key: jnp.zeros(desc[1], jnp.float32)
-        for key, desc in layers.items() if desc[0] == "bn"
-    }
-
-    def loss_of(differentiable):
-      params, tap_values, probe_values = differentiable
-      return call(params, tap_values, probe_values, {})
-
-    with training_step():
-      (loss, rest), (grads, taps_cotangent, probe_cotangent) = jax.value_and_grad(
-          loss_of, has_aux=True
-      )((variables["params"], taps, probes))
-    mutated, aux = rest if has_aux else (rest, None)
-    new_variables = {**variables, **unfreeze(mutated)}
-    if taps:
-      if "batch_stats" not in mutated:
-        raise ValueError(
-            "mabn_jax.recording.value_and_grad: the model has backward-statistics "
-            "taps but fun did not return a mutated 'batch_stats' collection."
-        )
-      new_variables["batch_stats"] = feed_backward_statistics(
-          new_variables["batch_stats"], taps_cotangent
-      )
-
+    layers = _describe(fun, variables, args, kwargs)
+    probes = {key: jnp.zeros(desc[1], jnp.float32)
+              for key, desc in layers.items() if desc[0] == "bn"}
+    context = lambda extra: nn.intercept_methods(_interceptor({}, extra, {}))
+    value, new_variables, grads, probe_cotangent = differentiate(
+        fun, variables, args, kwargs, has_aux=has_aux, name=name, extra=probes,
+        context=context)
     statistics = {}
     for key, desc in layers.items():
       if desc[0] == "bn":
-        statistics[key] = dict(zip(BN_STATISTICS, probe_cotangent[key]))
+        statistics[key] = dict(zip(BN_STATISTICS, probe_cotangent[key], strict=True))
       else:
-        _, path, groups, warmup_steps = desc
-        statistics[key] = mabn_statistics(
-            _get(variables["batch_stats"], path),
-            _get(new_variables["batch_stats"], path),
-            groups, warmup_steps,
-        )
-    if frozen:
-      new_variables = freeze(new_variables)
-    value = (loss, aux) if has_aux else loss
+        _, path, groups, method = desc
+        statistics[key] = method.step_statistics(
+            _get(variables["batch_stats"], path), _get(new_variables["batch_stats"], path),
+            groups)
     return ((value, new_variables), grads), statistics
 
   return wrapped
+
+
+def _describe(fun, variables, args, kwargs) -> dict:
+  """The normalizer calls of ``fun``'s step (shapes only, nothing computed)."""
+  layers: dict = {}
+  variables = unfreeze(variables)
+  if "params" not in variables:
+    raise ValueError(
+        "mabn_jax.recording.value_and_grad: the variables have no 'params' "
+        f"collection (found {sorted(variables)}).")
+
+  def call(v):
+    with nn.intercept_methods(_interceptor(layers, None, {})):
+      return fun(v, *args, **kwargs)
+
+  jax.eval_shape(call, variables)
+  return layers

@@ -293,53 +293,64 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
   """
 
   def wrapped(variables, *args, **kwargs):
-    frozen = isinstance(variables, FrozenDict)
-    variables = unfreeze(variables)
-    taps = variables.get(BACKWARD_STATS, {})
-    if "params" not in variables:
-      raise ValueError(
-          "mabn_jax.value_and_grad: the variables have no 'params' collection "
-          f"(found {sorted(variables)})."
-      )
-    legacy = _legacy_tap_paths(taps)
-    if legacy:
-      raise ValueError(legacy_tap_message(
-          "mabn_jax.value_and_grad", f"{BACKWARD_STATS}/{legacy[0]}"))
-
-    def loss_of(differentiable):
-      params, tap_values = differentiable
-      out = fun({**variables, "params": params, BACKWARD_STATS: tap_values}
-                if taps else {**variables, "params": params}, *args, **kwargs)
-      if not (isinstance(out, tuple) and len(out) == 2):
-        raise ValueError(
-            "mabn_jax.value_and_grad: fun must return (loss, mutated)"
-            + (" with mutated = (mutated_collections, aux)" if has_aux else "")
-            + f", got {type(out).__name__}."
-        )
-      return out
-
-    with training_step():
-      (loss, rest), (grads, taps_cotangent) = jax.value_and_grad(
-          loss_of, has_aux=True
-      )((variables["params"], taps))
-    mutated, aux = rest if has_aux else (rest, None)
-    new_variables = {**variables, **unfreeze(mutated)}
-    if taps:
-      if "batch_stats" not in mutated:
-        raise ValueError(
-            "mabn_jax.value_and_grad: the model has backward-statistics taps "
-            "but fun did not return a mutated 'batch_stats' collection; call "
-            "model.apply(..., mutable=['batch_stats'])."
-        )
-      new_variables["batch_stats"] = feed_backward_statistics(
-          new_variables["batch_stats"], taps_cotangent
-      )
-    if frozen:
-      new_variables = freeze(new_variables)
-    value = (loss, aux) if has_aux else loss
+    value, new_variables, grads, _ = differentiate(
+        fun, variables, args, kwargs, has_aux=has_aux, name="mabn_jax.value_and_grad")
     return (value, new_variables), grads
 
   return wrapped
+
+
+def differentiate(fun: Callable[..., Any], variables: Mapping, args: tuple, kwargs: dict, *,
+                  has_aux: bool, name: str, extra: Any = None,
+                  context: Callable[[Any], Any] = lambda extra: contextlib.nullcontext()):
+  """The step of :func:`value_and_grad` (and of the recording tools built on it).
+
+  Differentiates ``fun(variables, *args, **kwargs)`` with respect to
+  ``'params'``, the taps and ``extra`` (a tree of arrays the caller's
+  ``context(extra)`` hands to the model, e.g. probes), in one backward pass,
+  and feeds the taps' cotangents into ``'batch_stats'``.
+
+  Returns:
+    ``(value, new_variables, grads, extra_cotangent)``; ``value`` is the loss
+    or ``(loss, aux)``, ``new_variables`` in ``variables``' container type.
+  """
+  frozen = isinstance(variables, FrozenDict)
+  variables = unfreeze(variables)
+  taps = variables.get(BACKWARD_STATS, {})
+  if "params" not in variables:
+    raise ValueError(
+        f"{name}: the variables have no 'params' collection (found {sorted(variables)}).")
+  legacy = _legacy_tap_paths(taps)
+  if legacy:
+    raise ValueError(legacy_tap_message(name, f"{BACKWARD_STATS}/{legacy[0]}"))
+
+  def loss_of(differentiable):
+    params, tap_values, extra_values = differentiable
+    inner = ({**variables, "params": params, BACKWARD_STATS: tap_values} if taps
+             else {**variables, "params": params})
+    with context(extra_values):
+      out = fun(inner, *args, **kwargs)
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise ValueError(
+          f"{name}: fun must return (loss, mutated)"
+          + (" with mutated = (mutated_collections, aux)" if has_aux else "")
+          + f", got {type(out).__name__}.")
+    return out
+
+  with training_step():
+    (loss, rest), (grads, taps_cotangent, extra_cotangent) = jax.value_and_grad(
+        loss_of, has_aux=True)((variables["params"], taps, extra))
+  mutated, aux = rest if has_aux else (rest, None)
+  new_variables = {**variables, **unfreeze(mutated)}
+  if taps:
+    if "batch_stats" not in mutated:
+      raise ValueError(
+          f"{name}: the model has backward-statistics taps but fun did not return a "
+          "mutated 'batch_stats' collection; call model.apply(..., mutable=['batch_stats']).")
+    new_variables["batch_stats"] = feed_backward_statistics(
+        new_variables["batch_stats"], taps_cotangent)
+  value = (loss, aux) if has_aux else loss
+  return value, freeze(new_variables) if frozen else new_variables, grads, extra_cotangent
 
 
 def accumulate_value_and_grad(fun: Callable[..., Any], has_aux: bool = False):

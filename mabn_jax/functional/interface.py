@@ -125,6 +125,9 @@ class Method:
   """Tap name -> the state field its cotangent increments (backward statistics)."""
   needs_conv: ClassVar[bool] = False
   """Whether :meth:`train` needs the producing convolution (``conv=``)."""
+  records_from_state: ClassVar[bool] = False
+  """Whether the recording tools read a step's statistics from the state
+  (:meth:`step_statistics`) instead of probing BN's four statistics."""
   signature_fields: ClassVar[Tuple[str, ...]] = ()
   """State fields that identify the method in stored variables (the method
   with the most of them present wins; see :func:`method_classes`)."""
@@ -202,6 +205,11 @@ class Method:
   def from_moments(self, state: Any, mean: Any, second_moment: Any) -> Any:
     """``state`` with its inference statistics set from the population moments
     ``E[x]`` and ``E[x^2]`` (``(C,)`` each) of the layer's input."""
+    raise NotImplementedError(type(self).__name__)
+
+  def step_statistics(self, old_state: Any, new_state: Any, groups: int) -> Dict[str, Any]:
+    """``{name: (G, C)}``: the statistics a training step used, read from the
+    states before and after it (:attr:`records_from_state` methods)."""
     raise NotImplementedError(type(self).__name__)
 
   def from_batch_norm(self, state: Any, mean: Any, var: Any) -> Any:

@@ -502,6 +502,7 @@ class Method(interface.Method):
   state_class = MABNState
   signature_fields = ("chi_ema", "chi_buffer", "psi_buffer")
   tap_targets = {"psi_increment": "psi_buffer"}
+  records_from_state = True
 
   def validate(self):
     self.config.validate(self.buffer_size, None)
@@ -530,6 +531,20 @@ class Method(interface.Method):
   def from_moments(self, state, mean, second_moment):
     del mean
     return state._replace(chi_ema=second_moment)
+
+  def step_statistics(self, old_state, new_state, groups):
+    """``chi_batch``, ``chi_used``, ``psi_batch``, ``psi_used``, ``(G, C)`` each:
+    row ``j`` is group ``j``'s batch value (the rows the step pushed) and the
+    value it used (the batch value in warmup, else the window mean)."""
+    size = old_state["chi_buffer"].shape[0]
+    use_sma = uses_moving_averages(new_state["step"], size, self.config.warmup_steps)
+    out = {}
+    for name in ("chi", "psi"):
+      rows = new_state[f"{name}_buffer"][-groups:]
+      sma = st.window_means(old_state[f"{name}_buffer"], rows)
+      out[f"{name}_batch"] = rows
+      out[f"{name}_used"] = jnp.where(use_sma, sma, rows)
+    return out
 
   def from_batch_norm(self, state, mean, var):
     """``chi_ema = var + mean^2`` (``E[x^2]``), every ``chi_buffer`` row equal to
