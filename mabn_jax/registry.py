@@ -272,7 +272,9 @@ class Normalizer:
     options.pop("centered", None)
     return options
 
-  def _conv_kwargs(self, kernel_init: Optional[Callable]) -> dict:
+  def conv_kwargs(self, kernel_init: Optional[Callable] = None) -> dict:
+    """The options the convolution (or dense layer) before the norm shares
+    (``dtype``, ``param_dtype``), and ``kernel_init`` if given."""
     options = self.options
     kwargs = {k: options[k] for k in _CONV_SHARED if k in options}
     if kernel_init is not None:
@@ -374,7 +376,7 @@ class ConvNorm(nn.Module):
     y = conv_cls(
         features=self.features, kernel_size=kernel_size, strides=self.strides,
         padding=self.padding, use_bias=normalizer.name == "none",
-        **normalizer._conv_kwargs(self.kernel_init), name="conv",
+        **normalizer.conv_kwargs(self.kernel_init), name="conv",
     )(x)
     return _apply_norm(normalizer, _norm_layer(normalizer, name="norm"), y, train)
 
@@ -413,6 +415,6 @@ class DenseNorm(nn.Module):
     dense_cls = CenteredDense if normalizer.centered else nn.Dense
     y = dense_cls(
         features=self.features, use_bias=normalizer.name == "none",
-        **normalizer._conv_kwargs(self.kernel_init), name="dense",
+        **normalizer.conv_kwargs(self.kernel_init), name="dense",
     )(x)
     return _apply_norm(normalizer, _norm_layer(normalizer, name="norm"), y, train)

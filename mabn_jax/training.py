@@ -273,6 +273,28 @@ def _inference_guard_bwd(where, res, ct):
 inference_guard.defvjp(_inference_guard_fwd, _inference_guard_bwd, symbolic_zeros=True)
 
 
+def layer_step(method: Any, x: jax.Array, state: Any, *, use_running_average: bool,
+               scale: Any, bias: Any, taps: Any, conv: Any, where: str,
+               before_train: Callable[[], None] = lambda: None):
+  """A layer's call of its functional method, as every wrapper makes it.
+
+  Inference: ``method.infer`` through :func:`inference_guard` (when the layer
+  has taps). Training: every tap claimed (:func:`claim_tap`),
+  ``before_train()`` (e.g. sowing the input's moments), then
+  ``method.train``. Returns ``(y, new_state, checked)``, ``new_state`` and
+  ``checked`` ``None`` at inference.
+  """
+  if use_running_average:
+    y = method.infer(x, state, scale=scale, bias=bias)
+    if taps:
+      y = inference_guard(y, next(iter(taps.values())), where)
+    return y, None, None
+  for tap in (taps or {}).values():
+    claim_tap(tap, where)
+  before_train()
+  return method.train(x, state, scale=scale, bias=bias, tap=taps, conv=conv)
+
+
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
   """``jax.value_and_grad`` for Flax models whose normalizers keep statistics.
 

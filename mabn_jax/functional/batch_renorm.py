@@ -138,18 +138,11 @@ def normalize_train(
 ) -> Tuple[jax.Array, BatchRenormState]:
   """One BRN training step: ``xhat * r + d`` per group, and the new state.
 
-  Args:
-    x: ``(N, ..., C)`` activations (feature axis ``config.axis``), any float
-      dtype; ``N`` must be a multiple of ``config.norm_batch_size``.
-    state: the current :class:`BatchRenormState`.
-    config: static hyper-parameters.
-    where: name used in error messages (a Flax layer passes its path).
-
-  Returns:
-    ``(out, new_state)``: ``out`` has ``x``'s shape and dtype promoted to at
-    least float32 (multiply by gamma and add beta outside); ``new_state`` has
-    the running statistics updated and ``step`` advanced by one.
+  Arguments and output as :func:`mabn_jax.functional.batch_norm.normalize_train`
+  (a :class:`BatchRenormState` and :class:`BatchRenormConfig`); ``new_state``
+  has the running statistics updated and ``step`` advanced by one.
   """
+
   config.validate(where)
   axis = st.canonical_axis(config.axis, x.ndim, where)
   bn.check_channels(where, state.mean.shape[0], x, axis)

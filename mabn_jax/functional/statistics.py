@@ -153,13 +153,8 @@ def group_moments(
   return mean, jnp.maximum(0.0, mean_sq - lax.square(mean))
 
 
-def input_moments(
-    x: jax.Array,
-    groups: int,
-    axis: int,
-    axis_name: Optional[str] = None,
-    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
-) -> Tuple[jax.Array, jax.Array]:
+def input_moments(x: jax.Array, groups: int, axis: int, axis_name: Optional[str] = None,
+                  axis_index_groups=None) -> Tuple[jax.Array, jax.Array]:
   """``(E[x], E[x^2])``, float32 ``(C,)`` each, over the whole device batch (the
   mean of the ``groups`` equal-sized group moments) and over ``axis_name``:
   the moments precise BN averages over batches."""
@@ -308,6 +303,13 @@ def keep_if_finite(new, old, checked=None):
   finite = all_finite(new if checked is None else checked)
   kept = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   return kept, finite
+
+
+def commit_values(new_state, old: dict, nonfinite_count: jax.Array, checked=None):
+  """:func:`commit_if_finite` of the fields of ``new_state`` (a ``NamedTuple``)
+  named in ``old`` (``{name: stored value}``): what a layer writes back."""
+  new = {name: getattr(new_state, name) for name in old}
+  return commit_if_finite(new, old, nonfinite_count, checked)
 
 
 # Jitted so that a network's layers of equal shapes share one trace of it.

@@ -34,8 +34,7 @@ from mabn_jax.training import (
     BATCH_MOMENTS,
     LEGACY_TAP_NAMES,
     NONFINITE_COUNT,
-    claim_tap,
-    inference_guard,
+    layer_step,
     legacy_tap_message,
 )
 
@@ -149,16 +148,11 @@ def normalize(module: nn.Module, x: jax.Array, use_running_average: Optional[boo
   taps = _tap_variables(module, where, method.taps(initial))
   scale, bias = _affine_params(module, x.shape[axis])
   with interface.named_errors(where):
-    if use_running_average:
-      y = method.infer(x, state, scale=scale, bias=bias)
-      if taps:
-        y = inference_guard(y, next(iter(taps.values())), where)
-    else:
-      for tap in (taps or {}).values():
-        claim_tap(tap, where)
-      _sow_input(module, x, axis, method.config)
-      y, new_state, checked = method.train(x, state, scale=scale, bias=bias, tap=taps,
-                                           conv=conv)
+    y, new_state, checked = layer_step(
+        method, x, state, use_running_average=use_running_average, scale=scale, bias=bias,
+        taps=taps, conv=conv, where=where,
+        before_train=lambda: _sow_input(module, x, axis, method.config))
+    if new_state is not None:
       _commit_state(module, stats, new_state, checked)
   return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
 
@@ -215,9 +209,8 @@ def _commit_state(module: nn.Module, variables: dict, new_state: Any, checked: A
   if module.is_initializing():
     return
   counter = variables[NONFINITE_COUNT]
-  new = {name: value for name, value in new_state._asdict().items() if name in variables}
-  old = {name: variables[name].value for name in new}
-  kept, counter.value = st.commit_if_finite(new, old, counter.value, checked)
+  old = {name: var.value for name, var in variables.items() if name != NONFINITE_COUNT}
+  kept, counter.value = st.commit_values(new_state, old, counter.value, checked)
   for name, value in kept.items():
     variables[name].value = value
 

@@ -28,23 +28,12 @@ class BatchRenorm(BatchStatisticsNorm):
       included, is then kept).
 
   Attributes:
-    use_running_average: if True, normalize with the stored statistics
-      (inference: an affine map that touches no state).
-    axis: the feature axis.
-    momentum: decay of the moving averages (Flax convention).
-    epsilon: added to the variances inside the square roots.
-    dtype: result dtype (default: inferred from input and params).
-    param_dtype: dtype of ``scale`` and ``bias``.
-    use_bias, use_scale, bias_init, scale_init: as ``flax.linen.BatchNorm``.
-    axis_name: mapped axis over which the statistics are averaged.
-    axis_index_groups: device groups for that average.
+    (those of :class:`mabn_jax.BatchNorm`, and)
     r_max: final clip of ``r`` to ``[1 / r_max, r_max]`` (default 3).
     d_max: final clip of ``d`` to ``[-d_max, d_max]`` (default 5).
     warmup_steps: training steps of plain BN before the limits start to grow.
     ramp_steps: steps of the linear ramp from ``(1, 0)`` to ``(r_max, d_max)``
       (0: jump to the final limits right after warmup).
-    norm_batch_size: samples normalized together; ``None`` is the whole
-      per-device batch. The batch must be a multiple of it.
   """
 
   r_max: float = 3.0

@@ -31,17 +31,10 @@ class MABN(BatchStatisticsNorm):
       :func:`mabn_jax.migrate_variables`.
 
   Attributes:
-    use_running_average: if True, normalize with ``chi_ema`` (inference: an
-      affine map that touches no state).
-    axis: the feature axis.
-    momentum: decay of the ``chi_ema`` moving average (alpha = 0.98).
-    epsilon: added to the second moment inside the square root.
-    dtype: result dtype (default: inferred from input and params).
-    param_dtype: dtype of ``scale`` and ``bias``.
-    use_bias, use_scale, bias_init, scale_init: as ``flax.linen.BatchNorm``.
-    axis_name: mapped axis over which ``chi`` and ``Psi`` are averaged, so
-      every device normalizes with the same statistics (SyncBN-style MABN).
-    axis_index_groups: device groups for that average.
+    (those of :class:`mabn_jax.BatchNorm`, with ``momentum`` the decay of
+    ``chi_ema`` (alpha = 0.98), ``epsilon`` added to the second moment and
+    ``axis_name`` the mapped axis over which ``chi`` and ``Psi`` are
+    averaged, and)
     buffer_size: ``m``, the number of normalization groups in each SMA;
       with ``G`` groups a step it spans ``m / G`` steps (see
       ``experiments/results/mabn_validation_cifar_cpu`` for how it was
@@ -52,8 +45,6 @@ class MABN(BatchStatisticsNorm):
     average_forward, average_backward, moving_average: ablations of the
       moving averages (see :class:`mabn_jax.functional.mabn.MABNConfig`);
       the defaults are the published method.
-    norm_batch_size: samples normalized together; ``None`` is the whole
-      per-device batch. The batch must be a multiple of it.
   """
 
   momentum: float = 0.98

@@ -30,7 +30,7 @@ from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
 from mabn_jax.functional.affine import result_dtype
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments
-from mabn_jax.training import NONFINITE_COUNT, claim_tap, inference_guard
+from mabn_jax.training import NONFINITE_COUNT, layer_step
 
 _LAYER_OPTIONS = (
     ("use_running_average", False),
@@ -194,18 +194,14 @@ def normalize(module: nnx.Module, x: jax.Array, use_running_average: Optional[bo
   taps = _read_taps(module, method, initial, where)
   scale = module.scale[...] if module.scale is not None else None
   bias = module.bias[...] if module.bias is not None else None
+  if not use_running_average:
+    require_bound_axis(where, method.config.axis_name)
   with interface.named_errors(where):
-    if use_running_average:
-      y = method.infer(x, state, scale=scale, bias=bias)
-      if taps:
-        y = inference_guard(y, next(iter(taps.values())), where)
-    else:
-      require_bound_axis(where, method.config.axis_name)
-      for tap in (taps or {}).values():
-        claim_tap(tap, where)
-      _sow_moments(module, x, axis, method.config)
-      y, new_state, checked = method.train(x, state, scale=scale, bias=bias, tap=taps,
-                                           conv=conv)
+    y, new_state, checked = layer_step(
+        method, x, state, use_running_average=use_running_average, scale=scale, bias=bias,
+        taps=taps, conv=conv, where=where,
+        before_train=lambda: _sow_moments(module, x, axis, method.config))
+    if new_state is not None:
       _commit_state(module, new_state, checked)
   return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
 
@@ -249,11 +245,9 @@ def _commit_state(module: nnx.Module, new_state: Any, checked: Any) -> None:
   """Writes a step's new state into the ``nnx.BatchStat`` attributes unless a
   value of ``checked`` (default: the new state) is non-finite; then the old
   values stay and ``nonfinite_count`` grows by one."""
-  names = [name for name in new_state._fields
-           if isinstance(getattr(module, name, None), nnx.BatchStat)]
-  new = {name: getattr(new_state, name) for name in names}
-  old = {name: getattr(module, name)[...] for name in names}
+  old = {name: getattr(module, name)[...] for name in new_state._fields
+         if isinstance(getattr(module, name, None), nnx.BatchStat)}
   counter = getattr(module, NONFINITE_COUNT)
-  kept, counter[...] = st.commit_if_finite(new, old, counter[...], checked)
+  kept, counter[...] = st.commit_values(new_state, old, counter[...], checked)
   for name, value in kept.items():
     getattr(module, name)[...] = value

@@ -30,7 +30,6 @@ from mabn_jax.nnx.cross_iteration import CrossIterationConvNorm
 from mabn_jax.nnx.mabn import MABN
 
 _CBN = ("cbn", "cbn_naive")
-_CONV_SHARED = ("dtype", "param_dtype")
 
 
 def _target(name: str):
@@ -53,14 +52,6 @@ def _norm_kwargs(normalizer) -> dict:
         f"have no counterpart in {target.__module__}.{target.__name__} (Flax NNX); "
         f"it accepts {', '.join(sorted(accepted))}.")
   return options
-
-
-def _conv_kwargs(normalizer, kernel_init: Optional[Callable]) -> dict:
-  options = normalizer.options
-  kwargs = {k: options[k] for k in _CONV_SHARED if k in options}
-  if kernel_init is not None:
-    kwargs["kernel_init"] = kernel_init
-  return kwargs
 
 
 def norm(normalizer, num_features: int, *, rngs: nnx.Rngs) -> Optional[nnx.Module]:
@@ -99,7 +90,7 @@ class ConvNorm(nnx.Module):
     conv_cls = CenteredConv if normalizer.centered else nnx.Conv
     self.conv = conv_cls(in_features, features, kernel_size, strides, padding=padding,
                          use_bias=normalizer.name == "none",
-                         **_conv_kwargs(normalizer, kernel_init), rngs=rngs)
+                         **normalizer.conv_kwargs(kernel_init), rngs=rngs)
     self.norm = _optional(norm(normalizer, features, rngs=rngs))
 
   def __call__(self, x):
@@ -119,7 +110,7 @@ class DenseNorm(nnx.Module):
           "only; use conv_norm(...).")
     dense_cls = CenteredDense if normalizer.centered else nnx.Linear
     self.dense = dense_cls(in_features, features, use_bias=normalizer.name == "none",
-                           **_conv_kwargs(normalizer, kernel_init), rngs=rngs)
+                           **normalizer.conv_kwargs(kernel_init), rngs=rngs)
     self.norm = _optional(norm(normalizer, features, rngs=rngs))
 
   def __call__(self, x):
