@@ -1,7 +1,7 @@
 """Converting a BatchNorm checkpoint into the same model with MABN.
 
 A model trained with ``flax.linen.BatchNorm`` (or :class:`mabn_jax.BatchNorm`)
-keeps a running ``mean`` and biased ``var`` per channel. MABN (spec, section
+keeps a running ``mean`` and biased ``var`` per channel. MABN (``docs/normalization.md``, section
 2) keeps the running second moment instead, so the conversion sets
 
     chi_ema = var + mean^2          # E[x^2] = Var[x] + E[x]^2

@@ -1,4 +1,4 @@
-"""Precise BN: recompute population statistics exactly (spec, section 1).
+"""Precise BN: recompute population statistics exactly (``docs/normalization.md``, section 1).
 
 After training, the running statistics of BN-type layers are exponential
 moving averages: they lag behind the final weights and, at small

@@ -47,9 +47,9 @@ from mabn_jax.functional import statistics as st
 from mabn_jax.training import differentiate
 
 BN_STATISTICS = ("mu", "var", "g", "psi")
-"""Names of the four statistics recorded for a BN-type layer (spec, section 1)."""
+"""Names of the four statistics recorded for a BN-type layer (``docs/normalization.md``, section 1)."""
 MABN_STATISTICS = ("chi_batch", "chi_used", "psi_batch", "psi_used")
-"""Names recorded for a MABN layer (spec, section 2)."""
+"""Names recorded for a MABN layer (``docs/normalization.md``, section 2)."""
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

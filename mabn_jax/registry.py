@@ -48,20 +48,56 @@ Stored kernels are raw weights; a centred conv uses ``center_kernel(kernel)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import flax.linen as nn
 import jax
+from flax import nnx as flax_nnx
 
+from mabn_jax import nnx as nnx_layers
 from mabn_jax.layers.batch_norm import BatchNorm
 from mabn_jax.layers.batch_renorm import BatchRenorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
+from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
 from mabn_jax.layers.mabn import MABN
 
-_NAMES = ("bn", "syncbn", "brn", "gn", "ln", "in", "cbn", "cbn_naive", "mabn", "none")
-_CBN = ("cbn", "cbn_naive")
-# Layers normalizing with batch statistics: called with use_running_average.
-_BATCH_STATISTICS = ("bn", "syncbn", "brn", "mabn")
+class Entry(NamedTuple):
+  """A registry entry: the layer classes a name builds and how they are called.
+
+  Attributes:
+    linen: the Flax linen class whose fields are the keyword arguments.
+    nnx: its Flax NNX twin.
+    kind: ``'batch'`` (batch statistics: called with ``use_running_average``),
+      ``'sample'`` (per-sample statistics: called with the input alone),
+      ``'conv'`` (a convolution and its normalization in one module: CBN) or
+      ``'none'`` (no normalization).
+    centered: whether ``conv_norm``'s convolution is weight-centralized by
+      default.
+    fixed: keyword arguments the name sets (not the user).
+  """
+
+  linen: Any
+  nnx: Any
+  kind: str
+  centered: bool = False
+  fixed: Tuple[Tuple[str, Any], ...] = ()
+
+
+_ENTRIES = {
+    "bn": Entry(BatchNorm, nnx_layers.BatchNorm, "batch"),
+    "syncbn": Entry(BatchNorm, nnx_layers.BatchNorm, "batch"),
+    "brn": Entry(BatchRenorm, nnx_layers.BatchRenorm, "batch"),
+    "gn": Entry(nn.GroupNorm, flax_nnx.GroupNorm, "sample"),
+    "ln": Entry(nn.LayerNorm, flax_nnx.LayerNorm, "sample"),
+    "in": Entry(nn.InstanceNorm, flax_nnx.InstanceNorm, "sample"),
+    "cbn": Entry(CrossIterationConvNorm, nnx_layers.CrossIterationConvNorm, "conv",
+                 fixed=(("naive", False),)),
+    "cbn_naive": Entry(CrossIterationConvNorm, nnx_layers.CrossIterationConvNorm, "conv",
+                       fixed=(("naive", True),)),
+    "mabn": Entry(MABN, nnx_layers.MABN, "batch", centered=True),
+    "none": Entry(None, None, "none"),
+}
+_NAMES = tuple(_ENTRIES)
 # Fields a Normalizer never takes: set by the call (train) or by the method.
 _MODULE_FIELDS = ("parent", "name", "use_running_average")
 _CBN_CONV_FIELDS = ("features", "kernel_size", "strides", "padding", "naive", "use_bias")
@@ -73,32 +109,15 @@ def normalizer_names() -> Tuple[str, ...]:
   return _NAMES
 
 
-def _cross_iteration_class(name: str) -> Type[nn.Module]:
-  try:
-    from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
-  except ImportError as err:
-    raise ImportError(
-        f"normalizer {name!r} needs mabn_jax.layers.cross_iteration."
-        f"CrossIterationConvNorm, which could not be imported: {err}"
-    ) from err
-  return CrossIterationConvNorm
-
-
 def _target(name: str) -> Type[nn.Module]:
   """The layer class whose fields are ``name``'s keyword arguments."""
-  targets = {
-      "bn": BatchNorm, "syncbn": BatchNorm, "brn": BatchRenorm,
-      "gn": nn.GroupNorm, "ln": nn.LayerNorm, "in": nn.InstanceNorm, "mabn": MABN,
-  }
-  if name in _CBN:
-    return _cross_iteration_class(name)
-  return targets[name]
+  return _ENTRIES[name].linen
 
 
 def _valid_kwargs(name: str) -> Tuple[str, ...]:
-  if name == "none":
+  if _ENTRIES[name].kind == "none":
     return ("centered",)
-  excluded = _MODULE_FIELDS + (_CBN_CONV_FIELDS if name in _CBN else ())
+  excluded = _MODULE_FIELDS + (_CBN_CONV_FIELDS if _ENTRIES[name].kind == "conv" else ())
   fields = {f.name for f in dataclasses.fields(_target(name))} - set(excluded)
   return tuple(sorted(fields | {"centered"}))
 
@@ -149,6 +168,11 @@ class Normalizer:
       )
 
   @property
+  def entry(self) -> Entry:
+    """The registry entry of :attr:`name`."""
+    return _ENTRIES[self.name]
+
+  @property
   def options(self) -> dict:
     """The keyword arguments as a dict."""
     return dict(self.kwargs)
@@ -156,7 +180,7 @@ class Normalizer:
   @property
   def centered(self) -> bool:
     """Whether :meth:`conv_norm`'s convolution is weight-centralized."""
-    return bool(self.options.get("centered", self.name == "mabn"))
+    return bool(self.options.get("centered", self.entry.centered))
 
   def with_updates(self, **kwargs) -> "Normalizer":
     """The same normalizer with some keyword arguments added or replaced."""
@@ -193,7 +217,7 @@ class Normalizer:
       ValueError: for ``'cbn'``/``'cbn_naive'``, which need the preceding
         convolution (use :meth:`conv_norm`).
     """
-    if self.name in _CBN:
+    if self.entry.kind == "conv":
       raise ValueError(
           f"normalizer {self.name!r} compensates statistics for the change of "
           "the preceding convolution's kernel, so it has no stand-alone norm; "
@@ -212,7 +236,7 @@ class Normalizer:
     Raises:
       ValueError: for ``'cbn'``/``'cbn_naive'`` (convolutions only).
     """
-    if self.name in _CBN:
+    if self.entry.kind == "conv":
       raise ValueError(
           f"normalizer {self.name!r} is defined for a preceding convolution "
           "only; use conv_norm(...)."
@@ -254,13 +278,11 @@ class Normalizer:
     arguments, ``overrides`` and the layer's defaults), or ``None`` for a
     normalization without batch statistics (``'gn'``, ``'ln'``, ``'in'``,
     ``'none'``)."""
-    if self.name not in _BATCH_STATISTICS + _CBN:
+    if self.entry.kind not in ("batch", "conv"):
       return None
-    layer = _target(self.name)
+    layer = self.entry.linen
     method_class = layer.method_class
-    options = {**self._norm_kwargs(), **overrides}
-    if self.name in _CBN:
-      options["naive"] = self.name == "cbn_naive"
+    options = {**self._norm_kwargs(), **dict(self.entry.fixed), **overrides}
     values = lambda fields: {
         f.name: _hashable(options.get(f.name, getattr(layer, f.name, f.default)))
         for f in fields if f.name != "config"}
@@ -283,14 +305,12 @@ class Normalizer:
 
 
 def _describe(name: str) -> str:
-  if name == "none":
+  entry = _ENTRIES[name]
+  if entry.kind == "none":
     return "no normalization"
-  if name in _CBN:
-    return "CrossIterationConvNorm" + (", naive" if name == "cbn_naive" else "")
-  target = {"gn": nn.GroupNorm, "ln": nn.LayerNorm, "in": nn.InstanceNorm}.get(name)
-  if target is not None:
-    return f"flax.linen.{target.__name__}"
-  return f"mabn_jax.{_target(name).__name__}"
+  package = "flax.linen" if entry.linen.__module__.startswith("flax.") else "mabn_jax"
+  fixed = "".join(f", {key}={value!r}" for key, value in entry.fixed)
+  return f"{package}.{entry.linen.__name__}{fixed}"
 
 
 def make_normalizer(name: str, **kwargs) -> Normalizer:
@@ -301,8 +321,6 @@ def make_normalizer(name: str, **kwargs) -> Normalizer:
   Raises:
     ValueError: for an unknown name or keyword argument (the message lists the
       valid ones).
-    ImportError: for ``'cbn'``/``'cbn_naive'`` if the cross-iteration layer
-      cannot be imported.
   """
   _check_name(name)
   if name == "syncbn":
@@ -312,7 +330,7 @@ def make_normalizer(name: str, **kwargs) -> Normalizer:
 
 def _norm_layer(normalizer: Normalizer, name: Optional[str] = None) -> nn.Module:
   """The (non-CBN) normalization layer, unbound; ``None`` for ``'none'``."""
-  if normalizer.name == "none":
+  if normalizer.entry.kind == "none":
     return None
   return _target(normalizer.name)(**normalizer._norm_kwargs(), name=name)
 
@@ -320,7 +338,7 @@ def _norm_layer(normalizer: Normalizer, name: Optional[str] = None) -> nn.Module
 def _apply_norm(normalizer: Normalizer, layer: Optional[nn.Module], x: jax.Array, train: bool):
   if layer is None:
     return x
-  if normalizer.name in _BATCH_STATISTICS:
+  if normalizer.entry.kind == "batch":
     return layer(x, use_running_average=not train)
   return layer(x)
 
@@ -359,14 +377,14 @@ class ConvNorm(nn.Module):
     """``(N, *spatial, cin)`` -> ``(N, *spatial_out, features)``."""
     normalizer = self.normalizer
     kernel_size = _spatial(self.kernel_size, x.ndim - 2)
-    if normalizer.name in _CBN:
+    if normalizer.entry.kind == "conv":
       kwargs = normalizer._norm_kwargs()
       kwargs["centered"] = normalizer.centered
       if self.kernel_init is not None:
         kwargs["kernel_init"] = self.kernel_init
       module = _target(normalizer.name)(
           features=self.features, kernel_size=kernel_size, strides=self.strides,
-          padding=self.padding, use_bias=False, naive=normalizer.name == "cbn_naive",
+          padding=self.padding, use_bias=False, **dict(normalizer.entry.fixed),
           **kwargs,
       )
       nn.share_scope(self, module)

@@ -1,6 +1,6 @@
 """Batch normalization with normalization groups: the pure math, no Flax.
 
-Spec: ``shared/spec/normalization.md``, section 1 (and section 2,
+Spec: ``docs/normalization.md``, section 1 (and section 2,
 "Simulated small normalization batch", for the groups).
 
 The batch of ``N`` samples is split into ``G = N / norm_batch_size`` groups of

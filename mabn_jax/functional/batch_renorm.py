@@ -1,6 +1,6 @@
 """Batch Renormalization (BRN): the pure math, no Flax.
 
-Spec: ``shared/spec/normalization.md``, section 3 (Ioffe, 2017).
+Spec: ``docs/normalization.md``, section 3 (Ioffe, 2017).
 
 Each normalization group is normalized with its batch statistics and then
 corrected toward the running ones::
@@ -122,7 +122,7 @@ def renorm_correction(
 ) -> Tuple[jax.Array, jax.Array]:
   """``(r, d)``, ``(G, C)`` each, from ``(G, C)`` batch and ``(C,)`` running stats.
 
-  Both are ``stop_gradient``-ed (spec, section 3).
+  Both are ``stop_gradient``-ed (``docs/normalization.md``, section 3).
   """
   sigma_run = jnp.sqrt(running_var + epsilon)
   r = jnp.clip(jnp.sqrt(var + epsilon) / sigma_run, 1.0 / r_max, r_max)

@@ -1,4 +1,4 @@
-"""Weight centralization (spec, section 2 (a)).
+"""Weight centralization (``docs/normalization.md``, section 2 (a)).
 
 MABN drops the mean from its statistics; the layer before it keeps its output
 near zero-mean by using the kernel ``W - mean(W)``, the mean taken per output
@@ -39,10 +39,9 @@ def _after(value: jax.Array, anchor: jax.Array) -> jax.Array:
 
   A function of the parameters alone may be scheduled anywhere; XLA's CPU
   scheduler computes every layer's centred kernel at the start of the step,
-  so all of them are live through the whole forward pass (for ResNet-18 that
-  was 7% more peak memory than BN; ``benchmarks/BENCHMARKS.md``). Tying the
-  kernel's (small) mean to the layer's input moves each centring to its
-  layer.
+  so all of them are live through the whole forward pass (more peak memory
+  than BN; ``BENCHMARKS.md`` has the measurement). Tying the kernel's
+  (small) mean to the layer's input moves each centring to its layer.
   ``optimization_barrier`` does not constrain the CPU scheduler, hence the
   select: ``x < x`` is false for every float, NaN included, so the value and
   its gradient are exactly those of ``value``.

@@ -1,13 +1,13 @@
 """Moving Average Batch Normalization (MABN): the pure math, no Flax.
 
-Spec: ``shared/spec/normalization.md``, section 2 (Yan et al., ICLR 2020).
+Spec: ``docs/normalization.md``, section 2 (Yan et al., ICLR 2020).
 
 MABN normalizes by the root of the second moment only (the preceding layer is
 weight-centralized, see :mod:`mabn_jax.functional.centering`) and replaces
 both the forward statistic ``chi = mean(x^2)`` and the backward statistic
 ``Psi = mean(xhat * g)`` with simple moving averages over the last ``m``
 normalization groups, including the current one. The backward pass is the
-spec's *stabilized* gradient, implemented as a :func:`jax.custom_vjp`; it is
+*stabilized* gradient of ``docs/normalization.md`` (section 2), implemented as a :func:`jax.custom_vjp`; it is
 deliberately not the derivative of the forward pass.
 
 State (:class:`MABNState`) is explicit. :func:`normalize_train` returns the new
@@ -136,7 +136,7 @@ def moving_averages(
     buffer: ``(m, C)`` past values (SMA) or past averages (EMA), newest last.
     rows: ``(G, C)`` this step's group values, in order.
     first_step: scalar bool, True on step 1 (seeds the EMA).
-    config: ``config.moving_average`` selects SMA (spec 2 (b)) or EMA.
+    config: ``config.moving_average`` selects SMA (``docs/normalization.md``, 2 (b)) or EMA.
   """
   if config.moving_average == "sma":
     return st.window_means(buffer, rows), st.push(buffer, rows)
@@ -296,7 +296,7 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
 
 # The stabilized normalization and the affine map: forward
 #   y     = x * (rate * gamma) + beta,      rate = inv_std * r,
-# backward (spec 2 (b, c)), ct the cotangent of y:
+# backward (``docs/normalization.md``, 2 (b, c)), ct the cotangent of y:
 #   g     = r * gamma * ct              (gradient at xhat = x * inv_std)
 #   Psi_B = mean(xhat * g)              (per group, averaged over axis_name)
 #   g_x   = (g - xhat * Psi) * inv_std  with Psi the SMA (or Psi_B in warmup)
@@ -388,7 +388,7 @@ def backward_statistics(
     xhat: jax.Array, g: jax.Array, groups: int, axis: int, axis_name=None,
     axis_index_groups=None, with_mean: bool = False,
 ):
-  """This step's backward statistics per group (spec, sections 1 and 2 (b)).
+  """This step's backward statistics per group (``docs/normalization.md``, sections 1 and 2 (b)).
 
   ``Psi_B = mean(xhat * g)`` and, with ``with_mean`` (a normalizer that
   subtracts a mean, like BN), ``g_B = mean(g)``: per group and channel,
@@ -414,7 +414,7 @@ def stabilized_input_gradient(
     g_mean: Optional[jax.Array] = None,
 ) -> jax.Array:
   """``(g - g_mean - xhat * psi) * inv_std``: BN's input gradient with the given
-  backward statistics (spec, section 1; MABN's stabilized one, section 2 (b),
+  backward statistics (``docs/normalization.md``, section 1; MABN's stabilized one, section 2 (b),
   has no ``g_mean`` and the moving average ``psi``).
 
   Args:

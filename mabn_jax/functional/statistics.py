@@ -3,7 +3,7 @@
 Every batch-dependent normalizer in this package reduces activations the same
 way: the feature (channel) axis is kept, everything else is reduced, and the
 batch may be split into groups of ``norm_batch_size`` consecutive samples that
-are normalized separately (spec, section 2, "Simulated small normalization
+are normalized separately (``docs/normalization.md``, section 2, "Simulated small normalization
 batch"). Group statistics have shape ``(G, C)``: one row per group, in batch
 order. The helpers here are the only place that math lives.
 
@@ -207,7 +207,7 @@ def push_unless(buffer: jax.Array, rows: jax.Array, keep: jax.Array) -> jax.Arra
 
 
 def window_means(buffer: jax.Array, rows: jax.Array) -> jax.Array:
-  """Simple moving averages that each new row sees (spec, section 2 (b)).
+  """Simple moving averages that each new row sees (``docs/normalization.md``, section 2 (b)).
 
   Row ``j`` of the result is the mean of the ``m`` most recent values ending
   at ``rows[j]``: ``rows[j], rows[j-1], ..., rows[0]``, then the newest rows of

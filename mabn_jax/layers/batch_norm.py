@@ -1,4 +1,4 @@
-"""Flax linen batch normalization with normalization groups (spec, section 1)."""
+"""Flax linen batch normalization with normalization groups (``docs/normalization.md``, section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flax linen Batch Renormalization (spec, section 3)."""
+"""Flax linen Batch Renormalization (``docs/normalization.md``, section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Weight-centralized convolution and dense layers (spec, section 2 (a))."""
+"""Weight-centralized convolution and dense layers (``docs/normalization.md``, section 2 (a))."""
 
 from __future__ import annotations
 

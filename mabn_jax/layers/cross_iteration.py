@@ -1,4 +1,4 @@
-"""Flax linen wrapper of Cross-Iteration Batch Normalization (spec, section 4)."""
+"""Flax linen wrapper of Cross-Iteration Batch Normalization (``docs/normalization.md``, section 4)."""
 
 from __future__ import annotations
 

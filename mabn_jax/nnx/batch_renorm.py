@@ -1,4 +1,4 @@
-"""Flax NNX Batch Renormalization (spec, section 3)."""
+"""Flax NNX Batch Renormalization (``docs/normalization.md``, section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flax NNX weight-centralized convolution and linear layers (spec, section 2 (a))."""
+"""Flax NNX weight-centralized convolution and linear layers (``docs/normalization.md``, section 2 (a))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flax NNX Moving Average Batch Normalization (spec, section 2)."""
+"""Flax NNX Moving Average Batch Normalization (``docs/normalization.md``, section 2)."""
 
 from __future__ import annotations
 

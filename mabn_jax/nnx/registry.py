@@ -23,27 +23,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from flax import nnx
 
-from mabn_jax.nnx.batch_norm import BatchNorm
-from mabn_jax.nnx.batch_renorm import BatchRenorm
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
-from mabn_jax.nnx.cross_iteration import CrossIterationConvNorm
-from mabn_jax.nnx.mabn import MABN
-
-_CBN = ("cbn", "cbn_naive")
-
-
-def _target(name: str):
-  return {
-      "bn": BatchNorm, "syncbn": BatchNorm, "brn": BatchRenorm, "mabn": MABN,
-      "gn": nnx.GroupNorm, "ln": nnx.LayerNorm, "in": nnx.InstanceNorm,
-      "cbn": CrossIterationConvNorm, "cbn_naive": CrossIterationConvNorm,
-  }[name]
-
 
 def _norm_kwargs(normalizer) -> dict:
   options = normalizer.options
   options.pop("centered", None)
-  target = _target(normalizer.name)
+  target = normalizer.entry.nnx
   accepted = set(inspect.signature(target.__init__).parameters) - {"self", "rngs"}
   unknown = sorted(set(options) - accepted)
   if unknown:
@@ -60,14 +45,14 @@ def norm(normalizer, num_features: int, *, rngs: nnx.Rngs) -> Optional[nnx.Modul
   Raises:
     ValueError: for ``'cbn'``/``'cbn_naive'`` (they need the convolution).
   """
-  if normalizer.name in _CBN:
+  if normalizer.entry.kind == "conv":
     raise ValueError(
         f"normalizer {normalizer.name!r} compensates statistics for the change of "
         "the preceding convolution's kernel, so it has no stand-alone norm; use "
         "conv_norm(...) instead.")
-  if normalizer.name == "none":
+  if normalizer.entry.kind == "none":
     return None
-  return _target(normalizer.name)(num_features, **_norm_kwargs(normalizer), rngs=rngs)
+  return normalizer.entry.nnx(num_features, **_norm_kwargs(normalizer), rngs=rngs)
 
 
 def _optional(layer: Optional[nnx.Module]):
@@ -104,7 +89,7 @@ class DenseNorm(nnx.Module):
 
   def __init__(self, normalizer, in_features: int, features: int, *,
                kernel_init: Optional[Callable] = None, rngs: nnx.Rngs):
-    if normalizer.name in _CBN:
+    if normalizer.entry.kind == "conv":
       raise ValueError(
           f"normalizer {normalizer.name!r} is defined for a preceding convolution "
           "only; use conv_norm(...).")
@@ -131,14 +116,14 @@ def conv_norm(normalizer, in_features: int, features: int,
   """
   if isinstance(kernel_size, int):
     kernel_size = (kernel_size, kernel_size)
-  if normalizer.name in _CBN:
+  if normalizer.entry.kind == "conv":
     kwargs = _norm_kwargs(normalizer)
     kwargs["centered"] = normalizer.centered
     if kernel_init is not None:
       kwargs["kernel_init"] = kernel_init
-    return CrossIterationConvNorm(
+    return normalizer.entry.nnx(
         in_features, features, kernel_size, strides, padding=padding, use_bias=False,
-        naive=normalizer.name == "cbn_naive", **kwargs, rngs=rngs)
+        **dict(normalizer.entry.fixed), **kwargs, rngs=rngs)
   return ConvNorm(normalizer, in_features, features, kernel_size, strides,
                   padding=padding, kernel_init=kernel_init, rngs=rngs)
 
