@@ -10,7 +10,7 @@ from mabn_jax.conversion import convert_batch_norm
 from mabn_jax.fold import fold
 from mabn_jax.precise_bn import recompute_batch_stats
 from mabn_jax.layers import BatchNorm, BatchRenorm, CenteredConv, CenteredDense, MABN
-from mabn_jax.layers import CrossIterationConvNorm
+from mabn_jax.layers import CrossIterationConvNorm, FrozenBatchNorm
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
 from mabn_jax.training import (
     BACKWARD_STATS,
@@ -37,6 +37,7 @@ __all__ = [
     "CenteredConv",
     "CenteredDense",
     "CrossIterationConvNorm",
+    "FrozenBatchNorm",
     "MABN",
     "Normalizer",
     "accumulate_value_and_grad",

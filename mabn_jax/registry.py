@@ -18,6 +18,8 @@ Names (:func:`normalizer_names`):
   ``'cbn'``       ``mabn_jax.layers.cross_iteration.CrossIterationConvNorm``
   ``'cbn_naive'`` the same with ``naive=True`` (no Taylor compensation)
   ``'mabn'``      :class:`mabn_jax.CenteredConv` + :class:`mabn_jax.MABN`
+  ``'frozen_bn'`` :class:`mabn_jax.FrozenBatchNorm` (BN with fixed statistics
+                  and affine map, for fine-tuning from a BN checkpoint)
   ``'none'``      a convolution with bias, no normalization
 
 The same normalizer builds Flax NNX modules with
@@ -59,6 +61,7 @@ from mabn_jax.layers.batch_norm import BatchNorm
 from mabn_jax.layers.batch_renorm import BatchRenorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
 from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
+from mabn_jax.layers.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.layers.mabn import MABN
 
 class Entry(NamedTuple):
@@ -95,6 +98,7 @@ _ENTRIES = {
     "cbn_naive": Entry(CrossIterationConvNorm, nnx_layers.CrossIterationConvNorm, "conv",
                        fixed=(("naive", True),)),
     "mabn": Entry(MABN, nnx_layers.MABN, "batch", centered=True),
+    "frozen_bn": Entry(FrozenBatchNorm, nnx_layers.FrozenBatchNorm, "batch"),
     "none": Entry(None, None, "none"),
 }
 _NAMES = tuple(_ENTRIES)

@@ -33,7 +33,7 @@ LAYERS = {
         **{"features": C, "kernel_size": (3, 3), "burn_in": 1, "window": 2, **kw}
     ),
 }
-BATCH_STAT_NAMES = ("bn", "syncbn", "brn", "mabn", "cbn", "cbn_naive")
+BATCH_STAT_NAMES = ("bn", "syncbn", "brn", "mabn", "cbn", "cbn_naive", "frozen_bn")
 PER_SAMPLE_NAMES = ("gn", "ln", "in", "none")
 
 

@@ -202,7 +202,12 @@ def test_unet_forward_and_one_training_step_with_every_normalizer(norm):
   new, _, loss = train_step(variables, tx.init(variables["params"]), {"image": x, "label": y})
   assert np.isfinite(float(loss))
   changed = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), before, new["params"])
-  assert all(jax.tree_util.tree_leaves(changed))
+  flat = dict(jax.tree_util.tree_leaves_with_path(changed))
+  # Frozen BN's affine map is fixed; every other parameter trains.
+  frozen = {path for path in flat if norm == "frozen_bn"
+            and any(getattr(key, "key", None) in ("norm", "norm_final") for key in path)}
+  assert all(flat[path] for path in flat if path not in frozen)
+  assert not any(flat[path] for path in frozen)
 
 
 def test_unet_rejects_sides_not_divisible_by_its_downsampling():

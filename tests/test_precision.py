@@ -42,6 +42,7 @@ KWARGS = {
     "cbn_naive": dict(burn_in=2, window=3),
     "mabn": dict(buffer_size=4, warmup_steps=5, renorm_start=10, norm_batch_size=2),
     "none": {},
+    "frozen_bn": {},
 }
 
 

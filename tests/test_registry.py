@@ -12,7 +12,8 @@ import pytest
 import mabn_jax as mj
 from mabn_jax.functional.centering import center_kernel
 
-NAMES = ("bn", "syncbn", "brn", "gn", "ln", "in", "cbn", "cbn_naive", "mabn", "none")
+NAMES = ("bn", "syncbn", "brn", "gn", "ln", "in", "cbn", "cbn_naive", "mabn", "frozen_bn",
+         "none")
 # Small settings so every entry runs on a 4-channel map.
 KWARGS = {"gn": dict(num_groups=2), "brn": dict(warmup_steps=0, ramp_steps=1),
           "cbn": dict(window=2, burn_in=1), "cbn_naive": dict(window=2, burn_in=1),
@@ -85,6 +86,11 @@ def test_every_name_builds_trains_and_evaluates_with_the_agreed_layout(name):
     assert moved, stats.keys()
     # Eval uses running statistics: it differs from the training output.
     assert not np.allclose(y_train, y_eval, atol=1e-3)
+  elif name == "frozen_bn":  # fixed statistics: training normalizes as eval does
+    stats = variables["batch_stats"]["conv1"]["norm"]
+    np.testing.assert_array_equal(stats["mean"], 0.0)
+    np.testing.assert_array_equal(stats["var"], 1.0)
+    np.testing.assert_allclose(y_train, y_eval, rtol=1e-5, atol=1e-5)
   else:
     assert "batch_stats" not in variables or "conv1" not in variables["batch_stats"]
     np.testing.assert_allclose(y_train, y_eval, rtol=1e-5, atol=1e-5)

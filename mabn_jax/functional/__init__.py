@@ -7,6 +7,8 @@ Modules:
   statistics: per-channel group moments and moving-average buffers.
   centering: weight centralization of kernels.
   cross_iteration: Cross-Iteration BN (Taylor-compensated pooled statistics).
+  frozen_batch_norm: BN with its statistics and affine map held fixed.
+  interface: the one interface every batch-statistics normalizer implements.
   mabn: Moving Average Batch Normalization and its stabilized custom VJP.
 """
 
@@ -15,8 +17,11 @@ from mabn_jax.functional import batch_norm
 from mabn_jax.functional import batch_renorm
 from mabn_jax.functional import centering
 from mabn_jax.functional import cross_iteration
+from mabn_jax.functional import frozen_batch_norm
+from mabn_jax.functional import interface
 from mabn_jax.functional import mabn
 from mabn_jax.functional import statistics
 from mabn_jax.functional.centering import center_kernel
 
-__all__ = ["affine", "batch_norm", "batch_renorm", "centering", "cross_iteration", "mabn", "statistics", "center_kernel"]
+__all__ = ["affine", "batch_norm", "batch_renorm", "centering", "cross_iteration", "frozen_batch_norm",
+           "interface", "mabn", "statistics", "center_kernel"]

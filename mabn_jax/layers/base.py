@@ -142,7 +142,8 @@ def normalize(module: nn.Module, x: jax.Array, use_running_average: Optional[boo
     method.validate()
     axis = method.feature_axis(x.ndim)
     initial = method.init_for(x, conv)
-  stats = _state_variables(module, where, initial, method.mismatch_cause())
+  stats = _state_variables(module, where, initial, method.mismatch_cause(),
+                           counter=not use_running_average)
   state = initial._replace(**{name: var.value for name, var in stats.items()
                               if name != NONFINITE_COUNT})
   taps = _tap_variables(module, where, method.taps(initial))
@@ -157,12 +158,17 @@ def normalize(module: nn.Module, x: jax.Array, use_running_average: Optional[boo
   return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
 
 
-def _state_variables(module: nn.Module, where: str, initial: Any, cause: str) -> dict:
+def _state_variables(module: nn.Module, where: str, initial: Any, cause: str,
+                     counter: bool) -> dict:
   """Declares a ``'batch_stats'`` variable per non-empty field of ``initial``
   (empty ones are constants: checkpointers reject zero-size arrays) and the
-  int32 :data:`NONFINITE_COUNT`; raises if a stored shape differs."""
+  int32 :data:`NONFINITE_COUNT` (for inference only if stored or mutable, so
+  that variables saved without it, e.g. ``flax.linen.BatchNorm``'s, apply);
+  raises if a stored shape differs."""
   values = {name: value for name, value in initial._asdict().items() if value.size}
-  values[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
+  if counter or module.has_variable("batch_stats", NONFINITE_COUNT) or (
+      module.is_mutable_collection("batch_stats")):
+    values[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
   variables = {}
   for name, value in values.items():
     var = module.variable("batch_stats", name, lambda v=value: v)

@@ -22,6 +22,7 @@ from mabn_jax.nnx.batch_norm import BatchNorm
 from mabn_jax.nnx.batch_renorm import BatchRenorm
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 from mabn_jax.nnx.cross_iteration import CrossIterationConvNorm
+from mabn_jax.nnx.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.nnx.mabn import MABN
 from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics, value_and_grad
 
@@ -34,6 +35,7 @@ __all__ = [
     "CenteredDense",
     "CrossIterationConvNorm",
     "DIFFERENTIATED",
+    "FrozenBatchNorm",
     "MABN",
     "feed_backward_statistics",
     "is_tap",

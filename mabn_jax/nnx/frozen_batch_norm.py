@@ -1,0 +1,14 @@
+"""Flax NNX frozen batch normalization."""
+
+from __future__ import annotations
+
+from mabn_jax.functional import frozen_batch_norm as F
+from mabn_jax.nnx.base import BatchStatisticsNorm
+
+
+class FrozenBatchNorm(BatchStatisticsNorm):
+  """The NNX twin of :class:`mabn_jax.FrozenBatchNorm`: ``nnx.BatchNorm``'s
+  signature and state, normalizing with the running statistics in training
+  too, with ``scale``/``bias`` frozen."""
+
+  method_class = F.Method
