@@ -40,7 +40,7 @@ from benchmarks import bench
 from experiments import data as D
 from experiments.models import build_model
 from mabn_jax.functional import cross_iteration as F
-from mabn_jax.layers.cross_iteration import _CrossIterationNorm
+from mabn_jax.functional.centering import center_kernel
 
 
 def _layer_inputs(model, variables, images):
@@ -49,10 +49,15 @@ def _layer_inputs(model, variables, images):
   captured = {}
 
   def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, _CrossIterationNorm) and context.method_name == "__call__":
-      _, x, kernel, _, spec = args[:5]
-      captured["/".join(context.module.path[:-1])] = (x, kernel, spec)
-    return next_fun(*args, **kwargs)
+    module = context.module
+    out = next_fun(*args, **kwargs)
+    if isinstance(module, mj.CrossIterationConvNorm) and context.method_name == "__call__":
+      kernel = module.variables["params"]["conv"]["kernel"]
+      if module.centered:
+        kernel = center_kernel(kernel)
+      spec = F.ConvSpec.make(kernel.ndim - 2, module.strides, module.padding)
+      captured["/".join(module.path)] = (args[0], kernel, spec)
+    return out
 
   with nn.intercept_methods(interceptor):
     model.apply(variables, images, train=True, mutable=["batch_stats"])

@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
-from mabn_jax import discovery
+from mabn_jax import discovery, registry
 from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import mabn as mabn_math
 from mabn_jax.training import BACKWARD_STATS, NONFINITE_COUNT
@@ -124,8 +124,6 @@ def _get(tree: Mapping, path):
 
 
 def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
-  from mabn_jax import registry  # lazily: the registry imports the layers
-
   if normalizer.name not in ("bn", "syncbn"):
     raise ValueError(
         "convert_batch_norm: expected a model built with the 'bn' or 'syncbn' "

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
-from mabn_jax import discovery
+from mabn_jax import discovery, registry
 from mabn_jax.functional.centering import center_kernel
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 
@@ -142,8 +142,6 @@ def _conv_norm_paths(params: Mapping) -> list:
 
 
 def _fold_registry(variables: dict, normalizer, epsilon: Optional[float]):
-  from mabn_jax import registry  # imported lazily: registry imports the layers
-
   method = normalizer.method(**({} if epsilon is None else {"epsilon": epsilon}))
   if method is None:  # per-sample statistics, or no normalization: nothing folds
     return variables, normalizer

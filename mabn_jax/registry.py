@@ -57,6 +57,7 @@ import jax
 from flax import nnx as flax_nnx
 
 from mabn_jax import nnx as nnx_layers
+from mabn_jax.nnx import registry as nnx_registry
 from mabn_jax.layers.batch_norm import BatchNorm
 from mabn_jax.layers.batch_renorm import BatchRenorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
@@ -257,22 +258,16 @@ class Normalizer:
     as ``conv``/``norm`` children holding the linen layout's variables; called
     as ``module(x)``, switched by ``model.train()``/``model.eval()``.
     """
-    from mabn_jax.nnx import registry as nnx_registry  # the NNX modules import Flax NNX
-
     return nnx_registry.conv_norm(self, in_features, features, kernel_size, strides,
                                   padding=padding, kernel_init=kernel_init, rngs=rngs)
 
   def nnx_norm(self, num_features: int, *, rngs):
     """:meth:`norm` as a Flax NNX module (``None`` for ``'none'``)."""
-    from mabn_jax.nnx import registry as nnx_registry
-
     return nnx_registry.norm(self, num_features, rngs=rngs)
 
   def nnx_dense_norm(self, in_features: int, features: int,
                      kernel_init: Optional[Callable] = None, *, rngs):
     """:meth:`dense_norm` as a Flax NNX module (``dense``/``norm`` children)."""
-    from mabn_jax.nnx import registry as nnx_registry
-
     return nnx_registry.dense_norm(self, in_features, features, kernel_init=kernel_init,
                                    rngs=rngs)
 
