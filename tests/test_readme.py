@@ -44,3 +44,14 @@ def test_readme_nnx_optimizer_example_runs_and_feeds_the_backward_statistic():
   assert np.abs(np.asarray(model.norm.psi_buffer[...])).max() > 0
   assert namespace["out"].shape == (8, 32, 32, 16)
   assert model.norm.use_running_average is True
+
+
+def test_readme_functional_example_runs_and_feeds_the_backward_statistic():
+  code = _example("### Without Flax")
+  assert "method.train" in code and "method.taps" in code
+  namespace = _run(code)
+  state = namespace["state"]
+  assert int(state.step) == 1
+  assert np.abs(np.asarray(state.psi_buffer)).max() > 0
+  assert namespace["y_eval"].shape == (8, 16)
+  assert np.all(np.isfinite(np.asarray(namespace["grad_x"])))
