@@ -29,7 +29,7 @@ metrics (padding of evaluation batches, Pet's boundary with ``'binary'``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 

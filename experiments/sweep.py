@@ -333,6 +333,7 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
 def inference_speed(args, base: T.Config) -> Dict[str, Any]:
   import jax
   import jax.numpy as jnp
+
   import mabn_jax as mj
   from experiments import models
 
@@ -795,6 +796,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
   import jax.numpy as jnp
   import optax
   from flax.core import unfreeze
+
   import mabn_jax as mj
   from mabn_jax import recording
 

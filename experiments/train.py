@@ -52,8 +52,7 @@ from flax.core import unfreeze
 
 import mabn_jax as mj
 from experiments import data as data_lib
-from experiments import diagnostics
-from experiments import models
+from experiments import diagnostics, models
 
 # Normalizers whose statistics depend on the batch: they get norm_batch_size.
 BATCH_NORMALIZERS = ("bn", "syncbn", "brn", "cbn", "cbn_naive", "mabn")
