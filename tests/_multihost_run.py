@@ -117,14 +117,14 @@ def main(process_id: int, num_processes: int, port: int, out: str):
   step = jax.jit(jax.shard_map(step_fn(synced, "batch"), mesh=mesh,
                                in_specs=(P(), P("batch"), P("batch")), out_specs=P()))
   variables = put_all(init(synced))
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     variables = step(variables, put_rows(x), put_rows(y))
   results["shard_map"] = variables
 
   plain = model()
   step = jax.jit(step_fn(plain), out_shardings=replicated)
   variables = put_all(init(plain))
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     variables = step(variables, put_rows(x), put_rows(y))
   results["jit"] = variables
 
