@@ -493,7 +493,8 @@ def markdown(report: Dict[str, Any]) -> str:
               + ", ".join(report["skipped"]) + ".", ""]
   for network, sections in report["networks"].items():
     cfg = sections["config"]
-    lines += [f"### {network} ({cfg['model']}, {cfg['size']}x{cfg['size']}, batch {cfg['batch']})", ""]
+    lines += [f"### {network} ({cfg['model']}, {cfg['size']}x{cfg['size']}, "
+              f"batch {cfg['batch']})", ""]
     train = sections.get("train", {})
     if train:
       base, flax_base = train.get("bn", {}), train.get(BASELINE, {})
@@ -502,16 +503,16 @@ def markdown(report: Dict[str, Any]) -> str:
                 "| XLA GFLOP | / flax BN |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
                 "| ---: | ---: | ---: |"]
+      def rel(r, key, base):
+        return f"{r[key] / base[key]:.3f}" if key in r and key in base else "-"
       for norm, r in train.items():
-        def rel(key, base):
-          return f"{r[key] / base[key]:.3f}" if key in r and key in base else "-"
         lines.append(
-            f"| {norm} | {r['step_ms']:.1f} | {rel('step_ms', flax_base)} | "
-            f"{rel('step_ms', base)} | {_span(r, 'step_ms')} | {r['compile_s']:.1f} | "
-            f"{rel('compile_s', flax_base)} | {rel('compile_s', base)} | "
+            f"| {norm} | {r['step_ms']:.1f} | {rel(r, 'step_ms', flax_base)} | "
+            f"{rel(r, 'step_ms', base)} | {_span(r, 'step_ms')} | {r['compile_s']:.1f} | "
+            f"{rel(r, 'compile_s', flax_base)} | {rel(r, 'compile_s', base)} | "
             f"{r.get('temp_mib', float('nan')):.1f} | {r.get('total_mib', float('nan')):.1f} | "
-            f"{rel('total_mib', flax_base)} | {rel('total_mib', base)} | "
-            f"{r.get('gflops', float('nan')):.2f} | {rel('gflops', flax_base)} |")
+            f"{rel(r, 'total_mib', flax_base)} | {rel(r, 'total_mib', base)} | "
+            f"{r.get('gflops', float('nan')):.2f} | {rel(r, 'gflops', flax_base)} |")
       lines.append("")
     infer = sections.get("infer", {})
     if infer:

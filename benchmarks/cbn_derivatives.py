@@ -16,7 +16,8 @@ current kernel on the same layer input. ``--task segmentation`` measures
 the same on the segmentation experiment's U-Net trained at a true batch of 2
 (``experiments/segmentation.py``)::
 
-  python -m benchmarks.cbn_derivatives --steps 300 --json benchmarks/results/cbn_derivatives_cpu.json
+  python -m benchmarks.cbn_derivatives --steps 300 \\
+      --json benchmarks/results/cbn_derivatives_cpu.json
   python -m benchmarks.cbn_derivatives --task segmentation --steps 2000 --strides 1 --dtypes float32
 
 Printed and written: per layer and lag, the relative error of the variance

@@ -262,10 +262,7 @@ def decode_jpeg_tarball(path: str, class_names: Sequence[str] = CIFAR10_CLASSES)
   out = {}
   for split, rows in items.items():
     rows.sort(key=lambda r: (r[0], r[1]))
-    if rows:
-      images = np.stack([r[2] for r in rows])
-    else:
-      images = np.zeros((0, 32, 32, 3), np.uint8)
+    images = np.stack([r[2] for r in rows]) if rows else np.zeros((0, 32, 32, 3), np.uint8)
     out[split] = Split(images, np.asarray([r[0] for r in rows], np.int32))
   return out
 
@@ -415,7 +412,8 @@ class TfdsImageSplit:
     img = Image.fromarray(np.asarray(image, np.uint8))
     w, h = img.size
     s = self.resize / min(w, h)
-    img = img.resize((max(self.resize, round(w * s)), max(self.resize, round(h * s))), Image.BILINEAR)
+    img = img.resize((max(self.resize, round(w * s)), max(self.resize, round(h * s))),
+                     Image.BILINEAR)
     w, h = img.size
     left, top = (w - self.resize) // 2, (h - self.resize) // 2
     img = img.crop((left, top, left + self.resize, top + self.resize))

@@ -66,7 +66,8 @@ def layer_diagnostics(params: Mapping, grads: Mapping, moments: Mapping = None,
     g = gradients[layer].astype(jnp.float32)
     w = w.astype(jnp.float32)
     wc, gc = w.reshape(-1, w.shape[-1]), g.reshape(-1, g.shape[-1])
-    dot_c, wn_c, gn_c = jnp.sum(wc * gc, 0), jnp.linalg.norm(wc, axis=0), jnp.linalg.norm(gc, axis=0)
+    dot_c = jnp.sum(wc * gc, 0)
+    wn_c, gn_c = jnp.linalg.norm(wc, axis=0), jnp.linalg.norm(gc, axis=0)
     entry = {
         "kernel_norm": jnp.linalg.norm(w),
         "grad_cos": jnp.sum(w * g) / (jnp.linalg.norm(w) * jnp.linalg.norm(g) + eps),

@@ -125,9 +125,11 @@ RECIPES: Dict[str, Recipe] = {
                                       "running_stats": "pooled"},
                               description="CBN, history per group, exact gradient, pooled "
                                           "inference statistics (ours)"),
-    "cbn_exact_late": Recipe("cbn", {"backward": "exact", "running_stats": "batch", "burn_in": "5%"},
+    "cbn_exact_late": Recipe("cbn",
+                             {"backward": "exact", "running_stats": "batch", "burn_in": "5%"},
                              description="CBN, exact gradient, burn-in 5% (ours)"),
-    "cbn_batch_late": Recipe("cbn", {"backward": "batch", "running_stats": "batch", "burn_in": "5%"},
+    "cbn_batch_late": Recipe("cbn",
+                             {"backward": "batch", "running_stats": "batch", "burn_in": "5%"},
                              description="CBN, BN's backward, burn-in 5% (ours)"),
 }
 

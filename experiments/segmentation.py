@@ -56,10 +56,8 @@ from flax.core import unfreeze
 import mabn_jax as mj
 from experiments import segmentation_data as seg_data
 from experiments import segmentation_models as seg_models
-from experiments.segmentation_report import (aggregate, table_markdown, write_examples,
-                                             write_plot)
-from experiments.segmentation_metrics import (class_iou, confusion_matrix, mean_iou,
-                                              pixel_accuracy)
+from experiments.segmentation_metrics import class_iou, confusion_matrix, mean_iou, pixel_accuracy
+from experiments.segmentation_report import aggregate, table_markdown, write_examples, write_plot
 
 DEFAULT_OUT_DIR = os.path.join("experiments", "results", "segmentation_cifar_cpu")
 PRESETS = ("seg_quick", "seg_cpu")

@@ -29,7 +29,7 @@ metrics (padding of evaluation batches, Pet's boundary with ``'binary'``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def paste_canvas(patches: np.ndarray, classes: np.ndarray, positions: np.ndarray
   """
   canvas = np.full((canvas_size, canvas_size, 3), background, np.uint8)
   mask = np.zeros((canvas_size, canvas_size), np.int32)
-  for patch, cls, (top, left) in zip(patches, classes, positions):
+  for patch, cls, (top, left) in zip(patches, classes, positions, strict=True):
     h, w = patch.shape[:2]
     canvas[top:top + h, left:left + w] = patch
     mask[top:top + h, left:left + w] = cls
@@ -266,7 +266,8 @@ def load_oxford_pets(data_dir: Optional[str], image_size: int = 64, mapping: str
       or an unknown mapping.
   """
   if mapping not in PET_LABEL_MAPPINGS:
-    raise ValueError(f"unknown pet mapping {mapping!r}; expected one of {tuple(PET_LABEL_MAPPINGS)}")
+    raise ValueError(f"unknown pet mapping {mapping!r}; "
+                     f"expected one of {tuple(PET_LABEL_MAPPINGS)}")
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:

@@ -79,7 +79,7 @@ class UNet(nn.Module):
       skips.append(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = DoubleConv(self.normalizer, self.widths[-1], name="bottleneck")(x, train=train)
-    for i, (width, skip) in enumerate(zip(self.widths[-2::-1], skips[::-1])):
+    for i, (width, skip) in enumerate(zip(self.widths[-2::-1], skips[::-1], strict=True)):
       x = jnp.concatenate([upsample2x(x), skip], axis=-1)
       x = DoubleConv(self.normalizer, width, name=f"up{i + 1}")(x, train=train)
     return nn.Conv(self.num_classes, (1, 1), name="head")(x).astype(jnp.float32)

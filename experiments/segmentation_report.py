@@ -63,7 +63,7 @@ def write_plot(path: str, rows: Sequence[dict], summaries: Sequence[dict]) -> No
   first_seed = min(s["seed"] for s in summaries)
   for s in summaries:
     if s["seed"] == first_seed and s["train_loss_curve"]:
-      steps, losses = zip(*s["train_loss_curve"])
+      steps, losses = zip(*s["train_loss_curve"], strict=True)
       ax1.plot(np.asarray(steps) / s["steps"] * s["epochs"], losses,
                label=f"{s['method']} b={s['batch_size']}")
   ax1.set_xlabel("epoch")

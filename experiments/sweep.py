@@ -171,8 +171,9 @@ def _header(args, base: T.Config, what: str) -> str:
   return (f"# {what}\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
           f"{_machine()}\n\n"
           f"Preset `{base.preset}`: dataset `{base.dataset}` (train subset {base.train_subset}), "
-          f"model `{base.model}`, SGD batch {base.device_batch()} per device, {base.epochs} epochs, "
-          f"lr {base.lr} ({base.schedule}), weight decay {base.weight_decay}. "
+          f"model `{base.model}`, SGD batch {base.device_batch()} per device, "
+          f"{base.epochs} epochs, lr {base.lr} ({base.schedule}), "
+          f"weight decay {base.weight_decay}. "
           f"Cells: final test top-1 (%), mean ± sample std over seeds (number of seeds).\n\n")
 
 
@@ -219,7 +220,7 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
         cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
                                   norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
         plan.append(dataclasses.replace(cfg, workdir=os.path.join(out_dir, "runs", cfg.run_name())))
-  summaries = {cfg.run_name(): s for cfg, s in zip(plan, run_plan(plan, args, "sweep"))
+  summaries = {cfg.run_name(): s for cfg, s in zip(plan, run_plan(plan, args, "sweep"), strict=True)
                if s is not None}
 
   results = {}
@@ -257,7 +258,7 @@ def _plot_against_batch(out_dir: str, series: Dict[str, List[List[float]]], size
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, per_size in series.items():
     stats = [_mean_std(values) for values in per_size]
-    xs = [b for b, (m, _, _) in zip(sizes, stats) if m is not None]
+    xs = [b for b, (m, _, _) in zip(sizes, stats, strict=True) if m is not None]
     if not xs:
       continue
     ms = [m for m, _, _ in stats if m is not None]
@@ -304,7 +305,7 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
       plan.append((label, dataclasses.replace(cfg, workdir=os.path.join(
           out_dir, "runs", f"v{i}_{cfg.run_name()}"))))
   results = {}
-  for (label, _), s in zip(plan, run_plan([cfg for _, cfg in plan], args, "ablation")):
+  for (label, _), s in zip(plan, run_plan([cfg for _, cfg in plan], args, "ablation"), strict=True):
     if s is not None:
       results.setdefault(label, []).append(s["final_test_top1"])
   table = _header(args, base, f"MABN ablation at normalization batch {b_small}")
@@ -333,6 +334,7 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
 def inference_speed(args, base: T.Config) -> Dict[str, Any]:
   import jax
   import jax.numpy as jnp
+
   import mabn_jax as mj
   from experiments import models
 
@@ -426,7 +428,7 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
         keys.append((name, b))
   done = run_plan(plan, args, "recipes")
   rows: Dict[Any, List[Dict[str, Any]]] = {}
-  for key, s in zip(keys, done):
+  for key, s in zip(keys, done, strict=True):
     rows.setdefault(key, [])
     if s is not None:
       rows[key].append(s)
@@ -626,7 +628,7 @@ def _plot_diagnostics(out_dir: str, runs: Dict[str, str]) -> None:
         pts = [(r["step"], r["diag"][layer][key]) for r in records
                if key in r["diag"].get(layer, {})]
         if pts:
-          ax.plot(*zip(*pts), label=label, lw=1)
+          ax.plot(*zip(*pts, strict=True), label=label, lw=1)
       ax.set_title(f"{layer}: {title}", fontsize=8)
       ax.set_xlabel("step", fontsize=8)
   axes[0][0].legend(fontsize=6)
@@ -710,7 +712,7 @@ def placement(args, base: T.Config) -> Dict[str, Any]:
   plan = [dataclasses.replace(c, workdir=os.path.join(out_dir, "runs", c.run_name()))
           for c in plan]
   rows: Dict[Any, List[Dict[str, Any]]] = {}
-  for key, s in zip(keys, run_plan(plan, args, "placement")):
+  for key, s in zip(keys, run_plan(plan, args, "placement"), strict=True):
     rows.setdefault(key, [])
     if s is not None:
       rows[key].append(s)
@@ -729,7 +731,7 @@ def placement(args, base: T.Config) -> Dict[str, Any]:
         "steps_to_threshold": [steps_to_loss(r.get("train_loss_curve"), threshold)
                                for r in runs],
         "mean_loss_curve": [list(p) for p in zip(*_mean_curve(
-            [r["train_loss_curve"] for r in runs if r.get("train_loss_curve")]))],
+            [r["train_loss_curve"] for r in runs if r.get("train_loss_curve")]), strict=True)],
     }
   results = {"loss_threshold": threshold, "cells": cells}
 
@@ -795,6 +797,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
   import jax.numpy as jnp
   import optax
   from flax.core import unfreeze
+
   import mabn_jax as mj
   from mabn_jax import recording
 
@@ -805,6 +808,20 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
   channels = args.channels
   results: Dict[str, Any] = {}
   traces: Dict[str, Any] = {}
+
+  def make_step(grad_fn, tx):
+    @jax.jit
+    def step(v, opt_state, images, labels):
+      ((loss, v), grads), stats = grad_fn(v, images, labels)
+      updates, opt_state = tx.update(grads, opt_state, v["params"])
+      v = {**v, "params": optax.apply_updates(v["params"], updates)}
+      stats = jax.tree_util.tree_map(lambda a: a[:, :channels], stats)
+      return v, opt_state, loss, stats
+    return step
+
+  def without_records(grad_fn):  # the recorder's signature: empty records
+    return lambda *a: (grad_fn(*a), {})
+
   for label, norm, b in settings:
     cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, num_devices=1,
                               norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
@@ -823,18 +840,9 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
       return loss.mean(), mutated
 
     if args.no_record:  # the same training without the recorder (for comparison)
-      plain = mj.value_and_grad(loss_fn)
-      grad_fn = lambda *a: (plain(*a), {})
+      step = make_step(without_records(mj.value_and_grad(loss_fn)), tx)
     else:
-      grad_fn = recording.value_and_grad(loss_fn)
-
-    @jax.jit
-    def step(v, opt_state, images, labels, tx=tx):
-      ((loss, v), grads), stats = grad_fn(v, images, labels)
-      updates, opt_state = tx.update(grads, opt_state, v["params"])
-      v = {**v, "params": optax.apply_updates(v["params"], updates)}
-      stats = jax.tree_util.tree_map(lambda a: a[:, :channels], stats)
-      return v, opt_state, loss, stats
+      step = make_step(recording.value_and_grad(loss_fn), tx)
 
     series: Dict[str, Dict[str, list]] = {}
     losses = []
@@ -892,7 +900,7 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
             ("var", None, "forward: var_B"),
             ("g", None, "backward: g_B"),
             ("psi", "psi_used", "backward: Psi_B (BN) / Psi used (MABN)")]
-  for ax, (bn_stat, mabn_stat, title) in zip(axes.ravel(), panels):
+  for ax, (bn_stat, mabn_stat, title) in zip(axes.ravel(), panels, strict=True):
     for label, arr in traces.items():
       stat = mabn_stat if label.startswith("MABN") else bn_stat
       if stat is None or layer not in arr or stat not in arr[layer]:

@@ -1,6 +1,6 @@
 """Training ResNets/CNNs with any normalizer of the registry.
 
-    python -m experiments.train                       # main job: BN at b=32 and 2, MABN at 2 (digits)
+    python -m experiments.train  # main job: BN at b=32 and 2, MABN at 2 (digits)
     python -m experiments.train --preset cifar_cpu --norms bn,mabn --norm_batch_size 2
     python -m experiments.train --preset cifar --norms mabn --norm_batch_size 2 --workdir runs/x
     python -m experiments.train --preset imagenet --data_dir ~/tensorflow_datasets
@@ -52,8 +52,7 @@ from flax.core import unfreeze
 
 import mabn_jax as mj
 from experiments import data as data_lib
-from experiments import diagnostics
-from experiments import models
+from experiments import diagnostics, models
 
 # Normalizers whose statistics depend on the batch: they get norm_batch_size.
 BATCH_NORMALIZERS = ("bn", "syncbn", "brn", "cbn", "cbn_naive", "mabn")
@@ -566,7 +565,7 @@ def precise_bn_evaluation(config: Config, model, dev_vars, dataset: data_lib.Dat
                            True, config.seed)
   last_epoch = max(0, int(np.ceil(config.epochs)) - 1)
   batches = (b["image"] for _, b in zip(range(config.precise_bn_batches),
-                                         loader.epoch(last_epoch)))
+                                         loader.epoch(last_epoch), strict=False))
   precise = mj.recompute_batch_stats(model.apply, variables, batches, train=True)
   precise = parallel.put(parallel.replicate(_to_host(unfreeze(precise))))
   results = evaluate_splits(parallel, precise, eval_loaders, final=True, suffix="_precise")
@@ -720,7 +719,7 @@ def _check_restored(state, target) -> None:
   if got != jax.tree_util.tree_structure(target):
     raise ValueError(f"restored tree {got} differs from the expected one")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
-                          jax.tree_util.tree_leaves(target)):
+                          jax.tree_util.tree_leaves(target), strict=True):
     if a.shape != b.shape or a.dtype != b.dtype:
       raise ValueError(f"{jax.tree_util.keystr(path)}: restored {a.shape} {a.dtype}, "
                        f"expected {b.shape} {b.dtype}")
@@ -981,10 +980,10 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
           progress.update(step, {"loss": rec["loss"], "acc": rec["acc"]})
         if end_of_epoch or step == total_steps:
           e = -(-step // spe)
-          if step == total_steps or (config.eval_every and e % config.eval_every == 0):
-            if not run_log.evaluated(step):
-              run_log.log({"step": step, "epoch": step / spe, **evaluate_splits(
-                  parallel, dev_vars, eval_loaders, final=step == total_steps)})
+          due = step == total_steps or (config.eval_every and e % config.eval_every == 0)
+          if due and not run_log.evaluated(step):
+            run_log.log({"step": step, "epoch": step / spe, **evaluate_splits(
+                parallel, dev_vars, eval_loaders, final=step == total_steps)})
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoint()
         if step == kill_after:
@@ -1160,7 +1159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f"interrupted at step {s['step']}; rerun with --resume true to continue",
             file=sys.stderr)
       return 130
-  print(f"\n{base.preset}: {base.dataset}, {base.model}, SGD batch {base.device_batch()} per device")
+  print(f"\n{base.preset}: {base.dataset}, {base.model}, "
+        f"SGD batch {base.device_batch()} per device")
   print(f"{'run':<16} {'final top-1':>11} {'best top-1':>10} {'wall s':>8}")
   for s in results:
     print(f"{s['name']:<16} {s['final_test_top1']:>11.2f} {s['best_test_top1']:>10.2f} "

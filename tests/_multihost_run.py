@@ -32,6 +32,7 @@ SHAPE = (6, 6, 3)
 def model(axis_name=None):
   import flax.linen as nn
   import jax.numpy as jnp
+
   import mabn_jax as mj
 
   class Net(nn.Module):
@@ -66,6 +67,7 @@ def step_fn(net, axis=None):
   """SGD on the mean loss (``pmean`` over ``axis`` under shard_map)."""
   import jax
   import jax.numpy as jnp
+
   import mabn_jax as mj
 
   def loss_fn(variables, x, y):
@@ -94,7 +96,8 @@ def main(process_id: int, num_processes: int, port: int, out: str):
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=num_processes, process_id=process_id,
@@ -114,14 +117,14 @@ def main(process_id: int, num_processes: int, port: int, out: str):
   step = jax.jit(jax.shard_map(step_fn(synced, "batch"), mesh=mesh,
                                in_specs=(P(), P("batch"), P("batch")), out_specs=P()))
   variables = put_all(init(synced))
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     variables = step(variables, put_rows(x), put_rows(y))
   results["shard_map"] = variables
 
   plain = model()
   step = jax.jit(step_fn(plain), out_shardings=replicated)
   variables = put_all(init(plain))
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     variables = step(variables, put_rows(x), put_rows(y))
   results["jit"] = variables
 

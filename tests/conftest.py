@@ -49,7 +49,7 @@ def write_cifar_tarball(path: str, per_class=(2, 1), seed: int = 0) -> None:
 
   rng = np.random.default_rng(seed)
   with tarfile.open(path, "w:gz") as archive:
-    for split, count in zip(("train", "test"), per_class):
+    for split, count in zip(("train", "test"), per_class, strict=True):
       for cls in D.CIFAR10_CLASSES:
         for i in range(count):
           buf = io.BytesIO()

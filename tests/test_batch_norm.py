@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import chex
 import flax.linen as nn
 import jax
@@ -151,7 +154,7 @@ class SyncBatchNormTest(chex.TestCase):
         jax.tree_util.tree_map(lambda g: g.sum(0), gp_p), gp_1, rtol=RTOL, atol=1e-4
     )
     for d in range(devices):  # Every device stores the same synced stats.
-      _assert_stats_close(jax.tree_util.tree_map(lambda s: s[d], s_p), s_1)
+      _assert_stats_close(jax.tree_util.tree_map(operator.itemgetter(d), s_p), s_1)
     # Same as Flax's BatchNorm under the same pmap.
     np.testing.assert_allclose(y_p, y_f, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(gx_p, gx_f, rtol=RTOL, atol=ATOL)
@@ -236,15 +239,16 @@ class GroupedBatchNormTest(chex.TestCase):
       gamma = np.random.default_rng(1).normal(1.0, 0.3, (2,))
       beta = np.random.default_rng(2).normal(0.0, 1.0, (2,))
       state = F.init_state(2, jnp.float64)
+
+      def f(config, x, gamma, beta):
+        out, _ = F.normalize_train(x, state, config)
+        self.assertEqual(out.dtype, jnp.float64)
+        return out * gamma + beta
+
       for b in (None, 2):
         config = F.BatchNormConfig(norm_batch_size=b)
-
-        def f(x, gamma, beta):
-          out, _ = F.normalize_train(x, state, config)
-          self.assertEqual(out.dtype, jnp.float64)
-          return out * gamma + beta
-
-        check_grads(f, (jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)),
+        check_grads(functools.partial(f, config),
+                    (jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)),
                     order=2, modes=["rev", "fwd"], atol=1e-6, rtol=1e-6, eps=1e-5)
 
 
@@ -289,7 +293,8 @@ class BatchNormStateTest(chex.TestCase):
   def test_channel_count_change_raises(self):
     module = mj.BatchNorm()
     v = module.init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=False)
-    with self.assertRaisesRegex(ValueError, r"'mean' has shape \(3,\) but the input implies \(4,\)"):
+    with self.assertRaisesRegex(ValueError,
+                                r"'mean' has shape \(3,\) but the input implies \(4,\)"):
       module.apply(v, jnp.ones((2, 4)), use_running_average=False, mutable=["batch_stats"])
 
   def test_bad_momentum_raises(self):

@@ -68,6 +68,6 @@ def test_restored_state_equals_saved_state_leaf_by_leaf(tmp_path):
   saved = jax.tree_util.tree_leaves_with_path(state)
   back = jax.tree_util.tree_leaves_with_path(restored)
   assert [p for p, _ in saved] == [p for p, _ in back]
-  for (path, a), (_, b) in zip(saved, back):
+  for (path, a), (_, b) in zip(saved, back, strict=True):
     assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-import flax.linen as nn
 import optax
+import pytest
 
 import mabn_jax as mj
 from mabn_jax.conversion import convert_batch_norm
@@ -44,7 +44,8 @@ def _bn_checkpoint(x, zero_mean: bool):
   stats = jax.tree_util.tree_map_with_path(
       lambda p, a: jnp.exp(0.4 * jax.random.normal(jax.random.fold_in(key, 7 + a.size), a.shape))
       if p[-1].key == "var"
-      else (jnp.zeros_like(a) if zero_mean else jax.random.normal(jax.random.fold_in(key, 9), a.shape)),
+      else (jnp.zeros_like(a) if zero_mean
+            else jax.random.normal(jax.random.fold_in(key, 9), a.shape)),
       variables["batch_stats"],
   )
   return {"params": params, "batch_stats": stats}
@@ -67,8 +68,10 @@ def test_converted_chi_ema_is_var_plus_mean_squared_and_buffers_filled():
   assert jax.tree.map(lambda a: (a.shape, a.dtype), new) == jax.tree.map(
       lambda a: (a.shape, a.dtype), target)
   # Params are copied: scale/bias and kernels.
-  np.testing.assert_array_equal(new["params"]["MABN_1"]["scale"], bn["params"]["BatchNorm_1"]["scale"])
-  np.testing.assert_array_equal(new["params"]["CenteredConv_0"]["kernel"], bn["params"]["Conv_0"]["kernel"])
+  np.testing.assert_array_equal(new["params"]["MABN_1"]["scale"],
+                                bn["params"]["BatchNorm_1"]["scale"])
+  np.testing.assert_array_equal(new["params"]["CenteredConv_0"]["kernel"],
+                                bn["params"]["Conv_0"]["kernel"])
 
 
 def test_converted_model_eval_equals_batch_norm_eval_for_zero_mean_convs():

@@ -105,7 +105,7 @@ def test_pmap_statistics_per_device_unless_axis_name_and_params_replicated(name,
   replicate = lambda t: jax.tree_util.tree_map(lambda a: jnp.stack([a] * DEVICES), t)
   v, o = replicate(variables), replicate(opt_state)
   xs, ys = _data(2, DEVICES)
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     v, o, _ = step(v, o, x, y)
 
   for leaf in jax.tree_util.tree_leaves(v["params"]):
@@ -145,7 +145,8 @@ def _single(name):
 
 
 def _assert_trees_equal(a, b):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
+                          strict=True):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
@@ -157,7 +158,7 @@ def test_jit_with_donated_variables_equals_undonated_and_frees_buffers(name):
   xs, ys = _data(3)
   copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
   a, b = (variables, opt_state), (copy(variables), copy(opt_state))
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     a = plain(*a, x, y)[:2]
     inputs = b
     b = donated(*b, x, y)[:2]
@@ -180,11 +181,11 @@ def test_lax_scan_over_steps_equals_python_loop(name):
   (sv, so), losses = scanned(variables, opt_state, xs, ys)
   jitted = jax.jit(step)
   lv, lo = variables, opt_state
-  for t, (x, y) in enumerate(zip(xs, ys)):
+  for t, (x, y) in enumerate(zip(xs, ys, strict=True)):
     lv, lo, loss = jitted(lv, lo, x, y)
     np.testing.assert_allclose(losses[t], loss, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((sv, so)),
-                          jax.tree_util.tree_leaves((lv, lo))):
+                          jax.tree_util.tree_leaves((lv, lo)), strict=True):
     if jnp.issubdtype(a.dtype, jnp.integer):
       np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     else:
@@ -206,7 +207,7 @@ def test_accumulated_gradients_equal_a_loop_with_one_normalization_step_per_micr
 
   step = jax.jit(mj.value_and_grad(_loss(model)))
   looped, grad_sum, losses = variables, None, []
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     (l, looped), g = step(looped, x, y)
     losses.append(l)
     grad_sum = g if grad_sum is None else jax.tree_util.tree_map(jnp.add, grad_sum, g)
@@ -259,7 +260,7 @@ def test_nonfinite_micro_batch_keeps_state_for_it_and_poisons_the_mean_gradient(
   (_, skipped), _ = accumulate(variables, xs[::2], ys[::2])
   counter = lambda p: "nonfinite_count" in jax.tree_util.keystr(p)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(with_nan["batch_stats"]),
-                          jax.tree_util.tree_leaves(skipped["batch_stats"])):
+                          jax.tree_util.tree_leaves(skipped["batch_stats"]), strict=True):
     if not counter(path):
       np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   assert mj.nonfinite_counts(with_nan) == {"block/norm": 1}

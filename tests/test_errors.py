@@ -247,12 +247,12 @@ def test_bn_like_training_step_in_inference_mode_trains_with_frozen_statistics(k
   variables = model.init(KEY, x, train=True)
   (_, new), grads = jax.jit(mj.value_and_grad(_loss(model, train=False)))(variables, x)
   for a, b in zip(jax.tree_util.tree_leaves(variables["batch_stats"]),
-                  jax.tree_util.tree_leaves(new["batch_stats"])):
+                  jax.tree_util.tree_leaves(new["batch_stats"]), strict=True):
     assert (a == b).all()
   plain = jax.grad(lambda p: _loss(model, False)({**variables, "params": p}, x)[0])(
       variables["params"]
   )
-  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(plain)):
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(plain), strict=True):
     assert jnp.allclose(a, b, rtol=1e-6, atol=1e-7)
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))
 
@@ -278,7 +278,7 @@ def test_registry_training_step_with_train_false(name):
   before = jax.tree_util.tree_leaves(variables.get("batch_stats", {}))
   after = jax.tree_util.tree_leaves(new.get("batch_stats", {}))
   assert len(before) == len(after)
-  for a, b in zip(before, after):
+  for a, b in zip(before, after, strict=True):
     assert (jnp.broadcast_to(a, b.shape) == b).all()
 
 

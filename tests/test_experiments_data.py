@@ -20,7 +20,7 @@ def _write_tarball(path, n_per_class=(3, 2), classes=D.CIFAR10_CLASSES[:3], seed
   truth = {"train": {}, "test": {}}
   with tarfile.open(path, "w:gz") as tar:
     # Archive order deliberately not sorted (as in the real tarball).
-    for split, count in zip(("train", "test"), n_per_class):
+    for split, count in zip(("train", "test"), n_per_class, strict=True):
       for label in reversed(range(len(classes))):
         for k in reversed(range(count)):
           pixels = np.full((32, 32, 3), 40 * label + 10 * k, np.uint8)
@@ -115,7 +115,7 @@ def test_loader_is_deterministic_and_resumable():
   full = list(a.epoch(1))
   again = list(D.Loader(ds, "train", 8, True, seed=3).epoch(1, start=2))
   assert len(full) == 5
-  for x, y in zip(full[2:], again):
+  for x, y in zip(full[2:], again, strict=True):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
   other = list(D.Loader(ds, "train", 8, True, seed=4).epoch(1))

@@ -129,7 +129,7 @@ def test_norm_layers_default_is_the_model_of_before():
   assert new.norm_layers == "all"
   a, b = _init(old), _init(new)
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
   np.testing.assert_array_equal(old.apply(a, x, train=False), new.apply(b, x, train=False))
@@ -140,7 +140,8 @@ def test_no_normalized_layer_is_the_none_normalizer():
   unnormalized = _init(models.build_model("cnn2", mj.make_normalizer("bn"), 10, width=4,
                                           norm_layers="none"))
   assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(unnormalized)
-  for x, y in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(unnormalized)):
+  for x, y in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(unnormalized),
+                  strict=True):
     np.testing.assert_array_equal(x, y)
 
 

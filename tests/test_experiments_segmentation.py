@@ -41,7 +41,7 @@ def _expected(split: SD.SegSplit, images: np.ndarray, labels: np.ndarray, n: int
   size = split.images.shape[1]
   mask = np.zeros((size, size), np.int32)
   canvas = split.images[n].copy()
-  for src, (top, left) in zip(split.sources[n], split.positions[n]):
+  for src, (top, left) in zip(split.sources[n], split.positions[n], strict=True):
     if src < 0:
       continue
     mask[top:top + 32, left:left + 32] = labels[src] + 1

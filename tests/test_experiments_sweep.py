@@ -252,8 +252,8 @@ def test_placement_sweep_writes_table_plot_and_json_and_skips_on_rerun(tmp_path,
   assert "| normalizer | placement | b=2 top-1 | b=2 steps to loss ≤ 100 | b=8 top-1 |" in table
   for p in ("all", "first_half", "first"):
     assert table.count(f"| mabn | {p} | ") == 1
-  assert f"| mabn | first | {first['final'][0]:.2f} (1) | {first['steps_to_threshold'][0]} (1/1) |" \
-      in table
+  assert (f"| mabn | first | {first['final'][0]:.2f} (1) | "
+          f"{first['steps_to_threshold'][0]} (1/1) |") in table
   assert "| none (no normalizer) | none | " in table and "(batch-independent)" in table
   capsys.readouterr()
   # A rerun trains nothing; a threshold never reached reads '—'.

@@ -70,7 +70,8 @@ def test_cifar_names_read_every_prepared_image_and_label(name, tmp_path):
     assert loaded.images.shape == (SIZES[split], 32, 32, 3) and loaded.images.dtype == np.uint8
     # tfds shuffles the records when it writes them: compare as multisets.
     expected = sorted((p.tobytes(), l) for p, l in truth[split])
-    actual = sorted((p.tobytes(), int(l)) for p, l in zip(loaded.images, loaded.labels))
+    actual = sorted((p.tobytes(), int(l))
+                    for p, l in zip(loaded.images, loaded.labels, strict=True))
     assert actual == expected
 
 
@@ -95,7 +96,7 @@ def test_imagenet_names_resize_and_centre_crop_on_demand(tmp_path):
     return np.asarray(img.crop((left, top, left + 16, top + 16)))
 
   expected = sorted((prepared(p).tobytes(), l) for p, l in truth["train"])
-  assert sorted((i.tobytes(), int(l)) for i, l in zip(images, labels)) == expected
+  assert sorted((i.tobytes(), int(l)) for i, l in zip(images, labels, strict=True)) == expected
 
 
 def test_training_loop_runs_on_a_prepared_imagenette(tmp_path):

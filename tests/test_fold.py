@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 import mabn_jax as mj
 from mabn_jax.fold import fold

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 
 import chex
 import flax.linen as nn
@@ -110,14 +112,14 @@ class MABNVariantsTest(chex.TestCase):
     variables = model.init(jax.random.key(0), jnp.zeros(shape), train=True)
     step = self.variant(mj.value_and_grad(_loss_fn(model), has_aux=True))
     xs, gys = _inputs(shape, 8, seed=1)
-    for x, gy in zip(xs, gys):
+    for x, gy in zip(xs, gys, strict=True):
       ((loss, _), variables), grads = step(variables, jnp.asarray(x, jnp.float32),
                                            jnp.asarray(gy, jnp.float32))
     self.assertEqual(int(variables["batch_stats"]["norm"]["step"]), 8)
     # Compare against a jitted run from scratch.
     ref_vars = model.init(jax.random.key(0), jnp.zeros(shape), train=True)
     ref_step = jax.jit(mj.value_and_grad(_loss_fn(model), has_aux=True))
-    for x, gy in zip(xs, gys):
+    for x, gy in zip(xs, gys, strict=True):
       ((ref_loss, _), ref_vars), ref_grads = ref_step(
           ref_vars, jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32))
     chex.assert_trees_all_close(variables, ref_vars, rtol=1e-5, atol=1e-6)
@@ -147,7 +149,7 @@ def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch():
     return y, variables, grads["input"], norm_grads
 
   stepm = jax.pmap(mapped_step, axis_name="batch")
-  for x, gy in zip(xs, gys):
+  for x, gy in zip(xs, gys, strict=True):
     x, gy = jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32)
     ((_, y1), v1), g1 = step1(v1, x, gy)
     ym, vm, gxm, gnm = stepm(vm, x.reshape((devices, 2) + full[1:]),
@@ -158,7 +160,7 @@ def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch():
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[0], gnm), g1["norm"], **tol)
     for d in range(devices):
       chex.assert_trees_all_close(
-          jax.tree_util.tree_map(lambda a: a[d], vm["batch_stats"]["norm"]),
+          jax.tree_util.tree_map(operator.itemgetter(d), vm["batch_stats"]["norm"]),
           v1["batch_stats"]["norm"], **tol)
 
 
@@ -178,7 +180,7 @@ def test_gradient_equals_autodiff_of_mean_free_batch_norm_before_averaging(kw):
   xs, gys = _inputs(shape, 6, seed=3)
   gamma = variables["params"]["norm"]["scale"]
   beta = variables["params"]["norm"]["bias"]
-  for x, gy in zip(xs, gys):
+  for x, gy in zip(xs, gys, strict=True):
     x, gy = jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32)
     ((_, y), variables), grads = step(variables, x, gy)
     expected_y, vjp = jax.vjp(_mean_free_bn, x, gamma, beta)
@@ -224,7 +226,7 @@ def test_stabilized_gradient_differs_from_autodiff_once_averaging_starts():
   xs, gys = _inputs(shape, 4, seed=6)
   ref = MABNReference(C, 2, 0, 1000)
   gamma, beta = np.ones(C), np.zeros(C)
-  for x, gy in zip(xs, gys):
+  for x, gy in zip(xs, gys, strict=True):
     ((_, y), variables), grads = step(variables, jnp.asarray(x, jnp.float32),
                                       jnp.asarray(gy, jnp.float32))
     _, gx_ref, _, _ = ref.train_step(x, gy, gamma, beta)
@@ -255,17 +257,16 @@ def test_inference_is_the_affine_map_of_the_stored_ema_and_touches_no_state():
 
 
 def test_normalization_batch_of_one_and_odd_sizes_work():
+  def loss(layer, v, x):
+    y, mut = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(y**2), mut
+
   for shape, b in [((1, C), None), ((3, 4, 4, C), 1), ((5, C), None), ((6, C), 3)]:
     layer = mj.MABN(norm_batch_size=b, warmup_steps=0, buffer_size=2)
     x = jnp.asarray(np.random.default_rng(8).normal(size=shape), jnp.float32)
     variables = layer.init(jax.random.key(0), x, use_running_average=False)
-
-    def loss(v, x):
-      y, mut = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
-      return jnp.sum(y**2), mut
-
     for _ in range(3):
-      (value, variables), grads = mj.value_and_grad(loss)(variables, x)
+      (value, variables), grads = mj.value_and_grad(functools.partial(loss, layer))(variables, x)
     assert np.isfinite(value)
     chex.assert_tree_all_finite((variables, grads))
     groups = shape[0] // (b or shape[0])

@@ -65,7 +65,7 @@ def _launch(commands, env, returncode=0):
     texts = [p.communicate()[0] for p in procs]
     pytest.fail(f"processes did not finish in {TIMEOUT} s:\n" + "\n---\n".join(
         t[-2000:] for t in texts))
-  for p, out in zip(procs, outputs):
+  for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == returncode, out[-4000:]
   return outputs
 
@@ -81,7 +81,7 @@ def test_two_processes_synchronized_mabn_equals_one_process_on_the_whole_batch(t
   step = jax.jit(run.step_fn(net))
   variables = run.init(net)
   xs, ys = run.batches(run.PER_DEVICE * run.LOCAL_DEVICES * processes)
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     variables = step(variables, x, y)
   reference = run.flat(variables)
   assert int(reference["['batch_stats']['block']['norm']['step']"]) == run.STEPS

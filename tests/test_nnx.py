@@ -146,7 +146,8 @@ def _load(model, variables):
 
 
 def _nnx_values(model):
-  return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
+  return {path: np.asarray(v[...])
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
 
 
 def _linen_values(variables):
@@ -242,7 +243,8 @@ def test_bridged_mabn_holds_its_tap_as_backward_stat_next_to_psi_buffer():
 
 def test_nnx_state_types_and_names_follow_the_linen_collections():
   model = mj.nnx.MABN(C, rngs=nnx.Rngs(0))
-  kinds = {path[0]: type(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
+  kinds = {path[0]: type(v)
+           for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
   assert kinds == {
       "scale": nnx.Param, "bias": nnx.Param, "chi_ema": nnx.BatchStat,
       "chi_buffer": nnx.BatchStat, "psi_buffer": nnx.BatchStat, "step": nnx.BatchStat,

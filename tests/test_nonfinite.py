@@ -103,7 +103,7 @@ def _run(name, xs, ys):
   init, step, batch = _setup(name)
   variables, opt_state = init()
   history = []
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     variables, opt_state, _ = step(variables, opt_state, batch(x), batch(y))
     history.append((variables, opt_state))
   return history
@@ -152,7 +152,7 @@ def test_nan_batch_keeps_state_and_training_ends_as_if_it_was_skipped(name):
   assert int(np.max(with_nan[BAD_STEP][1].total_notfinite)) == 1
   # ... and the run continues to exactly where the clean run ends.
   _assert_same_state(with_nan[-1], clean[-1])
-  for a, b in zip(with_nan[BAD_STEP + 1:], clean[BAD_STEP:]):
+  for a, b in zip(with_nan[BAD_STEP + 1:], clean[BAD_STEP:], strict=True):
     _assert_same_state(a, b)
 
 
@@ -192,7 +192,7 @@ def test_where_on_updates_is_an_equivalent_skip_recipe():
   variables = model.init(jax.random.key(0), jnp.zeros(SHAPE), train=True)
   opt_state = tx.init(variables["params"])
   a = b = (variables, opt_state)
-  for t, (x, y) in enumerate(zip(xs, ys)):
+  for t, (x, y) in enumerate(zip(xs, ys, strict=True)):
     if t == BAD_STEP:
       a = step(*a, _poison(x, jnp.nan), y)
     a = step(*a, x, y)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 import mabn_jax as mj
 from mabn_jax.precise_bn import recompute_batch_stats
@@ -103,7 +102,8 @@ def test_recomputed_statistics_equal_numpy_over_batches(kind, norm_batch_size):
     if kind == "mabn":
       np.testing.assert_allclose(stats["chi_ema"], second, rtol=2e-5, atol=1e-6)
       # Buffers and step untouched.
-      np.testing.assert_array_equal(stats["chi_buffer"], variables["batch_stats"][name]["chi_buffer"])
+      np.testing.assert_array_equal(stats["chi_buffer"],
+                                    variables["batch_stats"][name]["chi_buffer"])
       assert int(stats["step"]) == int(variables["batch_stats"][name]["step"])
     else:
       np.testing.assert_allclose(stats["mean"], mean, rtol=2e-5, atol=1e-6)

@@ -142,7 +142,7 @@ def test_bf16_training_for_50_steps_stays_within_tolerance_of_float32(name):
   low_leaves = jax.tree_util.tree_leaves(low)
   assert len(ref_leaves) == len(low_leaves)
   by_path = {jax.tree_util.keystr(p): np.asarray(v, np.float64) for p, v in ref_leaves}
-  for (path, a), b in zip(ref_leaves, low_leaves):
+  for (path, a), b in zip(ref_leaves, low_leaves, strict=True):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     where = jax.tree_util.keystr(path)
     if np.issubdtype(np.asarray(a).dtype, np.integer) or "step" in where or "count" in where:

@@ -98,7 +98,8 @@ def _randomize_params(params, key):
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(key, len(leaves))
   return jax.tree_util.tree_unflatten(
-      tree, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+      tree, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype)
+             for p, k in zip(leaves, keys, strict=True)])
 
 
 @SETTINGS
@@ -122,7 +123,7 @@ def test_layer_invariants(case):
       tol = _tol(y_jit.dtype)
       _close(y_jit, y_eager, tol, "output")
       for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((new_jit, grads_jit)),
-                              jax.tree_util.tree_leaves((new_eager, grads_eager))):
+                              jax.tree_util.tree_leaves((new_eager, grads_eager)), strict=True):
         _close(a, b, max(tol, 1e-4), jax.tree_util.keystr(path))
     variables = new_jit
 
@@ -226,7 +227,8 @@ def test_registry_entry_invariants(name, case):
   compared = (v_jit, g_jit) if dtype == jnp.float32 else v_jit
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(compared),
                           jax.tree_util.tree_leaves(
-                              (v_eager, g_eager) if dtype == jnp.float32 else v_eager)):
+                              (v_eager, g_eager) if dtype == jnp.float32 else v_eager),
+                          strict=True):
     _close(a, b, max(tol, 1e-4), jax.tree_util.keystr(path))
 
   assert y_jit.shape == shape[:-1] + (features,)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-import flax.linen as nn
 import optax
+import pytest
 
 import mabn_jax as mj
 from mabn_jax import recording

@@ -181,7 +181,8 @@ def test_unknown_name_lists_valid_names():
     ("cbn", "buffer_size", "window"),
 ])
 def test_wrong_kwarg_lists_valid_ones(name, bad, expected):
-  with pytest.raises(ValueError, match=rf"unknown keyword argument\(s\) {bad}; valid ones: .*{expected}"):
+  with pytest.raises(ValueError,
+                     match=rf"unknown keyword argument\(s\) {bad}; valid ones: .*{expected}"):
     mj.make_normalizer(name, **{bad: 1})
 
 
@@ -193,7 +194,8 @@ def test_normalizer_is_hashable_sorted_and_updatable():
   c = a.with_updates(norm_batch_size=4)
   assert c.options == {"buffer_size": 4, "norm_batch_size": 4} and a.options["norm_batch_size"] == 2
   assert mj.make_normalizer("syncbn").options == {"axis_name": "batch"}
-  assert mj.make_normalizer("syncbn", axis_index_groups=[[0, 1]]).options["axis_index_groups"] == ((0, 1),)
+  groups = mj.make_normalizer("syncbn", axis_index_groups=[[0, 1]]).options["axis_index_groups"]
+  assert groups == ((0, 1),)
   with pytest.raises(ValueError, match="valid ones"):
     a.with_updates(nope=1)
   jax.jit(lambda x, n: x, static_argnums=1)(1.0, a)  # usable as a static argument

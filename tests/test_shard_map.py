@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mabn_jax as mj
 
@@ -85,7 +86,7 @@ def test_synchronized_mabn_with_replicated_state_equals_one_device_on_the_whole_
   step, split, replicate = _replicated_shard_map(synced)
   one = jax.jit(_step(single, None))
   a, b = replicate(variables), variables
-  for x, y in zip(*_data()):
+  for x, y in zip(*_data(), strict=True):
     a, b = step(a, split(x), split(y)), one(b, x, y)
   norm_a, norm_b = a["batch_stats"]["block"]["norm"], b["batch_stats"]["block"]["norm"]
   assert int(norm_a["step"]) == int(norm_b["step"]) == 3
@@ -93,7 +94,7 @@ def test_synchronized_mabn_with_replicated_state_equals_one_device_on_the_whole_
     np.testing.assert_allclose(norm_a[name], norm_b[name], rtol=1e-4, atol=1e-6,
                                err_msg=name)
   for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(a["params"]),
-                          jax.tree_util.tree_leaves(b["params"])):
+                          jax.tree_util.tree_leaves(b["params"]), strict=True):
     np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
@@ -108,8 +109,9 @@ def test_mabn_under_jit_with_a_batch_sharded_over_an_explicit_mesh_axis():
   sharded_step = jax.jit(_step(model, None), out_shardings=replicated)
   one = jax.jit(_step(model, None))
   a, b = jax.device_put(variables, replicated), variables
-  for x, y in zip(*_data()):
+  for x, y in zip(*_data(), strict=True):
     a = sharded_step(a, *(jax.device_put(v, NamedSharding(mesh, P("batch"))) for v in (x, y)))
     b = one(b, x, y)
-  for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+  for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
+                          strict=True):
     np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
