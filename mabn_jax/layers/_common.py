@@ -132,8 +132,9 @@ def call_mode(module: nn.Module, use_running_average: Optional[bool]):
 
 def functional_config(module: nn.Module, config_class):
   """The functional config: every field of ``config_class`` read from the
-  layer's field of the same name; ``axis_name`` and ``axis_index_groups``
-  as hashable statics, with no mapped axis while initializing."""
+  layer's field of the same name (a field the layer does not have keeps the
+  config's default); ``axis_name`` and ``axis_index_groups`` as hashable
+  statics, with no mapped axis while initializing."""
   groups = module.axis_index_groups
   if groups is not None:
     groups = tuple(tuple(g) for g in groups)
@@ -141,7 +142,7 @@ def functional_config(module: nn.Module, config_class):
                 axis_index_groups=groups)
   return config_class(**{
       f.name: mapped[f.name] if f.name in mapped else getattr(module, f.name)
-      for f in dataclasses.fields(config_class)})
+      for f in dataclasses.fields(config_class) if f.name in mapped or hasattr(module, f.name)})
 
 
 def require_bound_axis(where: str, axis_name: Optional[str]) -> None:
