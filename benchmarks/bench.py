@@ -77,7 +77,8 @@ NETWORKS = {
 
 
 ROW_NORMS = {"cbn_s2": "cbn", "cbn_bf16": "cbn", "cbn_s2_bf16": "cbn",
-             "cbn_published": "cbn", "cbn_batch": "cbn"}
+             "cbn_published": "cbn", "cbn_batch": "cbn",
+             "cbn_conv_derivatives": "cbn", "cbn_saved_activations": "cbn"}
 """Rows that are a registry normalizer with other settings: row -> registry name."""
 
 
@@ -90,7 +91,11 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
   with the authors' gradient (``backward='published'``) and ``cbn_batch``
   with BN's backward on the pooled moments (``backward='batch'``): neither
   differentiates the Taylor compensation, so their backward passes do not
-  read the derivative buffers."""
+  read the derivative buffers. ``cbn_conv_derivatives`` takes every
+  ``d nu / d W`` from the backward-weight convolution
+  (``kernel_derivatives='convolution'``) and ``cbn_saved_activations`` keeps
+  what autodiff saves for the backward pass (``rematerialize=False``): the
+  ablations of :mod:`benchmarks.compile_time`."""
   cbn = dict(window=4, burn_in=0)
   return {
       "mabn": dict(warmup_steps=0, renorm_start=0),
@@ -101,6 +106,8 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
       "cbn_s2_bf16": dict(cbn, derivative_stride=2, derivative_dtype=jnp.bfloat16),
       "cbn_published": dict(cbn, backward="published"),
       "cbn_batch": dict(cbn, backward="batch"),
+      "cbn_conv_derivatives": dict(cbn, kernel_derivatives="convolution"),
+      "cbn_saved_activations": dict(cbn, rematerialize=False),
       "gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
   }.get(norm, {})
 

@@ -51,13 +51,13 @@ measure what each part costs, never to train with:
   backward-weight convolution, also for the pointwise kernels with fewer
   input than output channels where the library takes the same derivative
   from the inputs' Gram matrix
-  (:func:`~mabn_jax.functional.cross_iteration.gram_is_cheaper`): what
-  those layers cost before that change;
+  (:func:`~mabn_jax.functional.cross_iteration.gram_is_cheaper`): the
+  option ``kernel_derivatives='convolution'`` (:data:`OPTIONS`);
 * ``cbn_saved_activations``: CBN's training step without its
   ``jax.checkpoint`` (``functional.cross_iteration._train_step``), so that
   its backward pass keeps what autodiff saves (two more activation-sized
-  arrays per layer) instead of recomputing them from the conv output: what
-  CBN's step cost before that change;
+  arrays per layer) instead of recomputing them from the conv output: the
+  option ``rematerialize=False`` (:data:`OPTIONS`);
 * ``mabn_bool_guard``: the finiteness guards as a reduction of booleans,
   ``all(isfinite(x))``, instead of the library's one float reduction
   ``sum(x * 0) == 0`` (the same decision;
@@ -98,9 +98,9 @@ import jax.numpy as jnp
 import mabn_jax.training as training
 from benchmarks import bench
 from mabn_jax.functional import centering
-from mabn_jax.functional import cross_iteration
 from mabn_jax.functional import mabn as functional_mabn
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional.cross_iteration import step as cbn_step
 
 
 def _commit_unguarded(new, old, nonfinite_count, checked=None):
@@ -150,23 +150,25 @@ ABLATIONS: Dict[str, list] = {
     "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
     "cbn_product_guard": [(st, "all_finite",
                            functools.partial(st.all_finite, large_leaf=float("inf")))],
-    "cbn_conv_derivatives": [(cross_iteration, "gram_is_cheaper", lambda kernel_shape: False)],
-    "cbn_saved_activations": [(cross_iteration, "_train_step",
-                               jax.jit(cross_iteration._train_step_body, static_argnums=(6, 7, 8)))],
     "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
         (functional_mabn, "_train_step"), (st, "commit_if_finite"),
         (training, "add_increment"), (centering, "center_kernel"))],
     "cbn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
-        (cross_iteration, "_train_step"), (st, "commit_if_finite"),
+        (cbn_step, "_train_step"), (st, "commit_if_finite"),
         (training, "add_increment"))],
     "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
 }
-VARIANTS = ("flax_bn", "bn", "mabn", "cbn") + tuple(ABLATIONS)
+OPTIONS = ("cbn_conv_derivatives", "cbn_saved_activations")
+"""Variants that are the library with an option set: rows of
+:mod:`benchmarks.bench` (:func:`benchmarks.bench.normalizer_kwargs`)."""
+VARIANTS = ("flax_bn", "bn", "mabn", "cbn") + tuple(ABLATIONS) + OPTIONS
 
 
 @contextlib.contextmanager
 def ablated(variant: str) -> Iterator[str]:
-  """Patches the library for ``variant`` while tracing; yields the registry norm."""
+  """Patches the library for ``variant`` while tracing; yields the norm of
+  :mod:`benchmarks.bench` that builds it (the registry name of an ablation,
+  the variant itself otherwise)."""
   patches = ABLATIONS.get(variant, [])
   saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
   # Every variant starts from empty JAX caches, as a fresh process would

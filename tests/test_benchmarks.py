@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mabn_jax as mj
 from benchmarks import bench
 
 
@@ -331,7 +333,7 @@ def test_second_process_loads_the_mabn_step_from_the_persistent_cache(tmp_path):
   assert table.splitlines()[-1].count("| 1.00 |") == 2  # both processes, against itself
 
 
-def test_conv_derivatives_ablation_takes_every_d_nu_from_a_convolution():
+def test_conv_derivatives_variant_takes_every_d_nu_from_a_convolution():
   from benchmarks import compile_time as CT
   from mabn_jax.functional import cross_iteration as F
 
@@ -339,15 +341,17 @@ def test_conv_derivatives_ablation_takes_every_d_nu_from_a_convolution():
   kernel = jnp.ones((1, 1, 2, 5))
   spec = F.ConvSpec.make(2)
 
-  def convs():
-    jaxpr = jax.make_jaxpr(lambda x, k: F.moment_derivatives(x, F.conv(x, k, spec), k, spec, 1))
+  def convs(**options):
+    jaxpr = jax.make_jaxpr(
+        lambda x, k: F.moment_derivatives(x, F.conv(x, k, spec), k, spec, 1, **options))
     return str(jaxpr(x, kernel)).count("conv_general_dilated")
 
-  library = convs()
   with CT.ablated("cbn_conv_derivatives") as norm:
-    assert norm == "cbn"
-    ablated = convs()
-  assert (library, ablated, convs()) == (2, 3, 2)
+    assert bench.ROW_NORMS[norm] == "cbn"
+    options = bench.normalizer_kwargs(norm, bench.SMOKE_MODEL)
+  assert options == dict(bench.normalizer_kwargs("cbn", bench.SMOKE_MODEL),
+                         kernel_derivatives="convolution")
+  assert (convs(), convs(kernel_derivatives=options["kernel_derivatives"])) == (2, 3)
 
 
 def test_compensation_benchmark_forms_agree_and_are_timed():

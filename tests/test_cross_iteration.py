@@ -309,6 +309,43 @@ def test_gram_route_is_only_for_pointwise_widening_kernels():
   assert not F.gram_is_cheaper((1, 3, 16, 256))
 
 
+def test_kernel_derivatives_convolution_takes_the_same_derivative_from_a_convolution():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(4, 5, 5, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(1, 1, 3, 6)), jnp.float32)
+  spec = F.ConvSpec.make(2)
+  y = F.conv(x, kernel, spec)
+  assert F.gram_is_cheaper(kernel.shape)
+  gram = F.moment_derivatives(x, y, kernel, spec, 2)
+  convolution = F.moment_derivatives(x, y, kernel, spec, 2, kernel_derivatives="convolution")
+  for a, b in zip(gram, convolution, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"kernel_derivatives must be one of"):
+    F.moment_derivatives(x, y, kernel, spec, 2, kernel_derivatives="gram")
+
+  # The option reaches the derivatives of the training step's new entries.
+  whole_batch = F.moment_derivatives(x, y, kernel, spec, 1)[1]
+  state = F.init_state(kernel.shape, 3)
+  steps = {}
+  for option in F.KERNEL_DERIVATIVES:
+    config = F.CBNConfig(window=3, burn_in=0, kernel_derivatives=option)
+    steps[option] = jax.make_jaxpr(
+        lambda y, k, config=config: F.normalize_train(y, x, k, state, spec, config))(y, kernel)
+    _, new = F.normalize_train(y, x, kernel, state, spec, config)
+    np.testing.assert_allclose(new.dnu_buffer[-1], whole_batch[0], rtol=1e-5, atol=1e-6)
+  convs = {k: str(v).count("conv_general_dilated") for k, v in steps.items()}
+  assert convs == {"auto": 1, "convolution": 2}
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("kernel_derivatives", "gram", r"one of \('auto', 'convolution'\), got 'gram'"),
+    ("rematerialize", 1, "True or False, got 1"),
+])
+def test_cbn_options_are_validated_with_the_layer_name(field, value, expected):
+  with pytest.raises(ValueError, match=rf"net/c1: {field} must be {expected}"):
+    F.CBNConfig(**{field: value}).validate("net/c1")
+
+
 def test_derivative_stride_is_validated_with_the_layer_name():
   x = jnp.ones((2, 6, 6, 3))
   model = mj.CrossIterationConvNorm(4, (3, 3), derivative_stride=0, name="c1")
@@ -988,6 +1025,37 @@ def test_training_step_keeps_its_moments_not_activations_for_the_backward(backwa
   _, vjp = jax.vjp(lambda y, k: F.normalize_train(y, x, k, state, spec, config)[0], y, kernel)
   residuals = [leaf.shape for leaf in jax.tree_util.tree_leaves(vjp)]
   assert residuals.count(y.shape) == 1, residuals
+
+
+@pytest.mark.parametrize("backward", ["exact", "averaged"])
+def test_without_rematerialization_the_step_computes_the_same_and_keeps_activations(backward):
+  kernel = jnp.asarray(np.random.default_rng(3).normal(size=(3, 3, 2, 4)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(4, 5, 5, 2)), jnp.float32)
+  spec = F.ConvSpec.make(2)
+  averaged = backward == "averaged"
+  state = F.init_state(kernel.shape, 3, averaged=averaged)
+  state = state._replace(step=jnp.ones((), jnp.int32))
+  y = F.conv(x, kernel, spec)
+  ct = jnp.asarray(np.random.default_rng(5).normal(size=y.shape), jnp.float32)
+  results = {}
+  for rematerialize in (True, False):
+    config = F.CBNConfig(window=3, burn_in=0, backward=backward, rematerialize=rematerialize)
+    taps = (jnp.zeros_like(state.g_buffer), jnp.zeros_like(state.psi_buffer))
+
+    def step(y, k, taps, config=config):
+      return F.normalize_train(y, x, k, state, spec, config, tap=taps if averaged else None)[0]
+
+    out, vjp = jax.vjp(step, y, kernel, taps)
+    residuals = [leaf.shape for leaf in jax.tree_util.tree_leaves(vjp)]
+    results[rematerialize] = out, vjp(ct), residuals.count(y.shape)
+  (out, grads, kept), (out_saved, grads_saved, kept_saved) = results[True], results[False]
+  np.testing.assert_allclose(out_saved, out, rtol=1e-6, atol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                         grads_saved, grads)
+  assert kept == 1
+  # 'averaged' is a custom VJP whose residuals are y and the (G, C) statistics
+  # either way; autodiff of the others saves activation-sized values.
+  assert kept_saved == 1 if averaged else kept_saved > 1, kept_saved
 
 
 def test_layers_of_equal_shapes_share_one_trace_of_the_training_step():

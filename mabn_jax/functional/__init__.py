@@ -6,6 +6,7 @@ Modules:
   batch_renorm: Batch Renormalization with a warmup schedule of its limits.
   statistics: per-channel group moments and moving-average buffers.
   centering: weight centralization of kernels.
+  backward_stats: the backward statistics MABN and CBN share.
   cross_iteration: Cross-Iteration BN (Taylor-compensated pooled statistics).
   frozen_batch_norm: BN with its statistics and affine map held fixed.
   interface: the one interface every batch-statistics normalizer implements.
@@ -13,6 +14,7 @@ Modules:
 """
 
 from mabn_jax.functional import affine
+from mabn_jax.functional import backward_stats
 from mabn_jax.functional import batch_norm
 from mabn_jax.functional import batch_renorm
 from mabn_jax.functional import centering
@@ -23,5 +25,5 @@ from mabn_jax.functional import mabn
 from mabn_jax.functional import statistics
 from mabn_jax.functional.centering import center_kernel
 
-__all__ = ["affine", "batch_norm", "batch_renorm", "centering", "cross_iteration", "frozen_batch_norm",
+__all__ = ["affine", "backward_stats", "batch_norm", "batch_renorm", "centering", "cross_iteration", "frozen_batch_norm",
            "interface", "mabn", "statistics", "center_kernel"]

@@ -10,7 +10,7 @@ import flax.linen as nn
 from flax.linen import initializers
 
 from mabn_jax.functional import cross_iteration as F
-from mabn_jax.functional.cbn_method import Method as CBN
+from mabn_jax.functional.cross_iteration import Method as CBN
 from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional._checks import require_bound_axis
 from mabn_jax.functional.interface import ConvContext
@@ -98,6 +98,13 @@ class CrossIterationConvNorm(nn.Module):
       (``None``, the default: float32); ``jnp.bfloat16`` halves them (the
       new entries' derivatives are rounded to it; the Taylor offsets and
       inner products stay float32; see ``CBNConfig.derivative_dtype``).
+    kernel_derivatives: how a new entry's ``d nu / d W`` is taken:
+      ``'auto'`` (the default: from the inputs' Gram matrix where that is
+      cheaper, else the backward-weight convolution) or ``'convolution'``
+      (always the convolution); the same derivative either way.
+    rematerialize: whether the backward pass recomputes the activation-sized
+      values from ``y`` (a ``jax.checkpoint``, the default) instead of keeping
+      what autodiff saves.
     momentum: running-statistics EMA, Flax's convention (0.9 = the
       published CBN's 0.1 on the new value).
     epsilon: added to the variance inside the square root.
@@ -128,6 +135,8 @@ class CrossIterationConvNorm(nn.Module):
   running_stats: str = F.CBNConfig.running_stats
   derivative_stride: int = F.CBNConfig.derivative_stride
   derivative_dtype: Any = F.CBNConfig.derivative_dtype
+  kernel_derivatives: str = F.CBNConfig.kernel_derivatives
+  rematerialize: bool = F.CBNConfig.rematerialize
   momentum: float = 0.9
   epsilon: float = 1e-5
   norm_batch_size: Optional[int] = None

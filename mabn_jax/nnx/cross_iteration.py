@@ -11,7 +11,7 @@ from flax.nnx.nn import initializers
 from flax.nnx.nn.linear import default_kernel_init
 
 from mabn_jax.functional import cross_iteration as F
-from mabn_jax.functional.cbn_method import Method as CBN
+from mabn_jax.functional.cross_iteration import Method as CBN
 from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional._checks import require_bound_axis
 from mabn_jax.functional.interface import ConvContext
@@ -54,7 +54,8 @@ class CrossIterationConvNorm(nnx.Module):
     use_bias: whether the convolution has a bias.
     centered: weight-centralized kernel.
     window, burn_in, naive, group_history, backward, running_stats,
-    derivative_stride, derivative_dtype, momentum, epsilon, norm_batch_size, axis_name,
+    derivative_stride, derivative_dtype, kernel_derivatives, rematerialize, momentum,
+    epsilon, norm_batch_size, axis_name,
     axis_index_groups: as the linen
       layer (the same :class:`~mabn_jax.functional.cross_iteration.CBNConfig`).
     num_groups: with ``group_history``, the number ``G`` of normalization
@@ -87,6 +88,8 @@ class CrossIterationConvNorm(nnx.Module):
       running_stats: str = F.CBNConfig.running_stats,
       derivative_stride: int = F.CBNConfig.derivative_stride,
       derivative_dtype: Any = F.CBNConfig.derivative_dtype,
+      kernel_derivatives: str = F.CBNConfig.kernel_derivatives,
+      rematerialize: bool = F.CBNConfig.rematerialize,
       momentum: float = 0.9,
       epsilon: float = 1e-5,
       norm_batch_size: Optional[int] = None,
@@ -110,6 +113,7 @@ class CrossIterationConvNorm(nnx.Module):
         window=window, burn_in=burn_in, naive=naive, group_history=group_history,
         backward=backward, running_stats=running_stats,
         derivative_stride=derivative_stride, derivative_dtype=derivative_dtype,
+        kernel_derivatives=kernel_derivatives, rematerialize=rematerialize,
         momentum=momentum, epsilon=epsilon,
         norm_batch_size=norm_batch_size,
         axis_name=axis_name, axis_index_groups=hashable_groups(axis_index_groups))

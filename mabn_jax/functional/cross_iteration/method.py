@@ -1,4 +1,5 @@
-"""Cross-Iteration BN as a :class:`~mabn_jax.functional.interface.Method`."""
+"""Cross-Iteration BN as a :class:`~mabn_jax.functional.interface.Method`: the
+functional interface the layers and the tools use."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import dataclasses
 import jax.numpy as jnp
 
 from mabn_jax.functional import batch_norm as bn
-from mabn_jax.functional import cross_iteration as F
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import layer_error
+from mabn_jax.functional.cross_iteration import inference
+from mabn_jax.functional.cross_iteration import state as S
+from mabn_jax.functional.cross_iteration import step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +25,9 @@ class Method(bn.MeanVarMethod):
   ``psi_increment`` get the step's ``g_buffer``/``psi_buffer`` increments.
   """
 
-  config: F.CBNConfig = F.CBNConfig()
-  config_class = F.CBNConfig
-  state_class = F.CBNState
+  config: S.CBNConfig = S.CBNConfig()
+  config_class = S.CBNConfig
+  state_class = S.CBNState
   signature_fields = ("mean", "var", "count", "step")
   tap_targets = {"g_increment": "g_buffer", "psi_increment": "psi_buffer"}
   needs_conv = True
@@ -43,9 +46,9 @@ class Method(bn.MeanVarMethod):
       raise layer_error(None, f"CBN's state needs the kernel shape of its convolution "
                               f"with {num_features} outputs, got {kernel_shape}.")
     config = self.config
-    return F.init_state(kernel_shape, config.window, naive=config.naive,
+    return S.init_state(kernel_shape, config.window, naive=config.naive,
                         groups=groups if config.group_history else None,
-                        averaged=config.backward == "averaged",
+                        averaged=config.gradient.averages_backward_statistics,
                         derivative_dtype=config.derivative_dtype)
 
   def init_for(self, x, conv=None):
@@ -61,12 +64,12 @@ class Method(bn.MeanVarMethod):
     if conv.bias is not None:
       y32 = y32 - conv.bias.astype(y32.dtype)
     taps = None if tap is None else (tap["g_increment"], tap["psi_increment"])
-    normalized, new_state = F.normalize_train(
+    normalized, new_state = step.normalize_train(
         y32, conv.x, conv.kernel, state, conv.spec, self.config, conv.bias, None, tap=taps)
     groups = st.num_groups(x.shape[0], self.config.norm_batch_size, None)
     y = interface.apply_affine(normalized, scale, bias, x.ndim - 1)
-    return interface.TrainOutput(y, new_state, F.newest_entries(new_state, self.config, groups))
+    return interface.TrainOutput(y, new_state, S.newest_entries(new_state, self.config, groups))
 
   def infer(self, x, state, *, scale=None, bias=None):
-    normalized = F.normalize_inference(x, state.mean, state.var, self.config.epsilon)
+    normalized = inference.normalize_inference(x, state.mean, state.var, self.config.epsilon)
     return interface.apply_affine(normalized, scale, bias, x.ndim - 1)
