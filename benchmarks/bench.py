@@ -59,26 +59,43 @@ from experiments.models import build_model
 from mabn_jax.fold import fold
 from mabn_jax.functional import cross_iteration
 
-TRAIN_NORMS = ("flax_bn", "gn", "bn", "mabn", "brn", "cbn", "cbn_s2", "cbn_bf16",
-               "cbn_s2_bf16", "cbn_published", "cbn_batch", "cbn_floor")
-INFER_VARIANTS = ("flax_bn", "bn", "bn_folded", "mabn", "mabn_folded", "gn", "ln", "in",
-                  "none")
+TRAIN_NORMS = (
+  "flax_bn",
+  "gn",
+  "bn",
+  "mabn",
+  "brn",
+  "cbn",
+  "cbn_s2",
+  "cbn_bf16",
+  "cbn_s2_bf16",
+  "cbn_published",
+  "cbn_batch",
+  "cbn_floor",
+)
+INFER_VARIANTS = ("flax_bn", "bn", "bn_folded", "mabn", "mabn_folded", "gn", "ln", "in", "none")
 BASELINE = "flax_bn"
 """The row every ratio is also reported against: ``flax.linen.BatchNorm``."""
 PLAIN_AUTODIFF = ("flax_bn", "gn", "cbn_floor")
 """Rows trained through plain ``jax.value_and_grad`` (no backward statistics)."""
 
 NETWORKS = {
-    # name: (model, image size, CPU batch, accelerator batch)
-    "cnn6": ("cnn6", 32, 32, 128),
-    "resnet18": ("resnet18_cifar", 32, 32, 128),
-    "resnet50": ("resnet50", 224, 8, 64),
+  # name: (model, image size, CPU batch, accelerator batch)
+  "cnn6": ("cnn6", 32, 32, 128),
+  "resnet18": ("resnet18_cifar", 32, 32, 128),
+  "resnet50": ("resnet50", 224, 8, 64),
 }
 
 
-ROW_NORMS = {"cbn_s2": "cbn", "cbn_bf16": "cbn", "cbn_s2_bf16": "cbn",
-             "cbn_published": "cbn", "cbn_batch": "cbn",
-             "cbn_conv_derivatives": "cbn", "cbn_saved_activations": "cbn"}
+ROW_NORMS = {
+  "cbn_s2": "cbn",
+  "cbn_bf16": "cbn",
+  "cbn_s2_bf16": "cbn",
+  "cbn_published": "cbn",
+  "cbn_batch": "cbn",
+  "cbn_conv_derivatives": "cbn",
+  "cbn_saved_activations": "cbn",
+}
 """Rows that are a registry normalizer with other settings: row -> registry name."""
 
 
@@ -98,17 +115,17 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
   ablations of :mod:`benchmarks.compile_time`."""
   cbn = dict(window=4, burn_in=0)
   return {
-      "mabn": dict(warmup_steps=0, renorm_start=0),
-      "brn": dict(warmup_steps=0, ramp_steps=0),
-      "cbn": cbn,
-      "cbn_s2": dict(cbn, derivative_stride=2),
-      "cbn_bf16": dict(cbn, derivative_dtype=jnp.bfloat16),
-      "cbn_s2_bf16": dict(cbn, derivative_stride=2, derivative_dtype=jnp.bfloat16),
-      "cbn_published": dict(cbn, backward="published"),
-      "cbn_batch": dict(cbn, backward="batch"),
-      "cbn_conv_derivatives": dict(cbn, kernel_derivatives="convolution"),
-      "cbn_saved_activations": dict(cbn, rematerialize=False),
-      "gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
+    "mabn": dict(warmup_steps=0, renorm_start=0),
+    "brn": dict(warmup_steps=0, ramp_steps=0),
+    "cbn": cbn,
+    "cbn_s2": dict(cbn, derivative_stride=2),
+    "cbn_bf16": dict(cbn, derivative_dtype=jnp.bfloat16),
+    "cbn_s2_bf16": dict(cbn, derivative_stride=2, derivative_dtype=jnp.bfloat16),
+    "cbn_published": dict(cbn, backward="published"),
+    "cbn_batch": dict(cbn, backward="batch"),
+    "cbn_conv_derivatives": dict(cbn, kernel_derivatives="convolution"),
+    "cbn_saved_activations": dict(cbn, rematerialize=False),
+    "gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
   }.get(norm, {})
 
 
@@ -138,14 +155,22 @@ class _FlaxConvBatchNorm(nn.Module):
     rank = x.ndim - 2
     spatial = lambda v: (v,) * rank if isinstance(v, int) else tuple(v)
     extra = {} if self.kernel_init is None else {"kernel_init": self.kernel_init}
-    conv = nn.Conv(self.features, spatial(self.kernel_size), spatial(self.strides),
-                   padding=self.padding, use_bias=False, name="conv", **extra)
+    conv = nn.Conv(
+      self.features,
+      spatial(self.kernel_size),
+      spatial(self.strides),
+      padding=self.padding,
+      use_bias=False,
+      name="conv",
+      **extra,
+    )
     y = conv(x)
     out = nn.BatchNorm(use_running_average=not train, name="norm")(y)
     if self.with_derivatives and train:
       spec = cross_iteration.ConvSpec.make(rank, self.strides, self.padding)
       dmu, dnu = cross_iteration.moment_derivatives(
-          x, y, conv.variables["params"]["kernel"], spec, groups=1)
+        x, y, conv.variables["params"]["kernel"], spec, groups=1
+      )
       out = out + 0.0 * (jnp.sum(dmu) + jnp.sum(dnu)).astype(out.dtype)
     return out
 
@@ -158,11 +183,18 @@ class FlaxBatchNormNormalizer:
   name: str = "flax_bn"
   with_derivatives: bool = False
 
-  def conv_norm(self, features, kernel_size, strides=1, padding="SAME", kernel_init=None,
-                name=None):
-    return _FlaxConvBatchNorm(features=features, kernel_size=kernel_size, strides=strides,
-                              padding=padding, kernel_init=kernel_init,
-                              with_derivatives=self.with_derivatives, name=name)
+  def conv_norm(
+    self, features, kernel_size, strides=1, padding="SAME", kernel_init=None, name=None
+  ):
+    return _FlaxConvBatchNorm(
+      features=features,
+      kernel_size=kernel_size,
+      strides=strides,
+      padding=padding,
+      kernel_init=kernel_init,
+      with_derivatives=self.with_derivatives,
+      name=name,
+    )
 
 
 def make_normalizer(norm: str, network: str):
@@ -210,11 +242,11 @@ def training_step_and_args(network: str, norm: str, batch: int, size: int):
     # What a user of flax.linen.BatchNorm writes: plain autodiff of the params.
     def of_params(params):
       return loss_fn({**variables, "params": params}, images, labels)
+
     (loss, mutated), grads = jax.value_and_grad(of_params, has_aux=True)(variables["params"])
     return (loss, {**variables, **mutated}), grads
 
-  value_and_grad = (plain_value_and_grad if norm in PLAIN_AUTODIFF
-                    else mj.value_and_grad(loss_fn))
+  value_and_grad = plain_value_and_grad if norm in PLAIN_AUTODIFF else mj.value_and_grad(loss_fn)
 
   def train_step(variables, opt_state, images, labels):
     (loss, variables), grads = value_and_grad(variables, images, labels)
@@ -278,8 +310,12 @@ def memory_of(compiled) -> Dict[str, float]:
     return {}
   mib = 1.0 / 2**20
   temp = analysis.temp_size_in_bytes
-  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-           - analysis.alias_size_in_bytes + temp)
+  total = (
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    - analysis.alias_size_in_bytes
+    + temp
+  )
   return {"temp_mib": temp * mib, "total_mib": total * mib}
 
 
@@ -309,8 +345,9 @@ def wall_seconds(fn) -> float:
   return time.perf_counter() - start
 
 
-def interleaved_bursts(fns: Dict[str, Any], rounds: int, burst: int, warmup: int = 2,
-                       call=wall_seconds) -> Tuple[Dict[str, List], Dict[str, List]]:
+def interleaved_bursts(
+  fns: Dict[str, Any], rounds: int, burst: int, warmup: int = 2, call=wall_seconds
+) -> Tuple[Dict[str, List], Dict[str, List]]:
   """Runs ``fns`` round-robin, ``burst`` calls back to back per turn.
 
   Returns ``(firsts, later)``: each function's measurements (``call(fn)``,
@@ -338,8 +375,15 @@ def _per_compile(times: Dict[Any, List[float]], name: str) -> List[List[float]]:
   return [ts for (variant, _), ts in times.items() if variant == name]
 
 
-def bench_training(network: str, batch: int, size: int, norms: Sequence[str], rounds: int,
-                   compile_rounds: int = 3, burst: int = 1):
+def bench_training(
+  network: str,
+  batch: int,
+  size: int,
+  norms: Sequence[str],
+  rounds: int,
+  compile_rounds: int = 3,
+  burst: int = 1,
+):
   """Training-step time, compile time and memory of each normalizer.
 
   Each normalizer is compiled ``compile_rounds`` times (fresh traces,
@@ -372,13 +416,14 @@ def bench_training(network: str, batch: int, size: int, norms: Sequence[str], ro
     per_compile = [[1e3 * t for t in ts] for ts in _per_compile(times, norm)]
     if burst > 1:
       results[norm]["first_step_ms"] = 1e3 * statistics.median(
-          [t for ts in _per_compile(firsts, norm) for t in ts])
+        [t for ts in _per_compile(firsts, norm) for t in ts]
+      )
     results[norm].update(
-        compile_s=statistics.median(compile_times[norm]),
-        compile_s_all=compile_times[norm],
-        step_ms=statistics.median([t for ts in per_compile for t in ts]),
-        step_ms_per_compile=[statistics.median(ts) for ts in per_compile],
-        step_ms_all=per_compile,
+      compile_s=statistics.median(compile_times[norm]),
+      compile_s_all=compile_times[norm],
+      step_ms=statistics.median([t for ts in per_compile for t in ts]),
+      step_ms_per_compile=[statistics.median(ts) for ts in per_compile],
+      step_ms_all=per_compile,
     )
   return results
 
@@ -399,8 +444,9 @@ def build_inference(network: str, variant: str, batch: int, size: int):
   return (lambda: apply(variables, images)), model, variables, images
 
 
-def bench_inference(network: str, batch: int, size: int, variants: Sequence[str], rounds: int,
-                    compile_rounds: int = 3):
+def bench_inference(
+  network: str, batch: int, size: int, variants: Sequence[str], rounds: int, compile_rounds: int = 3
+):
   """Images/s of each variant: the median over ``compile_rounds`` separately
   compiled copies (see :func:`bench_training`), timed interleaved."""
   fns = {}
@@ -413,47 +459,106 @@ def bench_inference(network: str, batch: int, size: int, variants: Sequence[str]
     per_compile = _per_compile(times, variant)
     seconds = statistics.median([t for ts in per_compile for t in ts])
     results[variant] = {
-        "images_per_s": batch / seconds, "ms": 1e3 * seconds,
-        "images_per_s_per_compile": [batch / statistics.median(ts) for ts in per_compile],
+      "images_per_s": batch / seconds,
+      "ms": 1e3 * seconds,
+      "images_per_s_per_compile": [batch / statistics.median(ts) for ts in per_compile],
     }
   return results
 
 
 def ratios(results: Dict[str, Dict[str, float]], key: str, base: str) -> Dict[str, float]:
-  return {name: r[key] / results[base][key] for name, r in results.items()
-          if key in r and key in results.get(base, {})}
+  return {
+    name: r[key] / results[base][key]
+    for name, r in results.items()
+    if key in r and key in results.get(base, {})
+  }
 
 
 TARGETS = [
-    # (description, section, key, numerator, denominator, bound, kind).
-    # Ratios to flax.linen.BatchNorm (flax_bn), the layer a user would otherwise use.
-    ("mj.BatchNorm / flax BN training step", "train", "step_ms", "bn", "flax_bn", 1.02, "<="),
-    ("MABN / flax BN training step", "train", "step_ms", "mabn", "flax_bn", 1.00, "<="),
-    ("MABN / flax BN peak memory (XLA total)", "train", "total_mib", "mabn", "flax_bn", 1.02,
-     "<="),
-    ("MABN / flax BN compile time", "train", "compile_s", "mabn", "flax_bn", 1.2, "<="),
-    ("BRN / flax BN training step", "train", "step_ms", "brn", "flax_bn", 1.05, "<="),
-    ("CBN / flax BN training step", "train", "step_ms", "cbn", "flax_bn", 1.25, "<="),
-    ("CBN / flax BN XLA FLOPs (a floor for compute-bound devices)", "train", "gflops", "cbn",
-     "flax_bn", 1.25, "<="),
-    ("CBN / flax BN peak memory (XLA total)", "train", "total_mib", "cbn", "flax_bn", 1.5, "<="),
-    ("CBN's floor (flax BN + CBN's derivative convolutions) / flax BN training step", "train",
-     "step_ms", "cbn_floor", "flax_bn", 1.25, "<="),
-    ("CBN, derivatives at every 2nd position / flax BN training step", "train", "step_ms",
-     "cbn_s2", "flax_bn", 1.25, "<="),
-    ("CBN, bfloat16 derivative buffers / flax BN training step", "train", "step_ms",
-     "cbn_bf16", "flax_bn", 1.25, "<="),
-    ("CBN, bfloat16 derivative buffers / flax BN peak memory (XLA total)", "train",
-     "total_mib", "cbn_bf16", "flax_bn", 1.5, "<="),
-    ("CBN, every 2nd position and bfloat16 buffers / flax BN training step", "train",
-     "step_ms", "cbn_s2_bf16", "flax_bn", 1.25, "<="),
-    ("CBN, the authors' gradient / flax BN training step", "train", "step_ms",
-     "cbn_published", "flax_bn", 1.25, "<="),
-    ("CBN, BN's backward on the pooled moments / flax BN training step", "train", "step_ms",
-     "cbn_batch", "flax_bn", 1.25, "<="),
-    ("folded MABN / none inference", "infer", "images_per_s", "mabn_folded", "none", 0.99, ">="),
-    ("folded BN / none inference", "infer", "images_per_s", "bn_folded", "none", 0.99, ">="),
-    ("folded MABN / GN inference", "infer", "images_per_s", "mabn_folded", "gn", 2.4, ">="),
+  # (description, section, key, numerator, denominator, bound, kind).
+  # Ratios to flax.linen.BatchNorm (flax_bn), the layer a user would otherwise use.
+  ("mj.BatchNorm / flax BN training step", "train", "step_ms", "bn", "flax_bn", 1.02, "<="),
+  ("MABN / flax BN training step", "train", "step_ms", "mabn", "flax_bn", 1.00, "<="),
+  ("MABN / flax BN peak memory (XLA total)", "train", "total_mib", "mabn", "flax_bn", 1.02, "<="),
+  ("MABN / flax BN compile time", "train", "compile_s", "mabn", "flax_bn", 1.2, "<="),
+  ("BRN / flax BN training step", "train", "step_ms", "brn", "flax_bn", 1.05, "<="),
+  ("CBN / flax BN training step", "train", "step_ms", "cbn", "flax_bn", 1.25, "<="),
+  (
+    "CBN / flax BN XLA FLOPs (a floor for compute-bound devices)",
+    "train",
+    "gflops",
+    "cbn",
+    "flax_bn",
+    1.25,
+    "<=",
+  ),
+  ("CBN / flax BN peak memory (XLA total)", "train", "total_mib", "cbn", "flax_bn", 1.5, "<="),
+  (
+    "CBN's floor (flax BN + CBN's derivative convolutions) / flax BN training step",
+    "train",
+    "step_ms",
+    "cbn_floor",
+    "flax_bn",
+    1.25,
+    "<=",
+  ),
+  (
+    "CBN, derivatives at every 2nd position / flax BN training step",
+    "train",
+    "step_ms",
+    "cbn_s2",
+    "flax_bn",
+    1.25,
+    "<=",
+  ),
+  (
+    "CBN, bfloat16 derivative buffers / flax BN training step",
+    "train",
+    "step_ms",
+    "cbn_bf16",
+    "flax_bn",
+    1.25,
+    "<=",
+  ),
+  (
+    "CBN, bfloat16 derivative buffers / flax BN peak memory (XLA total)",
+    "train",
+    "total_mib",
+    "cbn_bf16",
+    "flax_bn",
+    1.5,
+    "<=",
+  ),
+  (
+    "CBN, every 2nd position and bfloat16 buffers / flax BN training step",
+    "train",
+    "step_ms",
+    "cbn_s2_bf16",
+    "flax_bn",
+    1.25,
+    "<=",
+  ),
+  (
+    "CBN, the authors' gradient / flax BN training step",
+    "train",
+    "step_ms",
+    "cbn_published",
+    "flax_bn",
+    1.25,
+    "<=",
+  ),
+  (
+    "CBN, BN's backward on the pooled moments / flax BN training step",
+    "train",
+    "step_ms",
+    "cbn_batch",
+    "flax_bn",
+    1.25,
+    "<=",
+  ),
+  ("folded MABN / none inference", "infer", "images_per_s", "mabn_folded", "none", 0.99, ">="),
+  ("folded BN / none inference", "infer", "images_per_s", "bn_folded", "none", 0.99, ">="),
+  ("folded MABN / GN inference", "infer", "images_per_s", "mabn_folded", "gn", 2.4, ">="),
 ]
 
 
@@ -466,8 +571,9 @@ def check_targets(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         continue
       value = res[num][key] / res[den][key]
       ok = value <= bound if kind == "<=" else value >= bound
-      rows.append(dict(network=network, target=desc, ratio=value, bound=f"{kind} {bound}",
-                       met=bool(ok)))
+      rows.append(
+        dict(network=network, target=desc, ratio=value, bound=f"{kind} {bound}", met=bool(ok))
+      )
   return rows
 
 
@@ -480,64 +586,87 @@ def _span(result: Dict[str, Any], key: str) -> str:
 def markdown(report: Dict[str, Any]) -> str:
   meta = report["meta"]
   lines = [
-      f"## {meta['device']} — {meta['date']}",
-      "",
-      f"JAX {meta['jax']}, jaxlib {meta['jaxlib']}, Python {meta['python']}, "
-      f"{meta['machine']}; {meta.get('compile_rounds', 1)} compilations of every variant, "
-      f"all timed in {meta['rounds']} interleaved rounds"
-      + (f" of {meta['burst']} back-to-back training steps each (step times: the "
-         f"last {meta['burst'] - 1} of every turn; the first are in the json, "
-         f"`first_step_ms`)" if meta.get("burst", 1) > 1 else "")
-      + "; medians over all their steps. "
-      f"Command: `{meta['command']}`"
-      + "".join(f", with `{name}={value}`"
-                for name, value in meta.get("environment", {}).items())
-      + ".",
-      "",
+    f"## {meta['device']} — {meta['date']}",
+    "",
+    f"JAX {meta['jax']}, jaxlib {meta['jaxlib']}, Python {meta['python']}, "
+    f"{meta['machine']}; {meta.get('compile_rounds', 1)} compilations of every variant, "
+    f"all timed in {meta['rounds']} interleaved rounds"
+    + (
+      f" of {meta['burst']} back-to-back training steps each (step times: the "
+      f"last {meta['burst'] - 1} of every turn; the first are in the json, "
+      f"`first_step_ms`)"
+      if meta.get("burst", 1) > 1
+      else ""
+    )
+    + "; medians over all their steps. "
+    f"Command: `{meta['command']}`"
+    + "".join(f", with `{name}={value}`" for name, value in meta.get("environment", {}).items())
+    + ".",
+    "",
   ]
   if report.get("skipped"):
-    lines += [f"Not measured (the time budget of {meta['time_budget_s']:g} s was spent): "
-              + ", ".join(report["skipped"]) + ".", ""]
+    lines += [
+      f"Not measured (the time budget of {meta['time_budget_s']:g} s was spent): "
+      + ", ".join(report["skipped"])
+      + ".",
+      "",
+    ]
   for network, sections in report["networks"].items():
     cfg = sections["config"]
-    lines += [f"### {network} ({cfg['model']}, {cfg['size']}x{cfg['size']}, "
-              f"batch {cfg['batch']})", ""]
+    lines += [
+      f"### {network} ({cfg['model']}, {cfg['size']}x{cfg['size']}, batch {cfg['batch']})",
+      "",
+    ]
     train = sections.get("train", {})
     if train:
       base, flax_base = train.get("bn", {}), train.get(BASELINE, {})
-      lines += ["| normalizer | step ms | / flax BN | / BN | per compile ms | compile s "
-                "| / flax BN | / BN | XLA temp MiB | XLA total MiB | / flax BN | / BN "
-                "| XLA GFLOP | / flax BN |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                "| ---: | ---: | ---: |"]
+      lines += [
+        "| normalizer | step ms | / flax BN | / BN | per compile ms | compile s "
+        "| / flax BN | / BN | XLA temp MiB | XLA total MiB | / flax BN | / BN "
+        "| XLA GFLOP | / flax BN |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: |",
+      ]
+
       def rel(r, key, base):
         return f"{r[key] / base[key]:.3f}" if key in r and key in base else "-"
+
       for norm, r in train.items():
         lines.append(
-            f"| {norm} | {r['step_ms']:.1f} | {rel(r, 'step_ms', flax_base)} | "
-            f"{rel(r, 'step_ms', base)} | {_span(r, 'step_ms')} | {r['compile_s']:.1f} | "
-            f"{rel(r, 'compile_s', flax_base)} | {rel(r, 'compile_s', base)} | "
-            f"{r.get('temp_mib', float('nan')):.1f} | {r.get('total_mib', float('nan')):.1f} | "
-            f"{rel(r, 'total_mib', flax_base)} | {rel(r, 'total_mib', base)} | "
-            f"{r.get('gflops', float('nan')):.2f} | {rel(r, 'gflops', flax_base)} |")
+          f"| {norm} | {r['step_ms']:.1f} | {rel(r, 'step_ms', flax_base)} | "
+          f"{rel(r, 'step_ms', base)} | {_span(r, 'step_ms')} | {r['compile_s']:.1f} | "
+          f"{rel(r, 'compile_s', flax_base)} | {rel(r, 'compile_s', base)} | "
+          f"{r.get('temp_mib', float('nan')):.1f} | {r.get('total_mib', float('nan')):.1f} | "
+          f"{rel(r, 'total_mib', flax_base)} | {rel(r, 'total_mib', base)} | "
+          f"{r.get('gflops', float('nan')):.2f} | {rel(r, 'gflops', flax_base)} |"
+        )
       lines.append("")
     infer = sections.get("infer", {})
     if infer:
       none, flax_base = infer.get("none", {}), infer.get(BASELINE, {})
-      lines += ["| inference variant | images/s | / none | / flax BN | per compile images/s |",
-                "| --- | ---: | ---: | ---: | ---: |"]
+      lines += [
+        "| inference variant | images/s | / none | / flax BN | per compile images/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+      ]
       for variant, r in infer.items():
         rel = f"{r['images_per_s'] / none['images_per_s']:.3f}" if none else "-"
-        rel_flax = (f"{r['images_per_s'] / flax_base['images_per_s']:.3f}" if flax_base
-                    else "-")
-        lines.append(f"| {variant} | {r['images_per_s']:.1f} | {rel} | {rel_flax} | "
-                     f"{_span(r, 'images_per_s')} |")
+        rel_flax = f"{r['images_per_s'] / flax_base['images_per_s']:.3f}" if flax_base else "-"
+        lines.append(
+          f"| {variant} | {r['images_per_s']:.1f} | {rel} | {rel_flax} | "
+          f"{_span(r, 'images_per_s')} |"
+        )
       lines.append("")
-  lines += ["### Targets", "", "| network | target | measured | bound | met |",
-            "| --- | --- | ---: | --- | --- |"]
+  lines += [
+    "### Targets",
+    "",
+    "| network | target | measured | bound | met |",
+    "| --- | --- | ---: | --- | --- |",
+  ]
   for row in report["targets"]:
-    lines.append(f"| {row['network']} | {row['target']} | {row['ratio']:.3f} | {row['bound']} | "
-                 f"{'yes' if row['met'] else 'NO'} |")
+    lines.append(
+      f"| {row['network']} | {row['target']} | {row['ratio']:.3f} | {row['bound']} | "
+      f"{'yes' if row['met'] else 'NO'} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -557,10 +686,14 @@ def process_meta() -> Dict[str, Any]:
   """What the benchmark scripts' json reports say of the process: the date
   (UTC), JAX, the first device, the machine, its CPUs and
   :func:`timing_environment`."""
-  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-          "machine": platform.machine(), "cpus": os.cpu_count(),
-          "environment": timing_environment()}
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+    "machine": platform.machine(),
+    "cpus": os.cpu_count(),
+    "environment": timing_environment(),
+  }
 
 
 def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
@@ -573,17 +706,25 @@ def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
   ``report["skipped"]`` and in the tables. A started section runs to its end.
   """
   accelerator = jax.default_backend() != "cpu"
-  report = {"meta": {
+  report = {
+    "meta": {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} "
-                f"({os.cpu_count()} CPU cores)",
-      "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
-      "python": platform.python_version(), "machine": platform.machine(),
-      "rounds": args.rounds, "compile_rounds": 1 if args.smoke else args.compile_rounds,
-      "burst": args.burst, "time_budget_s": args.time_budget,
+      f"({os.cpu_count()} CPU cores)",
+      "jax": jax.__version__,
+      "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "rounds": args.rounds,
+      "compile_rounds": 1 if args.smoke else args.compile_rounds,
+      "burst": args.burst,
+      "time_budget_s": args.time_budget,
       "command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]),
       "environment": timing_environment(),
-  }, "networks": {}, "skipped": []}
+    },
+    "networks": {},
+    "skipped": [],
+  }
   compile_rounds = 1 if args.smoke else args.compile_rounds
   start = clock()
 
@@ -602,16 +743,20 @@ def run(args, save=None, clock=time.monotonic) -> Dict[str, Any]:
       if skip:
         continue
       if not within_budget():
-        print(f"  skipped {name}/{section}: the time budget of {args.time_budget:g}s is spent",
-              flush=True)
+        print(
+          f"  skipped {name}/{section}: the time budget of {args.time_budget:g}s is spent",
+          flush=True,
+        )
         report["skipped"].append(f"{name}/{section}")
         continue
       if section == "train":
-        sections["train"] = bench_training(model, batch, size, args.norms, args.rounds,
-                                           compile_rounds, args.burst)
+        sections["train"] = bench_training(
+          model, batch, size, args.norms, args.rounds, compile_rounds, args.burst
+        )
       else:
-        sections["infer"] = bench_inference(model, batch, size, args.variants, args.rounds,
-                                            compile_rounds)
+        sections["infer"] = bench_inference(
+          model, batch, size, args.variants, args.rounds, compile_rounds
+        )
       report["targets"] = check_targets(report)
       if save is not None:
         save(report)
@@ -633,22 +778,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--norms", nargs="+", default=list(TRAIN_NORMS))
   parser.add_argument("--variants", nargs="+", default=list(INFER_VARIANTS))
   parser.add_argument("--rounds", type=int, default=10)
-  parser.add_argument("--compile-rounds", type=int, default=3,
-                      help="fresh compilations per variant, all of them timed (medians "
-                           "over every executable's steps)")
-  parser.add_argument("--burst", type=int, default=1,
-                      help="training steps per variant per turn, back to back; above 1, "
-                           "step times leave out the first of every turn")
+  parser.add_argument(
+    "--compile-rounds",
+    type=int,
+    default=3,
+    help="fresh compilations per variant, all of them timed (medians "
+    "over every executable's steps)",
+  )
+  parser.add_argument(
+    "--burst",
+    type=int,
+    default=1,
+    help="training steps per variant per turn, back to back; above 1, "
+    "step times leave out the first of every turn",
+  )
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
   parser.add_argument("--skip-train", action="store_true")
   parser.add_argument("--skip-infer", action="store_true")
-  parser.add_argument("--markdown", default="BENCHMARKS.md",
-                      help="file the tables are appended to ('' for none)")
-  parser.add_argument("--json", default="benchmarks/results/cpu.json",
-                      help="file the report is written to, after every section ('' for none)")
-  parser.add_argument("--time-budget", type=float, default=None,
-                      help="seconds; start no further section (one network's training or "
-                           "inference benchmark) once they are spent")
+  parser.add_argument(
+    "--markdown", default="BENCHMARKS.md", help="file the tables are appended to ('' for none)"
+  )
+  parser.add_argument(
+    "--json",
+    default="benchmarks/results/cpu.json",
+    help="file the report is written to, after every section ('' for none)",
+  )
+  parser.add_argument(
+    "--time-budget",
+    type=float,
+    default=None,
+    help="seconds; start no further section (one network's training or "
+    "inference benchmark) once they are spent",
+  )
   args = parser.parse_args(argv)
   if args.burst < 1:
     parser.error(f"--burst must be at least 1, got {args.burst}")

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 from mabn_jax.functional import cross_iteration as F
 
 FORWARD = {
-    "library": F._channel_inner,
-    "einsum": lambda d, w: jnp.einsum("ekc,kc->ec", d, w),
-    "sum": lambda d, w: jnp.sum(d * w[None], axis=1),
+  "library": F._channel_inner,
+  "einsum": lambda d, w: jnp.einsum("ekc,kc->ec", d, w),
+  "sum": lambda d, w: jnp.sum(d * w[None], axis=1),
 }
 
 
@@ -43,8 +43,9 @@ def kernel_cotangent(forward: Callable) -> Callable:
   return lambda d, w, ct: jax.vjp(lambda w: forward(d, w), w)[1](ct)[0]
 
 
-def time_interleaved(fns: Dict[str, Callable], args: Dict[str, tuple], rounds: int,
-                     repeats: int) -> Dict[str, List[float]]:
+def time_interleaved(
+  fns: Dict[str, Callable], args: Dict[str, tuple], rounds: int, repeats: int
+) -> Dict[str, List[float]]:
   """Milliseconds per call of every jitted function, rounds interleaved."""
   for name, fn in fns.items():
     jax.block_until_ready(fn(*args[name]))  # compile
@@ -77,8 +78,9 @@ def run(shape: Sequence[int], rounds: int, repeats: int) -> Dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shape", type=int, nargs=3, default=[3, 3 * 3 * 512, 512],
-                      metavar=("E", "K", "C"))
+  parser.add_argument(
+    "--shape", type=int, nargs=3, default=[3, 3 * 3 * 512, 512], metavar=("E", "K", "C")
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)

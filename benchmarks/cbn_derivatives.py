@@ -75,24 +75,28 @@ def method_name(stride: int, dtype: str = "float32") -> str:
   return f"stride {stride}" + ("" if dtype == "float32" else f", {dtype}")
 
 
-def compensation_errors(x, w_old, w_new, spec, strides: Sequence[int],
-                        dtypes: Sequence[str] = ("float32",)) -> Dict[str, Dict[str, float]]:
+def compensation_errors(
+  x, w_old, w_new, spec, strides: Sequence[int], dtypes: Sequence[str] = ("float32",)
+) -> Dict[str, Dict[str, float]]:
   """Relative errors of the statistics of ``conv(x, w_old)`` carried to
   ``w_new``, naive and with derivatives at each stride, stored in each dtype
   (``CBNConfig.derivative_dtype``) as the layer stores them."""
   y_old = F.conv(x, w_old, spec)
   mu_old, nu_old = F.batch_moments(y_old, 1)
   mu, nu = F.batch_moments(F.conv(x, w_new, spec), 1)
-  var = nu - mu ** 2
-  rows = {"naive": {"var": _relative(nu_old - mu_old ** 2, var), "nu": _relative(nu_old, nu)}}
+  var = nu - mu**2
+  rows = {"naive": {"var": _relative(nu_old - mu_old**2, var), "nu": _relative(nu_old, nu)}}
   for s in strides:
     exact_dmu, exact_dnu = F.moment_derivatives(x, y_old, w_old, spec, 1, stride=s)
     for dtype in dtypes:
       dmu, dnu, mu_offset, nu_offset = F.stored_entries(
-          mu_old, nu_old, exact_dmu, exact_dnu, w_old, jnp.dtype(dtype))
+        mu_old, nu_old, exact_dmu, exact_dnu, w_old, jnp.dtype(dtype)
+      )
       mu_c, nu_c = F.compensate(mu_offset, nu_offset, dmu, dnu, w_new)
-      rows[method_name(s, dtype)] = {"var": _relative(nu_c - mu_c ** 2, var),
-                                     "nu": _relative(nu_c, nu)}
+      rows[method_name(s, dtype)] = {
+        "var": _relative(nu_c - mu_c**2, var),
+        "nu": _relative(nu_c, nu),
+      }
   rows["kernel change"] = {"relative": _relative(w_new, w_old)}
   return rows
 
@@ -107,8 +111,10 @@ def train(steps: int, batch: int, seed: int, train_subset: int, lr: float, keep:
   def batch_at():
     idx = rng.choice(len(ds.train), batch, replace=False)
     images, labels = ds.train.get(idx)
-    return (jnp.asarray(D.normalize(images, ds.mean, ds.std), jnp.float32),
-            jnp.asarray(labels, jnp.int32))
+    return (
+      jnp.asarray(D.normalize(images, ds.mean, ds.std), jnp.float32),
+      jnp.asarray(labels, jnp.int32),
+    )
 
   images, _ = batch_at()
   variables = model.init(jax.random.key(seed), images, train=True)
@@ -123,8 +129,11 @@ def train(steps: int, batch: int, seed: int, train_subset: int, lr: float, keep:
   def step(variables, opt_state, images, labels):
     (loss, variables), grads = mj.value_and_grad(loss_fn)(variables, images, labels)
     updates, opt_state = tx.update(grads, opt_state, variables["params"])
-    return {**variables, "params": optax.apply_updates(variables["params"], updates)}, \
-        opt_state, loss
+    return (
+      {**variables, "params": optax.apply_updates(variables["params"], updates)},
+      opt_state,
+      loss,
+    )
 
   history = []
   for t in range(steps):
@@ -136,8 +145,9 @@ def train(steps: int, batch: int, seed: int, train_subset: int, lr: float, keep:
   return model, history + [(variables, None)]
 
 
-def train_segmentation(steps: int, seed: int, keep: int, preset: str = "seg_cpu",
-                       epochs: float = 16.0, **overrides):
+def train_segmentation(
+  steps: int, seed: int, keep: int, preset: str = "seg_cpu", epochs: float = 16.0, **overrides
+):
   """The segmentation experiment's U-Net with CBN at a true batch of 2
   (``experiments/segmentation.py``: its preset and learning-rate schedule
   for ``epochs``), stopped after ``steps``; returns what :func:`train` does.
@@ -150,15 +160,18 @@ def train_segmentation(steps: int, seed: int, keep: int, preset: str = "seg_cpu"
   dataset = S.load_data(config)
   model = UNet(config.normalizer(), dataset.num_classes, tuple(config.widths))
   steps_per_epoch = len(dataset.train) // config.batch_size
-  tx = S.make_optimizer(config, S.learning_rate_schedule(
-      config, steps_per_epoch, config.total_steps(len(dataset.train))))
+  tx = S.make_optimizer(
+    config,
+    S.learning_rate_schedule(config, steps_per_epoch, config.total_steps(len(dataset.train))),
+  )
   train_step, _ = S.step_functions(model, tx, dataset.num_classes)
   variables = jax.tree_util.tree_map(jnp.asarray, S.init_variables(model, config, dataset))
   opt_state = tx.init(variables["params"])
   history, t, epoch = [], 0, 0
   while t < steps:
-    for batch in seg_data.train_batches(dataset.train, dataset.mean, dataset.std,
-                                        config.batch_size, seed, epoch, config.flip):
+    for batch in seg_data.train_batches(
+      dataset.train, dataset.mean, dataset.std, config.batch_size, seed, epoch, config.flip
+    ):
       # The step donates its inputs: keep copies of the last ``keep`` states.
       kept = jax.tree_util.tree_map(jnp.copy, variables)
       history = (history + [(kept, jnp.asarray(batch["image"]))])[-keep:]
@@ -187,30 +200,40 @@ def run(args) -> Dict[str, Any]:
     for path, (x, w_old, spec) in inputs.items():
       w_new = kernels_now[path][1]
       report["layers"].setdefault(path, {})[f"lag {lag}"] = compensation_errors(
-          x, w_old, w_new, spec, args.strides, args.dtypes)
+        x, w_old, w_new, spec, args.strides, args.dtypes
+      )
   return report
 
 
 def markdown(report: Dict[str, Any]) -> str:
   config = report["config"]
-  methods = ["naive"] + [method_name(s, dtype) for s in config["strides"]
-                         for dtype in config.get("dtypes", ["float32"])]
-  lines = ["| layer | lag | |dW|/|W| | " + " | ".join(f"var err {m}" for m in methods) + " |",
-           "| --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+  methods = ["naive"] + [
+    method_name(s, dtype) for s in config["strides"] for dtype in config.get("dtypes", ["float32"])
+  ]
+  lines = [
+    "| layer | lag | |dW|/|W| | " + " | ".join(f"var err {m}" for m in methods) + " |",
+    "| --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |",
+  ]
   for path, lags in report["layers"].items():
     for lag, rows in lags.items():
-      lines.append(f"| {path} | {lag.split()[1]} | {rows['kernel change']['relative']:.2e} | "
-                   + " | ".join(f"{rows[m]['var']:.2e}" for m in methods) + " |")
+      lines.append(
+        f"| {path} | {lag.split()[1]} | {rows['kernel change']['relative']:.2e} | "
+        + " | ".join(f"{rows[m]['var']:.2e}" for m in methods)
+        + " |"
+      )
   return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--task", choices=("classification", "segmentation"),
-                      default="classification",
-                      help="classification: the 6-conv CNN on CIFAR-10 (batch --batch, lr "
-                           "--lr); segmentation: the segmentation experiment's U-Net at a "
-                           "true batch of 2 (its 16-epoch schedule, stopped after --steps)")
+  parser.add_argument(
+    "--task",
+    choices=("classification", "segmentation"),
+    default="classification",
+    help="classification: the 6-conv CNN on CIFAR-10 (batch --batch, lr "
+    "--lr); segmentation: the segmentation experiment's U-Net at a "
+    "true batch of 2 (its 16-epoch schedule, stopped after --steps)",
+  )
   parser.add_argument("--seg_preset", default="seg_cpu")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch", type=int, default=32)
@@ -219,8 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--train_subset", type=int, default=10000)
   parser.add_argument("--lags", type=int, nargs="+", default=[1, 3])
   parser.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4])
-  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                      help="derivative_dtype values to store the derivatives in")
+  parser.add_argument(
+    "--dtypes",
+    nargs="+",
+    default=["float32", "bfloat16"],
+    help="derivative_dtype values to store the derivatives in",
+  )
   parser.add_argument("--json", default="")
   args = parser.parse_args(argv)
   report = run(args)

@@ -118,8 +118,11 @@ def _add_increment_unguarded(stat, increment):
 
 
 def _all_finite_boolean(tree):
-  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(leaf))
+    for leaf in jax.tree_util.tree_leaves(tree)
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -128,35 +131,51 @@ def _center_kernel_none(kernel, after=None):
   return kernel
 
 
-def _two_multiplies(x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
-                    groups, axis, config):
+def _two_multiplies(
+  x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias, groups, axis, config
+):
   del tap, psi_buffer, use_average, first_step, groups, config
   dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
-  return (x.astype(dtype) * st.broadcast_groups(rate.astype(dtype), x, axis)
-          * st.broadcast_channels(scale.astype(dtype), x, axis)
-          + st.broadcast_channels(bias.astype(dtype), x, axis))
+  return x.astype(dtype) * st.broadcast_groups(rate.astype(dtype), x, axis) * st.broadcast_channels(
+    scale.astype(dtype), x, axis
+  ) + st.broadcast_channels(bias.astype(dtype), x, axis)
 
 
 _TWO_MUL = jax.custom_vjp(_two_multiplies, nondiff_argnums=(9, 10, 11))
 # The same backward rule as the library's: only the forward expression differs.
-_TWO_MUL.defvjp(functional_mabn._stabilized_fwd, functional_mabn._stabilized_bwd,
-                symbolic_zeros=True)
+_TWO_MUL.defvjp(
+  functional_mabn._stabilized_fwd, functional_mabn._stabilized_bwd, symbolic_zeros=True
+)
 
 ABLATIONS: Dict[str, list] = {
-    "mabn_unguarded": [(st, "commit_if_finite", _commit_unguarded),
-                       (functional_mabn, "tap_increment", _tap_increment_unguarded),
-                       (training, "add_increment", _add_increment_unguarded)],
-    "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],
-    "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
-    "cbn_product_guard": [(st, "all_finite",
-                           functools.partial(st.all_finite, large_leaf=float("inf")))],
-    "mabn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
-        (functional_mabn, "_train_step"), (st, "commit_if_finite"),
-        (training, "add_increment"), (centering, "center_kernel"))],
-    "cbn_unshared": [(module, name, getattr(module, name).__wrapped__) for module, name in (
-        (cbn_step, "_train_step"), (st, "commit_if_finite"),
-        (training, "add_increment"))],
-    "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
+  "mabn_unguarded": [
+    (st, "commit_if_finite", _commit_unguarded),
+    (functional_mabn, "tap_increment", _tap_increment_unguarded),
+    (training, "add_increment", _add_increment_unguarded),
+  ],
+  "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],
+  "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
+  "cbn_product_guard": [
+    (st, "all_finite", functools.partial(st.all_finite, large_leaf=float("inf")))
+  ],
+  "mabn_unshared": [
+    (module, name, getattr(module, name).__wrapped__)
+    for module, name in (
+      (functional_mabn, "_train_step"),
+      (st, "commit_if_finite"),
+      (training, "add_increment"),
+      (centering, "center_kernel"),
+    )
+  ],
+  "cbn_unshared": [
+    (module, name, getattr(module, name).__wrapped__)
+    for module, name in (
+      (cbn_step, "_train_step"),
+      (st, "commit_if_finite"),
+      (training, "add_increment"),
+    )
+  ],
+  "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
 }
 OPTIONS = ("cbn_conv_derivatives", "cbn_saved_activations")
 """Variants that are the library with an option set: rows of
@@ -188,7 +207,7 @@ def ablated(variant: str) -> Iterator[str]:
 def count_kernels(compiled) -> int:
   """Fusions (kernels) in the entry computation of the optimized HLO."""
   text = compiled.as_text()
-  entry = text[text.index("ENTRY"):]
+  entry = text[text.index("ENTRY") :]
   return len(re.findall(r"= \S+ fusion\(", entry))
 
 
@@ -201,8 +220,13 @@ def shapes(network: str):
   return model, batch, size
 
 
-def measure(network: str, variants: Sequence[str], rounds: int, step_rounds: int,
-            log: Callable[[str], None] = print) -> Dict:
+def measure(
+  network: str,
+  variants: Sequence[str],
+  rounds: int,
+  step_rounds: int,
+  log: Callable[[str], None] = print,
+) -> Dict:
   """Compile (and time) every variant ``rounds`` times, interleaved; returns medians.
 
   Returns ``{variant: row}`` with median ``trace``, ``compile`` and
@@ -255,42 +279,48 @@ def measure(network: str, variants: Sequence[str], rounds: int, step_rounds: int
 
 
 def table(network: str, result: Dict) -> str:
-  lines = [f"| {network} variant | trace s | compile s (wall) | compile s (CPU) | kernels "
-           "| compile / flax BN | step / flax BN |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = [
+    f"| {network} variant | trace s | compile s (wall) | compile s (CPU) | kernels "
+    "| compile / flax BN | step / flax BN |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
   for variant, row in result.items():
-    ratio = lambda key: f"{row[key]:.3f}" if key in row else "-"
-    lines.append(f"| {variant} | {row['trace']:.2f} | {row['compile']:.2f} | "
-                 f"{row['compile_cpu']:.2f} | {row['kernels']} | {ratio('compile_vs_flax_bn')} | "
-                 f"{ratio('step_vs_flax_bn')} |")
+    ratio = lambda key, row=row: f"{row[key]:.3f}" if key in row else "-"
+    lines.append(
+      f"| {variant} | {row['trace']:.2f} | {row['compile']:.2f} | "
+      f"{row['compile_cpu']:.2f} | {row['kernels']} | {ratio('compile_vs_flax_bn')} | "
+      f"{ratio('step_vs_flax_bn')} |"
+    )
   return "\n".join(lines)
 
 
 SOURCES = (
-    # (source, op_name fragments): a kernel belongs to the first whose
-    # fragments all occur in its op_name.
-    ("state commit (statistics.commit_if_finite)", ("jit(commit_if_finite)",)),
-    ("tap commit (training.add_increment)", ("jit(add_increment)",)),
-    ("weight centring (centering.center_kernel)", ("jit(center_kernel)",)),
-    ("normalizer step, backward", ("jit(_train_step)", "transpose(")),
-    ("normalizer step, forward", ("jit(_train_step)",)),
+  # (source, op_name fragments): a kernel belongs to the first whose
+  # fragments all occur in its op_name.
+  ("state commit (statistics.commit_if_finite)", ("jit(commit_if_finite)",)),
+  ("tap commit (training.add_increment)", ("jit(add_increment)",)),
+  ("weight centring (centering.center_kernel)", ("jit(center_kernel)",)),
+  ("normalizer step, backward", ("jit(_train_step)", "transpose(")),
+  ("normalizer step, forward", ("jit(_train_step)",)),
 )
 """Library sources that ``--llvm-modules`` reports (the per-layer functions
 the library jits); the rest of the step is ``other``."""
 
 _LLVM_MODULE = re.compile(
-    r"Compiled LLVM module: __compute_module_(\S+?)_kernel_module time: ([\d.]+) (us|ms|s) ")
+  r"Compiled LLVM module: __compute_module_(\S+?)_kernel_module time: ([\d.]+) (us|ms|s) "
+)
 _MARK = "-- compile starts --"
 
 
 def kernel_sources(hlo_text: str) -> Dict[str, str]:
   """``{kernel name: source}`` for the instructions of the optimized HLO's entry."""
   sources = {}
-  entry = hlo_text[hlo_text.index("ENTRY"):]
+  entry = hlo_text[hlo_text.index("ENTRY") :]
   for match in re.finditer(r"^\s*%(\S+) = .*?op_name=\"([^\"]*)\"", entry, re.M):
     name, op_name = match.groups()
-    sources[name] = next((label for label, fragments in SOURCES
-                          if all(f in op_name for f in fragments)), "other")
+    sources[name] = next(
+      (label for label, fragments in SOURCES if all(f in op_name for f in fragments)), "other"
+    )
   return sources
 
 
@@ -298,18 +328,29 @@ def llvm_module_times(log: str) -> List[tuple]:
   """``[(kernel name, ms)]`` of the LLVM modules XLA's log lists after :data:`_MARK`."""
   units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
   tail = log.split(_MARK, 1)[-1]
-  return [(m.group(1), float(m.group(2)) * units[m.group(3)])
-          for m in _LLVM_MODULE.finditer(tail)]
+  return [(m.group(1), float(m.group(2)) * units[m.group(3)]) for m in _LLVM_MODULE.finditer(tail)]
 
 
 def _run_child(network: str, variant: str, mode: str, env: Dict[str, str]):
   """Runs this module with ``mode`` (a hidden flag) for one variant in a fresh
   process; returns the finished process. Raises ``RuntimeError`` if it fails."""
   child = subprocess.run(
-      [sys.executable, "-m", "benchmarks.compile_time", "--network", network,
-       "--variants", variant, mode],
-      env=env, capture_output=True, text=True, timeout=1800,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.compile_time",
+      "--network",
+      network,
+      "--variants",
+      variant,
+      mode,
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   if child.returncode:
     raise RuntimeError(f"compiling {network}/{variant} failed:\n{child.stderr[-2000:]}")
   return child
@@ -345,15 +386,17 @@ def llvm_modules(network: str, variant: str) -> Dict[str, Dict[str, float]]:
   # A persistent compilation cache would load the executable without
   # compiling (and logging) its modules.
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="ir_compiler=2",
-             JAX_ENABLE_COMPILATION_CACHE="false")
+  env.update(
+    TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="ir_compiler=2", JAX_ENABLE_COMPILATION_CACHE="false"
+  )
   child = _run_child(network, variant, "--print-kernel-sources", env)
   sources = json.loads(child.stdout.strip().splitlines()[-1])
   modules = llvm_module_times(child.stderr)
   if not modules:
     raise RuntimeError(
-        f"XLA's log lists no LLVM module for {network}/{variant} (this jaxlib may not "
-        "log them with TF_CPP_VMODULE=ir_compiler=2).")
+      f"XLA's log lists no LLVM module for {network}/{variant} (this jaxlib may not "
+      "log them with TF_CPP_VMODULE=ir_compiler=2)."
+    )
   rows: Dict[str, Dict[str, float]] = {}
   for name, ms in modules:
     row = rows.setdefault(sources.get(name, "other"), {"modules": 0, "ms": 0.0})
@@ -383,10 +426,13 @@ def cached_load(network: str, variant: str, cache_dir: str) -> Dict[str, Dict[st
   each row the process's ``trace`` and ``compile`` seconds and the cache's
   ``entries`` after it. Raises ``RuntimeError`` if a process fails.
   """
-  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="true",
-             JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = dict(
+    os.environ,
+    JAX_ENABLE_COMPILATION_CACHE="true",
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   rows = {}
   for process in ("first", "second"):
     child = _run_child(network, variant, "--print-compile-time", env)
@@ -395,8 +441,9 @@ def cached_load(network: str, variant: str, cache_dir: str) -> Dict[str, Dict[st
   return rows
 
 
-def cached_load_rounds(network: str, variants: Sequence[str], rounds: int
-                       ) -> Dict[str, Dict[str, Dict[str, float]]]:
+def cached_load_rounds(
+  network: str, variants: Sequence[str], rounds: int
+) -> Dict[str, Dict[str, Dict[str, float]]]:
   """:func:`cached_load` ``rounds`` times per variant, interleaved, each pair
   with an empty cache of its own; medians per process and quantity."""
   samples: Dict[str, List[Dict]] = {v: [] for v in variants}
@@ -404,10 +451,13 @@ def cached_load_rounds(network: str, variants: Sequence[str], rounds: int
     for variant in variants:
       with tempfile.TemporaryDirectory() as cache_dir:
         samples[variant].append(cached_load(network, variant, cache_dir))
-  return {variant: {process: {key: statistics.median(r[process][key] for r in runs)
-                              for key in runs[0][process]}
-                    for process in ("first", "second")}
-          for variant, runs in samples.items()}
+  return {
+    variant: {
+      process: {key: statistics.median(r[process][key] for r in runs) for key in runs[0][process]}
+      for process in ("first", "second")
+    }
+    for variant, runs in samples.items()
+  }
 
 
 def cached_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -> str:
@@ -416,46 +466,66 @@ def cached_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -
   ratio to flax BN's."""
   total = lambda row: row["trace"] + row["compile"]
   base = result.get(bench.BASELINE)
-  lines = [f"| {network} | first: trace s | compile s | / flax BN "
-           "| second: trace s | load s | / flax BN | cache entries after first / second |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+  lines = [
+    f"| {network} | first: trace s | compile s | / flax BN "
+    "| second: trace s | load s | / flax BN | cache entries after first / second |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+  ]
   for variant, rows in result.items():
     first, second = rows["first"], rows["second"]
-    ratio = lambda process: (f"{total(rows[process]) / total(base[process]):.2f}"
-                             if base else "-")
-    lines.append(f"| {variant} | {first['trace']:.2f} | {first['compile']:.2f} | "
-                 f"{ratio('first')} | {second['trace']:.2f} | {second['compile']:.2f} | "
-                 f"{ratio('second')} | {int(first['entries'])} / {int(second['entries'])} |")
+    ratio = lambda process, rows=rows: (
+      f"{total(rows[process]) / total(base[process]):.2f}" if base else "-"
+    )
+    lines.append(
+      f"| {variant} | {first['trace']:.2f} | {first['compile']:.2f} | "
+      f"{ratio('first')} | {second['trace']:.2f} | {second['compile']:.2f} | "
+      f"{ratio('second')} | {int(first['entries'])} / {int(second['entries'])} |"
+    )
   return "\n".join(lines)
 
 
 def llvm_table(network: str, result: Dict[str, Dict[str, Dict[str, float]]]) -> str:
   """Markdown table of :func:`llvm_modules` rows, one column per variant."""
   cell = lambda ms, modules: f"{ms:.0f} ({modules})"
-  lines = [f"| {network}: LLVM ms (modules) | " + " | ".join(result) + " |",
-           "| --- |" + " ---: |" * len(result)]
+  lines = [
+    f"| {network}: LLVM ms (modules) | " + " | ".join(result) + " |",
+    "| --- |" + " ---: |" * len(result),
+  ]
   for label in [label for label, _ in SOURCES] + ["other"]:
     rows = [r.get(label, {"ms": 0.0, "modules": 0}) for r in result.values()]
     lines.append(f"| {label} | " + " | ".join(cell(r["ms"], r["modules"]) for r in rows) + " |")
-  totals = [cell(sum(r["ms"] for r in rows.values()), sum(r["modules"] for r in rows.values()))
-            for rows in result.values()]
+  totals = [
+    cell(sum(r["ms"] for r in rows.values()), sum(r["modules"] for r in rows.values()))
+    for rows in result.values()
+  ]
   lines.append("| total | " + " | ".join(totals) + " |")
   return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--network", default="cnn6",
-                      choices=list(bench.NETWORKS) + [bench.SMOKE_MODEL])
+  parser.add_argument(
+    "--network", default="cnn6", choices=list(bench.NETWORKS) + [bench.SMOKE_MODEL]
+  )
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--rounds", type=int, default=3, help="compilations per variant")
-  parser.add_argument("--step-rounds", type=int, default=4,
-                      help="interleaved rounds of 3 timed steps per executable (0: none)")
+  parser.add_argument(
+    "--step-rounds",
+    type=int,
+    default=4,
+    help="interleaved rounds of 3 timed steps per executable (0: none)",
+  )
   parser.add_argument("--json", default=None, help="also write the rows here")
-  parser.add_argument("--llvm-modules", action="store_true",
-                      help="instead: LLVM time of one compilation per variant, by source")
-  parser.add_argument("--cached-load", action="store_true",
-                      help="instead: compile and cached load, each in a fresh process")
+  parser.add_argument(
+    "--llvm-modules",
+    action="store_true",
+    help="instead: LLVM time of one compilation per variant, by source",
+  )
+  parser.add_argument(
+    "--cached-load",
+    action="store_true",
+    help="instead: compile and cached load, each in a fresh process",
+  )
   parser.add_argument("--print-kernel-sources", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--print-compile-time", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -476,9 +546,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(args.network, result))
   if args.json:
     step_rounds = None if args.llvm_modules or args.cached_load else args.step_rounds
-    report = dict(bench.process_meta(), network=args.network, rounds=args.rounds,
-                  step_rounds=step_rounds, llvm_modules=args.llvm_modules,
-                  cached_load=args.cached_load, rows=result)
+    report = dict(
+      bench.process_meta(),
+      network=args.network,
+      rounds=args.rounds,
+      step_rounds=step_rounds,
+      llvm_modules=args.llvm_modules,
+      cached_load=args.cached_load,
+      rows=result,
+    )
     bench.write_json(args.json, report)
   return 0
 

@@ -58,21 +58,24 @@ def step_usage(stepper, before=_usage, after=_usage) -> Dict[str, float]:
   bench._block(stepper())
   end, end_usage = time.perf_counter(), after()
   return {
-      "wall_ms": 1e3 * (end - start),
-      "user_ms": 1e3 * (end_usage.ru_utime - start_usage.ru_utime),
-      "sys_ms": 1e3 * (end_usage.ru_stime - start_usage.ru_stime),
-      "minor_faults": float(end_usage.ru_minflt - start_usage.ru_minflt),
+    "wall_ms": 1e3 * (end - start),
+    "user_ms": 1e3 * (end_usage.ru_utime - start_usage.ru_utime),
+    "sys_ms": 1e3 * (end_usage.ru_stime - start_usage.ru_stime),
+    "minor_faults": float(end_usage.ru_minflt - start_usage.ru_minflt),
   }
 
 
-def measure(network: str, norms: Sequence[str], rounds: int, burst: int,
-            log=print) -> Dict[str, Dict[str, float]]:
+def measure(
+  network: str, norms: Sequence[str], rounds: int, burst: int, log=print
+) -> Dict[str, Dict[str, float]]:
   """Per variant: median ``wall_ms``, ``user_ms``, ``sys_ms``,
   ``minor_faults``, ``faulted_mib`` over the later steps of every turn, and
   XLA's ``temp_mib``; with ``flax_bn`` among them, ``wall_vs_flax_bn``."""
   if burst < 2:
-    raise ValueError(f"step_rusage: --burst must be at least 2 (the first step of a "
-                     f"turn is not measured), got {burst}.")
+    raise ValueError(
+      f"step_rusage: --burst must be at least 2 (the first step of a "
+      f"turn is not measured), got {burst}."
+    )
   model, batch, size = shapes(network)
   steppers, temp = {}, {}
   for norm in norms:
@@ -114,9 +117,21 @@ def in_children(args: argparse.Namespace, run=subprocess.run) -> List[Dict]:
       for index, text in enumerate(args.environments):
         settings = parse_environment(text)
         out = os.path.join(tmp, f"{pair}_{index}.json")
-        command = [sys.executable, "-m", "benchmarks.step_rusage", "--network", args.network,
-                   "--norms", *args.norms, "--rounds", str(args.rounds),
-                   "--burst", str(args.burst), "--json", out]
+        command = [
+          sys.executable,
+          "-m",
+          "benchmarks.step_rusage",
+          "--network",
+          args.network,
+          "--norms",
+          *args.norms,
+          "--rounds",
+          str(args.rounds),
+          "--burst",
+          str(args.burst),
+          "--json",
+          out,
+        ]
         print(f"pair {pair}: {text or '(no settings)'}", flush=True)
         # The child's table is printed here, with the others: its stdout is not needed.
         run(command, env={**os.environ, **settings}, check=True, stdout=subprocess.DEVNULL)
@@ -129,41 +144,52 @@ def in_children(args: argparse.Namespace, run=subprocess.run) -> List[Dict]:
 def table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
   """A markdown table of :func:`measure`'s rows."""
   lines = [title, ""] if title else []
-  lines += ["| variant | wall ms | / flax BN | user ms | sys ms | minor faults | "
-            "x 4 KiB, MiB | XLA temp MiB |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines += [
+    "| variant | wall ms | / flax BN | user ms | sys ms | minor faults | "
+    "x 4 KiB, MiB | XLA temp MiB |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
   for norm, r in rows.items():
     ratio = f"{r['wall_vs_flax_bn']:.3f}" if "wall_vs_flax_bn" in r else "-"
-    lines.append(f"| {norm} | {r['wall_ms']:.0f} | {ratio} | {r['user_ms']:.0f} | "
-                 f"{r['sys_ms']:.0f} | {r['minor_faults']:.0f} | {r['faulted_mib']:.1f} | "
-                 f"{r['temp_mib']:.1f} |")
+    lines.append(
+      f"| {norm} | {r['wall_ms']:.0f} | {ratio} | {r['user_ms']:.0f} | "
+      f"{r['sys_ms']:.0f} | {r['minor_faults']:.0f} | {r['faulted_mib']:.1f} | "
+      f"{r['temp_mib']:.1f} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--network", default="resnet50",
-                      choices=list(bench.NETWORKS) + [bench.SMOKE_MODEL])
-  parser.add_argument("--norms", nargs="+", default=["flax_bn", "mabn", "cbn"],
-                      choices=list(bench.TRAIN_NORMS))
+  parser.add_argument(
+    "--network", default="resnet50", choices=list(bench.NETWORKS) + [bench.SMOKE_MODEL]
+  )
+  parser.add_argument(
+    "--norms", nargs="+", default=["flax_bn", "mabn", "cbn"], choices=list(bench.TRAIN_NORMS)
+  )
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--burst", type=int, default=3)
-  parser.add_argument("--environments", nargs="+", default=None,
-                      help="measure in one child process per environment instead")
+  parser.add_argument(
+    "--environments",
+    nargs="+",
+    default=None,
+    help="measure in one child process per environment instead",
+  )
   parser.add_argument("--pairs", type=int, default=2)
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
   for name in ("rounds", "burst", "pairs"):
     if getattr(args, name) < (2 if name == "burst" else 1):
-      parser.error(f"--{name} must be at least {2 if name == 'burst' else 1}, "
-                   f"got {getattr(args, name)}")
-  meta = dict(bench.process_meta(), network=args.network, rounds=args.rounds,
-              burst=args.burst)
+      parser.error(
+        f"--{name} must be at least {2 if name == 'burst' else 1}, got {getattr(args, name)}"
+      )
+  meta = dict(bench.process_meta(), network=args.network, rounds=args.rounds, burst=args.burst)
   if args.environments:
     results = in_children(args)
     for result in results:
-      print(table(result["rows"], f"{result['environment'] or '(no settings)'}, "
-                                  f"pair {result['pair']}"))
+      print(
+        table(result["rows"], f"{result['environment'] or '(no settings)'}, pair {result['pair']}")
+      )
     report = dict(meta, pairs=args.pairs, results=results)
   else:
     rows = measure(args.network, args.norms, args.rounds, args.burst)

@@ -39,17 +39,30 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
 )
 _REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 # The offline copy: $MABN_CIFAR10_TARBALL, else ../shared/data/cifar10 next to the
 # repository (or shared/ inside it).
-CIFAR10_TARBALL_CANDIDATES = tuple(filter(None, (
-    os.environ.get("MABN_CIFAR10_TARBALL"),
-    os.path.join(_REPO, "..", "shared", "data", "cifar10", "cifar10-jpeg.tar.gz"),
-    os.path.join(_REPO, "shared", "data", "cifar10", "cifar10-jpeg.tar.gz"),
-)))
+CIFAR10_TARBALL_CANDIDATES = tuple(
+  filter(
+    None,
+    (
+      os.environ.get("MABN_CIFAR10_TARBALL"),
+      os.path.join(_REPO, "..", "shared", "data", "cifar10", "cifar10-jpeg.tar.gz"),
+      os.path.join(_REPO, "shared", "data", "cifar10", "cifar10-jpeg.tar.gz"),
+    ),
+  )
+)
 
 
 def default_cifar10_tarball() -> str:
@@ -115,8 +128,9 @@ class IndexedSplit:
     return tuple(self.base.image_shape)
 
 
-def hold_out(n_examples: int, val_size: int, train_size: Optional[int] = None,
-             seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+def hold_out(
+  n_examples: int, val_size: int, train_size: Optional[int] = None, seed: int = 0
+) -> Tuple[np.ndarray, np.ndarray]:
   """``(train, val)`` sorted index arrays of a fixed permutation of ``n_examples``.
 
   ``val`` is the *last* ``val_size`` entries of the permutation and ``train``
@@ -131,10 +145,11 @@ def hold_out(n_examples: int, val_size: int, train_size: Optional[int] = None,
   train_size = n_examples - val_size if train_size is None else train_size
   if val_size < 0 or train_size < 1 or train_size + val_size > n_examples:
     raise ValueError(
-        f"cannot hold out {val_size} validation examples and keep {train_size} "
-        f"training examples of a split of {n_examples}")
+      f"cannot hold out {val_size} validation examples and keep {train_size} "
+      f"training examples of a split of {n_examples}"
+    )
   order = np.random.default_rng(seed).permutation(n_examples)
-  val = np.sort(order[n_examples - val_size:]) if val_size else np.zeros(0, np.int64)
+  val = np.sort(order[n_examples - val_size :]) if val_size else np.zeros(0, np.int64)
   return np.sort(order[:train_size]), val
 
 
@@ -168,7 +183,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096):
   total_sq = np.zeros(c)
   count = 0
   for i in range(0, len(images), chunk):
-    x = images[i:i + chunk].reshape(-1, c).astype(np.float64) / 255.0
+    x = images[i : i + chunk].reshape(-1, c).astype(np.float64) / 255.0
     total += x.sum(0)
     total_sq += (x * x).sum(0)
     count += x.shape[0]
@@ -199,13 +214,23 @@ def load_digits(test_fraction: float = 0.2, upsample: int = 2, name: str = "digi
   n_test = int(round(len(labels) * test_fraction))
   test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
   return _make_dataset(
-      name, Split(images[train], labels[train]), Split(images[test], labels[test]),
-      10, flip=False, pad=2,
+    name,
+    Split(images[train], labels[train]),
+    Split(images[test], labels[test]),
+    10,
+    flip=False,
+    pad=2,
   )
 
 
-def synthetic(n_train: int = 64, n_test: int = 32, image_size: int = 8,
-              channels: int = 3, num_classes: int = 4, seed: int = 0) -> Dataset:
+def synthetic(
+  n_train: int = 64,
+  n_test: int = 32,
+  image_size: int = 8,
+  channels: int = 3,
+  num_classes: int = 4,
+  seed: int = 0,
+) -> Dataset:
   """Learnable random images: class ``k`` brightens channel ``k % C``."""
   rng = np.random.default_rng(seed)
 
@@ -275,16 +300,18 @@ def _file_key(path: str) -> str:
 
 def default_cache_dir() -> str:
   return os.environ.get(
-      "MABN_EXPERIMENTS_CACHE",
-      os.path.join(os.path.expanduser("~"), ".cache", "mabn_jax_experiments"),
+    "MABN_EXPERIMENTS_CACHE",
+    os.path.join(os.path.expanduser("~"), ".cache", "mabn_jax_experiments"),
   )
 
 
 def load_cifar10_jpeg_arrays(tarball: str, cache_dir: Optional[str] = None):
   """``{split: Split}`` from the tarball, cached as ``.npy`` after one decode."""
   cache = os.path.join(cache_dir or default_cache_dir(), f"cifar10_jpeg_{_file_key(tarball)}")
-  files = {s: (os.path.join(cache, f"{s}_images.npy"), os.path.join(cache, f"{s}_labels.npy"))
-           for s in ("train", "test")}
+  files = {
+    s: (os.path.join(cache, f"{s}_images.npy"), os.path.join(cache, f"{s}_labels.npy"))
+    for s in ("train", "test")
+  }
   if all(os.path.exists(p) for pair in files.values() for p in pair):
     return {s: Split(np.load(i), np.load(l)) for s, (i, l) in files.items()}
   splits = decode_jpeg_tarball(tarball)
@@ -330,14 +357,16 @@ def _builder_class():
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self,
-          description="CIFAR-10 (Krizhevsky, 2009) decoded from JPEG files.",
-          features=tfds.features.FeaturesDict({
-              "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
-              "label": tfds.features.ClassLabel(names=list(CIFAR10_CLASSES)),
-              "index": tfds.features.Scalar(dtype=np.int64),
-          }),
-          supervised_keys=("image", "label"),
+        builder=self,
+        description="CIFAR-10 (Krizhevsky, 2009) decoded from JPEG files.",
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=list(CIFAR10_CLASSES)),
+            "index": tfds.features.Scalar(dtype=np.int64),
+          }
+        ),
+        supervised_keys=("image", "label"),
       )
 
     def _split_generators(self, dl_manager):
@@ -355,8 +384,9 @@ def _builder_class():
 
 def cifar10_jpeg_builder(tarball: str, data_dir: str, cache_dir: Optional[str] = None):
   """A ``Cifar10Jpeg`` tfds builder (requires tensorflow-datasets, not tensorflow)."""
-  return _builder_class()(tarball=tarball, cache_dir=cache_dir, data_dir=data_dir,
-                          file_format="array_record")
+  return _builder_class()(
+    tarball=tarball, cache_dir=cache_dir, data_dir=data_dir, file_format="array_record"
+  )
 
 
 def _split_from_source(source, chunk: int = 1024) -> Split:
@@ -412,8 +442,9 @@ class TfdsImageSplit:
     img = Image.fromarray(np.asarray(image, np.uint8))
     w, h = img.size
     s = self.resize / min(w, h)
-    img = img.resize((max(self.resize, round(w * s)), max(self.resize, round(h * s))),
-                     Image.BILINEAR)
+    img = img.resize(
+      (max(self.resize, round(w * s)), max(self.resize, round(h * s))), Image.BILINEAR
+    )
     w, h = img.size
     left, top = (w - self.resize) // 2, (h - self.resize) // 2
     img = img.crop((left, top, left + self.resize, top + self.resize))
@@ -425,8 +456,10 @@ class TfdsImageSplit:
 
   def get(self, indices):
     rows = [self.source[int(i)] for i in indices]
-    return (np.stack([self._prepare(r["image"]) for r in rows]),
-            np.asarray([int(r["label"]) for r in rows], np.int32))
+    return (
+      np.stack([self._prepare(r["image"]) for r in rows]),
+      np.asarray([int(r["label"]) for r in rows], np.int32),
+    )
 
 
 def load_tfds(name: str, data_dir: Optional[str], image_size: int = 224) -> Dataset:
@@ -435,18 +468,21 @@ def load_tfds(name: str, data_dir: Optional[str], image_size: int = 224) -> Data
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise ValueError(
-        f"dataset '{name}' is read through tensorflow-datasets, which is not "
-        "installed: pip install 'mabn_jax[experiments]'") from e
+      f"dataset '{name}' is read through tensorflow-datasets, which is not "
+      "installed: pip install 'mabn_jax[experiments]'"
+    ) from e
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     raise ValueError(
-        f"tfds dataset '{name}' is not prepared under data_dir={data_dir!r}; "
-        f"prepare it with `tfds build {name} --data_dir=...` (ImageNet needs "
-        "its manual download) or choose --dataset digits / cifar10_jpeg.")
+      f"tfds dataset '{name}' is not prepared under data_dir={data_dir!r}; "
+      f"prepare it with `tfds build {name} --data_dir=...` (ImageNet needs "
+      "its manual download) or choose --dataset digits / cifar10_jpeg."
+    )
   num_classes = builder.info.features["label"].num_classes
   if name in ("cifar10", "cifar100"):
-    return _make_dataset(name, _load_tfds_split(builder, "train"),
-                         _load_tfds_split(builder, "test"), num_classes)
+    return _make_dataset(
+      name, _load_tfds_split(builder, "train"), _load_tfds_split(builder, "test"), num_classes
+    )
   test_split = "validation"
   train = TfdsImageSplit(builder.as_data_source(split="train"), image_size)
   test = TfdsImageSplit(builder.as_data_source(split=test_split), image_size)
@@ -455,10 +491,16 @@ def load_tfds(name: str, data_dir: Optional[str], image_size: int = 224) -> Data
   return Dataset(name, train, test, num_classes, mean, std, flip=True, pad=image_size // 8)
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
-                 train_subset: Optional[int] = None, tarball: Optional[str] = None,
-                 use_tfds: bool = False, image_size: int = 224,
-                 val_split: int = 0) -> Dataset:
+def load_dataset(
+  name: str,
+  data_dir: Optional[str] = None,
+  cache_dir: Optional[str] = None,
+  train_subset: Optional[int] = None,
+  tarball: Optional[str] = None,
+  use_tfds: bool = False,
+  image_size: int = 224,
+  val_split: int = 0,
+) -> Dataset:
   """Loads a dataset by name (see the module docstring).
 
   Args:
@@ -486,7 +528,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[
       raise ValueError(f"CIFAR-10 tarball not found at {tarball!r}; pass --tarball.")
     if use_tfds:
       splits = load_cifar10_jpeg_tfds(
-          tarball, data_dir or os.path.join(cache_dir or default_cache_dir(), "tfds"), cache_dir)
+        tarball, data_dir or os.path.join(cache_dir or default_cache_dir(), "tfds"), cache_dir
+      )
     else:
       splits = load_cifar10_jpeg_arrays(tarball, cache_dir)
     ds = _make_dataset(name, splits["train"], splits["test"], len(CIFAR10_CLASSES))
@@ -495,21 +538,33 @@ def load_dataset(name: str, data_dir: Optional[str] = None, cache_dir: Optional[
   else:
     raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
   if val_split:
-    train_idx, val_idx = hold_out(len(ds.train), val_split,
-                                  min(train_subset, len(ds.train) - val_split)
-                                  if train_subset is not None else None)
-    train_split = (Split(*ds.train.get(train_idx)) if isinstance(ds.train, Split)
-                   else IndexedSplit(ds.train, train_idx))
-    val = (Split(*ds.train.get(val_idx)) if isinstance(ds.train, Split)
-           else IndexedSplit(ds.train, val_idx))
-    stats = _make_dataset(ds.name, train_split, ds.test, ds.num_classes, ds.flip, ds.pad) \
-        if isinstance(train_split, Split) else ds
+    train_idx, val_idx = hold_out(
+      len(ds.train),
+      val_split,
+      min(train_subset, len(ds.train) - val_split) if train_subset is not None else None,
+    )
+    train_split = (
+      Split(*ds.train.get(train_idx))
+      if isinstance(ds.train, Split)
+      else IndexedSplit(ds.train, train_idx)
+    )
+    val = (
+      Split(*ds.train.get(val_idx))
+      if isinstance(ds.train, Split)
+      else IndexedSplit(ds.train, val_idx)
+    )
+    stats = (
+      _make_dataset(ds.name, train_split, ds.test, ds.num_classes, ds.flip, ds.pad)
+      if isinstance(train_split, Split)
+      else ds
+    )
     return dataclasses.replace(stats, val=val)
   if train_subset is not None:
     if not isinstance(ds.train, Split):
       raise ValueError(f"train_subset is only supported for in-memory datasets, not {name!r}")
-    ds = _make_dataset(ds.name, ds.train.subset(train_subset), ds.test, ds.num_classes,
-                       ds.flip, ds.pad)
+    ds = _make_dataset(
+      ds.name, ds.train.subset(train_subset), ds.test, ds.num_classes, ds.flip, ds.pad
+    )
   return ds
 
 
@@ -524,7 +579,7 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int, fli
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     dy = rng.integers(0, 2 * pad + 1, n)
     dx = rng.integers(0, 2 * pad + 1, n)
-    images = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    images = np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
   if flip:
     mask = rng.random(n) < 0.5
     images = np.where(mask[:, None, None, None], images[:, :, ::-1], images)
@@ -548,9 +603,17 @@ class Loader:
   'mask': float32 (batch,)}``.
   """
 
-  def __init__(self, dataset: Dataset, split: str, batch_size: int, train: bool,
-               seed: int = 0, shard_index: int = 0, shard_count: int = 1,
-               prefetch: int = 2):
+  def __init__(
+    self,
+    dataset: Dataset,
+    split: str,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    prefetch: int = 2,
+  ):
     self.dataset = dataset
     self.split = getattr(dataset, split)
     self.batch_size = batch_size
@@ -565,8 +628,9 @@ class Loader:
       self.steps_per_epoch = (n // shard_count) // batch_size
       if self.steps_per_epoch == 0:
         raise ValueError(
-            f"training split of {n} examples ({shard_count} hosts) is smaller "
-            f"than one batch of {batch_size}")
+          f"training split of {n} examples ({shard_count} hosts) is smaller "
+          f"than one batch of {batch_size}"
+        )
     else:
       self.steps_per_epoch = -(-self.shard_size // batch_size)
 
@@ -575,11 +639,11 @@ class Loader:
     if self.train:
       order = np.random.default_rng([self.seed, epoch]).permutation(n)
       per_host = n // self.shard_count
-      return order[self.shard_index::self.shard_count][:per_host]
+      return order[self.shard_index :: self.shard_count][:per_host]
     return np.arange(self.shard_index, n, self.shard_count)
 
   def _batch(self, order: np.ndarray, epoch: int, step: int):
-    ids = order[step * self.batch_size:(step + 1) * self.batch_size]
+    ids = order[step * self.batch_size : (step + 1) * self.batch_size]
     images, labels = self.split.get(ids)
     real = len(ids)
     if self.train:
@@ -591,8 +655,11 @@ class Loader:
       images = np.concatenate([images, np.zeros((fill,) + images.shape[1:], images.dtype)])
       labels = np.concatenate([labels, np.zeros(fill, labels.dtype)])
       mask[real:] = 0
-    return {"image": normalize(images, self.dataset.mean, self.dataset.std),
-            "label": labels.astype(np.int32), "mask": mask}
+    return {
+      "image": normalize(images, self.dataset.mean, self.dataset.std),
+      "label": labels.astype(np.int32),
+      "mask": mask,
+    }
 
   def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[dict]:
     """Batches ``start..steps_per_epoch-1`` of ``epoch``, prefetched."""

@@ -34,8 +34,11 @@ MOMENTS = "batch_moments"
 
 def _kernels(tree: Mapping) -> Dict[str, Any]:
   flat = traverse_util.flatten_dict(unfreeze(tree))
-  return {"/".join(k[:-2]): v for k, v in flat.items()
-          if len(k) >= 3 and k[-1] == "kernel" and k[-2] == "conv"}
+  return {
+    "/".join(k[:-2]): v
+    for k, v in flat.items()
+    if len(k) >= 3 and k[-1] == "kernel" and k[-2] == "conv"
+  }
 
 
 def _moments(moments: Mapping) -> Dict[str, Any]:
@@ -48,8 +51,9 @@ def _moments(moments: Mapping) -> Dict[str, Any]:
   return out
 
 
-def layer_diagnostics(params: Mapping, grads: Mapping, moments: Mapping = None,
-                      eps: float = 1e-12) -> Dict[str, Dict[str, jnp.ndarray]]:
+def layer_diagnostics(
+  params: Mapping, grads: Mapping, moments: Mapping = None, eps: float = 1e-12
+) -> Dict[str, Dict[str, jnp.ndarray]]:
   """``{layer: {name: float32 scalar}}`` for every conv+norm layer.
 
   Args:
@@ -69,9 +73,9 @@ def layer_diagnostics(params: Mapping, grads: Mapping, moments: Mapping = None,
     dot_c = jnp.sum(wc * gc, 0)
     wn_c, gn_c = jnp.linalg.norm(wc, axis=0), jnp.linalg.norm(gc, axis=0)
     entry = {
-        "kernel_norm": jnp.linalg.norm(w),
-        "grad_cos": jnp.sum(w * g) / (jnp.linalg.norm(w) * jnp.linalg.norm(g) + eps),
-        "grad_cos_channel": jnp.mean(dot_c / (wn_c * gn_c + eps)),
+      "kernel_norm": jnp.linalg.norm(w),
+      "grad_cos": jnp.sum(w * g) / (jnp.linalg.norm(w) * jnp.linalg.norm(g) + eps),
+      "grad_cos_channel": jnp.mean(dot_c / (wn_c * gn_c + eps)),
     }
     if layer in stats and {"mean", "second_moment"} <= set(stats[layer]):
       mean, second = stats[layer]["mean"], stats[layer]["second_moment"]

@@ -31,8 +31,9 @@ NORM_LAYERS = ("all", "first", "first_half", "none")
 
 def _placement_error(norm_layers: Any) -> ValueError:
   return ValueError(
-      f"norm_layers {norm_layers!r}: expected one of {', '.join(map(repr, NORM_LAYERS))} or "
-      "conv numbers as in the layer names (1-based: conv1, conv2, ...), e.g. '1,3' or (1, 3)")
+    f"norm_layers {norm_layers!r}: expected one of {', '.join(map(repr, NORM_LAYERS))} or "
+    "conv numbers as in the layer names (1-based: conv1, conv2, ...), e.g. '1,3' or (1, 3)"
+  )
 
 
 def normalized_layers(norm_layers: Any, num_layers: int) -> Tuple[int, ...]:
@@ -62,7 +63,8 @@ def normalized_layers(norm_layers: Any, num_layers: int) -> Tuple[int, ...]:
     if not numbers:
       raise _placement_error(norm_layers)
   elif isinstance(norm_layers, (list, tuple)) and all(
-      isinstance(v, int) and not isinstance(v, bool) for v in norm_layers):
+    isinstance(v, int) and not isinstance(v, bool) for v in norm_layers
+  ):
     numbers = list(norm_layers)
   else:
     raise _placement_error(norm_layers)
@@ -94,8 +96,8 @@ class CNN6(nn.Module):
     for i, width in enumerate(self.widths):
       normalizer = self.normalizer if i in normalized else mj.make_normalizer("none")
       x = normalizer.conv_norm(
-          features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME",
-          name=f"conv{i + 1}")(x, train=train)
+        features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME", name=f"conv{i + 1}"
+      )(x, train=train)
       x = nn.relu(x)
       if i % 2 == 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -126,12 +128,18 @@ class ResidualBlock(nn.Module):
     for i, (k, stride, width) in enumerate(layers):
       if i:
         y = nn.relu(y)
-      y = self.normalizer.conv_norm(features=width, kernel_size=(k, k), strides=(stride, stride),
-                                    padding="SAME", name=f"conv{i + 1}")(y, train=train)
+      y = self.normalizer.conv_norm(
+        features=width,
+        kernel_size=(k, k),
+        strides=(stride, stride),
+        padding="SAME",
+        name=f"conv{i + 1}",
+      )(y, train=train)
     out = layers[-1][2]
     if x.shape[-1] != out or s != 1:
-      x = self.normalizer.conv_norm(features=out, kernel_size=(1, 1), strides=(s, s),
-                                    padding="SAME", name="proj")(x, train=train)
+      x = self.normalizer.conv_norm(
+        features=out, kernel_size=(1, 1), strides=(s, s), padding="SAME", name="proj"
+      )(x, train=train)
     return nn.relu(x + y)
 
 
@@ -161,28 +169,38 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet: unknown block {self.block!r}; expected 'basic' or 'bottleneck'")
     stem_features = self.stem_features or self.num_filters
     if self.stem == "imagenet":
-      x = self.normalizer.conv_norm(features=stem_features, kernel_size=(7, 7), strides=(2, 2),
-                                    padding=[(3, 3), (3, 3)], name="stem")(x, train=train)
+      x = self.normalizer.conv_norm(
+        features=stem_features,
+        kernel_size=(7, 7),
+        strides=(2, 2),
+        padding=[(3, 3), (3, 3)],
+        name="stem",
+      )(x, train=train)
       x = nn.relu(x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     elif self.stem == "cifar":
-      x = self.normalizer.conv_norm(features=stem_features, kernel_size=(3, 3), strides=(1, 1),
-                                    padding="SAME", name="stem")(x, train=train)
+      x = self.normalizer.conv_norm(
+        features=stem_features, kernel_size=(3, 3), strides=(1, 1), padding="SAME", name="stem"
+      )(x, train=train)
       x = nn.relu(x)
     else:
       raise ValueError(f"ResNet: unknown stem {self.stem!r}; expected 'cifar' or 'imagenet'")
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
-        x = ResidualBlock(self.normalizer, self.num_filters * 2**i,
-                          strides=2 if i > 0 and j == 0 else 1,
-                          bottleneck=self.block == "bottleneck",
-                          name=f"stage{i + 1}_block{j + 1}")(x, train=train)
+        x = ResidualBlock(
+          self.normalizer,
+          self.num_filters * 2**i,
+          strides=2 if i > 0 and j == 0 else 1,
+          bottleneck=self.block == "bottleneck",
+          name=f"stage{i + 1}_block{j + 1}",
+        )(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-def build_model(name: str, normalizer, num_classes: int, width: int = 0,
-                norm_layers: Any = "all") -> nn.Module:
+def build_model(
+  name: str, normalizer, num_classes: int, width: int = 0, norm_layers: Any = "all"
+) -> nn.Module:
   """A model by name (:data:`MODEL_NAMES`); ``width`` overrides the base width.
 
   ``norm_layers`` (:func:`normalized_layers`) chooses the normalized convs of
@@ -202,8 +220,10 @@ def build_model(name: str, normalizer, num_classes: int, width: int = 0,
     normalized_layers(norm_layers, len(widths))  # a bad value fails here, not at init
     return CNN6(normalizer, num_classes, widths=widths, norm_layers=norm_layers)
   if norm_layers != "all" and name in MODEL_NAMES:
-    raise ValueError(f"norm_layers {norm_layers!r}: model {name!r} normalizes every conv; "
-                     f"other placements need one of {PLACEMENT_MODELS}")
+    raise ValueError(
+      f"norm_layers {norm_layers!r}: model {name!r} normalizes every conv; "
+      f"other placements need one of {PLACEMENT_MODELS}"
+    )
   if name in ("resnet20", "resnet56"):
     n = {"resnet20": 3, "resnet56": 9}[name]
     return ResNet(normalizer, (n, n, n), num_classes, "basic", width or 16, "cifar")

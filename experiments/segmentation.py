@@ -117,8 +117,9 @@ class Config:
     return max(1, int(round(self.epochs * num_train / self.batch_size)))
 
   def normalizer(self):
-    return seg_models.segmentation_normalizer(self.norm, self.norm_batch_size, self.widths,
-                                              self.gn_groups, self.norm_kwargs)
+    return seg_models.segmentation_normalizer(
+      self.norm, self.norm_batch_size, self.widths, self.gn_groups, self.norm_kwargs
+    )
 
 
 def preset(name: str, **overrides) -> Config:
@@ -138,9 +139,21 @@ def preset(name: str, **overrides) -> Config:
   if name == "seg_quick":
     c = Config(preset=name)
   elif name == "seg_cpu":
-    c = Config(preset=name, canvas_size=64, num_train=2000, num_val=200, num_test=500,
-               objects=(2, 4), val_images=5000, widths=(16, 32, 64, 128), epochs=4.0,
-               warmup_epochs=0.2, lr=0.1, eval_batch_size=50, log_every=100)
+    c = Config(
+      preset=name,
+      canvas_size=64,
+      num_train=2000,
+      num_val=200,
+      num_test=500,
+      objects=(2, 4),
+      val_images=5000,
+      widths=(16, 32, 64, 128),
+      epochs=4.0,
+      warmup_epochs=0.2,
+      lr=0.1,
+      eval_batch_size=50,
+      log_every=100,
+    )
   else:
     raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
   return dataclasses.replace(c, **overrides)
@@ -150,14 +163,24 @@ def load_data(config: Config) -> seg_data.SegDataset:
   """The run's :class:`~experiments.segmentation_data.SegDataset`."""
   if config.dataset == "cifar_composite":
     return seg_data.load_cifar_composite(
-        config.canvas_size, config.num_train, config.num_val, config.num_test,
-        tuple(config.objects), config.background, config.val_images, config.data_seed,
-        config.tarball, config.cache_dir)
+      config.canvas_size,
+      config.num_train,
+      config.num_val,
+      config.num_test,
+      tuple(config.objects),
+      config.background,
+      config.val_images,
+      config.data_seed,
+      config.tarball,
+      config.cache_dir,
+    )
   if config.dataset == "oxford_iiit_pet":
-    return seg_data.load_oxford_pets(config.data_dir, config.image_size, config.pet_mapping,
-                                     config.num_val)
-  raise ValueError(f"unknown dataset {config.dataset!r}; expected cifar_composite or "
-                   "oxford_iiit_pet")
+    return seg_data.load_oxford_pets(
+      config.data_dir, config.image_size, config.pet_mapping, config.num_val
+    )
+  raise ValueError(
+    f"unknown dataset {config.dataset!r}; expected cifar_composite or oxford_iiit_pet"
+  )
 
 
 # --------------------------------------------------------------------------
@@ -193,13 +216,16 @@ def learning_rate_schedule(config: Config, steps_per_epoch: float, total_steps: 
 
 def make_optimizer(config: Config, schedule) -> optax.GradientTransformation:
   """SGD with momentum (weight decay on kernels only) or AdamW (the same mask)."""
+
   def kernel_mask(params):
     flat = traverse_util.flatten_dict(unfreeze(params))
     return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
 
   if config.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-                       optax.sgd(schedule, momentum=config.momentum))
+    return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+      optax.sgd(schedule, momentum=config.momentum),
+    )
   if config.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernel_mask)
   raise ValueError(f"unknown optimizer {config.optimizer!r}; expected sgd or adamw")
@@ -233,20 +259,30 @@ def step_functions(model, tx, num_classes: int):
   return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
 
 
-def evaluate(eval_step, variables, split: seg_data.SegSplit, dataset: seg_data.SegDataset,
-             batch_size: int) -> Dict[str, Any]:
+def evaluate(
+  eval_step, variables, split: seg_data.SegSplit, dataset: seg_data.SegDataset, batch_size: int
+) -> Dict[str, Any]:
   """mIoU, pixel accuracy and per-class IoU of ``split`` (one confusion matrix)."""
   k = dataset.num_classes
   cm = np.zeros((k, k), np.int64)
   for batch in seg_data.eval_batches(split, dataset.mean, dataset.std, batch_size):
     cm += np.asarray(eval_step(variables, batch["image"], batch["label"])[0], np.int64)
   iou = class_iou(cm)
-  return {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm),
-          "iou_per_class": [None if np.isnan(v) else float(v) for v in iou]}
+  return {
+    "miou": mean_iou(cm),
+    "pixel_acc": pixel_accuracy(cm),
+    "iou_per_class": [None if np.isnan(v) else float(v) for v in iou],
+  }
 
 
-def predict(eval_step, variables, split: seg_data.SegSplit, dataset: seg_data.SegDataset,
-            count: int, batch_size: int) -> np.ndarray:
+def predict(
+  eval_step,
+  variables,
+  split: seg_data.SegSplit,
+  dataset: seg_data.SegDataset,
+  count: int,
+  batch_size: int,
+) -> np.ndarray:
   """int ``(count, H, W)`` predictions for the first ``count <= batch_size`` examples
   of ``split`` (one evaluation batch: the shape :func:`evaluate` compiled)."""
   part = seg_data.SegSplit(split.images[:count], split.masks[:count])
@@ -287,8 +323,9 @@ def init_variables(model, config: Config, dataset: seg_data.SegDataset):
   return unfreeze(init(jax.random.PRNGKey(config.seed), x))
 
 
-def train(config: Config, dataset: seg_data.SegDataset, variables=None, normalizer=None,
-          log=None) -> Tuple[Dict[str, Any], dict, np.ndarray]:
+def train(
+  config: Config, dataset: seg_data.SegDataset, variables=None, normalizer=None, log=None
+) -> Tuple[Dict[str, Any], dict, np.ndarray]:
   """Trains one model; returns ``(summary, final host variables, example predictions)``.
 
   Args:
@@ -317,8 +354,9 @@ def train(config: Config, dataset: seg_data.SegDataset, variables=None, normaliz
   start = time.time()
   first_step_end = None
   while step < total:
-    for batch in seg_data.train_batches(dataset.train, dataset.mean, dataset.std,
-                                        config.batch_size, config.seed, epoch, config.flip):
+    for batch in seg_data.train_batches(
+      dataset.train, dataset.mean, dataset.std, config.batch_size, config.seed, epoch, config.flip
+    ):
       variables, opt_state, loss = train_step(variables, opt_state, batch)
       step += 1
       window.append(loss)
@@ -339,22 +377,37 @@ def train(config: Config, dataset: seg_data.SegDataset, variables=None, normaliz
   mj.check_finite(variables)
 
   test = evaluate(eval_step, variables, dataset.test, dataset, config.eval_batch_size)
-  val = (evaluate(eval_step, variables, dataset.val, dataset, config.eval_batch_size)
-         if dataset.val is not None and len(dataset.val) else None)
-  examples = predict(eval_step, variables, dataset.test, dataset,
-                     min(config.num_examples, len(dataset.test), config.eval_batch_size),
-                     config.eval_batch_size)
+  val = (
+    evaluate(eval_step, variables, dataset.val, dataset, config.eval_batch_size)
+    if dataset.val is not None and len(dataset.val)
+    else None
+  )
+  examples = predict(
+    eval_step,
+    variables,
+    dataset.test,
+    dataset,
+    min(config.num_examples, len(dataset.test), config.eval_batch_size),
+    config.eval_batch_size,
+  )
   summary = {
-      "norm": normalizer.name, "batch_size": config.batch_size, "seed": config.seed,
-      "steps": total, "epochs": total * config.batch_size / n, "peak_lr": config.peak_lr(),
-      "test_miou": test["miou"], "test_pixel_acc": test["pixel_acc"],
-      "test_iou_per_class": test["iou_per_class"],
-      "val_miou": val["miou"] if val else None, "val_pixel_acc": val["pixel_acc"] if val else None,
-      "final_train_loss": curve[-1][1] if curve else None, "train_loss_curve": curve,
-      "train_seconds": end - start,
-      # The first step includes compilation; the mean is over the others.
-      "seconds_per_step": (end - first_step_end) / (total - 1) if total > 1 else end - start,
-      "finished": True,
+    "norm": normalizer.name,
+    "batch_size": config.batch_size,
+    "seed": config.seed,
+    "steps": total,
+    "epochs": total * config.batch_size / n,
+    "peak_lr": config.peak_lr(),
+    "test_miou": test["miou"],
+    "test_pixel_acc": test["pixel_acc"],
+    "test_iou_per_class": test["iou_per_class"],
+    "val_miou": val["miou"] if val else None,
+    "val_pixel_acc": val["pixel_acc"] if val else None,
+    "final_train_loss": curve[-1][1] if curve else None,
+    "train_loss_curve": curve,
+    "train_seconds": end - start,
+    # The first step includes compilation; the mean is over the others.
+    "seconds_per_step": (end - first_step_end) / (total - 1) if total > 1 else end - start,
+    "finished": True,
   }
   return summary, to_host(variables), examples
 
@@ -380,10 +433,16 @@ class RunSpec:
     return self.method in FINETUNE_METHODS
 
 
-def plan_runs(norms: Sequence[str], batch_sizes: Sequence[int], seeds: Sequence[int],
-              reference_batch: int, reference: bool = True, finetune: bool = False,
-              pretrained: bool = False,
-              finetune_methods: Sequence[str] = FINETUNE_METHODS) -> List[RunSpec]:
+def plan_runs(
+  norms: Sequence[str],
+  batch_sizes: Sequence[int],
+  seeds: Sequence[int],
+  reference_batch: int,
+  reference: bool = True,
+  finetune: bool = False,
+  pretrained: bool = False,
+  finetune_methods: Sequence[str] = FINETUNE_METHODS,
+) -> List[RunSpec]:
   """The runs, pretraining (BN at ``reference_batch``) first for every seed.
 
   ``norms`` at every batch size; BN at the reference batch when ``reference``,
@@ -399,8 +458,9 @@ def plan_runs(norms: Sequence[str], batch_sizes: Sequence[int], seeds: Sequence[
       runs.append(RunSpec("bn", reference_batch, seed))
     runs += [RunSpec(norm, b, seed) for b in batch_sizes for norm in norms]
     if finetune:
-      runs += [RunSpec(m, b, seed) for b in batch_sizes if b != reference_batch
-               for m in finetune_methods]
+      runs += [
+        RunSpec(m, b, seed) for b in batch_sizes if b != reference_batch for m in finetune_methods
+      ]
   return list(dict.fromkeys(runs))
 
 
@@ -430,8 +490,9 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def pretrained_variables(spec: RunSpec, out_dir: str, pretrained: Optional[str],
-                         reference_batch: int) -> dict:
+def pretrained_variables(
+  spec: RunSpec, out_dir: str, pretrained: Optional[str], reference_batch: int
+) -> dict:
   """The BN variables a fine-tune run starts from.
 
   ``pretrained``: a ``.msgpack`` file (every seed) or a directory holding
@@ -446,21 +507,25 @@ def pretrained_variables(spec: RunSpec, out_dir: str, pretrained: Optional[str],
   else:
     path = checkpoint_path(out_dir, source)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"fine-tune run {spec.name}: no BN checkpoint at {path!r} (run "
-                            f"{source.name} first, or pass --pretrained)")
+    raise FileNotFoundError(
+      f"fine-tune run {spec.name}: no BN checkpoint at {path!r} (run "
+      f"{source.name} first, or pass --pretrained)"
+    )
   return load_variables(path)
 
 
-def finetune_start(spec: RunSpec, base: Config, bn_variables: dict,
-                   mabn_kwargs: Optional[Dict[str, Any]] = None):
+def finetune_start(
+  spec: RunSpec, base: Config, bn_variables: dict, mabn_kwargs: Optional[Dict[str, Any]] = None
+):
   """``(config, variables, normalizer)`` of a fine-tune run from BN variables.
 
   ``ft_mabn``: :func:`mabn_jax.convert_batch_norm` with the BN normalizer the
   checkpoint was trained with (``mabn_kwargs`` become the MABN options);
   ``ft_bn``: the BN variables and normalizer unchanged.
   """
-  config = dataclasses.replace(base, norm="bn", norm_kwargs={}, batch_size=spec.batch_size,
-                               seed=spec.seed)
+  config = dataclasses.replace(
+    base, norm="bn", norm_kwargs={}, batch_size=spec.batch_size, seed=spec.seed
+  )
   bn = config.normalizer()
   if spec.method == "ft_bn":
     return config, bn_variables, bn
@@ -470,8 +535,16 @@ def finetune_start(spec: RunSpec, base: Config, bn_variables: dict,
 
 # Config fields a finished run may differ in and still be reused (paths, logging,
 # and the normalizer, which the run's name fixes).
-_NOT_COMPARED = ("norm", "norm_kwargs", "tarball", "cache_dir", "data_dir", "log_every",
-                 "num_examples", "eval_batch_size")
+_NOT_COMPARED = (
+  "norm",
+  "norm_kwargs",
+  "tarball",
+  "cache_dir",
+  "data_dir",
+  "log_every",
+  "num_examples",
+  "eval_batch_size",
+)
 
 
 def config_record(config: Config) -> dict:
@@ -489,17 +562,24 @@ def check_same_run(summary: dict, config: Config) -> None:
   differ = sorted(k for k in wanted if k not in _NOT_COMPARED and stored.get(k) != wanted[k])
   if differ:
     raise ValueError(
-        f"run {summary.get('run')} in this out_dir finished with other settings "
-        f"({', '.join(f'{k}: {stored.get(k)!r} != {wanted[k]!r}' for k in differ)}); "
-        "use another --out_dir or remove its runs/ files")
+      f"run {summary.get('run')} in this out_dir finished with other settings "
+      f"({', '.join(f'{k}: {stored.get(k)!r} != {wanted[k]!r}' for k in differ)}); "
+      "use another --out_dir or remove its runs/ files"
+    )
 
 
-def run_one(spec: RunSpec, base: Config, dataset: seg_data.SegDataset, out_dir: str,
-            pretrained: Optional[str] = None, finetune_epochs: float = 1.0,
-            finetune_lr: Optional[float] = None,
-            mabn_kwargs: Optional[Dict[str, Any]] = None,
-            norm_options: Optional[Dict[str, Dict[str, Any]]] = None,
-            verbose: bool = False) -> dict:
+def run_one(
+  spec: RunSpec,
+  base: Config,
+  dataset: seg_data.SegDataset,
+  out_dir: str,
+  pretrained: Optional[str] = None,
+  finetune_epochs: float = 1.0,
+  finetune_lr: Optional[float] = None,
+  mabn_kwargs: Optional[Dict[str, Any]] = None,
+  norm_options: Optional[Dict[str, Dict[str, Any]]] = None,
+  verbose: bool = False,
+) -> dict:
   """Trains ``spec`` (or reads its finished summary) and writes its files.
 
   Fine-tune runs train ``finetune_epochs`` (``base.steps`` steps when set) at
@@ -512,8 +592,9 @@ def run_one(spec: RunSpec, base: Config, dataset: seg_data.SegDataset, out_dir: 
   path = run_path(out_dir, spec)
   variables = normalizer = None
   norm_kwargs = dict((norm_options or {}).get(spec.method, {}))
-  config = dataclasses.replace(base, norm=spec.method, norm_kwargs=norm_kwargs,
-                               batch_size=spec.batch_size, seed=spec.seed)
+  config = dataclasses.replace(
+    base, norm=spec.method, norm_kwargs=norm_kwargs, batch_size=spec.batch_size, seed=spec.seed
+  )
   length = dict(epochs=finetune_epochs, lr=base.lr if finetune_lr is None else finetune_lr)
   done = read_summary(path)
   if done is not None:
@@ -523,17 +604,28 @@ def run_one(spec: RunSpec, base: Config, dataset: seg_data.SegDataset, out_dir: 
     bn_vars = pretrained_variables(spec, out_dir, pretrained, base.reference_batch)
     config, variables, normalizer = finetune_start(spec, base, bn_vars, mabn_kwargs)
     config = dataclasses.replace(config, **length)
-  log = (lambda step, loss: print(f"  {spec.name} step {step} loss {loss:.4f}",
-                                  file=sys.stderr, flush=True)) if verbose else None
+  log = (
+    (
+      lambda step, loss: print(
+        f"  {spec.name} step {step} loss {loss:.4f}", file=sys.stderr, flush=True
+      )
+    )
+    if verbose
+    else None
+  )
   summary, final, preds = train(config, dataset, variables, normalizer, log)
-  summary = {"run": spec.name, "method": spec.method, **summary,
-             "config": config_record(config)}
+  summary = {"run": spec.name, "method": spec.method, **summary, "config": config_record(config)}
   if spec.method == "bn" and spec.batch_size == base.reference_batch:
     save_variables(checkpoint_path(out_dir, spec), final)
   n = len(preds)
-  write_examples(os.path.join(out_dir, "examples", f"{spec.name}.png"),
-                 dataset.test.images[:n], dataset.test.masks[:n], preds, dataset.class_names,
-                 f"{spec.name}: test mIoU {100 * summary['test_miou']:.1f}%")
+  write_examples(
+    os.path.join(out_dir, "examples", f"{spec.name}.png"),
+    dataset.test.images[:n],
+    dataset.test.masks[:n],
+    preds,
+    dataset.class_names,
+    f"{spec.name}: test mIoU {100 * summary['test_miou']:.1f}%",
+  )
   write_json(path, summary)
   return summary
 
@@ -560,39 +652,86 @@ def _names(text: str) -> List[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--preset", default="seg_quick", choices=PRESETS)
-  p.add_argument("--norms", default="bn,mabn",
-                 help=f"registry names, comma-separated: {','.join(mj.normalizer_names())}")
+  p.add_argument(
+    "--norms",
+    default="bn,mabn",
+    help=f"registry names, comma-separated: {','.join(mj.normalizer_names())}",
+  )
   p.add_argument("--batch_size", default="2", help="SGD batch(es) per step, e.g. 2 or 2,4")
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
-  p.add_argument("--no_reference", action="store_true",
-                 help="skip BN at --reference_batch (kept with --finetune unless --pretrained)")
-  p.add_argument("--finetune", action="store_true",
-                 help="also fine-tune the BN reference model at each batch (ft_mabn, ft_bn)")
-  p.add_argument("--finetune_methods", default=",".join(FINETUNE_METHODS),
-                 help="which fine-tune runs --finetune adds")
-  p.add_argument("--pretrained", default=None,
-                 help="BN variables for --finetune: a .msgpack file or a directory of "
-                      "bn_b<ref>_s<seed>.msgpack (default: the reference runs' checkpoints)")
-  p.add_argument("--finetune_epochs", type=float, default=None,
-                 help="default: half the preset's epochs")
-  p.add_argument("--finetune_lr", type=float, default=None,
-                 help="at the reference batch (default: a fifth of --lr)")
-  p.add_argument("--mabn_kwargs", default="{}",
-                 help="MABN options of ft_mabn, a JSON object, e.g. '{\"buffer_size\": 8}'")
-  p.add_argument("--norm_kwargs", default="{}",
-                 help="normalizer options per registry name, a JSON object, e.g. "
-                      "'{\"mabn\": {\"warmup_steps\": 50}, \"gn\": {\"num_groups\": 4}}'")
+  p.add_argument(
+    "--no_reference",
+    action="store_true",
+    help="skip BN at --reference_batch (kept with --finetune unless --pretrained)",
+  )
+  p.add_argument(
+    "--finetune",
+    action="store_true",
+    help="also fine-tune the BN reference model at each batch (ft_mabn, ft_bn)",
+  )
+  p.add_argument(
+    "--finetune_methods",
+    default=",".join(FINETUNE_METHODS),
+    help="which fine-tune runs --finetune adds",
+  )
+  p.add_argument(
+    "--pretrained",
+    default=None,
+    help="BN variables for --finetune: a .msgpack file or a directory of "
+    "bn_b<ref>_s<seed>.msgpack (default: the reference runs' checkpoints)",
+  )
+  p.add_argument(
+    "--finetune_epochs", type=float, default=None, help="default: half the preset's epochs"
+  )
+  p.add_argument(
+    "--finetune_lr",
+    type=float,
+    default=None,
+    help="at the reference batch (default: a fifth of --lr)",
+  )
+  p.add_argument(
+    "--mabn_kwargs",
+    default="{}",
+    help="MABN options of ft_mabn, a JSON object, e.g. '{\"buffer_size\": 8}'",
+  )
+  p.add_argument(
+    "--norm_kwargs",
+    default="{}",
+    help="normalizer options per registry name, a JSON object, e.g. "
+    '\'{"mabn": {"warmup_steps": 50}, "gn": {"num_groups": 4}}\'',
+  )
   p.add_argument("--verbose", action="store_true", help="log the training loss to stderr")
-  for field in ("dataset", "data_dir", "tarball", "cache_dir", "pet_mapping", "optimizer",
-                "background"):
+  for field in (
+    "dataset",
+    "data_dir",
+    "tarball",
+    "cache_dir",
+    "pet_mapping",
+    "optimizer",
+    "background",
+  ):
     p.add_argument(f"--{field}", default=None)
-  for field in ("canvas_size", "num_train", "num_val", "num_test", "val_images", "data_seed",
-                "image_size", "norm_batch_size", "reference_batch", "steps", "gn_groups",
-                "eval_batch_size", "log_every", "num_examples"):
+  for field in (
+    "canvas_size",
+    "num_train",
+    "num_val",
+    "num_test",
+    "val_images",
+    "data_seed",
+    "image_size",
+    "norm_batch_size",
+    "reference_batch",
+    "steps",
+    "gn_groups",
+    "eval_batch_size",
+    "log_every",
+    "num_examples",
+  ):
     p.add_argument(f"--{field}", type=int, default=None)
   for field in ("lr", "momentum", "weight_decay", "epochs", "warmup_epochs"):
     p.add_argument(f"--{field}", type=float, default=None)
@@ -626,10 +765,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for method in _names(args.finetune_methods):
     if method not in FINETUNE_METHODS:
       raise SystemExit(f"unknown fine-tune method {method!r}; valid: {', '.join(FINETUNE_METHODS)}")
-  specs = plan_runs(norms, _ints(args.batch_size), _ints(args.seeds), base.reference_batch,
-                    reference=not args.no_reference, finetune=args.finetune,
-                    pretrained=bool(args.pretrained),
-                    finetune_methods=_names(args.finetune_methods))
+  specs = plan_runs(
+    norms,
+    _ints(args.batch_size),
+    _ints(args.seeds),
+    base.reference_batch,
+    reference=not args.no_reference,
+    finetune=args.finetune,
+    pretrained=bool(args.pretrained),
+    finetune_methods=_names(args.finetune_methods),
+  )
   dataset = None
   finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else base.epochs / 2
   finetune_lr = args.finetune_lr if args.finetune_lr is not None else base.lr / 5
@@ -637,17 +782,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for spec in specs:
     if dataset is None and read_summary(run_path(args.out_dir, spec)) is None:
       dataset = load_data(base)
-    summary = run_one(spec, base, dataset, args.out_dir, args.pretrained, finetune_epochs,
-                      finetune_lr, json.loads(args.mabn_kwargs),
-                      json.loads(args.norm_kwargs), args.verbose)
+    summary = run_one(
+      spec,
+      base,
+      dataset,
+      args.out_dir,
+      args.pretrained,
+      finetune_epochs,
+      finetune_lr,
+      json.loads(args.mabn_kwargs),
+      json.loads(args.norm_kwargs),
+      args.verbose,
+    )
     summaries.append(summary)
-    line = {k: summary.get(k) for k in ("run", "method", "batch_size", "seed", "steps",
-                                        "test_miou", "test_pixel_acc", "val_miou",
-                                        "seconds_per_step", "train_seconds")}
+    line = {
+      k: summary.get(k)
+      for k in (
+        "run",
+        "method",
+        "batch_size",
+        "seed",
+        "steps",
+        "test_miou",
+        "test_pixel_acc",
+        "val_miou",
+        "seconds_per_step",
+        "train_seconds",
+      )
+    }
     line["skipped"] = bool(summary.get("skipped"))
     print(json.dumps(line), flush=True)
-  title = (f"Segmentation, {base.dataset} ({base.preset}): U-Net {list(base.widths)}, "
-           f"test split")
+  title = f"Segmentation, {base.dataset} ({base.preset}): U-Net {list(base.widths)}, test split"
   write_report(args.out_dir, summaries, title)
   return 0
 

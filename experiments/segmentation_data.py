@@ -42,10 +42,10 @@ CIFAR_PATCH = 32
 COMPOSITE_CLASSES = ("background",) + data_lib.CIFAR10_CLASSES
 
 PET_LABEL_MAPPINGS = {
-    # trimap value -> label. 'trimap': all three kept as classes (the usual
-    # tfds-tutorial choice); 'binary': pet vs background, boundary ignored.
-    "trimap": {1: 1, 2: 0, 3: 2},
-    "binary": {1: 1, 2: 0, 3: IGNORE},
+  # trimap value -> label. 'trimap': all three kept as classes (the usual
+  # tfds-tutorial choice); 'binary': pet vs background, boundary ignored.
+  "trimap": {1: 1, 2: 0, 3: 2},
+  "binary": {1: 1, 2: 0, 3: IGNORE},
 }
 PET_CLASSES = {"trimap": ("background", "pet", "boundary"), "binary": ("background", "pet")}
 
@@ -90,8 +90,9 @@ class SegDataset:
 # CIFAR-10 composites.
 
 
-def paste_canvas(patches: np.ndarray, classes: np.ndarray, positions: np.ndarray,
-                 canvas_size: int, background: int) -> Tuple[np.ndarray, np.ndarray]:
+def paste_canvas(
+  patches: np.ndarray, classes: np.ndarray, positions: np.ndarray, canvas_size: int, background: int
+) -> Tuple[np.ndarray, np.ndarray]:
   """Pastes ``patches`` onto a plain canvas, in order (later on top).
 
   Args:
@@ -108,15 +109,21 @@ def paste_canvas(patches: np.ndarray, classes: np.ndarray, positions: np.ndarray
   mask = np.zeros((canvas_size, canvas_size), np.int32)
   for patch, cls, (top, left) in zip(patches, classes, positions, strict=True):
     h, w = patch.shape[:2]
-    canvas[top:top + h, left:left + w] = patch
-    mask[top:top + h, left:left + w] = cls
+    canvas[top : top + h, left : left + w] = patch
+    mask[top : top + h, left : left + w] = cls
   return canvas, mask
 
 
-def composite_split(images: np.ndarray, labels: np.ndarray, pool: np.ndarray,
-                    num_canvases: int, canvas_size: int,
-                    objects: Tuple[int, int] = (2, 4),
-                    background: Union[str, int] = "random", seed: int = 0) -> SegSplit:
+def composite_split(
+  images: np.ndarray,
+  labels: np.ndarray,
+  pool: np.ndarray,
+  num_canvases: int,
+  canvas_size: int,
+  objects: Tuple[int, int] = (2, 4),
+  background: Union[str, int] = "random",
+  seed: int = 0,
+) -> SegSplit:
   """``num_canvases`` composites of images drawn from ``pool``.
 
   Args:
@@ -138,8 +145,10 @@ def composite_split(images: np.ndarray, labels: np.ndarray, pool: np.ndarray,
   """
   lo, hi = objects
   if not 1 <= lo <= hi or hi > len(pool) or canvas_size < CIFAR_PATCH:
-    raise ValueError(f"composite_split: objects={objects} from a pool of {len(pool)} "
-                     f"on a {canvas_size}x{canvas_size} canvas")
+    raise ValueError(
+      f"composite_split: objects={objects} from a pool of {len(pool)} "
+      f"on a {canvas_size}x{canvas_size} canvas"
+    )
   rng = np.random.default_rng(seed)
   pool = np.asarray(pool, np.int64)
   out_images = np.zeros((num_canvases, canvas_size, canvas_size, 3), np.uint8)
@@ -152,18 +161,26 @@ def composite_split(images: np.ndarray, labels: np.ndarray, pool: np.ndarray,
     chosen = pool[rng.choice(len(pool), k, replace=False)]
     corners = rng.integers(0, span, (k, 2))
     grey = int(rng.integers(0, 256)) if background == "random" else int(background)
-    out_images[n], out_masks[n] = paste_canvas(images[chosen], labels[chosen] + 1, corners,
-                                               canvas_size, grey)
+    out_images[n], out_masks[n] = paste_canvas(
+      images[chosen], labels[chosen] + 1, corners, canvas_size, grey
+    )
     sources[n, :k], positions[n, :k] = chosen, corners
   return SegSplit(out_images, out_masks, sources, positions)
 
 
-def load_cifar_composite(canvas_size: int = 64, num_train: int = 2000, num_val: int = 200,
-                         num_test: int = 500, objects: Tuple[int, int] = (2, 4),
-                         background: Union[str, int] = "random", val_images: int = 5000,
-                         seed: int = 0, tarball: Optional[str] = None,
-                         cache_dir: Optional[str] = None,
-                         cifar: Optional[dict] = None) -> SegDataset:
+def load_cifar_composite(
+  canvas_size: int = 64,
+  num_train: int = 2000,
+  num_val: int = 200,
+  num_test: int = 500,
+  objects: Tuple[int, int] = (2, 4),
+  background: Union[str, int] = "random",
+  val_images: int = 5000,
+  seed: int = 0,
+  tarball: Optional[str] = None,
+  cache_dir: Optional[str] = None,
+  cifar: Optional[dict] = None,
+) -> SegDataset:
   """The composite CIFAR-10 segmentation task (see the module docstring).
 
   Args:
@@ -184,8 +201,9 @@ def load_cifar_composite(canvas_size: int = 64, num_train: int = 2000, num_val: 
     cifar = data_lib.load_cifar10_jpeg_arrays(tarball, cache_dir)
   train_src, test_src = cifar["train"], cifar["test"]
   train_pool, val_pool = data_lib.hold_out(len(train_src), val_images if num_val else 0)
-  make = lambda src, pool, n, s: composite_split(src.images, src.labels, pool, n, canvas_size,
-                                                 objects, background, seed=[seed, s])
+  make = lambda src, pool, n, s: composite_split(
+    src.images, src.labels, pool, n, canvas_size, objects, background, seed=[seed, s]
+  )
   train = make(train_src, train_pool, num_train, 0)
   val = make(train_src, val_pool, num_val, 1) if num_val else None
   test = make(test_src, np.arange(len(test_src)), num_test, 2)
@@ -245,12 +263,14 @@ def _pet_split(builder, split: str, image_size: int, mapping: str) -> Tuple[SegS
   rows.sort(key=lambda r: r[0])  # tfds writes in hashed-key order: a canonical order
   if not rows:
     raise ValueError(f"oxford_iiit_pet split {split!r} is empty")
-  return SegSplit(np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows])), \
-      [r[0] for r in rows]
+  return SegSplit(np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows])), [
+    r[0] for r in rows
+  ]
 
 
-def load_oxford_pets(data_dir: Optional[str], image_size: int = 64, mapping: str = "trimap",
-                     val_size: int = 0) -> SegDataset:
+def load_oxford_pets(
+  data_dir: Optional[str], image_size: int = 64, mapping: str = "trimap", val_size: int = 0
+) -> SegDataset:
   """tfds ``oxford_iiit_pet`` from ``data_dir`` (prepared; never downloaded).
 
   Args:
@@ -266,24 +286,31 @@ def load_oxford_pets(data_dir: Optional[str], image_size: int = 64, mapping: str
       or an unknown mapping.
   """
   if mapping not in PET_LABEL_MAPPINGS:
-    raise ValueError(f"unknown pet mapping {mapping!r}; "
-                     f"expected one of {tuple(PET_LABEL_MAPPINGS)}")
+    raise ValueError(
+      f"unknown pet mapping {mapping!r}; expected one of {tuple(PET_LABEL_MAPPINGS)}"
+    )
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ValueError("oxford_iiit_pet is read through tensorflow-datasets, which is not "
-                     "installed: pip install 'mabn_jax[experiments]'") from e
+    raise ValueError(
+      "oxford_iiit_pet is read through tensorflow-datasets, which is not "
+      "installed: pip install 'mabn_jax[experiments]'"
+    ) from e
   builder = tfds.builder("oxford_iiit_pet", data_dir=data_dir)
   if not builder.is_prepared():
-    raise ValueError(f"tfds dataset 'oxford_iiit_pet' is not prepared under data_dir="
-                     f"{data_dir!r}; prepare it with `tfds build oxford_iiit_pet --data_dir=...`")
+    raise ValueError(
+      f"tfds dataset 'oxford_iiit_pet' is not prepared under data_dir="
+      f"{data_dir!r}; prepare it with `tfds build oxford_iiit_pet --data_dir=...`"
+    )
   train, _ = _pet_split(builder, "train", image_size, mapping)
   test, _ = _pet_split(builder, "test", image_size, mapping)
   val = None
   if val_size:
     keep, held = data_lib.hold_out(len(train), val_size)
-    train, val = (SegSplit(train.images[keep], train.masks[keep]),
-                  SegSplit(train.images[held], train.masks[held]))
+    train, val = (
+      SegSplit(train.images[keep], train.masks[keep]),
+      SegSplit(train.images[held], train.masks[held]),
+    )
   mean, std = data_lib.channel_stats(train.images)
   return SegDataset("oxford_iiit_pet", train, val, test, PET_CLASSES[mapping], mean, std)
 
@@ -295,31 +322,41 @@ def load_oxford_pets(data_dir: Optional[str], image_size: int = 64, mapping: str
 def flip_pairs(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
   """Flips a random half of ``(N, H, W, C)`` images and ``(N, H, W)`` masks left-right."""
   flip = rng.random(len(images)) < 0.5
-  return (np.where(flip[:, None, None, None], images[:, :, ::-1], images),
-          np.where(flip[:, None, None], masks[:, :, ::-1], masks))
+  return (
+    np.where(flip[:, None, None, None], images[:, :, ::-1], images),
+    np.where(flip[:, None, None], masks[:, :, ::-1], masks),
+  )
 
 
-def train_batches(split: SegSplit, mean: np.ndarray, std: np.ndarray, batch_size: int,
-                  seed: int, epoch: int, flip: bool = True) -> Iterator[dict]:
+def train_batches(
+  split: SegSplit,
+  mean: np.ndarray,
+  std: np.ndarray,
+  batch_size: int,
+  seed: int,
+  epoch: int,
+  flip: bool = True,
+) -> Iterator[dict]:
   """Full batches of one epoch: permutation and flips from ``(seed, epoch)``.
 
   Yields ``{'image': float32 (B, H, W, 3) normalized, 'label': int32 (B, H, W)}``.
   """
   order = np.random.default_rng([seed, epoch]).permutation(len(split))
   for step in range(len(split) // batch_size):
-    ids = np.sort(order[step * batch_size:(step + 1) * batch_size])
+    ids = np.sort(order[step * batch_size : (step + 1) * batch_size])
     images, masks = split.images[ids], split.masks[ids]
     if flip:
       images, masks = flip_pairs(images, masks, np.random.default_rng([seed, epoch, step, 1]))
     yield {"image": data_lib.normalize(images, mean, std), "label": masks.astype(np.int32)}
 
 
-def eval_batches(split: SegSplit, mean: np.ndarray, std: np.ndarray,
-                 batch_size: int) -> Iterator[dict]:
+def eval_batches(
+  split: SegSplit, mean: np.ndarray, std: np.ndarray, batch_size: int
+) -> Iterator[dict]:
   """The split in order; the last batch padded with zero images labelled :data:`IGNORE`."""
   for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    masks = split.masks[start:start + batch_size].astype(np.int32)
+    images = split.images[start : start + batch_size]
+    masks = split.masks[start : start + batch_size].astype(np.int32)
     fill = batch_size - len(images)
     if fill:
       images = np.concatenate([images, np.zeros((fill,) + images.shape[1:], images.dtype)])

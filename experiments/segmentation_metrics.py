@@ -34,7 +34,7 @@ def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int) -> j
   preds = preds.reshape(-1).astype(jnp.int32)
   valid = (labels >= 0) & (labels < num_classes)
   index = jnp.where(valid, labels * num_classes + preds, 0)
-  counts = jnp.bincount(index, weights=valid.astype(jnp.int32), length=num_classes ** 2)
+  counts = jnp.bincount(index, weights=valid.astype(jnp.int32), length=num_classes**2)
   return counts.astype(jnp.int32).reshape(num_classes, num_classes)
 
 

@@ -35,8 +35,9 @@ class DoubleConv(nn.Module):
   def __call__(self, x, train: bool = True):
     """``(N, H, W, C)`` -> ``(N, H, W, features)``."""
     for i in range(2):
-      x = self.normalizer.conv_norm(features=self.features, kernel_size=(3, 3),
-                                    padding="SAME", name=f"conv{i + 1}")(x, train=train)
+      x = self.normalizer.conv_norm(
+        features=self.features, kernel_size=(3, 3), padding="SAME", name=f"conv{i + 1}"
+      )(x, train=train)
       x = nn.relu(x)
     return x
 
@@ -71,8 +72,10 @@ class UNet(nn.Module):
     """``(N, H, W, C)`` float -> ``(N, H, W, num_classes)`` float32 logits."""
     factor = 2 ** (len(self.widths) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"UNet with {len(self.widths)} widths needs H and W divisible by "
-                       f"{factor}, got {x.shape[1:3]}")
+      raise ValueError(
+        f"UNet with {len(self.widths)} widths needs H and W divisible by "
+        f"{factor}, got {x.shape[1:3]}"
+      )
     skips = []
     for i, width in enumerate(self.widths[:-1]):
       x = DoubleConv(self.normalizer, width, name=f"down{i + 1}")(x, train=train)
@@ -91,9 +94,13 @@ def group_count(widths: Sequence[int], groups: int) -> int:
   return max(d for d in range(1, min(groups, g) + 1) if g % d == 0)
 
 
-def segmentation_normalizer(norm: str, norm_batch_size: Optional[int] = None,
-                            widths: Sequence[int] = (16, 32, 64, 128), gn_groups: int = 8,
-                            norm_kwargs: Optional[Dict[str, Any]] = None):
+def segmentation_normalizer(
+  norm: str,
+  norm_batch_size: Optional[int] = None,
+  widths: Sequence[int] = (16, 32, 64, 128),
+  gn_groups: int = 8,
+  norm_kwargs: Optional[Dict[str, Any]] = None,
+):
   """The registry normalizer ``norm`` for :class:`UNet` under one ``jit``.
 
   ``norm_batch_size`` (batch normalizers only, as in

@@ -55,8 +55,18 @@ def _load_summary(workdir: str) -> Optional[Dict[str, Any]]:
 
 
 # Config fields that do not change what a run computes.
-_BOOKKEEPING = ("workdir", "progress", "resume", "stop_after", "checkpoint_every", "log_every",
-                "diagnose", "coordinator_address", "num_processes", "process_id")
+_BOOKKEEPING = (
+  "workdir",
+  "progress",
+  "resume",
+  "stop_after",
+  "checkpoint_every",
+  "log_every",
+  "diagnose",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+)
 # Config fields that only add evaluations after training (precise-BN test
 # accuracy): two runs differing in them train the same weights and report the
 # same test accuracy, so one is the other's twin (the missing evaluation reads
@@ -67,21 +77,27 @@ _EVALUATION_ONLY = ("precise_bn_batches",)
 
 def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
   """Whether two config dicts describe the same training run."""
+
   def canonical(c):
     # Fields added after a run was made have their default in it.
     c = {**dataclasses.asdict(T.Config()), **c}
     ignored = _BOOKKEEPING + _EVALUATION_ONLY + (("val_split",) if c.get("train_subset") else ())
     c = json.loads(json.dumps({k: v for k, v in c.items() if k not in ignored}))
-    device_batch = T.Config(**{k: v for k, v in c.items()
-                               if k in T.Config.__dataclass_fields__}).device_batch()
+    device_batch = T.Config(
+      **{k: v for k, v in c.items() if k in T.Config.__dataclass_fields__}
+    ).device_batch()
     if c.get("norm_batch_size") is None:  # None means the device batch
       c["norm_batch_size"] = device_batch
     if c["norm_batch_size"] == device_batch and c.get("norm_kwargs"):
       # With one normalization group a step, CBN's history per group is its
       # ordinary history (tests/test_cross_iteration.py).
-      c["norm_kwargs"] = {k: v for k, v in c["norm_kwargs"].items()
-                          if not (k == "group_history" and c.get("norm") in ("cbn", "cbn_naive"))}
+      c["norm_kwargs"] = {
+        k: v
+        for k, v in c["norm_kwargs"].items()
+        if not (k == "group_history" and c.get("norm") in ("cbn", "cbn_naive"))
+      }
     return c
+
   return canonical(a) == canonical(b)
 
 
@@ -96,14 +112,14 @@ def copy_finished_twin(config: T.Config, search_dirs: Sequence[str]) -> bool:
       done = _load_summary(os.path.join(runs, name))
       if done is not None and _same_run(done["config"], wanted):
         shutil.copytree(os.path.join(runs, name), config.workdir, dirs_exist_ok=True)
-        print(f"copied {config.workdir} from {os.path.join(runs, name)} (same config)",
-              flush=True)
+        print(f"copied {config.workdir} from {os.path.join(runs, name)} (same config)", flush=True)
         return True
   return False
 
 
-def run_or_load(config: T.Config, dataset_cache: Dict[str, Any],
-                reuse_from: Sequence[str] = ()) -> Dict[str, Any]:
+def run_or_load(
+  config: T.Config, dataset_cache: Dict[str, Any], reuse_from: Sequence[str] = ()
+) -> Dict[str, Any]:
   """The run's summary: loaded if it finished before (here, or as an identical
   run under one of the ``reuse_from`` result folders), else trained (resuming)."""
   done = _load_summary(config.workdir)
@@ -161,20 +177,25 @@ def _cell(values) -> str:
 def _machine() -> str:
   import datetime
   import platform
+
   device = jax.devices()[0]
-  return (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} on "
-          f"{device.platform} ({device.device_kind}); written "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.")
+  return (
+    f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} on "
+    f"{device.platform} ({device.device_kind}); written "
+    f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC."
+  )
 
 
 def _header(args, base: T.Config, what: str) -> str:
-  return (f"# {what}\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
-          f"{_machine()}\n\n"
-          f"Preset `{base.preset}`: dataset `{base.dataset}` (train subset {base.train_subset}), "
-          f"model `{base.model}`, SGD batch {base.device_batch()} per device, "
-          f"{base.epochs} epochs, lr {base.lr} ({base.schedule}), "
-          f"weight decay {base.weight_decay}. "
-          f"Cells: final test top-1 (%), mean ± sample std over seeds (number of seeds).\n\n")
+  return (
+    f"# {what}\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
+    f"{_machine()}\n\n"
+    f"Preset `{base.preset}`: dataset `{base.dataset}` (train subset {base.train_subset}), "
+    f"model `{base.model}`, SGD batch {base.device_batch()} per device, "
+    f"{base.epochs} epochs, lr {base.lr} ({base.schedule}), "
+    f"weight decay {base.weight_decay}. "
+    f"Cells: final test top-1 (%), mean ± sample std over seeds (number of seeds).\n\n"
+  )
 
 
 def _write(out_dir: str, table: str, results: Any):
@@ -188,8 +209,10 @@ def _write(out_dir: str, table: str, results: Any):
 
 def _plot():
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -214,23 +237,37 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
   plan = []
   for seed in seeds:  # seeds outermost: a stopped sweep has every method at least once
     for norm in norms:
-      for b in (sizes if norm in T.BATCH_NORMALIZERS else [None]):
+      for b in sizes if norm in T.BATCH_NORMALIZERS else [None]:
         if b is not None and B % b:
           raise ValueError(f"normalization batch {b} does not divide the SGD batch {B}")
-        cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
-                                  norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
+        cfg = dataclasses.replace(
+          base,
+          norm=norm,
+          norm_batch_size=b,
+          seed=seed,
+          norm_kwargs=base.norm_kwargs if norm == "mabn" else {},
+        )
         plan.append(dataclasses.replace(cfg, workdir=os.path.join(out_dir, "runs", cfg.run_name())))
-  summaries = {cfg.run_name(): s for cfg, s in zip(plan, run_plan(plan, args, "sweep"), strict=True)
-               if s is not None}
+  summaries = {
+    cfg.run_name(): s
+    for cfg, s in zip(plan, run_plan(plan, args, "sweep"), strict=True)
+    if s is not None
+  }
 
   results = {}
   for norm in norms:
     for b in sizes:
       bb = b if norm in T.BATCH_NORMALIZERS else B
-      vals = [summaries[n]["final_test_top1"] for n in
-              (f"{norm}_b{bb}_s{s}" for s in seeds) if n in summaries]
-      best = [summaries[n]["best_test_top1"] for n in
-              (f"{norm}_b{bb}_s{s}" for s in seeds) if n in summaries]
+      vals = [
+        summaries[n]["final_test_top1"]
+        for n in (f"{norm}_b{bb}_s{s}" for s in seeds)
+        if n in summaries
+      ]
+      best = [
+        summaries[n]["best_test_top1"]
+        for n in (f"{norm}_b{bb}_s{s}" for s in seeds)
+        if n in summaries
+      ]
       results[f"{norm}/{b}"] = {"norm": norm, "norm_batch_size": b, "final": vals, "best": best}
   table = _header(args, base, "Test top-1 against normalization batch size")
   table += "| method | " + " | ".join(f"b={b}" for b in sizes) + " |\n"
@@ -242,15 +279,23 @@ def batch_size_sweep(args, base: T.Config) -> Dict[str, Any]:
     table += f"| {norm} | " + " | ".join(row) + " |\n"
   _write(out_dir, table, results)
 
-  _plot_against_batch(out_dir, {norm: [results[f"{norm}/{b}"]["final"] for b in sizes]
-                                for norm in norms}, sizes,
-                      {norm for norm in norms if norm not in T.BATCH_NORMALIZERS},
-                      f"{base.model} on {base.dataset}, SGD batch {B}")
+  _plot_against_batch(
+    out_dir,
+    {norm: [results[f"{norm}/{b}"]["final"] for b in sizes] for norm in norms},
+    sizes,
+    {norm for norm in norms if norm not in T.BATCH_NORMALIZERS},
+    f"{base.model} on {base.dataset}, SGD batch {B}",
+  )
   return results
 
 
-def _plot_against_batch(out_dir: str, series: Dict[str, List[List[float]]], sizes: Sequence[int],
-                        flat: Sequence[str], title: str) -> None:
+def _plot_against_batch(
+  out_dir: str,
+  series: Dict[str, List[List[float]]],
+  sizes: Sequence[int],
+  flat: Sequence[str],
+  title: str,
+) -> None:
   """``plot.png``: test top-1 (mean and sample std over seeds) against the
   normalization batch, one line per ``series`` key (its per-size value lists);
   ``flat`` keys (batch-independent methods) are dashed."""
@@ -280,15 +325,15 @@ def _plot_against_batch(out_dir: str, series: Dict[str, List[List[float]]], size
 
 # (label, normalizer, normalizer kwargs, normalization batch: None = SGD batch)
 ABLATION = (
-    ("BN, b = SGD batch", "bn", {}, None),
-    ("BN", "bn", {}, 2),
-    ("MABN (centring + SMA forward and backward + renorm)", "mabn", {}, 2),
-    ("MABN without weight centralization", "mabn", {"centered": False}, 2),
-    ("MABN without renormalization (r = 1)", "mabn", {"renorm_start": 10**9}, 2),
-    ("MABN, only the forward statistic averaged", "mabn", {"average_backward": False}, 2),
-    ("MABN, only the backward statistic averaged", "mabn", {"average_forward": False}, 2),
-    ("MABN with EMA instead of SMA", "mabn", {"moving_average": "ema"}, 2),
-    ("MABN without moving averages (m = 1: batch chi and Psi)", "mabn", {"buffer_size": 1}, 2),
+  ("BN, b = SGD batch", "bn", {}, None),
+  ("BN", "bn", {}, 2),
+  ("MABN (centring + SMA forward and backward + renorm)", "mabn", {}, 2),
+  ("MABN without weight centralization", "mabn", {"centered": False}, 2),
+  ("MABN without renormalization (r = 1)", "mabn", {"renorm_start": 10**9}, 2),
+  ("MABN, only the forward statistic averaged", "mabn", {"average_backward": False}, 2),
+  ("MABN, only the backward statistic averaged", "mabn", {"average_forward": False}, 2),
+  ("MABN with EMA instead of SMA", "mabn", {"moving_average": "ema"}, 2),
+  ("MABN without moving averages (m = 1: batch chi and Psi)", "mabn", {"buffer_size": 1}, 2),
 )
 
 
@@ -300,10 +345,19 @@ def ablation(args, base: T.Config) -> Dict[str, Any]:
   for seed in seeds:
     for i, (label, norm, kw, b) in enumerate(ABLATION):
       b = b_small if b == 2 else b
-      cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed,
-                                norm_kwargs={**base.norm_kwargs, **kw} if norm == "mabn" else {})
-      plan.append((label, dataclasses.replace(cfg, workdir=os.path.join(
-          out_dir, "runs", f"v{i}_{cfg.run_name()}"))))
+      cfg = dataclasses.replace(
+        base,
+        norm=norm,
+        norm_batch_size=b,
+        seed=seed,
+        norm_kwargs={**base.norm_kwargs, **kw} if norm == "mabn" else {},
+      )
+      plan.append(
+        (
+          label,
+          dataclasses.replace(cfg, workdir=os.path.join(out_dir, "runs", f"v{i}_{cfg.run_name()}")),
+        )
+      )
   results = {}
   for (label, _), s in zip(plan, run_plan([cfg for _, cfg in plan], args, "ablation"), strict=True):
     if s is not None:
@@ -342,9 +396,16 @@ def inference_speed(args, base: T.Config) -> Dict[str, Any]:
   size = args.image_size
   batch = args.batch
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-  rows = [("BN (folded)", "bn", True), ("MABN (folded)", "mabn", True), ("GN", "gn", False),
-          ("LN", "ln", False), ("IN", "in", False), ("none", "none", False),
-          ("BN (not folded)", "bn", False), ("MABN (not folded)", "mabn", False)]
+  rows = [
+    ("BN (folded)", "bn", True),
+    ("MABN (folded)", "mabn", True),
+    ("GN", "gn", False),
+    ("LN", "ln", False),
+    ("IN", "in", False),
+    ("none", "none", False),
+    ("BN (not folded)", "bn", False),
+    ("MABN (not folded)", "mabn", False),
+  ]
   results = {}
   for label, name, fold in rows:
     norm = mj.make_normalizer(name, **({"num_groups": base.gn_groups} if name == "gn" else {}))
@@ -364,19 +425,25 @@ def inference_speed(args, base: T.Config) -> Dict[str, Any]:
       jax.block_until_ready(y)
       times.append(time.perf_counter() - t)
     best = min(times)
-    results[label] = {"images_per_s": batch * args.iters / best,
-                      "ms_per_batch": 1000 * best / args.iters}
+    results[label] = {
+      "images_per_s": batch * args.iters / best,
+      "ms_per_batch": 1000 * best / args.iters,
+    }
     print(f"{label:<20} {results[label]['images_per_s']:10.1f} images/s", flush=True)
   dev = T.device_info()
-  table = (f"# Inference speed\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
-           f"Model `{base.model}`, batch {batch}, {size}x{size}x3 float32, jit, best of "
-           f"{args.repeats} x {args.iters} batches; device {dev['platform']} ({dev['kind']}, "
-           f"{dev['cpus']} CPUs). Same network and process for every row.\n\n"
-           "| normalizer | images/s | ms/batch | relative to none |\n|---|---|---|---|\n")
+  table = (
+    f"# Inference speed\n\nCommand: `python -m experiments.sweep {' '.join(args.argv)}`\n\n"
+    f"Model `{base.model}`, batch {batch}, {size}x{size}x3 float32, jit, best of "
+    f"{args.repeats} x {args.iters} batches; device {dev['platform']} ({dev['kind']}, "
+    f"{dev['cpus']} CPUs). Same network and process for every row.\n\n"
+    "| normalizer | images/s | ms/batch | relative to none |\n|---|---|---|---|\n"
+  )
   ref = results["none"]["images_per_s"]
   for label, r in results.items():
-    table += (f"| {label} | {r['images_per_s']:.1f} | {r['ms_per_batch']:.2f} | "
-              f"{r['images_per_s'] / ref:.2f} |\n")
+    table += (
+      f"| {label} | {r['images_per_s']:.1f} | {r['ms_per_batch']:.2f} | "
+      f"{r['images_per_s'] / ref:.2f} |\n"
+    )
   _write(out_dir, table, {"device": dev, "rows": results})
   plt = _plot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -398,8 +465,12 @@ def _last_loss(summary: Dict[str, Any], window: int = 4) -> Optional[float]:
   return float(np.mean(tail)) if tail else None
 
 
-RECIPE_COLUMNS = (("val", "final_val_top1"), ("test", "final_test_top1"),
-                  ("test, precise BN", "final_test_top1_precise"), ("train loss", None))
+RECIPE_COLUMNS = (
+  ("val", "final_val_top1"),
+  ("test", "final_test_top1"),
+  ("test, precise BN", "final_test_top1_precise"),
+  ("train loss", None),
+)
 
 
 def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
@@ -423,8 +494,9 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
     for name in names:
       for b in sizes if R.get(name).norm in T.BATCH_NORMALIZERS else [None]:
         cfg = R.config(name, base, b, seed)
-        plan.append(dataclasses.replace(
-            cfg, workdir=os.path.join(out_dir, "runs", R.run_name(name, cfg))))
+        plan.append(
+          dataclasses.replace(cfg, workdir=os.path.join(out_dir, "runs", R.run_name(name, cfg)))
+        )
         keys.append((name, b))
   done = run_plan(plan, args, "recipes")
   rows: Dict[Any, List[Dict[str, Any]]] = {}
@@ -433,48 +505,72 @@ def recipe_sweep(args, base: T.Config) -> Dict[str, Any]:
     if s is not None:
       rows[key].append(s)
   results, table = {}, _header(args, base, "Recipes against normalization batch size")
-  table += ("Validation: " + (f"{base.val_split} training images held out" if base.val_split
-                              else "none (test only)") + ".\n\n")
+  table += (
+    "Validation: "
+    + (f"{base.val_split} training images held out" if base.val_split else "none (test only)")
+    + ".\n\n"
+  )
   table += "| recipe | b | " + " | ".join(c for c, _ in RECIPE_COLUMNS) + " |\n"
   table += "|---|---|" + "---|" * len(RECIPE_COLUMNS) + "\n"
   for (name, b), runs in rows.items():
-    values = {col: [r.get(field) if field else _last_loss(r) for r in runs]
-              for col, field in RECIPE_COLUMNS}
-    results[f"{name}/{b}"] = {"recipe": name, "norm_batch_size": b,
-                              "runs": [_run_dir(r) for r in runs], **values}
+    values = {
+      col: [r.get(field) if field else _last_loss(r) for r in runs] for col, field in RECIPE_COLUMNS
+    }
+    results[f"{name}/{b}"] = {
+      "recipe": name,
+      "norm_batch_size": b,
+      "runs": [_run_dir(r) for r in runs],
+      **values,
+    }
     cells = [_cell([v for v in values[c] if v is not None]) for c, _ in RECIPE_COLUMNS]
     table += f"| {name} | {b or base.batch_size} | " + " | ".join(cells) + " |\n"
   table += _recipes_against_batch(out_dir, names, sizes, rows, base)
   table += _recipes_against_bn(names, sizes, rows)
-  table += "\nRecipes:\n\n" + "".join(
-      f"- `{n}`: {R.get(n).description}\n" for n in names)
-  table += _diagnostics_table(out_dir, {f"{n} | {b or base.batch_size}": _run_dir(runs[0])
-                                        for (n, b), runs in rows.items() if runs})
+  table += "\nRecipes:\n\n" + "".join(f"- `{n}`: {R.get(n).description}\n" for n in names)
+  table += _diagnostics_table(
+    out_dir,
+    {f"{n} | {b or base.batch_size}": _run_dir(runs[0]) for (n, b), runs in rows.items() if runs},
+  )
   _write(out_dir, table, results)
-  _plot_diagnostics(out_dir, {f"{n} b={b or base.batch_size}": _run_dir(runs[0])
-                              for (n, b), runs in rows.items() if runs})
+  _plot_diagnostics(
+    out_dir,
+    {f"{n} b={b or base.batch_size}": _run_dir(runs[0]) for (n, b), runs in rows.items() if runs},
+  )
   return results
 
 
-def _recipes_against_batch(out_dir: str, names: Sequence[str], sizes: Sequence[int],
-                           rows: Dict[Any, List[Dict[str, Any]]], base: T.Config) -> str:
+def _recipes_against_batch(
+  out_dir: str,
+  names: Sequence[str],
+  sizes: Sequence[int],
+  rows: Dict[Any, List[Dict[str, Any]]],
+  base: T.Config,
+) -> str:
   """The test column again as one row per recipe and one column per
   normalization batch (a batch-independent recipe's single run fills its row),
   and ``plot.png`` of it; returns the table."""
   from experiments import recipes as R
 
   flat = [n for n in names if R.get(n).norm not in T.BATCH_NORMALIZERS]
-  series = {n: [[r["final_test_top1"] for r in rows[(n, None if n in flat else b)]]
-                for b in sizes] for n in names}
-  table = ("\nTest top-1 against normalization batch size:\n\n| recipe | "
-           + " | ".join(f"b={b}" for b in sizes) + " |\n|---|" + "---|" * len(sizes) + "\n")
+  series = {
+    n: [[r["final_test_top1"] for r in rows[(n, None if n in flat else b)]] for b in sizes]
+    for n in names
+  }
+  table = (
+    "\nTest top-1 against normalization batch size:\n\n| recipe | "
+    + " | ".join(f"b={b}" for b in sizes)
+    + " |\n|---|"
+    + "---|" * len(sizes)
+    + "\n"
+  )
   for n in names:
     cells = [_cell(v) for v in series[n]]
     if n in flat:
       cells = [f"{cells[0]} (batch-independent)"] + ["″"] * (len(sizes) - 1)
     table += f"| {n} | " + " | ".join(cells) + " |\n"
-  _plot_against_batch(out_dir, series, sizes, flat,
-                      f"{base.model} on {base.dataset}, SGD batch {base.device_batch()}")
+  _plot_against_batch(
+    out_dir, series, sizes, flat, f"{base.model} on {base.dataset}, SGD batch {base.device_batch()}"
+  )
   return table
 
 
@@ -482,8 +578,9 @@ def _test_by_seed(runs: Sequence[Dict[str, Any]]) -> Dict[int, float]:
   return {r["config"]["seed"]: r["final_test_top1"] for r in runs}
 
 
-def paired_differences(runs: Sequence[Dict[str, Any]],
-                       reference: Sequence[Dict[str, Any]]) -> List[float]:
+def paired_differences(
+  runs: Sequence[Dict[str, Any]], reference: Sequence[Dict[str, Any]]
+) -> List[float]:
   """Test top-1 of ``runs`` minus that of ``reference`` for each seed both have."""
   a, b = _test_by_seed(runs), _test_by_seed(reference)
   return [a[s] - b[s] for s in sorted(set(a) & set(b))]
@@ -495,8 +592,11 @@ def paired_differences(runs: Sequence[Dict[str, Any]],
 MIN_GAP = 2.0
 
 
-def gap_closed(runs: Sequence[Dict[str, Any]], bn_small: Sequence[Dict[str, Any]],
-               bn_large: Sequence[Dict[str, Any]]):
+def gap_closed(
+  runs: Sequence[Dict[str, Any]],
+  bn_small: Sequence[Dict[str, Any]],
+  bn_large: Sequence[Dict[str, Any]],
+):
   """The share of BN's large-batch minus small-batch gap that ``runs`` close.
 
   ``(share, per_seed)``: ``share = (mean(runs) - mean(bn_small)) /
@@ -510,8 +610,11 @@ def gap_closed(runs: Sequence[Dict[str, Any]], bn_small: Sequence[Dict[str, Any]
   share = (means[0] - means[1]) / (means[2] - means[1])
   by_seed = [_test_by_seed(v) for v in (runs, bn_small, bn_large)]
   seeds = sorted(set(by_seed[0]) & set(by_seed[1]) & set(by_seed[2]))
-  per_seed = [(by_seed[0][s] - by_seed[1][s]) / (by_seed[2][s] - by_seed[1][s]) for s in seeds
-              if by_seed[2][s] != by_seed[1][s]]
+  per_seed = [
+    (by_seed[0][s] - by_seed[1][s]) / (by_seed[2][s] - by_seed[1][s])
+    for s in seeds
+    if by_seed[2][s] != by_seed[1][s]
+  ]
   return share, per_seed
 
 
@@ -530,8 +633,9 @@ def _share_cell(share: Optional[float], per_seed: Sequence[float]) -> str:
   return f"{100 * share:.1f}%{spread}"
 
 
-def _recipes_against_bn(names: Sequence[str], sizes: Sequence[int],
-                        rows: Dict[Any, List[Dict[str, Any]]]) -> str:
+def _recipes_against_bn(
+  names: Sequence[str], sizes: Sequence[int], rows: Dict[Any, List[Dict[str, Any]]]
+) -> str:
   """Two tables read against the recipe ``bn`` (empty without it): each
   recipe's test top-1 minus BN's at the same b, paired by seed; and the share
   of BN's gap between the largest b and each smaller b that it closes
@@ -541,34 +645,54 @@ def _recipes_against_bn(names: Sequence[str], sizes: Sequence[int],
   if "bn" not in names:
     return ""
   largest = max(sizes)
-  runs = {(n, b): rows[(n, b if R.get(n).norm in T.BATCH_NORMALIZERS else None)]
-          for n in names for b in sizes}
+  runs = {
+    (n, b): rows[(n, b if R.get(n).norm in T.BATCH_NORMALIZERS else None)]
+    for n in names
+    for b in sizes
+  }
   others = [n for n in names if n != "bn"]
   header = " | ".join(f"b={b}" for b in sizes)
-  table = ("\nAgainst BN at the same b: test top-1 minus BN's, seed by seed (mean ± "
-           f"sample std over the seeds both have):\n\n| recipe | {header} |\n|---|"
-           + "---|" * len(sizes) + "\n")
+  table = (
+    "\nAgainst BN at the same b: test top-1 minus BN's, seed by seed (mean ± "
+    f"sample std over the seeds both have):\n\n| recipe | {header} |\n|---|"
+    + "---|" * len(sizes)
+    + "\n"
+  )
   for n in others:
-    table += f"| {n} | " + " | ".join(
-        _difference_cell(paired_differences(runs[(n, b)], runs[("bn", b)])) for b in sizes) + " |\n"
+    table += (
+      f"| {n} | "
+      + " | ".join(
+        _difference_cell(paired_differences(runs[(n, b)], runs[("bn", b)])) for b in sizes
+      )
+      + " |\n"
+    )
   small = [b for b in sizes if b < largest]
   if not small:  # one batch size: there is no gap to close
     return table
   header = " | ".join(f"b={b}" for b in small)
-  table += (f"\nShare of BN's gap (BN at b={largest} minus BN at b) closed: (recipe - BN(b)) / "
-            f"(BN({largest}) - BN(b)) on the means over seeds, then the same ratio seed by seed "
-            f"(mean ± std); — where BN's gap is under {MIN_GAP:g} points:\n\n"
-            f"| recipe | {header} |\n|---|" + "---|" * len(small) + "\n")
+  table += (
+    f"\nShare of BN's gap (BN at b={largest} minus BN at b) closed: (recipe - BN(b)) / "
+    f"(BN({largest}) - BN(b)) on the means over seeds, then the same ratio seed by seed "
+    f"(mean ± std); — where BN's gap is under {MIN_GAP:g} points:\n\n"
+    f"| recipe | {header} |\n|---|" + "---|" * len(small) + "\n"
+  )
   for n in others:
-    table += f"| {n} | " + " | ".join(
+    table += (
+      f"| {n} | "
+      + " | ".join(
         _share_cell(*gap_closed(runs[(n, b)], runs[("bn", b)], runs[("bn", largest)]))
-        for b in small) + " |\n"
+        for b in small
+      )
+      + " |\n"
+    )
   return table
 
 
-DIAGNOSTICS = (("kernel_norm", "kernel norm ||W||"),
-               ("grad_cos_channel", "cos(grad, W), channel mean"),
-               ("mu_over_sigma", "|mu| / sigma of the conv output"))
+DIAGNOSTICS = (
+  ("kernel_norm", "kernel norm ||W||"),
+  ("grad_cos_channel", "cos(grad, W), channel mean"),
+  ("mu_over_sigma", "|mu| / sigma of the conv output"),
+)
 
 
 def _run_dir(summary: Dict[str, Any]) -> str:
@@ -583,8 +707,9 @@ def _diagnostics_table(out_dir: str, runs: Dict[str, str]) -> str:
   training (where every window is on)."""
   lines = []
   for label, run in runs.items():
-    records = [r for r in T.read_metrics(os.path.join(out_dir, "runs", run, "metrics.jsonl"))
-               if "diag" in r]
+    records = [
+      r for r in T.read_metrics(os.path.join(out_dir, "runs", run, "metrics.jsonl")) if "diag" in r
+    ]
     if not records:
       continue
     half = [r for r in records if r["step"] > records[-1]["step"] / 2]
@@ -593,17 +718,21 @@ def _diagnostics_table(out_dir: str, runs: Dict[str, str]) -> str:
       values = [d[key] for r in rs for d in r["diag"].values() if key in d]
       return format(float(np.mean(values)), fmt) if values else "—"
 
-    lines.append(f"| {label} | {mean(records[:1], 'kernel_norm', '.2f')} | "
-                 f"{mean(records[-1:], 'kernel_norm', '.2f')} | "
-                 f"{mean(half, 'grad_cos_channel', '+.4f')} | "
-                 f"{mean(half, 'mu_over_sigma', '.3f')} |")
+    lines.append(
+      f"| {label} | {mean(records[:1], 'kernel_norm', '.2f')} | "
+      f"{mean(records[-1:], 'kernel_norm', '.2f')} | "
+      f"{mean(half, 'grad_cos_channel', '+.4f')} | "
+      f"{mean(half, 'mu_over_sigma', '.3f')} |"
+    )
   if not lines:
     return ""
-  return ("\nMechanism (seed 0; means over the conv layers, see diagnostics.png): kernel norm "
-          "at the first and the last log; cosine of the kernel gradient with the kernel "
-          "(channel mean) and abs(mu)/sigma of the conv output, both averaged over the second "
-          "half of training.\n\n| recipe | b | norm of W, first | norm of W, last | cos(g, W) | "
-          "mean abs(mu)/sigma |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+  return (
+    "\nMechanism (seed 0; means over the conv layers, see diagnostics.png): kernel norm "
+    "at the first and the last log; cosine of the kernel gradient with the kernel "
+    "(channel mean) and abs(mu)/sigma of the conv output, both averaged over the second "
+    "half of training.\n\n| recipe | b | norm of W, first | norm of W, last | cos(g, W) | "
+    "mean abs(mu)/sigma |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+  )
 
 
 def _plot_diagnostics(out_dir: str, runs: Dict[str, str]) -> None:
@@ -619,14 +748,14 @@ def _plot_diagnostics(out_dir: str, runs: Dict[str, str]) -> None:
   layers = sorted(next(iter(curves.values()))[0]["diag"])
   shown = [layers[i] for i in sorted({0, len(layers) // 2, len(layers) - 1})]
   plt = _plot()
-  fig, axes = plt.subplots(len(DIAGNOSTICS), len(shown), figsize=(4 * len(shown), 8),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(DIAGNOSTICS), len(shown), figsize=(4 * len(shown), 8), squeeze=False)
   for i, (key, title) in enumerate(DIAGNOSTICS):
     for j, layer in enumerate(shown):
       ax = axes[i][j]
       for label, records in curves.items():
-        pts = [(r["step"], r["diag"][layer][key]) for r in records
-               if key in r["diag"].get(layer, {})]
+        pts = [
+          (r["step"], r["diag"][layer][key]) for r in records if key in r["diag"].get(layer, {})
+        ]
         if pts:
           ax.plot(*zip(*pts, strict=True), label=label, lw=1)
       ax.set_title(f"{layer}: {title}", fontsize=8)
@@ -700,17 +829,24 @@ def placement(args, base: T.Config) -> Dict[str, Any]:
     for norm in norms:
       for layers in PLACEMENTS[:-1]:
         for b in sizes:
-          cfg = dataclasses.replace(base, norm=norm, norm_layers=layers, norm_batch_size=b,
-                                    seed=seed,
-                                    norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
+          cfg = dataclasses.replace(
+            base,
+            norm=norm,
+            norm_layers=layers,
+            norm_batch_size=b,
+            seed=seed,
+            norm_kwargs=base.norm_kwargs if norm == "mabn" else {},
+          )
           plan.append(cfg)
           keys.append((norm, layers, b))
     for b in none_sizes:  # the 'none' placement is the 'none' normalizer
-      plan.append(dataclasses.replace(base, norm="none", norm_layers="all", norm_batch_size=b,
-                                      seed=seed, norm_kwargs={}))
+      plan.append(
+        dataclasses.replace(
+          base, norm="none", norm_layers="all", norm_batch_size=b, seed=seed, norm_kwargs={}
+        )
+      )
       keys.append(("none", "none", b))
-  plan = [dataclasses.replace(c, workdir=os.path.join(out_dir, "runs", c.run_name()))
-          for c in plan]
+  plan = [dataclasses.replace(c, workdir=os.path.join(out_dir, "runs", c.run_name())) for c in plan]
   rows: Dict[Any, List[Dict[str, Any]]] = {}
   for key, s in zip(keys, run_plan(plan, args, "placement"), strict=True):
     rows.setdefault(key, [])
@@ -725,36 +861,51 @@ def placement(args, base: T.Config) -> Dict[str, Any]:
   cells = {}
   for (norm, layers, b), runs in rows.items():
     cells[f"{norm}/{layers}/{b}"] = {
-        "norm": norm, "placement": layers, "norm_batch_size": b,
-        "runs": [_run_dir(r) for r in runs],
-        "final": [r["final_test_top1"] for r in runs],
-        "steps_to_threshold": [steps_to_loss(r.get("train_loss_curve"), threshold)
-                               for r in runs],
-        "mean_loss_curve": [list(p) for p in zip(*_mean_curve(
-            [r["train_loss_curve"] for r in runs if r.get("train_loss_curve")]), strict=True)],
+      "norm": norm,
+      "placement": layers,
+      "norm_batch_size": b,
+      "runs": [_run_dir(r) for r in runs],
+      "final": [r["final_test_top1"] for r in runs],
+      "steps_to_threshold": [steps_to_loss(r.get("train_loss_curve"), threshold) for r in runs],
+      "mean_loss_curve": [
+        list(p)
+        for p in zip(
+          *_mean_curve([r["train_loss_curve"] for r in runs if r.get("train_loss_curve")]),
+          strict=True,
+        )
+      ],
     }
   results = {"loss_threshold": threshold, "cells": cells}
 
   table = _header(args, base, "Placement of the normalization")
   n_convs = 2 if base.model == "cnn2" else 6
-  table += (f"Placements ({n_convs} convs): `all` every conv, `first_half` convs "
-            + ", ".join(str(i + 1) for i in models.normalized_layers("first_half", n_convs))
-            + ", `first` conv 1, `none` no normalization (every conv biased, no normalizer: "
-            "one run for all normalizers"
-            + ("" if base.small_batch else " and normalization batches") + "). Steps: the "
-            f"first logged train-loss window (every {base.log_every} steps) at or below "
-            f"{threshold:g}, mean ± sample std over the seeds that reached it (reached/runs); "
-            "— if none did.\n\n")
-  table += ("| normalizer | placement | " + " | ".join(f"b={b} top-1 | b={b} steps to loss ≤ "
-                                                       f"{threshold:g}" for b in sizes)
-            + " |\n|---|---|" + "---|---|" * len(sizes) + "\n")
+  table += (
+    f"Placements ({n_convs} convs): `all` every conv, `first_half` convs "
+    + ", ".join(str(i + 1) for i in models.normalized_layers("first_half", n_convs))
+    + ", `first` conv 1, `none` no normalization (every conv biased, no normalizer: "
+    "one run for all normalizers"
+    + ("" if base.small_batch else " and normalization batches")
+    + "). Steps: the "
+    f"first logged train-loss window (every {base.log_every} steps) at or below "
+    f"{threshold:g}, mean ± sample std over the seeds that reached it (reached/runs); "
+    "— if none did.\n\n"
+  )
+  table += (
+    "| normalizer | placement | "
+    + " | ".join(f"b={b} top-1 | b={b} steps to loss ≤ {threshold:g}" for b in sizes)
+    + " |\n|---|---|"
+    + "---|---|" * len(sizes)
+    + "\n"
+  )
   for norm in norms:
     for layers in PLACEMENTS[:-1]:
       row = []
       for b in sizes:
         runs = rows.get((norm, layers, b), [])
-        row += [_cell([r["final_test_top1"] for r in runs]),
-                _steps_cell(cells[f"{norm}/{layers}/{b}"]["steps_to_threshold"])]
+        row += [
+          _cell([r["final_test_top1"] for r in runs]),
+          _steps_cell(cells[f"{norm}/{layers}/{b}"]["steps_to_threshold"]),
+        ]
       table += f"| {norm} | {layers} | " + " | ".join(row) + " |\n"
   row = []
   for b in none_sizes:
@@ -766,18 +917,26 @@ def placement(args, base: T.Config) -> Dict[str, Any]:
   _write(out_dir, table, results)
 
   plt = _plot()
-  fig, axes = plt.subplots(len(norms), len(sizes), figsize=(4.5 * len(sizes), 3.2 * len(norms)),
-                           squeeze=False, sharey=True)
+  fig, axes = plt.subplots(
+    len(norms), len(sizes), figsize=(4.5 * len(sizes), 3.2 * len(norms)), squeeze=False, sharey=True
+  )
   for i, norm in enumerate(norms):
     for j, b in enumerate(sizes):
       ax = axes[i][j]
       for layers in PLACEMENTS:
         runs = runs_of(norm, layers, b)
-        steps, losses = _mean_curve([r["train_loss_curve"] for r in runs
-                                     if r.get("train_loss_curve")])
+        steps, losses = _mean_curve(
+          [r["train_loss_curve"] for r in runs if r.get("train_loss_curve")]
+        )
         if steps:
-          ax.plot(steps, losses, "--" if layers == "none" else "-", lw=1,
-                  marker="." if len(steps) < 10 else None, label=f"{layers} ({len(runs)})")
+          ax.plot(
+            steps,
+            losses,
+            "--" if layers == "none" else "-",
+            lw=1,
+            marker="." if len(steps) < 10 else None,
+            label=f"{layers} ({len(runs)})",
+          )
       ax.axhline(threshold, color="gray", lw=0.6, ls=":")
       ax.set_title(f"{norm}, b={b}", fontsize=9)
       ax.set_xlabel("step", fontsize=8)
@@ -817,21 +976,28 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
       v = {**v, "params": optax.apply_updates(v["params"], updates)}
       stats = jax.tree_util.tree_map(lambda a: a[:, :channels], stats)
       return v, opt_state, loss, stats
+
     return step
 
   def without_records(grad_fn):  # the recorder's signature: empty records
     return lambda *a: (grad_fn(*a), {})
 
   for label, norm, b in settings:
-    cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, num_devices=1,
-                              norm_kwargs=base.norm_kwargs if norm == "mabn" else {})
+    cfg = dataclasses.replace(
+      base,
+      norm=norm,
+      norm_batch_size=b,
+      num_devices=1,
+      norm_kwargs=base.norm_kwargs if norm == "mabn" else {},
+    )
     loader = data_lib.Loader(dataset, "train", B, True, cfg.seed)
     spe = loader.steps_per_epoch
     total = args.steps
     model = T.build(cfg, dataset.num_classes, max(total, 1), spe)
     tx = T.optimizer(cfg, T.learning_rate_schedule(cfg, spe, max(total, 1)))
-    variables = unfreeze(model.init(jax.random.PRNGKey(cfg.seed),
-                                    jnp.zeros((B,) + dataset.image_shape), train=True))
+    variables = unfreeze(
+      model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((B,) + dataset.image_shape), train=True)
+    )
     opt_state = tx.init(variables["params"])
 
     def loss_fn(v, images, labels, model=model):
@@ -850,8 +1016,9 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
     epoch = 0
     while s < total:
       for batch in loader.epoch(epoch):
-        variables, opt_state, loss, stats = step(variables, opt_state, batch["image"],
-                                                 batch["label"])
+        variables, opt_state, loss, stats = step(
+          variables, opt_state, batch["image"], batch["label"]
+        )
         losses.append(loss)
         for layer, named in stats.items():
           for stat, value in named.items():
@@ -862,44 +1029,59 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
       epoch += 1
     losses = [float(l) for l in jax.device_get(losses)]
     # (steps, G, C) -> (steps * G, C): consecutive normalization groups in order.
-    arr = {layer: {stat: np.concatenate(jax.device_get(v)) for stat, v in named.items()}
-           for layer, named in series.items()}
+    arr = {
+      layer: {stat: np.concatenate(jax.device_get(v)) for stat, v in named.items()}
+      for layer, named in series.items()
+    }
     traces[label] = arr
     results[label] = {
-        "loss_curve": losses,
-        "step_variance": {layer: {stat: float(np.mean(np.var(np.diff(v, axis=0), axis=0)) / 2)
-                                  for stat, v in named.items()} for layer, named in arr.items()},
-        "variance": {layer: {stat: float(np.mean(np.var(v, axis=0))) for stat, v in named.items()}
-                     for layer, named in arr.items()},
+      "loss_curve": losses,
+      "step_variance": {
+        layer: {
+          stat: float(np.mean(np.var(np.diff(v, axis=0), axis=0)) / 2) for stat, v in named.items()
+        }
+        for layer, named in arr.items()
+      },
+      "variance": {
+        layer: {stat: float(np.mean(np.var(v, axis=0))) for stat, v in named.items()}
+        for layer, named in arr.items()
+      },
     }
   if args.no_record:
     _write(out_dir, "# Loss curves without the statistics recorder\n", results)
     return results
-  table = (f"# Batch-statistics instability\n\nCommand: `python -m experiments.sweep "
-           f"{' '.join(args.argv)}`\n\nModel `{base.model}` on `{base.dataset}`, SGD batch {B}, "
-           f"{args.steps} steps, first {channels} channels. Cell: half the mean squared "
-           "step-to-step change of each statistic (per channel, averaged over channels), a "
-           "noise variance; one normalization group is one iteration. BN: mu, var (forward), "
-           "g, psi (backward); MABN: the statistics it uses (chi_used, psi_used, moving averages "
-           "after warmup) and the batch values (chi_batch, psi_batch).\n\n")
+  table = (
+    f"# Batch-statistics instability\n\nCommand: `python -m experiments.sweep "
+    f"{' '.join(args.argv)}`\n\nModel `{base.model}` on `{base.dataset}`, SGD batch {B}, "
+    f"{args.steps} steps, first {channels} channels. Cell: half the mean squared "
+    "step-to-step change of each statistic (per channel, averaged over channels), a "
+    "noise variance; one normalization group is one iteration. BN: mu, var (forward), "
+    "g, psi (backward); MABN: the statistics it uses (chi_used, psi_used, moving averages "
+    "after warmup) and the batch values (chi_batch, psi_batch).\n\n"
+  )
   for label, r in results.items():
     sv = r["step_variance"]
     stats_names = sorted({s for named in sv.values() for s in named})
     table += f"## {label}\n\n| layer | " + " | ".join(stats_names) + " |\n"
     table += "|---|" + "---|" * len(stats_names) + "\n"
     for layer, named in sv.items():
-      table += f"| {layer} | " + " | ".join(f"{named.get(s, float('nan')):.3g}"
-                                           for s in stats_names) + " |\n"
+      table += (
+        f"| {layer} | "
+        + " | ".join(f"{named.get(s, float('nan')):.3g}" for s in stats_names)
+        + " |\n"
+      )
     table += "\n"
   _write(out_dir, table, results)
 
   plt = _plot()
   layer = sorted(next(iter(traces.values())))[min(1, len(next(iter(traces.values()))) - 1)]
   fig, axes = plt.subplots(2, 2, figsize=(10, 6))
-  panels = [("mu", "chi_used", "forward: mu_B (BN) / chi used (MABN)"),
-            ("var", None, "forward: var_B"),
-            ("g", None, "backward: g_B"),
-            ("psi", "psi_used", "backward: Psi_B (BN) / Psi used (MABN)")]
+  panels = [
+    ("mu", "chi_used", "forward: mu_B (BN) / chi used (MABN)"),
+    ("var", None, "forward: var_B"),
+    ("g", None, "backward: g_B"),
+    ("psi", "psi_used", "backward: Psi_B (BN) / Psi used (MABN)"),
+  ]
   for ax, (bn_stat, mabn_stat, title) in zip(axes.ravel(), panels, strict=True):
     for label, arr in traces.items():
       stat = mabn_stat if label.startswith("MABN") else bn_stat
@@ -918,14 +1100,23 @@ def statistics(args, base: T.Config) -> Dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-COMMANDS = {"batch_size": batch_size_sweep, "ablation": ablation, "speed": inference_speed,
-            "statistics": statistics, "recipes": recipe_sweep, "placement": placement}
+COMMANDS = {
+  "batch_size": batch_size_sweep,
+  "ablation": ablation,
+  "speed": inference_speed,
+  "statistics": statistics,
+  "recipes": recipe_sweep,
+  "placement": placement,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.sweep",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("command", choices=sorted(COMMANDS))
   parser.add_argument("--preset", default="quick", choices=T.PRESETS)
   parser.add_argument("--name", default=None, help="results/<name> (default: command_preset)")
@@ -934,17 +1125,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--batch_sizes", default=None)
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--norm_batch_size_ablation", default="2")
-  parser.add_argument("--recipes", default=None,
-                      help="recipes: comma-separated names of experiments/recipes.py")
+  parser.add_argument(
+    "--recipes", default=None, help="recipes: comma-separated names of experiments/recipes.py"
+  )
   parser.add_argument("--dry_run", action="store_true")
-  parser.add_argument("--reuse", default="",
-                      help="result names (comma-separated) whose finished runs with an "
-                           "identical config are copied instead of retrained")
-  parser.add_argument("--loss_threshold", type=float, default=1.2,
-                      help="placement: the train loss whose first crossing is counted in steps")
+  parser.add_argument(
+    "--reuse",
+    default="",
+    help="result names (comma-separated) whose finished runs with an "
+    "identical config are copied instead of retrained",
+  )
+  parser.add_argument(
+    "--loss_threshold",
+    type=float,
+    default=1.2,
+    help="placement: the train loss whose first crossing is counted in steps",
+  )
   parser.add_argument("--steps", type=int, default=300, help="statistics: training steps")
-  parser.add_argument("--no_record", action="store_true",
-                      help="statistics: train without the recorder (loss curve only)")
+  parser.add_argument(
+    "--no_record",
+    action="store_true",
+    help="statistics: train without the recorder (loss curve only)",
+  )
   parser.add_argument("--channels", type=int, default=8, help="statistics: channels recorded")
   parser.add_argument("--batch", type=int, default=32, help="speed: batch size")
   parser.add_argument("--iters", type=int, default=10, help="speed: batches per repeat")

@@ -118,16 +118,19 @@ class Config:
   precise_bn_batches: int = 0
   diagnose: bool = False
 
-  def normalizer_kwargs(self, total_steps: Optional[int] = None,
-                        steps_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+  def normalizer_kwargs(
+    self, total_steps: Optional[int] = None, steps_per_epoch: Optional[int] = None
+  ) -> Dict[str, Any]:
     """The registry keyword arguments of the run's normalizer.
 
     Step-count options (:data:`STEP_OPTIONS`) may be given relative to the
     run (see :func:`resolve_steps`); they become step counts here, which
     needs ``total_steps`` and ``steps_per_epoch``.
     """
-    kw = {k: resolve_steps(k, v, self, total_steps, steps_per_epoch)
-          if k in STEP_OPTIONS else v for k, v in self.norm_kwargs.items()}
+    kw = {
+      k: resolve_steps(k, v, self, total_steps, steps_per_epoch) if k in STEP_OPTIONS else v
+      for k, v in self.norm_kwargs.items()
+    }
     if self.norm in BATCH_NORMALIZERS and self.norm_batch_size is not None:
       kw.setdefault("norm_batch_size", self.norm_batch_size)
     if self.norm == "gn":
@@ -155,8 +158,7 @@ class Config:
       raise ValueError("--small_batch needs --norm_batch_size (the SGD batch becomes b)")
     b, B = self.norm_batch_size, self.device_batch()
     if b is not None and (b <= 0 or B % b):
-      raise ValueError(
-          f"norm_batch_size b={b} must divide the per-device batch B={B}")
+      raise ValueError(f"norm_batch_size b={b} must divide the per-device batch B={B}")
     if self.parallel not in PARALLEL_MODES:
       raise ValueError(f"parallel {self.parallel!r}: expected one of {PARALLEL_MODES}")
     if self.schedule not in ("cosine", "step", "constant"):
@@ -168,19 +170,22 @@ class Config:
     the field and the allowed values otherwise)."""
     if self.norm_layers == "all":
       return
-    allowed = (f"{', '.join(map(repr, models.NORM_LAYERS))} or 1-based conv numbers "
-               "such as '1,3'")
+    allowed = f"{', '.join(map(repr, models.NORM_LAYERS))} or 1-based conv numbers such as '1,3'"
     if not isinstance(self.norm_layers, str):
-      raise ValueError(f"Config.norm_layers={self.norm_layers!r}: expected a string, "
-                       f"one of {allowed}")
+      raise ValueError(
+        f"Config.norm_layers={self.norm_layers!r}: expected a string, one of {allowed}"
+      )
     if self.model not in models.PLACEMENT_MODELS:
-      raise ValueError(f"Config.norm_layers={self.norm_layers!r} needs model one of "
-                       f"{models.PLACEMENT_MODELS}, not {self.model!r} (which takes only 'all')")
+      raise ValueError(
+        f"Config.norm_layers={self.norm_layers!r} needs model one of "
+        f"{models.PLACEMENT_MODELS}, not {self.model!r} (which takes only 'all')"
+      )
     try:
       models.normalized_layers(self.norm_layers, 2 if self.model == "cnn2" else 6)
     except ValueError as error:
-      raise ValueError(f"Config.norm_layers={self.norm_layers!r}: expected one of "
-                       f"{allowed} ({error})") from None
+      raise ValueError(
+        f"Config.norm_layers={self.norm_layers!r}: expected one of {allowed} ({error})"
+      ) from None
 
   def run_name(self) -> str:
     b = self.norm_batch_size or self.device_batch()
@@ -197,14 +202,16 @@ def first_decay_step(config: Config, steps_per_epoch: int) -> int:
   """The first step at which the learning rate decays (``'step'`` schedules)."""
   if config.schedule != "step" or not config.step_epochs:
     raise ValueError(
-        f"'first_decay' needs a step schedule with step_epochs, not schedule "
-        f"{config.schedule!r} with step_epochs {tuple(config.step_epochs)}; give a "
-        "fraction of training ('67%') instead")
+      f"'first_decay' needs a step schedule with step_epochs, not schedule "
+      f"{config.schedule!r} with step_epochs {tuple(config.step_epochs)}; give a "
+      "fraction of training ('67%') instead"
+    )
   return int(min(config.step_epochs) * steps_per_epoch)
 
 
-def resolve_steps(name: str, value: Any, config: Config, total_steps: Optional[int],
-                  steps_per_epoch: Optional[int]) -> int:
+def resolve_steps(
+  name: str, value: Any, config: Config, total_steps: Optional[int], steps_per_epoch: Optional[int]
+) -> int:
   """A step-count option as an int number of steps.
 
   ``value`` is an int (steps), ``'<p>%'`` (that share of the run's training
@@ -212,13 +219,17 @@ def resolve_steps(name: str, value: Any, config: Config, total_steps: Optional[i
   a ``'step'`` learning-rate schedule first decays: the CBN authors' burn-in).
   """
   if isinstance(value, bool) or not isinstance(value, (int, str)):
-    raise ValueError(f"normalizer option {name}={value!r}: expected an int number of steps, "
-                     "'<p>%', '<e>ep' or 'first_decay'")
+    raise ValueError(
+      f"normalizer option {name}={value!r}: expected an int number of steps, "
+      "'<p>%', '<e>ep' or 'first_decay'"
+    )
   if isinstance(value, int):
     return value
   if total_steps is None or steps_per_epoch is None:
-    raise ValueError(f"normalizer option {name}={value!r} is relative to the run; its "
-                     "length (total_steps, steps_per_epoch) is needed")
+    raise ValueError(
+      f"normalizer option {name}={value!r} is relative to the run; its "
+      "length (total_steps, steps_per_epoch) is needed"
+    )
   text = value.strip()
   try:
     if text == "first_decay":
@@ -229,8 +240,10 @@ def resolve_steps(name: str, value: Any, config: Config, total_steps: Optional[i
       return int(round(float(text[:-2]) * steps_per_epoch))
   except ValueError as error:
     raise ValueError(f"normalizer option {name}={value!r}: {error}") from error
-  raise ValueError(f"normalizer option {name}={value!r}: expected an int number of steps, "
-                   "'<p>%', '<e>ep' or 'first_decay'")
+  raise ValueError(
+    f"normalizer option {name}={value!r}: expected an int number of steps, "
+    "'<p>%', '<e>ep' or 'first_decay'"
+  )
 
 
 PRESETS = ("quick", "cifar", "cifar_cpu", "imagenet")
@@ -243,25 +256,76 @@ def preset(name: str, **overrides) -> Config:
     # last conv pair sees 2x2 positions, so a group of 2 images normalizes
     # over 8 values per channel). 6 epochs chosen on a validation split (see
     # MAIN_JOB).
-    c = Config(preset=name, dataset="digits8", model="cnn6", width=16, batch_size=32,
-               norm_batch_size=2, epochs=6, lr=0.05, weight_decay=5e-4, warmup_epochs=1,
-               log_every=10, eval_every=2, gn_groups=8)
+    c = Config(
+      preset=name,
+      dataset="digits8",
+      model="cnn6",
+      width=16,
+      batch_size=32,
+      norm_batch_size=2,
+      epochs=6,
+      lr=0.05,
+      weight_decay=5e-4,
+      warmup_epochs=1,
+      log_every=10,
+      eval_every=2,
+      gn_groups=8,
+    )
   elif name == "cifar_cpu":
     # 2 CPU cores, 5-10 minutes: the 6-conv CNN on 10,000 CIFAR-10 images.
-    c = Config(preset=name, dataset="cifar10_jpeg", model="cnn6", width=32, batch_size=32,
-               train_subset=10000, epochs=8, lr=0.05, weight_decay=5e-4, warmup_epochs=0.5,
-               log_every=25, eval_every=2, gn_groups=8)
+    c = Config(
+      preset=name,
+      dataset="cifar10_jpeg",
+      model="cnn6",
+      width=32,
+      batch_size=32,
+      train_subset=10000,
+      epochs=8,
+      lr=0.05,
+      weight_decay=5e-4,
+      warmup_epochs=0.5,
+      log_every=25,
+      eval_every=2,
+      gn_groups=8,
+    )
   elif name == "cifar":
     # Full CIFAR-10 schedule (GPU): ResNet-20, 160 epochs, steps at 80 and 120.
-    c = Config(preset=name, dataset="cifar10_jpeg", model="resnet20", batch_size=128,
-               epochs=160, lr=0.1, weight_decay=1e-4, schedule="step", step_epochs=(80, 120),
-               warmup_epochs=1, log_every=50, eval_every=5, checkpoint_every=2000)
+    c = Config(
+      preset=name,
+      dataset="cifar10_jpeg",
+      model="resnet20",
+      batch_size=128,
+      epochs=160,
+      lr=0.1,
+      weight_decay=1e-4,
+      schedule="step",
+      step_epochs=(80, 120),
+      warmup_epochs=1,
+      log_every=50,
+      eval_every=5,
+      checkpoint_every=2000,
+    )
   elif name == "imagenet":
     # The MABN paper's setting: ResNet-50, normalization batch 2, SGD batch 32 per device.
-    c = Config(preset=name, dataset="imagenet2012", model="resnet50", norm="mabn",
-               batch_size=32, norm_batch_size=2, epochs=90, lr=0.1, weight_decay=1e-4,
-               schedule="step", step_epochs=(30, 60, 80), warmup_epochs=5,
-               image_size=224, log_every=100, eval_every=5, checkpoint_every=5000, prefetch=4)
+    c = Config(
+      preset=name,
+      dataset="imagenet2012",
+      model="resnet50",
+      norm="mabn",
+      batch_size=32,
+      norm_batch_size=2,
+      epochs=90,
+      lr=0.1,
+      weight_decay=1e-4,
+      schedule="step",
+      step_epochs=(30, 60, 80),
+      warmup_epochs=5,
+      image_size=224,
+      log_every=100,
+      eval_every=5,
+      checkpoint_every=5000,
+      prefetch=4,
+    )
   else:
     raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
   return dataclasses.replace(c, **overrides)
@@ -279,12 +343,23 @@ def make_normalizer(name: str, **kwargs):
 def load_data(config: Config) -> data_lib.Dataset:
   """The run's dataset (``config``'s data fields, validation split included)."""
   return data_lib.load_dataset(
-      config.dataset, config.data_dir, config.cache_dir, config.train_subset,
-      config.tarball, config.use_tfds, config.image_size, config.val_split)
+    config.dataset,
+    config.data_dir,
+    config.cache_dir,
+    config.train_subset,
+    config.tarball,
+    config.use_tfds,
+    config.image_size,
+    config.val_split,
+  )
 
 
-def build(config: Config, num_classes: int, total_steps: Optional[int] = None,
-          steps_per_epoch: Optional[int] = None):
+def build(
+  config: Config,
+  num_classes: int,
+  total_steps: Optional[int] = None,
+  steps_per_epoch: Optional[int] = None,
+):
   norm = make_normalizer(config.norm, **config.normalizer_kwargs(total_steps, steps_per_epoch))
   return models.build_model(config.model, norm, num_classes, config.width, config.norm_layers)
 
@@ -296,25 +371,27 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int, total_steps: in
     main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
   elif config.schedule == "step":
     main = optax.piecewise_constant_schedule(
-        lr, {int(e * steps_per_epoch) - warmup: config.step_factor
-             for e in config.step_epochs})
+      lr, {int(e * steps_per_epoch) - warmup: config.step_factor for e in config.step_epochs}
+    )
   else:
     main = optax.constant_schedule(lr)
   if warmup <= 0:
     return main
   return optax.join_schedules(
-      [optax.linear_schedule(lr / max(1, warmup), lr, warmup), main], [warmup])
+    [optax.linear_schedule(lr / max(1, warmup), lr, warmup), main], [warmup]
+  )
 
 
 def optimizer(config: Config, schedule) -> optax.GradientTransformation:
   """SGD + momentum; weight decay on conv/dense kernels only."""
+
   def kernel_mask(params):
     flat = traverse_util.flatten_dict(unfreeze(params))
     return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
 
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
-      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+    optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+    optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
   )
 
 
@@ -322,8 +399,14 @@ PARALLEL_MODES = ("jit", "shard_map", "pmap")
 """How a step runs on the devices (``Config.parallel``; see :class:`Parallel`)."""
 
 
-def step_functions(model, tx, num_classes: int, label_smoothing: float,
-                   diagnose: bool = False, axis: Optional[str] = AXIS):
+def step_functions(
+  model,
+  tx,
+  num_classes: int,
+  label_smoothing: float,
+  diagnose: bool = False,
+  axis: Optional[str] = AXIS,
+):
   """``(train_step, eval_step)`` of one program, not yet mapped or compiled.
 
   ``axis`` is the mapped axis (``pmap``/``shard_map``) over which gradients
@@ -339,8 +422,11 @@ def step_functions(model, tx, num_classes: int, label_smoothing: float,
 
   def loss_fn(variables, images, labels):
     logits, mutated = model.apply(variables, images, train=True, mutable=mutable)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-        if label_smoothing else jax.nn.one_hot(labels, num_classes)
+    targets = (
+      optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+      if label_smoothing
+      else jax.nn.one_hot(labels, num_classes)
+    )
     loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
     return loss, (mutated, logits)
 
@@ -375,8 +461,10 @@ def jit_steps(steps, mesh):
   """One ``jax.jit`` program over the global batch; outputs replicated."""
   train_step, eval_step = steps
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return (jax.jit(train_step, donate_argnums=(0, 1), out_shardings=replicated),
-          jax.jit(eval_step, out_shardings=replicated))
+  return (
+    jax.jit(train_step, donate_argnums=(0, 1), out_shardings=replicated),
+    jax.jit(eval_step, out_shardings=replicated),
+  )
 
 
 def shard_map_steps(steps, mesh):
@@ -392,10 +480,12 @@ def shard_map_steps(steps, mesh):
     variables, opt_state, metrics = train_step(own(variables), own(opt_state), batch)
     return lead(variables), lead(opt_state), metrics
 
-  mapped_train = jax.shard_map(train_body, mesh=mesh, in_specs=(spec, spec, spec),
-                               out_specs=(spec, spec, none))
-  mapped_eval = jax.shard_map(lambda v, b: eval_step(own(v), b), mesh=mesh,
-                              in_specs=(spec, spec), out_specs=none)
+  mapped_train = jax.shard_map(
+    train_body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec, none)
+  )
+  mapped_eval = jax.shard_map(
+    lambda v, b: eval_step(own(v), b), mesh=mesh, in_specs=(spec, spec), out_specs=none
+  )
   return jax.jit(mapped_train, donate_argnums=(0, 1)), jax.jit(mapped_eval)
 
 
@@ -403,8 +493,10 @@ def pmap_steps(steps, mesh):
   """The per-device step under ``jax.pmap`` over the mesh's (local) devices."""
   del mesh
   train_step, eval_step = steps
-  return (jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0, 1)),
-          jax.pmap(eval_step, axis_name=AXIS))
+  return (
+    jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0, 1)),
+    jax.pmap(eval_step, axis_name=AXIS),
+  )
 
 
 def _local_value(x) -> np.ndarray:
@@ -452,8 +544,11 @@ class Parallel:
     if mode == "pmap" or jax.process_count() == 1:
       devices = local
     else:  # every process's first n devices, process by process
-      devices = [d for p in range(jax.process_count())
-                 for d in [d for d in jax.devices() if d.process_index == p][:n]]
+      devices = [
+        d
+        for p in range(jax.process_count())
+        for d in [d for d in jax.devices() if d.process_index == p][:n]
+      ]
     self.mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
     spec = jax.sharding.PartitionSpec
     self.sharded = jax.sharding.NamedSharding(self.mesh, spec(AXIS))
@@ -471,14 +566,14 @@ class Parallel:
     """Host layout -> device arrays (the global arrays of all processes)."""
     sharding = self.sharded if self.per_device else self.replicated
     return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_tree)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_tree
+    )
 
   def batch(self, batch: Dict[str, np.ndarray]):
     """This process's batch ``(n * B, ...)`` -> the step's input."""
     if self.mode == "pmap":
       return shard(batch, self.n)
-    return {k: jax.make_array_from_process_local_data(self.sharded, v)
-            for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
 
   def to_host(self, tree):
     """Device arrays -> this process's host layout (numpy)."""
@@ -519,8 +614,9 @@ def _evaluated(record: Dict[str, Any]) -> bool:
   return any(k.endswith("_top1") for k in record)
 
 
-def evaluate_splits(parallel: Parallel, variables, loaders: Dict[str, data_lib.Loader],
-                    final: bool, suffix: str = "") -> Dict[str, float]:
+def evaluate_splits(
+  parallel: Parallel, variables, loaders: Dict[str, data_lib.Loader], final: bool, suffix: str = ""
+) -> Dict[str, float]:
   """``{'<split>_top1<suffix>': accuracy}`` of one evaluation.
 
   With a validation split, evaluations during training use it alone and the
@@ -530,8 +626,9 @@ def evaluate_splits(parallel: Parallel, variables, loaders: Dict[str, data_lib.L
   splits = ["val"] if "val" in loaders else ["test"]
   if final and "val" in loaders:
     splits.append("test")
-  return {f"{split}_top1{suffix}": evaluate(parallel, variables, loaders[split])
-          for split in splits}
+  return {
+    f"{split}_top1{suffix}": evaluate(parallel, variables, loaders[split]) for split in splits
+  }
 
 
 def evaluate(parallel: Parallel, variables, loader: data_lib.Loader) -> float:
@@ -543,8 +640,9 @@ def evaluate(parallel: Parallel, variables, loader: data_lib.Loader) -> float:
   return 100.0 * correct / max(count, 1.0)
 
 
-def precise_bn_evaluation(config: Config, model, dev_vars, dataset: data_lib.Dataset,
-                          parallel: Parallel, eval_loaders) -> Dict[str, Any]:
+def precise_bn_evaluation(
+  config: Config, model, dev_vars, dataset: data_lib.Dataset, parallel: Parallel, eval_loaders
+) -> Dict[str, Any]:
   """Evaluation after precise BN (:func:`mabn_jax.recompute_batch_stats`).
 
   The running statistics of device 0's trained variables are replaced by
@@ -561,11 +659,14 @@ def precise_bn_evaluation(config: Config, model, dev_vars, dataset: data_lib.Dat
   if synced or config.norm not in BATCH_NORMALIZERS:
     return {}
   variables = parallel.first(dev_vars)
-  loader = data_lib.Loader(dataset, "train", parallel.normalization_batch(config.device_batch()),
-                           True, config.seed)
+  loader = data_lib.Loader(
+    dataset, "train", parallel.normalization_batch(config.device_batch()), True, config.seed
+  )
   last_epoch = max(0, int(np.ceil(config.epochs)) - 1)
-  batches = (b["image"] for _, b in zip(range(config.precise_bn_batches),
-                                         loader.epoch(last_epoch), strict=False))
+  batches = (
+    b["image"]
+    for _, b in zip(range(config.precise_bn_batches), loader.epoch(last_epoch), strict=False)
+  )
   precise = mj.recompute_batch_stats(model.apply, variables, batches, train=True)
   precise = parallel.put(parallel.replicate(_to_host(unfreeze(precise))))
   results = evaluate_splits(parallel, precise, eval_loaders, final=True, suffix="_precise")
@@ -578,17 +679,30 @@ def precise_bn_evaluation(config: Config, model, dev_vars, dataset: data_lib.Dat
 
 def git_commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)),
-                          timeout=10).stdout.strip() or "unknown"
+    return (
+      subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        timeout=10,
+      ).stdout.strip()
+      or "unknown"
+    )
   except Exception:  # noqa: BLE001 - bookkeeping only
     return "unknown"
 
 
 def device_info() -> Dict[str, Any]:
   d = jax.local_devices()[0]
-  return {"platform": d.platform, "kind": d.device_kind, "local_devices": jax.local_device_count(),
-          "processes": jax.process_count(), "host": platform.node(), "cpus": os.cpu_count()}
+  return {
+    "platform": d.platform,
+    "kind": d.device_kind,
+    "local_devices": jax.local_device_count(),
+    "processes": jax.process_count(),
+    "host": platform.node(),
+    "cpus": os.cpu_count(),
+  }
 
 
 def read_metrics(path: str):
@@ -624,8 +738,10 @@ class Progress:
     if enabled:
       try:
         from tqdm import tqdm
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
+
+        self.bar = tqdm(
+          total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr
+        )
       except ImportError:
         self.bar = None
 
@@ -639,8 +755,11 @@ class Progress:
     rate = (step - self.initial) / max(time.time() - self.start, 1e-9)
     eta = (self.total - step) / max(rate, 1e-9)
     items = " ".join(f"{k}={v:.4g}" for k, v in info.items())
-    print(f"{self.desc} step {step}/{self.total} {items} {rate:.2f} steps/s ETA {eta:.0f}s",
-          file=sys.stderr, flush=True)
+    print(
+      f"{self.desc} step {step}/{self.total} {items} {rate:.2f} steps/s ETA {eta:.0f}s",
+      file=sys.stderr,
+      flush=True,
+    )
 
   def close(self):
     if self.bar is not None:
@@ -655,8 +774,8 @@ def _checkpoint_manager(directory: str):
   import orbax.checkpoint as ocp
 
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+    os.path.abspath(directory),
+    options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
   )
 
 
@@ -667,8 +786,11 @@ def save_checkpoint(manager, step: int, state, host: Dict[str, Any]):
 
   if jax.process_count() == 1:
     state = _to_host(state)
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)), force=True)
+  manager.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)),
+    force=True,
+  )
   manager.wait_until_finished()
 
 
@@ -682,17 +804,20 @@ def restore_checkpoint(manager, target):
     target = _to_host(target)
   path = os.path.join(str(manager.directory), str(step))
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()),
+    )
     state = _one_device_layout(restored["state"], target)
     _check_restored(state, target)
   except Exception as error:  # noqa: BLE001 - any failure to read it means a bad checkpoint
     raise ValueError(
-        f"checkpoint {path} is incomplete or corrupted and was not loaded (or it was "
-        "saved by a run with another --parallel mode or number of devices) "
-        f"({type(error).__name__}: {str(error)[:300]}); checkpoints in "
-        f"{manager.directory}: steps {list(manager.all_steps())}. Delete {path} to resume "
-        "from the previous one, or rerun without --resume.") from error
+      f"checkpoint {path} is incomplete or corrupted and was not loaded (or it was "
+      "saved by a run with another --parallel mode or number of devices) "
+      f"({type(error).__name__}: {str(error)[:300]}); checkpoints in "
+      f"{manager.directory}: steps {list(manager.all_steps())}. Delete {path} to resume "
+      "from the previous one, or rerun without --resume."
+    ) from error
   return step, state, restored["host"]
 
 
@@ -700,6 +825,7 @@ def _one_device_layout(state, target):
   """One device's state saved with a leading device axis of 1 (``pmap``,
   ``shard_map``) in ``target``'s layout without it (``jit``), or the reverse:
   on one device the modes compute the same thing."""
+
   def convert(a, b):
     if a.shape == (1,) + b.shape:
       return a[0]
@@ -707,8 +833,9 @@ def _one_device_layout(state, target):
       return a[None]
     return a
 
-  if jax.process_count() > 1 or (jax.tree_util.tree_structure(state)
-                                 != jax.tree_util.tree_structure(target)):
+  if jax.process_count() > 1 or (
+    jax.tree_util.tree_structure(state) != jax.tree_util.tree_structure(target)
+  ):
     return state
   return jax.tree_util.tree_map(convert, state, target)
 
@@ -718,11 +845,13 @@ def _check_restored(state, target) -> None:
   got = jax.tree_util.tree_structure(state)
   if got != jax.tree_util.tree_structure(target):
     raise ValueError(f"restored tree {got} differs from the expected one")
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
-                          jax.tree_util.tree_leaves(target), strict=True):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(state), jax.tree_util.tree_leaves(target), strict=True
+  ):
     if a.shape != b.shape or a.dtype != b.dtype:
-      raise ValueError(f"{jax.tree_util.keystr(path)}: restored {a.shape} {a.dtype}, "
-                       f"expected {b.shape} {b.dtype}")
+      raise ValueError(
+        f"{jax.tree_util.keystr(path)}: restored {a.shape} {a.dtype}, expected {b.shape} {b.dtype}"
+      )
 
 
 FAULT_ENV = "MABN_TRAIN_KILL"
@@ -749,10 +878,12 @@ def install_fault() -> Optional[int]:
 
     # A coroutine in recent orbax-checkpoint releases, a function in 0.11.17.
     if inspect.iscoroutinefunction(finalize):
+
       async def killing_finalize(self, *args, **kwargs):
         kill_if_armed(self)
         return await finalize(self, *args, **kwargs)
     else:
+
       def killing_finalize(self, *args, **kwargs):
         kill_if_armed(self)
         return finalize(self, *args, **kwargs)
@@ -771,6 +902,7 @@ def clear_run(workdir: str, ckpt_dir: str) -> None:
         os.remove(os.path.join(workdir, f))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("experiments.train clear_run")
 
 
@@ -783,8 +915,10 @@ def _checkpoint_target(parallel: "Parallel", host_state):
 def check_checkpointable(parallel: "Parallel") -> None:
   """Raises for checkpoints orbax cannot write: pmap with several processes."""
   if jax.process_count() > 1 and parallel.mode == "pmap":
-    raise ValueError("checkpoints of several processes need --parallel jit or shard_map "
-                     "(pmap's arrays are local to each process); or run without --workdir")
+    raise ValueError(
+      "checkpoints of several processes need --parallel jit or shard_map "
+      "(pmap's arrays are local to each process); or run without --workdir"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -794,8 +928,7 @@ def check_checkpointable(parallel: "Parallel") -> None:
 def _devices_to_use(config: Config) -> int:
   """Starts ``jax.distributed`` if asked; returns the local devices the run uses."""
   if config.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize(config.coordinator_address, config.num_processes,
-                               config.process_id)
+    jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
   devices = jax.local_devices()
   n = config.num_devices or len(devices)
   if n > len(devices):
@@ -805,12 +938,22 @@ def _devices_to_use(config: Config) -> int:
 
 def make_loaders(config: Config, dataset: data_lib.Dataset, host_batch: int):
   """``(train_loader, {split: eval_loader})`` of this process's share of the data."""
-  def loader(split, shuffle):
-    return data_lib.Loader(dataset, split, host_batch, shuffle, config.seed,
-                           jax.process_index(), jax.process_count(), config.prefetch)
 
-  evals = {split: loader(split, False)
-           for split in ("val", "test") if getattr(dataset, split) is not None}
+  def loader(split, shuffle):
+    return data_lib.Loader(
+      dataset,
+      split,
+      host_batch,
+      shuffle,
+      config.seed,
+      jax.process_index(),
+      jax.process_count(),
+      config.prefetch,
+    )
+
+  evals = {
+    split: loader(split, False) for split in ("val", "test") if getattr(dataset, split) is not None
+  }
   return loader("train", True), evals
 
 
@@ -826,7 +969,8 @@ class RunLog:
   path: Optional[str] = None
   records: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
   host: Dict[str, Any] = dataclasses.field(
-      default_factory=lambda: {"loss_sum": 0.0, "acc_sum": 0.0, "count": 0})
+    default_factory=lambda: {"loss_sum": 0.0, "acc_sum": 0.0, "count": 0}
+  )
   pending: List[Any] = dataclasses.field(default_factory=list)
   latest_diag: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -847,14 +991,21 @@ class RunLog:
         self.latest_diag["diag"] = jax.tree_util.tree_map(_scalar, m["diag"])
     self.pending.clear()
 
-  def log_training(self, step: int, steps_per_epoch: int, lr: float,
-                   steps_per_sec: float) -> Dict[str, Any]:
+  def log_training(
+    self, step: int, steps_per_epoch: int, lr: float, steps_per_sec: float
+  ) -> Dict[str, Any]:
     """Logs the averages since the last training record and resets them
     (after :meth:`fold_pending`)."""
     host = self.host
-    record = {"step": step, "epoch": step / steps_per_epoch,
-              "loss": host["loss_sum"] / host["count"], "acc": host["acc_sum"] / host["count"],
-              "lr": lr, "steps_per_sec": steps_per_sec, **self.latest_diag}
+    record = {
+      "step": step,
+      "epoch": step / steps_per_epoch,
+      "loss": host["loss_sum"] / host["count"],
+      "acc": host["acc_sum"] / host["count"],
+      "lr": lr,
+      "steps_per_sec": steps_per_sec,
+      **self.latest_diag,
+    }
     host.update(loss_sum=0.0, acc_sum=0.0, count=0)
     self.log(record)
     return record
@@ -893,28 +1044,29 @@ def open_run(config: Config, parallel: Parallel, state):
   return manager, step, state, run_log
 
 
-def summarize(config: Config, records, step: int, total_steps: int, finished: bool,
-              wall_time_s: float) -> Dict[str, Any]:
+def summarize(
+  config: Config, records, step: int, total_steps: int, finished: bool, wall_time_s: float
+) -> Dict[str, Any]:
   """The summary of a run (what ``summary.json`` holds) from its records."""
   evals = [r for r in records if "test_top1" in r]
   vals = [r for r in records if "val_top1" in r]
   trains = [r for r in records if "loss" in r]
   return {
-      "name": config.run_name(),
-      "finished": finished,
-      "step": step,
-      "total_steps": total_steps,
-      "config": dataclasses.asdict(config),
-      "git_commit": git_commit(),
-      "device": device_info(),
-      "wall_time_s": wall_time_s,
-      "final_test_top1": evals[-1]["test_top1"] if evals else None,
-      "best_test_top1": max(r["test_top1"] for r in evals) if evals else None,
-      "final_val_top1": vals[-1]["val_top1"] if vals else None,
-      "best_val_top1": max(r["val_top1"] for r in vals) if vals else None,
-      "train_loss_curve": [[r["step"], r["loss"]] for r in trains],
-      "test_top1_curve": [[r["step"], r["test_top1"]] for r in evals],
-      "val_top1_curve": [[r["step"], r["val_top1"]] for r in vals],
+    "name": config.run_name(),
+    "finished": finished,
+    "step": step,
+    "total_steps": total_steps,
+    "config": dataclasses.asdict(config),
+    "git_commit": git_commit(),
+    "device": device_info(),
+    "wall_time_s": wall_time_s,
+    "final_test_top1": evals[-1]["test_top1"] if evals else None,
+    "best_test_top1": max(r["test_top1"] for r in evals) if evals else None,
+    "final_val_top1": vals[-1]["val_top1"] if vals else None,
+    "best_val_top1": max(r["val_top1"] for r in vals) if vals else None,
+    "train_loss_curve": [[r["step"], r["loss"]] for r in trains],
+    "test_top1_curve": [[r["step"], r["test_top1"]] for r in evals],
+    "val_top1_curve": [[r["step"], r["val_top1"]] for r in vals],
   }
 
 
@@ -942,12 +1094,26 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   model = build(config, dataset.num_classes, total_steps, spe)
   schedule = learning_rate_schedule(config, spe, total_steps)
   tx = optimizer(config, schedule)
-  variables = unfreeze(model.init(jax.random.PRNGKey(config.seed),
-                                  jnp.zeros((B,) + dataset.image_shape, jnp.float32), train=True))
+  variables = unfreeze(
+    model.init(
+      jax.random.PRNGKey(config.seed),
+      jnp.zeros((B,) + dataset.image_shape, jnp.float32),
+      train=True,
+    )
+  )
   opt_state = tx.init(variables["params"])
-  parallel = Parallel(config.parallel, step_functions(
-      model, tx, dataset.num_classes, config.label_smoothing, config.diagnose,
-      None if config.parallel == "jit" else AXIS), n)
+  parallel = Parallel(
+    config.parallel,
+    step_functions(
+      model,
+      tx,
+      dataset.num_classes,
+      config.label_smoothing,
+      config.diagnose,
+      None if config.parallel == "jit" else AXIS,
+    ),
+    n,
+  )
   state = parallel.replicate(_to_host({"variables": variables, "opt_state": opt_state}))
   manager, step, state, run_log = open_run(config, parallel, state)
   dev_state = parallel.put(state)
@@ -956,11 +1122,16 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   def checkpoint():
     if manager is not None and manager.latest_step() != step:
       run_log.fold_pending(parallel)
-      save_checkpoint(manager, step, {"variables": dev_vars, "opt_state": dev_opt},
-                      dict(run_log.host))
+      save_checkpoint(
+        manager, step, {"variables": dev_vars, "opt_state": dev_opt}, dict(run_log.host)
+      )
 
-  progress = Progress(total_steps, step, config.progress and jax.process_index() == 0,
-                      f"{config.norm} b={config.norm_batch_size or B}")
+  progress = Progress(
+    total_steps,
+    step,
+    config.progress and jax.process_index() == 0,
+    f"{config.norm} b={config.norm_batch_size or B}",
+  )
   last_time, last_step = time.time(), step
   interrupted = False
   try:
@@ -974,16 +1145,22 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
         if step % config.log_every == 0 or step == total_steps or end_of_epoch:
           run_log.fold_pending(parallel)  # waits for the steps, so the rate is true
           now = time.time()
-          rec = run_log.log_training(step, spe, float(schedule(step - 1)),
-                                     (step - last_step) / max(now - last_time, 1e-9))
+          rec = run_log.log_training(
+            step, spe, float(schedule(step - 1)), (step - last_step) / max(now - last_time, 1e-9)
+          )
           last_time, last_step = now, step
           progress.update(step, {"loss": rec["loss"], "acc": rec["acc"]})
         if end_of_epoch or step == total_steps:
           e = -(-step // spe)
           due = step == total_steps or (config.eval_every and e % config.eval_every == 0)
           if due and not run_log.evaluated(step):
-            run_log.log({"step": step, "epoch": step / spe, **evaluate_splits(
-                parallel, dev_vars, eval_loaders, final=step == total_steps)})
+            run_log.log(
+              {
+                "step": step,
+                "epoch": step / spe,
+                **evaluate_splits(parallel, dev_vars, eval_loaders, final=step == total_steps),
+              }
+            )
         if config.checkpoint_every and step % config.checkpoint_every == 0:
           checkpoint()
         if step == kill_after:
@@ -1001,11 +1178,11 @@ def train(config: Config, dataset: Optional[data_lib.Dataset] = None) -> Dict[st
   if not interrupted:
     checkpoint()
   mj.check_finite({"batch_stats": parallel.first(dev_vars.get("batch_stats", {}))})
-  summary = summarize(config, run_log.records, step, total_steps, not interrupted,
-                      time.time() - wall_start)
+  summary = summarize(
+    config, run_log.records, step, total_steps, not interrupted, time.time() - wall_start
+  )
   if config.precise_bn_batches and not interrupted:
-    summary.update(precise_bn_evaluation(config, model, dev_vars, dataset, parallel,
-                                         eval_loaders))
+    summary.update(precise_bn_evaluation(config, model, dev_vars, dataset, parallel, eval_loaders))
   if config.workdir and not interrupted and jax.process_index() == 0:
     write_summary(config.workdir, summary)
   summary["variables"] = parallel.first(dev_vars)
@@ -1040,8 +1217,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=("preset", "norm"
   for f in dataclasses.fields(Config):
     if f.name in skip:
       continue
-    parser.add_argument(f"--{f.name}", default=None, type=str,
-                        help=f"(default from the preset; Config.{f.name})")
+    parser.add_argument(
+      f"--{f.name}", default=None, type=str, help=f"(default from the preset; Config.{f.name})"
+    )
 
 
 def overrides_from_args(args) -> Dict[str, Any]:
@@ -1078,7 +1256,8 @@ def main_job_table(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, Dict[str, 
   for s in summaries:
     c = s["config"]
     cells.setdefault((c["norm"], c["norm_batch_size"] or c["batch_size"]), []).append(
-        s["final_test_top1"])
+      s["final_test_top1"]
+    )
   mean = {k: float(np.mean(v)) for k, v in cells.items()}
   lines = [f"{'method':<8} {'b':>3} {'final test top-1':>18} {'seeds':>5}"]
   for (norm, b), v in cells.items():
@@ -1091,15 +1270,21 @@ def main_job_table(summaries: Sequence[Dict[str, Any]]) -> Tuple[str, Dict[str, 
     gap = mean[("bn", large)] - mean[("bn", small)]
     recovered = (mean[("mabn", small)] - mean[("bn", small)]) / gap if gap > 0 else None
     numbers.update(bn_gap=gap, mabn_recovered=recovered)
-    lines.append(f"BN at b={small} is {gap:.2f} points below BN at b={large}"
-                 + (f"; MABN at b={small} recovers {100 * recovered:.0f}% of that gap."
-                    if recovered is not None else "."))
+    lines.append(
+      f"BN at b={small} is {gap:.2f} points below BN at b={large}"
+      + (
+        f"; MABN at b={small} recovers {100 * recovered:.0f}% of that gap."
+        if recovered is not None
+        else "."
+      )
+    )
   return "\n".join(lines), numbers
 
 
 def plot_main_job(summaries: Sequence[Dict[str, Any]], path: str) -> None:
   """Test top-1 over training (mean over seeds) of every main-job method."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -1123,48 +1308,69 @@ def plot_main_job(summaries: Sequence[Dict[str, Any]], path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.train",
-      description="Train with a normalizer of mabn_jax. Without arguments (the main job): the "
-                  "quick preset (digits at 8x8), BN at normalization batch 32 and 2 and MABN "
-                  "at 2, two seeds each.")
+    prog="python -m experiments.train",
+    description="Train with a normalizer of mabn_jax. Without arguments (the main job): the "
+    "quick preset (digits at 8x8), BN at normalization batch 32 and 2 and MABN "
+    "at 2, two seeds each.",
+  )
   parser.add_argument("--preset", default="quick", choices=PRESETS)
-  parser.add_argument("--norms", "--norm", dest="norms", default=None,
-                      help="comma-separated registry names (one run each); "
-                           "default: the main job for quick, the preset's normalizer otherwise")
+  parser.add_argument(
+    "--norms",
+    "--norm",
+    dest="norms",
+    default=None,
+    help="comma-separated registry names (one run each); "
+    "default: the main job for quick, the preset's normalizer otherwise",
+  )
   add_config_arguments(parser)
   args = parser.parse_args(argv)
   overrides = overrides_from_args(args)
   base = preset(args.preset, **overrides)
-  main_job = (args.preset == "quick" and not args.norms
-              and not {"norm_batch_size", "seed"} & set(overrides))
+  main_job = (
+    args.preset == "quick" and not args.norms and not {"norm_batch_size", "seed"} & set(overrides)
+  )
   if main_job:
     runs = [(norm, b, seed) for seed in MAIN_JOB_SEEDS for norm, b in MAIN_JOB]
   else:
-    runs = [(norm, base.norm_batch_size, base.seed)
-            for norm in (args.norms.split(",") if args.norms else [base.norm])]
+    runs = [
+      (norm, base.norm_batch_size, base.seed)
+      for norm in (args.norms.split(",") if args.norms else [base.norm])
+    ]
   root = base.workdir or os.path.join("experiments", "runs", args.preset)
   dataset = None
   results = []
   for norm, b, seed in runs:
     cfg = dataclasses.replace(base, norm=norm, norm_batch_size=b, seed=seed)
-    cfg = dataclasses.replace(cfg, workdir=os.path.join(root, cfg.run_name())
-                              if len(runs) > 1 or not base.workdir else base.workdir)
+    cfg = dataclasses.replace(
+      cfg,
+      workdir=os.path.join(root, cfg.run_name())
+      if len(runs) > 1 or not base.workdir
+      else base.workdir,
+    )
     if dataset is None:
       dataset = load_data(cfg)
     s = train(cfg, dataset)
     results.append(s)
-    print(json.dumps({k: s[k] for k in ("name", "final_test_top1", "best_test_top1",
-                                         "wall_time_s", "finished")}), flush=True)
+    print(
+      json.dumps(
+        {k: s[k] for k in ("name", "final_test_top1", "best_test_top1", "wall_time_s", "finished")}
+      ),
+      flush=True,
+    )
     if not s["finished"]:
-      print(f"interrupted at step {s['step']}; rerun with --resume true to continue",
-            file=sys.stderr)
+      print(
+        f"interrupted at step {s['step']}; rerun with --resume true to continue", file=sys.stderr
+      )
       return 130
-  print(f"\n{base.preset}: {base.dataset}, {base.model}, "
-        f"SGD batch {base.device_batch()} per device")
+  print(
+    f"\n{base.preset}: {base.dataset}, {base.model}, SGD batch {base.device_batch()} per device"
+  )
   print(f"{'run':<16} {'final top-1':>11} {'best top-1':>10} {'wall s':>8}")
   for s in results:
-    print(f"{s['name']:<16} {s['final_test_top1']:>11.2f} {s['best_test_top1']:>10.2f} "
-          f"{s['wall_time_s']:>8.1f}")
+    print(
+      f"{s['name']:<16} {s['final_test_top1']:>11.2f} {s['best_test_top1']:>10.2f} "
+      f"{s['wall_time_s']:>8.1f}"
+    )
   if main_job:
     table, numbers = main_job_table(results)
     print("\n" + table)

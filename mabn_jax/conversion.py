@@ -25,6 +25,7 @@ scratch. Pass ``step=0`` to go through warmup again.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Mapping, Optional
 
@@ -45,8 +46,7 @@ _DEFAULT_WARMUP = mabn_math.MABNConfig.warmup_steps
 def _natural(path) -> tuple:
   """Sort key of a path: ``Conv_10`` after ``Conv_2`` (Flax's auto names)."""
   return tuple(
-      tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part)))
-      for part in path
+    tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(part))) for part in path
   )
 
 
@@ -73,8 +73,7 @@ def _mabn_layers(stats: Mapping) -> list:
   return _layers(stats, source=False)
 
 
-def converted_state(method, template: Mapping, mean: jax.Array, var: jax.Array,
-                    step: int) -> dict:
+def converted_state(method, template: Mapping, mean: jax.Array, var: jax.Array, step: int) -> dict:
   """One layer's ``'batch_stats'`` for ``method`` from BN's running ``mean``/``var``.
 
   ``template`` is the layer's state as declared (names, shapes, dtypes);
@@ -99,7 +98,7 @@ def _template(method, channels: int) -> dict:
 
 
 def mabn_state_from_batch_norm(
-    mean: jax.Array, var: jax.Array, buffer_size: int, step: int
+  mean: jax.Array, var: jax.Array, buffer_size: int, step: int
 ) -> dict:
   """MABN ``'batch_stats'`` of one layer from BN's running ``mean``/``var``.
 
@@ -126,12 +125,13 @@ def _get(tree: Mapping, path):
 def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
   if normalizer.name not in ("bn", "syncbn"):
     raise ValueError(
-        "convert_batch_norm: expected a model built with the 'bn' or 'syncbn' "
-        f"normalizer, got '{normalizer.name}'."
+      "convert_batch_norm: expected a model built with the 'bn' or 'syncbn' "
+      f"normalizer, got '{normalizer.name}'."
     )
   kwargs = {
-      key: value for key, value in dict(normalizer.kwargs).items()
-      if key in ("norm_batch_size", "epsilon", "axis_name")
+    key: value
+    for key, value in dict(normalizer.kwargs).items()
+    if key in ("norm_batch_size", "epsilon", "axis_name")
   }
   if normalizer.name == "syncbn" and "axis_name" not in kwargs:
     kwargs["axis_name"] = "batch"
@@ -148,20 +148,21 @@ def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
   taps = out.setdefault(BACKWARD_STATS, {})
   for layer in layers:
     node = _get(stats, layer)
-    state = converted_state(method, _template(method, node["mean"].shape[0]), node["mean"],
-                            node["var"], step)
+    state = converted_state(
+      method, _template(method, node["mean"].shape[0]), node["mean"], node["var"], step
+    )
     _set(out["batch_stats"], layer, state)
     _set(taps, layer, method.taps(discovery.stored_state(state)))
   return out, new_normalizer
 
 
 def convert_batch_norm(
-    variables: Mapping,
-    normalizer: Any = None,
-    *,
-    target: Optional[Mapping] = None,
-    step: Optional[int] = None,
-    **mabn_kwargs,
+  variables: Mapping,
+  normalizer: Any = None,
+  *,
+  target: Optional[Mapping] = None,
+  step: Optional[int] = None,
+  **mabn_kwargs,
 ):
   """Turns a BatchNorm model's variables into the same model's MABN variables.
 
@@ -207,13 +208,13 @@ def convert_batch_norm(
   variables = unfreeze(variables)
   if "params" not in variables or "batch_stats" not in variables:
     raise ValueError(
-        "convert_batch_norm: expected 'params' and 'batch_stats' collections, "
-        f"found {sorted(variables)}."
+      "convert_batch_norm: expected 'params' and 'batch_stats' collections, "
+      f"found {sorted(variables)}."
     )
   if (normalizer is None) == (target is None):
     raise ValueError(
-        "convert_batch_norm: give exactly one of `normalizer` (registry models) "
-        "or `target` (the MABN twin's variables, for plain models)."
+      "convert_batch_norm: give exactly one of `normalizer` (registry models) "
+      "or `target` (the MABN twin's variables, for plain models)."
     )
   if normalizer is not None:
     out, new_normalizer = _convert_registry(variables, normalizer, step, mabn_kwargs)
@@ -221,11 +222,12 @@ def convert_batch_norm(
   unknown = set(mabn_kwargs) - {"warmup_steps"}
   if unknown:
     raise ValueError(
-        f"convert_batch_norm: unexpected arguments {sorted(unknown)} for plain "
-        "models (valid: warmup_steps)."
+      f"convert_batch_norm: unexpected arguments {sorted(unknown)} for plain "
+      "models (valid: warmup_steps)."
     )
-  out = _convert_plain(variables, unfreeze(target), step,
-                       mabn_kwargs.get("warmup_steps", _DEFAULT_WARMUP))
+  out = _convert_plain(
+    variables, unfreeze(target), step, mabn_kwargs.get("warmup_steps", _DEFAULT_WARMUP)
+  )
   return freeze(out) if frozen else out
 
 
@@ -234,15 +236,16 @@ def _convert_plain(variables: dict, target: dict, step, warmup_steps):
   dst_layers = _mabn_layers(target.get("batch_stats", {}))
   if len(src_layers) != len(dst_layers):
     raise ValueError(
-        f"convert_batch_norm: the BN model has {len(src_layers)} BatchNorm layers "
-        f"{_names(src_layers)} but the target has {len(dst_layers)} MABN layers "
-        f"{_names(dst_layers)}."
+      f"convert_batch_norm: the BN model has {len(src_layers)} BatchNorm layers "
+      f"{_names(src_layers)} but the target has {len(dst_layers)} MABN layers "
+      f"{_names(dst_layers)}."
     )
   out = {k: unfreeze(v) for k, v in target.items()}
   for src, dst in zip(src_layers, dst_layers, strict=True):
     _convert_plain_layer(out, variables, target, src, dst, step, warmup_steps)
-  out["params"] = _matched_params(variables["params"], target["params"],
-                                  dict(zip(src_layers, dst_layers, strict=True)))
+  out["params"] = _matched_params(
+    variables["params"], target["params"], dict(zip(src_layers, dst_layers, strict=True))
+  )
   return out
 
 
@@ -259,19 +262,19 @@ def _convert_plain_layer(out, variables, target, src, dst, step, warmup_steps) -
   channels = _channels(template)
   if node["mean"].shape != (channels,):
     raise ValueError(
-        f"convert_batch_norm: BatchNorm '{'/'.join(src)}' has "
-        f"{node['mean'].shape[0]} channels but MABN '{'/'.join(dst)}' has {channels}."
+      f"convert_batch_norm: BatchNorm '{'/'.join(src)}' has "
+      f"{node['mean'].shape[0]} channels but MABN '{'/'.join(dst)}' has {channels}."
     )
-  rows = max((value.shape[0] for value in template.values() if np.ndim(value) == 2),
-             default=0)
+  rows = max((value.shape[0] for value in template.values() if np.ndim(value) == 2), default=0)
   layer_step = max(rows, warmup_steps) if step is None else step
-  _set(out["batch_stats"], dst,
-       converted_state(method, template, node["mean"], node["var"], layer_step))
+  _set(
+    out["batch_stats"],
+    dst,
+    converted_state(method, template, node["mean"], node["var"], layer_step),
+  )
   taps = target.get(BACKWARD_STATS, {})
-  try:
+  with contextlib.suppress(KeyError):  # a target without taps (or none for this layer)
     _set(out[BACKWARD_STATS], dst, jax.tree.map(jnp.zeros_like, _get(taps, dst)))
-  except KeyError:
-    pass
 
 
 def _channels(template: Mapping) -> int:
@@ -291,9 +294,9 @@ def _matched_params(src_params: Mapping, dst_params: Mapping, layer_map: dict) -
   dst_rest = [layer for layer in dst_rest if layer not in same]
   if len(src_rest) != len(dst_rest):
     raise ValueError(
-        f"convert_batch_norm: after matching equal paths, the BN model has "
-        f"{len(src_rest)} other parameterized layers {_names(src_rest)} but the "
-        f"target has {len(dst_rest)} {_names(dst_rest)}."
+      f"convert_batch_norm: after matching equal paths, the BN model has "
+      f"{len(src_rest)} other parameterized layers {_names(src_rest)} but the "
+      f"target has {len(dst_rest)} {_names(dst_rest)}."
     )
   layer_map.update(zip(src_rest, dst_rest, strict=True))
   new_params = {}
@@ -301,17 +304,16 @@ def _matched_params(src_params: Mapping, dst_params: Mapping, layer_map: dict) -
     d_path = layer_map[s_path[:-1]] + s_path[-1:]
     if d_path not in dst or dst[d_path].shape != value.shape:
       raise ValueError(
-          f"convert_batch_norm: parameter '{'/'.join(s_path)}' {value.shape} has no "
-          f"counterpart '{'/'.join(d_path)}' of that shape in the target "
-          f"({dst[d_path].shape if d_path in dst else 'missing'}); the models "
-          "differ structurally (layers are matched by path, else in natural "
-          "order of their paths)."
+        f"convert_batch_norm: parameter '{'/'.join(s_path)}' {value.shape} has no "
+        f"counterpart '{'/'.join(d_path)}' of that shape in the target "
+        f"({dst[d_path].shape if d_path in dst else 'missing'}); the models "
+        "differ structurally (layers are matched by path, else in natural "
+        "order of their paths)."
       )
     new_params[d_path] = jnp.asarray(value, dst[d_path].dtype)
   missing = sorted("/".join(p) for p in set(dst) - set(new_params))
   if missing:
     raise ValueError(
-        f"convert_batch_norm: target parameters {missing} have no counterpart in "
-        "the BN model."
+      f"convert_batch_norm: target parameters {missing} have no counterpart in the BN model."
     )
   return traverse_util.unflatten_dict(new_params)

@@ -31,13 +31,19 @@ def flax_batch_norm_method(module: Any) -> bn.Method:
   """The functional method of a ``flax.linen.BatchNorm`` or ``flax.nnx.BatchNorm``."""
   if not isinstance(module.axis, int):
     raise ValueError(
-        f"{type(module).__name__}: feature axes {module.axis}; the tools support a "
-        "single integer axis.")
+      f"{type(module).__name__}: feature axes {module.axis}; the tools support a "
+      "single integer axis."
+    )
   groups = module.axis_index_groups
-  return bn.Method(bn.BatchNormConfig(
-      axis=module.axis, momentum=module.momentum, epsilon=module.epsilon,
+  return bn.Method(
+    bn.BatchNormConfig(
+      axis=module.axis,
+      momentum=module.momentum,
+      epsilon=module.epsilon,
       axis_name=module.axis_name,
-      axis_index_groups=None if groups is None else tuple(tuple(g) for g in groups)))
+      axis_index_groups=None if groups is None else tuple(tuple(g) for g in groups),
+    )
+  )
 
 
 def method_of(module: Any) -> Optional[interface.Method]:
@@ -66,8 +72,9 @@ def nnx_normalizers(model: nnx.Module) -> List[Tuple[Tuple, nnx.Module, interfac
   return found
 
 
-def linen_normalizers(apply_fn: Callable[..., Any], variables: Any, *args: Any,
-                      **kwargs: Any) -> Dict[Tuple, interface.Method]:
+def linen_normalizers(
+  apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any
+) -> Dict[Tuple, interface.Method]:
   """``{layer path: method}`` of the normalizers a linen model calls.
 
   Traces ``apply_fn(variables, *args, **kwargs)`` once (``jax.eval_shape``:
@@ -98,8 +105,7 @@ def method_for_state(names: Iterable[str]) -> Optional[type]:
   best = None
   for method_class in interface.method_classes():
     fields = set(method_class.signature_fields)
-    if fields and fields <= names and (
-        best is None or len(fields) > len(best.signature_fields)):
+    if fields and fields <= names and (best is None or len(fields) > len(best.signature_fields)):
       best = method_class
   return best
 
@@ -130,5 +136,6 @@ class _Stored(dict):
 def default_method(method_class: type, **config: Any) -> interface.Method:
   """``method_class`` with its config's defaults and ``config`` overrides."""
   fields = {f.name for f in dataclasses.fields(method_class.config_class)}
-  return method_class(config=method_class.config_class(
-      **{k: v for k, v in config.items() if k in fields}))
+  return method_class(
+    config=method_class.config_class(**{k: v for k, v in config.items() if k in fields})
+  )

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
@@ -43,9 +43,9 @@ def _subtree(tree: Mapping, path: Tuple[str, ...], what: str) -> Mapping:
   for i, key in enumerate(path):
     if not isinstance(node, Mapping) or key not in node:
       raise ValueError(
-          f"fold: {what} has no entry '{'/'.join(path[:i + 1])}' (available at "
-          f"'{'/'.join(path[:i]) or '<root>'}': "
-          f"{sorted(node) if isinstance(node, Mapping) else type(node).__name__})."
+        f"fold: {what} has no entry '{'/'.join(path[: i + 1])}' (available at "
+        f"'{'/'.join(path[:i]) or '<root>'}': "
+        f"{sorted(node) if isinstance(node, Mapping) else type(node).__name__})."
       )
     node = node[key]
   return node
@@ -68,8 +68,11 @@ def _delete(tree: dict, path: Tuple[str, ...]) -> None:
 
 
 def affine_of_normalizer(
-    norm_params: Mapping, norm_state: Mapping, epsilon: float, where: str = "normalizer",
-    method: Any = None,
+  norm_params: Mapping,
+  norm_state: Mapping,
+  epsilon: float,
+  where: str = "normalizer",
+  method: Any = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
   """The inference map ``(s, t)`` of one normalizer, float64 ``(C,)`` each.
 
@@ -85,12 +88,13 @@ def affine_of_normalizer(
     method_class = discovery.method_for_state(norm_state)
     if method_class is None:
       raise ValueError(
-          f"fold: {where} holds no statistics of a batch-statistics normalizer "
-          f"(found {sorted(norm_state)}); it is not a foldable normalizer."
+        f"fold: {where} holds no statistics of a batch-statistics normalizer "
+        f"(found {sorted(norm_state)}); it is not a foldable normalizer."
       )
     method = discovery.default_method(method_class, epsilon=epsilon)
   state = discovery.stored_state(
-      {name: np.asarray(value, np.float64) for name, value in norm_state.items()})
+    {name: np.asarray(value, np.float64) for name, value in norm_state.items()}
+  )
   inv, shift = method.inference_affine(state)
   gamma = np.asarray(norm_params.get("scale", np.ones_like(inv)), np.float64)
   beta = np.asarray(norm_params.get("bias", np.zeros_like(inv)), np.float64)
@@ -98,13 +102,13 @@ def affine_of_normalizer(
 
 
 def fold_conv(
-    conv_params: Mapping,
-    norm_params: Mapping,
-    norm_state: Mapping,
-    epsilon: float,
-    centered: bool,
-    where: str = "conv",
-    method: Any = None,
+  conv_params: Mapping,
+  norm_params: Mapping,
+  norm_state: Mapping,
+  epsilon: float,
+  centered: bool,
+  where: str = "conv",
+  method: Any = None,
 ) -> dict:
   """``{'kernel', 'bias'}`` of the conv equal to ``norm(conv(.))`` at inference.
 
@@ -117,14 +121,14 @@ def fold_conv(
   scale, shift = affine_of_normalizer(norm_params, norm_state, epsilon, where, method)
   if scale.shape != (kernel.shape[-1],):
     raise ValueError(
-        f"fold: {where}: the normalizer has {scale.shape[0]} channels but the "
-        f"conv kernel {kernel.shape} has {kernel.shape[-1]} outputs."
+      f"fold: {where}: the normalizer has {scale.shape[0]} channels but the "
+      f"conv kernel {kernel.shape} has {kernel.shape[-1]} outputs."
     )
   bias = np.asarray(conv_params.get("bias", np.zeros_like(scale)), np.float64)
   dtype = conv_params["kernel"].dtype
   return {
-      "kernel": jnp.asarray(kernel * scale, dtype),
-      "bias": jnp.asarray(bias * scale + shift, conv_params.get("bias", conv_params["kernel"]).dtype),
+    "kernel": jnp.asarray(kernel * scale, dtype),
+    "bias": jnp.asarray(bias * scale + shift, conv_params.get("bias", conv_params["kernel"]).dtype),
   }
 
 
@@ -135,9 +139,9 @@ def _conv_norm_paths(params: Mapping) -> list:
   for path in flat:
     if len(path) >= 3 and path[-2] in ("conv", "dense") and path[-1] == "kernel":
       module = path[:-2]
-      if any(p[: len(module) + 1] == module + ("norm",) for p in flat):
-        if (module, path[-2]) not in paths:
-          paths.append((module, path[-2]))
+      has_norm = any(p[: len(module) + 1] == module + ("norm",) for p in flat)
+      if has_norm and (module, path[-2]) not in paths:
+        paths.append((module, path[-2]))
   return paths
 
 
@@ -152,10 +156,14 @@ def _fold_registry(variables: dict, normalizer, epsilon: Optional[float]):
   for module, child in modules:
     where = f"{child}_norm '{'/'.join(module)}'"
     new_conv = fold_conv(
-        _subtree(params, module + (child,), "params"),
-        _subtree(params, module + ("norm",), "params"),
-        _subtree(stats, module + ("norm",), "batch_stats"),
-        method.config.epsilon, normalizer.centered, where, method)
+      _subtree(params, module + (child,), "params"),
+      _subtree(params, module + ("norm",), "params"),
+      _subtree(stats, module + ("norm",), "batch_stats"),
+      method.config.epsilon,
+      normalizer.centered,
+      where,
+      method,
+    )
     _delete(folded_params, module)
     node = folded_params
     for key in module:
@@ -178,24 +186,27 @@ def _without_modules(tree: dict, modules, check_left: bool) -> dict:
   if check_left:
     flat = traverse_util.flatten_dict(tree)
     layers = {path[:-1] for path in flat}
-    left = sorted("/".join(layer) for layer in layers if discovery.method_for_state(
-        [path[-1] for path in flat if path[:-1] == layer]) is not None)
+    left = sorted(
+      "/".join(layer)
+      for layer in layers
+      if discovery.method_for_state([path[-1] for path in flat if path[:-1] == layer]) is not None
+    )
     if left:
       raise ValueError(
-          f"fold: normalizers without a preceding conv cannot be folded: {left}; "
-          "only conv_norm modules fold (build standalone norms as conv_norm "
-          "or keep the unfolded model)."
+        f"fold: normalizers without a preceding conv cannot be folded: {left}; "
+        "only conv_norm modules fold (build standalone norms as conv_norm "
+        "or keep the unfolded model)."
       )
   return tree
 
 
 def fold(
-    variables: Mapping,
-    normalizer: Any = None,
-    *,
-    pairs: Optional[Sequence[Tuple[Path, Path]]] = None,
-    centered: Union[bool, Sequence[Path]] = False,
-    epsilon: Union[None, float, Mapping[str, float]] = None,
+  variables: Mapping,
+  normalizer: Any = None,
+  *,
+  pairs: Optional[Sequence[Tuple[Path, Path]]] = None,
+  centered: Union[bool, Sequence[Path]] = False,
+  epsilon: Union[None, float, Mapping[str, float]] = None,
 ):
   """Merges BN, BRN, MABN and CBN layers into their preceding convolutions.
 
@@ -203,9 +214,9 @@ def fold(
 
   * Registry models (``normalizer`` given, a :func:`mabn_jax.make_normalizer`
     result): every ``conv_norm`` module (params ``{NAME: {'conv': ...,
-    'norm': ...}}``) and ``dense_norm`` module (``'dense'``) is replaced by the variables of the same module built
-    with the ``'none'`` normalizer (a conv with bias, no state). Returns
-    ``(folded_variables, mj.make_normalizer('none'))``: build the same model
+    'norm': ...}}``) and ``dense_norm`` module (``'dense'``) is replaced by
+    the variables of the same module built with the ``'none'`` normalizer
+    (a conv with bias, no state). Returns ``(folded_variables, mj.make_normalizer('none'))``: build the same model
     with that normalizer and apply it with ``train=False``. The kernel is
     centred first if the normalizer's conv is centred (``centered`` kwarg,
     default True for ``'mabn'``). ``epsilon`` defaults to the normalizer's.
@@ -256,20 +267,18 @@ def fold(
     raise ValueError(f"fold: the variables have no 'params' (found {sorted(variables)}).")
   if (normalizer is None) == (pairs is None):
     raise ValueError(
-        "fold: give exactly one of `normalizer` (registry models) or `pairs` "
-        "(plain models: [(conv_path, norm_path), ...])."
+      "fold: give exactly one of `normalizer` (registry models) or `pairs` "
+      "(plain models: [(conv_path, norm_path), ...])."
     )
   if normalizer is not None:
     out, new_normalizer = _fold_registry(
-        variables, normalizer, epsilon if not isinstance(epsilon, Mapping) else None
+      variables, normalizer, epsilon if not isinstance(epsilon, Mapping) else None
     )
     return (freeze(out) if frozen else out), new_normalizer
 
   params = variables["params"]
   stats = variables.get("batch_stats", {})
-  centered_paths = (
-      None if isinstance(centered, bool) else {_as_path(p) for p in centered}
-  )
+  centered_paths = None if isinstance(centered, bool) else {_as_path(p) for p in centered}
   new_params = unfreeze(params)
   norm_paths = []
   for conv_path, norm_path in pairs:
@@ -284,12 +293,12 @@ def fold(
     if "kernel" not in conv_params:
       raise ValueError(f"fold: params '{'/'.join(conv_path)}' is not a conv (no 'kernel').")
     new_conv = fold_conv(
-        conv_params,
-        _subtree(params, norm_path, "params"),
-        _subtree(stats, norm_path, "batch_stats"),
-        eps,
-        is_centered,
-        f"pair ({'/'.join(conv_path)}, {key})",
+      conv_params,
+      _subtree(params, norm_path, "params"),
+      _subtree(stats, norm_path, "batch_stats"),
+      eps,
+      is_centered,
+      f"pair ({'/'.join(conv_path)}, {key})",
     )
     node = new_params
     for k in conv_path:
@@ -327,8 +336,9 @@ def _nnx_pairs(model: nnx.Module, pairs) -> list:
     found = []
     for conv_path, norm_path in pairs:
       conv_path, norm_path = _as_path(conv_path), _as_path(norm_path)
-      found.append((_at(model, conv_path), _at(model, norm_path[:-1]), norm_path[-1],
-                    "/".join(norm_path)))
+      found.append(
+        (_at(model, conv_path), _at(model, norm_path[:-1]), norm_path[-1], "/".join(norm_path))
+      )
     return found
   found = []
   for path, module in list(discovery._iter_modules(model)):
@@ -344,17 +354,29 @@ def _fold_nnx(model: nnx.Module, pairs) -> nnx.Module:
     norm = getattr(parent, attribute)
     method = discovery.method_of(norm)
     if method is None:
-      raise ValueError(f"fold: '{where}' ({type(norm).__name__}) is not a foldable "
-                       "batch-statistics normalizer.")
-    params = {name: getattr(norm, name)[...] for name in ("scale", "bias")
-              if getattr(norm, name, None) is not None}
-    stats = {name: value[...] for name, value in vars(norm).items()
-             if isinstance(value, nnx.BatchStat)}
+      raise ValueError(
+        f"fold: '{where}' ({type(norm).__name__}) is not a foldable batch-statistics normalizer."
+      )
+    params = {
+      name: getattr(norm, name)[...]
+      for name in ("scale", "bias")
+      if getattr(norm, name, None) is not None
+    }
+    stats = {
+      name: value[...] for name, value in vars(norm).items() if isinstance(value, nnx.BatchStat)
+    }
     conv_params = {"kernel": conv.kernel[...]}
     if conv.bias is not None:
       conv_params["bias"] = conv.bias[...]
-    new = fold_conv(conv_params, params, stats, method.config.epsilon,
-                    isinstance(conv, (CenteredConv, CenteredDense)), where, method)
+    new = fold_conv(
+      conv_params,
+      params,
+      stats,
+      method.config.epsilon,
+      isinstance(conv, (CenteredConv, CenteredDense)),
+      where,
+      method,
+    )
     conv.kernel[...] = new["kernel"]
     conv.bias = nnx.Param(new["bias"])
     conv.use_bias = True

@@ -19,10 +19,10 @@ import functools
 import itertools
 from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
@@ -39,20 +39,20 @@ def _flax_batch_norm_interceptor(next_fun, args, kwargs, context):
   """Sows the input moments of ``flax.linen.BatchNorm`` (which has no hook)."""
   module = context.module
   if (
-      type(module) is nn.BatchNorm  # subclasses may call sow_moments themselves
-      and context.method_name == "__call__"
-      and not module.is_initializing()
+    type(module) is nn.BatchNorm  # subclasses may call sow_moments themselves
+    and context.method_name == "__call__"
+    and not module.is_initializing()
   ):
     call_flag = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
     use_running_average = nn.merge_param(
-        "use_running_average", module.use_running_average, call_flag
+      "use_running_average", module.use_running_average, call_flag
     )
     if not use_running_average:
       x = args[0]
       if not isinstance(module.axis, int):
         raise ValueError(
-            f"recompute_batch_stats: flax.linen.BatchNorm '{'/'.join(module.path)}' "
-            f"has feature axes {module.axis}; only a single integer axis is supported."
+          f"recompute_batch_stats: flax.linen.BatchNorm '{'/'.join(module.path)}' "
+          f"has feature axes {module.axis}; only a single integer axis is supported."
         )
       axis = st.canonical_axis(module.axis, x.ndim, f"BatchNorm '{'/'.join(module.path)}'")
       sow_moments(module, x, 1, axis, module.axis_name, module.axis_index_groups)
@@ -60,7 +60,7 @@ def _flax_batch_norm_interceptor(next_fun, args, kwargs, context):
 
 
 def collect_moments(
-    apply_fn: Callable[..., Any], variables: Mapping, batch: Any, **call_kwargs
+  apply_fn: Callable[..., Any], variables: Mapping, batch: Any, **call_kwargs
 ) -> dict:
   """Per-layer input moments of one training-mode forward pass.
 
@@ -76,9 +76,7 @@ def collect_moments(
     averaged over the calls of the layer in the pass. Pure and jit-able.
   """
   with nn.intercept_methods(_flax_batch_norm_interceptor):
-    _, mutated = apply_fn(
-        variables, batch, mutable=["batch_stats", BATCH_MOMENTS], **call_kwargs
-    )
+    _, mutated = apply_fn(variables, batch, mutable=["batch_stats", BATCH_MOMENTS], **call_kwargs)
   sown = traverse_util.flatten_dict(unfreeze(mutated.get(BATCH_MOMENTS, {})))
   moments = {}
   for path, values in sown.items():
@@ -91,8 +89,8 @@ def _batch_size(batch) -> int:
   leaves = jax.tree_util.tree_leaves(batch)
   if not leaves or np.ndim(leaves[0]) == 0:
     raise ValueError(
-        "recompute_batch_stats: each batch must be an array (or a tree of "
-        "arrays) with a leading batch axis."
+      "recompute_batch_stats: each batch must be an array (or a tree of "
+      "arrays) with a leading batch axis."
     )
   return int(np.shape(leaves[0])[0])
 
@@ -112,9 +110,10 @@ def _averaged(moments_fn: Callable[[Any], dict], batches: Iterable[Any]) -> dict
     raise ValueError("recompute_batch_stats: `batches` yielded no batch.")
   if not sums:
     raise ValueError(
-        "recompute_batch_stats: no normalizer reported batch moments; pass the "
-        "call arguments that select training statistics (e.g. train=True or "
-        "use_running_average=False).")
+      "recompute_batch_stats: no normalizer reported batch moments; pass the "
+      "call arguments that select training statistics (e.g. train=True or "
+      "use_running_average=False)."
+    )
   return {layer: (acc[0] / total, acc[1] / total) for layer, acc in sums.items()}
 
 
@@ -122,27 +121,30 @@ def _set_from_moments(method, stored: Mapping, moments: Tuple) -> dict:
   """A layer's stored statistics set by ``method.from_moments``, each in its dtype."""
   state = discovery.stored_state({k: np.asarray(v, np.float64) for k, v in stored.items()})
   new = method.from_moments(state, *moments)._asdict()
-  return {name: jnp.asarray(new[name], value.dtype) if name in new else value
-          for name, value in stored.items()}
+  return {
+    name: jnp.asarray(new[name], value.dtype) if name in new else value
+    for name, value in stored.items()
+  }
 
 
 def _check_reported(layers: Iterable[Tuple], reported: Iterable[Tuple]) -> None:
   missing = sorted("/".join(map(str, layer)) for layer in set(layers) - set(reported))
   if missing:
     raise ValueError(
-        "recompute_batch_stats: these normalizers reported no batch moments "
-        f"in training mode: {missing}; pass strict=False to keep their "
-        "statistics unchanged.")
+      "recompute_batch_stats: these normalizers reported no batch moments "
+      f"in training mode: {missing}; pass strict=False to keep their "
+      "statistics unchanged."
+    )
 
 
 def recompute_batch_stats(
-    apply_fn: Any,
-    variables: Any,
-    batches: Any = None,
-    *,
-    jit: bool = True,
-    strict: bool = True,
-    **call_kwargs,
+  apply_fn: Any,
+  variables: Any,
+  batches: Any = None,
+  *,
+  jit: bool = True,
+  strict: bool = True,
+  **call_kwargs,
 ):
   """Replaces the running statistics by exact averages over ``batches``.
 
@@ -189,11 +191,12 @@ def recompute_batch_stats(
   """
   if isinstance(apply_fn, nnx.Module):
     if batches is not None:
-      raise TypeError("recompute_batch_stats(model, batches, ...): an NNX model takes "
-                      "the batches as its second argument.")
+      raise TypeError(
+        "recompute_batch_stats(model, batches, ...): an NNX model takes "
+        "the batches as its second argument."
+      )
     return _recompute_nnx(apply_fn, variables, jit=jit, strict=strict, **call_kwargs)
-  return _recompute_linen(apply_fn, variables, batches, jit=jit, strict=strict,
-                          **call_kwargs)
+  return _recompute_linen(apply_fn, variables, batches, jit=jit, strict=strict, **call_kwargs)
 
 
 def _recompute_linen(apply_fn, variables, batches, *, jit, strict, **call_kwargs):
@@ -201,14 +204,16 @@ def _recompute_linen(apply_fn, variables, batches, *, jit, strict, **call_kwargs
   variables = unfreeze(variables)
   if "batch_stats" not in variables:
     raise ValueError(
-        "recompute_batch_stats: the variables have no 'batch_stats' collection "
-        f"(found {sorted(variables)}).")
+      "recompute_batch_stats: the variables have no 'batch_stats' collection "
+      f"(found {sorted(variables)})."
+    )
   batches = iter(batches)
   first = next(batches, None)
   if first is None:
     raise ValueError("recompute_batch_stats: `batches` yielded no batch.")
   methods = discovery.linen_normalizers(
-      apply_fn, variables, first, mutable=["batch_stats", BATCH_MOMENTS], **call_kwargs)
+    apply_fn, variables, first, mutable=["batch_stats", BATCH_MOMENTS], **call_kwargs
+  )
   moments_fn = lambda v, batch: collect_moments(apply_fn, v, batch, **call_kwargs)
   moments_fn = functools.partial(jax.jit(moments_fn) if jit else moments_fn, variables)
   moments = _averaged(moments_fn, itertools.chain([first], batches))
@@ -217,11 +222,14 @@ def _recompute_linen(apply_fn, variables, batches, *, jit, strict, **call_kwargs
   for path, value in stats.items():
     layers.setdefault(path[:-1], {})[path[-1]] = value
   if strict:
-    _check_reported([layer for layer, names in layers.items()
-                     if discovery.method_for_state(names) is not None], moments)
+    _check_reported(
+      [layer for layer, names in layers.items() if discovery.method_for_state(names) is not None],
+      moments,
+    )
   for layer, values in moments.items():
     method = methods.get(layer) or discovery.default_method(
-        discovery.method_for_state(layers[layer]))
+      discovery.method_for_state(layers[layer])
+    )
     for name, value in _set_from_moments(method, layers[layer], values).items():
       stats[layer + (name,)] = value
   variables["batch_stats"] = traverse_util.unflatten_dict(stats)
@@ -256,8 +264,11 @@ def _recompute_nnx(model: nnx.Module, batches, *, jit, strict, **call_kwargs):
     _check_reported(norms, moments)
   for path, values in moments.items():
     module, method = norms[path]
-    stored = {name: variable[...] for name, variable in vars(module).items()
-              if isinstance(variable, nnx.BatchStat)}
+    stored = {
+      name: variable[...]
+      for name, variable in vars(module).items()
+      if isinstance(variable, nnx.BatchStat)
+    }
     for name, value in _set_from_moments(method, stored, values).items():
       getattr(module, name)[...] = value
   return model

@@ -36,9 +36,9 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax.core import unfreeze
 
 from mabn_jax import discovery
@@ -47,7 +47,8 @@ from mabn_jax.functional import statistics as st
 from mabn_jax.training import differentiate
 
 BN_STATISTICS = ("mu", "var", "g", "psi")
-"""Names of the four statistics recorded for a BN-type layer (``docs/normalization.md``, section 1)."""
+"""Names of the four statistics recorded for a BN-type layer (``docs/normalization.md``,
+section 1)."""
 MABN_STATISTICS = ("chi_batch", "chi_used", "psi_batch", "psi_used")
 """Names recorded for a MABN layer (``docs/normalization.md``, section 2)."""
 
@@ -120,8 +121,11 @@ def _interceptor(layers: dict, probes: Optional[Mapping], seen: dict):
       return y
     gamma = module.get_variable("params", "scale") if module.use_scale else None
     return _bn_statistics_tap(
-        y, jax.lax.stop_gradient(x),
-        None if gamma is None else jax.lax.stop_gradient(gamma), probes[key], info,
+      y,
+      jax.lax.stop_gradient(x),
+      None if gamma is None else jax.lax.stop_gradient(gamma),
+      probes[key],
+      info,
     )
 
   return intercept
@@ -147,8 +151,9 @@ def mabn_statistics(old_state: Mapping, new_state: Mapping, groups: int, warmup_
     each: row ``j`` is group ``j``'s batch value and the value it used (the
     batch value during warmup, else the SMA of the ``m`` latest groups).
   """
-  method = mabn_math.Method(mabn_math.MABNConfig(warmup_steps=warmup_steps),
-                            buffer_size=old_state["chi_buffer"].shape[0])
+  method = mabn_math.Method(
+    mabn_math.MABNConfig(warmup_steps=warmup_steps), buffer_size=old_state["chi_buffer"].shape[0]
+  )
   return method.step_statistics(old_state, new_state, groups)
 
 
@@ -174,12 +179,13 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
 
   def wrapped(variables, *args, **kwargs):
     layers = _describe(fun, variables, args, kwargs)
-    probes = {key: jnp.zeros(desc[1], jnp.float32)
-              for key, desc in layers.items() if desc[0] == "bn"}
+    probes = {
+      key: jnp.zeros(desc[1], jnp.float32) for key, desc in layers.items() if desc[0] == "bn"
+    }
     context = lambda extra: nn.intercept_methods(_interceptor({}, extra, {}))
     value, new_variables, grads, probe_cotangent = differentiate(
-        fun, variables, args, kwargs, has_aux=has_aux, name=name, extra=probes,
-        context=context)
+      fun, variables, args, kwargs, has_aux=has_aux, name=name, extra=probes, context=context
+    )
     statistics = {}
     for key, desc in layers.items():
       if desc[0] == "bn":
@@ -187,8 +193,8 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
       else:
         _, path, groups, method = desc
         statistics[key] = method.step_statistics(
-            _get(variables["batch_stats"], path), _get(new_variables["batch_stats"], path),
-            groups)
+          _get(variables["batch_stats"], path), _get(new_variables["batch_stats"], path), groups
+        )
     return ((value, new_variables), grads), statistics
 
   return wrapped
@@ -200,8 +206,9 @@ def _describe(fun, variables, args, kwargs) -> dict:
   variables = unfreeze(variables)
   if "params" not in variables:
     raise ValueError(
-        "mabn_jax.recording.value_and_grad: the variables have no 'params' "
-        f"collection (found {sorted(variables)}).")
+      "mabn_jax.recording.value_and_grad: the variables have no 'params' "
+      f"collection (found {sorted(variables)})."
+    )
 
   def call(v):
     with nn.intercept_methods(_interceptor(layers, None, {})):

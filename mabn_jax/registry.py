@@ -57,13 +57,14 @@ import jax
 from flax import nnx as flax_nnx
 
 from mabn_jax import nnx as nnx_layers
-from mabn_jax.nnx import registry as nnx_registry
 from mabn_jax.layers.batch_norm import BatchNorm
 from mabn_jax.layers.batch_renorm import BatchRenorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
 from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
 from mabn_jax.layers.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.layers.mabn import MABN
+from mabn_jax.nnx import registry as nnx_registry
+
 
 class Entry(NamedTuple):
   """A registry entry: the layer classes a name builds and how they are called.
@@ -88,19 +89,21 @@ class Entry(NamedTuple):
 
 
 _ENTRIES = {
-    "bn": Entry(BatchNorm, nnx_layers.BatchNorm, "batch"),
-    "syncbn": Entry(BatchNorm, nnx_layers.BatchNorm, "batch"),
-    "brn": Entry(BatchRenorm, nnx_layers.BatchRenorm, "batch"),
-    "gn": Entry(nn.GroupNorm, flax_nnx.GroupNorm, "sample"),
-    "ln": Entry(nn.LayerNorm, flax_nnx.LayerNorm, "sample"),
-    "in": Entry(nn.InstanceNorm, flax_nnx.InstanceNorm, "sample"),
-    "cbn": Entry(CrossIterationConvNorm, nnx_layers.CrossIterationConvNorm, "conv",
-                 fixed=(("naive", False),)),
-    "cbn_naive": Entry(CrossIterationConvNorm, nnx_layers.CrossIterationConvNorm, "conv",
-                       fixed=(("naive", True),)),
-    "mabn": Entry(MABN, nnx_layers.MABN, "batch", centered=True),
-    "frozen_bn": Entry(FrozenBatchNorm, nnx_layers.FrozenBatchNorm, "batch"),
-    "none": Entry(None, None, "none"),
+  "bn": Entry(BatchNorm, nnx_layers.BatchNorm, "batch"),
+  "syncbn": Entry(BatchNorm, nnx_layers.BatchNorm, "batch"),
+  "brn": Entry(BatchRenorm, nnx_layers.BatchRenorm, "batch"),
+  "gn": Entry(nn.GroupNorm, flax_nnx.GroupNorm, "sample"),
+  "ln": Entry(nn.LayerNorm, flax_nnx.LayerNorm, "sample"),
+  "in": Entry(nn.InstanceNorm, flax_nnx.InstanceNorm, "sample"),
+  "cbn": Entry(
+    CrossIterationConvNorm, nnx_layers.CrossIterationConvNorm, "conv", fixed=(("naive", False),)
+  ),
+  "cbn_naive": Entry(
+    CrossIterationConvNorm, nnx_layers.CrossIterationConvNorm, "conv", fixed=(("naive", True),)
+  ),
+  "mabn": Entry(MABN, nnx_layers.MABN, "batch", centered=True),
+  "frozen_bn": Entry(FrozenBatchNorm, nnx_layers.FrozenBatchNorm, "batch"),
+  "none": Entry(None, None, "none"),
 }
 _NAMES = tuple(_ENTRIES)
 # Fields a Normalizer never takes: set by the call (train) or by the method.
@@ -129,9 +132,7 @@ def _valid_kwargs(name: str) -> Tuple[str, ...]:
 
 def _check_name(name: Any) -> None:
   if name not in _NAMES:
-    raise ValueError(
-        f"unknown normalizer {name!r}; valid names: {', '.join(_NAMES)}."
-    )
+    raise ValueError(f"unknown normalizer {name!r}; valid names: {', '.join(_NAMES)}.")
 
 
 def _hashable(value: Any) -> Any:
@@ -168,8 +169,8 @@ class Normalizer:
     unknown = sorted(k for k, _ in kwargs if k not in valid)
     if unknown:
       raise ValueError(
-          f"normalizer {self.name!r} ({_describe(self.name)}): unknown keyword "
-          f"argument(s) {', '.join(unknown)}; valid ones: {', '.join(valid)}."
+        f"normalizer {self.name!r} ({_describe(self.name)}): unknown keyword "
+        f"argument(s) {', '.join(unknown)}; valid ones: {', '.join(valid)}."
       )
 
   @property
@@ -192,13 +193,13 @@ class Normalizer:
     return make_normalizer(self.name, **{**self.options, **kwargs})
 
   def conv_norm(
-      self,
-      features: int,
-      kernel_size: Union[int, Sequence[int]],
-      strides: Union[int, Sequence[int]] = 1,
-      padding: Any = "SAME",
-      kernel_init: Optional[Callable] = None,
-      name: Optional[str] = None,
+    self,
+    features: int,
+    kernel_size: Union[int, Sequence[int]],
+    strides: Union[int, Sequence[int]] = 1,
+    padding: Any = "SAME",
+    kernel_init: Optional[Callable] = None,
+    name: Optional[str] = None,
   ) -> "ConvNorm":
     """A convolution (no bias, but with ``'none'``) followed by this normalization.
 
@@ -207,9 +208,13 @@ class Normalizer:
     size on every spatial axis.
     """
     return ConvNorm(
-        normalizer=self, features=features, kernel_size=_hashable(kernel_size),
-        strides=_hashable(strides), padding=_hashable(padding),
-        kernel_init=kernel_init, name=name,
+      normalizer=self,
+      features=features,
+      kernel_size=_hashable(kernel_size),
+      strides=_hashable(strides),
+      padding=_hashable(padding),
+      kernel_init=kernel_init,
+      name=name,
     )
 
   def norm(self, name: Optional[str] = None) -> "Norm":
@@ -224,14 +229,14 @@ class Normalizer:
     """
     if self.entry.kind == "conv":
       raise ValueError(
-          f"normalizer {self.name!r} compensates statistics for the change of "
-          "the preceding convolution's kernel, so it has no stand-alone norm; "
-          "use conv_norm(...) instead."
+        f"normalizer {self.name!r} compensates statistics for the change of "
+        "the preceding convolution's kernel, so it has no stand-alone norm; "
+        "use conv_norm(...) instead."
       )
     return Norm(normalizer=self, name=name)
 
   def dense_norm(
-      self, features: int, kernel_init: Optional[Callable] = None, name: Optional[str] = None
+    self, features: int, kernel_init: Optional[Callable] = None, name: Optional[str] = None
   ) -> "DenseNorm":
     """A dense layer (``CenteredDense`` when centred) followed by this normalization.
 
@@ -243,33 +248,47 @@ class Normalizer:
     """
     if self.entry.kind == "conv":
       raise ValueError(
-          f"normalizer {self.name!r} is defined for a preceding convolution "
-          "only; use conv_norm(...)."
+        f"normalizer {self.name!r} is defined for a preceding convolution only; use conv_norm(...)."
       )
     return DenseNorm(normalizer=self, features=features, kernel_init=kernel_init, name=name)
 
-  def nnx_conv_norm(self, in_features: int, features: int,
-                    kernel_size: Union[int, Sequence[int]],
-                    strides: Union[int, Sequence[int]] = 1, padding: Any = "SAME",
-                    kernel_init: Optional[Callable] = None, *, rngs):
+  def nnx_conv_norm(
+    self,
+    in_features: int,
+    features: int,
+    kernel_size: Union[int, Sequence[int]],
+    strides: Union[int, Sequence[int]] = 1,
+    padding: Any = "SAME",
+    kernel_init: Optional[Callable] = None,
+    *,
+    rngs,
+  ):
     """:meth:`conv_norm` as a Flax NNX module (:func:`mabn_jax.nnx.registry.conv_norm`).
 
     The same convolution and normalization with the same keyword arguments,
     as ``conv``/``norm`` children holding the linen layout's variables; called
     as ``module(x)``, switched by ``model.train()``/``model.eval()``.
     """
-    return nnx_registry.conv_norm(self, in_features, features, kernel_size, strides,
-                                  padding=padding, kernel_init=kernel_init, rngs=rngs)
+    return nnx_registry.conv_norm(
+      self,
+      in_features,
+      features,
+      kernel_size,
+      strides,
+      padding=padding,
+      kernel_init=kernel_init,
+      rngs=rngs,
+    )
 
   def nnx_norm(self, num_features: int, *, rngs):
     """:meth:`norm` as a Flax NNX module (``None`` for ``'none'``)."""
     return nnx_registry.norm(self, num_features, rngs=rngs)
 
-  def nnx_dense_norm(self, in_features: int, features: int,
-                     kernel_init: Optional[Callable] = None, *, rngs):
+  def nnx_dense_norm(
+    self, in_features: int, features: int, kernel_init: Optional[Callable] = None, *, rngs
+  ):
     """:meth:`dense_norm` as a Flax NNX module (``dense``/``norm`` children)."""
-    return nnx_registry.dense_norm(self, in_features, features, kernel_init=kernel_init,
-                                   rngs=rngs)
+    return nnx_registry.dense_norm(self, in_features, features, kernel_init=kernel_init, rngs=rngs)
 
   def method(self, **overrides):
     """The functional method of this normalization (its
@@ -283,8 +302,10 @@ class Normalizer:
     method_class = layer.method_class
     options = {**self._norm_kwargs(), **dict(self.entry.fixed), **overrides}
     values = lambda fields: {
-        f.name: _hashable(options.get(f.name, getattr(layer, f.name, f.default)))
-        for f in fields if f.name != "config"}
+      f.name: _hashable(options.get(f.name, getattr(layer, f.name, f.default)))
+      for f in fields
+      if f.name != "config"
+    }
     config = method_class.config_class(**values(dataclasses.fields(method_class.config_class)))
     return method_class(config=config, **values(dataclasses.fields(method_class)))
 
@@ -382,18 +403,26 @@ class ConvNorm(nn.Module):
       if self.kernel_init is not None:
         kwargs["kernel_init"] = self.kernel_init
       module = _target(normalizer.name)(
-          features=self.features, kernel_size=kernel_size, strides=self.strides,
-          padding=self.padding, use_bias=False, **dict(normalizer.entry.fixed),
-          **kwargs,
+        features=self.features,
+        kernel_size=kernel_size,
+        strides=self.strides,
+        padding=self.padding,
+        use_bias=False,
+        **dict(normalizer.entry.fixed),
+        **kwargs,
       )
       nn.share_scope(self, module)
       return module(x, use_running_average=not train)
 
     conv_cls = CenteredConv if normalizer.centered else nn.Conv
     y = conv_cls(
-        features=self.features, kernel_size=kernel_size, strides=self.strides,
-        padding=self.padding, use_bias=normalizer.name == "none",
-        **normalizer.conv_kwargs(self.kernel_init), name="conv",
+      features=self.features,
+      kernel_size=kernel_size,
+      strides=self.strides,
+      padding=self.padding,
+      use_bias=normalizer.name == "none",
+      **normalizer.conv_kwargs(self.kernel_init),
+      name="conv",
     )(x)
     return _apply_norm(normalizer, _norm_layer(normalizer, name="norm"), y, train)
 
@@ -431,7 +460,9 @@ class DenseNorm(nn.Module):
     normalizer = self.normalizer
     dense_cls = CenteredDense if normalizer.centered else nn.Dense
     y = dense_cls(
-        features=self.features, use_bias=normalizer.name == "none",
-        **normalizer.conv_kwargs(self.kernel_init), name="dense",
+      features=self.features,
+      use_bias=normalizer.name == "none",
+      **normalizer.conv_kwargs(self.kernel_init),
+      name="dense",
     )(x)
     return _apply_norm(normalizer, _norm_layer(normalizer, name="norm"), y, train)

@@ -64,17 +64,20 @@ def legacy_tap_message(where: str, path: str) -> str:
   """The error for a tap saved under its old name: what changed, how to fix it."""
   new = LEGACY_TAP_NAMES[path.rsplit("/", 1)[-1]]
   return (
-      f"{where}: the variables hold the backward-statistics tap '{path}' of the "
-      f"old layout; the tap is now named '{new}' (taps no longer share the name "
-      f"of the 'batch_stats' variable they update, so Flax NNX's bridge can hold "
-      f"both). Convert variables saved before the rename with "
-      f"mabn_jax.migrate_variables(variables)."
+    f"{where}: the variables hold the backward-statistics tap '{path}' of the "
+    f"old layout; the tap is now named '{new}' (taps no longer share the name "
+    f"of the 'batch_stats' variable they update, so Flax NNX's bridge can hold "
+    f"both). Convert variables saved before the rename with "
+    f"mabn_jax.migrate_variables(variables)."
   )
 
 
 def _legacy_tap_paths(taps: Mapping) -> list:
-  return ["/".join(path) for path in traverse_util.flatten_dict(unfreeze(taps))
-          if path[-1] in LEGACY_TAP_NAMES]
+  return [
+    "/".join(path)
+    for path in traverse_util.flatten_dict(unfreeze(taps))
+    if path[-1] in LEGACY_TAP_NAMES
+  ]
 
 
 def migrate_variables(variables: Mapping):
@@ -101,8 +104,9 @@ def migrate_variables(variables: Mapping):
       new_path = path[:-1] + (name,)
       if new_path in renamed:
         raise ValueError(
-            f"migrate_variables: '{'/'.join(path)}' and another tap both map to "
-            f"'{'/'.join(new_path)}'.")
+          f"migrate_variables: '{'/'.join(path)}' and another tap both map to "
+          f"'{'/'.join(new_path)}'."
+        )
       renamed[new_path] = value
     out[BACKWARD_STATS] = traverse_util.unflatten_dict(renamed)
   return freeze(out) if frozen else out
@@ -120,8 +124,9 @@ def stat_path(tap_path: tuple) -> tuple:
     raise ValueError(legacy_tap_message("mabn_jax", "/".join(tap_path)))
   if name not in TAP_TARGETS:
     raise ValueError(
-        f"backward-statistics tap {'/'.join(tap_path)}: unknown tap name {name!r} "
-        f"(known taps: {sorted(TAP_TARGETS)}).")
+      f"backward-statistics tap {'/'.join(tap_path)}: unknown tap name {name!r} "
+      f"(known taps: {sorted(TAP_TARGETS)})."
+    )
   return tap_path[:-1] + (TAP_TARGETS[name],)
 
 
@@ -163,12 +168,12 @@ def claim_tap(tap, where: str) -> None:
     return
   if any(tap is other for other in claimed):
     raise ValueError(
-        f"{where}: called a second time in training mode within one training "
-        "step. Each training call is one normalization step with its own "
-        "backward statistic, but the calls share one tap, so the backward-"
-        "statistics buffer (MABN's psi_buffer) would advance once while the "
-        "forward buffers advance per call. Use one layer "
-        "instance per call (e.g. two MABN layers with their own variables)."
+      f"{where}: called a second time in training mode within one training "
+      "step. Each training call is one normalization step with its own "
+      "backward statistic, but the calls share one tap, so the backward-"
+      "statistics buffer (MABN's psi_buffer) would advance once while the "
+      "forward buffers advance per call. Use one layer "
+      "instance per call (e.g. two MABN layers with their own variables)."
     )
   claimed.append(tap)
 
@@ -205,9 +210,9 @@ def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
     path = stat_path(tap)
     if path not in stats:
       raise ValueError(
-          f"backward-statistics tap {'/'.join(tap)} has no 'batch_stats' "
-          f"variable {'/'.join(path)} to update; pass mutable=['batch_stats'] to model.apply "
-          "in the loss function."
+        f"backward-statistics tap {'/'.join(tap)} has no 'batch_stats' "
+        f"variable {'/'.join(path)} to update; pass mutable=['batch_stats'] to model.apply "
+        "in the loss function."
       )
     stats[path] = add_increment(stats[path], increment)
   return traverse_util.unflatten_dict(stats)
@@ -221,9 +226,7 @@ def nonfinite_counts(variables: Mapping) -> dict:
   """
   stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
   return {
-      "/".join(path[:-1]): int(value)
-      for path, value in stats.items()
-      if path[-1] == NONFINITE_COUNT
+    "/".join(path[:-1]): int(value) for path, value in stats.items() if path[-1] == NONFINITE_COUNT
   }
 
 
@@ -232,8 +235,8 @@ def check_finite(variables: Mapping) -> None:
   bad = {path: n for path, n in nonfinite_counts(variables).items() if n}
   if bad:
     raise FloatingPointError(
-        "non-finite batch statistics: these layers kept their previous state "
-        f"for the given number of steps: {bad}"
+      "non-finite batch statistics: these layers kept their previous state "
+      f"for the given number of steps: {bad}"
     )
 
 
@@ -255,12 +258,12 @@ def inference_guard(y: jax.Array, tap: jax.Array, where: str) -> jax.Array:
 def _inference_guard_fwd(y, tap, where):
   if tap.perturbed:
     raise ValueError(
-        f"{where}: a training step (mabn_jax.value_and_grad) runs this layer with "
-        "use_running_average=True, so its statistics would not update. Call "
-        "the model with train=True / use_running_average=False, or, to train "
-        f"with frozen statistics on purpose, remove the '{BACKWARD_STATS}' "
-        "collection from the variables (Flax NNX: take gradients with "
-        "nnx.value_and_grad, which leaves the taps alone)."
+      f"{where}: a training step (mabn_jax.value_and_grad) runs this layer with "
+      "use_running_average=True, so its statistics would not update. Call "
+      "the model with train=True / use_running_average=False, or, to train "
+      f"with frozen statistics on purpose, remove the '{BACKWARD_STATS}' "
+      "collection from the variables (Flax NNX: take gradients with "
+      "nnx.value_and_grad, which leaves the taps alone)."
     )
   return y.value, None
 
@@ -273,9 +276,19 @@ def _inference_guard_bwd(where, res, ct):
 inference_guard.defvjp(_inference_guard_fwd, _inference_guard_bwd, symbolic_zeros=True)
 
 
-def layer_step(method: Any, x: jax.Array, state: Any, *, use_running_average: bool,
-               scale: Any, bias: Any, taps: Any, conv: Any, where: str,
-               before_train: Callable[[], None] = lambda: None):
+def layer_step(
+  method: Any,
+  x: jax.Array,
+  state: Any,
+  *,
+  use_running_average: bool,
+  scale: Any,
+  bias: Any,
+  taps: Any,
+  conv: Any,
+  where: str,
+  before_train: Callable[[], None] = lambda: None,
+):
   """A layer's call of its functional method, as every wrapper makes it.
 
   Inference: ``method.infer`` through :func:`inference_guard` (when the layer
@@ -316,15 +329,24 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
 
   def wrapped(variables, *args, **kwargs):
     value, new_variables, grads, _ = differentiate(
-        fun, variables, args, kwargs, has_aux=has_aux, name="mabn_jax.value_and_grad")
+      fun, variables, args, kwargs, has_aux=has_aux, name="mabn_jax.value_and_grad"
+    )
     return (value, new_variables), grads
 
   return wrapped
 
 
-def differentiate(fun: Callable[..., Any], variables: Mapping, args: tuple, kwargs: dict, *,
-                  has_aux: bool, name: str, extra: Any = None,
-                  context: Callable[[Any], Any] = lambda extra: contextlib.nullcontext()):
+def differentiate(
+  fun: Callable[..., Any],
+  variables: Mapping,
+  args: tuple,
+  kwargs: dict,
+  *,
+  has_aux: bool,
+  name: str,
+  extra: Any = None,
+  context: Callable[[Any], Any] = lambda extra: contextlib.nullcontext(),
+):
   """The step of :func:`value_and_grad` (and of the recording tools built on it).
 
   Differentiates ``fun(variables, *args, **kwargs)`` with respect to
@@ -341,36 +363,44 @@ def differentiate(fun: Callable[..., Any], variables: Mapping, args: tuple, kwar
   taps = variables.get(BACKWARD_STATS, {})
   if "params" not in variables:
     raise ValueError(
-        f"{name}: the variables have no 'params' collection (found {sorted(variables)}).")
+      f"{name}: the variables have no 'params' collection (found {sorted(variables)})."
+    )
   legacy = _legacy_tap_paths(taps)
   if legacy:
     raise ValueError(legacy_tap_message(name, f"{BACKWARD_STATS}/{legacy[0]}"))
 
   def loss_of(differentiable):
     params, tap_values, extra_values = differentiable
-    inner = ({**variables, "params": params, BACKWARD_STATS: tap_values} if taps
-             else {**variables, "params": params})
+    inner = (
+      {**variables, "params": params, BACKWARD_STATS: tap_values}
+      if taps
+      else {**variables, "params": params}
+    )
     with context(extra_values):
       out = fun(inner, *args, **kwargs)
     if not (isinstance(out, tuple) and len(out) == 2):
       raise ValueError(
-          f"{name}: fun must return (loss, mutated)"
-          + (" with mutated = (mutated_collections, aux)" if has_aux else "")
-          + f", got {type(out).__name__}.")
+        f"{name}: fun must return (loss, mutated)"
+        + (" with mutated = (mutated_collections, aux)" if has_aux else "")
+        + f", got {type(out).__name__}."
+      )
     return out
 
   with training_step():
     (loss, rest), (grads, taps_cotangent, extra_cotangent) = jax.value_and_grad(
-        loss_of, has_aux=True)((variables["params"], taps, extra))
+      loss_of, has_aux=True
+    )((variables["params"], taps, extra))
   mutated, aux = rest if has_aux else (rest, None)
   new_variables = {**variables, **unfreeze(mutated)}
   if taps:
     if "batch_stats" not in mutated:
       raise ValueError(
-          f"{name}: the model has backward-statistics taps but fun did not return a "
-          "mutated 'batch_stats' collection; call model.apply(..., mutable=['batch_stats']).")
+        f"{name}: the model has backward-statistics taps but fun did not return a "
+        "mutated 'batch_stats' collection; call model.apply(..., mutable=['batch_stats'])."
+      )
     new_variables["batch_stats"] = feed_backward_statistics(
-        new_variables["batch_stats"], taps_cotangent)
+      new_variables["batch_stats"], taps_cotangent
+    )
   value = (loss, aux) if has_aux else loss
   return value, freeze(new_variables) if frozen else new_variables, grads, extra_cotangent
 

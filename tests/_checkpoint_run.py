@@ -24,12 +24,13 @@ C = 4
 # Short schedules so that every phase runs before and after the checkpoint:
 # MABN's ring buffers wrap around, BRN ramps, CBN fills its window.
 NORMALIZERS = (
-    mj.make_normalizer("mabn", buffer_size=3, warmup_steps=2, renorm_start=4,
-                       r_max=1.5, norm_batch_size=2),
-    mj.make_normalizer("brn", warmup_steps=1, ramp_steps=3, norm_batch_size=2),
-    mj.make_normalizer("cbn", burn_in=2, window=3),
-    mj.make_normalizer("bn", norm_batch_size=2),
-    mj.make_normalizer("cbn_naive", burn_in=1, window=2),
+  mj.make_normalizer(
+    "mabn", buffer_size=3, warmup_steps=2, renorm_start=4, r_max=1.5, norm_batch_size=2
+  ),
+  mj.make_normalizer("brn", warmup_steps=1, ramp_steps=3, norm_batch_size=2),
+  mj.make_normalizer("cbn", burn_in=2, window=3),
+  mj.make_normalizer("bn", norm_batch_size=2),
+  mj.make_normalizer("cbn_naive", burn_in=1, window=2),
 )
 
 
@@ -66,8 +67,7 @@ def _loss(variables, x, y):
 
 @jax.jit
 def train_step(state, x, y):
-  ((_, out), variables), grads = mj.value_and_grad(_loss, has_aux=True)(
-      state["variables"], x, y)
+  ((_, out), variables), grads = mj.value_and_grad(_loss, has_aux=True)(state["variables"], x, y)
   updates, opt_state = TX.update(grads, state["opt_state"], variables["params"])
   variables = {**variables, "params": optax.apply_updates(variables["params"], updates)}
   return {"variables": variables, "opt_state": opt_state}, out, grads
@@ -75,8 +75,8 @@ def train_step(state, x, y):
 
 def flat(tree, prefix: str) -> dict:
   return {
-      prefix + jax.tree_util.keystr(path): np.asarray(leaf)
-      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    prefix + jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
   }
 
 
@@ -93,6 +93,7 @@ def run(state, first: int, steps: int) -> dict:
 
 def save(path: str, state) -> None:
   import orbax.checkpoint as ocp
+
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, state)
   checkpointer.wait_until_finished()
@@ -100,6 +101,7 @@ def save(path: str, state) -> None:
 
 def restore(path: str):
   import orbax.checkpoint as ocp
+
   target = jax.eval_shape(init)
   return ocp.StandardCheckpointer().restore(path, target)
 

@@ -87,8 +87,9 @@ def flat(tree):
   import jax
   import numpy as np
 
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def main(process_id: int, num_processes: int, port: int, out: str):
@@ -99,9 +100,12 @@ def main(process_id: int, num_processes: int, port: int, out: str):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                             num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=60)
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
   assert jax.process_count() == num_processes
   mesh = jax.make_mesh((jax.device_count(),), ("batch",))
   rows, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
@@ -110,12 +114,16 @@ def main(process_id: int, num_processes: int, port: int, out: str):
   mine = slice(process_id * local, (process_id + 1) * local)
   put_rows = lambda a: jax.make_array_from_process_local_data(rows, a[mine])
   put_all = lambda t: jax.tree_util.tree_map(
-      lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), t)
+    lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), t
+  )
 
   results = {}
   synced = model("batch")
-  step = jax.jit(jax.shard_map(step_fn(synced, "batch"), mesh=mesh,
-                               in_specs=(P(), P("batch"), P("batch")), out_specs=P()))
+  step = jax.jit(
+    jax.shard_map(
+      step_fn(synced, "batch"), mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P()
+    )
+  )
   variables = put_all(init(synced))
   for x, y in zip(xs, ys, strict=True):
     variables = step(variables, put_rows(x), put_rows(y))
@@ -129,8 +137,14 @@ def main(process_id: int, num_processes: int, port: int, out: str):
   results["jit"] = variables
 
   local_copy = lambda a: np.asarray(a.addressable_data(0))
-  np.savez(out, **{f"{mode}{k}": v for mode, tree in results.items()
-                   for k, v in flat(jax.tree_util.tree_map(local_copy, tree)).items()})
+  np.savez(
+    out,
+    **{
+      f"{mode}{k}": v
+      for mode, tree in results.items()
+      for k, v in flat(jax.tree_util.tree_map(local_copy, tree)).items()
+    },
+  )
   jax.distributed.shutdown()
 
 

@@ -31,11 +31,11 @@ class Net(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
     self.cbn = mj.nnx.CrossIterationConvNorm(3, C, (3, 3), burn_in=2, window=3, rngs=rngs)
     self.conv1 = mj.nnx.CenteredConv(C, C, (3, 3), use_bias=False, rngs=rngs)
-    self.mabn = mj.nnx.MABN(C, buffer_size=3, warmup_steps=2, renorm_start=4, r_max=1.5,
-                            norm_batch_size=2, rngs=rngs)
+    self.mabn = mj.nnx.MABN(
+      C, buffer_size=3, warmup_steps=2, renorm_start=4, r_max=1.5, norm_batch_size=2, rngs=rngs
+    )
     self.conv2 = nnx.Conv(C, C, (3, 3), use_bias=False, rngs=rngs)
-    self.brn = mj.nnx.BatchRenorm(C, warmup_steps=1, ramp_steps=3, norm_batch_size=2,
-                                  rngs=rngs)
+    self.brn = mj.nnx.BatchRenorm(C, warmup_steps=1, ramp_steps=3, norm_batch_size=2, rngs=rngs)
     self.conv3 = nnx.Conv(C, C, (3, 3), use_bias=False, rngs=rngs)
     self.bn = mj.nnx.BatchNorm(C, norm_batch_size=2, rngs=rngs)
     self.head = nnx.Linear(C, 2, rngs=rngs)
@@ -76,8 +76,10 @@ def train_step(model, optimizer, x, y):
 
 
 def flat(state, prefix: str) -> dict:
-  return {f"{prefix}/{'/'.join(map(str, path))}": np.asarray(v[...])
-          for path, v in nnx.to_flat_state(state)}
+  return {
+    f"{prefix}/{'/'.join(map(str, path))}": np.asarray(v[...])
+    for path, v in nnx.to_flat_state(state)
+  }
 
 
 def run(model, optimizer, first: int, steps: int) -> dict:
@@ -94,8 +96,11 @@ def run(model, optimizer, first: int, steps: int) -> dict:
 
 def save(path: str, model, optimizer) -> None:
   import orbax.checkpoint as ocp
-  state = {"model": nnx.to_pure_dict(nnx.state(model)),
-           "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+
+  state = {
+    "model": nnx.to_pure_dict(nnx.state(model)),
+    "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+  }
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, state)
   checkpointer.wait_until_finished()
@@ -104,9 +109,12 @@ def save(path: str, model, optimizer) -> None:
 def restore(path: str):
   """A freshly built model and optimizer holding the saved state."""
   import orbax.checkpoint as ocp
+
   model, optimizer = init()
-  target = {"model": nnx.to_pure_dict(nnx.state(model)),
-            "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  target = {
+    "model": nnx.to_pure_dict(nnx.state(model)),
+    "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+  }
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
   restored = ocp.StandardCheckpointer().restore(path, target)
   for tree, values in ((model, restored["model"]), (optimizer, restored["optimizer"])):

@@ -20,8 +20,8 @@ import pytest
 # The test programs are tiny and each is compiled once: LLVM's optimization
 # of the CPU code costs more time than it saves (about 10% of the suite).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -30,7 +30,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-      tempfile.gettempdir(), f"mabn_jax_tests_xla_cache_{os.getpid()}")
+    tempfile.gettempdir(), f"mabn_jax_tests_xla_cache_{os.getpid()}"
+  )
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 

@@ -13,9 +13,20 @@ import numpy as np
 class MABNReference:
   """MABN forward and stabilized backward for a ``(N, ..., C)`` input."""
 
-  def __init__(self, channels, buffer_size=16, warmup=100, renorm_start=1000,
-               r_max=5.0, momentum=0.98, eps=1e-5, norm_batch_size=None,
-               average_forward=True, average_backward=True, moving_average="sma"):
+  def __init__(
+    self,
+    channels,
+    buffer_size=16,
+    warmup=100,
+    renorm_start=1000,
+    r_max=5.0,
+    momentum=0.98,
+    eps=1e-5,
+    norm_batch_size=None,
+    average_forward=True,
+    average_backward=True,
+    moving_average="sma",
+  ):
     self.m = buffer_size
     self.warmup = warmup
     self.renorm_start = renorm_start
@@ -35,8 +46,10 @@ class MABNReference:
     """(what group j sees for each j, the values appended to the history)."""
     if self.moving_average == "sma":
       values = history + current
-      return [np.mean(values[len(history) + j + 1 - self.m:len(history) + j + 1], axis=0)
-              for j in range(len(current))], current
+      return [
+        np.mean(values[len(history) + j + 1 - self.m : len(history) + j + 1], axis=0)
+        for j in range(len(current))
+      ], current
     decay = 1 - 2 / (self.m + 1)
     average = current[0] if self.step == 1 else history[-1]
     averages = []
@@ -58,7 +71,7 @@ class MABNReference:
     use_sma = t > self.m and t >= self.warmup
     renorm = t > max(self.renorm_start, self.warmup)
 
-    chi_batch = [np.mean(x[j * b:(j + 1) * b] ** 2, axis=reduce_axes) for j in range(groups)]
+    chi_batch = [np.mean(x[j * b : (j + 1) * b] ** 2, axis=reduce_axes) for j in range(groups)]
     chi_average, chi_pushed = self._averages(self.chi_history, chi_batch)
     chi_used, r = [], []
     for j in range(groups):
@@ -94,10 +107,10 @@ class MABNReference:
 
   def state(self):
     return dict(
-        chi_ema=self.chi_ema,
-        chi_buffer=np.stack(self.chi_history[-self.m:]),
-        psi_buffer=np.stack(self.psi_history[-self.m:]),
-        step=self.step,
+      chi_ema=self.chi_ema,
+      chi_buffer=np.stack(self.chi_history[-self.m :]),
+      psi_buffer=np.stack(self.psi_history[-self.m :]),
+      step=self.step,
     )
 
   def inference(self, x, gamma, beta):

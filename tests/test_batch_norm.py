@@ -31,11 +31,11 @@ def _random_params(variables, seed=1):
   params = variables["params"]
   k1, k2 = jax.random.split(jax.random.key(seed))
   return dict(
-      variables,
-      params=dict(
-          scale=1.0 + 0.5 * jax.random.normal(k1, params["scale"].shape),
-          bias=jax.random.normal(k2, params["bias"].shape),
-      ),
+    variables,
+    params=dict(
+      scale=1.0 + 0.5 * jax.random.normal(k1, params["scale"].shape),
+      bias=jax.random.normal(k2, params["bias"].shape),
+    ),
   )
 
 
@@ -44,13 +44,15 @@ def _train_step(module, variables, x, gy):
 
   def loss(params, x):
     y, updates = module.apply(
-        dict(variables, params=params), x, use_running_average=False,
-        mutable=["batch_stats"],
+      dict(variables, params=params),
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
     )
     return jnp.sum(y * gy), (y, updates["batch_stats"])
 
   (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-      variables["params"], x
+    variables["params"], x
   )
   return y, grads, stats
 
@@ -61,7 +63,6 @@ def _assert_stats_close(ours, flax_stats, rtol=RTOL, atol=ATOL):
 
 
 class FlaxExactnessTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_outputs_grads_and_stats_equal_flax_batchnorm_over_three_steps(self):
     x, gy = _data((6, 4, 4, 5))
@@ -87,10 +88,10 @@ class FlaxExactnessTest(chex.TestCase):
     self.assertGreater(float(jnp.min(ours["batch_stats"]["mean"])), 0.5)
 
     evaluate = self.variant(
-        lambda mod, v, x: mod.apply(v, x, use_running_average=True), static_argnums=0
+      lambda mod, v, x: mod.apply(v, x, use_running_average=True), static_argnums=0
     )
     np.testing.assert_allclose(
-        evaluate(ours_mod, ours, x), evaluate(flax_mod, theirs, x), rtol=RTOL, atol=ATOL
+      evaluate(ours_mod, ours, x), evaluate(flax_mod, theirs, x), rtol=RTOL, atol=ATOL
     )
 
   def test_feature_axis_one_equals_flax(self):
@@ -113,19 +114,20 @@ class FlaxExactnessTest(chex.TestCase):
     v = ours_mod.init(jax.random.key(0), x, use_running_average=False)
     y1, s1 = ours_mod.apply(v, x, use_running_average=False, mutable=["batch_stats"])
     y2, s2 = flax_mod.apply(
-        {k: {n: v[k][n] for n in ("mean", "var")} if k == "batch_stats" else v[k] for k in v},
-        x, use_running_average=False, mutable=["batch_stats"],
+      {k: {n: v[k][n] for n in ("mean", "var")} if k == "batch_stats" else v[k] for k in v},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
     )
     self.assertEqual(y1.dtype, jnp.bfloat16)
     self.assertEqual(s1["batch_stats"]["var"].dtype, jnp.float32)
     np.testing.assert_allclose(
-        np.asarray(y1, np.float32), np.asarray(y2, np.float32), rtol=1e-2, atol=1e-2
+      np.asarray(y1, np.float32), np.asarray(y2, np.float32), rtol=1e-2, atol=1e-2
     )
     _assert_stats_close(s1["batch_stats"], s2["batch_stats"])
 
 
 class SyncBatchNormTest(chex.TestCase):
-
   def test_pmap_axis_name_equals_one_device_concatenated_and_flax_pmap(self):
     devices, per_device = 4, 2
     x, gy = _data((devices * per_device, 3, 3, 4), seed=5)
@@ -133,13 +135,15 @@ class SyncBatchNormTest(chex.TestCase):
     ours_mod = mj.BatchNorm(axis_name="batch", momentum=0.8)
     flax_mod = nn.BatchNorm(axis_name="batch", momentum=0.8)
     variables = _random_params(mj.BatchNorm().init(jax.random.key(0), x, use_running_average=False))
-    flax_vars = dict(variables, batch_stats={
-        k: variables["batch_stats"][k] for k in ("mean", "var")})
+    flax_vars = dict(
+      variables, batch_stats={k: variables["batch_stats"][k] for k in ("mean", "var")}
+    )
 
     def mapped(module, v):
       step = jax.pmap(
-          lambda x, gy: _train_step(module, v, x, gy),
-          axis_name="batch", devices=jax.devices()[:devices],
+        lambda x, gy: _train_step(module, v, x, gy),
+        axis_name="batch",
+        devices=jax.devices()[:devices],
       )
       return step(shard(x), shard(gy))
 
@@ -151,7 +155,7 @@ class SyncBatchNormTest(chex.TestCase):
     np.testing.assert_allclose(y_p.reshape(x.shape), y_1, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(gx_p.reshape(x.shape), gx_1, rtol=RTOL, atol=ATOL)
     chex.assert_trees_all_close(
-        jax.tree_util.tree_map(lambda g: g.sum(0), gp_p), gp_1, rtol=RTOL, atol=1e-4
+      jax.tree_util.tree_map(lambda g: g.sum(0), gp_p), gp_1, rtol=RTOL, atol=1e-4
     )
     for d in range(devices):  # Every device stores the same synced stats.
       _assert_stats_close(jax.tree_util.tree_map(operator.itemgetter(d), s_p), s_1)
@@ -171,16 +175,17 @@ class SyncBatchNormTest(chex.TestCase):
     module = mj.BatchNorm(axis_name="batch", norm_batch_size=2)
     v = module.init(jax.random.key(0), sharded[0], use_running_average=False)
     y, _ = jax.pmap(
-        lambda x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]),
-        axis_name="batch", devices=jax.devices()[:devices],
+      lambda x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]),
+      axis_name="batch",
+      devices=jax.devices()[:devices],
     )(sharded)
     ref = np.asarray(sharded, np.float64)
     for g in range(per_device // 2):
-      block = ref[:, 2 * g:2 * g + 2]  # (devices, 2, 2, 3): group g on all devices
+      block = ref[:, 2 * g : 2 * g + 2]  # (devices, 2, 2, 3): group g on all devices
       mu = block.mean(axis=(0, 1, 2))
       var = block.var(axis=(0, 1, 2))
       np.testing.assert_allclose(
-          y[:, 2 * g:2 * g + 2], (block - mu) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4
+        y[:, 2 * g : 2 * g + 2], (block - mu) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4
       )
 
 
@@ -198,14 +203,13 @@ def _numpy_grouped_bn(x, b, state_mean, state_var, momentum, eps):
 
 
 class GroupedBatchNormTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_grouped_bn_matches_numpy_float64_reference_over_steps(self):
     module = mj.BatchNorm(norm_batch_size=2, momentum=0.7, use_scale=False, use_bias=False)
     x, _ = _data((6, 3, 2, 4), seed=7)
     v = module.init(jax.random.key(0), x, use_running_average=False)
     apply = self.variant(
-        lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+      lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
     )
     mean, var = np.zeros(4), np.ones(4)
     for step in range(3):
@@ -218,7 +222,7 @@ class GroupedBatchNormTest(chex.TestCase):
       v = dict(v, **updates)
     y_eval = module.apply(v, x, use_running_average=True)
     np.testing.assert_allclose(
-        y_eval, (np.asarray(x, np.float64) - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5
+      y_eval, (np.asarray(x, np.float64) - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-5
     )
 
   def test_groups_are_normalized_independently(self):
@@ -247,19 +251,25 @@ class GroupedBatchNormTest(chex.TestCase):
 
       for b in (None, 2):
         config = F.BatchNormConfig(norm_batch_size=b)
-        check_grads(functools.partial(f, config),
-                    (jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)),
-                    order=2, modes=["rev", "fwd"], atol=1e-6, rtol=1e-6, eps=1e-5)
+        check_grads(
+          functools.partial(f, config),
+          (jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)),
+          order=2,
+          modes=["rev", "fwd"],
+          atol=1e-6,
+          rtol=1e-6,
+          eps=1e-5,
+        )
 
 
 class BatchNormStateTest(chex.TestCase):
-
   def test_eval_uses_running_stats_and_writes_nothing(self):
     x, _ = _data((4, 2, 3), seed=9)
     module = mj.BatchNorm(use_scale=False, use_bias=False)
     v = module.init(jax.random.key(0), x, use_running_average=False)
-    v = dict(v, batch_stats=dict(v["batch_stats"], mean=jnp.full((3,), 2.0),
-                                  var=jnp.full((3,), 4.0)))
+    v = dict(
+      v, batch_stats=dict(v["batch_stats"], mean=jnp.full((3,), 2.0), var=jnp.full((3,), 4.0))
+    )
     y, updates = module.apply(v, x, use_running_average=True, mutable=["batch_stats"])
     np.testing.assert_allclose(y, (x - 2.0) / np.sqrt(4.0 + 1e-5), rtol=1e-6)
     chex.assert_trees_all_equal(updates["batch_stats"], v["batch_stats"])
@@ -276,8 +286,9 @@ class BatchNormStateTest(chex.TestCase):
     x, _ = _data((4, 3), seed=11)
     module = mj.BatchNorm()
     v = module.init(jax.random.key(0), x, use_running_average=False)
-    _, updates = module.apply(v, x.at[0, 0].set(jnp.nan), use_running_average=False,
-                              mutable=["batch_stats"])
+    _, updates = module.apply(
+      v, x.at[0, 0].set(jnp.nan), use_running_average=False, mutable=["batch_stats"]
+    )
     np.testing.assert_array_equal(updates["batch_stats"]["mean"], v["batch_stats"]["mean"])
     self.assertEqual(int(updates["batch_stats"]["nonfinite_count"]), 1)
 
@@ -293,26 +304,29 @@ class BatchNormStateTest(chex.TestCase):
   def test_channel_count_change_raises(self):
     module = mj.BatchNorm()
     v = module.init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=False)
-    with self.assertRaisesRegex(ValueError,
-                                r"'mean' has shape \(3,\) but the input implies \(4,\)"):
+    with self.assertRaisesRegex(
+      ValueError, r"'mean' has shape \(3,\) but the input implies \(4,\)"
+    ):
       module.apply(v, jnp.ones((2, 4)), use_running_average=False, mutable=["batch_stats"])
 
   def test_bad_momentum_raises(self):
     with self.assertRaisesRegex(ValueError, "momentum must be in"):
-      mj.BatchNorm(momentum=1.5).init(jax.random.key(0), jnp.ones((2, 3)),
-                                      use_running_average=False)
+      mj.BatchNorm(momentum=1.5).init(
+        jax.random.key(0), jnp.ones((2, 3)), use_running_average=False
+      )
 
 
 def test_sows_whole_batch_moments_for_precise_bn_only_when_asked():
   from mabn_jax.training import BATCH_MOMENTS
+
   x, _ = _data((4, 2, 3), seed=12)
   module = mj.BatchNorm(norm_batch_size=2)
   v = module.init(jax.random.key(0), x, use_running_average=False)
-  _, updates = module.apply(v, x, use_running_average=False,
-                            mutable=["batch_stats", BATCH_MOMENTS])
+  _, updates = module.apply(v, x, use_running_average=False, mutable=["batch_stats", BATCH_MOMENTS])
   xs = np.asarray(x, np.float64)
   np.testing.assert_allclose(updates[BATCH_MOMENTS]["mean"][0], xs.mean((0, 1)), rtol=1e-5)
   np.testing.assert_allclose(
-      updates[BATCH_MOMENTS]["second_moment"][0], (xs ** 2).mean((0, 1)), rtol=1e-5)
+    updates[BATCH_MOMENTS]["second_moment"][0], (xs**2).mean((0, 1)), rtol=1e-5
+  )
   _, plain = module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
   assert BATCH_MOMENTS not in plain

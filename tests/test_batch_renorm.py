@@ -25,13 +25,15 @@ def _train_step(module, variables, x, gy):
 
   def loss(params, x):
     y, updates = module.apply(
-        dict(variables, params=params), x, use_running_average=False,
-        mutable=["batch_stats"],
+      dict(variables, params=params),
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
     )
     return jnp.sum(y * gy), (y, updates["batch_stats"])
 
   (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-      variables["params"], x
+    variables["params"], x
   )
   return y, grads, stats
 
@@ -41,15 +43,22 @@ def _with_stats(variables, **stats):
 
 
 class ScheduleTest(chex.TestCase):
-
   def test_limits_at_chosen_steps(self):
     config = F.BatchRenormConfig(r_max=3.0, d_max=5.0, warmup_steps=10, ramp_steps=20)
-    expected = {1: (1.0, 0.0), 10: (1.0, 0.0), 11: (1.1, 0.25), 20: (2.0, 2.5),
-                25: (2.5, 3.75), 30: (3.0, 5.0), 1000: (3.0, 5.0)}
+    expected = {
+      1: (1.0, 0.0),
+      10: (1.0, 0.0),
+      11: (1.1, 0.25),
+      20: (2.0, 2.5),
+      25: (2.5, 3.75),
+      30: (3.0, 5.0),
+      1000: (3.0, 5.0),
+    }
     for step, (r_max, d_max) in expected.items():
       r, d = F.renorm_limits(jnp.int32(step), config)
-      np.testing.assert_allclose([float(r), float(d)], [r_max, d_max], rtol=1e-6,
-                                 err_msg=f"step {step}")
+      np.testing.assert_allclose(
+        [float(r), float(d)], [r_max, d_max], rtol=1e-6, err_msg=f"step {step}"
+      )
 
   def test_zero_ramp_jumps_after_warmup(self):
     config = F.BatchRenormConfig(r_max=4.0, d_max=2.0, warmup_steps=3, ramp_steps=0)
@@ -70,12 +79,12 @@ class ScheduleTest(chex.TestCase):
 
 
 class EqualsBatchNormTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_r_max_1_d_max_0_equals_batchnorm_outputs_grads_stats(self):
     x, gy = _data((6, 3, 3, 4), seed=1)
-    brn = mj.BatchRenorm(r_max=1.0, d_max=0.0, warmup_steps=0, ramp_steps=0,
-                         norm_batch_size=3, momentum=0.8)
+    brn = mj.BatchRenorm(
+      r_max=1.0, d_max=0.0, warmup_steps=0, ramp_steps=0, norm_batch_size=3, momentum=0.8
+    )
     bn = mj.BatchNorm(norm_batch_size=3, momentum=0.8)
     v_brn = brn.init(jax.random.key(0), x, use_running_average=False)
     v_bn = bn.init(jax.random.key(0), x, use_running_average=False)
@@ -99,11 +108,15 @@ class EqualsBatchNormTest(chex.TestCase):
     x, _ = _data((4, 5), seed=2)
     v = mj.BatchRenorm(warmup_steps=5).init(jax.random.key(0), x, use_running_average=False)
     v = _with_stats(v, mean=jnp.full((5,), 10.0), var=jnp.full((5,), 0.01), step=jnp.int32(4))
-    y, _ = mj.BatchRenorm(warmup_steps=5).apply(v, x, use_running_average=False,
-                                                mutable=["batch_stats"])
+    y, _ = mj.BatchRenorm(warmup_steps=5).apply(
+      v, x, use_running_average=False, mutable=["batch_stats"]
+    )
     y_bn, _ = mj.BatchNorm().apply(
-        {"params": v["params"], "batch_stats": {k: v["batch_stats"][k] for k in ("mean", "var")}},
-        x, use_running_average=False, mutable=["batch_stats"])
+      {"params": v["params"], "batch_stats": {k: v["batch_stats"][k] for k in ("mean", "var")}},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
+    )
     np.testing.assert_allclose(y, y_bn, rtol=1e-6, atol=1e-6)
 
   def test_eval_equals_batchnorm_eval(self):
@@ -112,7 +125,8 @@ class EqualsBatchNormTest(chex.TestCase):
     v = _with_stats(v, mean=jnp.arange(5.0), var=jnp.arange(1.0, 6.0))
     y = mj.BatchRenorm().apply(v, x, use_running_average=True)
     np.testing.assert_allclose(
-        y, (x - jnp.arange(5.0)) / np.sqrt(np.arange(1.0, 6.0) + EPS), rtol=1e-6, atol=1e-6)
+      y, (x - jnp.arange(5.0)) / np.sqrt(np.arange(1.0, 6.0) + EPS), rtol=1e-6, atol=1e-6
+    )
 
 
 def _numpy_brn(x, b, mean_run, var_run, r_max, d_max):
@@ -129,10 +143,16 @@ def _numpy_brn(x, b, mean_run, var_run, r_max, d_max):
 
 
 class RenormTest(chex.TestCase):
-
   def _apply_after_warmup(self, x, mean, var, b=None, r_max=3.0, d_max=5.0):
-    module = mj.BatchRenorm(r_max=r_max, d_max=d_max, warmup_steps=2, ramp_steps=4,
-                            norm_batch_size=b, use_scale=False, use_bias=False)
+    module = mj.BatchRenorm(
+      r_max=r_max,
+      d_max=d_max,
+      warmup_steps=2,
+      ramp_steps=4,
+      norm_batch_size=b,
+      use_scale=False,
+      use_bias=False,
+    )
     v = module.init(jax.random.key(0), x, use_running_average=False)
     v = _with_stats(v, mean=mean, var=var, step=jnp.int32(10))  # past the ramp
     y, _ = module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
@@ -187,8 +207,10 @@ class RenormTest(chex.TestCase):
     v = single.init(jax.random.key(0), x, use_running_average=False)
     v = _with_stats(v, mean=jnp.array([1.0, 2.0]), var=jnp.array([2.0, 8.0]))
     y_p, (_, gx_p), s_p = jax.pmap(
-        lambda x, gy: _train_step(module, v, x, gy), axis_name="batch",
-        devices=jax.devices()[:devices])(shard(x), shard(gy))
+      lambda x, gy: _train_step(module, v, x, gy),
+      axis_name="batch",
+      devices=jax.devices()[:devices],
+    )(shard(x), shard(gy))
     y_1, (_, gx_1), s_1 = _train_step(single, v, x, gy)
     np.testing.assert_allclose(y_p.reshape(x.shape), y_1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx_p.reshape(x.shape), gx_1, rtol=1e-5, atol=1e-5)
@@ -196,8 +218,8 @@ class RenormTest(chex.TestCase):
 
   def test_bad_limits_raise_with_layer_path(self):
     with self.assertRaisesRegex(ValueError, r"BatchRenorm .*r_max must be >= 1, got 0.5"):
-      mj.BatchRenorm(r_max=0.5).init(jax.random.key(0), jnp.ones((2, 3)),
-                                     use_running_average=False)
+      mj.BatchRenorm(r_max=0.5).init(jax.random.key(0), jnp.ones((2, 3)), use_running_average=False)
     with self.assertRaisesRegex(ValueError, r"d_max must be >= 0"):
-      mj.BatchRenorm(d_max=-1.0).init(jax.random.key(0), jnp.ones((2, 3)),
-                                      use_running_average=False)
+      mj.BatchRenorm(d_max=-1.0).init(
+        jax.random.key(0), jnp.ones((2, 3)), use_running_average=False
+      )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -17,9 +16,26 @@ from benchmarks import bench
 
 def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   md, js = tmp_path / "BENCH.md", tmp_path / "bench.json"
-  code = bench.main(["--smoke", "--rounds", "1", "--networks", "resnet18",
-                     "--norms", "flax_bn", "mabn", "--variants", "mabn_folded", "gn", "none",
-                     "--markdown", str(md), "--json", str(js)])
+  code = bench.main(
+    [
+      "--smoke",
+      "--rounds",
+      "1",
+      "--networks",
+      "resnet18",
+      "--norms",
+      "flax_bn",
+      "mabn",
+      "--variants",
+      "mabn_folded",
+      "gn",
+      "none",
+      "--markdown",
+      str(md),
+      "--json",
+      str(js),
+    ]
+  )
   assert code == 0
   report = json.loads(js.read_text())
   train = report["networks"]["resnet18"]["train"]
@@ -40,19 +56,36 @@ def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
 def test_report_keeps_the_environment_variables_that_change_timings(monkeypatch):
   environ = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "XLA_FLAGS": "--x", "HOME": "/h"}
   assert bench.timing_environment(environ) == {
-      "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "XLA_FLAGS": "--x"}
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    "XLA_FLAGS": "--x",
+  }
   assert bench.timing_environment({}) == {}
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-  args = bench.parse_args(["--smoke", "--rounds", "1", "--networks", "cnn6",
-                           "--norms", "flax_bn", "--skip-infer"])
+  args = bench.parse_args(
+    ["--smoke", "--rounds", "1", "--networks", "cnn6", "--norms", "flax_bn", "--skip-infer"]
+  )
   report = bench.run(args)
   assert report["meta"]["environment"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
   assert "with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`" in bench.markdown(report)
 
 
 def test_time_budget_skips_the_sections_left_and_saves_after_each_section():
-  args = bench.parse_args(["--smoke", "--rounds", "1", "--networks", "cnn6", "resnet18",
-                           "--norms", "flax_bn", "--variants", "none", "--time-budget", "5"])
+  args = bench.parse_args(
+    [
+      "--smoke",
+      "--rounds",
+      "1",
+      "--networks",
+      "cnn6",
+      "resnet18",
+      "--norms",
+      "flax_bn",
+      "--variants",
+      "none",
+      "--time-budget",
+      "5",
+    ]
+  )
   clock = iter([0.0, 1.0, 6.0, 7.0, 8.0]).__next__  # start, then one read per section
   saved = []
   report = bench.run(args, save=lambda r: saved.append(json.loads(json.dumps(r))), clock=clock)
@@ -69,14 +102,38 @@ def test_json_is_written_after_every_section(tmp_path, monkeypatch):
   js = tmp_path / "bench.json"
   writes = []
   real = bench.write_json
-  monkeypatch.setattr(bench, "write_json",
-                      lambda path, report: (writes.append(sorted(
-                          (n, s) for n, ss in report["networks"].items() for s in ss
-                          if s != "config")), real(path, report)))
-  bench.main(["--smoke", "--rounds", "1", "--networks", "cnn6", "--norms", "flax_bn",
-              "--variants", "none", "--markdown", "", "--json", str(js)])
-  assert writes == [[("cnn6", "train")], [("cnn6", "infer"), ("cnn6", "train")],
-                    [("cnn6", "infer"), ("cnn6", "train")]]
+  monkeypatch.setattr(
+    bench,
+    "write_json",
+    lambda path, report: (
+      writes.append(
+        sorted((n, s) for n, ss in report["networks"].items() for s in ss if s != "config")
+      ),
+      real(path, report),
+    ),
+  )
+  bench.main(
+    [
+      "--smoke",
+      "--rounds",
+      "1",
+      "--networks",
+      "cnn6",
+      "--norms",
+      "flax_bn",
+      "--variants",
+      "none",
+      "--markdown",
+      "",
+      "--json",
+      str(js),
+    ]
+  )
+  assert writes == [
+    [("cnn6", "train")],
+    [("cnn6", "infer"), ("cnn6", "train")],
+    [("cnn6", "infer"), ("cnn6", "train")],
+  ]
   assert json.loads(js.read_text())["skipped"] == []
 
 
@@ -85,12 +142,26 @@ def test_accelerator_run_uses_its_batch_and_reads_the_peak_after_each_first_step
   monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
   calls = []
   real_call = bench._Stepper.__call__
-  monkeypatch.setattr(bench._Stepper, "__call__",
-                      lambda self: (calls.append("step"), real_call(self))[1])
-  monkeypatch.setattr(bench, "measured_peak_mib",
-                      lambda: (calls.append("peak"), 10.0 * len(calls))[1])
-  args = bench.parse_args(["--networks", "tiny", "--norms", "flax_bn", "mabn", "--skip-infer",
-                           "--rounds", "1", "--compile-rounds", "1"])
+  monkeypatch.setattr(
+    bench._Stepper, "__call__", lambda self: (calls.append("step"), real_call(self))[1]
+  )
+  monkeypatch.setattr(
+    bench, "measured_peak_mib", lambda: (calls.append("peak"), 10.0 * len(calls))[1]
+  )
+  args = bench.parse_args(
+    [
+      "--networks",
+      "tiny",
+      "--norms",
+      "flax_bn",
+      "mabn",
+      "--skip-infer",
+      "--rounds",
+      "1",
+      "--compile-rounds",
+      "1",
+    ]
+  )
   report = bench.run(args)
   assert report["networks"]["tiny"]["config"]["batch"] == 4  # the accelerator batch
   assert calls[:6] == ["peak", "step", "peak", "peak", "step", "peak"]
@@ -134,8 +205,9 @@ def test_cbn_floor_row_is_flax_bn_plus_the_derivative_convolutions_of_cbn():
     out[norm] = (float(loss), variables, memory["gflops"])
   (l0, v0, f0), (l1, v1, f1), (_, _, f2) = out["flax_bn"], out["cbn_floor"], out["cbn"]
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                         v0, v1)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), v0, v1
+  )
   # The floor adds the derivative convolutions' FLOPs; CBN adds those and
   # its window's per-channel work.
   assert 1.1 * f0 < f1 < f2
@@ -165,8 +237,9 @@ def test_bursts_run_each_variant_back_to_back_and_split_off_the_first_step():
       calls.append(("call", self.name))
       return jnp.zeros(())
 
-  firsts, later = bench.interleaved_bursts({"a": Fn("a"), "b": Fn("b")}, rounds=2, burst=3,
-                                           warmup=1)
+  firsts, later = bench.interleaved_bursts(
+    {"a": Fn("a"), "b": Fn("b")}, rounds=2, burst=3, warmup=1
+  )
   assert {k: len(v) for k, v in firsts.items()} == {"a": 2, "b": 2}
   assert {k: len(v) for k, v in later.items()} == {"a": 4, "b": 4}
   steps = [name for kind, name in calls if kind == "call"]
@@ -175,8 +248,9 @@ def test_bursts_run_each_variant_back_to_back_and_split_off_the_first_step():
 
 
 def test_training_with_bursts_times_the_later_steps_and_keeps_the_first():
-  results = bench.bench_training(bench.SMOKE_MODEL, 4, 8, ["mabn"], rounds=2, compile_rounds=1,
-                                 burst=3)
+  results = bench.bench_training(
+    bench.SMOKE_MODEL, 4, 8, ["mabn"], rounds=2, compile_rounds=1, burst=3
+  )
   r = results["mabn"]
   assert [len(ts) for ts in r["step_ms_all"]] == [4]
   assert r["first_step_ms"] > 0 and r["step_ms"] > 0
@@ -185,16 +259,21 @@ def test_training_with_bursts_times_the_later_steps_and_keeps_the_first():
 
 
 def test_inference_times_every_compiled_copy():
-  results = bench.bench_inference(bench.SMOKE_MODEL, 4, 8, ["none", "gn"], rounds=2, compile_rounds=2)
+  results = bench.bench_inference(
+    bench.SMOKE_MODEL, 4, 8, ["none", "gn"], rounds=2, compile_rounds=2
+  )
   for r in results.values():
     assert r["images_per_s"] > 0 and len(r["images_per_s_per_compile"]) == 2
 
 
-@pytest.mark.parametrize("row, changed", [
+@pytest.mark.parametrize(
+  "row, changed",
+  [
     ("cbn_s2", {"derivative_stride": 2}),
     ("cbn_published", {"backward": "published"}),
     ("cbn_batch", {"backward": "batch"}),
-])
+  ],
+)
 def test_cbn_option_rows_are_the_registry_cbn_with_one_setting_changed(row, changed):
   normalizer = bench.make_normalizer(row, "cnn6")
   assert normalizer.name == "cbn"
@@ -206,7 +285,6 @@ def test_derivative_benchmark_captures_every_cbn_layer_and_orders_the_errors():
   import jax.numpy as jnp
   import numpy as np
 
-  import mabn_jax as mj
   from benchmarks import cbn_derivatives as CD
   from experiments.models import build_model
 
@@ -220,8 +298,14 @@ def test_derivative_benchmark_captures_every_cbn_layer_and_orders_the_errors():
   assert x.shape == (4, 8, 8, 3) and w_old.shape == (3, 3, 3, 4)
   w_new = w_old + 0.01 * jnp.asarray(rng.normal(size=w_old.shape), jnp.float32)
   errors = CD.compensation_errors(x, w_old, w_new, spec, [1, 2], ["float32", "bfloat16"])
-  assert set(errors) == {"naive", "stride 1", "stride 2", "stride 1, bfloat16",
-                         "stride 2, bfloat16", "kernel change"}
+  assert set(errors) == {
+    "naive",
+    "stride 1",
+    "stride 2",
+    "stride 1, bfloat16",
+    "stride 2, bfloat16",
+    "kernel change",
+  }
   assert errors["stride 1"]["var"] < errors["naive"]["var"]
   assert errors["stride 1, bfloat16"]["var"] < errors["naive"]["var"]
   assert errors["stride 1, bfloat16"]["var"] != errors["stride 1"]["var"]
@@ -232,10 +316,18 @@ def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
   from mabn_jax.functional import centering
   from mabn_jax.functional import mabn as functional_mabn
 
-  before = {(module, name): getattr(module, name)
-            for patches in CT.ABLATIONS.values() for module, name, _ in patches}
-  result = CT.measure(bench.SMOKE_MODEL, ["mabn", "mabn_unguarded", "mabn_uncentred"],
-                      rounds=1, step_rounds=1, log=lambda _: None)
+  before = {
+    (module, name): getattr(module, name)
+    for patches in CT.ABLATIONS.values()
+    for module, name, _ in patches
+  }
+  result = CT.measure(
+    bench.SMOKE_MODEL,
+    ["mabn", "mabn_unguarded", "mabn_uncentred"],
+    rounds=1,
+    step_rounds=1,
+    log=lambda _: None,
+  )
   assert result["mabn_unguarded"]["kernels"] < result["mabn"]["kernels"]
   assert result["mabn_uncentred"]["kernels"] < result["mabn"]["kernels"]
   assert all(row["compile"] > 0 and row["step_ms"] > 0 for row in result.values())
@@ -247,8 +339,15 @@ def test_compile_time_ablations_change_the_compiled_step_and_are_undone():
 
 
 @pytest.mark.parametrize(
-    "variant", ["mabn_two_mul", "mabn_bool_guard", "mabn_unshared", "cbn_product_guard",
-                "cbn_saved_activations"])
+  "variant",
+  [
+    "mabn_two_mul",
+    "mabn_bool_guard",
+    "mabn_unshared",
+    "cbn_product_guard",
+    "cbn_saved_activations",
+  ],
+)
 def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(variant):
   """These ablations differ from the library's MABN (CBN) only in how the
   step is traced or how XLA compiles it, not in what it computes."""
@@ -265,12 +364,14 @@ def test_compile_ablations_that_keep_the_guarantees_are_the_same_training_step(v
       outputs[name] = jax.jit(step)(*args)
   (v1, _, l1), (v2, _, l2) = outputs[library], outputs[variant]
   np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                         v1, v2)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), v1, v2
+  )
 
 
 def test_compile_time_measures_the_networks_of_the_step_benchmark():
   from benchmarks import compile_time as CT
+
   for network, (model, size, batch, _) in bench.NETWORKS.items():
     assert CT.shapes(network) == (model, batch, size)
   assert CT.shapes("resnet18")[0] == "resnet18_cifar"
@@ -279,20 +380,27 @@ def test_compile_time_measures_the_networks_of_the_step_benchmark():
 
 def test_llvm_module_log_is_read_after_the_mark_in_every_unit():
   from benchmarks import compile_time as CT
-  log = ("I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_init_kernel_module "
-         "time: 9.0 ms (9000 us)\n" + CT._MARK + "\n"
-         "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_add_select_fusion.3_"
-         "kernel_module time: 12.5 ms (12500 us) (cumulative: 1 ms)\n"
-         "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_wrapped_reduce_kernel_"
-         "module time: 850 us (850 us)\n"
-         "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_ynn_fusion.2_kernel_"
-         "module time: 1.5 s (1500000 us)\n")
-  assert CT.llvm_module_times(log) == [("add_select_fusion.3", 12.5), ("wrapped_reduce", 0.85),
-                                        ("ynn_fusion.2", 1500.0)]
+
+  log = (
+    "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_init_kernel_module "
+    "time: 9.0 ms (9000 us)\n" + CT._MARK + "\n"
+    "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_add_select_fusion.3_"
+    "kernel_module time: 12.5 ms (12500 us) (cumulative: 1 ms)\n"
+    "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_wrapped_reduce_kernel_"
+    "module time: 850 us (850 us)\n"
+    "I1205 ir_compiler.cc:293] Compiled LLVM module: __compute_module_ynn_fusion.2_kernel_"
+    "module time: 1.5 s (1500000 us)\n"
+  )
+  assert CT.llvm_module_times(log) == [
+    ("add_select_fusion.3", 12.5),
+    ("wrapped_reduce", 0.85),
+    ("ynn_fusion.2", 1500.0),
+  ]
 
 
 def test_kernel_sources_name_the_library_function_of_each_kernel():
   from benchmarks import compile_time as CT
+
   hlo = """HloModule m
 
 ENTRY %main {
@@ -303,15 +411,20 @@ ENTRY %main {
   %e = f32[4]{0} fusion(%p), kind=kLoop, calls=%c5, metadata={op_name="jit(step)/jit(add_increment)/select_n"}
   %f = f32[4]{0} fusion(%p), kind=kLoop, calls=%c6, metadata={op_name="jit(step)/transpose(jvp(M))/relu"}
 }
-"""
+"""  # noqa: E501 (an HLO text as XLA prints it)
   assert CT.kernel_sources(hlo) == {
-      "a": "state commit (statistics.commit_if_finite)", "b": "normalizer step, backward",
-      "c": "normalizer step, forward", "d": "weight centring (centering.center_kernel)",
-      "e": "tap commit (training.add_increment)", "f": "other"}
+    "a": "state commit (statistics.commit_if_finite)",
+    "b": "normalizer step, backward",
+    "c": "normalizer step, forward",
+    "d": "weight centring (centering.center_kernel)",
+    "e": "tap commit (training.add_increment)",
+    "f": "other",
+  }
 
 
 def test_llvm_modules_attributes_mabn_kernels_to_the_library_functions():
   from benchmarks import compile_time as CT
+
   result = {v: CT.llvm_modules(bench.SMOKE_MODEL, v) for v in ("flax_bn", "mabn")}
   assert set(result["flax_bn"]) == {"other"}
   assert {label for label, _ in CT.SOURCES} <= set(result["mabn"])
@@ -324,6 +437,7 @@ def test_llvm_modules_attributes_mabn_kernels_to_the_library_functions():
 
 def test_second_process_loads_the_mabn_step_from_the_persistent_cache(tmp_path):
   from benchmarks import compile_time as CT
+
   rows = CT.cached_load(bench.SMOKE_MODEL, "mabn", str(tmp_path))
   assert rows["first"]["entries"] > 0
   assert rows["second"]["entries"] == rows["first"]["entries"]  # loaded, nothing written
@@ -343,26 +457,30 @@ def test_conv_derivatives_variant_takes_every_d_nu_from_a_convolution():
 
   def convs(**options):
     jaxpr = jax.make_jaxpr(
-        lambda x, k: F.moment_derivatives(x, F.conv(x, k, spec), k, spec, 1, **options))
+      lambda x, k: F.moment_derivatives(x, F.conv(x, k, spec), k, spec, 1, **options)
+    )
     return str(jaxpr(x, kernel)).count("conv_general_dilated")
 
   with CT.ablated("cbn_conv_derivatives") as norm:
     assert bench.ROW_NORMS[norm] == "cbn"
     options = bench.normalizer_kwargs(norm, bench.SMOKE_MODEL)
-  assert options == dict(bench.normalizer_kwargs("cbn", bench.SMOKE_MODEL),
-                         kernel_derivatives="convolution")
+  assert options == dict(
+    bench.normalizer_kwargs("cbn", bench.SMOKE_MODEL), kernel_derivatives="convolution"
+  )
   assert (convs(), convs(kernel_derivatives=options["kernel_derivatives"])) == (2, 3)
 
 
 def test_compensation_benchmark_forms_agree_and_are_timed():
   from benchmarks import cbn_compensation
+
   d = jax.random.normal(jax.random.PRNGKey(1), (3, 18, 4))
   w = jax.random.normal(jax.random.PRNGKey(2), (18, 4))
   ct = jax.random.normal(jax.random.PRNGKey(3), (3, 4))
   values = [f(d, w) for f in cbn_compensation.FORWARD.values()]
-  grads = [cbn_compensation.kernel_cotangent(f)(d, w, ct)
-           for f in cbn_compensation.FORWARD.values()]
-  for v, g in zip(values[1:], grads[1:]):
+  grads = [
+    cbn_compensation.kernel_cotangent(f)(d, w, ct) for f in cbn_compensation.FORWARD.values()
+  ]
+  for v, g in zip(values[1:], grads[1:], strict=True):
     np.testing.assert_allclose(v, values[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g, grads[0], rtol=1e-5, atol=1e-5)
   medians = cbn_compensation.run((2, 9, 4), rounds=1, repeats=1)
@@ -377,8 +495,15 @@ def test_derivative_benchmark_trains_the_segmentation_unet_at_batch_2(tmp_path, 
   from benchmarks import cbn_derivatives as CD
 
   model, history = CD.train_segmentation(
-      3, 0, 2, "seg_quick", epochs=1.0, widths=(4, 8), tarball=tiny_tarball,
-      cache_dir=str(tmp_path / "cache"))
+    3,
+    0,
+    2,
+    "seg_quick",
+    epochs=1.0,
+    widths=(4, 8),
+    tarball=tiny_tarball,
+    cache_dir=str(tmp_path / "cache"),
+  )
   assert len(history) == 3 and history[-1][1] is None
   assert all(images.shape[0] == 2 for _, images in history[:-1])
   from flax import traverse_util
@@ -399,9 +524,13 @@ def test_derivative_benchmark_trains_the_segmentation_unet_at_batch_2(tmp_path, 
   assert set(errors) == {"naive", "stride 1", "kernel change"}
 
 
-@pytest.mark.parametrize("norm, shared", [
+@pytest.mark.parametrize(
+  "norm, shared",
+  [
     ("mabn", {"_train_step", "commit_if_finite", "add_increment", "center_kernel"}),
-    ("cbn", {"_train_step", "commit_if_finite"})])
+    ("cbn", {"_train_step", "commit_if_finite"}),
+  ],
+)
 def test_unshared_ablation_traces_every_layer_without_the_shared_jits(norm, shared):
   from benchmarks import compile_time as CT
 
@@ -416,9 +545,11 @@ def test_unshared_ablation_traces_every_layer_without_the_shared_jits(norm, shar
         names.append(eqn.params.get("name"))
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
           visit(sub)
+
     visit(jaxpr.jaxpr)
-    return {n for n in names if n in ("_train_step", "commit_if_finite", "add_increment",
-                                       "center_kernel")}
+    return {
+      n for n in names if n in ("_train_step", "commit_if_finite", "add_increment", "center_kernel")
+    }
 
   assert shared_calls(norm) == shared
   assert shared_calls(f"{norm}_unshared") == set()

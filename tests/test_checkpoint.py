@@ -37,12 +37,22 @@ def test_restore_in_fresh_process_continues_bit_for_bit(tmp_path):
   uninterrupted = run.run(state, K, MORE)
 
   out = tmp_path / "resumed.npz"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)])
+  )
   proc = subprocess.run(
-      [sys.executable, str(HERE / "_checkpoint_run.py"), str(checkpoint), str(K),
-       str(MORE), str(out)],
-      env=env, capture_output=True, text=True, timeout=300,
+    [
+      sys.executable,
+      str(HERE / "_checkpoint_run.py"),
+      str(checkpoint),
+      str(K),
+      str(MORE),
+      str(out),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   resumed = dict(np.load(out))

@@ -37,16 +37,22 @@ def _bn_checkpoint(x, zero_mean: bool):
   variables = Net().init(jax.random.key(0), x)
   key = jax.random.key(1)
   params = jax.tree_util.tree_map_with_path(
-      lambda p, a: center_kernel(a) if p[-1].key == "kernel" and a.ndim == 4
-      else a + 0.3 * jax.random.normal(jax.random.fold_in(key, a.size), a.shape),
-      variables["params"],
+    lambda p, a: (
+      center_kernel(a)
+      if p[-1].key == "kernel" and a.ndim == 4
+      else a + 0.3 * jax.random.normal(jax.random.fold_in(key, a.size), a.shape)
+    ),
+    variables["params"],
   )
   stats = jax.tree_util.tree_map_with_path(
-      lambda p, a: jnp.exp(0.4 * jax.random.normal(jax.random.fold_in(key, 7 + a.size), a.shape))
+    lambda p, a: (
+      jnp.exp(0.4 * jax.random.normal(jax.random.fold_in(key, 7 + a.size), a.shape))
       if p[-1].key == "var"
-      else (jnp.zeros_like(a) if zero_mean
-            else jax.random.normal(jax.random.fold_in(key, 9), a.shape)),
-      variables["batch_stats"],
+      else (
+        jnp.zeros_like(a) if zero_mean else jax.random.normal(jax.random.fold_in(key, 9), a.shape)
+      )
+    ),
+    variables["batch_stats"],
   )
   return {"params": params, "batch_stats": stats}
 
@@ -66,12 +72,15 @@ def test_converted_chi_ema_is_var_plus_mean_squared_and_buffers_filled():
     assert int(state["step"]) == 100  # max(buffer_size 16, warmup_steps 100)
   # The converted tree has exactly the twin's structure and dtypes.
   assert jax.tree.map(lambda a: (a.shape, a.dtype), new) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), target)
+    lambda a: (a.shape, a.dtype), target
+  )
   # Params are copied: scale/bias and kernels.
-  np.testing.assert_array_equal(new["params"]["MABN_1"]["scale"],
-                                bn["params"]["BatchNorm_1"]["scale"])
-  np.testing.assert_array_equal(new["params"]["CenteredConv_0"]["kernel"],
-                                bn["params"]["Conv_0"]["kernel"])
+  np.testing.assert_array_equal(
+    new["params"]["MABN_1"]["scale"], bn["params"]["BatchNorm_1"]["scale"]
+  )
+  np.testing.assert_array_equal(
+    new["params"]["CenteredConv_0"]["kernel"], bn["params"]["Conv_0"]["kernel"]
+  )
 
 
 def test_converted_model_eval_equals_batch_norm_eval_for_zero_mean_convs():
@@ -137,14 +146,20 @@ def test_registry_bn_model_converts_to_mabn_and_fine_tunes():
   bn_vars = RegistryNet(bn_norm).init(jax.random.key(0), x)
   key = jax.random.key(5)
   params = jax.tree_util.tree_map_with_path(
-      lambda p, a: center_kernel(a) if p[-1].key == "kernel" and a.ndim == 4
-      else a + 0.3 * jax.random.normal(jax.random.fold_in(key, a.size), a.shape),
-      bn_vars["params"],
+    lambda p, a: (
+      center_kernel(a)
+      if p[-1].key == "kernel" and a.ndim == 4
+      else a + 0.3 * jax.random.normal(jax.random.fold_in(key, a.size), a.shape)
+    ),
+    bn_vars["params"],
   )
   stats = jax.tree_util.tree_map_with_path(
-      lambda p, a: jnp.exp(0.4 * jax.random.normal(jax.random.fold_in(key, a.size + 1), a.shape))
-      if p[-1].key == "var" else jnp.zeros_like(a),
-      bn_vars["batch_stats"],
+    lambda p, a: (
+      jnp.exp(0.4 * jax.random.normal(jax.random.fold_in(key, a.size + 1), a.shape))
+      if p[-1].key == "var"
+      else jnp.zeros_like(a)
+    ),
+    bn_vars["batch_stats"],
   )
   bn_vars = {"params": params, "batch_stats": stats}
   new_vars, mabn_norm = mj.convert_batch_norm(bn_vars, bn_norm, buffer_size=4)
@@ -152,13 +167,15 @@ def test_registry_bn_model_converts_to_mabn_and_fine_tunes():
   model = RegistryNet(mabn_norm)
   template = model.init(jax.random.key(1), x, train=True)  # the layout after training
   assert jax.tree.map(lambda a: (a.shape, a.dtype), new_vars) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), template)
+    lambda a: (a.shape, a.dtype), template
+  )
   state = new_vars["batch_stats"]["c2"]["norm"]
   np.testing.assert_allclose(state["chi_ema"], stats["c2"]["norm"]["var"], rtol=1e-6)
   assert int(state["step"]) == 100  # max(buffer_size 4, warmup_steps 100)
   # Zero-mean conv outputs (centred kernels, mean 0): same eval output.
-  np.testing.assert_allclose(model.apply(new_vars, x), RegistryNet(bn_norm).apply(bn_vars, x),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    model.apply(new_vars, x), RegistryNet(bn_norm).apply(bn_vars, x), rtol=1e-5, atol=1e-6
+  )
 
   def loss_fn(v, x):
     out, mutated = model.apply(v, x, train=True, mutable=["batch_stats"])

@@ -16,7 +16,6 @@ import mabn_jax as mj
 from mabn_jax.functional import cross_iteration as F
 from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
 
-
 # The published layer's gradient and running statistics, which the references
 # below implement.
 PUBLISHED = dict(backward="published", running_stats="batch")
@@ -34,7 +33,7 @@ def np_patches(x, kernel_size, stride, padding):
   if padding == "SAME":
     outs = [-(-h // stride), -(-w // stride)]
     pads = []
-    for size, out, k in zip((h, w), outs, (kh, kw)):
+    for size, out, k in zip((h, w), outs, (kh, kw), strict=True):
       total = max((out - 1) * stride + k - size, 0)
       pads.append((total // 2, total - total // 2))
   else:
@@ -45,7 +44,7 @@ def np_patches(x, kernel_size, stride, padding):
   out = np.zeros((n, ho, wo, kh, kw, c))
   for i in range(ho):
     for j in range(wo):
-      out[:, i, j] = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+      out[:, i, j] = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
   return out
 
 
@@ -70,31 +69,32 @@ class NumpyCBN:
     out = np.zeros_like(y)
     current = []
     for g in range(self.groups):
-      yg, pg = y[g * b:(g + 1) * b], patches[g * b:(g + 1) * b]
+      yg, pg = y[g * b : (g + 1) * b], patches[g * b : (g + 1) * b]
       m = yg.shape[0] * yg.shape[1] * yg.shape[2]
-      mu, nu = yg.mean(axis=(0, 1, 2)), (yg ** 2).mean(axis=(0, 1, 2))
+      mu, nu = yg.mean(axis=(0, 1, 2)), (yg**2).mean(axis=(0, 1, 2))
       entry = dict(
-          mu=mu, nu=nu,
-          dmu=pg.mean(axis=(0, 1, 2)),
-          dnu=2.0 / m * np.einsum("nhwijc,nhwo->ijco", pg, yg),
-          kernel=kernel.copy(),
+        mu=mu,
+        nu=nu,
+        dmu=pg.mean(axis=(0, 1, 2)),
+        dnu=2.0 / m * np.einsum("nhwijc,nhwo->ijco", pg, yg),
+        kernel=kernel.copy(),
       )
       mu_sum, nu_sum, count = mu.copy(), nu.copy(), np.ones(cout)
       if not burning and self.window > 1:
-        for e in (self.entries + current)[-(self.window - 1):]:
+        for e in (self.entries + current)[-(self.window - 1) :]:
           delta = kernel - e["kernel"]
           mu_e, nu_e = e["mu"].copy(), e["nu"].copy()
           if not self.naive:
             for c in range(cout):
               mu_e[c] += np.sum(e["dmu"] * delta[..., c])
               nu_e[c] += np.sum(e["dnu"][..., c] * delta[..., c])
-          ok = nu_e >= mu_e ** 2
+          ok = nu_e >= mu_e**2
           mu_sum += np.where(ok, mu_e, 0.0)
           nu_sum += np.where(ok, nu_e, 0.0)
           count += ok
       mu_bar, nu_bar = mu_sum / count, nu_sum / count
-      var_bar = np.maximum(nu_bar - mu_bar ** 2, 0.0)
-      out[g * b:(g + 1) * b] = (yg - mu_bar) / np.sqrt(var_bar + self.epsilon)
+      var_bar = np.maximum(nu_bar - mu_bar**2, 0.0)
+      out[g * b : (g + 1) * b] = (yg - mu_bar) / np.sqrt(var_bar + self.epsilon)
       current.append(entry)
     mus = np.stack([e["mu"] for e in current])
     varis = np.stack([np.maximum(e["nu"] - e["mu"] ** 2, 0.0) for e in current])
@@ -102,7 +102,7 @@ class NumpyCBN:
     self.mean = self.momentum * self.mean + (1 - self.momentum) * (mus.mean(0) + bias)
     self.var = self.momentum * self.var + (1 - self.momentum) * varis.mean(0)
     if not burning and self.window > 1:
-      self.entries = (self.entries + current)[-(self.window - 1):]
+      self.entries = (self.entries + current)[-(self.window - 1) :]
     return out
 
 
@@ -110,8 +110,10 @@ def _train_step_fn(model):
   @jax.jit
   def step(params, batch_stats, x):
     out, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x,
-        use_running_average=False, mutable=["batch_stats"],
+      {"params": params, "batch_stats": batch_stats},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
     )
     return out, updates["batch_stats"]
 
@@ -119,12 +121,36 @@ def _train_step_fn(model):
 
 
 REFERENCE_CASES = {
-    "groups_as_iterations": dict(window=3, norm_batch_size=2, burn_in=1, naive=False,
-                                 centered=False, strides=1, padding="SAME", use_bias=False),
-    "centered_strided_valid": dict(window=4, norm_batch_size=None, burn_in=0, naive=False,
-                                   centered=True, strides=2, padding="VALID", use_bias=True),
-    "naive": dict(window=3, norm_batch_size=None, burn_in=1, naive=True,
-                  centered=False, strides=1, padding="SAME", use_bias=False),
+  "groups_as_iterations": dict(
+    window=3,
+    norm_batch_size=2,
+    burn_in=1,
+    naive=False,
+    centered=False,
+    strides=1,
+    padding="SAME",
+    use_bias=False,
+  ),
+  "centered_strided_valid": dict(
+    window=4,
+    norm_batch_size=None,
+    burn_in=0,
+    naive=False,
+    centered=True,
+    strides=2,
+    padding="VALID",
+    use_bias=True,
+  ),
+  "naive": dict(
+    window=3,
+    norm_batch_size=None,
+    burn_in=1,
+    naive=True,
+    centered=False,
+    strides=1,
+    padding="SAME",
+    use_bias=False,
+  ),
 }
 
 
@@ -133,8 +159,11 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
   cfg = REFERENCE_CASES[case]
   groups = 1 if cfg["norm_batch_size"] is None else 4 // cfg["norm_batch_size"]
   model = CrossIterationConvNorm(
-      features=3, kernel_size=(3, 3), momentum=0.8, **PUBLISHED,
-      **{k: v for k, v in cfg.items()},
+    features=3,
+    kernel_size=(3, 3),
+    momentum=0.8,
+    **PUBLISHED,
+    **{k: v for k, v in cfg.items()},
   )
   rng = np.random.default_rng(0)
   xs = [rng.normal(size=(4, 6, 6, 2)).astype(np.float32) + 0.5 for _ in range(5)]
@@ -169,20 +198,24 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
       if not cfg["naive"]:
         w_old = entry["kernel"]
         expected_rows.update(
-            dmu_buffer=entry["dmu"], dnu_buffer=entry["dnu"],
-            mu_offset=entry["mu"] - np.einsum("ijk,ijkc->c", entry["dmu"], w_old),
-            nu_offset=entry["nu"] - np.einsum("ijkc,ijkc->c", entry["dnu"], w_old),
+          dmu_buffer=entry["dmu"],
+          dnu_buffer=entry["dnu"],
+          mu_offset=entry["mu"] - np.einsum("ijk,ijkc->c", entry["dmu"], w_old),
+          nu_offset=entry["nu"] - np.einsum("ijkc,ijkc->c", entry["dnu"], w_old),
         )
       else:
         assert "dnu_buffer" not in norm and "mu_offset" not in norm
       for name, value in expected_rows.items():
         np.testing.assert_allclose(
-            norm[name][row], value, rtol=1e-4, atol=1e-4,
-            err_msg=f"step {t + 1} {name} row {row}",
+          norm[name][row],
+          value,
+          rtol=1e-4,
+          atol=1e-4,
+          err_msg=f"step {t + 1} {name} row {row}",
         )
     # The kernel changes between steps (as an optimizer would change it).
-    params["conv"]["kernel"] = (
-        params["conv"]["kernel"] + 0.05 * rng.normal(size=raw.shape).astype(np.float32)
+    params["conv"]["kernel"] = params["conv"]["kernel"] + 0.05 * rng.normal(size=raw.shape).astype(
+      np.float32
     )
   assert count == cfg["window"] - 1  # the window filled up
 
@@ -193,27 +226,27 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
 
 
 @pytest.mark.parametrize(
-    "kernel_size, strides, padding, dilation, spatial",
-    [
-        ((3, 2), (2, 1), "SAME", 1, (5, 5)),
-        ((3, 3), 1, "VALID", 2, (7, 6)),
-        ((1, 1), 1, "SAME", 1, (4, 5)),
-        ((1, 1), 2, "SAME", 1, (5, 4)),
-        ((1, 1), (2, 3), ((1, 0), (2, 1)), 1, (5, 5)),
-        ((1,), 2, "VALID", 1, (7,)),
-        ((1, 1, 1), (1, 2, 2), "SAME", 1, (3, 4, 5)),
-        ((3, 3), (2, 1), ((-1, 2), (1, -2)), (1, 2), (8, 9)),
-        ((5,), 3, ((3, 1),), 1, (6,)),
-    ],
+  "kernel_size, strides, padding, dilation, spatial",
+  [
+    ((3, 2), (2, 1), "SAME", 1, (5, 5)),
+    ((3, 3), 1, "VALID", 2, (7, 6)),
+    ((1, 1), 1, "SAME", 1, (4, 5)),
+    ((1, 1), 2, "SAME", 1, (5, 4)),
+    ((1, 1), (2, 3), ((1, 0), (2, 1)), 1, (5, 5)),
+    ((1,), 2, "VALID", 1, (7,)),
+    ((1, 1, 1), (1, 2, 2), "SAME", 1, (3, 4, 5)),
+    ((3, 3), (2, 1), ((-1, 2), (1, -2)), (1, 2), (8, 9)),
+    ((5,), 3, ((3, 1),), 1, (6,)),
+  ],
 )
-def test_cheap_derivatives_equal_jacrev_of_mu_and_nu(kernel_size, strides, padding, dilation,
-                                                     spatial):
+def test_cheap_derivatives_equal_jacrev_of_mu_and_nu(
+  kernel_size, strides, padding, dilation, spatial
+):
   with jax.enable_x64(True):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(4,) + spatial + (2,)))
     kernel = jnp.asarray(rng.normal(size=kernel_size + (2, 3)))
-    spec = F.ConvSpec.make(len(spatial), strides=strides, padding=padding,
-                           kernel_dilation=dilation)
+    spec = F.ConvSpec.make(len(spatial), strides=strides, padding=padding, kernel_dilation=dilation)
     groups = 2
 
     def moments(w):
@@ -232,16 +265,17 @@ def test_cheap_derivatives_equal_jacrev_of_mu_and_nu(kernel_size, strides, paddi
 
 
 @pytest.mark.parametrize(
-    "kernel_size, strides, padding, dilation, spatial, stride",
-    [
-        ((3, 3), 1, "SAME", 1, (9, 10), 2),
-        ((3, 3), 2, "SAME", 1, (10, 9), 2),
-        ((3, 2), 1, "VALID", (2, 1), (11, 8), 3),
-        ((1, 1), 1, ((2, 0), (1, 1)), 1, (8, 7), 2),
-    ],
+  "kernel_size, strides, padding, dilation, spatial, stride",
+  [
+    ((3, 3), 1, "SAME", 1, (9, 10), 2),
+    ((3, 3), 2, "SAME", 1, (10, 9), 2),
+    ((3, 2), 1, "VALID", (2, 1), (11, 8), 3),
+    ((1, 1), 1, ((2, 0), (1, 1)), 1, (8, 7), 2),
+  ],
 )
 def test_strided_derivatives_equal_jacrev_of_the_moments_over_the_position_subset(
-    kernel_size, strides, padding, dilation, spatial, stride):
+  kernel_size, strides, padding, dilation, spatial, stride
+):
   with jax.enable_x64(True):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(4,) + spatial + (2,)))
@@ -254,13 +288,14 @@ def test_strided_derivatives_equal_jacrev_of_the_moments_over_the_position_subse
       return F.batch_moments(y, groups)
 
     jac_mu, jac_nu = jax.jacrev(subset_moments)(kernel)
-    dmu, dnu = F.moment_derivatives(x, F.conv(x, kernel, spec), kernel, spec, groups,
-                                    stride=stride)
+    dmu, dnu = F.moment_derivatives(x, F.conv(x, kernel, spec), kernel, spec, groups, stride=stride)
     eye = np.eye(3)
-    np.testing.assert_allclose(jac_mu, np.einsum("g...,cd->gc...d", dmu, eye),
-                               rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(jac_nu, np.einsum("g...c,cd->gc...d", dnu, eye),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+      jac_mu, np.einsum("g...,cd->gc...d", dmu, eye), rtol=1e-10, atol=1e-12
+    )
+    np.testing.assert_allclose(
+      jac_nu, np.einsum("g...c,cd->gc...d", dnu, eye), rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("cin, cout, stride", [(2, 5, 1), (2, 5, 2), (5, 2, 1), (3, 3, 2)])
@@ -278,24 +313,26 @@ def test_pointwise_derivatives_take_the_cheaper_route_and_equal_jacrev(cin, cout
       return F.batch_moments(F.conv(x, w, spec)[:, ::stride, ::stride], groups)
 
     def derivatives(x, kernel):
-      return F.moment_derivatives(x, F.conv(x, kernel, spec), kernel, spec, groups,
-                                  stride=stride)
+      return F.moment_derivatives(x, F.conv(x, kernel, spec), kernel, spec, groups, stride=stride)
 
     jac_mu, jac_nu = jax.jacrev(subset_moments)(kernel)
     dmu, dnu = derivatives(x, kernel)
     eye = np.eye(cout)
-    np.testing.assert_allclose(jac_mu, np.einsum("g...,cd->gc...d", dmu, eye),
-                               rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(jac_nu, np.einsum("g...c,cd->gc...d", dnu, eye),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+      jac_mu, np.einsum("g...,cd->gc...d", dmu, eye), rtol=1e-10, atol=1e-12
+    )
+    np.testing.assert_allclose(
+      jac_nu, np.einsum("g...c,cd->gc...d", dnu, eye), rtol=1e-10, atol=1e-12
+    )
     gram = F.gram_is_cheaper(kernel.shape)
     assert gram == (cin < cout)
     convs = str(jax.make_jaxpr(derivatives)(x, kernel)).count("conv_general_dilated")
     # The layer's own conv, d mu / d W, and d nu / d W unless from the Gram matrix.
     assert convs == (2 if gram else 3)
     # Constants of the step, by either route: no gradient flows through them.
-    grads = jax.grad(lambda x, k: sum(jnp.sum(d ** 2) for d in derivatives(x, k)),
-                     argnums=(0, 1))(x, kernel)
+    grads = jax.grad(lambda x, k: sum(jnp.sum(d**2) for d in derivatives(x, k)), argnums=(0, 1))(
+      x, kernel
+    )
     for grad in grads:
       np.testing.assert_array_equal(grad, np.zeros_like(grad))
 
@@ -330,17 +367,21 @@ def test_kernel_derivatives_convolution_takes_the_same_derivative_from_a_convolu
   for option in F.KERNEL_DERIVATIVES:
     config = F.CBNConfig(window=3, burn_in=0, kernel_derivatives=option)
     steps[option] = jax.make_jaxpr(
-        lambda y, k, config=config: F.normalize_train(y, x, k, state, spec, config))(y, kernel)
+      lambda y, k, config=config: F.normalize_train(y, x, k, state, spec, config)
+    )(y, kernel)
     _, new = F.normalize_train(y, x, kernel, state, spec, config)
     np.testing.assert_allclose(new.dnu_buffer[-1], whole_batch[0], rtol=1e-5, atol=1e-6)
   convs = {k: str(v).count("conv_general_dilated") for k, v in steps.items()}
   assert convs == {"auto": 1, "convolution": 2}
 
 
-@pytest.mark.parametrize("field, value, expected", [
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
     ("kernel_derivatives", "gram", r"one of \('auto', 'convolution'\), got 'gram'"),
     ("rematerialize", 1, "True or False, got 1"),
-])
+  ],
+)
 def test_cbn_options_are_validated_with_the_layer_name(field, value, expected):
   with pytest.raises(ValueError, match=rf"net/c1: {field} must be {expected}"):
     F.CBNConfig(**{field: value}).validate("net/c1")
@@ -361,8 +402,11 @@ def test_conv_matches_flax_conv():
     params = layer.init(jax.random.PRNGKey(0), x)
     spec = F.ConvSpec.make(2, strides, padding)
     np.testing.assert_allclose(
-        F.conv(x, params["params"]["kernel"], spec), layer.apply(params, x),
-        rtol=1e-6, atol=1e-6, err_msg=f"{strides} {padding}",
+      F.conv(x, params["params"]["kernel"], spec),
+      layer.apply(params, x),
+      rtol=1e-6,
+      atol=1e-6,
+      err_msg=f"{strides} {padding}",
     )
 
 
@@ -391,15 +435,19 @@ def test_compensated_statistics_of_a_past_batch_are_closer_to_exact_than_naive()
     offsets = F.taylor_offsets(mu_old, nu_old, dmu, dnu, w_old)
     mu_comp, nu_comp = F.compensate(*offsets, dmu, dnu, w_new)
     mu_exact, nu_exact = F.batch_moments(F.conv(x_old, w_new, spec), 1)
-    var_exact = nu_exact - mu_exact ** 2
+    var_exact = nu_exact - mu_exact**2
     errors[size] = {
-        "mu naive": rel(mu_old, mu_exact), "mu compensated": rel(mu_comp, mu_exact),
-        "nu naive": rel(nu_old, nu_exact), "nu compensated": rel(nu_comp, nu_exact),
-        "var naive": rel(nu_old - mu_old ** 2, var_exact),
-        "var compensated": rel(nu_comp - mu_comp ** 2, var_exact),
+      "mu naive": rel(mu_old, mu_exact),
+      "mu compensated": rel(mu_comp, mu_exact),
+      "nu naive": rel(nu_old, nu_exact),
+      "nu compensated": rel(nu_comp, nu_exact),
+      "var naive": rel(nu_old - mu_old**2, var_exact),
+      "var compensated": rel(nu_comp - mu_comp**2, var_exact),
     }
-    print(f"relative |dW|/|W| = {size}: relative errors vs exact recomputation:",
-          {k: f"{v:.2e}" for k, v in errors[size].items()})
+    print(
+      f"relative |dW|/|W| = {size}: relative errors vs exact recomputation:",
+      {k: f"{v:.2e}" for k, v in errors[size].items()},
+    )
     err = errors[size]
     # mu is linear in W: the first-order term is exact up to float32 rounding.
     assert err["mu compensated"] < 1e-4 < err["mu naive"]
@@ -418,8 +466,7 @@ def _moments_at_old_and_new_kernel(x, w_old, w_new):
   of ``x`` with the kernel before and after a change (one group)."""
   spec = F.ConvSpec.make(2)
   y_old = F.conv(x, w_old, spec)
-  return (spec, y_old, F.batch_moments(y_old, 1),
-          F.batch_moments(F.conv(x, w_new, spec), 1))
+  return (spec, y_old, F.batch_moments(y_old, 1), F.batch_moments(F.conv(x, w_new, spec), 1))
 
 
 def test_compensation_with_strided_derivatives_still_beats_the_naive_statistics():
@@ -434,11 +481,12 @@ def test_compensation_with_strided_derivatives_still_beats_the_naive_statistics(
   w_old = jnp.asarray(rng.normal(size=(3, 3, 4, 6)) * 0.2, jnp.float32)
   w_new = w_old + 0.01 * jnp.asarray(rng.normal(size=w_old.shape) * 0.2, jnp.float32)
   spec, y_old, (mu_old, nu_old), (mu_exact, nu_exact) = _moments_at_old_and_new_kernel(
-      x_old, w_old, w_new)
-  var_exact = nu_exact - mu_exact ** 2
+    x_old, w_old, w_new
+  )
+  var_exact = nu_exact - mu_exact**2
 
   def var_error(mu, nu):
-    return float(jnp.linalg.norm(nu - mu ** 2 - var_exact) / jnp.linalg.norm(var_exact))
+    return float(jnp.linalg.norm(nu - mu**2 - var_exact) / jnp.linalg.norm(var_exact))
 
   def compensated(stride):
     dmu, dnu = F.moment_derivatives(x_old, y_old, w_old, spec, 1, stride=stride)
@@ -453,7 +501,7 @@ def test_compensation_with_strided_derivatives_still_beats_the_naive_statistics(
 
 def _stepped_state(x_steps, kernels, spec, config, dtype):
   state = F.init_state(kernels[0].shape, config.window, dtype)
-  for x, w in zip(x_steps, kernels):
+  for x, w in zip(x_steps, kernels, strict=True):
     _, state = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
   return state
 
@@ -477,26 +525,27 @@ def test_finite_difference_gradient_of_current_batch_path_float64():
     def loss_fixed_compensation(x, w):
       # The compensation target is a constant (w0): the current-batch path only.
       out, _ = F.normalize_train(F.conv(x, w, spec), x, w0, state, spec, config)
-      return jnp.sum(out * g) + 0.5 * jnp.sum(out ** 2 * g)
+      return jnp.sum(out * g) + 0.5 * jnp.sum(out**2 * g)
 
     @jax.jit
     def loss_layer(x, w):
       out, _ = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
-      return jnp.sum(out * g) + 0.5 * jnp.sum(out ** 2 * g)
+      return jnp.sum(out * g) + 0.5 * jnp.sum(out**2 * g)
 
     check_grads(loss_fixed_compensation, (x, w0), order=1, modes=["rev"], eps=1e-6)
     # Buffered terms are constants: the layer's gradient is that of the current path.
     grads_layer = jax.grad(loss_layer, argnums=(0, 1))(x, w0)
     grads_fixed = jax.grad(loss_fixed_compensation, argnums=(0, 1))(x, w0)
-    for a, b in zip(grads_layer, grads_fixed):
+    for a, b in zip(grads_layer, grads_fixed, strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     # ... and it differs from plain BN (the pooled statistics matter).
     bn_grad = jax.grad(
-        lambda x: jnp.sum(
-            F.normalize_train(F.conv(x, w0, spec), x, w0,
-                              F.init_state(w0.shape, 3, jnp.float64), spec, config)[0]
-            * g
-        )
+      lambda x: jnp.sum(
+        F.normalize_train(
+          F.conv(x, w0, spec), x, w0, F.init_state(w0.shape, 3, jnp.float64), spec, config
+        )[0]
+        * g
+      )
     )(x)
     assert float(jnp.max(jnp.abs(bn_grad - grads_layer[0]))) > 1e-3
 
@@ -514,14 +563,13 @@ def test_burn_in_is_plain_bn_then_window_grows_to_k():
     y = F.conv(x, w, spec)
     out, new_state = F.normalize_train(y, x, w, state, spec, config)
     mu, nu = F.batch_moments(y, 1)
-    bn = (y - mu) / jnp.sqrt(jnp.maximum(nu - mu ** 2, 0) + 1e-5)
+    bn = (y - mu) / jnp.sqrt(jnp.maximum(nu - mu**2, 0) + 1e-5)
     if t < 3:  # burn-in steps 1, 2 and the first window step (1 entry) are BN.
       np.testing.assert_allclose(out, bn, rtol=1e-5, atol=1e-5)
     else:
       assert float(jnp.max(jnp.abs(out - bn))) > 1e-2
     if t < 2:  # nothing buffered during burn-in
-      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset",
-                   "nu_offset"):
+      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset", "nu_offset"):
         np.testing.assert_array_equal(getattr(new_state, name), 0.0)
     counts.append(int(new_state.count))
     state = new_state
@@ -538,7 +586,7 @@ def test_naive_ignores_kernel_change_and_compensated_equals_naive_for_fixed_kern
   def run(naive, kernels):
     config = F.CBNConfig(window=3, burn_in=0, naive=naive)
     state = F.init_state(w.shape, 3, naive=naive)
-    for x, k in zip(xs, kernels):
+    for x, k in zip(xs, kernels, strict=True):
       out, state = F.normalize_train(F.conv(x, k, spec), x, k, state, spec, config)
     return out, state
 
@@ -554,7 +602,7 @@ def test_naive_ignores_kernel_change_and_compensated_equals_naive_for_fixed_kern
   _, state2 = run(True, moving[:2])
   mu_bar = (mu[0] + state2.mu_buffer.sum(0)) / 3
   nu_bar = (nu[0] + state2.nu_buffer.sum(0)) / 3
-  expected = (y - mu_bar) / jnp.sqrt(nu_bar - mu_bar ** 2 + 1e-5)
+  expected = (y - mu_bar) / jnp.sqrt(nu_bar - mu_bar**2 + 1e-5)
   np.testing.assert_allclose(out_naive, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -583,7 +631,6 @@ class _ConvBN(nn.Module):
 
 
 class JitAgreementTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_training_step_agrees_with_and_without_jit(self):
     spec = F.ConvSpec.make(2)
@@ -601,7 +648,8 @@ class JitAgreementTest(chex.TestCase):
     for t, x in enumerate(xs):
       out, state = step(x, w + 0.1 * t, state)
       ref_out, eager = F.normalize_train(
-          F.conv(x, w + 0.1 * t, spec), x, w + 0.1 * t, eager, spec, config)
+        F.conv(x, w + 0.1 * t, spec), x, w + 0.1 * t, eager, spec, config
+      )
       np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
       chex.assert_trees_all_close(state, eager, rtol=1e-5, atol=1e-6)
     assert int(state.count) == 2
@@ -610,29 +658,35 @@ class JitAgreementTest(chex.TestCase):
 @pytest.mark.parametrize("window,burn_in", [(1, 0), (4, 10)])
 def test_equals_flax_conv_batchnorm_outputs_grads_and_running_stats(window, burn_in):
   rng = np.random.default_rng(7)
-  model = CrossIterationConvNorm(features=4, kernel_size=(3, 3), window=window, burn_in=burn_in,
-                                 **PUBLISHED)
+  model = CrossIterationConvNorm(
+    features=4, kernel_size=(3, 3), window=window, burn_in=burn_in, **PUBLISHED
+  )
   reference = _ConvBN()
   x0 = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x0, use_running_average=False)
   params = variables["params"]
   params = {
-      "conv": params["conv"],
-      "norm": {"scale": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
-               "bias": jnp.asarray(rng.normal(size=4), jnp.float32)},
+    "conv": params["conv"],
+    "norm": {
+      "scale": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+    },
   }
   ref_params = {"conv": params["conv"], "bn": params["norm"]}
   stats = variables["batch_stats"]
   ref_stats = reference.init(jax.random.PRNGKey(0), x0)["batch_stats"]
 
   def loss(params, stats, x, g):
-    out, upd = model.apply({"params": params, "batch_stats": stats}, x,
-                           use_running_average=False, mutable=["batch_stats"])
+    out, upd = model.apply(
+      {"params": params, "batch_stats": stats},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
+    )
     return jnp.sum(out * g), (out, upd["batch_stats"])
 
   def ref_loss(params, stats, x, g):
-    out, upd = reference.apply({"params": params, "batch_stats": stats}, x,
-                               mutable=["batch_stats"])
+    out, upd = reference.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
     return jnp.sum(out * g), (out, upd["batch_stats"])
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
@@ -656,8 +710,8 @@ def test_equals_flax_conv_batchnorm_outputs_grads_and_running_stats(window, burn
   x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
   out = model.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
   ref_eval = nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(
-      {"params": params["norm"], "batch_stats": {k: ref_stats["bn"][k] for k in ("mean", "var")}},
-      nn.Conv(4, (3, 3), use_bias=False).apply({"params": params["conv"]}, x),
+    {"params": params["norm"], "batch_stats": {k: ref_stats["bn"][k] for k in ("mean", "var")}},
+    nn.Conv(4, (3, 3), use_bias=False).apply({"params": params["conv"]}, x),
   )
   np.testing.assert_allclose(out, ref_eval, rtol=1e-5, atol=1e-5)
 
@@ -668,24 +722,48 @@ def test_variable_layout_and_exports():
   variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
   shapes = jax.tree_util.tree_map(jnp.shape, variables)
   assert shapes["params"] == {
-      "conv": {"kernel": (3, 3, 3, 5), "bias": (5,)},
-      "norm": {"scale": (5,), "bias": (5,)},
+    "conv": {"kernel": (3, 3, 3, 5), "bias": (5,)},
+    "norm": {"scale": (5,), "bias": (5,)},
   }
-  assert shapes["batch_stats"] == {"norm": {
-      "mean": (5,), "var": (5,), "mu_buffer": (3, 5), "nu_buffer": (3, 5),
-      "dmu_buffer": (3, 3, 3, 3), "dnu_buffer": (3, 3, 3, 3, 5),
-      "mu_offset": (3, 5), "nu_offset": (3, 5), "count": (), "step": (), "nonfinite_count": (),
-  }}
+  assert shapes["batch_stats"] == {
+    "norm": {
+      "mean": (5,),
+      "var": (5,),
+      "mu_buffer": (3, 5),
+      "nu_buffer": (3, 5),
+      "dmu_buffer": (3, 3, 3, 3),
+      "dnu_buffer": (3, 3, 3, 3, 5),
+      "mu_offset": (3, 5),
+      "nu_offset": (3, 5),
+      "count": (),
+      "step": (),
+      "nonfinite_count": (),
+    }
+  }
   # No past kernel is stored (the offsets replace it), the naive variant keeps
   # no derivatives, and window 1 keeps no buffers: no zero-size variables.
   naive = mj.CrossIterationConvNorm(features=5, kernel_size=(3, 3), naive=True).init(
-      jax.random.PRNGKey(0), x, use_running_average=False)
+    jax.random.PRNGKey(0), x, use_running_average=False
+  )
   assert sorted(naive["batch_stats"]["norm"]) == [
-      "count", "mean", "mu_buffer", "nonfinite_count", "nu_buffer", "step", "var"]
+    "count",
+    "mean",
+    "mu_buffer",
+    "nonfinite_count",
+    "nu_buffer",
+    "step",
+    "var",
+  ]
   single = mj.CrossIterationConvNorm(features=5, kernel_size=(3, 3), window=1).init(
-      jax.random.PRNGKey(0), x, use_running_average=False)
+    jax.random.PRNGKey(0), x, use_running_average=False
+  )
   assert sorted(single["batch_stats"]["norm"]) == [
-      "count", "mean", "nonfinite_count", "step", "var"]
+    "count",
+    "mean",
+    "nonfinite_count",
+    "step",
+    "var",
+  ]
   assert model.window == 4 and model.momentum == 0.9 and model.burn_in == 100
   assert mj.functional.cross_iteration is F
 
@@ -694,21 +772,25 @@ def test_bad_configuration_raises_naming_the_layer():
   x = jnp.ones((2, 6, 6, 3))
   with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*window"):
     CrossIterationConvNorm(features=2, kernel_size=(3, 3), window=0).init(
-        jax.random.PRNGKey(0), x, use_running_average=False)
+      jax.random.PRNGKey(0), x, use_running_average=False
+    )
   with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*padding"):
     CrossIterationConvNorm(features=2, kernel_size=(3, 3), padding="CIRCULAR").init(
-        jax.random.PRNGKey(0), x, use_running_average=False)
+      jax.random.PRNGKey(0), x, use_running_average=False
+    )
   with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*norm_batch_size"):
     CrossIterationConvNorm(features=2, kernel_size=(3, 3), norm_batch_size=3).init(
-        jax.random.PRNGKey(0), x, use_running_average=False)
+      jax.random.PRNGKey(0), x, use_running_average=False
+    )
 
 
 @pytest.mark.parametrize("derivative_dtype", [None, jnp.bfloat16])
 def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch(derivative_dtype):
   devices = jax.devices()[:4]
   rng = np.random.default_rng(8)
-  kwargs = dict(features=3, kernel_size=(3, 3), window=3, burn_in=1,
-                derivative_dtype=derivative_dtype)
+  kwargs = dict(
+    features=3, kernel_size=(3, 3), window=3, burn_in=1, derivative_dtype=derivative_dtype
+  )
   single = CrossIterationConvNorm(**kwargs)
   synced = CrossIterationConvNorm(axis_name="batch", **kwargs)
   xs = [jnp.asarray(rng.normal(size=(8, 5, 5, 2)) + 0.3, jnp.float32) for _ in range(3)]
@@ -717,29 +799,42 @@ def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch(derivativ
   params, stats = variables["params"], variables["batch_stats"]
 
   def loss(model, params, stats, x, g):
-    out, upd = model.apply({"params": params, "batch_stats": stats}, x,
-                           use_running_average=False, mutable=["batch_stats"])
+    out, upd = model.apply(
+      {"params": params, "batch_stats": stats},
+      x,
+      use_running_average=False,
+      mutable=["batch_stats"],
+    )
     return jnp.sum(out * g), (out, upd["batch_stats"])
 
   single_grad = jax.jit(jax.grad(functools.partial(loss, single), argnums=(0, 2), has_aux=True))
-  pmap_grad = jax.pmap(jax.grad(functools.partial(loss, synced), argnums=(0, 2), has_aux=True),
-                       axis_name="batch", devices=devices)
+  pmap_grad = jax.pmap(
+    jax.grad(functools.partial(loss, synced), argnums=(0, 2), has_aux=True),
+    axis_name="batch",
+    devices=devices,
+  )
   replicate = lambda tree: jax.tree_util.tree_map(lambda a: jnp.stack([a] * 4), tree)
   shard = lambda a: a.reshape((4, 2) + a.shape[1:])
   p_params, p_stats = replicate(params), replicate(stats)
-  for x, g in zip(xs, gs):
+  for x, g in zip(xs, gs, strict=True):
     (gp, gx), (out, stats) = single_grad(params, stats, x, g)
     (pgp, pgx), (pout, p_stats) = pmap_grad(p_params, p_stats, shard(x), shard(g))
     np.testing.assert_allclose(pout.reshape(out.shape), out, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(pgx.reshape(gx.shape), gx, rtol=1e-4, atol=1e-4)
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a.sum(0), b, rtol=1e-4, atol=1e-4), pgp, gp)
+      lambda a, b: np.testing.assert_allclose(a.sum(0), b, rtol=1e-4, atol=1e-4), pgp, gp
+    )
     # Derivatives averaged across devices may round to a neighbouring bfloat16.
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(
-            np.asarray(a[0], np.float32), np.asarray(b, np.float32),
-            rtol=8e-3 if b.dtype == jnp.bfloat16 else 1e-4,
-            atol=1e-5), p_stats, stats)
+      lambda a, b: np.testing.assert_allclose(
+        np.asarray(a[0], np.float32),
+        np.asarray(b, np.float32),
+        rtol=8e-3 if b.dtype == jnp.bfloat16 else 1e-4,
+        atol=1e-5,
+      ),
+      p_stats,
+      stats,
+    )
     params = jax.tree_util.tree_map(lambda p, d: p - 0.05 * d, params, gp)
     p_params = replicate(params)
   assert int(stats["norm"]["count"]) == 2
@@ -751,22 +846,32 @@ def test_sows_conv_output_moments_for_precise_bn():
   from mabn_jax.training import BATCH_MOMENTS
 
   rng = np.random.default_rng(10)
-  model = CrossIterationConvNorm(features=3, kernel_size=(3, 3), use_bias=True,
-                                 norm_batch_size=2, burn_in=0)
+  model = CrossIterationConvNorm(
+    features=3, kernel_size=(3, 3), use_bias=True, norm_batch_size=2, burn_in=0
+  )
   x = jnp.asarray(rng.normal(size=(4, 5, 5, 2)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x, use_running_average=False)
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
   params["conv"]["bias"] = np.array([1.0, -2.0, 0.5], np.float32)
-  _, mutated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           use_running_average=False, mutable=["batch_stats", BATCH_MOMENTS])
+  _, mutated = model.apply(
+    {"params": params, "batch_stats": variables["batch_stats"]},
+    x,
+    use_running_average=False,
+    mutable=["batch_stats", BATCH_MOMENTS],
+  )
   y = nn.Conv(3, (3, 3)).apply({"params": params["conv"]}, x)
   sown = mutated[BATCH_MOMENTS]["norm"]
   np.testing.assert_allclose(sown["mean"][0], y.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(sown["second_moment"][0], (y ** 2).mean(axis=(0, 1, 2)),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    sown["second_moment"][0], (y**2).mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6
+  )
   # Without the collection made mutable nothing is sown.
-  _, mutated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           use_running_average=False, mutable=["batch_stats"])
+  _, mutated = model.apply(
+    {"params": params, "batch_stats": variables["batch_stats"]},
+    x,
+    use_running_average=False,
+    mutable=["batch_stats"],
+  )
   assert BATCH_MOMENTS not in mutated
 
 
@@ -775,8 +880,7 @@ def test_group_history_equals_one_independent_layer_per_group(naive):
   """With group_history, group j of every step is an independent CBN run."""
   spec = F.ConvSpec.make(2)
   groups, b = 3, 2
-  config = F.CBNConfig(window=3, burn_in=1, naive=naive, norm_batch_size=b,
-                       group_history=True)
+  config = F.CBNConfig(window=3, burn_in=1, naive=naive, norm_batch_size=b, group_history=True)
   single = F.CBNConfig(window=3, burn_in=1, naive=naive)
   rng = np.random.default_rng(11)
   w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
@@ -788,40 +892,51 @@ def test_group_history_equals_one_independent_layer_per_group(naive):
     w = w + 0.05 * jnp.asarray(rng.normal(size=w.shape), jnp.float32)
     out, state = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
     for j in range(groups):
-      xj = x[j * b:(j + 1) * b]
+      xj = x[j * b : (j + 1) * b]
       ref, states[j] = F.normalize_train(F.conv(xj, w, spec), xj, w, states[j], spec, single)
-      np.testing.assert_allclose(out[j * b:(j + 1) * b], ref, rtol=1e-4, atol=1e-4,
-                                 err_msg=f"step {t + 1} group {j}")
-      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset",
-                   "nu_offset"):
-        np.testing.assert_allclose(getattr(state, name)[:, j], getattr(states[j], name),
-                                   rtol=1e-4, atol=1e-5, err_msg=f"step {t + 1} {name}")
+      np.testing.assert_allclose(
+        out[j * b : (j + 1) * b], ref, rtol=1e-4, atol=1e-4, err_msg=f"step {t + 1} group {j}"
+      )
+      for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset", "nu_offset"):
+        np.testing.assert_allclose(
+          getattr(state, name)[:, j],
+          getattr(states[j], name),
+          rtol=1e-4,
+          atol=1e-5,
+          err_msg=f"step {t + 1} {name}",
+        )
     assert int(state.count) == int(states[0].count)
   assert int(state.count) == 2
   # The pooled windows differ from the shared-history layout.
   shared = F.CBNConfig(window=3, burn_in=1, naive=naive, norm_batch_size=b)
   with pytest.raises(ValueError, match="groups with their own history"):
-    F.normalize_train(F.conv(x, w, spec), x, w, F.init_state(w.shape, 3, naive=naive),
-                      spec, config)
-  assert F.normalize_train(F.conv(x, w, spec), x, w, F.init_state(w.shape, 3, naive=naive),
-                           spec, shared)[0].shape == out.shape
+    F.normalize_train(F.conv(x, w, spec), x, w, F.init_state(w.shape, 3, naive=naive), spec, config)
+  assert (
+    F.normalize_train(
+      F.conv(x, w, spec), x, w, F.init_state(w.shape, 3, naive=naive), spec, shared
+    )[0].shape
+    == out.shape
+  )
 
 
 def test_group_history_layer_declares_per_group_buffers_and_trains():
   model = mj.make_normalizer("cbn", group_history=True, norm_batch_size=2, burn_in=0).conv_norm(
-      4, (3, 3))
+    4, (3, 3)
+  )
   x = jnp.asarray(np.random.default_rng(12).normal(size=(6, 5, 5, 3)), jnp.float32)
   variables = model.init(jax.random.PRNGKey(0), x, train=True)
   stats = variables["batch_stats"]
-  leaves = {jax.tree_util.keystr(p): v.shape
-            for p, v in jax.tree_util.tree_leaves_with_path(stats)}
+  leaves = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(stats)}
   assert any(k.endswith("['dnu_buffer']") and v == (3, 3, 3, 3, 3, 4) for k, v in leaves.items())
   for _ in range(3):
     out, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     variables = {**variables, **mutated}
   assert bool(jnp.all(jnp.isfinite(out)))
-  counts = [v for p, v in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])
-            if jax.tree_util.keystr(p).endswith("['count']")]
+  counts = [
+    v
+    for p, v in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])
+    if jax.tree_util.keystr(p).endswith("['count']")
+  ]
   assert [int(c) for c in counts] == [3]
   # A batch with another number of groups does not fit the per-group buffers.
   with pytest.raises(ValueError, match="group"):
@@ -851,10 +966,18 @@ def test_group_history_with_one_group_is_the_shared_history(backward):
     (_, (out_g, state_g)), grads_g = grad(x, w, state_g, per_group)
     (_, (out_s, state_s)), grads_s = grad(x, w, state_s, shared)
     np.testing.assert_allclose(out_g, out_s, rtol=1e-5, atol=1e-5, err_msg=f"step {t + 1}")
-    for a, b in zip(grads_g, grads_s):
+    for a, b in zip(grads_g, grads_s, strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"step {t + 1}")
-    for name in ("mean", "var", "mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer",
-                 "mu_offset", "nu_offset"):
+    for name in (
+      "mean",
+      "var",
+      "mu_buffer",
+      "nu_buffer",
+      "dmu_buffer",
+      "dnu_buffer",
+      "mu_offset",
+      "nu_offset",
+    ):
       g, s = getattr(state_g, name), getattr(state_s, name)
       g = g[:, 0] if name not in ("mean", "var") else g
       np.testing.assert_allclose(g, s, rtol=1e-5, atol=1e-6, err_msg=f"step {t + 1} {name}")
@@ -871,17 +994,15 @@ def test_channel_inner_products_and_their_gradients_equal_the_einsum():
   got, vjp = jax.vjp(F._channel_inner, d, w)
   expected, vjp_expected = jax.vjp(einsum, d, w)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  for a, b in zip(vjp(ct), vjp_expected(ct)):
+  for a, b in zip(vjp(ct), vjp_expected(ct), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups,group_history", [(1, False), (2, False), (5, False),
-                                                  (2, True)])
+@pytest.mark.parametrize("groups,group_history", [(1, False), (2, False), (5, False), (2, True)])
 def test_newest_entries_are_the_rows_the_step_pushed(groups, group_history):
   """What the layers check for finiteness before committing: exactly the
   buffer rows the step wrote (and the running statistics), nothing older."""
-  config = F.CBNConfig(window=4, burn_in=0, group_history=group_history,
-                       norm_batch_size=2)
+  config = F.CBNConfig(window=4, burn_in=0, group_history=group_history, norm_batch_size=2)
   spec = F.ConvSpec.make(2)
   rng = np.random.default_rng(22)
   w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
@@ -892,9 +1013,8 @@ def test_newest_entries_are_the_rows_the_step_pushed(groups, group_history):
   _, new = F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config)
   newest = F.newest_entries(new, config, groups)
   rows = 1 if group_history else min(groups, 3)
-  for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset",
-               "nu_offset"):
-    np.testing.assert_array_equal(getattr(newest, name), getattr(new, name)[3 - rows:])
+  for name in ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset", "nu_offset"):
+    np.testing.assert_array_equal(getattr(newest, name), getattr(new, name)[3 - rows :])
   np.testing.assert_array_equal(newest.mean, new.mean)
   np.testing.assert_array_equal(newest.var, new.var)
 
@@ -908,9 +1028,8 @@ def test_training_step_copies_the_derivative_buffer_at_most_once():
   variables = layer.init(jax.random.PRNGKey(0), x, use_running_average=False)
 
   def loss_fn(variables, x):
-    y, updates = layer.apply(variables, x, use_running_average=False,
-                             mutable=["batch_stats"])
-    return jnp.sum(y ** 2), updates
+    y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(y**2), updates
 
   def step(variables, x):
     (loss, updates), grads = mj.value_and_grad(loss_fn)(variables, x)
@@ -937,8 +1056,7 @@ def test_bfloat16_derivatives_are_exact_at_the_old_kernel_and_round_only_the_tay
   dmu, dnu = F.moment_derivatives(x, y_old, w_old, spec, 1)
 
   def carried(dtype, kernel):
-    dmu_s, dnu_s, mu_offset, nu_offset = F.stored_entries(mu_old, nu_old, dmu, dnu, w_old,
-                                                          dtype)
+    dmu_s, dnu_s, mu_offset, nu_offset = F.stored_entries(mu_old, nu_old, dmu, dnu, w_old, dtype)
     assert dmu_s.dtype == dnu_s.dtype == jnp.dtype(dtype)
     assert mu_offset.dtype == nu_offset.dtype == jnp.float32
     return F.compensate(mu_offset, nu_offset, dmu_s, dnu_s, kernel)
@@ -952,21 +1070,23 @@ def test_bfloat16_derivatives_are_exact_at_the_old_kernel_and_round_only_the_tay
   _, nu16 = carried(jnp.bfloat16, w_new)
   naive = rel(nu_old, nu_new)
   # bfloat16 keeps 8 significant bits: the Taylor step is off by <= 2^-8 of itself.
-  assert rel(nu16, nu32) <= 2.0 ** -8 * rel(nu_old, nu32)
+  assert rel(nu16, nu32) <= 2.0**-8 * rel(nu_old, nu32)
   assert rel(nu16, nu_new) < 0.1 * naive
 
 
 def test_layer_keeps_derivative_buffers_in_derivative_dtype_through_training_steps():
   x = jnp.asarray(np.random.default_rng(32).normal(size=(4, 6, 6, 3)), jnp.float32)
-  layers = {dtype: CrossIterationConvNorm(features=4, kernel_size=(3, 3), window=4, burn_in=0,
-                                          derivative_dtype=dtype)
-            for dtype in (None, jnp.bfloat16)}
+  layers = {
+    dtype: CrossIterationConvNorm(
+      features=4, kernel_size=(3, 3), window=4, burn_in=0, derivative_dtype=dtype
+    )
+    for dtype in (None, jnp.bfloat16)
+  }
   outputs = {}
   for dtype, layer in layers.items():
 
     def loss_fn(variables, layer=layer):
-      y, updates = layer.apply(variables, x, use_running_average=False,
-                               mutable=["batch_stats"])
+      y, updates = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
       return jnp.mean(jnp.sin(y)), (updates, y)
 
     @jax.jit
@@ -995,8 +1115,11 @@ def test_state_in_another_derivative_dtype_raises_naming_the_layer():
   w = jnp.ones((3, 3, 2, 4)) * 0.1
   state = F.init_state(w.shape, 4)  # float32 buffers
   config = F.CBNConfig(window=4, derivative_dtype=jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"net/c1: state 'dmu_buffer' has dtype float32 but "
-                                       r"derivative_dtype is bfloat16"):
+  with pytest.raises(
+    ValueError,
+    match=r"net/c1: state 'dmu_buffer' has dtype float32 but "
+    r"derivative_dtype is bfloat16",
+  ):
     F.normalize_train(F.conv(x, w, spec), x, w, state, spec, config, where="net/c1")
   ok = F.init_state(w.shape, 4, derivative_dtype=jnp.bfloat16)
   _, new = F.normalize_train(F.conv(x, w, spec), x, w, ok, spec, config, where="net/c1")
@@ -1007,8 +1130,11 @@ def test_derivative_dtype_is_validated_with_the_layer_name():
   x = jnp.ones((2, 6, 6, 3))
   for bad in (jnp.int32, "not a dtype"):
     model = mj.CrossIterationConvNorm(4, (3, 3), derivative_dtype=bad, name="c1")
-    with pytest.raises(ValueError, match=r"c1.*derivative_dtype must be None or a floating "
-                                         r"dtype"):
+    with pytest.raises(
+      ValueError,
+      match=r"c1.*derivative_dtype must be None or a floating "
+      r"dtype",
+    ):
       model.init(jax.random.PRNGKey(0), x, use_running_average=False)
 
 
@@ -1050,8 +1176,9 @@ def test_without_rematerialization_the_step_computes_the_same_and_keeps_activati
     results[rematerialize] = out, vjp(ct), residuals.count(y.shape)
   (out, grads, kept), (out_saved, grads_saved, kept_saved) = results[True], results[False]
   np.testing.assert_allclose(out_saved, out, rtol=1e-6, atol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                         grads_saved, grads)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads_saved, grads
+  )
   assert kept == 1
   # 'averaged' is a custom VJP whose residuals are y and the (G, C) statistics
   # either way; autodiff of the others saves activation-sized values.
@@ -1064,8 +1191,9 @@ def test_layers_of_equal_shapes_share_one_trace_of_the_training_step():
   spec = F.ConvSpec.make(2)
   config = F.CBNConfig(window=3, burn_in=0)
   state = F.init_state(kernel.shape, 3)
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
   def two_layers(y, state1, state2):
     a, new1 = F.normalize_train(y, x, kernel, state1, spec, config, None, "first")

@@ -30,13 +30,17 @@ C = 4
 SHAPE = (4, 6, 6, 3)  # per device
 DEVICES = 8
 KWARGS = {
-    "bn": dict(norm_batch_size=2), "syncbn": {},
-    "brn": dict(warmup_steps=1, ramp_steps=2),
-    "gn": dict(num_groups=2), "ln": {}, "in": {},
-    "cbn": dict(burn_in=1, window=3), "cbn_naive": dict(burn_in=1, window=2),
-    "mabn": dict(buffer_size=2, warmup_steps=2, renorm_start=3, norm_batch_size=2),
-    "none": {},
-    "frozen_bn": {},
+  "bn": dict(norm_batch_size=2),
+  "syncbn": {},
+  "brn": dict(warmup_steps=1, ramp_steps=2),
+  "gn": dict(num_groups=2),
+  "ln": {},
+  "in": {},
+  "cbn": dict(burn_in=1, window=3),
+  "cbn_naive": dict(burn_in=1, window=2),
+  "mabn": dict(buffer_size=2, warmup_steps=2, renorm_start=3, norm_batch_size=2),
+  "none": {},
+  "frozen_bn": {},
 }
 STATELESS = ("gn", "ln", "in", "none")
 
@@ -54,6 +58,7 @@ def _loss(model):
   def loss_fn(variables, x, y):
     out, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return jnp.mean(jnp.square(out - y)), mutated
+
   return loss_fn
 
 
@@ -65,6 +70,7 @@ def _make_step(model, tx, axis_name=None):
     updates, opt_state = tx.update(grads, opt_state, variables["params"])
     params = optax.apply_updates(variables["params"], updates)
     return {**variables, "params": params}, opt_state, loss
+
   return step
 
 
@@ -80,17 +86,21 @@ def _data(steps, devices=None, seed=0):
 
 
 def _float_stats(variables):
-  return {jax.tree_util.keystr(p): v
-          for p, v in jax.tree_util.tree_leaves_with_path(variables.get("batch_stats", {}))
-          if jnp.issubdtype(v.dtype, jnp.floating)}
+  return {
+    jax.tree_util.keystr(p): v
+    for p, v in jax.tree_util.tree_leaves_with_path(variables.get("batch_stats", {}))
+    if jnp.issubdtype(v.dtype, jnp.floating)
+  }
 
 
 PMAP_CASES = [(name, None) for name in mj.normalizer_names()] + [
-    ("brn", "batch"), ("mabn", "batch"), ("cbn", "batch")]
+  ("brn", "batch"),
+  ("mabn", "batch"),
+  ("cbn", "batch"),
+]
 
 
-@pytest.mark.parametrize("name,axis_name", PMAP_CASES,
-                         ids=[f"{n}-{a}" for n, a in PMAP_CASES])
+@pytest.mark.parametrize("name,axis_name", PMAP_CASES, ids=[f"{n}-{a}" for n, a in PMAP_CASES])
 def test_pmap_statistics_per_device_unless_axis_name_and_params_replicated(name, axis_name):
   assert jax.device_count() == DEVICES
   kwargs = dict(KWARGS[name])
@@ -145,8 +155,9 @@ def _single(name):
 
 
 def _assert_trees_equal(a, b):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
-                          strict=True):
+  for (path, x), y in zip(
+    jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
+  ):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
@@ -176,6 +187,7 @@ def test_lax_scan_over_steps_equals_python_loop(name):
     def body(carry, batch):
       v, o, loss = step(*carry, *batch)
       return (v, o), loss
+
     return jax.lax.scan(body, (variables, opt_state), (xs, ys))
 
   (sv, so), losses = scanned(variables, opt_state, xs, ys)
@@ -184,8 +196,9 @@ def test_lax_scan_over_steps_equals_python_loop(name):
   for t, (x, y) in enumerate(zip(xs, ys, strict=True)):
     lv, lo, loss = jitted(lv, lo, x, y)
     np.testing.assert_allclose(losses[t], loss, rtol=1e-5)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((sv, so)),
-                          jax.tree_util.tree_leaves((lv, lo)), strict=True):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path((sv, so)), jax.tree_util.tree_leaves((lv, lo)), strict=True
+  ):
     if jnp.issubdtype(a.dtype, jnp.integer):
       np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     else:
@@ -197,13 +210,17 @@ MICRO = 3  # micro-batches per optimizer step
 
 @pytest.mark.parametrize("name", ["mabn", "bn", "cbn", "gn"])
 def test_accumulated_gradients_equal_a_loop_with_one_normalization_step_per_micro_batch(name):
-  model, _, variables, _, _ = _single(name) if name in SCAN_NAMES else (
-      Net(mj.make_normalizer(name, **KWARGS[name])), None, None, None, None)
+  model, _, variables, _, _ = (
+    _single(name)
+    if name in SCAN_NAMES
+    else (Net(mj.make_normalizer(name, **KWARGS[name])), None, None, None, None)
+  )
   if variables is None:
     variables = model.init(jax.random.key(0), jnp.zeros(SHAPE), train=True)
   xs, ys = _data(MICRO, seed=2)
   (loss, accumulated), grads = jax.jit(mj.accumulate_value_and_grad(_loss(model)))(
-      variables, xs, ys)
+    variables, xs, ys
+  )
 
   step = jax.jit(mj.value_and_grad(_loss(model)))
   looped, grad_sum, losses = variables, None, []
@@ -211,8 +228,9 @@ def test_accumulated_gradients_equal_a_loop_with_one_normalization_step_per_micr
     (l, looped), g = step(looped, x, y)
     losses.append(l)
     grad_sum = g if grad_sum is None else jax.tree_util.tree_map(jnp.add, grad_sum, g)
-  chex.assert_trees_all_close(grads, jax.tree_util.tree_map(lambda g: g / MICRO, grad_sum),
-                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+    grads, jax.tree_util.tree_map(lambda g: g / MICRO, grad_sum), rtol=1e-5, atol=1e-7
+  )
   np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-6)
   chex.assert_trees_all_close(accumulated, looped, rtol=1e-5, atol=1e-7)
   chex.assert_trees_all_equal(accumulated["params"], variables["params"])
@@ -229,13 +247,15 @@ def test_accumulated_bn_gradient_equals_one_step_with_micro_batch_sized_groups()
   (loss, _), grads = jax.jit(mj.accumulate_value_and_grad(_loss(model)))(variables, xs, ys)
   whole = lambda a: a.reshape((-1,) + a.shape[2:])
   (full_loss, _), full_grads = jax.jit(mj.value_and_grad(_loss(grouped)))(
-      variables, whole(xs), whole(ys))
+    variables, whole(xs), whole(ys)
+  )
   np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
   chex.assert_trees_all_close(grads, full_grads, rtol=1e-4, atol=1e-6)
 
 
 def test_accumulation_with_aux_stacks_aux_and_frozen_dicts_stay_frozen():
   from flax.core import freeze
+
   model, _, variables, _, _ = _single("mabn")
 
   def loss_fn(variables, x, y):
@@ -244,7 +264,8 @@ def test_accumulation_with_aux_stacks_aux_and_frozen_dicts_stay_frozen():
 
   xs, ys = _data(MICRO, seed=4)
   ((loss, aux), new), _ = mj.accumulate_value_and_grad(loss_fn, has_aux=True)(
-      freeze(variables), xs, ys)
+    freeze(variables), xs, ys
+  )
   assert aux.shape == (MICRO,)
   np.testing.assert_allclose(loss, jnp.mean(aux) / 2, rtol=1e-6)
   assert isinstance(new, type(freeze({})))
@@ -259,8 +280,11 @@ def test_nonfinite_micro_batch_keeps_state_for_it_and_poisons_the_mean_gradient(
   # The state equals accumulating only the finite micro-batches (0 and 2).
   (_, skipped), _ = accumulate(variables, xs[::2], ys[::2])
   counter = lambda p: "nonfinite_count" in jax.tree_util.keystr(p)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(with_nan["batch_stats"]),
-                          jax.tree_util.tree_leaves(skipped["batch_stats"]), strict=True):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(with_nan["batch_stats"]),
+    jax.tree_util.tree_leaves(skipped["batch_stats"]),
+    strict=True,
+  ):
     if not counter(path):
       np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   assert mj.nonfinite_counts(with_nan) == {"block/norm": 1}

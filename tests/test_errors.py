@@ -26,12 +26,12 @@ KEY = jax.random.key(0)
 
 # The layers, built with small, valid settings; each takes extra fields.
 LAYERS = {
-    "MABN": lambda **kw: mj.MABN(**{"buffer_size": 2, "warmup_steps": 1, **kw}),
-    "BatchNorm": lambda **kw: mj.BatchNorm(**kw),
-    "BatchRenorm": lambda **kw: mj.BatchRenorm(**kw),
-    "CBN": lambda **kw: mj.CrossIterationConvNorm(
-        **{"features": C, "kernel_size": (3, 3), "burn_in": 1, "window": 2, **kw}
-    ),
+  "MABN": lambda **kw: mj.MABN(**{"buffer_size": 2, "warmup_steps": 1, **kw}),
+  "BatchNorm": lambda **kw: mj.BatchNorm(**kw),
+  "BatchRenorm": lambda **kw: mj.BatchRenorm(**kw),
+  "CBN": lambda **kw: mj.CrossIterationConvNorm(
+    **{"features": C, "kernel_size": (3, 3), "burn_in": 1, "window": 2, **kw}
+  ),
 }
 BATCH_STAT_NAMES = ("bn", "syncbn", "brn", "mabn", "cbn", "cbn_naive", "frozen_bn")
 PER_SAMPLE_NAMES = ("gn", "ln", "in", "none")
@@ -62,8 +62,9 @@ def _init_shape(model, shape, train=True):
 
 def _apply_shape(model, variables, shape):
   return jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-      variables, jnp.zeros(shape),
+    lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+    variables,
+    jnp.zeros(shape),
   )
 
 
@@ -96,8 +97,10 @@ def test_channel_count_differing_from_initialization_names_both_shapes(kind):
   model = Net(LAYERS[kind]())
   variables = _init_shape(model, SHAPE)
   _raises(
-      lambda: _apply_shape(model, variables, SHAPE[:-1] + (C + 2,)),
-      f"{kind} 'layer'", f"({C},)", f"({C + 2},)",
+    lambda: _apply_shape(model, variables, SHAPE[:-1] + (C + 2,)),
+    f"{kind} 'layer'",
+    f"({C},)",
+    f"({C + 2},)",
   )
 
 
@@ -109,10 +112,15 @@ def test_conv_input_channels_differing_from_initialization_name_the_conv(name):
   variables = _init_shape(model, SHAPE)
   wrong = SHAPE[:-1] + (C + 2,)
   fn = lambda: jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=True, mutable=True), variables, jnp.zeros(wrong)
+    lambda v, x: model.apply(v, x, train=True, mutable=True), variables, jnp.zeros(wrong)
   )
-  _raises(fn, "/block/conv", f"(3, 3, {C + 2}, {C})", f"(3, 3, {C}, {C})",
-          error=flax.errors.ScopeParamShapeError)
+  _raises(
+    fn,
+    "/block/conv",
+    f"(3, 3, {C + 2}, {C})",
+    f"(3, 3, {C}, {C})",
+    error=flax.errors.ScopeParamShapeError,
+  )
 
 
 def test_cbn_output_channels_are_fixed_by_features_so_state_shape_is_checked():
@@ -123,8 +131,11 @@ def test_cbn_output_channels_are_fixed_by_features_so_state_shape_is_checked():
   stats = flax.core.unfreeze(variables["batch_stats"])
   stats["layer"]["norm"]["mean"] = jax.ShapeDtypeStruct((2,), jnp.float32)
   _raises(
-      lambda: _apply_shape(model, {**variables, "batch_stats": stats}, SHAPE),
-      "'layer", "'mean'", "(2,)", f"({C},)",
+    lambda: _apply_shape(model, {**variables, "batch_stats": stats}, SHAPE),
+    "'layer",
+    "'mean'",
+    "(2,)",
+    f"({C},)",
   )
 
 
@@ -144,15 +155,25 @@ def test_cbn_has_no_axis_field_it_is_channels_last_like_flax_conv():
 @pytest.mark.parametrize("kind", LAYERS)
 def test_batch_not_divisible_by_norm_batch_size_names_both_numbers(kind):
   model = Net(LAYERS[kind](norm_batch_size=3))
-  _raises(lambda: _init_shape(model, SHAPE), "'layer", "batch of 4 samples",
-          "not a multiple", "norm_batch_size=3")
+  _raises(
+    lambda: _init_shape(model, SHAPE),
+    "'layer",
+    "batch of 4 samples",
+    "not a multiple",
+    "norm_batch_size=3",
+  )
 
 
 @pytest.mark.parametrize("kind", LAYERS)
 def test_batch_smaller_than_one_group_names_both_numbers(kind):
   model = Net(LAYERS[kind](norm_batch_size=8))
-  _raises(lambda: _init_shape(model, SHAPE), "'layer", "batch of 4 samples",
-          "smaller than one", "norm_batch_size=8")
+  _raises(
+    lambda: _init_shape(model, SHAPE),
+    "'layer",
+    "batch of 4 samples",
+    "smaller than one",
+    "norm_batch_size=8",
+  )
 
 
 @pytest.mark.parametrize("name", BATCH_STAT_NAMES)
@@ -163,30 +184,31 @@ def test_registry_group_size_errors_name_the_block(name):
 
 @pytest.mark.parametrize("name", PER_SAMPLE_NAMES)
 def test_registry_names_without_groups_reject_norm_batch_size(name):
-  _raises(lambda: mj.make_normalizer(name, norm_batch_size=2), repr(name),
-          "norm_batch_size", "valid ones")
+  _raises(
+    lambda: mj.make_normalizer(name, norm_batch_size=2), repr(name), "norm_batch_size", "valid ones"
+  )
 
 
 BAD_CONFIGS = [
-    ("MABN", "buffer_size", 0, "an integer >= 1"),
-    ("MABN", "momentum", 1.0, "in [0, 1)"),
-    ("MABN", "momentum", -0.1, "in [0, 1)"),
-    ("MABN", "epsilon", 0.0, "> 0"),
-    ("MABN", "r_max", 0.5, ">= 1"),
-    ("MABN", "warmup_steps", -1, "an integer >= 0"),
-    ("MABN", "renorm_start", -1, "an integer >= 0"),
-    ("BatchNorm", "momentum", 1.5, "in [0, 1]"),
-    ("BatchNorm", "epsilon", -1e-3, ">= 0"),
-    ("BatchRenorm", "momentum", -0.5, "in [0, 1]"),
-    ("BatchRenorm", "epsilon", -1e-3, ">= 0"),
-    ("BatchRenorm", "r_max", 0.5, ">= 1"),
-    ("BatchRenorm", "d_max", -1.0, ">= 0"),
-    ("BatchRenorm", "warmup_steps", -1, "an integer >= 0"),
-    ("BatchRenorm", "ramp_steps", -1, "an integer >= 0"),
-    ("CBN", "window", 0, "an integer >= 1"),
-    ("CBN", "burn_in", -1, "an integer >= 0"),
-    ("CBN", "momentum", 1.0, "in [0, 1)"),
-    ("CBN", "epsilon", 0.0, "> 0"),
+  ("MABN", "buffer_size", 0, "an integer >= 1"),
+  ("MABN", "momentum", 1.0, "in [0, 1)"),
+  ("MABN", "momentum", -0.1, "in [0, 1)"),
+  ("MABN", "epsilon", 0.0, "> 0"),
+  ("MABN", "r_max", 0.5, ">= 1"),
+  ("MABN", "warmup_steps", -1, "an integer >= 0"),
+  ("MABN", "renorm_start", -1, "an integer >= 0"),
+  ("BatchNorm", "momentum", 1.5, "in [0, 1]"),
+  ("BatchNorm", "epsilon", -1e-3, ">= 0"),
+  ("BatchRenorm", "momentum", -0.5, "in [0, 1]"),
+  ("BatchRenorm", "epsilon", -1e-3, ">= 0"),
+  ("BatchRenorm", "r_max", 0.5, ">= 1"),
+  ("BatchRenorm", "d_max", -1.0, ">= 0"),
+  ("BatchRenorm", "warmup_steps", -1, "an integer >= 0"),
+  ("BatchRenorm", "ramp_steps", -1, "an integer >= 0"),
+  ("CBN", "window", 0, "an integer >= 1"),
+  ("CBN", "burn_in", -1, "an integer >= 0"),
+  ("CBN", "momentum", 1.0, "in [0, 1)"),
+  ("CBN", "epsilon", 0.0, "> 0"),
 ] + [(kind, "norm_batch_size", 0, "positive integer") for kind in LAYERS]
 
 
@@ -197,9 +219,15 @@ def test_out_of_range_configuration_names_field_range_and_value(kind, field, val
 
 
 REGISTRY_BAD = [
-    ("mabn", "buffer_size", 0), ("mabn", "r_max", 0.5), ("mabn", "warmup_steps", -1),
-    ("bn", "momentum", 2.0), ("syncbn", "epsilon", -1.0), ("brn", "r_max", 0.1),
-    ("brn", "warmup_steps", -2), ("cbn", "window", 0), ("cbn_naive", "burn_in", -1),
+  ("mabn", "buffer_size", 0),
+  ("mabn", "r_max", 0.5),
+  ("mabn", "warmup_steps", -1),
+  ("bn", "momentum", 2.0),
+  ("syncbn", "epsilon", -1.0),
+  ("brn", "r_max", 0.1),
+  ("brn", "warmup_steps", -2),
+  ("cbn", "window", 0),
+  ("cbn_naive", "burn_in", -1),
 ]
 
 
@@ -222,6 +250,7 @@ def _loss(model, train):
   def loss_fn(variables, x):
     y, mutated = model.apply(variables, x, train=train, mutable=["batch_stats"])
     return jnp.mean(jnp.square(y)), mutated
+
   return loss_fn
 
 
@@ -229,8 +258,12 @@ def test_mabn_training_step_in_inference_mode_is_a_trace_time_error():
   model = Net(LAYERS["MABN"]())
   variables = model.init(KEY, jnp.zeros(SHAPE), train=True)
   step = mj.value_and_grad(_loss(model, train=False))
-  _raises(lambda: jax.eval_shape(step, variables, jnp.zeros(SHAPE)),
-          "MABN 'layer'", "use_running_average=True", "statistics would not update")
+  _raises(
+    lambda: jax.eval_shape(step, variables, jnp.zeros(SHAPE)),
+    "MABN 'layer'",
+    "use_running_average=True",
+    "statistics would not update",
+  )
 
 
 @pytest.mark.parametrize("kind", ["BatchNorm", "BatchRenorm", "CBN"])
@@ -246,11 +279,14 @@ def test_bn_like_training_step_in_inference_mode_trains_with_frozen_statistics(k
   x = jax.random.normal(jax.random.key(1), SHAPE)
   variables = model.init(KEY, x, train=True)
   (_, new), grads = jax.jit(mj.value_and_grad(_loss(model, train=False)))(variables, x)
-  for a, b in zip(jax.tree_util.tree_leaves(variables["batch_stats"]),
-                  jax.tree_util.tree_leaves(new["batch_stats"]), strict=True):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(variables["batch_stats"]),
+    jax.tree_util.tree_leaves(new["batch_stats"]),
+    strict=True,
+  ):
     assert (a == b).all()
   plain = jax.grad(lambda p: _loss(model, False)({**variables, "params": p}, x)[0])(
-      variables["params"]
+    variables["params"]
   )
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(plain), strict=True):
     assert jnp.allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -271,8 +307,9 @@ def test_registry_training_step_with_train_false(name):
   variables = model.init(KEY, jnp.ones(SHAPE), train=True)
   step = wrap(mj.value_and_grad(_loss(model, train=False)))
   if name == "mabn":
-    _raises(lambda: jax.eval_shape(step, variables, xs), "MABN 'block/norm'",
-            "use_running_average=True")
+    _raises(
+      lambda: jax.eval_shape(step, variables, xs), "MABN 'block/norm'", "use_running_average=True"
+    )
     return
   (_, new), _ = step(variables, xs)
   before = jax.tree_util.tree_leaves(variables.get("batch_stats", {}))
@@ -292,20 +329,25 @@ def test_mabn_gradient_without_feeding_backward_statistic_names_layer_and_fix():
   variables = _init_shape(model, SHAPE)
 
   def plain_loss(params, variables, x):
-    y, _ = model.apply({**variables, "params": params}, x, train=True,
-                       mutable=["batch_stats"])
+    y, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
     return jnp.sum(y)
 
-  _raises(lambda: jax.eval_shape(jax.grad(plain_loss), variables["params"], variables,
-                                 jnp.zeros(SHAPE)),
-          "MABN 'block/norm'", "backward statistic is not being fed", "value_and_grad")
+  _raises(
+    lambda: jax.eval_shape(jax.grad(plain_loss), variables["params"], variables, jnp.zeros(SHAPE)),
+    "MABN 'block/norm'",
+    "backward statistic is not being fed",
+    "value_and_grad",
+  )
 
 
 def test_functional_mabn_without_tap_cannot_be_differentiated():
   state = F_mabn.init_state(C, buffer_size=2)
   loss = lambda x: jnp.sum(F_mabn.normalize_train(x, state, None)[0])
-  _raises(lambda: jax.eval_shape(jax.grad(loss), jnp.zeros(SHAPE)),
-          "MABN", "backward statistic is not being fed")
+  _raises(
+    lambda: jax.eval_shape(jax.grad(loss), jnp.zeros(SHAPE)),
+    "MABN",
+    "backward statistic is not being fed",
+  )
 
 
 def test_mabn_training_step_with_variables_missing_the_taps_is_an_error():
@@ -314,8 +356,11 @@ def test_mabn_training_step_with_variables_missing_the_taps_is_an_error():
   variables = dict(_init_shape(model, SHAPE))
   del variables[mj.BACKWARD_STATS]
   step = mj.value_and_grad(_loss(model, train=True))
-  _raises(lambda: jax.eval_shape(step, variables, jnp.zeros(SHAPE)),
-          "MABN 'block/norm'", "backward statistic is not being fed")
+  _raises(
+    lambda: jax.eval_shape(step, variables, jnp.zeros(SHAPE)),
+    "MABN 'block/norm'",
+    "backward statistic is not being fed",
+  )
 
 
 @pytest.mark.parametrize("name", ["syncbn", "bn", "brn", "mabn", "cbn"])
@@ -323,10 +368,14 @@ def test_unbound_axis_name_in_a_training_step_names_the_layer(name):
   kw = {} if name == "syncbn" else {"axis_name": "batch"}
   model = RegistryNet(mj.make_normalizer(name, **kw))
   variables = model.init(KEY, jnp.ones(SHAPE), train=True)  # init needs no mapped axis
-  _raises(lambda: jax.eval_shape(mj.value_and_grad(_loss(model, True)), variables,
-                                 jnp.ones(SHAPE)),
-          "'block", "axis_name 'batch' is not bound", "pmap")
+  _raises(
+    lambda: jax.eval_shape(mj.value_and_grad(_loss(model, True)), variables, jnp.ones(SHAPE)),
+    "'block",
+    "axis_name 'batch' is not bound",
+    "pmap",
+  )
   # Inference uses the running statistics: no mapped axis needed.
-  out = model.apply({k: v for k, v in variables.items() if k != mj.BACKWARD_STATS},
-                    jnp.ones(SHAPE), train=False)
+  out = model.apply(
+    {k: v for k, v in variables.items() if k != mj.BACKWARD_STATS}, jnp.ones(SHAPE), train=False
+  )
   assert out.shape[0] == SHAPE[0]

@@ -119,8 +119,9 @@ def test_loader_is_deterministic_and_resumable():
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
   other = list(D.Loader(ds, "train", 8, True, seed=4).epoch(1))
-  assert not np.array_equal(full[0]["label"], other[0]["label"]) or \
-      not np.array_equal(full[0]["image"], other[0]["image"])
+  assert not np.array_equal(full[0]["label"], other[0]["label"]) or not np.array_equal(
+    full[0]["image"], other[0]["image"]
+  )
   # Different epochs shuffle differently.
   e0 = np.concatenate([b["label"] for b in a.epoch(0)])
   e1 = np.concatenate([b["label"] for b in full])
@@ -157,8 +158,9 @@ def test_augmentation_crop_and_flip():
   # Every crop is a shifted window of the zero-padded image.
   padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
   for i in range(2):
-    assert any(np.array_equal(z[i], padded[i, a:a + 4, b:b + 4])
-               for a in range(5) for b in range(5))
+    assert any(
+      np.array_equal(z[i], padded[i, a : a + 4, b : b + 4]) for a in range(5) for b in range(5)
+    )
 
 
 def test_normalize_per_channel():

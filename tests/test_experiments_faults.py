@@ -32,10 +32,34 @@ pytestmark = pytest.mark.xdist_group("experiments_faults")
 
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT = 120
-ARGS = ["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--norms", "mabn",
-        "--batch_size", "8", "--norm_batch_size", "2", "--epochs", "2", "--log_every", "1",
-        "--eval_every", "1", "--checkpoint_every", "2", "--num_devices", "1",
-        "--progress", "false", "--norm_kwargs", "warmup_steps=2,buffer_size=4,renorm_start=4"]
+ARGS = [
+  "--dataset",
+  "synthetic",
+  "--model",
+  "cnn2",
+  "--width",
+  "4",
+  "--norms",
+  "mabn",
+  "--batch_size",
+  "8",
+  "--norm_batch_size",
+  "2",
+  "--epochs",
+  "2",
+  "--log_every",
+  "1",
+  "--eval_every",
+  "1",
+  "--checkpoint_every",
+  "2",
+  "--num_devices",
+  "1",
+  "--progress",
+  "false",
+  "--norm_kwargs",
+  "warmup_steps=2,buffer_size=4,renorm_start=4",
+]
 TOTAL = 16  # 64 synthetic images, batch 8, 2 epochs
 
 
@@ -48,9 +72,14 @@ def _cli(workdir, *extra, kill=None):
   env.pop(T.FAULT_ENV, None)
   if kill:
     env[T.FAULT_ENV] = kill
-  return subprocess.run([sys.executable, "-m", "experiments.train", *_args(workdir, *extra)],
-                        env=env, cwd=str(HERE.parent), capture_output=True, text=True,
-                        timeout=TIMEOUT)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.train", *_args(workdir, *extra)],
+    env=env,
+    cwd=str(HERE.parent),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
 
 
 def _final_state(workdir):
@@ -77,10 +106,13 @@ def _assert_same_run(workdir, reference):
   assert got["finished"] and got["step"] == TOTAL
   for key in ("train_loss_curve", "test_top1_curve", "final_test_top1"):
     assert got[key] == want[key], key
-  jax.tree_util.tree_map(np.testing.assert_array_equal, _final_state(workdir),
-                         _final_state(reference))
-  records = lambda w: [{k: v for k, v in r.items() if k != "steps_per_sec"}
-                       for r in T.read_metrics(os.path.join(w, "metrics.jsonl"))]
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, _final_state(workdir), _final_state(reference)
+  )
+  records = lambda w: [
+    {k: v for k, v in r.items() if k != "steps_per_sec"}
+    for r in T.read_metrics(os.path.join(w, "metrics.jsonl"))
+  ]
   assert records(workdir) == records(reference)
 
 
@@ -95,8 +127,7 @@ def killed_at_5(tmp_path_factory):
   return workdir
 
 
-def test_killed_after_a_step_resumes_to_the_uninterrupted_result(tmp_path, killed_at_5,
-                                                                 reference):
+def test_killed_after_a_step_resumes_to_the_uninterrupted_result(tmp_path, killed_at_5, reference):
   workdir = tmp_path / "run"
   shutil.copytree(killed_at_5, workdir)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
@@ -106,8 +137,7 @@ def test_killed_after_a_step_resumes_to_the_uninterrupted_result(tmp_path, kille
   _assert_same_run(workdir, reference)
 
 
-def test_killed_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_path,
-                                                                              reference):
+def test_killed_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp_path, reference):
   _killed(_cli(tmp_path, kill="save:4"))
   names = sorted(os.listdir(tmp_path / "checkpoints"))
   # Step 4's files were written to a temporary directory that was never renamed.
@@ -123,8 +153,11 @@ def _metadata_missing(state):
 
 
 def _truncated(state):
-  files = [p for p in state.rglob("*") if p.is_file() and p.stat().st_size > 64
-           and p.name not in ("_METADATA", "commit_success.txt")]
+  files = [
+    p
+    for p in state.rglob("*")
+    if p.is_file() and p.stat().st_size > 64 and p.name not in ("_METADATA", "commit_success.txt")
+  ]
   assert files
   for p in files:
     with open(p, "r+b") as f:
@@ -136,8 +169,9 @@ def _truncated(state):
 # their callbacks find the loop closed (Python logs each as an unraisable
 # exception; the restore itself raised as the test expects).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_metadata_missing, _truncated],
-                         ids=["missing_metadata", "truncated_files"])
+@pytest.mark.parametrize(
+  "damage", [_metadata_missing, _truncated], ids=["missing_metadata", "truncated_files"]
+)
 def test_a_corrupted_checkpoint_is_never_loaded(tmp_path, killed_at_5, reference, damage):
   workdir = tmp_path / "run"
   shutil.copytree(killed_at_5, workdir)

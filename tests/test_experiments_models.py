@@ -13,17 +13,26 @@ from experiments import models
 
 
 def _shapes(model, x_shape):
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=True),
-                        jax.ShapeDtypeStruct(x_shape, jnp.float32))
+  return jax.eval_shape(
+    lambda x: model.init(jax.random.PRNGKey(0), x, train=True),
+    jax.ShapeDtypeStruct(x_shape, jnp.float32),
+  )
 
 
 def _count(tree):
   return sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(tree))
 
 
-@pytest.mark.parametrize("name,params", [
-    ("resnet20", 0.27e6), ("resnet56", 0.85e6), ("resnet18_cifar", 11.17e6),
-    ("resnet18", 11.69e6), ("resnet50", 25.56e6)])
+@pytest.mark.parametrize(
+  "name,params",
+  [
+    ("resnet20", 0.27e6),
+    ("resnet56", 0.85e6),
+    ("resnet18_cifar", 11.17e6),
+    ("resnet18", 11.69e6),
+    ("resnet50", 25.56e6),
+  ],
+)
 def test_resnet_parameter_counts_match_the_published_architectures(name, params):
   num_classes = 1000 if name in ("resnet18", "resnet50") else 10
   model = models.build_model(name, mj.make_normalizer("bn"), num_classes)
@@ -34,8 +43,9 @@ def test_resnet_parameter_counts_match_the_published_architectures(name, params)
 
 @pytest.mark.parametrize("norm", ["bn", "mabn", "none"])
 def test_registry_layout_and_centring_follow_the_normalizer(norm):
-  model = models.build_model("resnet20", mj.make_normalizer(norm, **(
-      {"norm_batch_size": 2} if norm != "none" else {})), 10)
+  model = models.build_model(
+    "resnet20", mj.make_normalizer(norm, **({"norm_batch_size": 2} if norm != "none" else {})), 10
+  )
   variables = _shapes(model, (4, 16, 16, 3))
   stem = variables["params"]["stem"]
   assert stem["conv"]["kernel"].shape == (3, 3, 3, 16)
@@ -71,8 +81,11 @@ def test_mabn_model_uses_weight_centralized_convolutions():
 def test_cnn6_logits_shape_and_unknown_model():
   model = models.build_model("cnn6", mj.make_normalizer("gn", num_groups=4), 7, width=4)
   variables = _shapes(model, (2, 16, 16, 1))
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
-                       jax.ShapeDtypeStruct((2, 16, 16, 1), jnp.float32))
+  out = jax.eval_shape(
+    lambda v, x: model.apply(v, x, train=False),
+    variables,
+    jax.ShapeDtypeStruct((2, 16, 16, 1), jnp.float32),
+  )
   assert out.shape == (2, 7)
   with pytest.raises(ValueError, match="unknown model"):
     models.build_model("vgg", mj.make_normalizer("bn"), 10)
@@ -83,14 +96,25 @@ def _init(model, x_shape=(4, 8, 8, 3)):
 
 
 @pytest.mark.parametrize("norm", ["bn", "mabn"])
-@pytest.mark.parametrize("norm_layers,normalized", [
-    ("all", {1, 2, 3, 4, 5, 6}), ("first", {1}), ("first_half", {1, 2, 3}), ("none", set()),
-    ("2,5", {2, 5}), ((1, 6), {1, 6})])
+@pytest.mark.parametrize(
+  "norm_layers,normalized",
+  [
+    ("all", {1, 2, 3, 4, 5, 6}),
+    ("first", {1}),
+    ("first_half", {1, 2, 3}),
+    ("none", set()),
+    ("2,5", {2, 5}),
+    ((1, 6), {1, 6}),
+  ],
+)
 def test_norm_layers_normalizes_exactly_the_chosen_convs(norm, norm_layers, normalized):
-  model = models.build_model("cnn6", mj.make_normalizer(norm, norm_batch_size=2), 10, width=2,
-                             norm_layers=norm_layers)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=True),
-                             jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32))
+  model = models.build_model(
+    "cnn6", mj.make_normalizer(norm, norm_batch_size=2), 10, width=2, norm_layers=norm_layers
+  )
+  variables = jax.eval_shape(
+    lambda x: model.init(jax.random.PRNGKey(0), x, train=True),
+    jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32),
+  )
   params = variables["params"]
   assert set(params) == {f"conv{i}" for i in range(1, 7)} | {"head"}
   assert set(variables.get("batch_stats", {})) == {f"conv{i}" for i in normalized}
@@ -113,8 +137,8 @@ class _CNNBefore(nn.Module):
   def __call__(self, x, train: bool = True):
     for i, width in enumerate(self.widths):
       x = self.normalizer.conv_norm(
-          features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME",
-          name=f"conv{i + 1}")(x, train=train)
+        features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME", name=f"conv{i + 1}"
+      )(x, train=train)
       x = nn.relu(x)
       if i % 2 == 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -137,11 +161,13 @@ def test_norm_layers_default_is_the_model_of_before():
 
 def test_no_normalized_layer_is_the_none_normalizer():
   plain = _init(models.build_model("cnn2", mj.make_normalizer("none"), 10, width=4))
-  unnormalized = _init(models.build_model("cnn2", mj.make_normalizer("bn"), 10, width=4,
-                                          norm_layers="none"))
+  unnormalized = _init(
+    models.build_model("cnn2", mj.make_normalizer("bn"), 10, width=4, norm_layers="none")
+  )
   assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(unnormalized)
-  for x, y in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(unnormalized),
-                  strict=True):
+  for x, y in zip(
+    jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(unnormalized), strict=True
+  ):
     np.testing.assert_array_equal(x, y)
 
 

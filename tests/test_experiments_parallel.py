@@ -34,9 +34,20 @@ def _tiny():
 
 def _config(norm="bn", parallel="jit", devices=DEVICES, batch=2, **kw):
   """Global batch 16 whatever the number of devices: 4 steps an epoch."""
-  base = dict(norm=norm, model="cnn2", width=4, batch_size=batch, norm_batch_size=None,
-              epochs=1, log_every=1, num_devices=devices, progress=False, lr=0.05,
-              parallel=parallel, norm_kwargs=MABN if norm == "mabn" else {})
+  base = dict(
+    norm=norm,
+    model="cnn2",
+    width=4,
+    batch_size=batch,
+    norm_batch_size=None,
+    epochs=1,
+    log_every=1,
+    num_devices=devices,
+    progress=False,
+    lr=0.05,
+    parallel=parallel,
+    norm_kwargs=MABN if norm == "mabn" else {},
+  )
   base.update(kw)
   return T.Config(**base)
 
@@ -47,8 +58,9 @@ def _run(**kw):
 
 
 def _close(a, b, rtol=2e-4, atol=2e-5):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
-                          strict=True):
+  for (path, x), y in zip(
+    jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
+  ):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
@@ -76,8 +88,11 @@ def test_jit_statistics_are_global_one_device_on_the_whole_batch(norm, groups):
   sharded = _run(norm=norm, parallel="jit", norm_batch_size=groups)
   single = _run(norm=norm, parallel="jit", devices=1, batch=2 * DEVICES, norm_batch_size=groups)
   _close(sharded["variables"], single["variables"])
-  np.testing.assert_allclose([l for _, l in sharded["train_loss_curve"]],
-                             [l for _, l in single["train_loss_curve"]], rtol=1e-5)
+  np.testing.assert_allclose(
+    [l for _, l in sharded["train_loss_curve"]],
+    [l for _, l in single["train_loss_curve"]],
+    rtol=1e-5,
+  )
   assert sharded["final_test_top1"] == single["final_test_top1"]
   # One global copy: every device holds the same statistics.
   assert _spread(sharded, "chi_ema" if norm == "mabn" else "mean") == 0.0
@@ -88,8 +103,9 @@ def test_jit_statistics_are_global_one_device_on_the_whole_batch(norm, groups):
 def test_jit_syncbn_and_sync_stats_are_plain_global_bn():
   bn = _run(norm="bn", parallel="jit")
   _close(_run(norm="syncbn", parallel="jit")["variables"], bn["variables"], rtol=0, atol=0)
-  _close(_run(norm="bn", parallel="jit", sync_stats=True)["variables"], bn["variables"],
-         rtol=0, atol=0)
+  _close(
+    _run(norm="bn", parallel="jit", sync_stats=True)["variables"], bn["variables"], rtol=0, atol=0
+  )
 
 
 def test_shard_map_statistics_per_device_unless_synchronized_then_equal_jit():
@@ -108,8 +124,9 @@ def test_pmap_equals_shard_map(norm, groups):
   b = _run(norm=norm, parallel="shard_map", norm_batch_size=groups)
   _close(a["device_batch_stats"], b["device_batch_stats"], rtol=1e-5, atol=1e-6)
   _close(a["variables"], b["variables"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose([l for _, l in a["train_loss_curve"]],
-                             [l for _, l in b["train_loss_curve"]], rtol=1e-5)
+  np.testing.assert_allclose(
+    [l for _, l in a["train_loss_curve"]], [l for _, l in b["train_loss_curve"]], rtol=1e-5
+  )
 
 
 def test_unknown_mode_raises():
@@ -119,8 +136,16 @@ def test_unknown_mode_raises():
 
 @pytest.mark.parametrize("parallel", T.PARALLEL_MODES)
 def test_resume_equals_uninterrupted(parallel, tmp_path):
-  kw = dict(norm="mabn", norm_batch_size=2, devices=2, batch=4, parallel=parallel, epochs=2,
-            checkpoint_every=3, eval_every=1)
+  kw = dict(
+    norm="mabn",
+    norm_batch_size=2,
+    devices=2,
+    batch=4,
+    parallel=parallel,
+    epochs=2,
+    checkpoint_every=3,
+    eval_every=1,
+  )
   full = T.train(_config(workdir=str(tmp_path / "a"), **kw), _tiny())
   part = T.train(_config(workdir=str(tmp_path / "b"), stop_after=5, **kw), _tiny())
   assert not part["finished"] and part["step"] == 5
@@ -129,8 +154,9 @@ def test_resume_equals_uninterrupted(parallel, tmp_path):
   assert full["train_loss_curve"] == rest["train_loss_curve"]
   assert full["test_top1_curve"] == rest["test_top1_curve"]
   jax.tree_util.tree_map(np.testing.assert_array_equal, full["variables"], rest["variables"])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, full["device_batch_stats"],
-                         rest["device_batch_stats"])
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, full["device_batch_stats"], rest["device_batch_stats"]
+  )
   assert os.path.exists(tmp_path / "b" / "summary.json")
 
 
@@ -138,8 +164,9 @@ def test_resume_equals_uninterrupted(parallel, tmp_path):
 def test_one_device_checkpoints_resume_in_another_mode(saved, resumed, tmp_path):
   # Checkpoints of one device hold the same state in every mode (with or
   # without a leading device axis of 1): a run saved in one resumes in another.
-  kw = dict(norm="mabn", norm_batch_size=2, devices=1, batch=8, checkpoint_every=3,
-            workdir=str(tmp_path))
+  kw = dict(
+    norm="mabn", norm_batch_size=2, devices=1, batch=8, checkpoint_every=3, workdir=str(tmp_path)
+  )
   part = T.train(_config(parallel=saved, stop_after=5, **kw), _tiny())
   rest = T.train(_config(parallel=resumed, resume=True, **kw), _tiny())
   assert rest["finished"] and rest["step"] == rest["total_steps"] == 8

@@ -49,8 +49,11 @@ def test_mabn_candidate_recipes_resolve_to_exactly_their_options():
   # renorm_start '20%' of 2496 steps, rounded: 499.
   assert kwargs("mabn_renorm_early") == {**base, "renorm_start": 499}
   assert kwargs("mabn_sma64_renorm_early") == {**base, "buffer_size": 64, "renorm_start": 499}
-  assert kwargs("mabn_sma4_renorm_early", b=32) == {"norm_batch_size": 32, "buffer_size": 4,
-                                                    "renorm_start": 499}
+  assert kwargs("mabn_sma4_renorm_early", b=32) == {
+    "norm_batch_size": 32,
+    "buffer_size": 4,
+    "renorm_start": 499,
+  }
   never = kwargs("mabn_no_renorm")
   assert never == {**base, "renorm_start": 2496}
   # r stays 1 through the run's last step (the layer counts steps 1 to 2496).

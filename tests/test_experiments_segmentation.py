@@ -31,8 +31,9 @@ def _cifar_like(n_train=40, n_test=12, seed=0):
   and training images even-valued, so a pasted patch reveals its split."""
   rng = np.random.default_rng(seed)
   make = lambda n, parity: D.Split(
-      (rng.integers(0, 128, (n, 32, 32, 3)) * 2 + parity).astype(np.uint8),
-      rng.integers(0, 10, n).astype(np.int32))
+    (rng.integers(0, 128, (n, 32, 32, 3)) * 2 + parity).astype(np.uint8),
+    rng.integers(0, 10, n).astype(np.int32),
+  )
   return {"train": make(n_train, 0), "test": make(n_test, 1)}
 
 
@@ -44,8 +45,8 @@ def _expected(split: SD.SegSplit, images: np.ndarray, labels: np.ndarray, n: int
   for src, (top, left) in zip(split.sources[n], split.positions[n], strict=True):
     if src < 0:
       continue
-    mask[top:top + 32, left:left + 32] = labels[src] + 1
-    canvas[top:top + 32, left:left + 32] = images[src]
+    mask[top : top + 32, left : left + 32] = labels[src] + 1
+    canvas[top : top + 32, left : left + 32] = images[src]
   return canvas, mask
 
 
@@ -55,8 +56,9 @@ def _expected(split: SD.SegSplit, images: np.ndarray, labels: np.ndarray, n: int
 
 def test_composite_labels_cover_exactly_the_pasted_images_and_background_elsewhere():
   src = _cifar_like()["train"]
-  split = SD.composite_split(src.images, src.labels, np.arange(len(src)), 12, 64,
-                             objects=(2, 4), seed=3)
+  split = SD.composite_split(
+    src.images, src.labels, np.arange(len(src)), 12, 64, objects=(2, 4), seed=3
+  )
   assert split.images.shape == (12, 64, 64, 3) and split.masks.shape == (12, 64, 64)
   for n in range(12):
     used = split.sources[n] >= 0
@@ -66,8 +68,8 @@ def test_composite_labels_cover_exactly_the_pasted_images_and_background_elsewhe
     np.testing.assert_array_equal(split.masks[n], mask)
     np.testing.assert_array_equal(split.images[n], canvas)
     covered = np.zeros((64, 64), bool)
-    for (top, left) in split.positions[n][used]:
-      covered[top:top + 32, left:left + 32] = True
+    for top, left in split.positions[n][used]:
+      covered[top : top + 32, left : left + 32] = True
     assert np.array_equal(split.masks[n] > 0, covered)
     background = split.images[n][~covered]
     assert len(background) and (background == background[0, 0]).all()  # one plain grey
@@ -75,15 +77,19 @@ def test_composite_labels_cover_exactly_the_pasted_images_and_background_elsewhe
 
 def test_composite_splits_use_only_their_own_source_images():
   cifar = _cifar_like()
-  ds = SD.load_cifar_composite(48, num_train=10, num_val=6, num_test=8, objects=(2, 3),
-                               val_images=10, cifar=cifar)
+  ds = SD.load_cifar_composite(
+    48, num_train=10, num_val=6, num_test=8, objects=(2, 3), val_images=10, cifar=cifar
+  )
   train_pool, val_pool = D.hold_out(40, 10)
   used = lambda split: set(split.sources[split.sources >= 0].tolist())
   assert used(ds.train) <= set(train_pool.tolist())
   assert used(ds.val) <= set(val_pool.tolist())
   assert not used(ds.train) & used(ds.val)
-  for split, src in ((ds.train, cifar["train"]), (ds.val, cifar["train"]),
-                     (ds.test, cifar["test"])):
+  for split, src in (
+    (ds.train, cifar["train"]),
+    (ds.val, cifar["train"]),
+    (ds.test, cifar["test"]),
+  ):
     for n in range(len(split)):
       canvas, mask = _expected(split, src.images, src.labels, n)
       np.testing.assert_array_equal(split.images[n], canvas)
@@ -96,8 +102,7 @@ def test_composite_splits_use_only_their_own_source_images():
 
 def test_composite_canvases_are_deterministic_given_the_seed():
   cifar = _cifar_like()
-  a, b = (SD.load_cifar_composite(40, 6, 2, 4, val_images=8, seed=5, cifar=cifar)
-          for _ in range(2))
+  a, b = (SD.load_cifar_composite(40, 6, 2, 4, val_images=8, seed=5, cifar=cifar) for _ in range(2))
   c = SD.load_cifar_composite(40, 6, 2, 4, val_images=8, seed=6, cifar=cifar)
   for name in ("train", "val", "test"):
     x, y = getattr(a, name), getattr(b, name)
@@ -128,21 +133,32 @@ def _prepare_pets(data_dir: str, sizes=None, seed: int = 0):
   for split, count in sizes.items():
     for i in range(count):
       shape = (20 + 3 * i, 28 - 2 * i)  # varied sizes and aspect ratios
-      truth[split].append((f"{split}_{i:02d}.jpg",
-                           rng.integers(0, 256, shape + (3,), dtype=np.uint8),
-                           rng.integers(1, 4, shape, dtype=np.uint8)))
+      truth[split].append(
+        (
+          f"{split}_{i:02d}.jpg",
+          rng.integers(0, 256, shape + (3,), dtype=np.uint8),
+          rng.integers(1, 4, shape, dtype=np.uint8),
+        )
+      )
 
   class Tiny(tfds.builder_cls("oxford_iiit_pet"), skip_registration=True):
-
     def _split_generators(self, dl_manager):
       del dl_manager
       return {split: self._examples(split) for split in sizes}
 
     def _examples(self, split):
       for i, (name, image, trimap) in enumerate(truth[split]):
-        yield name, {"image": _png(image), "label": i % 37, "species": i % 2,
-                     "file_name": name, "segmentation_mask": _png(trimap),
-                     "head_bbox": tfds.features.BBox(0.1, 0.2, 0.5, 0.6)}
+        yield (
+          name,
+          {
+            "image": _png(image),
+            "label": i % 37,
+            "species": i % 2,
+            "file_name": name,
+            "segmentation_mask": _png(trimap),
+            "head_bbox": tfds.features.BBox(0.1, 0.2, 0.5, 0.6),
+          },
+        )
 
   Tiny.name = "oxford_iiit_pet"  # the registered name: files land where tfds.builder looks
   Tiny(data_dir=data_dir, file_format="array_record").download_and_prepare()
@@ -204,8 +220,12 @@ def test_unet_forward_and_one_training_step_with_every_normalizer(norm):
   changed = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), before, new["params"])
   flat = dict(jax.tree_util.tree_leaves_with_path(changed))
   # Frozen BN's affine map is fixed; every other parameter trains.
-  frozen = {path for path in flat if norm == "frozen_bn"
-            and any(getattr(key, "key", None) in ("norm", "norm_final") for key in path)}
+  frozen = {
+    path
+    for path in flat
+    if norm == "frozen_bn"
+    and any(getattr(key, "key", None) in ("norm", "norm_final") for key in path)
+  }
   assert all(flat[path] for path in flat if path not in frozen)
   assert not any(flat[path] for path in frozen)
 
@@ -243,8 +263,10 @@ def test_confusion_matrices_of_batches_add_up_to_the_whole_split():
   rng = np.random.default_rng(0)
   labels, preds = rng.integers(0, 5, (6, 4, 4)), rng.integers(0, 5, (6, 4, 4))
   whole = SM.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), 5)
-  parts = sum(SM.confusion_matrix(jnp.asarray(labels[i:i + 2]), jnp.asarray(preds[i:i + 2]), 5)
-              for i in range(0, 6, 2))
+  parts = sum(
+    SM.confusion_matrix(jnp.asarray(labels[i : i + 2]), jnp.asarray(preds[i : i + 2]), 5)
+    for i in range(0, 6, 2)
+  )
   np.testing.assert_array_equal(whole, parts)
   assert int(whole.sum()) == labels.size
 
@@ -253,7 +275,8 @@ def test_pixel_cross_entropy_leaves_out_ignored_pixels():
   logits = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 2, 3))
   labels = jnp.asarray([[[0, 2], [SD.IGNORE, 1]]])
   kept = optax.softmax_cross_entropy_with_integer_labels(
-      logits.reshape(4, 3)[jnp.asarray([0, 1, 3])], jnp.asarray([0, 2, 1])).mean()
+    logits.reshape(4, 3)[jnp.asarray([0, 1, 3])], jnp.asarray([0, 2, 1])
+  ).mean()
   np.testing.assert_allclose(S.pixel_cross_entropy(logits, labels), kept, rtol=1e-6)
 
 
@@ -262,7 +285,8 @@ def test_learning_rate_scales_linearly_from_the_reference_batch():
   assert S.preset("seg_cpu", batch_size=16).peak_lr() == pytest.approx(0.1)
   # The same epochs at every batch: 8x the steps at batch 2.
   assert S.preset("seg_cpu", batch_size=2).total_steps(2000) == 8 * S.preset(
-      "seg_cpu", batch_size=16).total_steps(2000)
+    "seg_cpu", batch_size=16
+  ).total_steps(2000)
 
 
 # --------------------------------------------------------------------------
@@ -270,10 +294,27 @@ def test_learning_rate_scales_linearly_from_the_reference_batch():
 
 
 def _cli(tmp_path, tarball, *extra):
-  return ["--preset", "seg_quick", "--steps", "2", "--seeds", "0", "--batch_size", "2",
-          "--widths", "4,8", "--num_examples", "2",
-          "--out_dir", str(tmp_path / "out"), "--tarball", tarball,
-          "--cache_dir", str(tmp_path / "cache"), *extra]
+  return [
+    "--preset",
+    "seg_quick",
+    "--steps",
+    "2",
+    "--seeds",
+    "0",
+    "--batch_size",
+    "2",
+    "--widths",
+    "4,8",
+    "--num_examples",
+    "2",
+    "--out_dir",
+    str(tmp_path / "out"),
+    "--tarball",
+    tarball,
+    "--cache_dir",
+    str(tmp_path / "cache"),
+    *extra,
+  ]
 
 
 def _json_lines(text: str):
@@ -281,7 +322,8 @@ def _json_lines(text: str):
 
 
 def test_cli_writes_table_plot_examples_and_json_and_a_rerun_skips_finished_runs(
-    tmp_path, tiny_tarball, capsys):
+  tmp_path, tiny_tarball, capsys
+):
   args = _cli(tmp_path, tiny_tarball, "--norms", "mabn", "--no_reference")
   assert S.main(args) == 0
   lines = _json_lines(capsys.readouterr().out)
@@ -310,19 +352,31 @@ def test_plan_puts_the_bn_reference_first_and_finetunes_at_the_small_batches():
   names = [s.name for s in specs]
   assert names[:5] == ["bn_b16_s0", "bn_b2_s0", "mabn_b2_s0", "mabn_b16_s0", "ft_mabn_b2_s0"]
   assert "ft_mabn_b16_s0" not in names and len(names) == len(set(names)) == 12
-  assert [s.name for s in S.plan_runs(["gn"], [2], [0], 16, reference=False, finetune=True,
-                                      pretrained=True, finetune_methods=["ft_mabn"])] == [
-                                          "gn_b2_s0", "ft_mabn_b2_s0"]
+  assert [
+    s.name
+    for s in S.plan_runs(
+      ["gn"],
+      [2],
+      [0],
+      16,
+      reference=False,
+      finetune=True,
+      pretrained=True,
+      finetune_methods=["ft_mabn"],
+    )
+  ] == ["gn_b2_s0", "ft_mabn_b2_s0"]
 
 
 def _bn_checkpoint(path: str, widths=(4, 8), classes=11, size=40):
   """A BN U-Net's variables with non-trivial running statistics, saved to ``path``."""
   model = SMod.UNet(mj.make_normalizer("bn"), classes, widths)
   variables = jax.tree_util.tree_map(
-      np.asarray, model.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=True))
+    np.asarray, model.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)), train=True)
+  )
   rng = np.random.default_rng(0)
-  stats = jax.tree_util.tree_map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype),
-                                 variables["batch_stats"])
+  stats = jax.tree_util.tree_map(
+    lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype), variables["batch_stats"]
+  )
   variables = {**variables, "batch_stats": stats}
   S.save_variables(path, variables)
   return variables
@@ -338,8 +392,9 @@ def test_finetune_start_converts_bn_statistics_into_mabn_state(tmp_path):
   bn = bn_vars["batch_stats"]["down1"]["conv1"]["norm"]
   mabn = variables["batch_stats"]["down1"]["conv1"]["norm"]
   np.testing.assert_allclose(mabn["chi_ema"], bn["var"] + bn["mean"] ** 2, rtol=1e-6)
-  np.testing.assert_array_equal(variables["params"]["head"]["kernel"],
-                                bn_vars["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(
+    variables["params"]["head"]["kernel"], bn_vars["params"]["head"]["kernel"]
+  )
   assert mj.BACKWARD_STATS in variables
   config, same, normalizer = S.finetune_start(S.RunSpec("ft_bn", 2, 0), base, loaded)
   assert normalizer.name == "bn" and same is loaded
@@ -347,8 +402,18 @@ def test_finetune_start_converts_bn_statistics_into_mabn_state(tmp_path):
 
 def test_cli_finetunes_a_bn_checkpoint_as_mabn_at_batch_2(tmp_path, tiny_tarball, capsys):
   _bn_checkpoint(str(tmp_path / "bn.msgpack"))
-  args = _cli(tmp_path, tiny_tarball, "--norms", "", "--no_reference", "--finetune",
-              "--finetune_methods", "ft_mabn", "--pretrained", str(tmp_path / "bn.msgpack"))
+  args = _cli(
+    tmp_path,
+    tiny_tarball,
+    "--norms",
+    "",
+    "--no_reference",
+    "--finetune",
+    "--finetune_methods",
+    "ft_mabn",
+    "--pretrained",
+    str(tmp_path / "bn.msgpack"),
+  )
   assert S.main(args) == 0
   lines = _json_lines(capsys.readouterr().out)
   assert [l["run"] for l in lines] == ["ft_mabn_b2_s0"]

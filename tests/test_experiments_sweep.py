@@ -9,8 +9,20 @@ import pytest
 
 from experiments import sweep
 
-TINY = ["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--batch_size", "8",
-        "--num_devices", "1", "--gn_groups", "2"]
+TINY = [
+  "--dataset",
+  "synthetic",
+  "--model",
+  "cnn2",
+  "--width",
+  "4",
+  "--batch_size",
+  "8",
+  "--num_devices",
+  "1",
+  "--gn_groups",
+  "2",
+]
 
 
 def _files(root, name):
@@ -18,9 +30,24 @@ def _files(root, name):
 
 
 def test_batch_size_sweep_is_incremental_and_writes_table_and_plot(tmp_path, capsys):
-  args = ["batch_size", *TINY, "--epochs", "1", "--norms", "bn,gn,mabn", "--batch_sizes", "2,8",
-          "--seeds", "0", "--norm_kwargs", "warmup_steps=2,buffer_size=4",
-          "--results_root", str(tmp_path), "--name", "bs"]
+  args = [
+    "batch_size",
+    *TINY,
+    "--epochs",
+    "1",
+    "--norms",
+    "bn,gn,mabn",
+    "--batch_sizes",
+    "2,8",
+    "--seeds",
+    "0",
+    "--norm_kwargs",
+    "warmup_steps=2,buffer_size=4",
+    "--results_root",
+    str(tmp_path),
+    "--name",
+    "bs",
+  ]
   assert sweep.main(args) == 0
   assert {"table.md", "plot.png", "results.json", "runs"} <= set(_files(tmp_path, "bs"))
   runs = _files(tmp_path / "bs", "runs")
@@ -41,10 +68,21 @@ def test_batch_size_sweep_is_incremental_and_writes_table_and_plot(tmp_path, cap
 
 
 def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys):
-  common = [*TINY, "--epochs", "0.25", "--seeds", "0", "--norm_kwargs",
-            "warmup_steps=2,buffer_size=4", "--results_root", str(tmp_path)]
-  assert sweep.main(["batch_size", *common, "--norms", "bn,mabn", "--batch_sizes", "2",
-                     "--name", "bs"]) == 0
+  common = [
+    *TINY,
+    "--epochs",
+    "0.25",
+    "--seeds",
+    "0",
+    "--norm_kwargs",
+    "warmup_steps=2,buffer_size=4",
+    "--results_root",
+    str(tmp_path),
+  ]
+  assert (
+    sweep.main(["batch_size", *common, "--norms", "bn,mabn", "--batch_sizes", "2", "--name", "bs"])
+    == 0
+  )
   capsys.readouterr()
   assert sweep.main(["ablation", *common, "--name", "abl", "--reuse", "bs"]) == 0
   # BN and MABN at b = 2 are the batch-size sweep's runs, copied, not retrained.
@@ -55,12 +93,17 @@ def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys
     with open(tmp_path / "bs" / "runs" / theirs / "summary.json") as f:
       original = json.load(f)
     assert copied == original
-  assert sweep._same_run({**original["config"], "workdir": "x", "norm_batch_size": 2},
-                         original["config"])
+  assert sweep._same_run(
+    {**original["config"], "workdir": "x", "norm_batch_size": 2}, original["config"]
+  )
   assert not sweep._same_run({**original["config"], "lr": 1.0}, original["config"])
   # CBN's history per group is its ordinary history with one group a step.
-  cbn = {**original["config"], "norm": "cbn", "norm_kwargs": {"backward": "exact"},
-         "norm_batch_size": 8}
+  cbn = {
+    **original["config"],
+    "norm": "cbn",
+    "norm_kwargs": {"backward": "exact"},
+    "norm_batch_size": 8,
+  }
   per_group = {**cbn, "norm_kwargs": {"backward": "exact", "group_history": True}}
   assert sweep._same_run({**per_group, "norm_batch_size": None}, cbn)
   assert not sweep._same_run({**per_group, "norm_batch_size": 2}, {**cbn, "norm_batch_size": 2})
@@ -68,8 +111,10 @@ def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys
   # out beside a training subset) do not change the trained weights.
   subset = {**original["config"], "train_subset": 64}
   assert sweep._same_run({**subset, "val_split": 100, "precise_bn_batches": 5}, subset)
-  assert not sweep._same_run({**original["config"], "train_subset": None, "val_split": 100},
-                             {**original["config"], "train_subset": None})
+  assert not sweep._same_run(
+    {**original["config"], "train_subset": None, "val_split": 100},
+    {**original["config"], "train_subset": None},
+  )
   table = (tmp_path / "abl" / "table.md").read_text()
   for label, *_ in sweep.ABLATION:
     assert f"| {label} | " in table
@@ -86,9 +131,32 @@ def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys
 
 
 def test_inference_speed_measures_every_normalizer(tmp_path):
-  assert sweep.main(["speed", "--model", "cnn2", "--width", "4", "--gn_groups", "2",
-                     "--batch", "4", "--image_size", "8", "--iters", "1", "--repeats", "1",
-                     "--results_root", str(tmp_path), "--name", "speed"]) == 0
+  assert (
+    sweep.main(
+      [
+        "speed",
+        "--model",
+        "cnn2",
+        "--width",
+        "4",
+        "--gn_groups",
+        "2",
+        "--batch",
+        "4",
+        "--image_size",
+        "8",
+        "--iters",
+        "1",
+        "--repeats",
+        "1",
+        "--results_root",
+        str(tmp_path),
+        "--name",
+        "speed",
+      ]
+    )
+    == 0
+  )
   with open(tmp_path / "speed" / "results.json") as f:
     rows = json.load(f)["rows"]
   assert {"BN (folded)", "MABN (folded)", "GN", "LN", "IN", "none"} <= set(rows)
@@ -97,9 +165,25 @@ def test_inference_speed_measures_every_normalizer(tmp_path):
 
 def test_statistics_records_four_bn_statistics_and_mabn_averages(tmp_path):
   pytest.importorskip("mabn_jax.recording")
-  assert sweep.main(["statistics", *TINY, "--steps", "4", "--channels", "2",
-                     "--norm_kwargs", "warmup_steps=2,buffer_size=4",
-                     "--results_root", str(tmp_path), "--name", "stats"]) == 0
+  assert (
+    sweep.main(
+      [
+        "statistics",
+        *TINY,
+        "--steps",
+        "4",
+        "--channels",
+        "2",
+        "--norm_kwargs",
+        "warmup_steps=2,buffer_size=4",
+        "--results_root",
+        str(tmp_path),
+        "--name",
+        "stats",
+      ]
+    )
+    == 0
+  )
   with open(tmp_path / "stats" / "results.json") as f:
     results = json.load(f)
   assert set(results) == {"BN b=2", "BN b=8", "MABN b=2"}
@@ -113,8 +197,18 @@ def test_statistics_records_four_bn_statistics_and_mabn_averages(tmp_path):
 
 def test_recording_statistics_does_not_change_training(tmp_path):
   pytest.importorskip("mabn_jax.recording")
-  common = ["statistics", *TINY, "--steps", "5", "--channels", "2",
-            "--norm_kwargs", "warmup_steps=2,buffer_size=4", "--results_root", str(tmp_path)]
+  common = [
+    "statistics",
+    *TINY,
+    "--steps",
+    "5",
+    "--channels",
+    "2",
+    "--norm_kwargs",
+    "warmup_steps=2,buffer_size=4",
+    "--results_root",
+    str(tmp_path),
+  ]
   assert sweep.main(common + ["--name", "with"]) == 0
   assert sweep.main(common + ["--name", "without", "--no_record"]) == 0
   curves = []
@@ -126,9 +220,26 @@ def test_recording_statistics_does_not_change_training(tmp_path):
 
 
 def test_recipe_sweep_tables_val_test_and_precise_and_plots_diagnostics(tmp_path, capsys):
-  args = ["recipes", *TINY, "--epochs", "1", "--recipes", "cbn_exact,gn",
-          "--batch_sizes", "2,8", "--seeds", "0", "--precise_bn_batches", "2",
-          "--diagnose", "true", "--results_root", str(tmp_path), "--name", "rc"]
+  args = [
+    "recipes",
+    *TINY,
+    "--epochs",
+    "1",
+    "--recipes",
+    "cbn_exact,gn",
+    "--batch_sizes",
+    "2,8",
+    "--seeds",
+    "0",
+    "--precise_bn_batches",
+    "2",
+    "--diagnose",
+    "true",
+    "--results_root",
+    str(tmp_path),
+    "--name",
+    "rc",
+  ]
   assert sweep.main(args) == 0
   assert {"table.md", "results.json", "diagnostics.png", "runs"} <= set(_files(tmp_path, "rc"))
   assert _files(tmp_path / "rc", "runs") == ["cbn_exact_b2_s0", "cbn_exact_b8_s0", "gn_b8_s0"]
@@ -160,9 +271,22 @@ def test_dry_run_before_any_run_and_the_fast_cbn_recipe(tmp_path):
   used to fail on the missing directory); the CBN recipe with the cheaper
   derivatives (every 2nd position, bfloat16 buffers given as a JSON string)
   trains and records its settings."""
-  args = ["recipes", *TINY, "--epochs", "0.25", "--recipes", "cbn_exact_pooled_fast",
-          "--batch_sizes", "2", "--seeds", "0", "--results_root", str(tmp_path),
-          "--name", "fast"]
+  args = [
+    "recipes",
+    *TINY,
+    "--epochs",
+    "0.25",
+    "--recipes",
+    "cbn_exact_pooled_fast",
+    "--batch_sizes",
+    "2",
+    "--seeds",
+    "0",
+    "--results_root",
+    str(tmp_path),
+    "--name",
+    "fast",
+  ]
   assert sweep.main([*args, "--dry_run"]) == 0
   assert {"table.md", "plot.png"} <= set(_files(tmp_path, "fast"))
   assert not os.path.exists(tmp_path / "fast" / "runs" / "cbn_exact_pooled_fast_b2_s0")
@@ -170,8 +294,11 @@ def test_dry_run_before_any_run_and_the_fast_cbn_recipe(tmp_path):
   with open(tmp_path / "fast" / "runs" / "cbn_exact_pooled_fast_b2_s0" / "summary.json") as f:
     summary = json.load(f)
   assert summary["config"]["norm_kwargs"] == {
-      "backward": "exact", "running_stats": "pooled", "derivative_stride": 2,
-      "derivative_dtype": "bfloat16"}
+    "backward": "exact",
+    "running_stats": "pooled",
+    "derivative_stride": 2,
+    "derivative_dtype": "bfloat16",
+  }
   assert summary["finished"] and summary["final_test_top1"] is not None
 
 
@@ -198,9 +325,13 @@ def test_gap_closed_is_the_ratio_of_mean_gaps_with_per_seed_spread():
 
 
 def test_recipe_table_against_bn_has_differences_and_shares():
-  rows = {("bn", 2): _runs(s0=60.0, s1=62.0), ("bn", 8): _runs(s0=70.0, s1=68.0),
-          ("mabn", 2): _runs(s0=68.0, s1=67.0), ("mabn", 8): _runs(s0=71.0),
-          ("gn", None): _runs(s0=50.0)}
+  rows = {
+    ("bn", 2): _runs(s0=60.0, s1=62.0),
+    ("bn", 8): _runs(s0=70.0, s1=68.0),
+    ("mabn", 2): _runs(s0=68.0, s1=67.0),
+    ("mabn", 8): _runs(s0=71.0),
+    ("gn", None): _runs(s0=50.0),
+  }
   table = sweep._recipes_against_bn(["bn", "mabn", "gn"], [2, 8], rows)
   assert "| mabn | +6.50 ± 2.12 (2) | +1.00 (1) |" in table
   assert "| gn | -10.00 (1) | -20.00 (1) |" in table  # batch-independent: one run for every b
@@ -228,23 +359,47 @@ def test_steps_to_loss_is_the_first_logged_window_at_or_below_the_threshold():
 
 
 def test_placement_sweep_writes_table_plot_and_json_and_skips_on_rerun(tmp_path, capsys):
-  args = ["placement", *TINY, "--epochs", "0.25", "--norms", "mabn", "--batch_sizes", "2,8",
-          "--seeds", "0", "--norm_kwargs", "warmup_steps=2,buffer_size=4",
-          "--loss_threshold", "100", "--results_root", str(tmp_path), "--name", "pl"]
+  args = [
+    "placement",
+    *TINY,
+    "--epochs",
+    "0.25",
+    "--norms",
+    "mabn",
+    "--batch_sizes",
+    "2,8",
+    "--seeds",
+    "0",
+    "--norm_kwargs",
+    "warmup_steps=2,buffer_size=4",
+    "--loss_threshold",
+    "100",
+    "--results_root",
+    str(tmp_path),
+    "--name",
+    "pl",
+  ]
   assert sweep.main(args) == 0
   assert {"table.md", "plot.png", "results.json", "runs"} <= set(_files(tmp_path, "pl"))
   # Three placements per b; no normalization once (b does not matter to it).
   assert _files(tmp_path / "pl", "runs") == [
-      "mabn_b2_s0", "mabn_b2_s0_first", "mabn_b2_s0_first_half",
-      "mabn_b8_s0", "mabn_b8_s0_first", "mabn_b8_s0_first_half", "none_b8_s0"]
+    "mabn_b2_s0",
+    "mabn_b2_s0_first",
+    "mabn_b2_s0_first_half",
+    "mabn_b8_s0",
+    "mabn_b8_s0_first",
+    "mabn_b8_s0_first_half",
+    "none_b8_s0",
+  ]
   with open(tmp_path / "pl" / "runs" / "mabn_b2_s0_first" / "summary.json") as f:
     assert json.load(f)["config"]["norm_layers"] == "first"
   with open(tmp_path / "pl" / "results.json") as f:
     results = json.load(f)
   assert results["loss_threshold"] == 100
   cells = results["cells"]
-  assert set(cells) == {f"mabn/{p}/{b}" for p in ("all", "first_half", "first")
-                        for b in (2, 8)} | {"none/none/None"}
+  assert set(cells) == {f"mabn/{p}/{b}" for p in ("all", "first_half", "first") for b in (2, 8)} | {
+    "none/none/None"
+  }
   first = cells["mabn/first/2"]
   assert len(first["final"]) == 1 and first["mean_loss_curve"]
   assert first["steps_to_threshold"] == [first["mean_loss_curve"][0][0]]  # every loss < 100
@@ -252,8 +407,9 @@ def test_placement_sweep_writes_table_plot_and_json_and_skips_on_rerun(tmp_path,
   assert "| normalizer | placement | b=2 top-1 | b=2 steps to loss ≤ 100 | b=8 top-1 |" in table
   for p in ("all", "first_half", "first"):
     assert table.count(f"| mabn | {p} | ") == 1
-  assert (f"| mabn | first | {first['final'][0]:.2f} (1) | "
-          f"{first['steps_to_threshold'][0]} (1/1) |") in table
+  assert (
+    f"| mabn | first | {first['final'][0]:.2f} (1) | {first['steps_to_threshold'][0]} (1/1) |"
+  ) in table
   assert "| none (no normalizer) | none | " in table and "(batch-independent)" in table
   capsys.readouterr()
   # A rerun trains nothing; a threshold never reached reads '—'.

@@ -18,8 +18,12 @@ from experiments import train as T
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-SPLITS = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
-          "imagenet2012": ("train", "validation"), "imagenette": ("train", "validation")}
+SPLITS = {
+  "cifar10": ("train", "test"),
+  "cifar100": ("train", "test"),
+  "imagenet2012": ("train", "validation"),
+  "imagenette": ("train", "validation"),
+}
 SIZES = {"train": 8, "test": 4, "validation": 4}
 
 
@@ -36,7 +40,6 @@ def _prepare(name: str, data_dir: str, seed: int = 0):
       truth[split].append((rng.integers(0, 256, shape, dtype=np.uint8), int(rng.integers(10))))
 
   class Tiny(tfds.builder_cls(name), skip_registration=True):
-
     def _split_generators(self, dl_manager):
       del dl_manager
       return {split: self._examples(split) for split in SPLITS[name]}
@@ -70,8 +73,9 @@ def test_cifar_names_read_every_prepared_image_and_label(name, tmp_path):
     assert loaded.images.shape == (SIZES[split], 32, 32, 3) and loaded.images.dtype == np.uint8
     # tfds shuffles the records when it writes them: compare as multisets.
     expected = sorted((p.tobytes(), l) for p, l in truth[split])
-    actual = sorted((p.tobytes(), int(l))
-                    for p, l in zip(loaded.images, loaded.labels, strict=True))
+    actual = sorted(
+      (p.tobytes(), int(l)) for p, l in zip(loaded.images, loaded.labels, strict=True)
+    )
     assert actual == expected
 
 
@@ -101,11 +105,23 @@ def test_imagenet_names_resize_and_centre_crop_on_demand(tmp_path):
 
 def test_training_loop_runs_on_a_prepared_imagenette(tmp_path):
   _prepare("imagenette", str(tmp_path / "tfds"))
-  config = T.Config(dataset="imagenette", data_dir=str(tmp_path / "tfds"), image_size=16,
-                    norm="mabn", model="cnn2", width=4, batch_size=4, norm_batch_size=2,
-                    epochs=1, log_every=1, num_devices=1, progress=False, lr=0.05,
-                    norm_kwargs={"warmup_steps": 1, "buffer_size": 2, "renorm_start": 1},
-                    workdir=str(tmp_path / "run"))
+  config = T.Config(
+    dataset="imagenette",
+    data_dir=str(tmp_path / "tfds"),
+    image_size=16,
+    norm="mabn",
+    model="cnn2",
+    width=4,
+    batch_size=4,
+    norm_batch_size=2,
+    epochs=1,
+    log_every=1,
+    num_devices=1,
+    progress=False,
+    lr=0.05,
+    norm_kwargs={"warmup_steps": 1, "buffer_size": 2, "renorm_start": 1},
+    workdir=str(tmp_path / "run"),
+  )
   summary = T.train(config)
   assert summary["finished"] and summary["step"] == summary["total_steps"] == 2
   assert all(np.isfinite(loss) for _, loss in summary["train_loss_curve"])

@@ -14,8 +14,7 @@ import mabn_jax as mj
 from experiments import data as D
 from experiments import train as T
 
-KWARGS = {"mabn": {"warmup_steps": 2, "buffer_size": 4, "renorm_start": 4},
-          "gn": {"num_groups": 2}}
+KWARGS = {"mabn": {"warmup_steps": 2, "buffer_size": 4, "renorm_start": 4}, "gn": {"num_groups": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +23,28 @@ def tiny():
 
 
 def _config(norm, **kw):
-  base = dict(norm=norm, model="cnn2", width=4, batch_size=8, norm_batch_size=2, epochs=1,
-              log_every=2, num_devices=1, progress=False, lr=0.05,
-              norm_kwargs=KWARGS.get(norm, {}))
+  base = dict(
+    norm=norm,
+    model="cnn2",
+    width=4,
+    batch_size=8,
+    norm_batch_size=2,
+    epochs=1,
+    log_every=2,
+    num_devices=1,
+    progress=False,
+    lr=0.05,
+    norm_kwargs=KWARGS.get(norm, {}),
+  )
   base.update(kw)
   return T.Config(**base)
 
 
 def _train_records(workdir):
-  return [{k: v for k, v in r.items() if k != "steps_per_sec"}
-          for r in T.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+  return [
+    {k: v for k, v in r.items() if k != "steps_per_sec"}
+    for r in T.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  ]
 
 
 @pytest.mark.parametrize("norm", mj.normalizer_names())
@@ -43,10 +54,14 @@ def test_every_registry_normalizer_trains_through_the_loop(norm, tiny):
   losses = [l for _, l in summary["train_loss_curve"]]
   assert len(losses) == 4 and np.all(np.isfinite(losses))
   assert 0.0 <= summary["final_test_top1"] <= 100.0
-  init = T.build(_config(norm), 4).init(jax.random.PRNGKey(0), tiny.train.images[:8] * 0.0,
-                                        train=True)
-  moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
-                                 init["params"], summary["variables"]["params"])
+  init = T.build(_config(norm), 4).init(
+    jax.random.PRNGKey(0), tiny.train.images[:8] * 0.0, train=True
+  )
+  moved = jax.tree_util.tree_map(
+    lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+    init["params"],
+    summary["variables"]["params"],
+  )
   assert max(jax.tree_util.tree_leaves(moved)) > 0
   if norm in T.BATCH_NORMALIZERS:
     assert "batch_stats" in summary["variables"]
@@ -66,8 +81,15 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, full["variables"], rest["variables"])
   with open(tmp_path / "b" / "summary.json") as f:
     summary = json.load(f)
-  for key in ("config", "git_commit", "device", "wall_time_s", "best_test_top1",
-              "final_test_top1", "train_loss_curve"):
+  for key in (
+    "config",
+    "git_commit",
+    "device",
+    "wall_time_s",
+    "best_test_top1",
+    "final_test_top1",
+    "train_loss_curve",
+  ):
     assert key in summary
 
 
@@ -75,9 +97,11 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
 def test_data_parallel_syncbn_shares_statistics_bn_does_not(tiny, parallel):
   out = {}
   for norm in ("bn", "syncbn"):
-    s = T.train(_config(norm, num_devices=2, batch_size=4, norm_batch_size=None,
-                        parallel=parallel), tiny)
+    s = T.train(
+      _config(norm, num_devices=2, batch_size=4, norm_batch_size=None, parallel=parallel), tiny
+    )
     out[norm] = s
+
   # Per-device BN: the two devices saw different halves, so their running
   # means differ; SyncBN averages the statistics over devices.
   def spread(s):
@@ -111,7 +135,8 @@ def test_schedules_warmup_cosine_and_step():
   assert float(s(10)) == pytest.approx(0.1)
   assert float(s(99)) < 1e-3
   step = T.learning_rate_schedule(
-      dataclasses.replace(cfg, schedule="step", step_epochs=(5, 8)), 10, 100)
+    dataclasses.replace(cfg, schedule="step", step_epochs=(5, 8)), 10, 100
+  )
   assert float(step(20)) == pytest.approx(0.1)
   assert float(step(60)) == pytest.approx(0.01)
   assert float(step(90)) == pytest.approx(0.001)
@@ -128,9 +153,30 @@ def test_weight_decay_only_on_kernels():
 
 
 def test_cli_runs_two_normalizers_and_prints_the_table(tmp_path, capsys):
-  rc = T.main(["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--epochs", "1",
-               "--batch_size", "8", "--num_devices", "1", "--norms", "bn,mabn",
-               "--norm_kwargs", "", "--workdir", str(tmp_path), "--progress", "false"])
+  rc = T.main(
+    [
+      "--dataset",
+      "synthetic",
+      "--model",
+      "cnn2",
+      "--width",
+      "4",
+      "--epochs",
+      "1",
+      "--batch_size",
+      "8",
+      "--num_devices",
+      "1",
+      "--norms",
+      "bn,mabn",
+      "--norm_kwargs",
+      "",
+      "--workdir",
+      str(tmp_path),
+      "--progress",
+      "false",
+    ]
+  )
   assert rc == 0
   out = capsys.readouterr().out
   assert "bn_b2_s0" in out and "mabn_b2_s0" in out and "final top-1" in out
@@ -142,9 +188,28 @@ def test_cli_runs_two_normalizers_and_prints_the_table(tmp_path, capsys):
 def test_main_job_runs_bn_large_and_small_and_mabn_small_and_reports_the_gap(tmp_path, capsys):
   # The README's first command on a miniature config: the main job's plan
   # (BN at the SGD batch and at 2, MABN at 2, two seeds), its table and plot.
-  rc = T.main(["--dataset", "synthetic", "--model", "cnn2", "--width", "4", "--epochs", "1",
-               "--batch_size", "8", "--num_devices", "1", "--norm_kwargs", "",
-               "--workdir", str(tmp_path), "--progress", "false"])
+  rc = T.main(
+    [
+      "--dataset",
+      "synthetic",
+      "--model",
+      "cnn2",
+      "--width",
+      "4",
+      "--epochs",
+      "1",
+      "--batch_size",
+      "8",
+      "--num_devices",
+      "1",
+      "--norm_kwargs",
+      "",
+      "--workdir",
+      str(tmp_path),
+      "--progress",
+      "false",
+    ]
+  )
   assert rc == 0
   out = capsys.readouterr().out
   names = [json.loads(line)["name"] for line in out.splitlines() if line.startswith("{")]
@@ -164,10 +229,19 @@ def test_main_job_runs_bn_large_and_small_and_mabn_small_and_reports_the_gap(tmp
 
 def test_main_job_table_computes_the_gap_and_the_recovered_share():
   def run(norm, b, top1):
-    return {"config": {"norm": norm, "norm_batch_size": b, "batch_size": 32},
-            "final_test_top1": top1}
-  runs = [run("bn", None, 96.0), run("bn", 2, 90.0), run("mabn", 2, 94.0),
-          run("bn", None, 94.0), run("bn", 2, 88.0), run("mabn", 2, 95.0)]
+    return {
+      "config": {"norm": norm, "norm_batch_size": b, "batch_size": 32},
+      "final_test_top1": top1,
+    }
+
+  runs = [
+    run("bn", None, 96.0),
+    run("bn", 2, 90.0),
+    run("mabn", 2, 94.0),
+    run("bn", None, 94.0),
+    run("bn", 2, 88.0),
+    run("mabn", 2, 95.0),
+  ]
   text, numbers = T.main_job_table(runs)
   assert numbers["bn_gap"] == pytest.approx(95.0 - 89.0)
   assert numbers["mabn_recovered"] == pytest.approx((94.5 - 89.0) / 6.0)
@@ -191,8 +265,9 @@ def test_relative_step_options_resolve_to_steps():
   cfg = T.Config(norm="brn", norm_kwargs={"warmup_steps": "2ep", "ramp_steps": 7})
   assert cfg.normalizer_kwargs(300, 30)["warmup_steps"] == 60
   assert cfg.normalizer_kwargs(300, 30)["ramp_steps"] == 7
-  step = T.Config(norm="cbn", schedule="step", step_epochs=(8, 11),
-                  norm_kwargs={"burn_in": "first_decay"})
+  step = T.Config(
+    norm="cbn", schedule="step", step_epochs=(8, 11), norm_kwargs={"burn_in": "first_decay"}
+  )
   assert step.normalizer_kwargs(360, 30)["burn_in"] == 240
   with pytest.raises(ValueError, match="first_decay.*step schedule"):
     T.Config(norm="cbn", norm_kwargs={"burn_in": "first_decay"}).normalizer_kwargs(300, 30)
@@ -214,8 +289,14 @@ def test_relative_burn_in_reaches_the_layer(tiny):
 
 
 def test_small_batch_scales_the_learning_rate_linearly():
-  cfg = T.Config(lr=0.08, batch_size=32, norm_batch_size=4, small_batch=True,
-                 warmup_epochs=0, schedule="constant")
+  cfg = T.Config(
+    lr=0.08,
+    batch_size=32,
+    norm_batch_size=4,
+    small_batch=True,
+    warmup_epochs=0,
+    schedule="constant",
+  )
   assert cfg.peak_lr() == pytest.approx(0.01)
   assert float(T.learning_rate_schedule(cfg, 10, 100)(5)) == pytest.approx(0.01)
   assert dataclasses.replace(cfg, small_batch=False).peak_lr() == pytest.approx(0.08)
@@ -247,8 +328,9 @@ def test_diagnose_logs_layer_diagnostics_without_changing_training(tiny, tmp_pat
   plain = T.train(_config("bn", workdir=str(tmp_path / "a")), tiny)
   diag = T.train(_config("bn", diagnose=True, workdir=str(tmp_path / "b")), tiny)
   assert plain["train_loss_curve"] == diag["train_loss_curve"]
-  records = [r for r in T.read_metrics(os.path.join(tmp_path / "b", "metrics.jsonl"))
-             if "loss" in r]
+  records = [
+    r for r in T.read_metrics(os.path.join(tmp_path / "b", "metrics.jsonl")) if "loss" in r
+  ]
   assert all(set(r["diag"]) == {"conv1", "conv2"} for r in records)
   entry = records[-1]["diag"]["conv2"]
   assert set(entry) == {"kernel_norm", "grad_cos", "grad_cos_channel", "mu_over_sigma"}
@@ -258,8 +340,12 @@ def test_diagnose_logs_layer_diagnostics_without_changing_training(tiny, tmp_pat
 def test_norm_layers_reach_the_model_and_bad_values_name_the_field(tiny):
   assert T.Config().norm_layers == "all"
   x = tiny.train.images[:8]
-  for layers, normalized in (("all", {"conv1", "conv2"}), ("first", {"conv1"}),
-                             ("none", set()), ("2", {"conv2"})):
+  for layers, normalized in (
+    ("all", {"conv1", "conv2"}),
+    ("first", {"conv1"}),
+    ("none", set()),
+    ("2", {"conv2"}),
+  ):
     cfg = _config("bn", norm_layers=layers)
     cfg.validate()
     variables = T.build(cfg, 4).init(jax.random.PRNGKey(0), x, train=True)
@@ -268,8 +354,11 @@ def test_norm_layers_reach_the_model_and_bad_values_name_the_field(tiny):
   assert _config("bn", norm_layers="first_half").run_name() == "bn_b2_s0_first_half"
   assert _config("bn", norm_layers="1,2").run_name() == "bn_b2_s0_1-2"
   for bad in ("second", "0", "1,x"):
-    with pytest.raises(ValueError, match=r"Config\.norm_layers=.*'all', 'first', 'first_half', "
-                                         r"'none'"):
+    with pytest.raises(
+      ValueError,
+      match=r"Config\.norm_layers=.*'all', 'first', 'first_half', "
+      r"'none'",
+    ):
       _config("bn", norm_layers=bad).validate()
   with pytest.raises(ValueError, match=r"Config\.norm_layers='first' needs model"):
     _config("bn", model="resnet20", norm_layers="first").validate()
@@ -279,6 +368,7 @@ def test_norm_layers_reach_the_model_and_bad_values_name_the_field(tiny):
 
 def test_norm_layers_command_line_option():
   import argparse
+
   parser = argparse.ArgumentParser()
   T.add_config_arguments(parser)
   for value in ("first_half", "none", "1,3"):

@@ -34,7 +34,7 @@ def _trained(variables, key):
   out["params"] = _perturb_tree(variables["params"], key)
   if "batch_stats" in variables:
     out["batch_stats"] = _perturb_tree(
-        variables["batch_stats"], jax.random.fold_in(key, 1), positive=("var", "chi_ema")
+      variables["batch_stats"], jax.random.fold_in(key, 1), positive=("var", "chi_ema")
     )
   return out
 
@@ -72,9 +72,9 @@ def test_fold_plain_model_by_pairs_matches_unfolded(kind):
   model = PlainNet(kind)
   variables = _trained(model.init(jax.random.key(1), x), jax.random.key(2))
   folded = fold(
-      variables,
-      pairs=[("conv0", "norm0"), ("conv1", "norm1")],
-      centered=kind == "mabn",
+    variables,
+    pairs=[("conv0", "norm0"), ("conv1", "norm1")],
+    centered=kind == "mabn",
   )
   twin = PlainNet(kind, folded=True)
   # The folded tree has exactly the twin's structure.
@@ -87,8 +87,9 @@ def test_fold_plain_centered_subset_and_errors():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   model = PlainNet("mabn")
   variables = _trained(model.init(jax.random.key(1), x), jax.random.key(2))
-  folded = fold(variables, pairs=[("conv0", "norm0"), ("conv1", "norm1")],
-                centered=["conv0", "conv1"])
+  folded = fold(
+    variables, pairs=[("conv0", "norm0"), ("conv1", "norm1")], centered=["conv0", "conv1"]
+  )
   _assert_relative(PlainNet("mabn", folded=True).apply(folded, x), model.apply(variables, x))
   # Without centring the result is wrong: the centring really is folded in.
   wrong = fold(variables, pairs=[("conv0", "norm0"), ("conv1", "norm1")], centered=False)
@@ -117,14 +118,14 @@ class TinyResNet(nn.Module):
 
 
 FOLDABLE = [
-    ("bn", {}),
-    ("bn", {"norm_batch_size": 2}),
-    ("syncbn", {}),
-    ("brn", {}),
-    ("mabn", {"norm_batch_size": 2}),
-    ("mabn", {"centered": False}),
-    ("cbn", {}),
-    ("cbn_naive", {"centered": True}),
+  ("bn", {}),
+  ("bn", {"norm_batch_size": 2}),
+  ("syncbn", {}),
+  ("brn", {}),
+  ("mabn", {"norm_batch_size": 2}),
+  ("mabn", {"centered": False}),
+  ("cbn", {}),
+  ("cbn_naive", {"centered": True}),
 ]
 
 
@@ -139,9 +140,11 @@ def test_fold_registry_resnet_matches_unfolded_eval(name, kwargs):
   folded_model = TinyResNet(none)
   # Exactly the layout of the same model built with the 'none' normalizer.
   assert jax.tree.map(jnp.shape, folded) == jax.tree.map(
-      jnp.shape, folded_model.init(jax.random.key(1), x, train=False))
-  _assert_relative(folded_model.apply(folded, x, train=False),
-                   model.apply(variables, x, train=False))
+    jnp.shape, folded_model.init(jax.random.key(1), x, train=False)
+  )
+  _assert_relative(
+    folded_model.apply(folded, x, train=False), model.apply(variables, x, train=False)
+  )
 
 
 def test_fold_registry_after_training_steps_matches_unfolded_eval():
@@ -159,8 +162,9 @@ def test_fold_registry_after_training_steps_matches_unfolded_eval():
   for i in range(3):
     (_, variables), _ = step(variables, x * (1 + i))
   folded, none = mj.fold(variables, normalizer)
-  _assert_relative(TinyResNet(none).apply(folded, x, train=False),
-                   model.apply(variables, x, train=False))
+  _assert_relative(
+    TinyResNet(none).apply(folded, x, train=False), model.apply(variables, x, train=False)
+  )
 
 
 def test_fold_leaves_group_layer_instance_norm_in_place():

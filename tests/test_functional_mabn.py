@@ -22,8 +22,10 @@ def test_functional_training_loop_matches_the_reference():
     def loss(x, tap):
       out, new_state = mabn.normalize_train(x, state, tap, config)
       return jnp.sum(out * gy), (out, new_state)
-    (_, (out, new_state)), (gx, dpsi) = jax.value_and_grad(
-        loss, argnums=(0, 1), has_aux=True)(x, jnp.zeros_like(state.psi_buffer))
+
+    (_, (out, new_state)), (gx, dpsi) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      x, jnp.zeros_like(state.psi_buffer)
+    )
     return out, gx, new_state._replace(psi_buffer=new_state.psi_buffer + dpsi)
 
   for t in range(6):
@@ -40,8 +42,9 @@ def test_functional_training_loop_matches_the_reference():
 def test_inference_scale_folds_into_a_per_channel_affine_map():
   chi = jnp.asarray([0.5, 2.0, 4.0])
   x = jnp.ones((2, 3))
-  np.testing.assert_allclose(mabn.normalize_inference(x, chi, 1e-5),
-                             x * mabn.inference_scale(chi, 1e-5), rtol=1e-6)
+  np.testing.assert_allclose(
+    mabn.normalize_inference(x, chi, 1e-5), x * mabn.inference_scale(chi, 1e-5), rtol=1e-6
+  )
   np.testing.assert_allclose(mabn.inference_scale(chi, 0.0) ** -2, chi, rtol=1e-6)
 
 
@@ -60,12 +63,17 @@ def test_schedule_predicates_follow_the_published_rules():
 @pytest.mark.parametrize("steps_before", [0, 5])  # warmup (batch chi) and the SMA phase
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_every_group_chi_reaches_the_new_chi_ema_that_the_commit_checks(
-    moving_average, average_forward, steps_before, value):
+  moving_average, average_forward, steps_before, value
+):
   # The layers test only newest_entries(state) for finiteness: a non-finite
   # input in any one group must make it non-finite, in every phase.
   groups, size, channels = 4, 2, 3
-  config = mabn.MABNConfig(norm_batch_size=2, warmup_steps=3, moving_average=moving_average,
-                           average_forward=average_forward)
+  config = mabn.MABNConfig(
+    norm_batch_size=2,
+    warmup_steps=3,
+    moving_average=moving_average,
+    average_forward=average_forward,
+  )
   rng = np.random.default_rng(0)
   state = mabn.init_state(channels, buffer_size=size)
   for _ in range(steps_before):

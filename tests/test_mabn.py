@@ -34,6 +34,7 @@ def _loss_fn(model):
   def loss_fn(variables, x, gy):
     y, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return jnp.sum(y * gy), (mutated, y)
+
   return loss_fn
 
 
@@ -58,14 +59,17 @@ def test_matches_float64_reference_in_every_schedule_phase(norm_batch_size, shap
   variables = model.init(jax.random.key(0), jnp.zeros(shape), train=True)
   gamma = np.linspace(0.5, 1.5, C)
   beta = np.linspace(-0.2, 0.2, C)
-  variables["params"]["norm"] = {"scale": jnp.asarray(gamma, jnp.float32),
-                                 "bias": jnp.asarray(beta, jnp.float32)}
+  variables["params"]["norm"] = {
+    "scale": jnp.asarray(gamma, jnp.float32),
+    "bias": jnp.asarray(beta, jnp.float32),
+  }
   ref = MABNReference(C, 3, 4, 6, 1.3, 0.9, 1e-5, norm_batch_size)
   step = jax.jit(mj.value_and_grad(_loss_fn(model), has_aux=True))
   clipped = False
   for t in range(steps):
-    ((_, y), variables), grads = step(variables, jnp.asarray(xs[t], jnp.float32),
-                                      jnp.asarray(gys[t], jnp.float32))
+    ((_, y), variables), grads = step(
+      variables, jnp.asarray(xs[t], jnp.float32), jnp.asarray(gys[t], jnp.float32)
+    )
     y_ref, gx_ref, gg_ref, gb_ref = ref.train_step(xs[t], gys[t], gamma, beta)
     tol = dict(rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(y, y_ref, **tol, err_msg=f"y at step {t + 1}")
@@ -81,9 +85,11 @@ def test_matches_float64_reference_in_every_schedule_phase(norm_batch_size, shap
   assert int(variables["batch_stats"]["norm"]["nonfinite_count"]) == 0
 
 
-@pytest.mark.parametrize("ablation", [
-    dict(average_forward=False), dict(average_backward=False), dict(moving_average="ema")],
-    ids=["backward_only", "forward_only", "ema"])
+@pytest.mark.parametrize(
+  "ablation",
+  [dict(average_forward=False), dict(average_backward=False), dict(moving_average="ema")],
+  ids=["backward_only", "forward_only", "ema"],
+)
 def test_ablations_match_the_float64_reference(ablation):
   shape = (4, 2, 2, C)
   layer = mj.MABN(norm_batch_size=2, **SCHEDULE, **ablation)
@@ -93,18 +99,19 @@ def test_ablations_match_the_float64_reference(ablation):
   ref = MABNReference(C, 3, 4, 6, 1.3, 0.9, 1e-5, 2, **ablation)
   step = jax.jit(mj.value_and_grad(_loss_fn(model), has_aux=True))
   for t in range(8):
-    ((_, y), variables), grads = step(variables, jnp.asarray(xs[t], jnp.float32),
-                                      jnp.asarray(gys[t], jnp.float32))
+    ((_, y), variables), grads = step(
+      variables, jnp.asarray(xs[t], jnp.float32), jnp.asarray(gys[t], jnp.float32)
+    )
     y_ref, gx_ref, _, _ = ref.train_step(xs[t], gys[t], np.ones(C), np.zeros(C))
     np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-5, err_msg=f"step {t + 1}")
     np.testing.assert_allclose(grads["input"], gx_ref, rtol=2e-4, atol=2e-5)
   for name, value in ref.state().items():
-    np.testing.assert_allclose(variables["batch_stats"]["norm"][name], value,
-                               rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(
+      variables["batch_stats"]["norm"][name], value, rtol=2e-4, atol=2e-5, err_msg=name
+    )
 
 
 class MABNVariantsTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_and_nojit_agree(self):
     shape = (4, 2, 2, C)
@@ -113,15 +120,17 @@ class MABNVariantsTest(chex.TestCase):
     step = self.variant(mj.value_and_grad(_loss_fn(model), has_aux=True))
     xs, gys = _inputs(shape, 8, seed=1)
     for x, gy in zip(xs, gys, strict=True):
-      ((loss, _), variables), grads = step(variables, jnp.asarray(x, jnp.float32),
-                                           jnp.asarray(gy, jnp.float32))
+      ((loss, _), variables), grads = step(
+        variables, jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32)
+      )
     self.assertEqual(int(variables["batch_stats"]["norm"]["step"]), 8)
     # Compare against a jitted run from scratch.
     ref_vars = model.init(jax.random.key(0), jnp.zeros(shape), train=True)
     ref_step = jax.jit(mj.value_and_grad(_loss_fn(model), has_aux=True))
     for x, gy in zip(xs, gys, strict=True):
       ((ref_loss, _), ref_vars), ref_grads = ref_step(
-          ref_vars, jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32))
+        ref_vars, jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32)
+      )
     chex.assert_trees_all_close(variables, ref_vars, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -144,7 +153,8 @@ def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch():
 
   def mapped_step(variables, x, gy):
     ((loss, y), variables), grads = mj.value_and_grad(_loss_fn(mapped), has_aux=True)(
-        variables, x, gy)
+      variables, x, gy
+    )
     norm_grads = jax.lax.psum(grads["norm"], "batch")
     return y, variables, grads["input"], norm_grads
 
@@ -152,16 +162,19 @@ def test_pmap_with_axis_name_equals_one_device_with_concatenated_batch():
   for x, gy in zip(xs, gys, strict=True):
     x, gy = jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32)
     ((_, y1), v1), g1 = step1(v1, x, gy)
-    ym, vm, gxm, gnm = stepm(vm, x.reshape((devices, 2) + full[1:]),
-                             gy.reshape((devices, 2) + full[1:]))
+    ym, vm, gxm, gnm = stepm(
+      vm, x.reshape((devices, 2) + full[1:]), gy.reshape((devices, 2) + full[1:])
+    )
     tol = dict(rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ym.reshape(full), y1, **tol)
     np.testing.assert_allclose(gxm.reshape(full), g1["input"], **tol)
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a: a[0], gnm), g1["norm"], **tol)
     for d in range(devices):
       chex.assert_trees_all_close(
-          jax.tree_util.tree_map(operator.itemgetter(d), vm["batch_stats"]["norm"]),
-          v1["batch_stats"]["norm"], **tol)
+        jax.tree_util.tree_map(operator.itemgetter(d), vm["batch_stats"]["norm"]),
+        v1["batch_stats"]["norm"],
+        **tol,
+      )
 
 
 def _mean_free_bn(x, gamma, beta, eps=1e-5):
@@ -170,8 +183,10 @@ def _mean_free_bn(x, gamma, beta, eps=1e-5):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(buffer_size=16, warmup_steps=100), dict(buffer_size=1, warmup_steps=0)],
-    ids=["warmup", "buffer_size_1"])
+  "kw",
+  [dict(buffer_size=16, warmup_steps=100), dict(buffer_size=1, warmup_steps=0)],
+  ids=["warmup", "buffer_size_1"],
+)
 def test_gradient_equals_autodiff_of_mean_free_batch_norm_before_averaging(kw):
   shape = (3, 2, 2, C)
   model = Probe(mj.MABN(renorm_start=1000, **kw), shape)
@@ -200,8 +215,9 @@ def test_warmup_gradient_matches_finite_differences_in_float64():
     variables = layer.init(jax.random.key(0), x0, use_running_average=False)
 
     def loss(x, taps):
-      y, _ = layer.apply({**variables, "backward_stats": taps}, x,
-                         use_running_average=False, mutable=["batch_stats"])
+      y, _ = layer.apply(
+        {**variables, "backward_stats": taps}, x, use_running_average=False, mutable=["batch_stats"]
+      )
       return jnp.sum(y * gy)
 
     gx, _ = jax.grad(loss, argnums=(0, 1))(x0, variables["backward_stats"])
@@ -227,8 +243,9 @@ def test_stabilized_gradient_differs_from_autodiff_once_averaging_starts():
   ref = MABNReference(C, 2, 0, 1000)
   gamma, beta = np.ones(C), np.zeros(C)
   for x, gy in zip(xs, gys, strict=True):
-    ((_, y), variables), grads = step(variables, jnp.asarray(x, jnp.float32),
-                                      jnp.asarray(gy, jnp.float32))
+    ((_, y), variables), grads = step(
+      variables, jnp.asarray(x, jnp.float32), jnp.asarray(gy, jnp.float32)
+    )
     _, gx_ref, _, _ = ref.train_step(x, gy, gamma, beta)
   np.testing.assert_allclose(grads["input"], gx_ref, rtol=1e-4, atol=1e-5)
   psi = np.asarray(variables["batch_stats"]["norm"]["psi_buffer"])
@@ -296,25 +313,33 @@ def test_plain_jax_grad_on_params_fails_and_names_value_and_grad():
     jax.grad(params_only)(variables["params"], jnp.ones(shape), jnp.ones(shape))
   without_taps = {k: v for k, v in variables.items() if k != "backward_stats"}
   with pytest.raises(ValueError, match=r"not being fed"):
-    jax.grad(lambda p: loss_fn({**without_taps, "params": p}, jnp.ones(shape),
-                               jnp.ones(shape))[0])(variables["params"])
+    jax.grad(lambda p: loss_fn({**without_taps, "params": p}, jnp.ones(shape), jnp.ones(shape))[0])(
+      variables["params"]
+    )
 
 
 def test_channel_count_differing_from_initialization_is_an_error():
   layer = mj.MABN()
   variables = layer.init(jax.random.key(0), jnp.zeros((2, C)), use_running_average=False)
   with pytest.raises(ValueError, match=r"chi_ema.*\(5,\).*\(7,\)"):
-    layer.apply(variables, jnp.zeros((2, 7)), use_running_average=False,
-                mutable=["batch_stats"])
+    layer.apply(variables, jnp.zeros((2, 7)), use_running_average=False, mutable=["batch_stats"])
 
 
-@pytest.mark.parametrize("field,value", [
-    ("buffer_size", 0), ("momentum", 1.0), ("epsilon", 0.0), ("r_max", 0.5),
-    ("warmup_steps", -1), ("renorm_start", -3), ("moving_average", "wma")])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("buffer_size", 0),
+    ("momentum", 1.0),
+    ("epsilon", 0.0),
+    ("r_max", 0.5),
+    ("warmup_steps", -1),
+    ("renorm_start", -3),
+    ("moving_average", "wma"),
+  ],
+)
 def test_out_of_range_configuration_is_rejected(field, value):
   with pytest.raises(ValueError, match=rf"MABN.*{field}"):
-    mj.MABN(**{field: value}).init(jax.random.key(0), jnp.zeros((2, C)),
-                                   use_running_average=False)
+    mj.MABN(**{field: value}).init(jax.random.key(0), jnp.zeros((2, C)), use_running_average=False)
 
 
 def test_axis_out_of_range_and_wrong_rank_are_rejected():
@@ -330,8 +355,9 @@ def test_feature_axis_other_than_last():
   variables = layer.init(jax.random.key(0), x, use_running_average=False)
   y, _ = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
   chi = np.mean(np.asarray(x, np.float64) ** 2, axis=(0, 2, 3))
-  np.testing.assert_allclose(y, np.asarray(x) / np.sqrt(chi + 1e-5)[None, :, None, None],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    y, np.asarray(x) / np.sqrt(chi + 1e-5)[None, :, None, None], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_statistics_are_float32_for_half_precision_inputs():

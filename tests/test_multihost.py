@@ -43,17 +43,24 @@ def _free_port() -> int:
 
 
 def _env(local_devices: int):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
-             PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+    PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]),
+  )
   return env
 
 
 def _launch(commands, env, returncode=0):
   """Runs the commands concurrently; returns their outputs; fails on another
   exit status or a timeout."""
-  procs = [subprocess.Popen(c, env=env, cwd=str(HERE.parent), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for c in commands]
+  procs = [
+    subprocess.Popen(
+      c, env=env, cwd=str(HERE.parent), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for c in commands
+  ]
   outputs = []
   try:
     for p in procs:
@@ -63,8 +70,9 @@ def _launch(commands, env, returncode=0):
     for p in procs:
       p.kill()
     texts = [p.communicate()[0] for p in procs]
-    pytest.fail(f"processes did not finish in {TIMEOUT} s:\n" + "\n---\n".join(
-        t[-2000:] for t in texts))
+    pytest.fail(
+      f"processes did not finish in {TIMEOUT} s:\n" + "\n---\n".join(t[-2000:] for t in texts)
+    )
   for p, out in zip(procs, outputs, strict=True):
     assert p.returncode == returncode, out[-4000:]
   return outputs
@@ -73,8 +81,20 @@ def _launch(commands, env, returncode=0):
 def test_two_processes_synchronized_mabn_equals_one_process_on_the_whole_batch(tmp_path):
   port, processes = _free_port(), 2
   outs = [tmp_path / f"p{i}.npz" for i in range(processes)]
-  _launch([[sys.executable, str(HERE / "_multihost_run.py"), str(i), str(processes),
-            str(port), str(outs[i])] for i in range(processes)], _env(run.LOCAL_DEVICES))
+  _launch(
+    [
+      [
+        sys.executable,
+        str(HERE / "_multihost_run.py"),
+        str(i),
+        str(processes),
+        str(port),
+        str(outs[i]),
+      ]
+      for i in range(processes)
+    ],
+    _env(run.LOCAL_DEVICES),
+  )
   got = [dict(np.load(o)) for o in outs]
 
   net = run.model()
@@ -89,27 +109,58 @@ def test_two_processes_synchronized_mabn_equals_one_process_on_the_whole_batch(t
   for mode in ("shard_map", "jit"):
     for key, value in reference.items():
       for p in range(processes):
-        np.testing.assert_allclose(got[p][mode + key], value, rtol=1e-4, atol=1e-6,
-                                   err_msg=f"process {p} {mode} {key}")
+        np.testing.assert_allclose(
+          got[p][mode + key], value, rtol=1e-4, atol=1e-6, err_msg=f"process {p} {mode} {key}"
+        )
       np.testing.assert_array_equal(got[0][mode + key], got[1][mode + key])
 
 
 def _train_command(workdir, process_id, port, *extra):
-  return [sys.executable, "-m", "experiments.train", "--dataset", "synthetic",
-          "--model", "cnn2", "--width", "4", "--norms", "mabn", "--batch_size", "2",
-          "--norm_batch_size", "2", "--epochs", "1", "--log_every", "1",
-          "--norm_kwargs", "warmup_steps=1,buffer_size=2,renorm_start=2",
-          "--checkpoint_every", "2", "--progress", "false", "--workdir", str(workdir),
-          "--distributed", "true", "--coordinator_address", f"127.0.0.1:{port}",
-          "--num_processes", "2", "--process_id", str(process_id), *extra]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.train",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "cnn2",
+    "--width",
+    "4",
+    "--norms",
+    "mabn",
+    "--batch_size",
+    "2",
+    "--norm_batch_size",
+    "2",
+    "--epochs",
+    "1",
+    "--log_every",
+    "1",
+    "--norm_kwargs",
+    "warmup_steps=1,buffer_size=2,renorm_start=2",
+    "--checkpoint_every",
+    "2",
+    "--progress",
+    "false",
+    "--workdir",
+    str(workdir),
+    "--distributed",
+    "true",
+    "--coordinator_address",
+    f"127.0.0.1:{port}",
+    "--num_processes",
+    "2",
+    "--process_id",
+    str(process_id),
+    *extra,
+  ]
 
 
 # The default mode only: each launch starts two JAX processes (about a minute
 # on 2 cores); per-device state across processes is covered by the
 # synchronized-MABN test above and by tests/test_experiments_parallel.py.
 @pytest.mark.parametrize("parallel", ["jit"])
-def test_two_processes_run_the_training_loop_with_sharded_data_and_checkpoints(tmp_path,
-                                                                               parallel):
+def test_two_processes_run_the_training_loop_with_sharded_data_and_checkpoints(tmp_path, parallel):
   # The synthetic training split (64 images) in 2 host shards of 32, each
   # host's batch 4 (2 devices x 2): 8 steps on a global batch of 8.
   tiny = D.synthetic()
@@ -137,8 +188,9 @@ def test_two_processes_run_the_training_loop_with_sharded_data_and_checkpoints(t
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "8")
   os.remove(tmp_path / "b" / "summary.json")
   port = _free_port()
-  _launch([_train_command(tmp_path / "b", i, port, *mode, "--resume", "true")
-           for i in range(2)], env)
+  _launch(
+    [_train_command(tmp_path / "b", i, port, *mode, "--resume", "true") for i in range(2)], env
+  )
   with open(tmp_path / "b" / "summary.json") as f:
     resumed = json.load(f)
   assert resumed["finished"] and resumed["step"] == 8

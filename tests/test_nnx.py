@@ -22,10 +22,10 @@ CIN, C = 2, 3
 SPATIAL = (4, 4)
 
 # name -> (linen first layer, linen norm, NNX first layer, NNX norm factory, input shape)
-MABN_KW = dict(buffer_size=2, warmup_steps=2, renorm_start=3, r_max=1.2, momentum=0.9,
-               norm_batch_size=2)
-BRN_KW = dict(warmup_steps=1, ramp_steps=2, r_max=1.3, d_max=0.2, momentum=0.8,
-              norm_batch_size=2)
+MABN_KW = dict(
+  buffer_size=2, warmup_steps=2, renorm_start=3, r_max=1.2, momentum=0.9, norm_batch_size=2
+)
+BRN_KW = dict(warmup_steps=1, ramp_steps=2, r_max=1.3, d_max=0.2, momentum=0.8, norm_batch_size=2)
 CBN_KW = dict(window=3, burn_in=1, momentum=0.8)
 
 
@@ -33,67 +33,120 @@ def _pairs():
   dense = lambda: nn.Dense(C, use_bias=False)
   ndense = lambda rngs: nnx.Linear(CIN, C, use_bias=False, rngs=rngs)
   return {
-      "mabn": (lambda: mj.CenteredDense(C, use_bias=False), lambda: mj.MABN(**MABN_KW),
-               lambda rngs: mj.nnx.CenteredDense(CIN, C, use_bias=False, rngs=rngs),
-               lambda rngs: mj.nnx.MABN(C, **MABN_KW, rngs=rngs), (4, CIN)),
-      "bn": (dense, lambda: mj.BatchNorm(norm_batch_size=2, momentum=0.8), ndense,
-             lambda rngs: mj.nnx.BatchNorm(C, norm_batch_size=2, momentum=0.8, rngs=rngs),
-             (4, CIN)),
-      "brn": (dense, lambda: mj.BatchRenorm(**BRN_KW), ndense,
-              lambda rngs: mj.nnx.BatchRenorm(C, **BRN_KW, rngs=rngs), (4, CIN)),
-      "cbn": (None, lambda: mj.CrossIterationConvNorm(C, (3, 3), use_bias=True, **CBN_KW),
-              None, lambda rngs: mj.nnx.CrossIterationConvNorm(
-                  CIN, C, (3, 3), use_bias=True, **CBN_KW, rngs=rngs),
-              (2,) + SPATIAL + (CIN,)),
-      "cbn_centered_naive": (
-          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), centered=True, naive=True,
-                                                  norm_batch_size=1, **CBN_KW),
-          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
-              CIN, C, (3, 3), centered=True, naive=True, norm_batch_size=1, **CBN_KW,
-              rngs=rngs),
-          (2,) + SPATIAL + (CIN,)),
-      "mabn_bfloat16": (
-          lambda: nn.Dense(C, use_bias=False, dtype=jnp.bfloat16),
-          lambda: mj.MABN(**MABN_KW, dtype=jnp.bfloat16),
-          lambda rngs: nnx.Linear(CIN, C, use_bias=False, dtype=jnp.bfloat16, rngs=rngs),
-          lambda rngs: mj.nnx.MABN(C, **MABN_KW, dtype=jnp.bfloat16, rngs=rngs), (4, CIN)),
-      "bn_bfloat16": (
-          lambda: nn.Dense(C, use_bias=False, dtype=jnp.bfloat16),
-          lambda: mj.BatchNorm(dtype=jnp.bfloat16),
-          lambda rngs: nnx.Linear(CIN, C, use_bias=False, dtype=jnp.bfloat16, rngs=rngs),
-          lambda rngs: mj.nnx.BatchNorm(C, dtype=jnp.bfloat16, rngs=rngs), (4, CIN)),
-      "centered_dense_bfloat16": (
-          None, lambda: mj.CenteredDense(C, dtype=jnp.bfloat16),
-          None, lambda rngs: mj.nnx.CenteredDense(CIN, C, dtype=jnp.bfloat16, rngs=rngs),
-          (4, CIN)),
-      "cbn_exact_pooled": (
-          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), backward="exact",
-                                                  running_stats="pooled", norm_batch_size=1,
-                                                  **CBN_KW),
-          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
-              CIN, C, (3, 3), backward="exact", running_stats="pooled", norm_batch_size=1,
-              **CBN_KW, rngs=rngs),
-          (2,) + SPATIAL + (CIN,)),
-      "cbn_derivative_stride_2": (
-          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), derivative_stride=2, **CBN_KW),
-          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
-              CIN, C, (3, 3), derivative_stride=2, **CBN_KW, rngs=rngs),
-          (2,) + SPATIAL + (CIN,)),
-      "cbn_bfloat16_derivatives": (
-          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), derivative_dtype=jnp.bfloat16,
-                                                  **CBN_KW),
-          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
-              CIN, C, (3, 3), derivative_dtype=jnp.bfloat16, **CBN_KW, rngs=rngs),
-          (2,) + SPATIAL + (CIN,)),
-      "cbn_batch_backward": (
-          None, lambda: mj.CrossIterationConvNorm(C, (3, 3), backward="batch", **CBN_KW),
-          None, lambda rngs: mj.nnx.CrossIterationConvNorm(
-              CIN, C, (3, 3), backward="batch", **CBN_KW, rngs=rngs),
-          (2,) + SPATIAL + (CIN,)),
-      "centered_conv": (
-          None, lambda: mj.CenteredConv(C, (3, 3), strides=2),
-          None, lambda rngs: mj.nnx.CenteredConv(CIN, C, (3, 3), strides=2, rngs=rngs),
-          (2,) + SPATIAL + (CIN,)),
+    "mabn": (
+      lambda: mj.CenteredDense(C, use_bias=False),
+      lambda: mj.MABN(**MABN_KW),
+      lambda rngs: mj.nnx.CenteredDense(CIN, C, use_bias=False, rngs=rngs),
+      lambda rngs: mj.nnx.MABN(C, **MABN_KW, rngs=rngs),
+      (4, CIN),
+    ),
+    "bn": (
+      dense,
+      lambda: mj.BatchNorm(norm_batch_size=2, momentum=0.8),
+      ndense,
+      lambda rngs: mj.nnx.BatchNorm(C, norm_batch_size=2, momentum=0.8, rngs=rngs),
+      (4, CIN),
+    ),
+    "brn": (
+      dense,
+      lambda: mj.BatchRenorm(**BRN_KW),
+      ndense,
+      lambda rngs: mj.nnx.BatchRenorm(C, **BRN_KW, rngs=rngs),
+      (4, CIN),
+    ),
+    "cbn": (
+      None,
+      lambda: mj.CrossIterationConvNorm(C, (3, 3), use_bias=True, **CBN_KW),
+      None,
+      lambda rngs: mj.nnx.CrossIterationConvNorm(
+        CIN, C, (3, 3), use_bias=True, **CBN_KW, rngs=rngs
+      ),
+      (2,) + SPATIAL + (CIN,),
+    ),
+    "cbn_centered_naive": (
+      None,
+      lambda: mj.CrossIterationConvNorm(
+        C, (3, 3), centered=True, naive=True, norm_batch_size=1, **CBN_KW
+      ),
+      None,
+      lambda rngs: mj.nnx.CrossIterationConvNorm(
+        CIN, C, (3, 3), centered=True, naive=True, norm_batch_size=1, **CBN_KW, rngs=rngs
+      ),
+      (2,) + SPATIAL + (CIN,),
+    ),
+    "mabn_bfloat16": (
+      lambda: nn.Dense(C, use_bias=False, dtype=jnp.bfloat16),
+      lambda: mj.MABN(**MABN_KW, dtype=jnp.bfloat16),
+      lambda rngs: nnx.Linear(CIN, C, use_bias=False, dtype=jnp.bfloat16, rngs=rngs),
+      lambda rngs: mj.nnx.MABN(C, **MABN_KW, dtype=jnp.bfloat16, rngs=rngs),
+      (4, CIN),
+    ),
+    "bn_bfloat16": (
+      lambda: nn.Dense(C, use_bias=False, dtype=jnp.bfloat16),
+      lambda: mj.BatchNorm(dtype=jnp.bfloat16),
+      lambda rngs: nnx.Linear(CIN, C, use_bias=False, dtype=jnp.bfloat16, rngs=rngs),
+      lambda rngs: mj.nnx.BatchNorm(C, dtype=jnp.bfloat16, rngs=rngs),
+      (4, CIN),
+    ),
+    "centered_dense_bfloat16": (
+      None,
+      lambda: mj.CenteredDense(C, dtype=jnp.bfloat16),
+      None,
+      lambda rngs: mj.nnx.CenteredDense(CIN, C, dtype=jnp.bfloat16, rngs=rngs),
+      (4, CIN),
+    ),
+    "cbn_exact_pooled": (
+      None,
+      lambda: mj.CrossIterationConvNorm(
+        C, (3, 3), backward="exact", running_stats="pooled", norm_batch_size=1, **CBN_KW
+      ),
+      None,
+      lambda rngs: mj.nnx.CrossIterationConvNorm(
+        CIN,
+        C,
+        (3, 3),
+        backward="exact",
+        running_stats="pooled",
+        norm_batch_size=1,
+        **CBN_KW,
+        rngs=rngs,
+      ),
+      (2,) + SPATIAL + (CIN,),
+    ),
+    "cbn_derivative_stride_2": (
+      None,
+      lambda: mj.CrossIterationConvNorm(C, (3, 3), derivative_stride=2, **CBN_KW),
+      None,
+      lambda rngs: mj.nnx.CrossIterationConvNorm(
+        CIN, C, (3, 3), derivative_stride=2, **CBN_KW, rngs=rngs
+      ),
+      (2,) + SPATIAL + (CIN,),
+    ),
+    "cbn_bfloat16_derivatives": (
+      None,
+      lambda: mj.CrossIterationConvNorm(C, (3, 3), derivative_dtype=jnp.bfloat16, **CBN_KW),
+      None,
+      lambda rngs: mj.nnx.CrossIterationConvNorm(
+        CIN, C, (3, 3), derivative_dtype=jnp.bfloat16, **CBN_KW, rngs=rngs
+      ),
+      (2,) + SPATIAL + (CIN,),
+    ),
+    "cbn_batch_backward": (
+      None,
+      lambda: mj.CrossIterationConvNorm(C, (3, 3), backward="batch", **CBN_KW),
+      None,
+      lambda rngs: mj.nnx.CrossIterationConvNorm(
+        CIN, C, (3, 3), backward="batch", **CBN_KW, rngs=rngs
+      ),
+      (2,) + SPATIAL + (CIN,),
+    ),
+    "centered_conv": (
+      None,
+      lambda: mj.CenteredConv(C, (3, 3), strides=2),
+      None,
+      lambda rngs: mj.nnx.CenteredConv(CIN, C, (3, 3), strides=2, rngs=rngs),
+      (2,) + SPATIAL + (CIN,),
+    ),
   }
 
 
@@ -146,13 +199,17 @@ def _load(model, variables):
 
 
 def _nnx_values(model):
-  return {path: np.asarray(v[...])
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
+  return {
+    path: np.asarray(v[...])
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))
+  }
 
 
 def _linen_values(variables):
-  return {tuple(path): np.asarray(v)
-          for (_, *path), v in traverse_util.flatten_dict(dict(variables)).items()}
+  return {
+    tuple(path): np.asarray(v)
+    for (_, *path), v in traverse_util.flatten_dict(dict(variables)).items()
+  }
 
 
 def _assert_same(model, variables, step):
@@ -174,6 +231,7 @@ def _linen_step(linen):
   def loss_fn(variables, x, g):
     y, mutated = linen.apply(variables, x, mutable=["batch_stats"])
     return jnp.sum(y * g), (mutated, y)
+
   return mj.value_and_grad(loss_fn, has_aux=True)
 
 
@@ -201,8 +259,9 @@ def _train_and_compare(name, linen, variables, model, shape, nnx_step, steps=6):
     got = _nnx_grads(grads_nnx)
     assert got.keys() == expected.keys()
     for path in expected:
-      np.testing.assert_array_equal(got[path], expected[path],
-                                    err_msg=f"{name}: grad {path} at step {t}")
+      np.testing.assert_array_equal(
+        got[path], expected[path], err_msg=f"{name}: grad {path} at step {t}"
+      )
     _assert_same(model, variables, t)
   return variables
 
@@ -243,12 +302,19 @@ def test_bridged_mabn_holds_its_tap_as_backward_stat_next_to_psi_buffer():
 
 def test_nnx_state_types_and_names_follow_the_linen_collections():
   model = mj.nnx.MABN(C, rngs=nnx.Rngs(0))
-  kinds = {path[0]: type(v)
-           for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))}
+  kinds = {
+    path[0]: type(v) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState)))
+  }
   assert kinds == {
-      "scale": nnx.Param, "bias": nnx.Param, "chi_ema": nnx.BatchStat,
-      "chi_buffer": nnx.BatchStat, "psi_buffer": nnx.BatchStat, "step": nnx.BatchStat,
-      "nonfinite_count": nnx.BatchStat, "psi_increment": mj.nnx.BackwardStat}
+    "scale": nnx.Param,
+    "bias": nnx.Param,
+    "chi_ema": nnx.BatchStat,
+    "chi_buffer": nnx.BatchStat,
+    "psi_buffer": nnx.BatchStat,
+    "step": nnx.BatchStat,
+    "nonfinite_count": nnx.BatchStat,
+    "psi_increment": mj.nnx.BackwardStat,
+  }
   assert model.step[...].dtype == jnp.int32 and model.chi_buffer[...].dtype == jnp.float32
   no_affine = mj.nnx.BatchNorm(C, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
   assert no_affine.scale is None and no_affine.bias is None
@@ -282,17 +348,21 @@ def test_jitted_nnx_step_equals_jitted_linen_step(name):
     expected = _linen_grads_as_nnx_paths(grads_linen)
     got = _nnx_grads(grads_nnx)
     for path in expected:
-      np.testing.assert_array_equal(got[path], expected[path],
-                                    err_msg=f"{name}: grad {path} at step {t}")
+      np.testing.assert_array_equal(
+        got[path], expected[path], err_msg=f"{name}: grad {path} at step {t}"
+      )
     _assert_same(model, variables, t)
 
 
-@pytest.mark.parametrize("linen_cls,nnx_cls,renamed", [
+@pytest.mark.parametrize(
+  "linen_cls,nnx_cls,renamed",
+  [
     (mj.MABN, mj.nnx.MABN, {}),
     (mj.BatchNorm, mj.nnx.BatchNorm, {}),
     (mj.BatchRenorm, mj.nnx.BatchRenorm, {}),
     (mj.CrossIterationConvNorm, mj.nnx.CrossIterationConvNorm, {"features": "out_features"}),
-])
+  ],
+)
 def test_nnx_modules_take_every_linen_field_with_its_default(linen_cls, nnx_cls, renamed):
   import dataclasses
   import inspect

@@ -18,11 +18,15 @@ from test_nnx import _assert_same, _load, _nnx_loss, _train_and_compare
 
 CIN, C = 2, 4
 KWARGS = {
-    "bn": dict(norm_batch_size=2), "brn": dict(warmup_steps=1, ramp_steps=2),
-    "gn": dict(num_groups=2), "ln": {}, "in": {},
-    "cbn": dict(burn_in=1, window=3), "cbn_naive": dict(burn_in=1, window=2),
-    "mabn": dict(buffer_size=2, warmup_steps=1, renorm_start=2, norm_batch_size=2),
-    "none": {},
+  "bn": dict(norm_batch_size=2),
+  "brn": dict(warmup_steps=1, ramp_steps=2),
+  "gn": dict(num_groups=2),
+  "ln": {},
+  "in": {},
+  "cbn": dict(burn_in=1, window=3),
+  "cbn_naive": dict(burn_in=1, window=2),
+  "mabn": dict(buffer_size=2, warmup_steps=1, renorm_start=2, norm_batch_size=2),
+  "none": {},
 }
 
 
@@ -52,9 +56,11 @@ class NNXBlock(nnx.Module):
     return self.block(x)
 
 
-CASES = ([(name, "conv") for name in KWARGS]
-         + [(name, "dense") for name in ("bn", "mabn", "none", "ln")]
-         + [(name, "norm") for name in ("bn", "brn", "mabn")])
+CASES = (
+  [(name, "conv") for name in KWARGS]
+  + [(name, "dense") for name in ("bn", "mabn", "none", "ln")]
+  + [(name, "norm") for name in ("bn", "brn", "mabn")]
+)
 
 
 @pytest.mark.parametrize("name,kind", CASES)

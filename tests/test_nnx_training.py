@@ -37,8 +37,10 @@ def _loss(model, x, y):
 
 def _data(t, n=8):
   rng = np.random.default_rng(t)
-  return (jnp.asarray(rng.normal(size=(n, 3)) * (1 + 0.3 * t), jnp.float32),
-          jnp.asarray(rng.normal(size=(n, 1)), jnp.float32))
+  return (
+    jnp.asarray(rng.normal(size=(n, 3)) * (1 + 0.3 * t), jnp.float32),
+    jnp.asarray(rng.normal(size=(n, 1)), jnp.float32),
+  )
 
 
 KW = dict(buffer_size=3, warmup_steps=2, renorm_start=4, r_max=1.5, norm_batch_size=2)
@@ -78,15 +80,18 @@ def test_grads_are_the_param_state_that_nnx_optimizer_takes():
   model = Net(rngs=nnx.Rngs(0), **KW)
   loss, grads = mj.nnx.value_and_grad(_loss)(model, *_data(0))
   params = nnx.state(model, nnx.Param)
-  chex.assert_trees_all_equal_structs(jax.tree.map(jnp.shape, grads),
-                                      jax.tree.map(jnp.shape, params))
+  chex.assert_trees_all_equal_structs(
+    jax.tree.map(jnp.shape, grads), jax.tree.map(jnp.shape, params)
+  )
   assert all(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(grads))
+
   def with_aux(model, x, y):
     loss = _loss(model, x, y)
     return loss, {"twice": 2 * loss}
 
   (loss_aux, aux), _ = mj.nnx.value_and_grad(with_aux, has_aux=True)(
-      Net(rngs=nnx.Rngs(0), **KW), *_data(0))
+    Net(rngs=nnx.Rngs(0), **KW), *_data(0)
+  )
   np.testing.assert_allclose(aux["twice"], 2 * loss_aux, rtol=1e-6)
   np.testing.assert_allclose(loss_aux, loss, rtol=1e-6)
 
@@ -96,9 +101,16 @@ class Probe(nnx.Module):
 
   def __init__(self, shape, norm_batch_size):
     self.input = nnx.Param(jnp.zeros(shape))
-    self.norm = mj.nnx.MABN(C, buffer_size=3, warmup_steps=4, renorm_start=6, r_max=1.3,
-                            momentum=0.9, norm_batch_size=norm_batch_size,
-                            rngs=nnx.Rngs(0))
+    self.norm = mj.nnx.MABN(
+      C,
+      buffer_size=3,
+      warmup_steps=4,
+      renorm_start=6,
+      r_max=1.3,
+      momentum=0.9,
+      norm_batch_size=norm_batch_size,
+      rngs=nnx.Rngs(0),
+    )
 
   def __call__(self, x):
     return self.norm(x + self.input[...])
@@ -112,8 +124,9 @@ def test_nnx_mabn_matches_float64_reference_in_every_schedule_phase(norm_batch_s
   model.norm.scale[...] = jnp.asarray(gamma, jnp.float32)
   model.norm.bias[...] = jnp.asarray(beta, jnp.float32)
   ref = MABNReference(C, 3, 4, 6, 1.3, 0.9, 1e-5, norm_batch_size)
-  step = nnx.jit(mj.nnx.value_and_grad(
-      lambda m, x, gy: (lambda y: (jnp.sum(y * gy), y))(m(x)), has_aux=True))
+  step = nnx.jit(
+    mj.nnx.value_and_grad(lambda m, x, gy: (lambda y: (jnp.sum(y * gy), y))(m(x)), has_aux=True)
+  )
   rng = np.random.default_rng(0)
   tol = dict(rtol=2e-4, atol=2e-5)
   for t in range(steps):
@@ -125,8 +138,9 @@ def test_nnx_mabn_matches_float64_reference_in_every_schedule_phase(norm_batch_s
     np.testing.assert_allclose(grads["norm"]["scale"][...], gg_ref, **tol)
     np.testing.assert_allclose(grads["norm"]["bias"][...], gb_ref, **tol)
     for name, value in ref.state().items():
-      np.testing.assert_allclose(getattr(model.norm, name)[...], value, **tol,
-                                 err_msg=f"{name} at step {t + 1}")
+      np.testing.assert_allclose(
+        getattr(model.norm, name)[...], value, **tol, err_msg=f"{name} at step {t + 1}"
+      )
 
 
 def test_plain_nnx_grad_through_training_mabn_raises_naming_value_and_grad():
@@ -143,8 +157,11 @@ def test_mabn_called_twice_in_one_step_raises_naming_the_layer():
     def __call__(self, x):
       return self.norm(x) + self.norm(2 * x)
 
-  with pytest.raises(ValueError, match=r"mabn_jax.nnx.MABN\(num_features=5\).*second "
-                     r"time in training mode.*one layer instance per call"):
+  with pytest.raises(
+    ValueError,
+    match=r"mabn_jax.nnx.MABN\(num_features=5\).*second "
+    r"time in training mode.*one layer instance per call",
+  ):
     mj.nnx.value_and_grad(lambda m, x: jnp.sum(m(x)))(Shared(), jnp.ones((4, C)))
 
 
@@ -172,8 +189,11 @@ def test_training_step_in_eval_mode_raises_and_nnx_grad_fine_tunes_frozen():
 
 def test_wrong_feature_count_and_bad_configuration_name_the_layer():
   norm = mj.nnx.MABN(C, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"MABN\(num_features=5\): expected 5 features on "
-                     r"axis 1.*got 7"):
+  with pytest.raises(
+    ValueError,
+    match=r"MABN\(num_features=5\): expected 5 features on "
+    r"axis 1.*got 7",
+  ):
     norm(jnp.ones((4, 7)))
   with pytest.raises(ValueError, match=r"MABN\(num_features=5\): buffer_size must be"):
     mj.nnx.MABN(C, buffer_size=0, rngs=nnx.Rngs(0))
@@ -182,8 +202,9 @@ def test_wrong_feature_count_and_bad_configuration_name_the_layer():
   with pytest.raises(ValueError, match=r"batch of 3 samples is not a multiple"):
     mj.nnx.BatchNorm(C, norm_batch_size=2, rngs=nnx.Rngs(0))(jnp.ones((3, C)))
   with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*num_groups"):
-    mj.nnx.CrossIterationConvNorm(2, C, (3, 3), group_history=True, norm_batch_size=1,
-                                  rngs=nnx.Rngs(0))
+    mj.nnx.CrossIterationConvNorm(
+      2, C, (3, 3), group_history=True, norm_batch_size=1, rngs=nnx.Rngs(0)
+    )
   with pytest.raises(ValueError, match=r"CenteredConv.*mask is not supported"):
     mj.nnx.CenteredConv(2, C, (3, 3), mask=jnp.ones((3, 3, 2, C)), rngs=nnx.Rngs(0))
 
@@ -209,10 +230,13 @@ def test_pmap_with_axis_name_keeps_replicas_identical_and_equals_linen(layer):
   from flax import traverse_util
 
   devices, cin = 4, 2
-  make_norm = {"mabn": (lambda **kw: mj.MABN(**kw), lambda **kw: mj.nnx.MABN(C, **kw)),
-               "bn": (lambda **kw: mj.BatchNorm(**kw), lambda **kw: mj.nnx.BatchNorm(C, **kw))}
-  kwargs = dict(axis_name="batch", **(dict(buffer_size=2, warmup_steps=1)
-                                      if layer == "mabn" else {}))
+  make_norm = {
+    "mabn": (lambda **kw: mj.MABN(**kw), lambda **kw: mj.nnx.MABN(C, **kw)),
+    "bn": (lambda **kw: mj.BatchNorm(**kw), lambda **kw: mj.nnx.BatchNorm(C, **kw)),
+  }
+  kwargs = dict(
+    axis_name="batch", **(dict(buffer_size=2, warmup_steps=1) if layer == "mabn" else {})
+  )
 
   class Linen(nn.Module):
     @nn.compact
@@ -244,12 +268,12 @@ def test_pmap_with_axis_name_keeps_replicas_identical_and_equals_linen(layer):
   def linen_step(v, x):
     def loss(v):
       y, mutated = linen.apply(v, x, mutable=["batch_stats"])
-      return jnp.sum(y ** 3), mutated
+      return jnp.sum(y**3), mutated
+
     (_, v), grads = mj.value_and_grad(loss)(v)
     return v, jax.lax.pmean(grads, "batch")
 
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (devices,) + a.shape),
-                                        tree)
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (devices,) + a.shape), tree)
   state, variables = replicate(state), replicate(variables)
   rng = np.random.default_rng(0)
   for _ in range(3):

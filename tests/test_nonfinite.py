@@ -31,13 +31,17 @@ BAD_STEP = 3  # 0-based index of the injected batch
 # Small schedules so that every phase (warm-up, moving averages, renorm,
 # CBN's buffer) is active within a few steps.
 KWARGS = {
-    "bn": {}, "syncbn": {},
-    "brn": dict(warmup_steps=1, ramp_steps=2),
-    "gn": dict(num_groups=2), "ln": {}, "in": {},
-    "cbn": dict(burn_in=1, window=3), "cbn_naive": dict(burn_in=1, window=3),
-    "mabn": dict(buffer_size=2, warmup_steps=2, renorm_start=3, norm_batch_size=2),
-    "none": {},
-    "frozen_bn": {},
+  "bn": {},
+  "syncbn": {},
+  "brn": dict(warmup_steps=1, ramp_steps=2),
+  "gn": dict(num_groups=2),
+  "ln": {},
+  "in": {},
+  "cbn": dict(burn_in=1, window=3),
+  "cbn_naive": dict(burn_in=1, window=3),
+  "mabn": dict(buffer_size=2, warmup_steps=2, renorm_start=3, norm_batch_size=2),
+  "none": {},
+  "frozen_bn": {},
 }
 REPLICAS = 2  # 'syncbn' runs under vmap with its axis 'batch' over 2 replicas
 
@@ -110,8 +114,11 @@ def _run(name, xs, ys):
 
 
 def _without_counter(stats):
-  flat = {k: v for k, v in jax.tree_util.tree_leaves_with_path(stats)
-          if "nonfinite_count" not in jax.tree_util.keystr(k)}
+  flat = {
+    k: v
+    for k, v in jax.tree_util.tree_leaves_with_path(stats)
+    if "nonfinite_count" not in jax.tree_util.keystr(k)
+  }
   return flat
 
 
@@ -146,13 +153,14 @@ def test_nan_batch_keeps_state_and_training_ends_as_if_it_was_skipped(name):
     final = jax.tree_util.tree_map(lambda a: a[0], final)
   counts = mj.nonfinite_counts(final)
   # Frozen BN computes no statistic, so it has nothing to skip.
-  expected = ({} if name in ("gn", "ln", "in", "none")
-              else {"block/norm": 0 if name == "frozen_bn" else 1})
+  expected = (
+    {} if name in ("gn", "ln", "in", "none") else {"block/norm": 0 if name == "frozen_bn" else 1}
+  )
   assert counts == expected
   assert int(np.max(with_nan[BAD_STEP][1].total_notfinite)) == 1
   # ... and the run continues to exactly where the clean run ends.
   _assert_same_state(with_nan[-1], clean[-1])
-  for a, b in zip(with_nan[BAD_STEP + 1:], clean[BAD_STEP:], strict=True):
+  for a, b in zip(with_nan[BAD_STEP + 1 :], clean[BAD_STEP:], strict=True):
     _assert_same_state(a, b)
 
 
@@ -181,10 +189,10 @@ def test_where_on_updates_is_an_equivalent_skip_recipe():
   def step(variables, opt_state, x, y):
     (loss, new_vars), grads = mj.value_and_grad(loss_fn)(variables, x, y)
     updates, new_opt = tx.update(grads, opt_state, variables["params"])
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g))
-                                for g in jax.tree_util.tree_leaves(grads)]))
-    keep = lambda new, old: jax.tree_util.tree_map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+    finite = jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+    )
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep(optax.apply_updates(variables["params"], updates), variables["params"])
     return {**new_vars, "params": params}, keep(new_opt, opt_state)
 
@@ -210,14 +218,16 @@ class Probe(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return mj.MABN(use_running_average=not train, buffer_size=2, warmup_steps=1,
-                   **dict(self.options))(x)
+    return mj.MABN(
+      use_running_average=not train, buffer_size=2, warmup_steps=1, **dict(self.options)
+    )(x)
 
 
 # Groups fit in the buffer here, so the check is the one of the tap's increment
 # itself (functional.mabn._stabilized_bwd); with the EMA the averages carry it.
-@pytest.mark.parametrize("options", [(), (("norm_batch_size", 2),),
-                                     (("moving_average", "ema"), ("norm_batch_size", 2))])
+@pytest.mark.parametrize(
+  "options", [(), (("norm_batch_size", 2),), (("moving_average", "ema"), ("norm_batch_size", 2))]
+)
 def test_nan_gradient_with_finite_forward_never_reaches_psi_buffer(options):
   model = Probe(options)
   x = jax.random.normal(jax.random.key(3), (4, C))
@@ -229,6 +239,7 @@ def test_nan_gradient_with_finite_forward_never_reaches_psi_buffer(options):
     def loss_fn(v):
       y, mutated = model.apply(v, x, train=True, mutable=["batch_stats"])
       return jnp.sum(y * gy), mutated
+
     return mj.value_and_grad(loss_fn)(variables)
 
   for _ in range(3):  # fill the buffers: the SMA phase
@@ -245,19 +256,21 @@ def test_nan_gradient_with_finite_forward_never_reaches_psi_buffer(options):
   assert not np.array_equal(after["chi_buffer"], before["chi_buffer"])
   # A finite gradient does move psi_buffer (the check above is not vacuous).
   (_, normal), _ = step(variables, x, gy)
-  assert not np.array_equal(normal["batch_stats"]["MABN_0"]["psi_buffer"],
-                            before["psi_buffer"])
+  assert not np.array_equal(normal["batch_stats"]["MABN_0"]["psi_buffer"], before["psi_buffer"])
 
 
 # The layers test only the new chi_ema for finiteness (mabn.newest_entries):
 # every group's chi_B must reach it, whatever the averaging.
-@pytest.mark.parametrize("options", [
+@pytest.mark.parametrize(
+  "options",
+  [
     (),
     (("moving_average", "ema"),),
     (("average_forward", False),),
     (("average_forward", False), ("average_backward", False)),
     (("norm_batch_size", 2),),  # 2 groups of 2: both stay in the buffers
-])
+  ],
+)
 def test_nonfinite_group_pushed_out_of_the_buffer_still_keeps_psi_buffer(options):
   # 4 groups of 1 sample, 2 buffer rows: group 0's NaN statistics leave the
   # buffers in the same step, yet neither chi nor psi state may move.
@@ -274,8 +287,7 @@ def test_nonfinite_group_pushed_out_of_the_buffer_still_keeps_psi_buffer(options
   before = variables["batch_stats"]["MABN_0"]
   x = 2.0 * x + 1.0  # a new batch: its Psi_B rows differ from the buffered ones
   (_, normal), _ = step(variables, x)
-  assert not np.array_equal(normal["batch_stats"]["MABN_0"]["psi_buffer"],
-                            before["psi_buffer"])
+  assert not np.array_equal(normal["batch_stats"]["MABN_0"]["psi_buffer"], before["psi_buffer"])
   (_, after), _ = step(variables, x.at[0, 0].set(jnp.nan))
   after = after["batch_stats"]["MABN_0"]
   assert int(after["nonfinite_count"]) == 1

@@ -73,24 +73,27 @@ def _reference(variables, batches, kind, groups):
 def _randomize(variables, key):
   """Non-trivial scale/bias so the second layer's input depends on them."""
   params = jax.tree_util.tree_map_with_path(
-      lambda path, a: a + 0.3 * jax.random.normal(
-          jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % 1000), a.shape
-      ) if path[-1].key in ("scale", "bias") else a,
-      variables["params"],
+    lambda path, a: (
+      a
+      + 0.3
+      * jax.random.normal(jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % 1000), a.shape)
+      if path[-1].key in ("scale", "bias")
+      else a
+    ),
+    variables["params"],
   )
   return {**variables, "params": params}
 
 
 @pytest.mark.parametrize(
-    "kind,norm_batch_size",
-    [("flax_bn", None), ("bn", None), ("bn", 2), ("mabn", None), ("mabn", 2)],
+  "kind,norm_batch_size",
+  [("flax_bn", None), ("bn", None), ("bn", 2), ("mabn", None), ("mabn", 2)],
 )
 def test_recomputed_statistics_equal_numpy_over_batches(kind, norm_batch_size):
   model = TwoLayer(kind, norm_batch_size)
   key = jax.random.key(0)
   batches = [
-      1.5 * jax.random.normal(jax.random.fold_in(key, i), (4, 3, 3, 5)) + 0.5
-      for i in range(3)
+    1.5 * jax.random.normal(jax.random.fold_in(key, i), (4, 3, 3, 5)) + 0.5 for i in range(3)
   ]
   variables = _randomize(model.init(jax.random.key(1), batches[0], train=False), key)
   groups = 1 if norm_batch_size is None else 4 // norm_batch_size
@@ -102,8 +105,9 @@ def test_recomputed_statistics_equal_numpy_over_batches(kind, norm_batch_size):
     if kind == "mabn":
       np.testing.assert_allclose(stats["chi_ema"], second, rtol=2e-5, atol=1e-6)
       # Buffers and step untouched.
-      np.testing.assert_array_equal(stats["chi_buffer"],
-                                    variables["batch_stats"][name]["chi_buffer"])
+      np.testing.assert_array_equal(
+        stats["chi_buffer"], variables["batch_stats"][name]["chi_buffer"]
+      )
       assert int(stats["step"]) == int(variables["batch_stats"][name]["step"])
     else:
       np.testing.assert_allclose(stats["mean"], mean, rtol=2e-5, atol=1e-6)
@@ -111,7 +115,7 @@ def test_recomputed_statistics_equal_numpy_over_batches(kind, norm_batch_size):
   # The EMA values really changed and params did not.
   key_stat = "chi_ema" if kind == "mabn" else "var"
   assert not np.allclose(
-      new["batch_stats"]["norm2"][key_stat], variables["batch_stats"]["norm2"][key_stat]
+    new["batch_stats"]["norm2"][key_stat], variables["batch_stats"]["norm2"][key_stat]
   )
   jax.tree.map(np.testing.assert_array_equal, new["params"], variables["params"])
 
@@ -134,11 +138,11 @@ class RegistryTwoLayer(nn.Module):
 
 
 REGISTRY = [
-    ("bn", {"norm_batch_size": 2}, "bn"),
-    ("brn", {"r_max": 1.0, "d_max": 0.0}, "bn"),  # BRN at (1, 0) normalizes as BN
-    ("cbn", {}, "bn"),  # fresh state: burn-in steps are plain BN
-    ("cbn_naive", {"norm_batch_size": 2}, "bn"),
-    ("mabn", {"norm_batch_size": 2}, "mabn"),  # centred kernels, warmup statistics
+  ("bn", {"norm_batch_size": 2}, "bn"),
+  ("brn", {"r_max": 1.0, "d_max": 0.0}, "bn"),  # BRN at (1, 0) normalizes as BN
+  ("cbn", {}, "bn"),  # fresh state: burn-in steps are plain BN
+  ("cbn_naive", {"norm_batch_size": 2}, "bn"),
+  ("mabn", {"norm_batch_size": 2}, "mabn"),  # centred kernels, warmup statistics
 ]
 
 
@@ -147,18 +151,20 @@ def test_recomputed_statistics_of_registry_models_equal_numpy(name, kwargs, kind
   normalizer = mj.make_normalizer(name, epsilon=EPS, **kwargs)
   model = RegistryTwoLayer(normalizer)
   key = jax.random.key(3)
-  batches = [
-      jax.random.normal(jax.random.fold_in(key, i), (4, 3, 3, 5)) - 0.4 for i in range(2)
-  ]
+  batches = [jax.random.normal(jax.random.fold_in(key, i), (4, 3, 3, 5)) - 0.4 for i in range(2)]
   variables = _randomize(model.init(jax.random.key(1), batches[0], train=False), key)
   new = mj.recompute_batch_stats(model.apply, variables, batches, train=True)
   # Rewrite the registry layout as the plain one the reference reads.
   p = variables["params"]
   centre = mj.functional.centering.center_kernel if normalizer.centered else (lambda k: k)
-  plain = {"params": {
-      "conv1": {"kernel": centre(p["c1"]["conv"]["kernel"])}, "norm1": p["c1"]["norm"],
-      "conv2": {"kernel": centre(p["c2"]["conv"]["kernel"])}, "norm2": p["c2"]["norm"],
-  }}
+  plain = {
+    "params": {
+      "conv1": {"kernel": centre(p["c1"]["conv"]["kernel"])},
+      "norm1": p["c1"]["norm"],
+      "conv2": {"kernel": centre(p["c2"]["conv"]["kernel"])},
+      "norm2": p["c2"]["norm"],
+    }
+  }
   groups = 4 // kwargs.get("norm_batch_size", 4)
   ref = _reference(plain, batches, kind, groups)
   for layer, ref_name in (("c1", "norm1"), ("c2", "norm2")):

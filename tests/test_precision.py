@@ -35,14 +35,17 @@ LOSS_RTOL = 1e-1
 MOMENT_RTOL = 1e-4
 
 KWARGS = {
-    "bn": dict(norm_batch_size=2), "syncbn": {},
-    "brn": dict(norm_batch_size=2, warmup_steps=5, ramp_steps=10),
-    "gn": dict(num_groups=2), "ln": {}, "in": {},
-    "cbn": dict(burn_in=5, window=3, norm_batch_size=4),
-    "cbn_naive": dict(burn_in=2, window=3),
-    "mabn": dict(buffer_size=4, warmup_steps=5, renorm_start=10, norm_batch_size=2),
-    "none": {},
-    "frozen_bn": {},
+  "bn": dict(norm_batch_size=2),
+  "syncbn": {},
+  "brn": dict(norm_batch_size=2, warmup_steps=5, ramp_steps=10),
+  "gn": dict(num_groups=2),
+  "ln": {},
+  "in": {},
+  "cbn": dict(burn_in=5, window=3, norm_batch_size=4),
+  "cbn_naive": dict(burn_in=2, window=3),
+  "mabn": dict(buffer_size=4, warmup_steps=5, renorm_start=10, norm_batch_size=2),
+  "none": {},
+  "frozen_bn": {},
 }
 
 
@@ -72,8 +75,7 @@ def _trainer(name, dtype):
     return jnp.mean(jnp.square(out.astype(jnp.float32) - y)), (mutated, out)
 
   def step(variables, opt_state, x, y):
-    ((loss, out), variables), grads = mj.value_and_grad(loss_fn, has_aux=True)(
-        variables, x, y)
+    ((loss, out), variables), grads = mj.value_and_grad(loss_fn, has_aux=True)(variables, x, y)
     if name == "syncbn":
       grads = jax.lax.pmean(grads, "batch")
     updates, opt_state = tx.update(grads, opt_state, variables["params"])
@@ -82,8 +84,10 @@ def _trainer(name, dtype):
 
   if name == "syncbn":  # a single replica on its mapped axis 'batch'
     mapped = jax.vmap(step, axis_name="batch")
-    add, drop = (lambda t: jax.tree_util.tree_map(lambda a: a[None], t),
-                 lambda t: jax.tree_util.tree_map(lambda a: a[0], t))
+    add, drop = (
+      lambda t: jax.tree_util.tree_map(lambda a: a[None], t),
+      lambda t: jax.tree_util.tree_map(lambda a: a[0], t),
+    )
     step = lambda v, o, x, y: drop(mapped(add(v), add(o), add(x), add(y)))
   return model, tx, jax.jit(step)
 
@@ -129,8 +133,10 @@ def test_half_precision_activations_with_float32_params_and_statistics(name, dty
   assert out_block.dtype == expected
   assert outs[-1].dtype == dtype
   assert all(bool(jnp.all(jnp.isfinite(o.astype(jnp.float32)))) for o in outs)
-  assert all(bool(jnp.all(jnp.isfinite(leaf)))
-             for leaf in jax.tree_util.tree_leaves(variables.get("batch_stats", {})))
+  assert all(
+    bool(jnp.all(jnp.isfinite(leaf)))
+    for leaf in jax.tree_util.tree_leaves(variables.get("batch_stats", {}))
+  )
 
 
 @pytest.mark.parametrize("name", ["mabn", "bn", "brn", "cbn"])
@@ -154,7 +160,7 @@ def test_bf16_training_for_50_steps_stays_within_tolerance_of_float32(name):
       scale = np.abs(a).max()
       for offset, stat in (("'mu_offset'", "'mu_buffer'"), ("'nu_offset'", "'nu_buffer'")):
         if where.endswith(f"[{offset}]"):
-          scale = max(scale, np.abs(by_path[where[:-len(offset) - 2] + f"[{stat}]"]).max())
+          scale = max(scale, np.abs(by_path[where[: -len(offset) - 2] + f"[{stat}]"]).max())
       assert np.abs(a - b).max() <= STATE_RTOL * scale + 1e-6, where
   assert abs(low_loss - ref_loss) <= LOSS_RTOL * ref_loss
 
@@ -165,25 +171,31 @@ def test_bf16_training_for_50_steps_stays_within_tolerance_of_float32(name):
 def _cbn_identity(x):
   """A 1x1 CBN whose conv is the identity, so its statistics are x's."""
   return mj.CrossIterationConvNorm(
-      features=x.shape[-1], kernel_size=(1, 1), burn_in=5, momentum=0.0,
-      dtype=x.dtype, kernel_init=lambda key, shape, dtype: jnp.eye(
-          shape[-1], dtype=dtype).reshape(shape))
+    features=x.shape[-1],
+    kernel_size=(1, 1),
+    burn_in=5,
+    momentum=0.0,
+    dtype=x.dtype,
+    kernel_init=lambda key, shape, dtype: jnp.eye(shape[-1], dtype=dtype).reshape(shape),
+  )
 
 
 LAYERS = {
-    "MABN": lambda x: mj.MABN(momentum=0.0, warmup_steps=5, buffer_size=2, dtype=x.dtype),
-    "BatchNorm": lambda x: mj.BatchNorm(momentum=0.0, dtype=x.dtype),
-    "BatchRenorm": lambda x: mj.BatchRenorm(momentum=0.0, dtype=x.dtype),
-    "CBN": _cbn_identity,
+  "MABN": lambda x: mj.MABN(momentum=0.0, warmup_steps=5, buffer_size=2, dtype=x.dtype),
+  "BatchNorm": lambda x: mj.BatchNorm(momentum=0.0, dtype=x.dtype),
+  "BatchRenorm": lambda x: mj.BatchRenorm(momentum=0.0, dtype=x.dtype),
+  "CBN": _cbn_identity,
 }
 
 
 @pytest.mark.parametrize("magnitude", [1e4, 1e-4])
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32],
-                         ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize(
+  "dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["f16", "bf16", "f32"]
+)
 @pytest.mark.parametrize("kind", LAYERS)
 def test_large_and_tiny_inputs_do_not_overflow_or_underflow_the_second_moment(
-    kind, dtype, magnitude):
+  kind, dtype, magnitude
+):
   rng = np.random.default_rng(5)
   raw = np.clip(rng.normal(size=(4, 3, 3, 4)), -3, 3) * magnitude
   x = jnp.asarray(raw, dtype)
@@ -191,12 +203,11 @@ def test_large_and_tiny_inputs_do_not_overflow_or_underflow_the_second_moment(
   layer = LAYERS[kind](x)
   variables = layer.init(jax.random.key(0), x, use_running_average=False)
   out, mutated = jax.jit(
-      lambda v, x: layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    lambda v, x: layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
   )(variables, x)
   stats = mutated["batch_stats"]
   stats = stats.get("norm", stats)
-  assert all(leaf.dtype in (jnp.float32, jnp.int32)
-             for leaf in jax.tree_util.tree_leaves(stats))
+  assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree_util.tree_leaves(stats))
   axes = (0, 1, 2)
   if kind == "MABN":
     stored = stats["chi_buffer"][-1]
@@ -205,8 +216,12 @@ def test_large_and_tiny_inputs_do_not_overflow_or_underflow_the_second_moment(
   else:
     stored = stats["var"]
     expected = np.var(x64, axis=axes)
-    np.testing.assert_allclose(stats["mean"], np.mean(x64, axis=axes),
-                               rtol=MOMENT_RTOL, atol=MOMENT_RTOL * np.sqrt(expected).max())
+    np.testing.assert_allclose(
+      stats["mean"],
+      np.mean(x64, axis=axes),
+      rtol=MOMENT_RTOL,
+      atol=MOMENT_RTOL * np.sqrt(expected).max(),
+    )
     normalized = (x64 - np.mean(x64, axis=axes)) / np.sqrt(expected + 1e-5)
   assert np.all(np.isfinite(np.asarray(stored))) and np.all(np.asarray(stored) > 0)
   np.testing.assert_allclose(np.asarray(stored, np.float64), expected, rtol=MOMENT_RTOL)

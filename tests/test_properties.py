@@ -31,8 +31,9 @@ import mabn_jax as mj
 from mabn_jax.fold import affine_of_normalizer, fold_conv
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+  max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _tol(dtype):
@@ -58,27 +59,37 @@ def layer_cases(draw):
   out_dtype = draw(st.sampled_from([None, in_dtype]))
   momentum = draw(st.sampled_from([0.0, 0.5, 0.9]))
   steps = draw(st.integers(1, 4))
-  common = dict(momentum=momentum, norm_batch_size=group_size if use_groups else None,
-                dtype=out_dtype)
+  common = dict(
+    momentum=momentum, norm_batch_size=group_size if use_groups else None, dtype=out_dtype
+  )
   rank = len(spatial) + 2
   if kind == "CBN":
     kernel = tuple(draw(st.integers(1, 3)) for _ in spatial)
     layer = mj.CrossIterationConvNorm(
-        features=draw(st.integers(1, 4)), kernel_size=kernel,
-        window=draw(st.integers(1, 3)), burn_in=draw(st.integers(0, 2)),
-        centered=draw(st.booleans()), **common)
+      features=draw(st.integers(1, 4)),
+      kernel_size=kernel,
+      window=draw(st.integers(1, 3)),
+      burn_in=draw(st.integers(0, 2)),
+      centered=draw(st.booleans()),
+      **common,
+    )
   else:
     axis = draw(st.sampled_from([-1] + list(range(1, rank - 1))))
     common["axis"] = axis
     if kind == "MABN":
-      layer = mj.MABN(buffer_size=draw(st.integers(1, 3)), warmup_steps=draw(st.integers(0, 3)),
-                      renorm_start=draw(st.integers(0, 3)), r_max=draw(st.sampled_from([1.0, 2.0])),
-                      **common)
+      layer = mj.MABN(
+        buffer_size=draw(st.integers(1, 3)),
+        warmup_steps=draw(st.integers(0, 3)),
+        renorm_start=draw(st.integers(0, 3)),
+        r_max=draw(st.sampled_from([1.0, 2.0])),
+        **common,
+      )
     elif kind == "BatchNorm":
       layer = mj.BatchNorm(**common)
     else:
-      layer = mj.BatchRenorm(warmup_steps=draw(st.integers(0, 2)),
-                             ramp_steps=draw(st.integers(0, 2)), **common)
+      layer = mj.BatchRenorm(
+        warmup_steps=draw(st.integers(0, 2)), ramp_steps=draw(st.integers(0, 2)), **common
+      )
   shape = (groups * group_size,) + spatial + (channels,)
   return kind, layer, shape, in_dtype, steps, draw(st.integers(0, 2**16))
 
@@ -91,6 +102,7 @@ def _train_fn(layer):
   def step(variables, x, gy):
     ((_, y), variables), grads = mj.value_and_grad(loss_fn, has_aux=True)(variables, x, gy)
     return y, variables, grads
+
   return step
 
 
@@ -98,8 +110,9 @@ def _randomize_params(params, key):
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(key, len(leaves))
   return jax.tree_util.tree_unflatten(
-      tree, [p + 0.3 * jax.random.normal(k, p.shape, p.dtype)
-             for p, k in zip(leaves, keys, strict=True)])
+    tree,
+    [p + 0.3 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys, strict=True)],
+  )
 
 
 @SETTINGS
@@ -122,8 +135,11 @@ def test_layer_invariants(case):
       y_eager, new_eager, grads_eager = step(variables, xt, gy)
       tol = _tol(y_jit.dtype)
       _close(y_jit, y_eager, tol, "output")
-      for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((new_jit, grads_jit)),
-                              jax.tree_util.tree_leaves((new_eager, grads_eager)), strict=True):
+      for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path((new_jit, grads_jit)),
+        jax.tree_util.tree_leaves((new_eager, grads_eager)),
+        strict=True,
+      ):
         _close(a, b, max(tol, 1e-4), jax.tree_util.keystr(path))
     variables = new_jit
 
@@ -139,20 +155,27 @@ def test_layer_invariants(case):
     assert leaf.dtype in (jnp.float32, jnp.int32), jax.tree_util.keystr(path)
     assert bool(jnp.all(jnp.isfinite(leaf))), jax.tree_util.keystr(path)
   assert mj.nonfinite_counts(variables) == {"": 0} or all(
-      v == 0 for v in mj.nonfinite_counts(variables).values())
+    v == 0 for v in mj.nonfinite_counts(variables).values()
+  )
 
   # Inference equals the folded affine map.
   y_inf = jax.jit(lambda v, x: layer.apply(v, x, use_running_average=True))(variables, x)
   assert y_inf.dtype == expected_dtype
   x64 = np.asarray(x, np.float64)
   if kind == "CBN":
-    folded = fold_conv(variables["params"]["conv"], variables["params"]["norm"],
-                       variables["batch_stats"]["norm"], layer.epsilon, layer.centered)
+    folded = fold_conv(
+      variables["params"]["conv"],
+      variables["params"]["norm"],
+      variables["batch_stats"]["norm"],
+      layer.epsilon,
+      layer.centered,
+    )
     conv = nn.Conv(layer.features, layer.kernel_size, padding=layer.padding, use_bias=True)
     expected = conv.apply({"params": folded}, jnp.asarray(x, jnp.float32))
   else:
-    scale, shift = affine_of_normalizer(variables["params"], variables["batch_stats"],
-                                        layer.epsilon)
+    scale, shift = affine_of_normalizer(
+      variables["params"], variables["batch_stats"], layer.epsilon
+    )
     axis = layer.axis % len(shape)
     bshape = [1] * len(shape)
     bshape[axis] = shape[axis]
@@ -179,8 +202,9 @@ class Block(nn.Module):
     return self.normalizer.conv_norm(self.features, 3, name="block")(x, train=train)
 
 
-REGISTRY_SETTINGS = settings(max_examples=1, deadline=None, derandomize=True,
-                             suppress_health_check=[HealthCheck.too_slow])
+REGISTRY_SETTINGS = settings(
+  max_examples=1, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 GROUPED = ("bn", "brn", "mabn", "cbn", "cbn_naive")
 
 
@@ -225,10 +249,11 @@ def test_registry_entry_invariants(name, case):
   # Half-precision conv gradients depend on the summation order (jit fuses
   # differently), so gradients are compared in float32 only.
   compared = (v_jit, g_jit) if dtype == jnp.float32 else v_jit
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(compared),
-                          jax.tree_util.tree_leaves(
-                              (v_eager, g_eager) if dtype == jnp.float32 else v_eager),
-                          strict=True):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(compared),
+    jax.tree_util.tree_leaves((v_eager, g_eager) if dtype == jnp.float32 else v_eager),
+    strict=True,
+  ):
     _close(a, b, max(tol, 1e-4), jax.tree_util.keystr(path))
 
   assert y_jit.shape == shape[:-1] + (features,)

@@ -13,7 +13,7 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 def _example(heading: str) -> str:
   """The first python block after ``heading``."""
   text = README.read_text()
-  section = text[text.index(heading):]
+  section = text[text.index(heading) :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -25,7 +25,7 @@ def _run(code: str) -> dict:
 
 def test_readme_linen_example_runs_and_feeds_the_backward_statistic():
   code = _example("## Usage")
-  assert "mj.value_and_grad" in code and "mutable=[\"batch_stats\"]" in code
+  assert "mj.value_and_grad" in code and 'mutable=["batch_stats"]' in code
   namespace = _run(code)
   stats = namespace["variables"]["batch_stats"]["MABN_0"]
   assert int(stats["step"]) == 1

@@ -25,8 +25,14 @@ class Net(nn.Module):
       return nn.BatchNorm(use_running_average=not train, epsilon=EPS, name=name)(x)
     if self.kind == "bn":
       return mj.BatchNorm(use_running_average=not train, norm_batch_size=NB, name=name)(x)
-    return mj.MABN(use_running_average=not train, norm_batch_size=NB, buffer_size=3,
-                   warmup_steps=2, renorm_start=1000, name=name)(x)
+    return mj.MABN(
+      use_running_average=not train,
+      norm_batch_size=NB,
+      buffer_size=3,
+      warmup_steps=2,
+      renorm_start=1000,
+      name=name,
+    )(x)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -159,5 +165,6 @@ def test_recorded_mabn_moving_averages_equal_direct_computation():
     y0 = (xhat * gamma + beta).reshape(xs[t].shape)
     g_y = _output_grad(variables, "mabn", y0, ys[t])
     g = (g_y * gamma).reshape(x.shape)
-    np.testing.assert_allclose(rec["psi_batch"], (xhat * g).mean(axis=(1, 2, 3)),
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+      rec["psi_batch"], (xhat * g).mean(axis=(1, 2, 3)), rtol=1e-4, atol=1e-7
+    )

@@ -12,12 +12,15 @@ import pytest
 import mabn_jax as mj
 from mabn_jax.functional.centering import center_kernel
 
-NAMES = ("bn", "syncbn", "brn", "gn", "ln", "in", "cbn", "cbn_naive", "mabn", "frozen_bn",
-         "none")
+NAMES = ("bn", "syncbn", "brn", "gn", "ln", "in", "cbn", "cbn_naive", "mabn", "frozen_bn", "none")
 # Small settings so every entry runs on a 4-channel map.
-KWARGS = {"gn": dict(num_groups=2), "brn": dict(warmup_steps=0, ramp_steps=1),
-          "cbn": dict(window=2, burn_in=1), "cbn_naive": dict(window=2, burn_in=1),
-          "mabn": dict(buffer_size=1, warmup_steps=0)}  # Step 2 leaves warmup.
+KWARGS = {
+  "gn": dict(num_groups=2),
+  "brn": dict(warmup_steps=0, ramp_steps=1),
+  "cbn": dict(window=2, burn_in=1),
+  "cbn_naive": dict(window=2, burn_in=1),
+  "mabn": dict(buffer_size=1, warmup_steps=0),
+}  # Step 2 leaves warmup.
 STATEFUL = ("bn", "syncbn", "brn", "cbn", "cbn_naive", "mabn")
 
 
@@ -81,8 +84,13 @@ def test_every_name_builds_trains_and_evaluates_with_the_agreed_layout(name):
     stats = variables["batch_stats"]["conv1"]["norm"]
     assert "nonfinite_count" in stats
     # Training moved the running statistics away from their initial values.
-    moved = [k for k in stats if k in ("mean", "var", "chi_ema")
-             and not np.allclose(stats[k], 0.0) and not np.allclose(stats[k], 1.0)]
+    moved = [
+      k
+      for k in stats
+      if k in ("mean", "var", "chi_ema")
+      and not np.allclose(stats[k], 0.0)
+      and not np.allclose(stats[k], 1.0)
+    ]
     assert moved, stats.keys()
     # Eval uses running statistics: it differs from the training output.
     assert not np.allclose(y_train, y_eval, atol=1e-3)
@@ -104,8 +112,11 @@ def test_bn_entry_equals_flax_conv_and_mj_batchnorm():
   params = variables["params"]
   z = nn.Conv(4, (3, 3), use_bias=False).apply({"params": params["conv"]}, x)
   y_ref, stats_ref = mj.BatchNorm(momentum=0.9).apply(
-      {"params": params["norm"], "batch_stats": variables["batch_stats"]["norm"]},
-      z, use_running_average=False, mutable=["batch_stats"])
+    {"params": params["norm"], "batch_stats": variables["batch_stats"]["norm"]},
+    z,
+    use_running_average=False,
+    mutable=["batch_stats"],
+  )
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(updates["batch_stats"]["norm"], stats_ref["batch_stats"])
 
@@ -119,8 +130,10 @@ def test_mabn_conv_is_centered_and_stores_raw_kernel():
   z = nn.Conv(4, (3, 3), use_bias=False).apply({"params": {"kernel": center_kernel(kernel)}}, x)
   y = block.apply(variables, x, train=False)
   y_ref = mj.MABN().apply(
-      {"params": variables["params"]["norm"], "batch_stats": variables["batch_stats"]["norm"]},
-      z, use_running_average=True)
+    {"params": variables["params"]["norm"], "batch_stats": variables["batch_stats"]["norm"]},
+    z,
+    use_running_average=True,
+  )
   np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
   assert mj.make_normalizer("bn", centered=True).centered
   assert not mj.make_normalizer("bn").centered
@@ -133,13 +146,15 @@ def test_syncbn_under_pmap_equals_bn_on_the_concatenated_batch():
   plain = mj.make_normalizer("bn").conv_norm(4, (3, 3), name="c")
   variables = plain.init(jax.random.key(0), x, train=True)
   y_p, s_p = jax.pmap(
-      lambda x: sync.apply(variables, x, train=True, mutable=["batch_stats"]),
-      axis_name="batch", devices=jax.devices()[:devices],
+    lambda x: sync.apply(variables, x, train=True, mutable=["batch_stats"]),
+    axis_name="batch",
+    devices=jax.devices()[:devices],
   )(x.reshape((devices, 2) + x.shape[1:]))
   y_1, s_1 = plain.apply(variables, x, train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(y_p.reshape(y_1.shape), y_1, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(s_p["batch_stats"]["norm"]["var"][0],
-                             s_1["batch_stats"]["norm"]["var"], rtol=1e-5)
+  np.testing.assert_allclose(
+    s_p["batch_stats"]["norm"]["var"][0], s_1["batch_stats"]["norm"]["var"], rtol=1e-5
+  )
 
 
 def test_norm_puts_variables_directly_under_its_name_and_dense_norm_works():
@@ -172,17 +187,21 @@ def test_unknown_name_lists_valid_names():
   assert mj.normalizer_names() == NAMES
 
 
-@pytest.mark.parametrize("name, bad, expected", [
+@pytest.mark.parametrize(
+  "name, bad, expected",
+  [
     ("bn", "buffer_size", "norm_batch_size"),
     ("brn", "renorm_start", "d_max"),
     ("mabn", "d_max", "buffer_size"),
     ("gn", "momentum", "num_groups"),
     ("none", "momentum", "centered"),
     ("cbn", "buffer_size", "window"),
-])
+  ],
+)
 def test_wrong_kwarg_lists_valid_ones(name, bad, expected):
-  with pytest.raises(ValueError,
-                     match=rf"unknown keyword argument\(s\) {bad}; valid ones: .*{expected}"):
+  with pytest.raises(
+    ValueError, match=rf"unknown keyword argument\(s\) {bad}; valid ones: .*{expected}"
+  ):
     mj.make_normalizer(name, **{bad: 1})
 
 
@@ -206,7 +225,9 @@ def test_state_layout_is_the_same_whichever_mode_initialized_it(name):
   norm = mj.make_normalizer(name)
   block = norm.conv_norm(features=4, kernel_size=(3, 3), name="block")
   x = jnp.ones((2, 5, 5, 3))
-  shapes = [jax.tree_util.tree_map(jnp.shape, block.init(jax.random.key(0), x, train=train))
-            for train in (True, False)]
+  shapes = [
+    jax.tree_util.tree_map(jnp.shape, block.init(jax.random.key(0), x, train=train))
+    for train in (True, False)
+  ]
   assert shapes[0] == shapes[1]
   assert "nonfinite_count" in shapes[0]["batch_stats"]["norm"]

@@ -38,6 +38,7 @@ def _step(model, axis):
   The params are replicated, so their gradient is already reduced over the
   devices (shard_map transposes the implicit broadcast into a ``psum``).
   """
+
   def loss_fn(variables, x, y):
     out, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     loss = jnp.mean(jnp.square(out - y))
@@ -60,8 +61,11 @@ def _data(steps=3):
 
 def _replicated_shard_map(model):
   mesh = jax.make_mesh((DEVICES,), ("batch",))
-  step = jax.jit(jax.shard_map(_step(model, "batch"), mesh=mesh,
-                               in_specs=(P(), P("batch"), P("batch")), out_specs=P()))
+  step = jax.jit(
+    jax.shard_map(
+      _step(model, "batch"), mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P()
+    )
+  )
   split = lambda a: jax.device_put(a, NamedSharding(mesh, P("batch")))
   return step, split, lambda t: jax.device_put(t, NamedSharding(mesh, P()))
 
@@ -91,18 +95,19 @@ def test_synchronized_mabn_with_replicated_state_equals_one_device_on_the_whole_
   norm_a, norm_b = a["batch_stats"]["block"]["norm"], b["batch_stats"]["block"]["norm"]
   assert int(norm_a["step"]) == int(norm_b["step"]) == 3
   for name in ("chi_ema", "chi_buffer", "psi_buffer"):
-    np.testing.assert_allclose(norm_a[name], norm_b[name], rtol=1e-4, atol=1e-6,
-                               err_msg=name)
-  for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(a["params"]),
-                          jax.tree_util.tree_leaves(b["params"]), strict=True):
+    np.testing.assert_allclose(norm_a[name], norm_b[name], rtol=1e-4, atol=1e-6, err_msg=name)
+  for (path, p), q in zip(
+    jax.tree_util.tree_leaves_with_path(a["params"]),
+    jax.tree_util.tree_leaves(b["params"]),
+    strict=True,
+  ):
     np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_mabn_under_jit_with_a_batch_sharded_over_an_explicit_mesh_axis():
   # Over an explicit axis the batch's type is sharded, which the weight-centred
   # conv must not slice (it once failed with a ShardingTypeError).
-  mesh = jax.make_mesh((DEVICES,), ("batch",),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
+  mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
   model = Net(mj.make_normalizer("mabn", **MABN))
   variables = model.init(jax.random.key(0), jnp.zeros((2, 6, 6, 3)), train=True)
   replicated = NamedSharding(mesh, P())
@@ -112,6 +117,7 @@ def test_mabn_under_jit_with_a_batch_sharded_over_an_explicit_mesh_axis():
   for x, y in zip(*_data(), strict=True):
     a = sharded_step(a, *(jax.device_put(v, NamedSharding(mesh, P("batch"))) for v in (x, y)))
     b = one(b, x, y)
-  for (path, p), q in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
-                          strict=True):
+  for (path, p), q in zip(
+    jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
+  ):
     np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

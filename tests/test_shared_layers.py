@@ -27,8 +27,7 @@ class Twice(nn.Module):
   @nn.compact
   def __call__(self, x1, x2, train: bool):
     layer = self.layer  # a module field: the child 'layer'
-    return (layer(x1, use_running_average=not train),
-            layer(x2, use_running_average=not train))
+    return (layer(x1, use_running_average=not train), layer(x2, use_running_average=not train))
 
 
 class Once(nn.Module):
@@ -80,8 +79,7 @@ def test_batch_norm_called_twice_equals_two_sequential_steps():
 
 def test_batch_renorm_called_twice_equals_two_sequential_steps():
   # The ramp starts at once so that r and d differ from (1, 0) in both steps.
-  layer = mj.BatchRenorm(warmup_steps=0, ramp_steps=0, r_max=1.2, d_max=0.1,
-                         momentum=0.5)
+  layer = mj.BatchRenorm(warmup_steps=0, ramp_steps=0, r_max=1.2, d_max=0.1, momentum=0.5)
   shared = _compare_with_sequential_steps(layer, (4, 3))
   assert int(shared["batch_stats"]["layer"]["step"]) == 2
 
@@ -96,9 +94,15 @@ def test_cross_iteration_conv_norm_called_twice_equals_two_sequential_steps():
 
 def _mabn_step(model, variables, *inputs, method=None):
   def loss(v):
-    out, mutated = model.apply(v, *inputs, train=True, mutable=["batch_stats"],
-                               **({} if method is None else {"method": method}))
+    out, mutated = model.apply(
+      v,
+      *inputs,
+      train=True,
+      mutable=["batch_stats"],
+      **({} if method is None else {"method": method}),
+    )
     return sum(jnp.sum(y) for y in jax.tree.leaves(out)), mutated
+
   return jax.jit(mj.value_and_grad(loss))(variables)
 
 
@@ -133,8 +137,7 @@ def test_mabn_model_applied_twice_in_one_step_raises():
   layer = mj.MABN(buffer_size=2, warmup_steps=0)
   variables = Once(layer).init(jax.random.key(0), x, train=True)
   with pytest.raises(ValueError, match=SECOND_CALL.format("layer")):
-    _mabn_step(Once(layer), variables, x,
-               method=lambda m, x, train: (m(x, train), m(2 * x, train)))
+    _mabn_step(Once(layer), variables, x, method=lambda m, x, train: (m(x, train), m(2 * x, train)))
 
 
 def test_mabn_called_once_per_step_over_several_steps_is_fine():
@@ -155,6 +158,5 @@ def test_mabn_forward_only_calls_twice_are_two_steps():
   variables = Once(layer).init(jax.random.key(0), x1, train=True)
   (y1, y2), shared = Twice(layer).apply(variables, x1, x2, train=True, mutable=["batch_stats"])
   s1, first = Once(layer).apply(variables, x1, train=True, mutable=["batch_stats"])
-  s2, second = Once(layer).apply({**variables, **first}, x2, train=True,
-                                 mutable=["batch_stats"])
+  s2, second = Once(layer).apply({**variables, **first}, x2, train=True, mutable=["batch_stats"])
   chex.assert_trees_all_equal((y1, y2, shared), (s1, s2, second))

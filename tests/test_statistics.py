@@ -17,17 +17,17 @@ def test_window_means_average_the_m_most_recent_values_including_each_row(groups
   rows = rng.normal(size=(groups, 3))
   got = st.window_means(jnp.asarray(buffer, jnp.float32), jnp.asarray(rows, jnp.float32))
   sequence = np.concatenate([buffer, rows])
-  expected = np.stack([sequence[j + 1:j + 5].mean(0) for j in range(groups)])
+  expected = np.stack([sequence[j + 1 : j + 5].mean(0) for j in range(groups)])
   assert got.shape == (groups, 3)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_push_keeps_the_newest_rows_last():
   buffer = jnp.arange(6.0).reshape(3, 2)
-  np.testing.assert_array_equal(st.push(buffer, jnp.full((1, 2), 9.0)),
-                                [[2, 3], [4, 5], [9, 9]])
-  np.testing.assert_array_equal(st.push(buffer, jnp.arange(8.0).reshape(4, 2) + 10),
-                                [[12, 13], [14, 15], [16, 17]])
+  np.testing.assert_array_equal(st.push(buffer, jnp.full((1, 2), 9.0)), [[2, 3], [4, 5], [9, 9]])
+  np.testing.assert_array_equal(
+    st.push(buffer, jnp.arange(8.0).reshape(4, 2) + 10), [[12, 13], [14, 15], [16, 17]]
+  )
 
 
 def test_group_mean_reduces_each_group_of_consecutive_samples():
@@ -91,8 +91,9 @@ def test_keep_if_finite_keeps_old_state_on_nan():
 def test_push_unless_is_the_push_or_the_kept_buffer(added):
   buffer = jnp.arange(6.0).reshape(3, 2)
   rows = jnp.arange(2.0 * added).reshape(added, 2) + 10
-  np.testing.assert_array_equal(st.push_unless(buffer, rows, jnp.array(False)),
-                                st.push(buffer, rows))
+  np.testing.assert_array_equal(
+    st.push_unless(buffer, rows, jnp.array(False)), st.push(buffer, rows)
+  )
   np.testing.assert_array_equal(st.push_unless(buffer, rows, jnp.array(True)), buffer)
 
 

@@ -26,8 +26,7 @@ class Net(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = mj.CenteredDense(C, use_bias=False)(x)
-    x = mj.MABN(use_running_average=not train, buffer_size=2, warmup_steps=1,
-                name="norm")(x)
+    x = mj.MABN(use_running_average=not train, buffer_size=2, warmup_steps=1, name="norm")(x)
     return nn.Dense(1)(x)
 
 
@@ -35,13 +34,16 @@ def _loss(model):
   def loss_fn(variables, x, y):
     out, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return jnp.mean((out - y) ** 2), mutated
+
   return loss_fn
 
 
 def _data(t):
   rng = np.random.default_rng(t)
-  return (jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
-          jnp.asarray(rng.normal(size=(4, 1)), jnp.float32))
+  return (
+    jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+    jnp.asarray(rng.normal(size=(4, 1)), jnp.float32),
+  )
 
 
 def _old_layout(variables):
@@ -72,15 +74,21 @@ def test_tap_and_statistic_have_distinct_names_linked_by_tap_targets():
 
 def test_old_layout_is_rejected_by_the_layer_naming_migrate_variables():
   variables = _old_layout(Net().init(jax.random.key(0), _data(0)[0], train=True))
-  with pytest.raises(ValueError, match=r"MABN 'norm'.*backward_stats/psi_buffer.*"
-                     r"psi_increment.*mabn_jax.migrate_variables"):
+  with pytest.raises(
+    ValueError,
+    match=r"MABN 'norm'.*backward_stats/psi_buffer.*"
+    r"psi_increment.*mabn_jax.migrate_variables",
+  ):
     Net().apply(variables, _data(0)[0], train=False)
 
 
 def test_old_layout_is_rejected_by_value_and_grad_naming_migrate_variables():
   variables = _old_layout(Net().init(jax.random.key(0), _data(0)[0], train=True))
-  with pytest.raises(ValueError, match=r"value_and_grad.*backward_stats/norm/psi_buffer"
-                     r".*now named 'psi_increment'.*migrate_variables"):
+  with pytest.raises(
+    ValueError,
+    match=r"value_and_grad.*backward_stats/norm/psi_buffer"
+    r".*now named 'psi_increment'.*migrate_variables",
+  ):
     mj.value_and_grad(_loss(Net()))(variables, *_data(0))
 
 

@@ -31,14 +31,16 @@ def _trained(name):
 
   def loss(v, x):
     y, mutated = linen.apply(v, x, train=True, mutable=["batch_stats"])
-    return jnp.mean(y ** 2 + y), mutated
+    return jnp.mean(y**2 + y), mutated
 
   step = jax.jit(mj.value_and_grad(loss))
   for i in range(3):
     x = jax.random.normal(jax.random.key(i + 1), SHAPE) * 2.0 + 0.5
     (_, variables), grads = step(variables, x)
-    variables = {**variables, "params": jax.tree.map(
-        lambda p, g: p - 0.1 * g, variables["params"], grads)}
+    variables = {
+      **variables,
+      "params": jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads),
+    }
   model = NNXBlock(normalizer, "conv", nnx.Rngs(1))
   _load(model, variables)
   return normalizer, linen, variables, model
@@ -64,9 +66,14 @@ def test_precise_bn_on_an_nnx_model_equals_it_on_the_linen_model(name):
   assert set(map(str, flat_got)) == set(map(str, flat_expected))
   for path, value in flat_expected.items():
     np.testing.assert_allclose(flat_got[path], value, rtol=1e-6, atol=1e-6, err_msg=str(path))
-  changed = [not np.allclose(value, flat) for value, flat in zip(
-      jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(expected["batch_stats"]),
-      strict=True)]
+  changed = [
+    not np.allclose(value, flat)
+    for value, flat in zip(
+      jax.tree.leaves(variables["batch_stats"]),
+      jax.tree.leaves(expected["batch_stats"]),
+      strict=True,
+    )
+  ]
   assert any(changed)  # the recomputation did something
 
 
@@ -111,9 +118,9 @@ def test_fold_of_nnx_pairs_by_path():
 
 
 LAYERS = {
-    "BatchNorm": (mj.BatchNorm, mj.nnx.BatchNorm, dict(norm_batch_size=2)),
-    "BatchRenorm": (mj.BatchRenorm, mj.nnx.BatchRenorm, dict(warmup_steps=0, ramp_steps=1)),
-    "MABN": (mj.MABN, mj.nnx.MABN, dict(buffer_size=2, warmup_steps=0, renorm_start=0)),
+  "BatchNorm": (mj.BatchNorm, mj.nnx.BatchNorm, dict(norm_batch_size=2)),
+  "BatchRenorm": (mj.BatchRenorm, mj.nnx.BatchRenorm, dict(warmup_steps=0, ramp_steps=1)),
+  "MABN": (mj.MABN, mj.nnx.MABN, dict(buffer_size=2, warmup_steps=0, renorm_start=0)),
 }
 
 
@@ -130,8 +137,7 @@ def test_layers_hold_no_math_their_output_is_the_functional_methods(name):
   state = method.init(5)
   for step in range(3):  # the layer and the method step through the same states
     x_step = x * (step + 1)
-    y, mutated = layer.apply(variables, x_step, use_running_average=False,
-                             mutable=["batch_stats"])
+    y, mutated = layer.apply(variables, x_step, use_running_average=False, mutable=["batch_stats"])
     expected, state, _ = method.train(x_step, state, scale=scale, bias=bias)
     np.testing.assert_array_equal(y, expected)
     for field, value in state._asdict().items():

@@ -31,14 +31,17 @@ class MABNNet(nn.Module):
 
 def _data(seed=0, n=8):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
-          jnp.asarray(rng.normal(size=(n, 1)), jnp.float32))
+  return (
+    jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
+    jnp.asarray(rng.normal(size=(n, 1)), jnp.float32),
+  )
 
 
 def _loss(model):
   def loss_fn(variables, x, y):
     out, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return jnp.mean((out - y) ** 2), mutated
+
   return loss_fn
 
 
@@ -50,8 +53,10 @@ def test_without_mabn_it_is_jax_value_and_grad_plus_batch_stats_update():
 
   def params_loss(params):
     return _loss(model)({**variables, "params": params}, x, y)
+
   (ref_loss, mutated), ref_grads = jax.value_and_grad(params_loss, has_aux=True)(
-      variables["params"])
+    variables["params"]
+  )
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(new_vars["batch_stats"], mutated["batch_stats"])
@@ -128,6 +133,7 @@ def test_missing_mutable_batch_stats_is_an_error():
 
 def test_training_with_mabn_reduces_the_loss():
   import optax
+
   model = MABNNet()
   x, y = _data(n=16)
   variables = model.init(jax.random.key(0), x, train=True)

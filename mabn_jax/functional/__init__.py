@@ -13,17 +13,30 @@ Modules:
   mabn: Moving Average Batch Normalization and its stabilized custom VJP.
 """
 
-from mabn_jax.functional import affine
-from mabn_jax.functional import backward_stats
-from mabn_jax.functional import batch_norm
-from mabn_jax.functional import batch_renorm
-from mabn_jax.functional import centering
-from mabn_jax.functional import cross_iteration
-from mabn_jax.functional import frozen_batch_norm
-from mabn_jax.functional import interface
-from mabn_jax.functional import mabn
-from mabn_jax.functional import statistics
+from mabn_jax.functional import (
+  affine,
+  backward_stats,
+  batch_norm,
+  batch_renorm,
+  centering,
+  cross_iteration,
+  frozen_batch_norm,
+  interface,
+  mabn,
+  statistics,
+)
 from mabn_jax.functional.centering import center_kernel
 
-__all__ = ["affine", "backward_stats", "batch_norm", "batch_renorm", "centering", "cross_iteration", "frozen_batch_norm",
-           "interface", "mabn", "statistics", "center_kernel"]
+__all__ = [
+  "affine",
+  "backward_stats",
+  "batch_norm",
+  "batch_renorm",
+  "centering",
+  "cross_iteration",
+  "frozen_batch_norm",
+  "interface",
+  "mabn",
+  "statistics",
+  "center_kernel",
+]

@@ -36,7 +36,6 @@ class UnnamedLayerError(ValueError):
     return ValueError(f"{where}: {self.args[0]}")
 
 
-
 def layer_error(where: Optional[str], message: str) -> ValueError:
   """The error for ``message``: a ``ValueError`` naming ``where`` (a layer),
   or, for ``where=None`` (the functional interface), an
@@ -46,14 +45,19 @@ def layer_error(where: Optional[str], message: str) -> ValueError:
   return ValueError(f"{where}: {message}")
 
 
-def check_state_shape(where: str, name: str, value: Any, expected: Sequence[int],
-                      cause: str = "number of channels (or buffer size)") -> None:
+def check_state_shape(
+  where: str,
+  name: str,
+  value: Any,
+  expected: Sequence[int],
+  cause: str = "number of channels (or buffer size)",
+) -> None:
   """Raises if a stored variable's shape differs from what the input implies."""
   if tuple(value.shape) != tuple(expected):
     raise ValueError(
-        f"{where}: stored variable '{name}' has shape {tuple(value.shape)} but the "
-        f"input implies {tuple(expected)}; was the layer initialized with a "
-        f"different {cause}?"
+      f"{where}: stored variable '{name}' has shape {tuple(value.shape)} but the "
+      f"input implies {tuple(expected)}; was the layer initialized with a "
+      f"different {cause}?"
     )
 
 
@@ -67,7 +71,7 @@ def require_bound_axis(where: str, axis_name: Optional[str]) -> None:
     lax.axis_size(axis_name)
   except NameError as error:
     raise ValueError(
-        f"{where}: axis_name {axis_name!r} is not bound: a training step with "
-        f"synchronized statistics must run under jax.pmap or shard_map with that "
-        f"axis name (or use axis_name=None)."
+      f"{where}: axis_name {axis_name!r} is not bound: a training step with "
+      f"synchronized statistics must run under jax.pmap or shard_map with that "
+      f"axis name (or use axis_name=None)."
     ) from error

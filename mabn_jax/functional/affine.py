@@ -30,12 +30,12 @@ def result_dtype(*args: Any, dtype: Optional[Any] = None):
 
 
 def apply_affine(
-    x: jax.Array,
-    normalized: jax.Array,
-    scale: Optional[jax.Array],
-    bias: Optional[jax.Array],
-    axis: int,
-    dtype: Optional[Any] = None,
+  x: jax.Array,
+  normalized: jax.Array,
+  scale: Optional[jax.Array],
+  bias: Optional[jax.Array],
+  axis: int,
+  dtype: Optional[Any] = None,
 ) -> jax.Array:
   """``scale * normalized + bias`` along ``axis``, in Flax's result dtype.
 

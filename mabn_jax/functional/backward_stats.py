@@ -59,19 +59,24 @@ def check_tap_varies_like_input(x, tap, config, normalizer: str = "mabn") -> Non
   if axes:
     name = axes[0] if len(axes) == 1 else tuple(axes)
     raise UnnamedLayerError(
-        f"under jax.shard_map the input varies over mesh axis {name!r} but the "
-        "layer's state (its backward-statistics tap) is replicated over it (passed with "
-        "P()), so this device's statistics cannot be stored in replicated state. Keep "
-        f"per-device state: give the variables a leading device axis sharded with "
-        f"in_specs/out_specs P({name!r}) (as pmap does), or synchronize the statistics "
-        f"over the devices with axis_name={name!r} (registry: "
-        f"make_normalizer({normalizer!r}, axis_name={name!r}))."
+      f"under jax.shard_map the input varies over mesh axis {name!r} but the "
+      "layer's state (its backward-statistics tap) is replicated over it (passed with "
+      "P()), so this device's statistics cannot be stored in replicated state. Keep "
+      f"per-device state: give the variables a leading device axis sharded with "
+      f"in_specs/out_specs P({name!r}) (as pmap does), or synchronize the statistics "
+      f"over the devices with axis_name={name!r} (registry: "
+      f"make_normalizer({normalizer!r}, axis_name={name!r}))."
     )
 
 
 def backward_statistics(
-    xhat: jax.Array, g: jax.Array, groups: int, axis: int, axis_name=None,
-    axis_index_groups=None, with_mean: bool = False,
+  xhat: jax.Array,
+  g: jax.Array,
+  groups: int,
+  axis: int,
+  axis_name=None,
+  axis_index_groups=None,
+  with_mean: bool = False,
 ):
   """This step's backward statistics per group (``docs/normalization.md``,
   sections 1 and 2 (b)).
@@ -96,8 +101,12 @@ def backward_statistics(
 
 
 def stabilized_input_gradient(
-    g: jax.Array, xhat: jax.Array, inv_std: jax.Array, psi: jax.Array, axis: int,
-    g_mean: Optional[jax.Array] = None,
+  g: jax.Array,
+  xhat: jax.Array,
+  inv_std: jax.Array,
+  psi: jax.Array,
+  axis: int,
+  g_mean: Optional[jax.Array] = None,
 ) -> jax.Array:
   """``(g - g_mean - xhat * psi) * inv_std``: BN's input gradient with the given
   backward statistics (``docs/normalization.md``, section 1; MABN's
@@ -111,7 +120,8 @@ def stabilized_input_gradient(
   """
   centred = g if g_mean is None else g - st.broadcast_groups(g_mean, g, axis)
   return (centred - xhat * st.broadcast_groups(psi, g, axis)) * st.broadcast_groups(
-      inv_std, g, axis)
+    inv_std, g, axis
+  )
 
 
 def tap_increment(new_buffer: jax.Array, buffer: jax.Array, *batch_stats) -> jax.Array:
@@ -125,4 +135,3 @@ def tap_increment(new_buffer: jax.Array, buffer: jax.Array, *batch_stats) -> jax
   """
   finite = st.all_finite(batch_stats)
   return jnp.where(finite, new_buffer - buffer, jnp.nan)
-

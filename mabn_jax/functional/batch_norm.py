@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mabn_jax.functional import statistics as st
 from mabn_jax.functional import interface
+from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, layer_error
 
 
@@ -69,21 +69,24 @@ class BatchNormConfig:
 
   def validate(self, where: Optional[str] = "BatchNorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
-    check_fields(where, [
+    check_fields(
+      where,
+      [
         ("momentum", self.momentum, 0.0 <= self.momentum <= 1.0, "in [0, 1]"),
         ("epsilon", self.epsilon, self.epsilon >= 0.0, ">= 0"),
-    ])
+      ],
+    )
 
 
 def init_state(num_features: int, dtype=jnp.float32) -> BatchNormState:
   """Initial state as Flax's: ``mean = 0``, ``var = 1``, each ``(C,)``."""
   return BatchNormState(
-      mean=jnp.zeros((num_features,), dtype), var=jnp.ones((num_features,), dtype)
+    mean=jnp.zeros((num_features,), dtype), var=jnp.ones((num_features,), dtype)
   )
 
 
 def batch_moments(
-    x: jax.Array, config: BatchNormConfig = BatchNormConfig(), where: str = "BatchNorm"
+  x: jax.Array, config: BatchNormConfig = BatchNormConfig(), where: str = "BatchNorm"
 ) -> Tuple[jax.Array, jax.Array]:
   """Group means and biased variances of ``x`` (``(G, C)`` each, float32+).
 
@@ -97,7 +100,7 @@ def batch_moments(
 
 
 def standardize(
-    x: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float, axis: int
+  x: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float, axis: int
 ) -> jax.Array:
   """``(x - mean) / sqrt(var + eps)`` with ``(G, C)`` group statistics.
 
@@ -106,18 +109,18 @@ def standardize(
   """
   x = x.astype(mean.dtype)
   return (x - st.broadcast_groups(mean, x, axis)) * st.broadcast_groups(
-      lax.rsqrt(var + epsilon), x, axis
+    lax.rsqrt(var + epsilon), x, axis
   )
 
 
 def standardize_affine(
-    x: jax.Array,
-    mean: jax.Array,
-    var: jax.Array,
-    epsilon: float,
-    axis: int,
-    scale: Optional[jax.Array] = None,
-    bias: Optional[jax.Array] = None,
+  x: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  epsilon: float,
+  axis: int,
+  scale: Optional[jax.Array] = None,
+  bias: Optional[jax.Array] = None,
 ) -> jax.Array:
   """``scale * standardize(x, ...) + bias``, computed as Flax's BatchNorm does.
 
@@ -140,19 +143,20 @@ def standardize_affine(
   if scale is not None:
     mul = mul * scale[None, :]
   y = (x.astype(mean.dtype) - st.broadcast_groups(mean, x, axis)) * st.broadcast_groups(
-      mul, x, axis)
+    mul, x, axis
+  )
   if bias is not None:
     y = y + st.broadcast_channels(bias, x, axis)
   return y
 
 
 def normalize_inference(
-    x: jax.Array,
-    mean: jax.Array,
-    var: jax.Array,
-    epsilon: float = 1e-5,
-    axis: int = -1,
-    where: Optional[str] = "BatchNorm",
+  x: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  epsilon: float = 1e-5,
+  axis: int = -1,
+  where: Optional[str] = "BatchNorm",
 ) -> jax.Array:
   """Inference normalization with the running ``(C,)`` ``mean`` and ``var``.
 
@@ -163,12 +167,12 @@ def normalize_inference(
   dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), mean.dtype)
   x = x.astype(dtype)
   return (x - st.broadcast_channels(mean, x, axis)) * st.broadcast_channels(
-      lax.rsqrt(var + epsilon), x, axis
+    lax.rsqrt(var + epsilon), x, axis
   )
 
 
 def update_state(
-    state: BatchNormState, mean: jax.Array, var: jax.Array, momentum: float
+  state: BatchNormState, mean: jax.Array, var: jax.Array, momentum: float
 ) -> BatchNormState:
   """EMA of the running statistics from ``(G, C)`` group statistics.
 
@@ -176,8 +180,8 @@ def update_state(
   exactly Flax's update).
   """
   return BatchNormState(
-      mean=st.ema(state.mean, jnp.mean(mean, axis=0), momentum),
-      var=st.ema(state.var, jnp.mean(var, axis=0), momentum),
+    mean=st.ema(state.mean, jnp.mean(mean, axis=0), momentum),
+    var=st.ema(state.var, jnp.mean(var, axis=0), momentum),
   )
 
 
@@ -185,15 +189,17 @@ def check_channels(where: Optional[str], state_channels: int, x: jax.Array, axis
   """Raises if the state's channel count differs from ``x``'s feature axis."""
   if state_channels != x.shape[axis]:
     raise layer_error(
-        where, f"the state holds {state_channels} channels but the input has "
-        f"{x.shape[axis]} on axis {axis} (shape {x.shape}).")
+      where,
+      f"the state holds {state_channels} channels but the input has "
+      f"{x.shape[axis]} on axis {axis} (shape {x.shape}).",
+    )
 
 
 def normalize_train(
-    x: jax.Array,
-    state: BatchNormState,
-    config: BatchNormConfig = BatchNormConfig(),
-    where: Optional[str] = "BatchNorm",
+  x: jax.Array,
+  state: BatchNormState,
+  config: BatchNormConfig = BatchNormConfig(),
+  where: Optional[str] = "BatchNorm",
 ) -> Tuple[jax.Array, BatchNormState]:
   """One BN training step: ``(x - mu_B) / sqrt(var_B + eps)`` per group.
 

@@ -81,13 +81,20 @@ class BatchRenormConfig(bn.BatchNormConfig):
   def validate(self, where: Optional[str] = "BatchRenorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
     super().validate(where)
-    check_fields(where, [
+    check_fields(
+      where,
+      [
         ("r_max", self.r_max, self.r_max >= 1.0, ">= 1"),
         ("d_max", self.d_max, self.d_max >= 0.0, ">= 0"),
-        ("warmup_steps", self.warmup_steps, is_int_at_least(self.warmup_steps, 0),
-         "an integer >= 0"),
+        (
+          "warmup_steps",
+          self.warmup_steps,
+          is_int_at_least(self.warmup_steps, 0),
+          "an integer >= 0",
+        ),
         ("ramp_steps", self.ramp_steps, is_int_at_least(self.ramp_steps, 0), "an integer >= 0"),
-    ])
+      ],
+    )
 
 
 def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
@@ -112,13 +119,13 @@ def renorm_limits(step: jax.Array, config: BatchRenormConfig) -> Tuple[jax.Array
 
 
 def renorm_correction(
-    mean: jax.Array,
-    var: jax.Array,
-    running_mean: jax.Array,
-    running_var: jax.Array,
-    r_max: jax.Array,
-    d_max: jax.Array,
-    epsilon: float,
+  mean: jax.Array,
+  var: jax.Array,
+  running_mean: jax.Array,
+  running_var: jax.Array,
+  r_max: jax.Array,
+  d_max: jax.Array,
+  epsilon: float,
 ) -> Tuple[jax.Array, jax.Array]:
   """``(r, d)``, ``(G, C)`` each, from ``(G, C)`` batch and ``(C,)`` running stats.
 
@@ -131,10 +138,10 @@ def renorm_correction(
 
 
 def normalize_train(
-    x: jax.Array,
-    state: BatchRenormState,
-    config: BatchRenormConfig = BatchRenormConfig(),
-    where: Optional[str] = "BatchRenorm",
+  x: jax.Array,
+  state: BatchRenormState,
+  config: BatchRenormConfig = BatchRenormConfig(),
+  where: Optional[str] = "BatchRenorm",
 ) -> Tuple[jax.Array, BatchRenormState]:
   """One BRN training step: ``xhat * r + d`` per group, and the new state.
 

@@ -61,8 +61,9 @@ def _explicitly_sharded(x: jax.Array) -> bool:
   return spec is not None and any(axis is not None for axis in spec)
 
 
-def centered_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any,
-                                  **kwargs: Any) -> jax.Array:
+def centered_conv_general_dilated(
+  lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any
+) -> jax.Array:
   """``lax.conv_general_dilated`` with the kernel ``rhs`` centred per output.
 
   Same arguments as ``lax.conv_general_dilated``; ``rhs`` must have its
@@ -70,4 +71,3 @@ def centered_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any,
   when the convolution runs (``center_kernel(rhs, after=lhs)``).
   """
   return lax.conv_general_dilated(lhs, center_kernel(rhs, after=lhs), *args, **kwargs)
-

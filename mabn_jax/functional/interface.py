@@ -83,8 +83,9 @@ def named_errors(where: str) -> Iterator[None]:
     raise error.named(where) from None
 
 
-def apply_affine(normalized: jax.Array, scale: Optional[jax.Array],
-                 bias: Optional[jax.Array], axis: int) -> jax.Array:
+def apply_affine(
+  normalized: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], axis: int
+) -> jax.Array:
   """``normalized * scale + bias`` along ``axis``, in the promoted dtype (no cast)."""
   y = normalized
   if scale is not None:
@@ -148,8 +149,13 @@ class Method:
     """The non-negative feature axis of an input of rank ``ndim``."""
     return st.canonical_axis(getattr(self.config, "axis", -1), ndim, None)
 
-  def init(self, num_features: int, *, kernel_shape: Optional[Tuple[int, ...]] = None,
-           groups: Optional[int] = None) -> Any:
+  def init(
+    self,
+    num_features: int,
+    *,
+    kernel_shape: Optional[Tuple[int, ...]] = None,
+    groups: Optional[int] = None,
+  ) -> Any:
     """The state a new layer of ``num_features`` channels starts from.
 
     ``kernel_shape`` (the producing convolution's kernel) and ``groups`` (the
@@ -173,9 +179,16 @@ class Method:
         taps[tap] = jnp.zeros(value.shape, jnp.float32)
     return taps
 
-  def train(self, x: jax.Array, state: Any, *, scale: Optional[jax.Array] = None,
-            bias: Optional[jax.Array] = None, tap: Optional[Mapping[str, jax.Array]] = None,
-            conv: Optional[ConvContext] = None) -> TrainOutput:
+  def train(
+    self,
+    x: jax.Array,
+    state: Any,
+    *,
+    scale: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    tap: Optional[Mapping[str, jax.Array]] = None,
+    conv: Optional[ConvContext] = None,
+  ) -> TrainOutput:
     """One training step on ``x`` ``(N, ..., C)``: the output and the new state.
 
     Args:
@@ -190,8 +203,14 @@ class Method:
     """
     raise NotImplementedError(type(self).__name__)
 
-  def infer(self, x: jax.Array, state: Any, *, scale: Optional[jax.Array] = None,
-            bias: Optional[jax.Array] = None) -> jax.Array:
+  def infer(
+    self,
+    x: jax.Array,
+    state: Any,
+    *,
+    scale: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+  ) -> jax.Array:
     """Inference with the running statistics; touches no state. Returns
     ``x``'s shape in the promoted dtype (at least float32), not cast."""
     raise NotImplementedError(type(self).__name__)

@@ -7,8 +7,9 @@ weight-centralized, see :mod:`mabn_jax.functional.centering`) and replaces
 both the forward statistic ``chi = mean(x^2)`` and the backward statistic
 ``Psi = mean(xhat * g)`` with simple moving averages over the last ``m``
 normalization groups, including the current one. The backward pass is the
-*stabilized* gradient of ``docs/normalization.md`` (section 2), implemented as a :func:`jax.custom_vjp`; it is
-deliberately not the derivative of the forward pass.
+*stabilized* gradient of ``docs/normalization.md`` (section 2), implemented
+as a :func:`jax.custom_vjp`; it is deliberately not the derivative of the
+forward pass.
 
 State (:class:`MABNState`) is explicit. :func:`normalize_train` returns the new
 forward state; the backward statistic of the current step is only known in
@@ -40,16 +41,20 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from mabn_jax.functional import interface
-from mabn_jax.functional.backward_stats import (  # noqa: F401 (re-exported: public names)
-    backward_statistics,
-    check_tap_varies_like_input,
-    stabilized_input_gradient,
-    tap_increment,
-    varying_axes,
-)
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import (
-    UnnamedLayerError, check_fields, is_int_at_least, layer_error)
+  UnnamedLayerError,
+  check_fields,
+  is_int_at_least,
+  layer_error,
+)
+from mabn_jax.functional.backward_stats import (  # noqa: F401 (re-exported: public names)
+  backward_statistics,
+  check_tap_varies_like_input,
+  stabilized_input_gradient,
+  tap_increment,
+  varying_axes,
+)
 
 
 class MABNState(NamedTuple):
@@ -108,34 +113,47 @@ class MABNConfig:
 
   def validate(self, buffer_size: int, where: Optional[str] = "MABN") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
-    check_fields(where, [
+    check_fields(
+      where,
+      [
         ("buffer_size", buffer_size, is_int_at_least(buffer_size, 1), "an integer >= 1"),
         ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
         ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
-        ("warmup_steps", self.warmup_steps, is_int_at_least(self.warmup_steps, 0),
-         "an integer >= 0"),
-        ("renorm_start", self.renorm_start, is_int_at_least(self.renorm_start, 0),
-         "an integer >= 0"),
+        (
+          "warmup_steps",
+          self.warmup_steps,
+          is_int_at_least(self.warmup_steps, 0),
+          "an integer >= 0",
+        ),
+        (
+          "renorm_start",
+          self.renorm_start,
+          is_int_at_least(self.renorm_start, 0),
+          "an integer >= 0",
+        ),
         ("r_max", self.r_max, self.r_max >= 1.0, ">= 1"),
-        ("moving_average", self.moving_average, self.moving_average in ("sma", "ema"),
-         "'sma' or 'ema'"),
-    ])
+        (
+          "moving_average",
+          self.moving_average,
+          self.moving_average in ("sma", "ema"),
+          "'sma' or 'ema'",
+        ),
+      ],
+    )
 
 
-def init_state(
-    num_features: int, buffer_size: int = 16, dtype=jnp.float32
-) -> MABNState:
+def init_state(num_features: int, buffer_size: int = 16, dtype=jnp.float32) -> MABNState:
   """Initial state: ``chi_ema = 1``, empty (zero) buffers, ``step = 0``."""
   return MABNState(
-      chi_ema=jnp.ones((num_features,), dtype),
-      chi_buffer=jnp.zeros((buffer_size, num_features), dtype),
-      psi_buffer=jnp.zeros((buffer_size, num_features), dtype),
-      step=jnp.zeros((), jnp.int32),
+    chi_ema=jnp.ones((num_features,), dtype),
+    chi_buffer=jnp.zeros((buffer_size, num_features), dtype),
+    psi_buffer=jnp.zeros((buffer_size, num_features), dtype),
+    step=jnp.zeros((), jnp.int32),
   )
 
 
 def moving_averages(
-    buffer: jax.Array, rows: jax.Array, first_step: jax.Array, config: MABNConfig
+  buffer: jax.Array, rows: jax.Array, first_step: jax.Array, config: MABNConfig
 ) -> Tuple[jax.Array, jax.Array]:
   """``(averages, new_buffer)``: what each group of this step sees, and the buffer.
 
@@ -189,7 +207,7 @@ def inference_scale(chi_ema: jax.Array, epsilon: float) -> jax.Array:
 
 
 def normalize_inference(
-    x: jax.Array, chi_ema: jax.Array, epsilon: float = 1e-5, axis: int = -1
+  x: jax.Array, chi_ema: jax.Array, epsilon: float = 1e-5, axis: int = -1
 ) -> jax.Array:
   """Inference normalization ``x / sqrt(chi_ema + eps)``; touches no state.
 
@@ -207,13 +225,13 @@ def normalize_inference(
 
 
 def normalize_train(
-    x: jax.Array,
-    state: MABNState,
-    tap: Optional[jax.Array] = None,
-    config: MABNConfig = MABNConfig(),
-    where: Optional[str] = "MABN",
-    scale: Optional[jax.Array] = None,
-    bias: Optional[jax.Array] = None,
+  x: jax.Array,
+  state: MABNState,
+  tap: Optional[jax.Array] = None,
+  config: MABNConfig = MABNConfig(),
+  where: Optional[str] = "MABN",
+  scale: Optional[jax.Array] = None,
+  bias: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, MABNState]:
   """One MABN training step: ``r * x / sqrt(chi + eps)`` and the new state.
 
@@ -245,8 +263,10 @@ def normalize_train(
   groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
   if state.chi_buffer.shape[1] != x.shape[axis]:
     raise layer_error(
-        where, f"the state holds {state.chi_buffer.shape[1]} channels but the "
-        f"input has {x.shape[axis]} on axis {config.axis} (shape {x.shape}).")
+      where,
+      f"the state holds {state.chi_buffer.shape[1]} channels but the "
+      f"input has {x.shape[axis]} on axis {config.axis} (shape {x.shape}).",
+    )
   if tap is None:
     tap = jnp.zeros_like(state.psi_buffer)
   if where is None:
@@ -266,7 +286,7 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
   buffer_size = state.chi_buffer.shape[0]
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   chi_batch = st.group_mean(
-      jnp.square(x32), groups, axis, config.axis_name, config.axis_index_groups
+    jnp.square(x32), groups, axis, config.axis_name, config.axis_index_groups
   )  # (G, C)
   step = state.step + 1
   use_sma = uses_moving_averages(step, buffer_size, config.warmup_steps)
@@ -275,8 +295,11 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
   inv_std = 1.0 / jnp.sqrt(chi + config.epsilon)
   # r = sigma_B / sigma_ema as one square root, so that no intermediate is
   # shared between inv_std and r (XLA then computes each in one kernel).
-  r = jnp.clip(jnp.sqrt((chi + config.epsilon) / (state.chi_ema + config.epsilon)),
-               1.0 / config.r_max, config.r_max)
+  r = jnp.clip(
+    jnp.sqrt((chi + config.epsilon) / (state.chi_ema + config.epsilon)),
+    1.0 / config.r_max,
+    config.r_max,
+  )
   r = jnp.where(renormalizes(step, config.renorm_start, config.warmup_steps), r, 1.0)
 
   stat_dtype = inv_std.dtype
@@ -286,17 +309,24 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
     stat_dtype = jnp.promote_types(stat_dtype, bias.dtype)
   channels = x.shape[axis]
   out = _stabilized_normalize(
-      x, tap, inv_std, inv_std * r, state.psi_buffer, use_sma & config.average_backward,
-      step == 1,
-      jnp.ones((channels,), stat_dtype) if scale is None else scale,
-      jnp.zeros((channels,), stat_dtype) if bias is None else bias,
-      groups, axis, config,
+    x,
+    tap,
+    inv_std,
+    inv_std * r,
+    state.psi_buffer,
+    use_sma & config.average_backward,
+    step == 1,
+    jnp.ones((channels,), stat_dtype) if scale is None else scale,
+    jnp.zeros((channels,), stat_dtype) if bias is None else bias,
+    groups,
+    axis,
+    config,
   )
   new_state = MABNState(
-      chi_ema=st.ema(state.chi_ema, jnp.mean(chi, axis=0), config.momentum),
-      chi_buffer=chi_buffer,
-      psi_buffer=state.psi_buffer,
-      step=step,
+    chi_ema=st.ema(state.chi_ema, jnp.mean(chi, axis=0), config.momentum),
+    chi_buffer=chi_buffer,
+    psi_buffer=state.psi_buffer,
+    step=step,
   )
   return out, new_state
 
@@ -318,35 +348,54 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
 # normalize_train names the layer.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
 def _stabilized_normalize(
-    x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
-    groups, axis, config,
+  x,
+  tap,
+  inv_std,
+  rate,
+  psi_buffer,
+  use_average,
+  first_step,
+  scale,
+  bias,
+  groups,
+  axis,
+  config,
 ):
   del tap, psi_buffer, use_average, first_step, config
   dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
   mul = rate.astype(dtype) * scale.astype(dtype)[None, :]
-  return (x.astype(dtype) * st.broadcast_groups(mul, x, axis)
-          + st.broadcast_channels(bias.astype(dtype), x, axis))
+  return x.astype(dtype) * st.broadcast_groups(mul, x, axis) + st.broadcast_channels(
+    bias.astype(dtype), x, axis
+  )
 
 
 def _stabilized_fwd(
-    x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias,
-    groups, axis, config,
+  x,
+  tap,
+  inv_std,
+  rate,
+  psi_buffer,
+  use_average,
+  first_step,
+  scale,
+  bias,
+  groups,
+  axis,
+  config,
 ):
   if x.perturbed and not tap.perturbed:
     raise UnnamedLayerError(
-        "the MABN backward statistic is not being fed: the gradient "
-        "is taken with respect to the input but not the 'backward_stats' tap, "
-        "so psi_buffer would go stale. Compute gradients with "
-        "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
-        "mabn_jax.nnx.value_and_grad(loss_fn)(model, ...); or differentiate "
-        "the tap and add its cotangent to psi_buffer) instead of "
-        "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
+      "the MABN backward statistic is not being fed: the gradient "
+      "is taken with respect to the input but not the 'backward_stats' tap, "
+      "so psi_buffer would go stale. Compute gradients with "
+      "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
+      "mabn_jax.nnx.value_and_grad(loss_fn)(model, ...); or differentiate "
+      "the tap and add its cotangent to psi_buffer) instead of "
+      "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
     )
   check_tap_varies_like_input(x.value, tap.value, config)
-  res = tuple(p.value for p in (x, inv_std, rate, psi_buffer, use_average, first_step, scale,
-                                bias))
-  out = _stabilized_normalize(
-      res[0], tap.value, *res[1:], groups, axis, config)
+  res = tuple(p.value for p in (x, inv_std, rate, psi_buffer, use_average, first_step, scale, bias))
+  out = _stabilized_normalize(res[0], tap.value, *res[1:], groups, axis, config)
   return out, res
 
 
@@ -378,11 +427,13 @@ def _stabilized_bwd(groups, axis, config, res, ct):
   psi_batch = (x_ct / count) * (rate * gamma)
   if config.axis_name is not None:
     psi_batch = jax.lax.pmean(
-        psi_batch, config.axis_name, axis_index_groups=config.axis_index_groups)
+      psi_batch, config.axis_name, axis_index_groups=config.axis_index_groups
+    )
   psi_average, new_psi_buffer = moving_averages(psi_buffer, psi_batch, first_step, config)
   psi = jnp.where(use_average, psi_average, psi_batch)
-  grad_x = (ct32 * st.broadcast_groups(rate * gamma, x, axis)
-            - x32 * st.broadcast_groups(psi * jnp.square(inv_std), x, axis))
+  grad_x = ct32 * st.broadcast_groups(rate * gamma, x, axis) - x32 * st.broadcast_groups(
+    psi * jnp.square(inv_std), x, axis
+  )
   grad_scale = _sum_to_type_of(jnp.sum(x_ct * rate, axis=0), scale)
   grad_bias = _sum_to_type_of(jnp.sum(ct_sum, axis=0), bias)
   if groups <= psi_buffer.shape[0]:
@@ -391,8 +442,7 @@ def _stabilized_bwd(groups, axis, config, res, ct):
     increment = new_psi_buffer - psi_buffer
   else:
     increment = tap_increment(new_psi_buffer, psi_buffer, psi_batch)
-  return (grad_x.astype(x.dtype), increment, None, None, None, None, None,
-          grad_scale, grad_bias)
+  return (grad_x.astype(x.dtype), increment, None, None, None, None, None, grad_scale, grad_bias)
 
 
 _stabilized_normalize.defvjp(_stabilized_fwd, _stabilized_bwd, symbolic_zeros=True)
@@ -425,8 +475,8 @@ class Method(interface.Method):
     del conv
     self.validate()
     y, new_state = normalize_train(
-        x, state, None if tap is None else tap["psi_increment"], self.config, None,
-        scale, bias)
+      x, state, None if tap is None else tap["psi_increment"], self.config, None, scale, bias
+    )
     return interface.TrainOutput(y, new_state, newest_entries(new_state))
 
   def infer(self, x, state, *, scale=None, bias=None):
@@ -461,7 +511,7 @@ class Method(interface.Method):
     it, ``psi_buffer`` zero (a BN checkpoint has no estimate of ``Psi``)."""
     chi = var + mean * mean
     return state._replace(
-        chi_ema=chi,
-        chi_buffer=jnp.broadcast_to(jnp.asarray(chi, state.chi_buffer.dtype),
-                                    state.chi_buffer.shape),
-        psi_buffer=jnp.zeros_like(state.psi_buffer))
+      chi_ema=chi,
+      chi_buffer=jnp.broadcast_to(jnp.asarray(chi, state.chi_buffer.dtype), state.chi_buffer.shape),
+      psi_buffer=jnp.zeros_like(state.psi_buffer),
+    )

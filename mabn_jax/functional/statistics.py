@@ -31,21 +31,25 @@ def canonical_axis(axis: int, ndim: int, where: Optional[str] = "normalizer") ->
   """
   if ndim < 2:
     raise layer_error(
-        where, f"expected an input of rank >= 2 (batch, ..., features), got rank {ndim}.")
+      where, f"expected an input of rank >= 2 (batch, ..., features), got rank {ndim}."
+    )
   if not -ndim <= axis < ndim:
     raise layer_error(
-        where, f"axis {axis} is out of range for an input of rank {ndim} "
-        f"(expected an integer in [{-ndim}, {ndim - 1}]).")
+      where,
+      f"axis {axis} is out of range for an input of rank {ndim} "
+      f"(expected an integer in [{-ndim}, {ndim - 1}]).",
+    )
   axis = axis % ndim
   if axis == 0:
     raise layer_error(
-        where, f"axis 0 is the batch axis; the feature axis must be one of "
-        f"1..{ndim - 1} (or negative).")
+      where,
+      f"axis 0 is the batch axis; the feature axis must be one of 1..{ndim - 1} (or negative).",
+    )
   return axis
 
 
 def num_groups(
-    batch_size: int, norm_batch_size: Optional[int], where: Optional[str] = "normalizer"
+  batch_size: int, norm_batch_size: Optional[int], where: Optional[str] = "normalizer"
 ) -> int:
   """Number of normalization groups ``G`` in a batch of ``batch_size`` samples.
 
@@ -58,15 +62,19 @@ def num_groups(
     return 1
   if not isinstance(norm_batch_size, int) or norm_batch_size < 1:
     raise layer_error(
-        where, f"norm_batch_size must be None or a positive integer, got {norm_batch_size!r}.")
+      where, f"norm_batch_size must be None or a positive integer, got {norm_batch_size!r}."
+    )
   if batch_size < norm_batch_size:
     raise layer_error(
-        where, f"the batch of {batch_size} samples is smaller than one "
-        f"normalization group (norm_batch_size={norm_batch_size}).")
+      where,
+      f"the batch of {batch_size} samples is smaller than one "
+      f"normalization group (norm_batch_size={norm_batch_size}).",
+    )
   if batch_size % norm_batch_size:
     raise layer_error(
-        where, f"the batch of {batch_size} samples is not a multiple of "
-        f"norm_batch_size={norm_batch_size}.")
+      where,
+      f"the batch of {batch_size} samples is not a multiple of norm_batch_size={norm_batch_size}.",
+    )
   return batch_size // norm_batch_size
 
 
@@ -87,11 +95,11 @@ def _grouped_reduction_axes(ndim: int, axis: int) -> Tuple[int, ...]:
 
 
 def group_mean(
-    x: jax.Array,
-    groups: int,
-    axis: int,
-    axis_name: Optional[str] = None,
-    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+  x: jax.Array,
+  groups: int,
+  axis: int,
+  axis_name: Optional[str] = None,
+  axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
 ) -> jax.Array:
   """Per-group, per-channel mean of ``x``.
 
@@ -115,11 +123,11 @@ def group_mean(
 
 
 def group_moments(
-    x: jax.Array,
-    groups: int,
-    axis: int,
-    axis_name: Optional[str] = None,
-    axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
+  x: jax.Array,
+  groups: int,
+  axis: int,
+  axis_name: Optional[str] = None,
+  axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
 ) -> Tuple[jax.Array, jax.Array]:
   """Per-group, per-channel mean and biased variance of ``x``, as Flax does.
 
@@ -148,21 +156,22 @@ def group_moments(
   mean_sq = jnp.mean(lax.square(grouped), axis=reduced)
   if axis_name is not None:
     # One collective for both (as Flax does).
-    mean, mean_sq = lax.pmean(jnp.stack([mean, mean_sq]), axis_name,
-                              axis_index_groups=axis_index_groups)
+    mean, mean_sq = lax.pmean(
+      jnp.stack([mean, mean_sq]), axis_name, axis_index_groups=axis_index_groups
+    )
   return mean, jnp.maximum(0.0, mean_sq - lax.square(mean))
 
 
-def input_moments(x: jax.Array, groups: int, axis: int, axis_name: Optional[str] = None,
-                  axis_index_groups=None) -> Tuple[jax.Array, jax.Array]:
+def input_moments(
+  x: jax.Array, groups: int, axis: int, axis_name: Optional[str] = None, axis_index_groups=None
+) -> Tuple[jax.Array, jax.Array]:
   """``(E[x], E[x^2])``, float32 ``(C,)`` each, over the whole device batch (the
   mean of the ``groups`` equal-sized group moments) and over ``axis_name``:
   the moments precise BN averages over batches."""
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = group_mean(x, groups, axis, axis_name, axis_index_groups)
   second = group_mean(jnp.square(x), groups, axis, axis_name, axis_index_groups)
-  return (jnp.mean(mean, axis=0).astype(jnp.float32),
-          jnp.mean(second, axis=0).astype(jnp.float32))
+  return (jnp.mean(mean, axis=0).astype(jnp.float32), jnp.mean(second, axis=0).astype(jnp.float32))
 
 
 def broadcast_groups(stats: jax.Array, x: jax.Array, axis: int) -> jax.Array:
@@ -171,9 +180,7 @@ def broadcast_groups(stats: jax.Array, x: jax.Array, axis: int) -> jax.Array:
   shape = [1] * (x.ndim + 1)
   shape[0] = groups
   shape[axis + 1] = channels
-  expanded = jnp.broadcast_to(
-      stats.reshape(shape), (groups, x.shape[0] // groups) + x.shape[1:]
-  )
+  expanded = jnp.broadcast_to(stats.reshape(shape), (groups, x.shape[0] // groups) + x.shape[1:])
   return merge_groups(expanded)
 
 
@@ -201,8 +208,8 @@ def push_unless(buffer: jax.Array, rows: jax.Array, keep: jax.Array) -> jax.Arra
   size, added = buffer.shape[0], rows.shape[0]
   if added >= size:
     return jnp.where(keep, buffer, rows[-size:].astype(buffer.dtype))
-  head = jnp.where(keep, buffer[:size - added], buffer[added:])
-  tail = jnp.where(keep, buffer[size - added:], rows.astype(buffer.dtype))
+  head = jnp.where(keep, buffer[: size - added], buffer[added:])
+  tail = jnp.where(keep, buffer[size - added :], rows.astype(buffer.dtype))
   return jnp.concatenate([head, tail], axis=0)
 
 
@@ -225,7 +232,7 @@ def window_means(buffer: jax.Array, rows: jax.Array) -> jax.Array:
     return (jnp.sum(buffer[1:], axis=0, keepdims=True) + rows.astype(buffer.dtype)) / size
   sequence = jnp.concatenate([buffer, rows.astype(buffer.dtype)], axis=0)
   sums = lax.reduce_window(
-      sequence, 0.0, lax.add, (size, 1), (1, 1), "VALID"
+    sequence, 0.0, lax.add, (size, 1), (1, 1), "VALID"
   )  # (G + 1, C): windows ending at each position from the last old row on.
   return sums[1:] / size
 

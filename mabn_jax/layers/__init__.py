@@ -7,5 +7,12 @@ from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
 from mabn_jax.layers.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.layers.mabn import MABN
 
-__all__ = ["BatchNorm", "BatchRenorm", "CenteredConv", "CenteredDense", "CrossIterationConvNorm", "FrozenBatchNorm",
-           "MABN"]
+__all__ = [
+  "BatchNorm",
+  "BatchRenorm",
+  "CenteredConv",
+  "CenteredDense",
+  "CrossIterationConvNorm",
+  "FrozenBatchNorm",
+  "MABN",
+]

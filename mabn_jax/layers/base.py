@@ -30,17 +30,24 @@ from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
 from mabn_jax.functional.affine import result_dtype
 from mabn_jax.training import (
-    BACKWARD_STATS,
-    BATCH_MOMENTS,
-    LEGACY_TAP_NAMES,
-    NONFINITE_COUNT,
-    layer_step,
-    legacy_tap_message,
+  BACKWARD_STATS,
+  BATCH_MOMENTS,
+  LEGACY_TAP_NAMES,
+  NONFINITE_COUNT,
+  layer_step,
+  legacy_tap_message,
 )
 
 __all__ = [
-    "BATCH_MOMENTS", "NONFINITE_COUNT", "BatchStatisticsNorm", "check_state_shape",
-    "functional_config", "layer_path", "normalize", "require_bound_axis", "sow_moments",
+  "BATCH_MOMENTS",
+  "NONFINITE_COUNT",
+  "BatchStatisticsNorm",
+  "check_state_shape",
+  "functional_config",
+  "layer_path",
+  "normalize",
+  "require_bound_axis",
+  "sow_moments",
 ]
 
 
@@ -60,18 +67,21 @@ def functional_config(module: nn.Module, config_class):
   if groups is not None:
     groups = tuple(tuple(g) for g in groups)
   initializing = module.scope is not None and module.is_initializing()
-  mapped = dict(axis_name=None if initializing else module.axis_name,
-                axis_index_groups=groups)
-  return config_class(**{
+  mapped = dict(axis_name=None if initializing else module.axis_name, axis_index_groups=groups)
+  return config_class(
+    **{
       f.name: mapped[f.name] if f.name in mapped else getattr(module, f.name)
-      for f in dataclasses.fields(config_class)})
+      for f in dataclasses.fields(config_class)
+    }
+  )
 
 
 def make_method(module: nn.Module) -> interface.Method:
   """``module.method_class`` built from the layer's fields of the same names."""
   method_class = module.method_class
-  layout = {f.name: getattr(module, f.name) for f in dataclasses.fields(method_class)
-            if f.name != "config"}
+  layout = {
+    f.name: getattr(module, f.name) for f in dataclasses.fields(method_class) if f.name != "config"
+  }
   return method_class(config=functional_config(module, method_class.config_class), **layout)
 
 
@@ -125,8 +135,13 @@ class BatchStatisticsNorm(nn.Module):
     return normalize(self, x, use_running_average)
 
 
-def normalize(module: nn.Module, x: jax.Array, use_running_average: Optional[bool],
-              conv: Optional[interface.ConvContext] = None, where: Optional[str] = None):
+def normalize(
+  module: nn.Module,
+  x: jax.Array,
+  use_running_average: Optional[bool],
+  conv: Optional[interface.ConvContext] = None,
+  where: Optional[str] = None,
+):
   """The call of every batch-statistics layer (inside its compact method).
 
   ``conv`` is the producing convolution of methods that need it; ``where``
@@ -134,7 +149,8 @@ def normalize(module: nn.Module, x: jax.Array, use_running_average: Optional[boo
   """
   where = where or layer_path(module)
   use_running_average = nn.merge_param(
-      "use_running_average", module.use_running_average, use_running_average)
+    "use_running_average", module.use_running_average, use_running_average
+  )
   with interface.named_errors(where):
     method = module.functional()
     if not use_running_average and not module.is_initializing():
@@ -142,32 +158,46 @@ def normalize(module: nn.Module, x: jax.Array, use_running_average: Optional[boo
     method.validate()
     axis = method.feature_axis(x.ndim)
     initial = method.init_for(x, conv)
-  stats = _state_variables(module, where, initial, method.mismatch_cause(),
-                           counter=not use_running_average)
-  state = initial._replace(**{name: var.value for name, var in stats.items()
-                              if name != NONFINITE_COUNT})
+  stats = _state_variables(
+    module, where, initial, method.mismatch_cause(), counter=not use_running_average
+  )
+  state = initial._replace(
+    **{name: var.value for name, var in stats.items() if name != NONFINITE_COUNT}
+  )
   taps = _tap_variables(module, where, method.taps(initial))
   scale, bias = _affine_params(module, x.shape[axis])
   with interface.named_errors(where):
     y, new_state, checked = layer_step(
-        method, x, state, use_running_average=use_running_average, scale=scale, bias=bias,
-        taps=taps, conv=conv, where=where,
-        before_train=lambda: _sow_input(module, x, axis, method.config))
+      method,
+      x,
+      state,
+      use_running_average=use_running_average,
+      scale=scale,
+      bias=bias,
+      taps=taps,
+      conv=conv,
+      where=where,
+      before_train=lambda: _sow_input(module, x, axis, method.config),
+    )
     if new_state is not None:
       _commit_state(module, stats, new_state, checked)
   return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
 
 
-def _state_variables(module: nn.Module, where: str, initial: Any, cause: str,
-                     counter: bool) -> dict:
+def _state_variables(
+  module: nn.Module, where: str, initial: Any, cause: str, counter: bool
+) -> dict:
   """Declares a ``'batch_stats'`` variable per non-empty field of ``initial``
   (empty ones are constants: checkpointers reject zero-size arrays) and the
   int32 :data:`NONFINITE_COUNT` (for inference only if stored or mutable, so
   that variables saved without it, e.g. ``flax.linen.BatchNorm``'s, apply);
   raises if a stored shape differs."""
   values = {name: value for name, value in initial._asdict().items() if value.size}
-  if counter or module.has_variable("batch_stats", NONFINITE_COUNT) or (
-      module.is_mutable_collection("batch_stats")):
+  if (
+    counter
+    or module.has_variable("batch_stats", NONFINITE_COUNT)
+    or (module.is_mutable_collection("batch_stats"))
+  ):
     values[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
   variables = {}
   for name, value in values.items():
@@ -186,13 +216,13 @@ def _tap_variables(module: nn.Module, where: str, initial: dict) -> Optional[dic
     if module.has_variable(BACKWARD_STATS, old):
       raise ValueError(legacy_tap_message(where, f"{BACKWARD_STATS}/{old}"))
   first = next(iter(initial))
-  if not (module.has_variable(BACKWARD_STATS, first)
-          or module.is_mutable_collection(BACKWARD_STATS)):
+  if not (
+    module.has_variable(BACKWARD_STATS, first) or module.is_mutable_collection(BACKWARD_STATS)
+  ):
     return None
   taps = {}
   for name, zeros in initial.items():
-    taps[name] = module.variable(BACKWARD_STATS, name, jnp.zeros, zeros.shape,
-                                 jnp.float32).value
+    taps[name] = module.variable(BACKWARD_STATS, name, jnp.zeros, zeros.shape, jnp.float32).value
     check_state_shape(where, f"{BACKWARD_STATS}/{name}", taps[name], zeros.shape)
   return taps
 
@@ -226,8 +256,14 @@ def _sow_input(module: nn.Module, x: jax.Array, axis: int, config: Any) -> None:
   sow_moments(module, x, groups, axis, config.axis_name, config.axis_index_groups)
 
 
-def sow_moments(module: nn.Module, x: jax.Array, groups: int, axis: int,
-                axis_name: Optional[str] = None, axis_index_groups: Any = None) -> None:
+def sow_moments(
+  module: nn.Module,
+  x: jax.Array,
+  groups: int,
+  axis: int,
+  axis_name: Optional[str] = None,
+  axis_index_groups: Any = None,
+) -> None:
   """Sows the batch moments of a normalizer's input for precise BN.
 
   If the :data:`BATCH_MOMENTS` collection is mutable, two float32 ``(C,)``

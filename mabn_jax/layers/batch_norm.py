@@ -1,4 +1,7 @@
-"""Flax linen batch normalization with normalization groups (``docs/normalization.md``, section 1)."""
+"""Flax linen batch normalization with normalization groups.
+
+The math: ``docs/normalization.md``, section 1.
+"""
 
 from __future__ import annotations
 

@@ -30,12 +30,18 @@ class CenteredConv(nn.Conv):
   def __call__(self, inputs):
     where = layer_path(self)
     if self.mask is not None:
-      raise ValueError(f"{where}: mask is not supported (got one of shape "
-                       f"{tuple(self.mask.shape)}); use flax.linen.Conv.")
-    if (self.conv_general_dilated is not centered_conv_general_dilated
-        or self.conv_general_dilated_cls is not None):
-      raise ValueError(f"{where}: the convolution function is set by CenteredConv "
-                       "(it centres the kernel); got a conv_general_dilated(_cls) override.")
+      raise ValueError(
+        f"{where}: mask is not supported (got one of shape "
+        f"{tuple(self.mask.shape)}); use flax.linen.Conv."
+      )
+    if (
+      self.conv_general_dilated is not centered_conv_general_dilated
+      or self.conv_general_dilated_cls is not None
+    ):
+      raise ValueError(
+        f"{where}: the convolution function is set by CenteredConv "
+        "(it centres the kernel); got a conv_general_dilated(_cls) override."
+      )
     return super().__call__(inputs)
 
 

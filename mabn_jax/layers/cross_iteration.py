@@ -1,18 +1,21 @@
-"""Flax linen wrapper of Cross-Iteration Batch Normalization (``docs/normalization.md``, section 4)."""
+"""Flax linen Cross-Iteration Batch Normalization.
+
+The math: ``docs/normalization.md``, section 4.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Optional, Sequence, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax.linen import initializers
 
 from mabn_jax.functional import cross_iteration as F
-from mabn_jax.functional.cross_iteration import Method as CBN
-from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional._checks import require_bound_axis
+from mabn_jax.functional.centering import center_kernel
+from mabn_jax.functional.cross_iteration import Method as CBN
 from mabn_jax.functional.interface import ConvContext
 from mabn_jax.layers.base import functional_config, layer_path, normalize
 from mabn_jax.layers.centered import CenteredConv
@@ -162,17 +165,18 @@ class CrossIterationConvNorm(nn.Module):
     """Convolves and normalizes ``x`` ``(N, *spatial, cin)``; returns ``(N, *spatial_out, C)``."""
     where = layer_path(self)
     use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
+      "use_running_average", self.use_running_average, use_running_average
+    )
     if not use_running_average and not self.is_initializing():
       require_bound_axis(where, self.axis_name)
     kernel_size = (
-        (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+      (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     )
     rank = len(kernel_size)
     if x.ndim != rank + 2:
       raise ValueError(
-          f"{where}: expected an input of rank {rank + 2} (batch, {rank} spatial "
-          f"axes, channels) for kernel_size {kernel_size}, got shape {tuple(x.shape)}."
+        f"{where}: expected an input of rank {rank + 2} (batch, {rank} spatial "
+        f"axes, channels) for kernel_size {kernel_size}, got shape {tuple(x.shape)}."
       )
     config = self.config()
     config.validate(where)
@@ -180,16 +184,16 @@ class CrossIterationConvNorm(nn.Module):
 
     conv_cls = CenteredConv if self.centered else nn.Conv
     conv = conv_cls(
-        features=self.features,
-        kernel_size=kernel_size,
-        strides=spec.strides,
-        padding=self.padding,
-        use_bias=self.use_bias,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init,
-        bias_init=self.conv_bias_init,
-        name="conv",
+      features=self.features,
+      kernel_size=kernel_size,
+      strides=spec.strides,
+      padding=self.padding,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      bias_init=self.conv_bias_init,
+      name="conv",
     )
     y = conv(x)
     conv_params = conv.variables["params"]
@@ -199,14 +203,14 @@ class CrossIterationConvNorm(nn.Module):
     bias = conv_params.get("bias") if self.use_bias else None
 
     norm = _CrossIterationNorm(
-        config=config,
-        use_scale=self.use_scale,
-        use_bias=self.use_norm_bias,
-        scale_init=self.scale_init,
-        bias_init=self.bias_init,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="norm",
+      config=config,
+      use_scale=self.use_scale,
+      use_bias=self.use_norm_bias,
+      scale_init=self.scale_init,
+      bias_init=self.bias_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="norm",
     )
     return norm(y, x, kernel, bias, spec, use_running_average, where)
 
@@ -234,8 +238,8 @@ class _CrossIterationNorm(nn.Module):
     return CBN(self.config)
 
   @nn.compact
-  def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
-               where: str):
+  def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool, where: str):
     # ``where`` is the parent's layer_path: errors name the layer users wrote.
-    return normalize(self, y, use_running_average,
-                     conv=ConvContext(x, kernel, spec, bias), where=where)
+    return normalize(
+      self, y, use_running_average, conv=ConvContext(x, kernel, spec, bias), where=where
+    )

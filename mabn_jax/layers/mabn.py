@@ -1,4 +1,7 @@
-"""Flax linen wrapper of Moving Average Batch Normalization (``docs/normalization.md``, section 2)."""
+"""Flax linen Moving Average Batch Normalization.
+
+The math: ``docs/normalization.md``, section 2.
+"""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ style signatures and the same math as the linen layers of :mod:`mabn_jax`
     return loss
 """
 
-from mabn_jax.nnx.variables import BackwardStat, BatchMoments, is_tap
 from mabn_jax.nnx.batch_norm import BatchNorm
 from mabn_jax.nnx.batch_renorm import BatchRenorm
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
@@ -25,19 +24,20 @@ from mabn_jax.nnx.cross_iteration import CrossIterationConvNorm
 from mabn_jax.nnx.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.nnx.mabn import MABN
 from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics, value_and_grad
+from mabn_jax.nnx.variables import BackwardStat, BatchMoments, is_tap
 
 __all__ = [
-    "BackwardStat",
-    "BatchMoments",
-    "BatchNorm",
-    "BatchRenorm",
-    "CenteredConv",
-    "CenteredDense",
-    "CrossIterationConvNorm",
-    "DIFFERENTIATED",
-    "FrozenBatchNorm",
-    "MABN",
-    "feed_backward_statistics",
-    "is_tap",
-    "value_and_grad",
+  "BackwardStat",
+  "BatchMoments",
+  "BatchNorm",
+  "BatchRenorm",
+  "CenteredConv",
+  "CenteredDense",
+  "CrossIterationConvNorm",
+  "DIFFERENTIATED",
+  "FrozenBatchNorm",
+  "MABN",
+  "feed_backward_statistics",
+  "is_tap",
+  "value_and_grad",
 ]

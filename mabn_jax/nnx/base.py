@@ -33,13 +33,13 @@ from mabn_jax.nnx.variables import BackwardStat, BatchMoments
 from mabn_jax.training import NONFINITE_COUNT, layer_step
 
 _LAYER_OPTIONS = (
-    ("use_running_average", False),
-    ("dtype", None),
-    ("param_dtype", jnp.float32),
-    ("use_bias", True),
-    ("use_scale", True),
-    ("bias_init", initializers.zeros_init()),
-    ("scale_init", initializers.ones_init()),
+  ("use_running_average", False),
+  ("dtype", None),
+  ("param_dtype", jnp.float32),
+  ("use_bias", True),
+  ("use_scale", True),
+  ("bias_init", initializers.zeros_init()),
+  ("scale_init", initializers.ones_init()),
 )
 
 
@@ -66,9 +66,10 @@ def resolve_mode(where: str, field: Optional[bool], argument: Optional[bool]) ->
   mode = field if argument is None else argument
   if mode is None:
     raise ValueError(
-        f"{where}: use_running_average is None both as an attribute and as a "
-        "call argument; pass use_running_average=True/False, or call "
-        "model.train() / model.eval().")
+      f"{where}: use_running_average is None both as an attribute and as a "
+      "call argument; pass use_running_average=True/False, or call "
+      "model.train() / model.eval()."
+    )
   return bool(mode)
 
 
@@ -83,10 +84,16 @@ def make_affine(module: nnx.Module, num_features: int, rngs: nnx.Rngs) -> None:
   """Sets ``module.scale``/``module.bias``: ``(C,)`` ``nnx.Param`` in the
   module's ``param_dtype``, or ``None`` when disabled (as ``nnx.BatchNorm``)."""
   shape = (num_features,)
-  module.scale = (nnx.Param(module.scale_init(rngs.params(), shape, module.param_dtype))
-                  if module.use_scale else nnx.data(None))
-  module.bias = (nnx.Param(module.bias_init(rngs.params(), shape, module.param_dtype))
-                 if module.use_bias else nnx.data(None))
+  module.scale = (
+    nnx.Param(module.scale_init(rngs.params(), shape, module.param_dtype))
+    if module.use_scale
+    else nnx.data(None)
+  )
+  module.bias = (
+    nnx.Param(module.bias_init(rngs.params(), shape, module.param_dtype))
+    if module.use_bias
+    else nnx.data(None)
+  )
 
 
 def make_state(module: nnx.Module, method: interface.Method, initial: Any) -> None:
@@ -104,10 +111,12 @@ def make_state(module: nnx.Module, method: interface.Method, initial: Any) -> No
 def make_method(module: nnx.Module) -> interface.Method:
   """``module.method_class`` built from the module's attributes of the same names."""
   method_class = module.method_class
-  config = method_class.config_class(**{
-      f.name: getattr(module, f.name) for f in dataclasses.fields(method_class.config_class)})
-  layout = {f.name: getattr(module, f.name) for f in dataclasses.fields(method_class)
-            if f.name != "config"}
+  config = method_class.config_class(
+    **{f.name: getattr(module, f.name) for f in dataclasses.fields(method_class.config_class)}
+  )
+  layout = {
+    f.name: getattr(module, f.name) for f in dataclasses.fields(method_class) if f.name != "config"
+  }
   return method_class(config=config, **layout)
 
 
@@ -133,12 +142,16 @@ class BatchStatisticsNorm(nnx.Module):
       positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
       keyword = inspect.Parameter.KEYWORD_ONLY
       parameters = (
-          [inspect.Parameter("num_features", positional, annotation=int)]
-          + [inspect.Parameter(name, keyword, default=default)
-             for name, default in options(cls.method_class).items()]
-          + [inspect.Parameter("rngs", keyword, annotation=nnx.Rngs)])
+        [inspect.Parameter("num_features", positional, annotation=int)]
+        + [
+          inspect.Parameter(name, keyword, default=default)
+          for name, default in options(cls.method_class).items()
+        ]
+        + [inspect.Parameter("rngs", keyword, annotation=nnx.Rngs)]
+      )
       __init__.__signature__ = inspect.Signature(
-          [inspect.Parameter("self", positional)] + parameters)
+        [inspect.Parameter("self", positional)] + parameters
+      )
       __init__.__qualname__ = f"{cls.__qualname__}.__init__"
       __init__.__doc__ = cls.__doc__
       cls.__init__ = __init__
@@ -149,8 +162,10 @@ class BatchStatisticsNorm(nnx.Module):
     defaults = options(self.method_class)
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
-      raise TypeError(f"{where}: unexpected keyword argument(s) {', '.join(unknown)}; "
-                      f"valid ones: {', '.join(defaults)}.")
+      raise TypeError(
+        f"{where}: unexpected keyword argument(s) {', '.join(unknown)}; "
+        f"valid ones: {', '.join(defaults)}."
+      )
     self.num_features = num_features
     for name, default in defaults.items():
       setattr(self, name, kwargs.get(name, default))
@@ -175,9 +190,13 @@ class BatchStatisticsNorm(nnx.Module):
     return normalize(self, x, use_running_average)
 
 
-def normalize(module: nnx.Module, x: jax.Array, use_running_average: Optional[bool],
-              conv: Optional[interface.ConvContext] = None,
-              where: Optional[str] = None) -> jax.Array:
+def normalize(
+  module: nnx.Module,
+  x: jax.Array,
+  use_running_average: Optional[bool],
+  conv: Optional[interface.ConvContext] = None,
+  where: Optional[str] = None,
+) -> jax.Array:
   """The call of every batch-statistics module: inference with the stored
   statistics, or a training step whose state is committed unless non-finite."""
   where = where or describe(module, module.num_features)
@@ -187,8 +206,9 @@ def normalize(module: nnx.Module, x: jax.Array, use_running_average: Optional[bo
     axis = method.feature_axis(x.ndim)
     if x.shape[axis] != module.num_features:
       raise ValueError(
-          f"{where}: expected {module.num_features} features on axis {axis} of the input, "
-          f"got {x.shape[axis]} (input shape {tuple(x.shape)}).")
+        f"{where}: expected {module.num_features} features on axis {axis} of the input, "
+        f"got {x.shape[axis]} (input shape {tuple(x.shape)})."
+      )
     initial = module.initial_state(method)
   state = _read_state(module, initial, where, method.mismatch_cause())
   taps = _read_taps(module, method, initial, where)
@@ -198,9 +218,17 @@ def normalize(module: nnx.Module, x: jax.Array, use_running_average: Optional[bo
     require_bound_axis(where, method.config.axis_name)
   with interface.named_errors(where):
     y, new_state, checked = layer_step(
-        method, x, state, use_running_average=use_running_average, scale=scale, bias=bias,
-        taps=taps, conv=conv, where=where,
-        before_train=lambda: _sow_moments(module, x, axis, method.config))
+      method,
+      x,
+      state,
+      use_running_average=use_running_average,
+      scale=scale,
+      bias=bias,
+      taps=taps,
+      conv=conv,
+      where=where,
+      before_train=lambda: _sow_moments(module, x, axis, method.config),
+    )
     if new_state is not None:
       _commit_state(module, new_state, checked)
   return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
@@ -230,8 +258,9 @@ def _read_state(module: nnx.Module, initial: Any, where: str, cause: str) -> Any
   return initial._replace(**values)
 
 
-def _read_taps(module: nnx.Module, method: interface.Method, initial: Any,
-               where: str) -> Optional[dict]:
+def _read_taps(
+  module: nnx.Module, method: interface.Method, initial: Any, where: str
+) -> Optional[dict]:
   expected = method.taps(initial)
   if not expected:
     return None
@@ -245,8 +274,11 @@ def _commit_state(module: nnx.Module, new_state: Any, checked: Any) -> None:
   """Writes a step's new state into the ``nnx.BatchStat`` attributes unless a
   value of ``checked`` (default: the new state) is non-finite; then the old
   values stay and ``nonfinite_count`` grows by one."""
-  old = {name: getattr(module, name)[...] for name in new_state._fields
-         if isinstance(getattr(module, name, None), nnx.BatchStat)}
+  old = {
+    name: getattr(module, name)[...]
+    for name in new_state._fields
+    if isinstance(getattr(module, name, None), nnx.BatchStat)
+  }
   counter = getattr(module, NONFINITE_COUNT)
   kept, counter[...] = st.commit_values(new_state, old, counter[...], checked)
   for name, value in kept.items():

@@ -1,4 +1,7 @@
-"""Flax NNX weight-centralized convolution and linear layers (``docs/normalization.md``, section 2 (a))."""
+"""Flax NNX weight-centralized convolution and linear layers.
+
+The math: ``docs/normalization.md``, section 2 (a).
+"""
 
 from __future__ import annotations
 
@@ -23,17 +26,28 @@ class CenteredConv(nnx.Conv):
   ``conv_general_dilated`` are not supported.
   """
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: Any,
-               strides: Any = 1, **kwargs: Any):
+  def __init__(
+    self, in_features: int, out_features: int, kernel_size: Any, strides: Any = 1, **kwargs: Any
+  ):
     where = f"mabn_jax.nnx.CenteredConv({in_features} -> {out_features})"
     if kwargs.get("mask") is not None:
-      raise ValueError(f"{where}: mask is not supported (centring would move weight "
-                       "onto masked taps); use nnx.Conv.")
+      raise ValueError(
+        f"{where}: mask is not supported (centring would move weight "
+        "onto masked taps); use nnx.Conv."
+      )
     if "conv_general_dilated" in kwargs:
-      raise ValueError(f"{where}: the convolution function is set by CenteredConv "
-                       "(it centres the kernel); got a conv_general_dilated override.")
-    super().__init__(in_features, out_features, kernel_size, strides,
-                     conv_general_dilated=centered_conv_general_dilated, **kwargs)
+      raise ValueError(
+        f"{where}: the convolution function is set by CenteredConv "
+        "(it centres the kernel); got a conv_general_dilated override."
+      )
+    super().__init__(
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      conv_general_dilated=centered_conv_general_dilated,
+      **kwargs,
+    )
 
 
 def _centered_promote_dtype(arrays, /, *, dtype=None, inexact=True):
@@ -41,8 +55,7 @@ def _centered_promote_dtype(arrays, /, *, dtype=None, inexact=True):
   kernel centred first, in its own dtype (as :class:`mabn_jax.CenteredDense`
   centres the stored parameter before ``flax.linen.Dense`` promotes it)."""
   inputs, kernel, bias = arrays
-  return dtypes.promote_dtype((inputs, center_kernel(kernel), bias), dtype=dtype,
-                              inexact=inexact)
+  return dtypes.promote_dtype((inputs, center_kernel(kernel), bias), dtype=dtype, inexact=inexact)
 
 
 class CenteredDense(nnx.Linear):
@@ -58,8 +71,8 @@ class CenteredDense(nnx.Linear):
   def __init__(self, in_features: int, out_features: int, **kwargs: Any):
     if "promote_dtype" in kwargs:
       raise ValueError(
-          f"mabn_jax.nnx.CenteredDense({in_features} -> {out_features}): the dtype "
-          "promotion is set by CenteredDense (it centres the kernel first); got a "
-          "promote_dtype override.")
-    super().__init__(in_features, out_features, promote_dtype=_centered_promote_dtype,
-                     **kwargs)
+        f"mabn_jax.nnx.CenteredDense({in_features} -> {out_features}): the dtype "
+        "promotion is set by CenteredDense (it centres the kernel first); got a "
+        "promote_dtype override."
+      )
+    super().__init__(in_features, out_features, promote_dtype=_centered_promote_dtype, **kwargs)

@@ -11,12 +11,18 @@ from flax.nnx.nn import initializers
 from flax.nnx.nn.linear import default_kernel_init
 
 from mabn_jax.functional import cross_iteration as F
-from mabn_jax.functional.cross_iteration import Method as CBN
-from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional._checks import require_bound_axis
+from mabn_jax.functional.centering import center_kernel
+from mabn_jax.functional.cross_iteration import Method as CBN
 from mabn_jax.functional.interface import ConvContext
 from mabn_jax.nnx.base import (
-    describe, hashable_groups, make_affine, make_state, normalize, resolve_mode)
+  describe,
+  hashable_groups,
+  make_affine,
+  make_state,
+  normalize,
+  resolve_mode,
+)
 from mabn_jax.nnx.centered import CenteredConv
 
 
@@ -70,71 +76,97 @@ class CrossIterationConvNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      kernel_size: Union[int, Sequence[int]],
-      strides: Union[int, Sequence[int]] = 1,
-      *,
-      padding: Any = "SAME",
-      use_bias: bool = False,
-      centered: bool = False,
-      window: int = 4,
-      burn_in: int = 100,
-      naive: bool = False,
-      group_history: bool = False,
-      num_groups: Optional[int] = None,
-      backward: str = F.CBNConfig.backward,
-      running_stats: str = F.CBNConfig.running_stats,
-      derivative_stride: int = F.CBNConfig.derivative_stride,
-      derivative_dtype: Any = F.CBNConfig.derivative_dtype,
-      kernel_derivatives: str = F.CBNConfig.kernel_derivatives,
-      rematerialize: bool = F.CBNConfig.rematerialize,
-      momentum: float = 0.9,
-      epsilon: float = 1e-5,
-      norm_batch_size: Optional[int] = None,
-      axis_name: Optional[str] = None,
-      axis_index_groups: Any = None,
-      use_running_average: Optional[bool] = False,
-      dtype: Optional[Any] = None,
-      param_dtype: Any = jnp.float32,
-      use_scale: bool = True,
-      use_norm_bias: bool = True,
-      scale_init: Any = initializers.ones_init(),
-      bias_init: Any = initializers.zeros_init(),
-      kernel_init: Any = default_kernel_init,
-      conv_bias_init: Any = initializers.zeros_init(),
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: Union[int, Sequence[int]],
+    strides: Union[int, Sequence[int]] = 1,
+    *,
+    padding: Any = "SAME",
+    use_bias: bool = False,
+    centered: bool = False,
+    window: int = 4,
+    burn_in: int = 100,
+    naive: bool = False,
+    group_history: bool = False,
+    num_groups: Optional[int] = None,
+    backward: str = F.CBNConfig.backward,
+    running_stats: str = F.CBNConfig.running_stats,
+    derivative_stride: int = F.CBNConfig.derivative_stride,
+    derivative_dtype: Any = F.CBNConfig.derivative_dtype,
+    kernel_derivatives: str = F.CBNConfig.kernel_derivatives,
+    rematerialize: bool = F.CBNConfig.rematerialize,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    norm_batch_size: Optional[int] = None,
+    axis_name: Optional[str] = None,
+    axis_index_groups: Any = None,
+    use_running_average: Optional[bool] = False,
+    dtype: Optional[Any] = None,
+    param_dtype: Any = jnp.float32,
+    use_scale: bool = True,
+    use_norm_bias: bool = True,
+    scale_init: Any = initializers.ones_init(),
+    bias_init: Any = initializers.zeros_init(),
+    kernel_init: Any = default_kernel_init,
+    conv_bias_init: Any = initializers.zeros_init(),
+    rngs: nnx.Rngs,
   ):
     kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     self.num_features = out_features
     where = describe(self, out_features)
     self.config = F.CBNConfig(
-        window=window, burn_in=burn_in, naive=naive, group_history=group_history,
-        backward=backward, running_stats=running_stats,
-        derivative_stride=derivative_stride, derivative_dtype=derivative_dtype,
-        kernel_derivatives=kernel_derivatives, rematerialize=rematerialize,
-        momentum=momentum, epsilon=epsilon,
-        norm_batch_size=norm_batch_size,
-        axis_name=axis_name, axis_index_groups=hashable_groups(axis_index_groups))
+      window=window,
+      burn_in=burn_in,
+      naive=naive,
+      group_history=group_history,
+      backward=backward,
+      running_stats=running_stats,
+      derivative_stride=derivative_stride,
+      derivative_dtype=derivative_dtype,
+      kernel_derivatives=kernel_derivatives,
+      rematerialize=rematerialize,
+      momentum=momentum,
+      epsilon=epsilon,
+      norm_batch_size=norm_batch_size,
+      axis_name=axis_name,
+      axis_index_groups=hashable_groups(axis_index_groups),
+    )
     self.config.validate(where)
     if group_history and num_groups is None:
       raise ValueError(
-          f"{where}: group_history keeps one history per normalization group, so "
-          "num_groups (training batch // norm_batch_size) must be given.")
+        f"{where}: group_history keeps one history per normalization group, so "
+        "num_groups (training batch // norm_batch_size) must be given."
+      )
     self.spec = F.ConvSpec.make(len(kernel_size), strides, padding, where=where)
     self.use_running_average = use_running_average
     self.centered = centered
     conv_cls = CenteredConv if centered else nnx.Conv
     self.conv = conv_cls(
-        in_features, out_features, kernel_size, self.spec.strides, padding=padding,
-        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=kernel_init, bias_init=conv_bias_init, rngs=rngs)
+      in_features,
+      out_features,
+      kernel_size,
+      self.spec.strides,
+      padding=padding,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=kernel_init,
+      bias_init=conv_bias_init,
+      rngs=rngs,
+    )
     self.norm = _CrossIterationNorm(
-        kernel_size + (in_features, out_features), self.config,
-        num_groups if group_history else None, use_scale=use_scale,
-        use_bias=use_norm_bias, scale_init=scale_init, bias_init=bias_init,
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      kernel_size + (in_features, out_features),
+      self.config,
+      num_groups if group_history else None,
+      use_scale=use_scale,
+      use_bias=use_norm_bias,
+      scale_init=scale_init,
+      bias_init=bias_init,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
     """Convolves and normalizes ``x`` ``(N, *spatial, in_features)``; returns
@@ -144,9 +176,10 @@ class CrossIterationConvNorm(nnx.Module):
     rank = len(self.conv.kernel_size)
     if x.ndim != rank + 2:
       raise ValueError(
-          f"{where}: expected an input of rank {rank + 2} (batch, {rank} spatial "
-          f"axes, channels) for kernel_size {self.conv.kernel_size}, got shape "
-          f"{tuple(x.shape)}.")
+        f"{where}: expected an input of rank {rank + 2} (batch, {rank} spatial "
+        f"axes, channels) for kernel_size {self.conv.kernel_size}, got shape "
+        f"{tuple(x.shape)}."
+      )
     if not use_running_average:
       require_bound_axis(where, self.config.axis_name)
     y = self.conv(x)
@@ -164,9 +197,20 @@ class _CrossIterationNorm(nnx.Module):
 
   method_class = CBN
 
-  def __init__(self, kernel_shape, config: F.CBNConfig, history_groups: Optional[int], *,
-               use_scale, use_bias, scale_init, bias_init, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    kernel_shape,
+    config: F.CBNConfig,
+    history_groups: Optional[int],
+    *,
+    use_scale,
+    use_bias,
+    scale_init,
+    bias_init,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     self.kernel_shape = tuple(kernel_shape)
     self.num_features = self.kernel_shape[-1]
     self.config = config
@@ -183,10 +227,11 @@ class _CrossIterationNorm(nnx.Module):
     return CBN(self.config)
 
   def initial_state(self, method: CBN) -> F.CBNState:
-    return method.init(self.num_features, kernel_shape=self.kernel_shape,
-                       groups=self.history_groups)
+    return method.init(
+      self.num_features, kernel_shape=self.kernel_shape, groups=self.history_groups
+    )
 
-  def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool,
-               where: str):
-    return normalize(self, y, use_running_average,
-                     conv=ConvContext(x, kernel, spec, bias), where=where)
+  def __call__(self, y, x, kernel, bias, spec: F.ConvSpec, use_running_average: bool, where: str):
+    return normalize(
+      self, y, use_running_average, conv=ConvContext(x, kernel, spec, bias), where=where
+    )

@@ -25,6 +25,7 @@ from flax import nnx
 
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 
+
 def _norm_kwargs(normalizer) -> dict:
   options = normalizer.options
   options.pop("centered", None)
@@ -33,9 +34,10 @@ def _norm_kwargs(normalizer) -> dict:
   unknown = sorted(set(options) - accepted)
   if unknown:
     raise ValueError(
-        f"normalizer {normalizer.name!r}: keyword argument(s) {', '.join(unknown)} "
-        f"have no counterpart in {target.__module__}.{target.__name__} (Flax NNX); "
-        f"it accepts {', '.join(sorted(accepted))}.")
+      f"normalizer {normalizer.name!r}: keyword argument(s) {', '.join(unknown)} "
+      f"have no counterpart in {target.__module__}.{target.__name__} (Flax NNX); "
+      f"it accepts {', '.join(sorted(accepted))}."
+    )
   return options
 
 
@@ -47,9 +49,10 @@ def norm(normalizer, num_features: int, *, rngs: nnx.Rngs) -> Optional[nnx.Modul
   """
   if normalizer.entry.kind == "conv":
     raise ValueError(
-        f"normalizer {normalizer.name!r} compensates statistics for the change of "
-        "the preceding convolution's kernel, so it has no stand-alone norm; use "
-        "conv_norm(...) instead.")
+      f"normalizer {normalizer.name!r} compensates statistics for the change of "
+      "the preceding convolution's kernel, so it has no stand-alone norm; use "
+      "conv_norm(...) instead."
+    )
   if normalizer.entry.kind == "none":
     return None
   return normalizer.entry.nnx(num_features, **_norm_kwargs(normalizer), rngs=rngs)
@@ -68,14 +71,29 @@ class ConvNorm(nnx.Module):
   ``norm``. Called as ``module(x)`` on ``(N, *spatial, in_features)``.
   """
 
-  def __init__(self, normalizer, in_features: int, features: int,
-               kernel_size: Union[int, Sequence[int]], strides: Any = 1, *,
-               padding: Any = "SAME", kernel_init: Optional[Callable] = None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    normalizer,
+    in_features: int,
+    features: int,
+    kernel_size: Union[int, Sequence[int]],
+    strides: Any = 1,
+    *,
+    padding: Any = "SAME",
+    kernel_init: Optional[Callable] = None,
+    rngs: nnx.Rngs,
+  ):
     conv_cls = CenteredConv if normalizer.centered else nnx.Conv
-    self.conv = conv_cls(in_features, features, kernel_size, strides, padding=padding,
-                         use_bias=normalizer.name == "none",
-                         **normalizer.conv_kwargs(kernel_init), rngs=rngs)
+    self.conv = conv_cls(
+      in_features,
+      features,
+      kernel_size,
+      strides,
+      padding=padding,
+      use_bias=normalizer.name == "none",
+      **normalizer.conv_kwargs(kernel_init),
+      rngs=rngs,
+    )
     self.norm = _optional(norm(normalizer, features, rngs=rngs))
 
   def __call__(self, x):
@@ -87,15 +105,28 @@ class DenseNorm(nnx.Module):
   """A linear layer (``dense``; centred when the normalizer is) followed by a
   normalization (``norm``); a bias only for ``'none'``."""
 
-  def __init__(self, normalizer, in_features: int, features: int, *,
-               kernel_init: Optional[Callable] = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    normalizer,
+    in_features: int,
+    features: int,
+    *,
+    kernel_init: Optional[Callable] = None,
+    rngs: nnx.Rngs,
+  ):
     if normalizer.entry.kind == "conv":
       raise ValueError(
-          f"normalizer {normalizer.name!r} is defined for a preceding convolution "
-          "only; use conv_norm(...).")
+        f"normalizer {normalizer.name!r} is defined for a preceding convolution "
+        "only; use conv_norm(...)."
+      )
     dense_cls = CenteredDense if normalizer.centered else nnx.Linear
-    self.dense = dense_cls(in_features, features, use_bias=normalizer.name == "none",
-                           **normalizer.conv_kwargs(kernel_init), rngs=rngs)
+    self.dense = dense_cls(
+      in_features,
+      features,
+      use_bias=normalizer.name == "none",
+      **normalizer.conv_kwargs(kernel_init),
+      rngs=rngs,
+    )
     self.norm = _optional(norm(normalizer, features, rngs=rngs))
 
   def __call__(self, x):
@@ -103,10 +134,17 @@ class DenseNorm(nnx.Module):
     return y if self.norm is None else self.norm(y)
 
 
-def conv_norm(normalizer, in_features: int, features: int,
-              kernel_size: Union[int, Sequence[int]], strides: Any = 1, *,
-              padding: Any = "SAME", kernel_init: Optional[Callable] = None,
-              rngs: nnx.Rngs) -> nnx.Module:
+def conv_norm(
+  normalizer,
+  in_features: int,
+  features: int,
+  kernel_size: Union[int, Sequence[int]],
+  strides: Any = 1,
+  *,
+  padding: Any = "SAME",
+  kernel_init: Optional[Callable] = None,
+  rngs: nnx.Rngs,
+) -> nnx.Module:
   """A convolution followed by ``normalizer``'s normalization, as an NNX module.
 
   An int ``kernel_size`` means a square kernel of 2-D convolutions (give a
@@ -122,13 +160,35 @@ def conv_norm(normalizer, in_features: int, features: int,
     if kernel_init is not None:
       kwargs["kernel_init"] = kernel_init
     return normalizer.entry.nnx(
-        in_features, features, kernel_size, strides, padding=padding, use_bias=False,
-        **dict(normalizer.entry.fixed), **kwargs, rngs=rngs)
-  return ConvNorm(normalizer, in_features, features, kernel_size, strides,
-                  padding=padding, kernel_init=kernel_init, rngs=rngs)
+      in_features,
+      features,
+      kernel_size,
+      strides,
+      padding=padding,
+      use_bias=False,
+      **dict(normalizer.entry.fixed),
+      **kwargs,
+      rngs=rngs,
+    )
+  return ConvNorm(
+    normalizer,
+    in_features,
+    features,
+    kernel_size,
+    strides,
+    padding=padding,
+    kernel_init=kernel_init,
+    rngs=rngs,
+  )
 
 
-def dense_norm(normalizer, in_features: int, features: int, *,
-               kernel_init: Optional[Callable] = None, rngs: nnx.Rngs) -> DenseNorm:
+def dense_norm(
+  normalizer,
+  in_features: int,
+  features: int,
+  *,
+  kernel_init: Optional[Callable] = None,
+  rngs: nnx.Rngs,
+) -> DenseNorm:
   """A linear layer followed by ``normalizer``'s normalization (NNX)."""
   return DenseNorm(normalizer, in_features, features, kernel_init=kernel_init, rngs=rngs)

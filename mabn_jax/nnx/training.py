@@ -45,8 +45,9 @@ def feed_backward_statistics(model: nnx.Module, tap_grads: nnx.State) -> None:
     target = stat_path(tuple(path))
     if target not in stats:
       raise ValueError(
-          f"mabn_jax.nnx: the tap {'/'.join(map(str, path))} has no nnx.BatchStat "
-          f"{'/'.join(map(str, target))} to update.")
+        f"mabn_jax.nnx: the tap {'/'.join(map(str, path))} has no nnx.BatchStat "
+        f"{'/'.join(map(str, target))} to update."
+      )
     stats[target][...] = add_increment(stats[target][...], cotangent[...])
 
 
@@ -71,8 +72,8 @@ def value_and_grad(fun: Callable[..., Any], *, has_aux: bool = False):
     fine-tune with frozen statistics).
   """
   grad_fn = nnx.value_and_grad(
-      fun, argnums=nnx.DiffState(0, DIFFERENTIATED), has_aux=has_aux,
-      graph=True, graph_updates=True)
+    fun, argnums=nnx.DiffState(0, DIFFERENTIATED), has_aux=has_aux, graph=True, graph_updates=True
+  )
 
   def wrapped(model, *args, **kwargs):
     with training_step():

@@ -46,5 +46,6 @@ def is_tap(path, value) -> bool:
   del path
   if not isinstance(value, nnx.Variable):
     return False
-  return (isinstance(value, BackwardStat)
-          or variablelib.VariableTypeCache.get(BACKWARD_STATS) is type(value))
+  return isinstance(value, BackwardStat) or variablelib.VariableTypeCache.get(
+    BACKWARD_STATS
+  ) is type(value)

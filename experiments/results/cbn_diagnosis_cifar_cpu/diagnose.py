@@ -30,12 +30,12 @@ from experiments import train as T  # noqa: E402
 from mabn_jax.functional import cross_iteration as F  # noqa: E402
 
 VARIANTS = {
-    "bn_b2": ("bn", {}, 2),
-    "cbn_w1_b2": ("cbn", {"window": 1, "burn_in": 0}, 2),
-    "cbn_b2": ("cbn", {"burn_in": 0}, 2),
-    "cbn_naive_b2": ("cbn_naive", {"burn_in": 0}, 2),
-    "cbn_b32": ("cbn", {"burn_in": 0}, 32),
-    "cbn_b2_fullgrad": ("cbn", {"burn_in": 0}, 2),
+  "bn_b2": ("bn", {}, 2),
+  "cbn_w1_b2": ("cbn", {"window": 1, "burn_in": 0}, 2),
+  "cbn_b2": ("cbn", {"burn_in": 0}, 2),
+  "cbn_naive_b2": ("cbn_naive", {"burn_in": 0}, 2),
+  "cbn_b32": ("cbn", {"burn_in": 0}, 32),
+  "cbn_b2_fullgrad": ("cbn", {"burn_in": 0}, 2),
 }
 
 
@@ -48,11 +48,14 @@ def pooled_moments_with_same_step_gradient(mu, nu, past_mu, past_nu, past_filled
   index = jnp.arange(groups)[:, None] + jnp.arange(past)[None, :]
   win_mu, win_nu = seq_mu[index], seq_nu[index]
   keep = filled[index][..., None] & (
-      lax.stop_gradient(win_nu) >= jnp.square(lax.stop_gradient(win_mu)))
+    lax.stop_gradient(win_nu) >= jnp.square(lax.stop_gradient(win_mu))
+  )
   keep = keep.astype(mu.dtype)
   count = 1.0 + jnp.sum(keep, axis=1)
-  return ((mu + jnp.sum(keep * win_mu, axis=1)) / count,
-          (nu + jnp.sum(keep * win_nu, axis=1)) / count)
+  return (
+    (mu + jnp.sum(keep * win_mu, axis=1)) / count,
+    (nu + jnp.sum(keep * win_nu, axis=1)) / count,
+  )
 
 
 def main(names):
@@ -60,15 +63,32 @@ def main(names):
   original = F.pooled_moments
   for name in names:
     norm, kwargs, b = VARIANTS[name]
-    F.pooled_moments = (pooled_moments_with_same_step_gradient
-                        if name.endswith("_fullgrad") else original)
-    cfg = T.preset("cifar_cpu", norm=norm, norm_kwargs=kwargs, norm_batch_size=b, epochs=2,
-                   train_subset=6400, workdir=f"/tmp/cbn_diagnosis/{name}", progress=False,
-                   eval_every=1, log_every=25, resume=False)
+    F.pooled_moments = (
+      pooled_moments_with_same_step_gradient if name.endswith("_fullgrad") else original
+    )
+    cfg = T.preset(
+      "cifar_cpu",
+      norm=norm,
+      norm_kwargs=kwargs,
+      norm_batch_size=b,
+      epochs=2,
+      train_subset=6400,
+      workdir=f"/tmp/cbn_diagnosis/{name}",
+      progress=False,
+      eval_every=1,
+      log_every=25,
+      resume=False,
+    )
     s = T.train(cfg)
-    row = {"variant": name, "norm": norm, "norm_kwargs": kwargs, "norm_batch_size": b,
-           "test_top1_curve": s["test_top1_curve"],
-           "train_loss_curve": s["train_loss_curve"], "wall_time_s": s["wall_time_s"]}
+    row = {
+      "variant": name,
+      "norm": norm,
+      "norm_kwargs": kwargs,
+      "norm_batch_size": b,
+      "test_top1_curve": s["test_top1_curve"],
+      "train_loss_curve": s["train_loss_curve"],
+      "wall_time_s": s["wall_time_s"],
+    }
     print(json.dumps({k: row[k] for k in ("variant", "test_top1_curve")}), flush=True)
     with open(os.path.join(here, f"{name}.json"), "w") as f:
       json.dump(row, f, indent=1)

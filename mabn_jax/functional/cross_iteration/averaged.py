@@ -28,8 +28,7 @@ from jax.custom_derivatives import SymbolicZero
 from mabn_jax.functional import backward_stats as bs
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import UnnamedLayerError
-from mabn_jax.functional.cross_iteration.window import (
-    history_entries, window_entries, window_mean)
+from mabn_jax.functional.cross_iteration.window import history_entries, window_entries, window_mean
 
 
 def _centred_scaled(y, mu_bar, inv_std):
@@ -38,30 +37,31 @@ def _centred_scaled(y, mu_bar, inv_std):
   return (y - st.broadcast_groups(mu_bar, y, axis)) * st.broadcast_groups(inv_std, y, axis)
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _averaged_normalize(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer,
-                        past_filled, burning, groups, config):
+def _averaged_normalize(
+  y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer, past_filled, burning, groups, config
+):
   del g_tap, psi_tap, g_buffer, psi_buffer, past_filled, burning, groups, config
   return _centred_scaled(y, mu_bar, inv_std)
 
 
-def _averaged_fwd(y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer, past_filled,
-                  burning, groups, config):
+def _averaged_fwd(
+  y, g_tap, psi_tap, mu_bar, inv_std, g_buffer, psi_buffer, past_filled, burning, groups, config
+):
   if y.perturbed and not (g_tap.perturbed and psi_tap.perturbed):
     raise UnnamedLayerError(
-        "the CBN backward statistics (backward='averaged') are not being "
-        "fed: the gradient is taken with respect to the input or the kernel but not "
-        "the 'backward_stats' taps (g_increment, psi_increment), so g_buffer and "
-        "psi_buffer would go stale. Compute gradients with "
-        "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
-        "mabn_jax.nnx.value_and_grad(loss_fn)(model, ...); or differentiate the "
-        "taps and add their cotangents to the buffers) instead of "
-        "jax.grad/jax.value_and_grad (nnx.grad) on the params alone.")
+      "the CBN backward statistics (backward='averaged') are not being "
+      "fed: the gradient is taken with respect to the input or the kernel but not "
+      "the 'backward_stats' taps (g_increment, psi_increment), so g_buffer and "
+      "psi_buffer would go stale. Compute gradients with "
+      "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
+      "mabn_jax.nnx.value_and_grad(loss_fn)(model, ...); or differentiate the "
+      "taps and add their cotangents to the buffers) instead of "
+      "jax.grad/jax.value_and_grad (nnx.grad) on the params alone."
+    )
   for tap in (g_tap, psi_tap):
     bs.check_tap_varies_like_input(y.value, tap.value, config, normalizer="cbn")
-  res = tuple(p.value for p in (y, mu_bar, inv_std, g_buffer, psi_buffer, past_filled,
-                                burning))
+  res = tuple(p.value for p in (y, mu_bar, inv_std, g_buffer, psi_buffer, past_filled, burning))
   return _centred_scaled(res[0], res[1], res[2]), res
 
 
@@ -73,7 +73,8 @@ def _averaged_bwd(groups, config, res, ct):
   xhat = _centred_scaled(y, mu_bar, inv_std)
   g = ct.astype(xhat.dtype)
   g_batch, psi_batch = bs.backward_statistics(
-      xhat, g, groups, axis, config.axis_name, config.axis_index_groups, with_mean=True)
+    xhat, g, groups, axis, config.axis_name, config.axis_index_groups, with_mean=True
+  )
   past = (g_buffer.astype(g.dtype), psi_buffer.astype(g.dtype))
   if config.group_history:
     windows, filled = history_entries(past, past_filled, groups)
@@ -86,13 +87,14 @@ def _averaged_bwd(groups, config, res, ct):
 
     def new_rows(a):
       return a[-newest:]
+
   g_mean = jnp.where(burning, g_batch, window_mean(g_batch, windows[0], filled))
   psi = jnp.where(burning, psi_batch, window_mean(psi_batch, windows[1], filled))
   grad_y = bs.stabilized_input_gradient(g, xhat, inv_std, psi, axis, g_mean=g_mean)
   increments = tuple(
-      bs.tap_increment(st.push_unless(buffer, new_rows(batch), burning), buffer,
-                       g_batch, psi_batch)
-      for buffer, batch in ((g_buffer, g_batch), (psi_buffer, psi_batch)))
+    bs.tap_increment(st.push_unless(buffer, new_rows(batch), burning), buffer, g_batch, psi_batch)
+    for buffer, batch in ((g_buffer, g_batch), (psi_buffer, psi_batch))
+  )
   return (grad_y.astype(y.dtype),) + increments + (None,) * 6
 
 

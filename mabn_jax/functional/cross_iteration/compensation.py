@@ -20,7 +20,7 @@ from jax import lax
 
 
 def taylor_offsets(
-    mu: jax.Array, nu: jax.Array, dmu: jax.Array, dnu: jax.Array, kernel: jax.Array
+  mu: jax.Array, nu: jax.Array, dmu: jax.Array, dnu: jax.Array, kernel: jax.Array
 ) -> Tuple[jax.Array, jax.Array]:
   """``(mu - dmu . W, nu - dnu . W)`` per channel: the offsets of new entries.
 
@@ -36,8 +36,12 @@ def taylor_offsets(
 
 
 def stored_entries(
-    mu: jax.Array, nu: jax.Array, dmu: jax.Array, dnu: jax.Array, kernel: jax.Array,
-    derivative_dtype: Any = jnp.float32,
+  mu: jax.Array,
+  nu: jax.Array,
+  dmu: jax.Array,
+  dnu: jax.Array,
+  kernel: jax.Array,
+  derivative_dtype: Any = jnp.float32,
 ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """New entries as the buffers hold them: ``(dmu, dnu, mu_offset, nu_offset)``.
 
@@ -62,12 +66,12 @@ def stored_entries(
 
 
 def compensate(
-    mu_offset: jax.Array,
-    nu_offset: jax.Array,
-    dmu: jax.Array,
-    dnu: jax.Array,
-    kernel: jax.Array,
-    differentiable: bool = False,
+  mu_offset: jax.Array,
+  nu_offset: jax.Array,
+  dmu: jax.Array,
+  dnu: jax.Array,
+  kernel: jax.Array,
+  differentiable: bool = False,
 ) -> Tuple[jax.Array, jax.Array]:
   """First-order Taylor compensation of entries to ``kernel``.
 
@@ -86,8 +90,9 @@ def compensate(
   Returns:
     The compensated ``(mu, nu)``, each ``(P, C)``.
   """
-  mu_dot, nu_dot = _dot_kernel(lax.stop_gradient(dmu), lax.stop_gradient(dnu), kernel,
-                               differentiable)
+  mu_dot, nu_dot = _dot_kernel(
+    lax.stop_gradient(dmu), lax.stop_gradient(dnu), kernel, differentiable
+  )
   return lax.stop_gradient(mu_offset) + mu_dot, lax.stop_gradient(nu_offset) + nu_dot
 
 
@@ -100,7 +105,7 @@ def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
   constant unless ``differentiable``.
   """
   channels = kernel.shape[-1]
-  lead = dnu.shape[:dnu.ndim - kernel.ndim]
+  lead = dnu.shape[: dnu.ndim - kernel.ndim]
   if not differentiable:
     kernel = lax.stop_gradient(kernel)
   dtype = jnp.promote_types(jnp.promote_types(dnu.dtype, kernel.dtype), jnp.float32)
@@ -134,8 +139,8 @@ def _channel_inner_fwd(d, w):
 def _channel_inner_bwd(res, ct):
   d, w = res
   grad_w = functools.reduce(
-      jnp.add, [d[e].astype(w.dtype) * ct[e][None] for e in range(d.shape[0])],
-      jnp.zeros_like(w))
+    jnp.add, [d[e].astype(w.dtype) * ct[e][None] for e in range(d.shape[0])], jnp.zeros_like(w)
+  )
   return (ct[:, None, :] * w[None]).astype(d.dtype), grad_w
 
 

@@ -21,7 +21,11 @@ from jax import lax
 
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional.cross_iteration.geometry import (
-    ConvSpec, _explicit_pads, _position_subset, conv)
+  ConvSpec,
+  _explicit_pads,
+  _position_subset,
+  conv,
+)
 
 KERNEL_DERIVATIVES = ("auto", "convolution")
 """How :func:`moment_derivatives` takes ``d nu / d W`` (``CBNConfig.kernel_derivatives``):
@@ -30,15 +34,15 @@ the backward-weight convolution; ``'convolution'`` always the convolution."""
 
 
 def moment_derivatives(
-    x: jax.Array,
-    y: jax.Array,
-    kernel: jax.Array,
-    spec: ConvSpec,
-    groups: int,
-    axis_name: Optional[str] = None,
-    axis_index_groups=None,
-    stride: int = 1,
-    kernel_derivatives: str = "auto",
+  x: jax.Array,
+  y: jax.Array,
+  kernel: jax.Array,
+  spec: ConvSpec,
+  groups: int,
+  axis_name: Optional[str] = None,
+  axis_index_groups=None,
+  stride: int = 1,
+  kernel_derivatives: str = "auto",
 ) -> Tuple[jax.Array, jax.Array]:
   """Per-group ``d mu / d W`` and ``d nu / d W`` of ``y = conv(x, W)``.
 
@@ -72,10 +76,12 @@ def moment_derivatives(
     ValueError: for a ``kernel_derivatives`` not in :data:`KERNEL_DERIVATIVES`.
   """
   if kernel_derivatives not in KERNEL_DERIVATIVES:
-    raise ValueError(f"kernel_derivatives must be one of {KERNEL_DERIVATIVES}, "
-                     f"got {kernel_derivatives!r}.")
+    raise ValueError(
+      f"kernel_derivatives must be one of {KERNEL_DERIVATIVES}, got {kernel_derivatives!r}."
+    )
   dtype = jax.dtypes.canonicalize_dtype(
-      jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32))
+    jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+  )
   x = lax.stop_gradient(x).astype(dtype)
   y = lax.stop_gradient(y).astype(dtype)
   if stride > 1:
@@ -86,8 +92,8 @@ def moment_derivatives(
 
   def kernel_cotangent(xg, ct, out_features):
     transpose = jax.linear_transpose(
-        functools.partial(conv, xg, spec=spec),
-        jax.ShapeDtypeStruct(kshape[:-1] + (out_features,), dtype),
+      functools.partial(conv, xg, spec=spec),
+      jax.ShapeDtypeStruct(kshape[:-1] + (out_features,), dtype),
     )
     return transpose(ct)[0]
 
@@ -137,4 +143,3 @@ def _dnu_from_gram(x, kernel, spec, groups, elements):
   gram = jnp.einsum("gpi,gpj->gij", inputs, inputs) / elements
   w = kernel.reshape(kernel.shape[-2:])
   return (2.0 * jnp.einsum("gij,jc->gic", gram, w)).reshape((groups,) + kernel.shape)
-

@@ -39,12 +39,12 @@ class ConvSpec:
 
   @classmethod
   def make(
-      cls,
-      rank: int,
-      strides: Union[int, Sequence[int]] = 1,
-      padding: Union[str, int, Sequence] = "SAME",
-      kernel_dilation: Union[int, Sequence[int]] = 1,
-      where: Optional[str] = "CBN",
+    cls,
+    rank: int,
+    strides: Union[int, Sequence[int]] = 1,
+    padding: Union[str, int, Sequence] = "SAME",
+    kernel_dilation: Union[int, Sequence[int]] = 1,
+    where: Optional[str] = "CBN",
   ) -> "ConvSpec":
     """Canonicalizes Flax-style conv arguments for ``rank`` spatial axes.
 
@@ -57,8 +57,7 @@ class ConvSpec:
       value = (value,) * rank if isinstance(value, int) else tuple(value)
       if len(value) != rank or not all(isinstance(v, int) and v >= 1 for v in value):
         raise layer_error(
-            where, f"{name} must be a positive integer or {rank} of them, "
-            f"got {value!r}."
+          where, f"{name} must be a positive integer or {rank} of them, got {value!r}."
         )
       return value
 
@@ -66,8 +65,9 @@ class ConvSpec:
       pad = padding.upper()
       if pad not in ("SAME", "VALID"):
         raise layer_error(
-            where, f"padding must be 'SAME', 'VALID', an integer or {rank} "
-            f"(low, high) pairs, got {padding!r} (other modes are not supported)."
+          where,
+          f"padding must be 'SAME', 'VALID', an integer or {rank} "
+          f"(low, high) pairs, got {padding!r} (other modes are not supported).",
         )
     elif isinstance(padding, int):
       pad = ((padding, padding),) * rank
@@ -75,8 +75,9 @@ class ConvSpec:
       pad = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
       if len(pad) != rank or not all(len(p) == 2 for p in pad):
         raise layer_error(
-            where, f"padding must be 'SAME', 'VALID', an integer or {rank} "
-            f"(low, high) pairs, got {padding!r}."
+          where,
+          f"padding must be 'SAME', 'VALID', an integer or {rank} "
+          f"(low, high) pairs, got {padding!r}.",
         )
     return cls(per_axis("strides", strides), pad, per_axis("kernel_dilation", kernel_dilation))
 
@@ -97,12 +98,12 @@ def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
   rhs = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
   return lax.conv_general_dilated(
-      x.astype(dtype),
-      kernel.astype(dtype),
-      window_strides=spec.strides,
-      padding=spec.padding,
-      rhs_dilation=spec.kernel_dilation,
-      dimension_numbers=lax.ConvDimensionNumbers(lhs, rhs, lhs),
+    x.astype(dtype),
+    kernel.astype(dtype),
+    window_strides=spec.strides,
+    padding=spec.padding,
+    rhs_dilation=spec.kernel_dilation,
+    dimension_numbers=lax.ConvDimensionNumbers(lhs, rhs, lhs),
   )
 
 
@@ -110,8 +111,7 @@ def _explicit_pads(spec, in_spatial, kernel_spatial):
   """``spec``'s padding as one ``(low, high)`` pair per spatial axis."""
   if not isinstance(spec.padding, str):
     return spec.padding
-  return lax.padtype_to_pads(in_spatial, _dilated(spec, kernel_spatial), spec.strides,
-                             spec.padding)
+  return lax.padtype_to_pads(in_spatial, _dilated(spec, kernel_spatial), spec.strides, spec.padding)
 
 
 def _dilated(spec, kernel_spatial):
@@ -128,8 +128,9 @@ def _position_subset(spec, in_spatial, kernel_spatial, out_spatial, stride):
   pads = _explicit_pads(spec, in_spatial, kernel_spatial)
   strides = tuple(stride * s for s in spec.strides)
   padding = tuple(
-      (low, (-(-out // stride) - 1) * step + window - size - low)
-      for (low, _), out, step, window, size in zip(pads, out_spatial, strides, dilated,
-                                                   in_spatial, strict=True))
+    (low, (-(-out // stride) - 1) * step + window - size - low)
+    for (low, _), out, step, window, size in zip(
+      pads, out_spatial, strides, dilated, in_spatial, strict=True
+    )
+  )
   return ConvSpec(strides, padding, spec.kernel_dilation)
-

@@ -29,8 +29,7 @@ import dataclasses
 
 from jax import lax
 
-from mabn_jax.functional.cross_iteration.averaged import (
-    _averaged_normalize, _centred_scaled)
+from mabn_jax.functional.cross_iteration.averaged import _averaged_normalize, _centred_scaled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +72,30 @@ class Gradient:
     """
     if self.averages_backward_statistics and config.window > 1:
       return _averaged_normalize(
-          y, tap[0], tap[1], lax.stop_gradient(mu_bar), lax.stop_gradient(inv_std),
-          state.g_buffer, state.psi_buffer, past_filled, burning, groups, config)
+        y,
+        tap[0],
+        tap[1],
+        lax.stop_gradient(mu_bar),
+        lax.stop_gradient(inv_std),
+        state.g_buffer,
+        state.psi_buffer,
+        past_filled,
+        burning,
+        groups,
+        config,
+      )
     return _centred_scaled(y, mu_bar, inv_std)
 
 
-GRADIENTS = {gradient.name: gradient for gradient in (
+GRADIENTS = {
+  gradient.name: gradient
+  for gradient in (
     Gradient("published"),
     Gradient("exact", differentiates_window=True),
     Gradient("batch", pooled_as_own=True),
     Gradient("averaged", averages_backward_statistics=True),
-)}
+  )
+}
 """``{CBNConfig.backward: Gradient}``."""
 
 BACKWARDS = tuple(GRADIENTS)

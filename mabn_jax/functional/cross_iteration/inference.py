@@ -10,7 +10,7 @@ from jax import lax
 
 
 def inference_scale_shift(
-    mean: jax.Array, var: jax.Array, epsilon: float = 1e-5
+  mean: jax.Array, var: jax.Array, epsilon: float = 1e-5
 ) -> Tuple[jax.Array, jax.Array]:
   """``(scale, shift)`` ``(C,)`` of the inference map ``y * scale + shift``."""
   scale = lax.rsqrt(var + epsilon)
@@ -18,7 +18,7 @@ def inference_scale_shift(
 
 
 def normalize_inference(
-    y: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float = 1e-5
+  y: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float = 1e-5
 ) -> jax.Array:
   """``(y - mean) / sqrt(var + eps)`` with the running statistics.
 

@@ -11,9 +11,8 @@ from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import layer_error
-from mabn_jax.functional.cross_iteration import inference
+from mabn_jax.functional.cross_iteration import inference, step
 from mabn_jax.functional.cross_iteration import state as S
-from mabn_jax.functional.cross_iteration import step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +33,10 @@ class Method(bn.MeanVarMethod):
 
   def mismatch_cause(self):
     if self.config.group_history:
-      return ("number of channels, or batch size (group_history keeps one history per "
-              f"group of {self.config.norm_batch_size})")
+      return (
+        "number of channels, or batch size (group_history keeps one history per "
+        f"group of {self.config.norm_batch_size})"
+      )
     return "number of channels"
 
   def feature_axis(self, ndim):
@@ -43,13 +44,20 @@ class Method(bn.MeanVarMethod):
 
   def init(self, num_features, *, kernel_shape=None, groups=None):
     if kernel_shape is None or kernel_shape[-1] != num_features:
-      raise layer_error(None, f"CBN's state needs the kernel shape of its convolution "
-                              f"with {num_features} outputs, got {kernel_shape}.")
+      raise layer_error(
+        None,
+        f"CBN's state needs the kernel shape of its convolution "
+        f"with {num_features} outputs, got {kernel_shape}.",
+      )
     config = self.config
-    return S.init_state(kernel_shape, config.window, naive=config.naive,
-                        groups=groups if config.group_history else None,
-                        averaged=config.gradient.averages_backward_statistics,
-                        derivative_dtype=config.derivative_dtype)
+    return S.init_state(
+      kernel_shape,
+      config.window,
+      naive=config.naive,
+      groups=groups if config.group_history else None,
+      averaged=config.gradient.averages_backward_statistics,
+      derivative_dtype=config.derivative_dtype,
+    )
 
   def init_for(self, x, conv=None):
     if conv is None:
@@ -65,7 +73,8 @@ class Method(bn.MeanVarMethod):
       y32 = y32 - conv.bias.astype(y32.dtype)
     taps = None if tap is None else (tap["g_increment"], tap["psi_increment"])
     normalized, new_state = step.normalize_train(
-        y32, conv.x, conv.kernel, state, conv.spec, self.config, conv.bias, None, tap=taps)
+      y32, conv.x, conv.kernel, state, conv.spec, self.config, conv.bias, None, tap=taps
+    )
     groups = st.num_groups(x.shape[0], self.config.norm_batch_size, None)
     y = interface.apply_affine(normalized, scale, bias, x.ndim - 1)
     return interface.TrainOutput(y, new_state, S.newest_entries(new_state, self.config, groups))

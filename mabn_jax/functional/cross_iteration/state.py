@@ -161,24 +161,46 @@ class CBNConfig:
 
   def validate(self, where: Optional[str] = "CBN") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
-    check_fields(where, [
+    check_fields(
+      where,
+      [
         ("window", self.window, is_int_at_least(self.window, 1), "an integer >= 1"),
         ("burn_in", self.burn_in, is_int_at_least(self.burn_in, 0), "an integer >= 0"),
         ("momentum", self.momentum, 0.0 <= self.momentum < 1.0, "in [0, 1)"),
         ("epsilon", self.epsilon, self.epsilon > 0.0, "> 0"),
         ("backward", self.backward, self.backward in BACKWARDS, f"one of {BACKWARDS}"),
-        ("running_stats", self.running_stats, self.running_stats in RUNNING_STATS,
-         f"one of {RUNNING_STATS}"),
-        ("derivative_stride", self.derivative_stride,
-         is_int_at_least(self.derivative_stride, 1), "an integer >= 1"),
-        ("derivative_dtype", self.derivative_dtype,
-         self.derivative_dtype is None or _is_floating(self.derivative_dtype),
-         "None or a floating dtype (e.g. jnp.bfloat16)"),
-        ("kernel_derivatives", self.kernel_derivatives,
-         self.kernel_derivatives in KERNEL_DERIVATIVES, f"one of {KERNEL_DERIVATIVES}"),
-        ("rematerialize", self.rematerialize, isinstance(self.rematerialize, bool),
-         "True or False"),
-    ])
+        (
+          "running_stats",
+          self.running_stats,
+          self.running_stats in RUNNING_STATS,
+          f"one of {RUNNING_STATS}",
+        ),
+        (
+          "derivative_stride",
+          self.derivative_stride,
+          is_int_at_least(self.derivative_stride, 1),
+          "an integer >= 1",
+        ),
+        (
+          "derivative_dtype",
+          self.derivative_dtype,
+          self.derivative_dtype is None or _is_floating(self.derivative_dtype),
+          "None or a floating dtype (e.g. jnp.bfloat16)",
+        ),
+        (
+          "kernel_derivatives",
+          self.kernel_derivatives,
+          self.kernel_derivatives in KERNEL_DERIVATIVES,
+          f"one of {KERNEL_DERIVATIVES}",
+        ),
+        (
+          "rematerialize",
+          self.rematerialize,
+          isinstance(self.rematerialize, bool),
+          "True or False",
+        ),
+      ],
+    )
 
 
 def _is_floating(dtype: Any) -> bool:
@@ -193,9 +215,13 @@ RUNNING_STATS = ("batch", "pooled")
 
 
 def init_state(
-    kernel_shape: Sequence[int], window: int = 4, dtype=jnp.float32,
-    naive: bool = False, groups: Optional[int] = None, averaged: bool = False,
-    derivative_dtype: Any = None,
+  kernel_shape: Sequence[int],
+  window: int = 4,
+  dtype=jnp.float32,
+  naive: bool = False,
+  groups: Optional[int] = None,
+  averaged: bool = False,
+  derivative_dtype: Any = None,
 ) -> CBNState:
   """Initial state: ``mean = 0``, ``var = 1``, empty buffers, ``step = 0``.
 
@@ -217,24 +243,27 @@ def init_state(
   backward = past if averaged else 0
   g = () if groups is None else (groups,)
   return CBNState(
-      mean=jnp.zeros((channels,), dtype),
-      var=jnp.ones((channels,), dtype),
-      mu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
-      nu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
-      dmu_buffer=jnp.zeros((taylor,) + g + kernel_shape[:-1], derivative_dtype),
-      dnu_buffer=jnp.zeros((taylor,) + g + kernel_shape, derivative_dtype),
-      mu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
-      nu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
-      count=jnp.zeros((), jnp.int32),
-      step=jnp.zeros((), jnp.int32),
-      g_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
-      psi_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
+    mean=jnp.zeros((channels,), dtype),
+    var=jnp.ones((channels,), dtype),
+    mu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
+    nu_buffer=jnp.zeros((past,) + g + (channels,), dtype),
+    dmu_buffer=jnp.zeros((taylor,) + g + kernel_shape[:-1], derivative_dtype),
+    dnu_buffer=jnp.zeros((taylor,) + g + kernel_shape, derivative_dtype),
+    mu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
+    nu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
+    count=jnp.zeros((), jnp.int32),
+    step=jnp.zeros((), jnp.int32),
+    g_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
+    psi_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
   )
 
 
 def state_shapes(
-    kernel_shape: Sequence[int], window: int, naive: bool = False,
-    groups: Optional[int] = None, averaged: bool = False,
+  kernel_shape: Sequence[int],
+  window: int,
+  naive: bool = False,
+  groups: Optional[int] = None,
+  averaged: bool = False,
 ) -> dict:
   """``{field: shape}`` of a :class:`CBNState` (arguments of :func:`init_state`)."""
   initial = init_state(kernel_shape, window, naive=naive, groups=groups, averaged=averaged)
@@ -259,9 +288,17 @@ def newest_entries(state: CBNState, config: CBNConfig, groups: int) -> CBNState:
   """
   past = config.window - 1
   rows = 1 if config.group_history else min(groups, past)
-  buffers = ("mu_buffer", "nu_buffer", "dmu_buffer", "dnu_buffer", "mu_offset",
-             "nu_offset", "g_buffer", "psi_buffer")
-  return state._replace(**{name: getattr(state, name)[past - rows:] for name in buffers})
+  buffers = (
+    "mu_buffer",
+    "nu_buffer",
+    "dmu_buffer",
+    "dnu_buffer",
+    "mu_offset",
+    "nu_offset",
+    "g_buffer",
+    "psi_buffer",
+  )
+  return state._replace(**{name: getattr(state, name)[past - rows :] for name in buffers})
 
 
 def in_burn_in(step: jax.Array, burn_in: int) -> jax.Array:

@@ -20,27 +20,30 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import layer_error
-from mabn_jax.functional.interface import named_errors
 from mabn_jax.functional.cross_iteration.compensation import compensate, stored_entries
 from mabn_jax.functional.cross_iteration.derivatives import moment_derivatives
 from mabn_jax.functional.cross_iteration.geometry import ConvSpec
-from mabn_jax.functional.cross_iteration.state import (
-    CBNConfig, CBNState, in_burn_in, state_shapes)
+from mabn_jax.functional.cross_iteration.state import CBNConfig, CBNState, in_burn_in, state_shapes
 from mabn_jax.functional.cross_iteration.window import (
-    batch_moments, pooled_moments, pooled_moments_per_group)
+  batch_moments,
+  pooled_moments,
+  pooled_moments_per_group,
+)
+from mabn_jax.functional.interface import named_errors
 
 _DEFAULT_CONFIG = CBNConfig()
 
+
 def normalize_train(
-    y: jax.Array,
-    x: jax.Array,
-    kernel: jax.Array,
-    state: CBNState,
-    spec: ConvSpec,
-    config: CBNConfig = _DEFAULT_CONFIG,
-    bias: Optional[jax.Array] = None,
-    where: Optional[str] = "CBN",
-    tap: Optional[Tuple[jax.Array, jax.Array]] = None,
+  y: jax.Array,
+  x: jax.Array,
+  kernel: jax.Array,
+  state: CBNState,
+  spec: ConvSpec,
+  config: CBNConfig = _DEFAULT_CONFIG,
+  bias: Optional[jax.Array] = None,
+  where: Optional[str] = "CBN",
+  tap: Optional[Tuple[jax.Array, jax.Array]] = None,
 ) -> Tuple[jax.Array, CBNState]:
   """One CBN training step: ``(y - mu_bar) / sqrt(var_bar + eps)`` and the new state.
 
@@ -91,25 +94,26 @@ def _train_step_body(y, x, kernel, state, bias, tap, spec, config, groups):
   y32 = y.astype(dtype)
 
   mu, nu = checkpoint_name(
-      batch_moments(y32, groups, config.axis_name, config.axis_index_groups),
-      SAVED_STATISTICS[0])
+    batch_moments(y32, groups, config.axis_name, config.axis_index_groups), SAVED_STATISTICS[0]
+  )
   step = state.step + 1
   burning = in_burn_in(step, config.burn_in)
   past_filled = jnp.arange(past) >= past - state.count
   mu_bar, nu_bar = checkpoint_name(
-      _window_moments(mu, nu, kernel, state, config, gradient, past_filled, burning),
-      SAVED_STATISTICS[1])
+    _window_moments(mu, nu, kernel, state, config, gradient, past_filled, burning),
+    SAVED_STATISTICS[1],
+  )
   var_bar = jnp.maximum(nu_bar - jnp.square(mu_bar), 0.0)
 
   inv_std = lax.rsqrt(var_bar + config.epsilon)
-  xhat = gradient.normalize(y32, mu_bar, inv_std, tap, state, past_filled, burning, groups,
-                            config)
+  xhat = gradient.normalize(y32, mu_bar, inv_std, tap, state, past_filled, burning, groups, config)
 
   mu_c, nu_c = lax.stop_gradient(mu), lax.stop_gradient(nu)
   new_state = _with_running_stats(state, mu_c, nu_c, mu_bar, var_bar, bias, config, step)
   if past > 0:
-    new_state = _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config,
-                                  groups, burning)
+    new_state = _with_new_entries(
+      new_state, state, x, y32, mu_c, nu_c, kernel, spec, config, groups, burning
+    )
   return xhat, new_state
 
 
@@ -129,8 +133,10 @@ def _train_step(y, x, kernel, state, bias, tap, spec, config, groups):
 
 
 _CHECKPOINTED_STEP = jax.checkpoint(
-    _train_step_body, static_argnums=(6, 7, 8),
-    policy=jax.checkpoint_policies.save_only_these_names(*SAVED_STATISTICS))
+  _train_step_body,
+  static_argnums=(6, 7, 8),
+  policy=jax.checkpoint_policies.save_only_these_names(*SAVED_STATISTICS),
+)
 
 
 def _checked_tap(y, x, kernel, state, config, groups, tap, where):
@@ -140,20 +146,23 @@ def _checked_tap(y, x, kernel, state, config, groups, tap, where):
   past = config.window - 1
   history_groups = groups if config.group_history else None
   averaged = config.gradient.averages_backward_statistics
-  expected = state_shapes(kernel.shape, config.window, config.naive, history_groups,
-                          averaged)
+  expected = state_shapes(kernel.shape, config.window, config.naive, history_groups, averaged)
   for name, shape in expected.items():
     actual = tuple(getattr(state, name).shape)
     if actual != tuple(shape):
       raise layer_error(
-          where, f"state '{name}' has shape {actual} but the kernel "
-          f"{tuple(kernel.shape)}, window {config.window}, naive={config.naive}"
-          + (f", backward={config.backward!r}" if name in ("g_buffer", "psi_buffer") else "")
-          + (f" and {groups} groups with their own history" if history_groups else "")
-          + f" imply {tuple(shape)}"
-          + (" (make it with init_state(..., averaged=True))"
-             if averaged and name in ("g_buffer", "psi_buffer") else "")
-          + "."
+        where,
+        f"state '{name}' has shape {actual} but the kernel "
+        f"{tuple(kernel.shape)}, window {config.window}, naive={config.naive}"
+        + (f", backward={config.backward!r}" if name in ("g_buffer", "psi_buffer") else "")
+        + (f" and {groups} groups with their own history" if history_groups else "")
+        + f" imply {tuple(shape)}"
+        + (
+          " (make it with init_state(..., averaged=True))"
+          if averaged and name in ("g_buffer", "psi_buffer")
+          else ""
+        )
+        + ".",
       )
   if past > 0 and not config.naive and config.derivative_dtype is not None:
     expected_dtype = jnp.dtype(config.derivative_dtype)
@@ -161,26 +170,34 @@ def _checked_tap(y, x, kernel, state, config, groups, tap, where):
       actual = getattr(state, name).dtype
       if actual != expected_dtype:
         raise layer_error(
-            where, f"state '{name}' has dtype {actual} but derivative_dtype is "
-            f"{expected_dtype.name} (make it with init_state(..., "
-            f"derivative_dtype={expected_dtype.name!r})).")
+          where,
+          f"state '{name}' has dtype {actual} but derivative_dtype is "
+          f"{expected_dtype.name} (make it with init_state(..., "
+          f"derivative_dtype={expected_dtype.name!r})).",
+        )
   if tap is not None and not averaged:
     raise layer_error(
-        where, f"a backward-statistics tap was given but backward="
-        f"{config.backward!r} keeps no backward statistics (only 'averaged' does).")
+      where,
+      f"a backward-statistics tap was given but backward="
+      f"{config.backward!r} keeps no backward statistics (only 'averaged' does).",
+    )
   if averaged and past > 0:
     if tap is None:
       tap = (jnp.zeros_like(state.g_buffer), jnp.zeros_like(state.psi_buffer))
-    for name, value, buffer in zip(("g_tap", "psi_tap"), tap,
-                                   (state.g_buffer, state.psi_buffer), strict=True):
+    for name, value, buffer in zip(
+      ("g_tap", "psi_tap"), tap, (state.g_buffer, state.psi_buffer), strict=True
+    ):
       if tuple(value.shape) != tuple(buffer.shape):
         raise layer_error(
-            where, f"{name} has shape {tuple(value.shape)} but the buffer it "
-            f"updates has {tuple(buffer.shape)}.")
+          where,
+          f"{name} has shape {tuple(value.shape)} but the buffer it "
+          f"updates has {tuple(buffer.shape)}.",
+        )
   if y.shape[-1] != kernel.shape[-1] or x.shape[-1] != kernel.shape[-2]:
     raise layer_error(
-        where, f"kernel {tuple(kernel.shape)} does not match the conv input "
-        f"{tuple(x.shape)} and output {tuple(y.shape)}."
+      where,
+      f"kernel {tuple(kernel.shape)} does not match the conv input "
+      f"{tuple(x.shape)} and output {tuple(y.shape)}.",
     )
   return tap
 
@@ -197,8 +214,12 @@ def _window_moments(mu, nu, kernel, state, config, gradient, past_filled, burnin
       past_mu, past_nu = state.mu_buffer, state.nu_buffer
     else:
       past_mu, past_nu = compensate(
-          state.mu_offset, state.nu_offset, state.dmu_buffer, state.dnu_buffer, kernel,
-          differentiable=exact,
+        state.mu_offset,
+        state.nu_offset,
+        state.dmu_buffer,
+        state.dnu_buffer,
+        kernel,
+        differentiable=exact,
       )
     past_mu, past_nu = past_mu.astype(dtype), past_nu.astype(dtype)
     if config.group_history:
@@ -228,15 +249,14 @@ def _with_running_stats(state, mu_c, nu_c, mu_bar, var_bar, bias, config, step):
   if bias is not None:
     batch_mean = batch_mean + lax.stop_gradient(bias).astype(dtype)
   new_state = state._replace(
-      mean=st.ema(state.mean, batch_mean, config.momentum),
-      var=st.ema(state.var, jnp.mean(run_var, axis=0), config.momentum),
-      step=step,
+    mean=st.ema(state.mean, batch_mean, config.momentum),
+    var=st.ema(state.var, jnp.mean(run_var, axis=0), config.momentum),
+    step=step,
   )
   return new_state
 
 
-def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config, groups,
-                      burning):
+def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config, groups, burning):
   """``new_state`` with this step's entries pushed into the window buffers
   (moments, and for the compensated layer their derivatives and Taylor
   offsets); the buffers are kept as they were during burn-in."""
@@ -253,24 +273,30 @@ def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config
     return st.push_unless(getattr(state, name), entries(rows), burning)
 
   pushed = dict(
-      mu_buffer=push("mu_buffer", mu_c[-newest:]),
-      nu_buffer=push("nu_buffer", nu_c[-newest:]),
-      count=jnp.where(burning, state.count,
-                      jnp.minimum(state.count + added, past).astype(jnp.int32)),
+    mu_buffer=push("mu_buffer", mu_c[-newest:]),
+    nu_buffer=push("nu_buffer", nu_c[-newest:]),
+    count=jnp.where(burning, state.count, jnp.minimum(state.count + added, past).astype(jnp.int32)),
   )
   if not config.naive:
     rows = newest * (y32.shape[0] // groups)
     dmu, dnu = moment_derivatives(
-        x[-rows:], y32[-rows:], kernel, spec, newest, config.axis_name,
-        config.axis_index_groups, config.derivative_stride, config.kernel_derivatives,
+      x[-rows:],
+      y32[-rows:],
+      kernel,
+      spec,
+      newest,
+      config.axis_name,
+      config.axis_index_groups,
+      config.derivative_stride,
+      config.kernel_derivatives,
     )
     dmu, dnu, mu_offset, nu_offset = stored_entries(
-        mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel, state.dnu_buffer.dtype)
+      mu_c[-newest:], nu_c[-newest:], dmu, dnu, kernel, state.dnu_buffer.dtype
+    )
     pushed.update(
-        dmu_buffer=push("dmu_buffer", dmu),
-        dnu_buffer=push("dnu_buffer", dnu),
-        mu_offset=push("mu_offset", mu_offset),
-        nu_offset=push("nu_offset", nu_offset),
+      dmu_buffer=push("dmu_buffer", dmu),
+      dnu_buffer=push("dnu_buffer", dnu),
+      mu_offset=push("mu_offset", mu_offset),
+      nu_offset=push("nu_offset", nu_offset),
     )
   return new_state._replace(**pushed)
-

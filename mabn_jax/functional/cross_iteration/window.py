@@ -20,10 +20,10 @@ from mabn_jax.functional import statistics as st
 
 
 def batch_moments(
-    y: jax.Array,
-    groups: int,
-    axis_name: Optional[str] = None,
-    axis_index_groups=None,
+  y: jax.Array,
+  groups: int,
+  axis_name: Optional[str] = None,
+  axis_index_groups=None,
 ) -> Tuple[jax.Array, jax.Array]:
   """Per-group ``mu = mean(y)`` and ``nu = mean(y^2)``, each ``(G, C)``."""
   dtype = jnp.promote_types(y.dtype, jnp.float32)
@@ -34,14 +34,13 @@ def batch_moments(
   return mu, nu
 
 
-
 def pooled_moments(
-    mu: jax.Array,
-    nu: jax.Array,
-    past_mu: jax.Array,
-    past_nu: jax.Array,
-    past_filled: jax.Array,
-    same_step_gradient: bool = False,
+  mu: jax.Array,
+  nu: jax.Array,
+  past_mu: jax.Array,
+  past_nu: jax.Array,
+  past_filled: jax.Array,
+  same_step_gradient: bool = False,
 ) -> Tuple[jax.Array, jax.Array]:
   """Averages of the current and the valid past entries, per group.
 
@@ -62,10 +61,10 @@ def pooled_moments(
   Returns:
     ``(mu_bar, nu_bar)``, each ``(G, C)``.
   """
-  same_mu, same_nu = (mu, nu) if same_step_gradient else (
-      lax.stop_gradient(mu), lax.stop_gradient(nu))
-  (win_mu, win_nu), filled = window_entries((past_mu, past_nu), (same_mu, same_nu),
-                                            past_filled)
+  same_mu, same_nu = (
+    (mu, nu) if same_step_gradient else (lax.stop_gradient(mu), lax.stop_gradient(nu))
+  )
+  (win_mu, win_nu), filled = window_entries((past_mu, past_nu), (same_mu, same_nu), past_filled)
   return _average_windows(mu, nu, win_mu, win_nu, filled)
 
 
@@ -88,10 +87,12 @@ def window_entries(past, current, past_filled):
   groups, size = current[0].shape[0], past[0].shape[0]
 
   def windows_of(sequence):  # (P + G, ...) -> (G, P, ...), by static slices
-    return jnp.stack([sequence[j:j + size] for j in range(groups)])
+    return jnp.stack([sequence[j : j + size] for j in range(groups)])
 
-  windows = tuple(windows_of(jnp.concatenate([p, c.astype(p.dtype)], axis=0))
-                  for p, c in zip(past, current, strict=True))
+  windows = tuple(
+    windows_of(jnp.concatenate([p, c.astype(p.dtype)], axis=0))
+    for p, c in zip(past, current, strict=True)
+  )
   filled = windows_of(jnp.concatenate([past_filled, jnp.ones((groups,), bool)]))
   return windows, filled
 
@@ -127,11 +128,11 @@ def _average_windows(mu, nu, win_mu, win_nu, filled):
 
 
 def pooled_moments_per_group(
-    mu: jax.Array,
-    nu: jax.Array,
-    past_mu: jax.Array,
-    past_nu: jax.Array,
-    past_filled: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  past_mu: jax.Array,
+  past_nu: jax.Array,
+  past_filled: jax.Array,
 ) -> Tuple[jax.Array, jax.Array]:
   """:func:`pooled_moments` with a history per group (``group_history``).
 
@@ -146,4 +147,3 @@ def pooled_moments_per_group(
   """
   (win_mu, win_nu), filled = history_entries((past_mu, past_nu), past_filled, mu.shape[0])
   return _average_windows(mu, nu, win_mu, win_nu, filled)
-
