@@ -216,8 +216,9 @@ def fold(
     result): every ``conv_norm`` module (params ``{NAME: {'conv': ...,
     'norm': ...}}``) and ``dense_norm`` module (``'dense'``) is replaced by
     the variables of the same module built with the ``'none'`` normalizer
-    (a conv with bias, no state). Returns ``(folded_variables, mj.make_normalizer('none'))``: build the same model
-    with that normalizer and apply it with ``train=False``. The kernel is
+    (a conv with bias, no state). Returns ``(folded_variables,
+    mj.make_normalizer('none'))``: build the same model with that normalizer
+    and apply it with ``train=False``. The kernel is
     centred first if the normalizer's conv is centred (``centered`` kwarg,
     default True for ``'mabn'``). ``epsilon`` defaults to the normalizer's.
     GroupNorm, LayerNorm, InstanceNorm (``'gn'``, ``'ln'``, ``'in'``) cannot
