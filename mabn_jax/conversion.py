@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from flax.core import FrozenDict, freeze, unfreeze
 from mabn_jax import discovery, registry
 from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import mabn as mabn_math
-from mabn_jax.training import BACKWARD_STATS, NONFINITE_COUNT
+from mabn_jax.training import BACKWARD_STATS, NONFINITE_COUNT, VariableTree
 
 _DEFAULT_WARMUP = mabn_math.MABNConfig.warmup_steps
 
@@ -50,7 +50,7 @@ def _natural(path) -> tuple:
   )
 
 
-def _layers(stats: Mapping, source: bool) -> list:
+def _layers(stats: VariableTree, source: bool) -> list:
   """Paths of the layers whose state is BN's running ``mean``/``var``
   (``source``) or another method's (the target), in natural path order."""
   flat = traverse_util.flatten_dict(unfreeze(stats))
@@ -65,11 +65,11 @@ def _layers(stats: Mapping, source: bool) -> list:
   return sorted(layers, key=_natural)
 
 
-def _bn_layers(stats: Mapping) -> list:
+def _bn_layers(stats: VariableTree) -> list:
   return _layers(stats, source=True)
 
 
-def _mabn_layers(stats: Mapping) -> list:
+def _mabn_layers(stats: VariableTree) -> list:
   return _layers(stats, source=False)
 
 
@@ -80,8 +80,11 @@ def converted_state(method, template: Mapping, mean: jax.Array, var: jax.Array, 
   :meth:`~mabn_jax.functional.interface.Method.from_batch_norm` fills it,
   then ``step`` (if the state has one) and a zero ``nonfinite_count``.
   """
-  mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-  state = method.from_batch_norm(discovery.stored_state(dict(template)), mean, var)
+  state = method.from_batch_norm(
+    discovery.stored_state(dict(template)),
+    np.asarray(mean, np.float64),
+    np.asarray(var, np.float64),
+  )
   values = state._asdict()
   if "step" in template:
     values["step"] = step
@@ -137,7 +140,7 @@ def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
     kwargs["axis_name"] = "batch"
   kwargs.update(mabn_kwargs)
   new_normalizer = registry.make_normalizer("mabn", **kwargs)
-  method = new_normalizer.method()
+  method = cast(mabn_math.Method, new_normalizer.method())
   if step is None:
     step = max(method.buffer_size, method.config.warmup_steps)
   stats = unfreeze(variables["batch_stats"])
@@ -157,10 +160,10 @@ def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
 
 
 def convert_batch_norm(
-  variables: Mapping,
+  variables: VariableTree,
   normalizer: Any = None,
   *,
-  target: Optional[Mapping] = None,
+  target: Optional[VariableTree] = None,
   step: Optional[int] = None,
   **mabn_kwargs,
 ):
@@ -226,7 +229,10 @@ def convert_batch_norm(
       "models (valid: warmup_steps)."
     )
   out = _convert_plain(
-    variables, unfreeze(target), step, mabn_kwargs.get("warmup_steps", _DEFAULT_WARMUP)
+    variables,
+    unfreeze(cast(VariableTree, target)),
+    step,
+    mabn_kwargs.get("warmup_steps", _DEFAULT_WARMUP),
   )
   return freeze(out) if frozen else out
 
@@ -257,8 +263,9 @@ def _convert_plain_layer(out, variables, target, src, dst, step, warmup_steps) -
   """Sets the target layer ``dst``'s state (and zero taps) from BN layer ``src``."""
   node = _get(variables["batch_stats"], src)
   template = _get(target["batch_stats"], dst)
-  method_class = discovery.method_for_state(template)
-  method = discovery.default_method(method_class, warmup_steps=warmup_steps)
+  method = discovery.default_method(
+    cast(type, discovery.method_for_state(template)), warmup_steps=warmup_steps
+  )
   channels = _channels(template)
   if node["mean"].shape != (channels,):
     raise ValueError(
@@ -281,11 +288,11 @@ def _channels(template: Mapping) -> int:
   return max(value.shape[-1] for value in template.values() if np.ndim(value) >= 1)
 
 
-def _matched_params(src_params: Mapping, dst_params: Mapping, layer_map: dict) -> dict:
+def _matched_params(src_params: VariableTree, dst_params: VariableTree, layer_map: dict) -> dict:
   """The BN model's parameters under the target's paths: norm layers as
   matched, other layers by equal path, then in natural path order."""
-  src = traverse_util.flatten_dict(src_params)
-  dst = traverse_util.flatten_dict(dst_params)
+  src: Dict[Tuple, Any] = traverse_util.flatten_dict(src_params)
+  dst: Dict[Tuple, Any] = traverse_util.flatten_dict(dst_params)
   src_rest = sorted({p[:-1] for p in src} - set(layer_map), key=_natural)
   dst_rest = sorted({p[:-1] for p in dst} - set(layer_map.values()), key=_natural)
   same = [layer for layer in src_rest if layer in dst_rest]

@@ -17,7 +17,7 @@ find, and call its hooks; they know no normalizer by name:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
 import flax.linen as nn
 import jax
@@ -52,7 +52,7 @@ def method_of(module: Any) -> Optional[interface.Method]:
     return flax_batch_norm_method(module)
   functional = getattr(module, "functional", None)
   if callable(functional) and hasattr(module, "method_class"):
-    return functional()
+    return cast(interface.Method, functional())
   return None
 
 

@@ -201,7 +201,7 @@ def _without_modules(tree: dict, modules, check_left: bool) -> dict:
 
 
 def fold(
-  variables: Mapping,
+  variables: Any,
   normalizer: Any = None,
   *,
   pairs: Optional[Sequence[Tuple[Path, Path]]] = None,
@@ -282,14 +282,14 @@ def fold(
   centered_paths = None if isinstance(centered, bool) else {_as_path(p) for p in centered}
   new_params = unfreeze(params)
   norm_paths = []
-  for conv_path, norm_path in pairs:
+  for conv_path, norm_path in pairs or ():
     conv_path, norm_path = _as_path(conv_path), _as_path(norm_path)
     key = "/".join(norm_path)
     if isinstance(epsilon, Mapping):
       eps = epsilon.get(key, 1e-5)
     else:
       eps = 1e-5 if epsilon is None else epsilon
-    is_centered = centered if centered_paths is None else conv_path in centered_paths
+    is_centered = bool(centered) if centered_paths is None else conv_path in centered_paths
     conv_params = _subtree(params, conv_path, "params")
     if "kernel" not in conv_params:
       raise ValueError(f"fold: params '{'/'.join(conv_path)}' is not a conv (no 'kernel').")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple, cast
 
 import flax.linen as nn
 import jax
@@ -30,7 +30,7 @@ from mabn_jax import discovery
 from mabn_jax.functional import statistics as st
 from mabn_jax.layers.base import sow_moments
 from mabn_jax.nnx.variables import BatchMoments
-from mabn_jax.training import BATCH_MOMENTS
+from mabn_jax.training import BATCH_MOMENTS, VariableTree
 
 MOMENT_NAMES = ("mean", "second_moment")
 
@@ -60,7 +60,7 @@ def _flax_batch_norm_interceptor(next_fun, args, kwargs, context):
 
 
 def collect_moments(
-  apply_fn: Callable[..., Any], variables: Mapping, batch: Any, **call_kwargs
+  apply_fn: Callable[..., Any], variables: VariableTree, batch: Any, **call_kwargs
 ) -> dict:
   """Per-layer input moments of one training-mode forward pass.
 
@@ -77,7 +77,7 @@ def collect_moments(
   """
   with nn.intercept_methods(_flax_batch_norm_interceptor):
     _, mutated = apply_fn(variables, batch, mutable=["batch_stats", BATCH_MOMENTS], **call_kwargs)
-  sown = traverse_util.flatten_dict(unfreeze(mutated.get(BATCH_MOMENTS, {})))
+  sown: Dict[Tuple, Any] = traverse_util.flatten_dict(unfreeze(mutated.get(BATCH_MOMENTS, {})))
   moments = {}
   for path, values in sown.items():
     layer, name = path[:-1], path[-1]
@@ -228,7 +228,7 @@ def _recompute_linen(apply_fn, variables, batches, *, jit, strict, **call_kwargs
     )
   for layer, values in moments.items():
     method = methods.get(layer) or discovery.default_method(
-      discovery.method_for_state(layers[layer])
+      cast(type, discovery.method_for_state(layers[layer]))
     )
     for name, value in _set_from_moments(method, layers[layer], values).items():
       stats[layer + (name,)] = value
@@ -236,7 +236,7 @@ def _recompute_linen(apply_fn, variables, batches, *, jit, strict, **call_kwargs
   return freeze(variables) if frozen else variables
 
 
-def _nnx_moments(model: nnx.Module, **call_kwargs) -> Callable[[Any, Any], dict]:
+def _nnx_moments(model: nnx.Module, **call_kwargs) -> Tuple[Callable[[Any, Any], dict], Any]:
   """``(moments, state)``: ``moments(state, batch) -> {path: {name: (C,)}}`` of
   a training-mode copy of ``model`` whose state is ``state``."""
   copy = nnx.clone(model)

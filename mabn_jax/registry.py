@@ -348,7 +348,7 @@ def make_normalizer(name: str, **kwargs) -> Normalizer:
   return Normalizer(name=name, kwargs=tuple(kwargs.items()))
 
 
-def _norm_layer(normalizer: Normalizer, name: Optional[str] = None) -> nn.Module:
+def _norm_layer(normalizer: Normalizer, name: Optional[str] = None) -> Optional[nn.Module]:
   """The (non-CBN) normalization layer, unbound; ``None`` for ``'none'``."""
   if normalizer.entry.kind == "none":
     return None

@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Dict, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
@@ -43,6 +44,9 @@ step's ``g_buffer`` increment (``g_B = mean(g)``, the mean of the gradient)."""
 
 TAP_TARGETS = {PSI_TAP: "psi_buffer", G_TAP: "g_buffer"}
 """Tap name -> name of the ``'batch_stats'`` variable (same layer) it updates."""
+
+VariableTree = Union[FrozenDict, Dict[str, Any]]
+"""A Flax variable tree, or one of its collections: a ``FrozenDict`` or nested dicts."""
 
 NONFINITE_COUNT = "nonfinite_count"
 """The int32 ``'batch_stats'`` variable (NNX: ``nnx.BatchStat``) of every
@@ -72,7 +76,7 @@ def legacy_tap_message(where: str, path: str) -> str:
   )
 
 
-def _legacy_tap_paths(taps: Mapping) -> list:
+def _legacy_tap_paths(taps: VariableTree) -> list:
   return [
     "/".join(path)
     for path in traverse_util.flatten_dict(unfreeze(taps))
@@ -80,7 +84,7 @@ def _legacy_tap_paths(taps: Mapping) -> list:
   ]
 
 
-def migrate_variables(variables: Mapping):
+def migrate_variables(variables: VariableTree):
   """Variables saved with the old tap layout, in the current one.
 
   Renames every ``'backward_stats'`` tap of the old layout (``psi_buffer``,
@@ -190,7 +194,7 @@ def add_increment(stat: jax.Array, increment: jax.Array) -> jax.Array:
   return jnp.where(st.all_finite(increment), stat + increment, stat)
 
 
-def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
+def feed_backward_statistics(batch_stats: VariableTree, taps_cotangent: VariableTree):
   """Adds each tap cotangent to the ``batch_stats`` variable it updates.
 
   The tap ``LAYER/TAP`` updates ``LAYER/TAP_TARGETS[TAP]`` (see
@@ -218,19 +222,21 @@ def feed_backward_statistics(batch_stats: Mapping, taps_cotangent: Mapping):
   return traverse_util.unflatten_dict(stats)
 
 
-def nonfinite_counts(variables: Mapping) -> dict:
+def nonfinite_counts(variables: VariableTree) -> dict:
   """``{layer path: number of skipped non-finite steps}`` for every normalizer.
 
   Reads the int32 ``nonfinite_count`` variables of ``variables['batch_stats']``
   (host-side; call it outside ``jit``).
   """
-  stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
+  stats = traverse_util.flatten_dict(unfreeze(variables).get("batch_stats", {}))
   return {
-    "/".join(path[:-1]): int(value) for path, value in stats.items() if path[-1] == NONFINITE_COUNT
+    "/".join(path[:-1]): int(np.asarray(value))
+    for path, value in stats.items()
+    if path[-1] == NONFINITE_COUNT
   }
 
 
-def check_finite(variables: Mapping) -> None:
+def check_finite(variables: VariableTree) -> None:
   """Raises ``FloatingPointError`` naming every layer that skipped a step."""
   bad = {path: n for path, n in nonfinite_counts(variables).items() if n}
   if bad:
@@ -338,7 +344,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
 
 def differentiate(
   fun: Callable[..., Any],
-  variables: Mapping,
+  variables: VariableTree,
   args: tuple,
   kwargs: dict,
   *,
@@ -456,7 +462,7 @@ def accumulate_value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
       losses, aux = values
       value = (jnp.mean(losses), aux)
     else:
-      value = jnp.mean(values)
+      value = jnp.mean(jnp.asarray(values))
     if frozen:
       new_variables = freeze(new_variables)
     return (value, new_variables), grads

@@ -86,7 +86,7 @@ def init_state(num_features: int, dtype=jnp.float32) -> BatchNormState:
 
 
 def batch_moments(
-  x: jax.Array, config: BatchNormConfig = BatchNormConfig(), where: str = "BatchNorm"
+  x: jax.Array, config: BatchNormConfig = BatchNormConfig(), where: Optional[str] = "BatchNorm"
 ) -> Tuple[jax.Array, jax.Array]:
   """Group means and biased variances of ``x`` (``(G, C)`` each, float32+).
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -413,7 +413,8 @@ def _sum_to_type_of(grad: jax.Array, param: jax.Array) -> jax.Array:
 def _stabilized_bwd(groups, axis, config, res, ct):
   x, inv_std, rate, psi_buffer, use_average, first_step, scale, bias = res
   if isinstance(ct, SymbolicZero):
-    ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
+    aval: Any = ct.aval
+    ct = jnp.zeros(aval.shape, aval.dtype)
   dtype = inv_std.dtype
   x32, ct32 = x.astype(dtype), ct.astype(dtype)
   gamma = scale.astype(dtype)[None, :]

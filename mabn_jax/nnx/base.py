@@ -46,7 +46,7 @@ _LAYER_OPTIONS = (
 def options(method_class: type) -> Dict[str, Any]:
   """``{keyword: default}`` of an NNX normalizer over ``method_class``: the
   layer options, then the config's fields, then the method's layout fields."""
-  defaults = dict(_LAYER_OPTIONS)
+  defaults: Dict[str, Any] = dict(_LAYER_OPTIONS)
   for field in dataclasses.fields(method_class.config_class):
     defaults.setdefault(field.name, field.default)
   for field in dataclasses.fields(method_class):
@@ -55,7 +55,7 @@ def options(method_class: type) -> Dict[str, Any]:
   return defaults
 
 
-def describe(module: nnx.Module, num_features: int) -> str:
+def describe(module: Any, num_features: int) -> str:
   """``mabn_jax.nnx.MABN(num_features=C)``: how errors name an NNX layer."""
   return f"mabn_jax.nnx.{type(module).__name__}(num_features={num_features})"
 
@@ -80,7 +80,7 @@ def hashable_groups(axis_index_groups: Any):
   return tuple(tuple(group) for group in axis_index_groups)
 
 
-def make_affine(module: nnx.Module, num_features: int, rngs: nnx.Rngs) -> None:
+def make_affine(module: Any, num_features: int, rngs: nnx.Rngs) -> None:
   """Sets ``module.scale``/``module.bias``: ``(C,)`` ``nnx.Param`` in the
   module's ``param_dtype``, or ``None`` when disabled (as ``nnx.BatchNorm``)."""
   shape = (num_features,)
@@ -96,7 +96,7 @@ def make_affine(module: nnx.Module, num_features: int, rngs: nnx.Rngs) -> None:
   )
 
 
-def make_state(module: nnx.Module, method: interface.Method, initial: Any) -> None:
+def make_state(module: Any, method: interface.Method, initial: Any) -> None:
   """Sets an ``nnx.BatchStat`` per non-empty field of ``initial`` (empty ones
   are constants, as in the linen layers), the int32 ``nonfinite_count`` and a
   :class:`BackwardStat` per tap of ``method``."""
@@ -108,7 +108,7 @@ def make_state(module: nnx.Module, method: interface.Method, initial: Any) -> No
     setattr(module, name, BackwardStat(zeros))
 
 
-def make_method(module: nnx.Module) -> interface.Method:
+def make_method(module: Any) -> interface.Method:
   """``module.method_class`` built from the module's attributes of the same names."""
   method_class = module.method_class
   config = method_class.config_class(
@@ -191,7 +191,7 @@ class BatchStatisticsNorm(nnx.Module):
 
 
 def normalize(
-  module: nnx.Module,
+  module: Any,
   x: jax.Array,
   use_running_average: Optional[bool],
   conv: Optional[interface.ConvContext] = None,
@@ -234,7 +234,7 @@ def normalize(
   return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
 
 
-def _sow_moments(module: nnx.Module, x: jax.Array, axis: int, config: Any) -> None:
+def _sow_moments(module: Any, x: jax.Array, axis: int, config: Any) -> None:
   """Sows the input's :class:`BatchMoments` while a caller captures them
   (precise BN); otherwise adds nothing to the computation."""
   captures = getattr(module, "__captures__", ())
@@ -246,7 +246,7 @@ def _sow_moments(module: nnx.Module, x: jax.Array, axis: int, config: Any) -> No
   module.sow(BatchMoments, "second_moment", second)
 
 
-def _read_state(module: nnx.Module, initial: Any, where: str, cause: str) -> Any:
+def _read_state(module: Any, initial: Any, where: str, cause: str) -> Any:
   """``initial`` with each field held by the module replaced by its value;
   raises if a stored shape differs (a state restored from another layout)."""
   values = {}
@@ -258,9 +258,7 @@ def _read_state(module: nnx.Module, initial: Any, where: str, cause: str) -> Any
   return initial._replace(**values)
 
 
-def _read_taps(
-  module: nnx.Module, method: interface.Method, initial: Any, where: str
-) -> Optional[dict]:
+def _read_taps(module: Any, method: interface.Method, initial: Any, where: str) -> Optional[dict]:
   expected = method.taps(initial)
   if not expected:
     return None
@@ -270,7 +268,7 @@ def _read_taps(
   return taps
 
 
-def _commit_state(module: nnx.Module, new_state: Any, checked: Any) -> None:
+def _commit_state(module: Any, new_state: Any, checked: Any) -> None:
   """Writes a step's new state into the ``nnx.BatchStat`` attributes unless a
   value of ``checked`` (default: the new state) is non-finite; then the old
   values stay and ``nonfinite_count`` grows by one."""

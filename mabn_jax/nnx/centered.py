@@ -5,10 +5,11 @@ The math: ``docs/normalization.md``, section 2 (a).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import PromoteDtypeFn
 
 from mabn_jax.functional.centering import center_kernel, centered_conv_general_dilated
 
@@ -75,4 +76,5 @@ class CenteredDense(nnx.Linear):
         "promotion is set by CenteredDense (it centres the kernel first); got a "
         "promote_dtype override."
       )
-    super().__init__(in_features, out_features, promote_dtype=_centered_promote_dtype, **kwargs)
+    promote = cast(PromoteDtypeFn, _centered_promote_dtype)
+    super().__init__(in_features, out_features, promote_dtype=promote, **kwargs)

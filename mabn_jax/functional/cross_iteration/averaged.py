@@ -20,6 +20,7 @@ names the layer.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,8 @@ def _averaged_fwd(
 def _averaged_bwd(groups, config, res, ct):
   y, mu_bar, inv_std, g_buffer, psi_buffer, past_filled, burning = res
   if isinstance(ct, SymbolicZero):
-    ct = jnp.zeros(ct.aval.shape, ct.aval.dtype)
+    aval: Any = ct.aval
+    ct = jnp.zeros(aval.shape, aval.dtype)
   axis = y.ndim - 1
   xhat = _centred_scaled(y, mu_bar, inv_std)
   g = ct.astype(xhat.dtype)

@@ -9,7 +9,7 @@ of its output positions (``CBNConfig.derivative_stride``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,9 @@ class ConvSpec:
           f"padding must be 'SAME', 'VALID', an integer or {rank} "
           f"(low, high) pairs, got {padding!r}.",
         )
-    return cls(per_axis("strides", strides), pad, per_axis("kernel_dilation", kernel_dilation))
+    return cls(
+      per_axis("strides", strides), cast(Padding, pad), per_axis("kernel_dilation", kernel_dilation)
+    )
 
 
 def conv(x: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:

@@ -66,6 +66,8 @@ class Method(bn.MeanVarMethod):
     return self.init(x.shape[-1], kernel_shape=tuple(conv.kernel.shape), groups=groups)
 
   def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
+    if conv is None:
+      raise layer_error(None, "CBN normalizes a convolution's output and needs it (conv=).")
     # The step takes the conv output without its bias (it only shifts the
     # running mean, passed separately).
     y32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))

@@ -63,7 +63,8 @@ class CBNState(NamedTuple):
   dnu_buffer: jax.Array
   mu_offset: jax.Array
   nu_offset: jax.Array
-  count: jax.Array
+  # A field named like tuple.count: the state's layout (and checkpoints') keeps it.
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   step: jax.Array
   g_buffer: jax.Array
   psi_buffer: jax.Array
