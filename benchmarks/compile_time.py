@@ -38,7 +38,7 @@ measure what each part costs, never to train with:
 * ``mabn``: ``mj.MABN`` after ``mj.CenteredConv`` (the library);
 * ``mabn_unguarded``: without the finiteness guards (the state commit of
   :func:`~mabn_jax.functional.statistics.commit_if_finite`, the check in
-  :func:`~mabn_jax.functional.mabn.tap_increment` and in
+  :func:`~mabn_jax.functional.backward_stats.tap_increment` and in
   :func:`~mabn_jax.training.add_increment`): a NaN would reach the state;
 * ``mabn_uncentred``: the convolutions' kernels used as they are (no
   weight centralization, so MABN's premise of zero-mean inputs is gone);
@@ -97,7 +97,7 @@ import jax.numpy as jnp
 
 import mabn_jax.training as training
 from benchmarks import bench
-from mabn_jax.functional import centering
+from mabn_jax.functional import centering, stabilized
 from mabn_jax.functional import mabn as functional_mabn
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional.cross_iteration import step as cbn_step
@@ -150,7 +150,7 @@ _TWO_MUL.defvjp(
 ABLATIONS: Dict[str, list] = {
   "mabn_unguarded": [
     (st, "commit_if_finite", _commit_unguarded),
-    (functional_mabn, "tap_increment", _tap_increment_unguarded),
+    (stabilized, "tap_increment", _tap_increment_unguarded),
     (training, "add_increment", _add_increment_unguarded),
   ],
   "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],

@@ -252,33 +252,16 @@ class Normalizer:
       )
     return DenseNorm(normalizer=self, features=features, kernel_init=kernel_init, name=name)
 
-  def nnx_conv_norm(
-    self,
-    in_features: int,
-    features: int,
-    kernel_size: Union[int, Sequence[int]],
-    strides: Union[int, Sequence[int]] = 1,
-    padding: Any = "SAME",
-    kernel_init: Optional[Callable] = None,
-    *,
-    rngs,
-  ):
-    """:meth:`conv_norm` as a Flax NNX module (:func:`mabn_jax.nnx.registry.conv_norm`).
+  def nnx_conv_norm(self, in_features: int, *args, rngs, **kwargs):
+    """:meth:`conv_norm` as a Flax NNX module: ``nnx_conv_norm(in_features,
+    features, kernel_size, strides=1, padding='SAME', kernel_init=None, *,
+    rngs)`` (:func:`mabn_jax.nnx.registry.conv_norm`).
 
     The same convolution and normalization with the same keyword arguments,
     as ``conv``/``norm`` children holding the linen layout's variables; called
     as ``module(x)``, switched by ``model.train()``/``model.eval()``.
     """
-    return nnx_registry.conv_norm(
-      self,
-      in_features,
-      features,
-      kernel_size,
-      strides,
-      padding=padding,
-      kernel_init=kernel_init,
-      rngs=rngs,
-    )
+    return nnx_registry.conv_norm(self, in_features, *args, rngs=rngs, **kwargs)
 
   def nnx_norm(self, num_features: int, *, rngs):
     """:meth:`norm` as a Flax NNX module (``None`` for ``'none'``)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
 from mabn_jax.functional import statistics as st
+from mabn_jax.functional.affine import result_dtype
 
 BACKWARD_STATS = "backward_stats"
 """Collection holding the zero-valued taps of backward statistics."""
@@ -282,36 +283,54 @@ def _inference_guard_bwd(where, res, ct):
 inference_guard.defvjp(_inference_guard_fwd, _inference_guard_bwd, symbolic_zeros=True)
 
 
+class LayerCall(NamedTuple):
+  """One call of a layer's functional method: what the wrapper read.
+
+  Attributes:
+    method: the layer's :class:`~mabn_jax.functional.interface.Method`.
+    x: the input; state: the layer's state; scale, bias: ``(C,)`` or ``None``.
+    taps: ``{tap name: zeros}`` or ``None``; conv: the producing convolution
+      (CBN) or ``None``; where: the layer's name for errors.
+    dtype: the layer's result dtype (``None``: inferred, as in Flax).
+  """
+
+  method: Any
+  x: jax.Array
+  state: Any
+  scale: Any
+  bias: Any
+  taps: Any
+  conv: Any
+  where: str
+  dtype: Any
+
+
 def layer_step(
-  method: Any,
-  x: jax.Array,
-  state: Any,
-  *,
+  call: LayerCall,
   use_running_average: bool,
-  scale: Any,
-  bias: Any,
-  taps: Any,
-  conv: Any,
-  where: str,
-  before_train: Callable[[], None] = lambda: None,
-):
+  before_train: Callable[[], None],
+  commit: Callable[[Any, Any], None],
+) -> jax.Array:
   """A layer's call of its functional method, as every wrapper makes it.
 
   Inference: ``method.infer`` through :func:`inference_guard` (when the layer
   has taps). Training: every tap claimed (:func:`claim_tap`),
-  ``before_train()`` (e.g. sowing the input's moments), then
-  ``method.train``. Returns ``(y, new_state, checked)``, ``new_state`` and
-  ``checked`` ``None`` at inference.
+  ``before_train()`` (e.g. sowing the input's moments), ``method.train``,
+  then ``commit(new_state, checked)``. Returns the output in the layer's
+  result dtype (:func:`~mabn_jax.functional.affine.result_dtype`).
   """
+  method, x, state, scale, bias, taps, conv, where, dtype = call
   if use_running_average:
     y = method.infer(x, state, scale=scale, bias=bias)
     if taps:
       y = inference_guard(y, next(iter(taps.values())), where)
-    return y, None, None
-  for tap in (taps or {}).values():
-    claim_tap(tap, where)
-  before_train()
-  return method.train(x, state, scale=scale, bias=bias, tap=taps, conv=conv)
+  else:
+    for tap in (taps or {}).values():
+      claim_tap(tap, where)
+    before_train()
+    y, new_state, checked = method.train(x, state, scale=scale, bias=bias, tap=taps, conv=conv)
+    commit(new_state, checked)
+  return jnp.asarray(y, result_dtype(x, scale, bias, dtype=dtype))
 
 
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):

@@ -25,10 +25,7 @@ def _train_step(module, variables, x, gy):
 
   def loss(params, x):
     y, updates = module.apply(
-      dict(variables, params=params),
-      x,
-      use_running_average=False,
-      mutable=["batch_stats"],
+      dict(variables, params=params), x, use_running_average=False, mutable=["batch_stats"]
     )
     return jnp.sum(y * gy), (y, updates["batch_stats"])
 

@@ -159,11 +159,7 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
   cfg = REFERENCE_CASES[case]
   groups = 1 if cfg["norm_batch_size"] is None else 4 // cfg["norm_batch_size"]
   model = CrossIterationConvNorm(
-    features=3,
-    kernel_size=(3, 3),
-    momentum=0.8,
-    **PUBLISHED,
-    **{k: v for k, v in cfg.items()},
+    features=3, kernel_size=(3, 3), momentum=0.8, **PUBLISHED, **{k: v for k, v in cfg.items()}
   )
   rng = np.random.default_rng(0)
   xs = [rng.normal(size=(4, 6, 6, 2)).astype(np.float32) + 0.5 for _ in range(5)]
@@ -207,11 +203,7 @@ def test_matches_numpy_float64_reference_step_by_step_with_changing_kernels(case
         assert "dnu_buffer" not in norm and "mu_offset" not in norm
       for name, value in expected_rows.items():
         np.testing.assert_allclose(
-          norm[name][row],
-          value,
-          rtol=1e-4,
-          atol=1e-4,
-          err_msg=f"step {t + 1} {name} row {row}",
+          norm[name][row], value, rtol=1e-4, atol=1e-4, err_msg=f"step {t + 1} {name} row {row}"
         )
     # The kernel changes between steps (as an optimizer would change it).
     params["conv"]["kernel"] = params["conv"]["kernel"] + 0.05 * rng.normal(size=raw.shape).astype(

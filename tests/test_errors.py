@@ -62,9 +62,7 @@ def _init_shape(model, shape, train=True):
 
 def _apply_shape(model, variables, shape):
   return jax.eval_shape(
-    lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-    variables,
-    jnp.zeros(shape),
+    lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, jnp.zeros(shape)
   )
 
 

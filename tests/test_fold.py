@@ -71,11 +71,7 @@ def test_fold_plain_model_by_pairs_matches_unfolded(kind):
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   model = PlainNet(kind)
   variables = _trained(model.init(jax.random.key(1), x), jax.random.key(2))
-  folded = fold(
-    variables,
-    pairs=[("conv0", "norm0"), ("conv1", "norm1")],
-    centered=kind == "mabn",
-  )
+  folded = fold(variables, pairs=[("conv0", "norm0"), ("conv1", "norm1")], centered=kind == "mabn")
   twin = PlainNet(kind, folded=True)
   # The folded tree has exactly the twin's structure.
   expected = jax.tree.map(jnp.shape, twin.init(jax.random.key(1), x))

@@ -86,8 +86,7 @@ def _randomize(variables, key):
 
 
 @pytest.mark.parametrize(
-  "kind,norm_batch_size",
-  [("flax_bn", None), ("bn", None), ("bn", 2), ("mabn", None), ("mabn", 2)],
+  "kind,norm_batch_size", [("flax_bn", None), ("bn", None), ("bn", 2), ("mabn", None), ("mabn", 2)]
 )
 def test_recomputed_statistics_equal_numpy_over_batches(kind, norm_batch_size):
   model = TwoLayer(kind, norm_batch_size)

@@ -179,40 +179,26 @@ class Method:
         taps[tap] = jnp.zeros(value.shape, jnp.float32)
     return taps
 
-  def train(
-    self,
-    x: jax.Array,
-    state: Any,
-    *,
-    scale: Optional[jax.Array] = None,
-    bias: Optional[jax.Array] = None,
-    tap: Optional[Mapping[str, jax.Array]] = None,
-    conv: Optional[ConvContext] = None,
-  ) -> TrainOutput:
+  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None) -> TrainOutput:
     """One training step on ``x`` ``(N, ..., C)``: the output and the new state.
 
     Args:
-      x: the activations (any float dtype); for CBN the convolution's output,
-        bias included.
-      state: the current state.
+      x: the activations (a ``jax.Array``, any float dtype); for CBN the
+        convolution's output, bias included.
+      state: the current state (a :attr:`state_class`).
       scale: ``(C,)`` gamma, or ``None``.
       bias: ``(C,)`` beta, or ``None``.
       tap: ``{tap name: zeros}`` (see :meth:`taps`), differentiated by the
         training loop, or ``None`` when no gradient is taken.
-      conv: the producing convolution (:attr:`needs_conv` methods).
+      conv: the producing convolution, a :class:`ConvContext`
+        (:attr:`needs_conv` methods), else ``None``.
     """
     raise NotImplementedError(type(self).__name__)
 
-  def infer(
-    self,
-    x: jax.Array,
-    state: Any,
-    *,
-    scale: Optional[jax.Array] = None,
-    bias: Optional[jax.Array] = None,
-  ) -> jax.Array:
-    """Inference with the running statistics; touches no state. Returns
-    ``x``'s shape in the promoted dtype (at least float32), not cast."""
+  def infer(self, x, state, *, scale=None, bias=None) -> jax.Array:
+    """Inference on ``x`` with the running statistics of ``state`` and the
+    optional ``(C,)`` ``scale``/``bias``; touches no state. Returns ``x``'s
+    shape in the promoted dtype (at least float32), not cast."""
     raise NotImplementedError(type(self).__name__)
 
   def inference_affine(self, state: Any) -> Tuple[Any, Any]:

@@ -14,7 +14,7 @@ newest row last. ``push`` appends rows and keeps the last ``m``;
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +94,7 @@ def _grouped_reduction_axes(ndim: int, axis: int) -> Tuple[int, ...]:
   return tuple(a for a in range(1, ndim + 1) if a != axis + 1)
 
 
-def group_mean(
-  x: jax.Array,
-  groups: int,
-  axis: int,
-  axis_name: Optional[str] = None,
-  axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
-) -> jax.Array:
+def group_mean(x: jax.Array, groups: int, axis: int, axis_name=None, axis_index_groups=None):
   """Per-group, per-channel mean of ``x``.
 
   Args:
@@ -122,13 +116,7 @@ def group_mean(
   return means
 
 
-def group_moments(
-  x: jax.Array,
-  groups: int,
-  axis: int,
-  axis_name: Optional[str] = None,
-  axis_index_groups: Optional[Sequence[Sequence[int]]] = None,
-) -> Tuple[jax.Array, jax.Array]:
+def group_moments(x: jax.Array, groups: int, axis: int, axis_name=None, axis_index_groups=None):
   """Per-group, per-channel mean and biased variance of ``x``, as Flax does.
 
   The variance is ``max(0, mean(x^2) - mean(x)^2)`` (``flax.linen.BatchNorm``'s

@@ -28,12 +28,12 @@ from flax.linen import initializers
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
-from mabn_jax.functional.affine import result_dtype
 from mabn_jax.training import (
   BACKWARD_STATS,
   BATCH_MOMENTS,
   LEGACY_TAP_NAMES,
   NONFINITE_COUNT,
+  LayerCall,
   layer_step,
   legacy_tap_message,
 )
@@ -166,22 +166,11 @@ def normalize(
   )
   taps = _tap_variables(module, where, method.taps(initial))
   scale, bias = _affine_params(module, x.shape[axis])
+  sow = lambda: _sow_input(module, x, axis, method.config)
+  commit = lambda new, checked: _commit_state(module, stats, new, checked)
+  call = LayerCall(method, x, state, scale, bias, taps, conv, where, module.dtype)
   with interface.named_errors(where):
-    y, new_state, checked = layer_step(
-      method,
-      x,
-      state,
-      use_running_average=use_running_average,
-      scale=scale,
-      bias=bias,
-      taps=taps,
-      conv=conv,
-      where=where,
-      before_train=lambda: _sow_input(module, x, axis, method.config),
-    )
-    if new_state is not None:
-      _commit_state(module, stats, new_state, checked)
-  return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
+    return layer_step(call, use_running_average, sow, commit)
 
 
 def _state_variables(

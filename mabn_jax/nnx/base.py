@@ -28,9 +28,8 @@ from flax.nnx.nn import initializers
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
-from mabn_jax.functional.affine import result_dtype
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments
-from mabn_jax.training import NONFINITE_COUNT, layer_step
+from mabn_jax.training import NONFINITE_COUNT, LayerCall, layer_step
 
 _LAYER_OPTIONS = (
   ("use_running_average", False),
@@ -216,22 +215,11 @@ def normalize(
   bias = module.bias[...] if module.bias is not None else None
   if not use_running_average:
     require_bound_axis(where, method.config.axis_name)
+  sow = lambda: _sow_moments(module, x, axis, method.config)
+  commit = lambda new, checked: _commit_state(module, new, checked)
+  call = LayerCall(method, x, state, scale, bias, taps, conv, where, module.dtype)
   with interface.named_errors(where):
-    y, new_state, checked = layer_step(
-      method,
-      x,
-      state,
-      use_running_average=use_running_average,
-      scale=scale,
-      bias=bias,
-      taps=taps,
-      conv=conv,
-      where=where,
-      before_train=lambda: _sow_moments(module, x, axis, method.config),
-    )
-    if new_state is not None:
-      _commit_state(module, new_state, checked)
-  return jnp.asarray(y, result_dtype(x, scale, bias, dtype=module.dtype))
+    return layer_step(call, use_running_average, sow, commit)
 
 
 def _sow_moments(module: Any, x: jax.Array, axis: int, config: Any) -> None:

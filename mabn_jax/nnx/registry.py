@@ -84,15 +84,9 @@ class ConvNorm(nnx.Module):
     rngs: nnx.Rngs,
   ):
     conv_cls = CenteredConv if normalizer.centered else nnx.Conv
+    options = dict(use_bias=normalizer.name == "none", **normalizer.conv_kwargs(kernel_init))
     self.conv = conv_cls(
-      in_features,
-      features,
-      kernel_size,
-      strides,
-      padding=padding,
-      use_bias=normalizer.name == "none",
-      **normalizer.conv_kwargs(kernel_init),
-      rngs=rngs,
+      in_features, features, kernel_size, strides, padding=padding, rngs=rngs, **options
     )
     self.norm = _optional(norm(normalizer, features, rngs=rngs))
 
@@ -105,28 +99,15 @@ class DenseNorm(nnx.Module):
   """A linear layer (``dense``; centred when the normalizer is) followed by a
   normalization (``norm``); a bias only for ``'none'``."""
 
-  def __init__(
-    self,
-    normalizer,
-    in_features: int,
-    features: int,
-    *,
-    kernel_init: Optional[Callable] = None,
-    rngs: nnx.Rngs,
-  ):
+  def __init__(self, normalizer, in_features: int, features: int, *, kernel_init=None, rngs):
     if normalizer.entry.kind == "conv":
       raise ValueError(
         f"normalizer {normalizer.name!r} is defined for a preceding convolution "
         "only; use conv_norm(...)."
       )
     dense_cls = CenteredDense if normalizer.centered else nnx.Linear
-    self.dense = dense_cls(
-      in_features,
-      features,
-      use_bias=normalizer.name == "none",
-      **normalizer.conv_kwargs(kernel_init),
-      rngs=rngs,
-    )
+    options = dict(use_bias=normalizer.name == "none", **normalizer.conv_kwargs(kernel_init))
+    self.dense = dense_cls(in_features, features, rngs=rngs, **options)
     self.norm = _optional(norm(normalizer, features, rngs=rngs))
 
   def __call__(self, x):
@@ -138,14 +119,17 @@ def conv_norm(
   normalizer,
   in_features: int,
   features: int,
-  kernel_size: Union[int, Sequence[int]],
-  strides: Any = 1,
+  kernel_size,
+  strides=1,
   *,
   padding: Any = "SAME",
   kernel_init: Optional[Callable] = None,
   rngs: nnx.Rngs,
 ) -> nnx.Module:
   """A convolution followed by ``normalizer``'s normalization, as an NNX module.
+
+  Arguments as :class:`ConvNorm`'s (``kernel_size`` an int or one size per
+  spatial axis, ``strides`` an int or one per axis).
 
   An int ``kernel_size`` means a square kernel of 2-D convolutions (give a
   tuple for other ranks). ``'cbn'``/``'cbn_naive'`` give a
@@ -159,27 +143,10 @@ def conv_norm(
     kwargs["centered"] = normalizer.centered
     if kernel_init is not None:
       kwargs["kernel_init"] = kernel_init
-    return normalizer.entry.nnx(
-      in_features,
-      features,
-      kernel_size,
-      strides,
-      padding=padding,
-      use_bias=False,
-      **dict(normalizer.entry.fixed),
-      **kwargs,
-      rngs=rngs,
-    )
-  return ConvNorm(
-    normalizer,
-    in_features,
-    features,
-    kernel_size,
-    strides,
-    padding=padding,
-    kernel_init=kernel_init,
-    rngs=rngs,
-  )
+    kwargs.update(normalizer.entry.fixed, padding=padding, use_bias=False, rngs=rngs)
+    return normalizer.entry.nnx(in_features, features, kernel_size, strides, **kwargs)
+  options = dict(padding=padding, kernel_init=kernel_init, rngs=rngs)
+  return ConvNorm(normalizer, in_features, features, kernel_size, strides, **options)
 
 
 def dense_norm(

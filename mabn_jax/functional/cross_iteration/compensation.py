@@ -65,14 +65,7 @@ def stored_entries(
   return (dmu, dnu) + taylor_offsets(mu, nu, dmu, dnu, kernel)
 
 
-def compensate(
-  mu_offset: jax.Array,
-  nu_offset: jax.Array,
-  dmu: jax.Array,
-  dnu: jax.Array,
-  kernel: jax.Array,
-  differentiable: bool = False,
-) -> Tuple[jax.Array, jax.Array]:
+def compensate(mu_offset, nu_offset, dmu, dnu, kernel, differentiable: bool = False) -> Tuple:
   """First-order Taylor compensation of entries to ``kernel``.
 
   ``mu + dmu . (W - W_old) = (mu - dmu . W_old) + dmu . W``, and the same for

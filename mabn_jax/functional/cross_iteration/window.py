@@ -20,10 +20,7 @@ from mabn_jax.functional import statistics as st
 
 
 def batch_moments(
-  y: jax.Array,
-  groups: int,
-  axis_name: Optional[str] = None,
-  axis_index_groups=None,
+  y: jax.Array, groups: int, axis_name: Optional[str] = None, axis_index_groups=None
 ) -> Tuple[jax.Array, jax.Array]:
   """Per-group ``mu = mean(y)`` and ``nu = mean(y^2)``, each ``(G, C)``."""
   dtype = jnp.promote_types(y.dtype, jnp.float32)
@@ -128,11 +125,7 @@ def _average_windows(mu, nu, win_mu, win_nu, filled):
 
 
 def pooled_moments_per_group(
-  mu: jax.Array,
-  nu: jax.Array,
-  past_mu: jax.Array,
-  past_nu: jax.Array,
-  past_filled: jax.Array,
+  mu: jax.Array, nu: jax.Array, past_mu: jax.Array, past_nu: jax.Array, past_filled: jax.Array
 ) -> Tuple[jax.Array, jax.Array]:
   """:func:`pooled_moments` with a history per group (``group_history``).
 
