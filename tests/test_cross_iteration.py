@@ -578,7 +578,8 @@ def test_naive_ignores_kernel_change_and_compensated_equals_naive_for_fixed_kern
   def run(naive, kernels):
     config = F.CBNConfig(window=3, burn_in=0, naive=naive)
     state = F.init_state(w.shape, 3, naive=naive)
-    for x, k in zip(xs, kernels, strict=True):
+    # As many steps as kernels: the first len(kernels) inputs.
+    for x, k in zip(xs, kernels, strict=False):
       out, state = F.normalize_train(F.conv(x, k, spec), x, k, state, spec, config)
     return out, state
 

@@ -81,7 +81,7 @@ def test_flax_batch_norm_variables_load_as_they_are():
     frozen.apply(variables, x, use_running_average=True), expected, rtol=1e-6, atol=1e-6
   )
   # Training writes the counter: it must be stored or its collection mutable.
-  with pytest.raises(flax.errors.ScopeCollectionNotFound):
+  with pytest.raises(flax.errors.ScopeVariableNotFoundError, match="nonfinite_count"):
     frozen.apply(variables, x, use_running_average=False)
 
 
