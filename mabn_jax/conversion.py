@@ -32,12 +32,14 @@ from typing import Any, Dict, Mapping, Optional, Tuple, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
 from mabn_jax import discovery, registry
 from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import mabn as mabn_math
+from mabn_jax.nnx import registry as nnx_registry
+from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 from mabn_jax.training import BACKWARD_STATS, NONFINITE_COUNT, VariableTree
 
 _DEFAULT_WARMUP = mabn_math.MABNConfig.warmup_steps
@@ -190,6 +192,18 @@ def convert_batch_norm(
     arrays must agree (``CenteredConv(use_bias=False)`` where BN had
     ``Conv(use_bias=False)``). Returns the twin's variables.
 
+  * Flax NNX models (``convert_batch_norm(model, name='mabn', pairs=None,
+    **kwargs)``): in place, every BN-type normalizer (``flax.nnx.BatchNorm``,
+    :class:`mabn_jax.nnx.BatchNorm`) next to a convolution, as
+    :func:`mabn_jax.discovery.nnx_conv_norm_pairs` finds them (or the given
+    ``pairs`` of attribute paths), becomes the registry normalizer ``name``
+    (its NNX twin, with ``kwargs``; ``epsilon``, ``axis_name`` and
+    ``norm_batch_size`` default to the BN layer's) holding the BN layer's
+    ``scale``/``bias`` and converted statistics; for a weight-centralized
+    target (``'mabn'``) the convolution becomes
+    :class:`~mabn_jax.nnx.CenteredConv` (``CenteredDense``) with its weights
+    kept. Returns the model.
+
   Each MABN layer gets ``chi_ema = var + mean^2``, ``chi_buffer`` rows equal
   to it, zero ``psi_buffer`` (and tap), ``nonfinite_count = 0`` and ``step``
   (default ``max(buffer_size, warmup_steps)``: moving averages from the first
@@ -207,6 +221,13 @@ def convert_batch_norm(
     ValueError: on structural mismatch (numbers of layers, channel counts,
       leaf shapes), naming the first mismatching paths.
   """
+  if isinstance(variables, nnx.Module):
+    if normalizer is not None or target is not None:
+      raise ValueError(
+        "convert_batch_norm: an NNX model is converted in place; give the "
+        "target's registry name (name='mabn') instead of a normalizer or target."
+      )
+    return _convert_nnx(variables, step=step, **mabn_kwargs)
   frozen = isinstance(variables, FrozenDict)
   variables = unfreeze(variables)
   if "params" not in variables or "batch_stats" not in variables:
@@ -324,3 +345,88 @@ def _matched_params(src_params: VariableTree, dst_params: VariableTree, layer_ma
       f"convert_batch_norm: target parameters {missing} have no counterpart in the BN model."
     )
   return traverse_util.unflatten_dict(new_params)
+
+
+_CARRIED = ("epsilon", "axis_name", "norm_batch_size")
+"""Options a converted NNX normalizer takes from the BN layer unless given."""
+
+
+def _convert_nnx(
+  model: nnx.Module,
+  name: str = "mabn",
+  pairs: Any = None,
+  step: Optional[int] = None,
+  **kwargs: Any,
+) -> nnx.Module:
+  for pair in discovery.nnx_conv_norm_pairs(model, pairs):
+    norm = pair.norm
+    method = discovery.method_of(norm)
+    if method is None or not isinstance(method, bn.MeanVarMethod):
+      raise ValueError(
+        f"convert_batch_norm: '{pair.where}' ({type(norm).__name__}) is not a "
+        "BatchNorm with running mean/var statistics."
+      )
+    options = {key: getattr(norm, key) for key in _CARRIED if hasattr(norm, key)}
+    normalizer = registry.make_normalizer(name, **{**options, **kwargs})
+    new_norm: Any = nnx_registry.norm(normalizer, norm.num_features, rngs=nnx.Rngs(0))
+    if new_norm is None or discovery.method_of(new_norm) is None:
+      raise ValueError(f"convert_batch_norm: {name!r} has no batch statistics to convert to.")
+    _load_converted(new_norm, norm, step)
+    new_norm.use_running_average = norm.use_running_average
+    pair.replace_norm(new_norm)
+    if normalizer.centered:
+      pair.replace_conv(_centered_twin(pair.conv))
+  return model
+
+
+def _load_converted(new_norm: Any, norm: Any, step: Optional[int]) -> None:
+  """``new_norm``'s parameters and statistics from the BN layer ``norm``."""
+  for param in ("scale", "bias"):
+    if getattr(new_norm, param, None) is not None and getattr(norm, param, None) is not None:
+      getattr(new_norm, param)[...] = getattr(norm, param)[...]
+  method = cast(Any, discovery.method_of(new_norm))
+  template = {
+    key: value[...] for key, value in vars(new_norm).items() if isinstance(value, nnx.BatchStat)
+  }
+  config = method.config  # default step: the last warm-up step, as for linen variables
+  warm = max(getattr(method, "buffer_size", 0), getattr(config, "warmup_steps", 0))
+  start = warm if step is None else step
+  state = converted_state(method, template, norm.mean[...], norm.var[...], start)
+  for key, value in state.items():
+    getattr(new_norm, key)[...] = value
+
+
+def _centered_twin(conv: Any) -> Any:
+  """A weight-centralized copy of an ``nnx.Conv``/``nnx.Linear`` (its weights kept)."""
+  if isinstance(conv, (CenteredConv, CenteredDense)):
+    return conv
+  shared = dict(
+    use_bias=conv.use_bias,
+    dtype=conv.dtype,
+    param_dtype=conv.param_dtype,
+    precision=conv.precision,
+    rngs=nnx.Rngs(0),
+  )
+  if isinstance(conv, nnx.Conv):
+    twin = CenteredConv(
+      conv.in_features,
+      conv.out_features,
+      conv.kernel_size,
+      conv.strides,
+      padding=conv.padding,
+      input_dilation=conv.input_dilation,
+      kernel_dilation=conv.kernel_dilation,
+      feature_group_count=conv.feature_group_count,
+      **shared,
+    )
+  elif isinstance(conv, nnx.Linear):
+    twin = CenteredDense(conv.in_features, conv.out_features, **shared)
+  else:
+    raise ValueError(
+      f"convert_batch_norm: {type(conv).__name__} before a converted norm is "
+      "neither nnx.Conv nor nnx.Linear; it cannot be weight-centralized."
+    )
+  twin.kernel[...] = conv.kernel[...]
+  if conv.bias is not None:
+    cast(Any, twin.bias)[...] = conv.bias[...]
+  return twin

@@ -17,7 +17,7 @@ find, and call its hooks; they know no normalizer by name:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
 
 import flax.linen as nn
 import jax
@@ -69,6 +69,79 @@ def nnx_normalizers(model: nnx.Module) -> List[Tuple[Tuple, nnx.Module, interfac
     method = method_of(module)
     if method is not None:
       found.append((tuple(path), module, method))
+  return found
+
+
+class ConvNormPair(NamedTuple):
+  """A convolution (or linear layer) and the normalizer after it, in an NNX
+  model, with where each is held (``parent.attribute``)."""
+
+  conv_parent: Any
+  conv_attribute: str
+  norm_parent: Any
+  norm_attribute: str
+  where: str
+
+  @property
+  def conv(self) -> Any:
+    return getattr(self.conv_parent, self.conv_attribute)
+
+  @property
+  def norm(self) -> Any:
+    return getattr(self.norm_parent, self.norm_attribute)
+
+  def replace_conv(self, module: Any) -> None:
+    setattr(self.conv_parent, self.conv_attribute, module)
+
+  def replace_norm(self, module: Any) -> None:
+    setattr(self.norm_parent, self.norm_attribute, module)
+
+
+def _path(path: Any) -> Tuple:
+  return tuple(p for p in path.split("/") if p) if isinstance(path, str) else tuple(path)
+
+
+def _at(model: Any, path: Tuple) -> Any:
+  node = model
+  for key in path:
+    node = node[int(key)] if isinstance(node, (list, tuple)) else getattr(node, key)
+  return node
+
+
+def nnx_conv_norm_pairs(model: nnx.Module, pairs: Any = None) -> List[ConvNormPair]:
+  """The (convolution, normalizer) pairs of an NNX model.
+
+  With ``pairs`` (``[(conv_path, norm_path)]``, attribute paths such as
+  ``'block/conv'``, list items by index) those; otherwise every module's
+  child ``norm`` that is a normalizer (:func:`method_of`) next to a child
+  ``conv`` (or ``dense``), as in the registry's NNX modules.
+  """
+  if pairs is not None:
+    found = []
+    for conv_path, norm_path in pairs:
+      conv_path, norm_path = _path(conv_path), _path(norm_path)
+      found.append(
+        ConvNormPair(
+          _at(model, conv_path[:-1]),
+          str(conv_path[-1]),
+          _at(model, norm_path[:-1]),
+          str(norm_path[-1]),
+          "/".join(map(str, norm_path)),
+        )
+      )
+    return found
+  found = []
+  for path, module in list(_iter_modules(model)):
+    children = vars(module)
+    conv_attribute = "conv" if "conv" in children else "dense"
+    norm = children.get("norm")
+    if (
+      children.get(conv_attribute) is not None
+      and norm is not None
+      and (method_of(norm) is not None)
+    ):
+      where = "/".join(map(str, tuple(path) + ("norm",)))
+      found.append(ConvNormPair(module, conv_attribute, module, "norm", where))
   return found
 
 

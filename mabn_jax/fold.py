@@ -324,35 +324,9 @@ class Folded(nnx.Module):
     return x
 
 
-def _at(model: nnx.Module, path: Tuple) -> Any:
-  node = model
-  for key in path:
-    node = node[int(key)] if isinstance(node, (list, tuple)) else getattr(node, key)
-  return node
-
-
-def _nnx_pairs(model: nnx.Module, pairs) -> list:
-  """``[(conv, norm parent, norm attribute, path)]`` to fold in an NNX model."""
-  if pairs is not None:
-    found = []
-    for conv_path, norm_path in pairs:
-      conv_path, norm_path = _as_path(conv_path), _as_path(norm_path)
-      found.append(
-        (_at(model, conv_path), _at(model, norm_path[:-1]), norm_path[-1], "/".join(norm_path))
-      )
-    return found
-  found = []
-  for path, module in list(discovery._iter_modules(model)):
-    norm = vars(module).get("norm")
-    conv = vars(module).get("conv", vars(module).get("dense"))
-    if conv is not None and norm is not None and discovery.method_of(norm) is not None:
-      found.append((conv, module, "norm", "/".join(map(str, path + ("norm",)))))
-  return found
-
-
 def _fold_nnx(model: nnx.Module, pairs) -> nnx.Module:
-  for conv, parent, attribute, where in _nnx_pairs(model, pairs):
-    norm = getattr(parent, attribute)
+  for pair in discovery.nnx_conv_norm_pairs(model, pairs):
+    conv, norm, where = pair.conv, pair.norm, pair.where
     method = discovery.method_of(norm)
     if method is None:
       raise ValueError(
@@ -381,5 +355,5 @@ def _fold_nnx(model: nnx.Module, pairs) -> nnx.Module:
     conv.kernel[...] = new["kernel"]
     conv.bias = nnx.Param(new["bias"])
     conv.use_bias = True
-    setattr(parent, attribute, Folded())
+    pair.replace_norm(Folded())
   return model

@@ -151,3 +151,47 @@ def test_layers_hold_no_math_their_output_is_the_functional_methods(name):
   for field, value in state._asdict().items():
     getattr(module, field)[...] = value
   np.testing.assert_array_equal(module(x, use_running_average=True), y)
+
+
+def _bn_trained():
+  """The 'bn' block after three steps (linen variables) and its NNX twin."""
+  normalizer, linen, variables, model = _trained("bn")
+  return normalizer, variables, model
+
+
+def test_conversion_of_an_nnx_model_equals_conversion_of_the_linen_variables():
+  normalizer, variables, model = _bn_trained()
+  expected, mabn = mj.convert_batch_norm(variables, normalizer, buffer_size=2, warmup_steps=1)
+  assert mj.convert_batch_norm(model, name="mabn", buffer_size=2, warmup_steps=1) is model
+  assert isinstance(model.block.norm, mj.nnx.MABN)
+  assert isinstance(model.block.conv, mj.nnx.CenteredConv)
+  for collection, variable_type in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+    got = dict(
+      jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, variable_type)))
+    )
+    want = dict(jax.tree_util.tree_leaves_with_path(expected[collection]))
+    assert set(map(str, got)) == set(map(str, want)), collection
+    for path, value in want.items():
+      np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+  x = _batches(1)[0]
+  model.eval()
+  linen_mabn = LinenBlock(mabn, "conv")
+  np.testing.assert_allclose(
+    model(x), linen_mabn.apply(expected, x, train=False), rtol=1e-6, atol=1e-6
+  )
+  model.train()  # the converted model trains with the NNX training contract
+  loss = lambda m, x: jnp.mean(m(x) ** 2)
+  mj.nnx.value_and_grad(loss)(model, x)
+  assert (
+    int(model.block.norm.step[...]) == int(expected["batch_stats"]["block"]["norm"]["step"]) + 1
+  )
+
+
+def test_conversion_of_nnx_pairs_keeps_the_producer_when_the_target_is_not_centred():
+  _, _, model = _bn_trained()
+  conv = model.block.conv
+  mj.convert_batch_norm(model, name="brn", pairs=[("block/conv", "block/norm")])
+  assert model.block.conv is conv and isinstance(model.block.norm, mj.nnx.BatchRenorm)
+  mj.convert_batch_norm(model, name="mabn")  # Batch Renorm keeps BN's mean/var too
+  with pytest.raises(ValueError, match="not a BatchNorm"):  # MABN has no mean/var
+    mj.convert_batch_norm(model, name="mabn")
