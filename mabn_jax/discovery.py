@@ -21,7 +21,10 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 
 import flax.linen as nn
 import jax
-from flax import nnx
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from flax.core import unfreeze
 
 from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import interface
@@ -212,3 +215,21 @@ def default_method(method_class: type, **config: Any) -> interface.Method:
   return method_class(
     config=method_class.config_class(**{k: v for k, v in config.items() if k in fields})
   )
+
+
+def zero_taps(batch_stats: Any) -> Dict[str, Any]:
+  """The ``'backward_stats'`` collection a model's ``batch_stats`` imply: for
+  every layer whose stored state is a method's with taps
+  (:func:`method_for_state`), float32 zeros shaped like each tap's target
+  (nested dicts, the layers' paths)."""
+  flat: Dict[Tuple, Any] = traverse_util.flatten_dict(unfreeze(batch_stats))
+  layers: Dict[Tuple, Dict[str, Any]] = {}
+  for path, value in flat.items():
+    layers.setdefault(path[:-1], {})[path[-1]] = value
+  taps: Dict[Tuple, Any] = {}
+  for layer, stored in layers.items():
+    method_class = method_for_state(stored)
+    for tap, target in getattr(method_class, "tap_targets", {}).items():
+      if target in stored and np.size(stored[target]):
+        taps[layer + (tap,)] = jnp.zeros(np.shape(stored[target]), jnp.float32)
+  return traverse_util.unflatten_dict(taps)

@@ -30,6 +30,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
+from mabn_jax import discovery
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional.affine import result_dtype
 
@@ -340,7 +341,10 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
     fun: ``fun(variables, *args, **kwargs)`` returning ``(loss, mutated)``, or
       ``(loss, (mutated, aux))`` if ``has_aux``; ``mutated`` is what
       ``model.apply(..., mutable=[...])`` returned (it must contain
-      ``'batch_stats'`` when the model has MABN layers).
+      ``'batch_stats'`` when the model has MABN layers). ``variables`` may
+      lack the :data:`BACKWARD_STATS` collection (a ``TrainState`` with
+      ``params`` and ``batch_stats`` only): its zero taps are then made from
+      ``'batch_stats'``, passed to ``fun`` and left out of the result.
     has_aux: whether ``fun`` returns auxiliary data.
 
   Returns:
@@ -385,7 +389,12 @@ def differentiate(
   """
   frozen = isinstance(variables, FrozenDict)
   variables = unfreeze(variables)
-  taps = variables.get(BACKWARD_STATS, {})
+  given = BACKWARD_STATS in variables
+  # Variables without the taps (Flax's TrainState keeps params and batch_stats
+  # only): the taps are zeros, made from the statistics they update.
+  taps = (
+    variables[BACKWARD_STATS] if given else discovery.zero_taps(variables.get("batch_stats", {}))
+  )
   if "params" not in variables:
     raise ValueError(
       f"{name}: the variables have no 'params' collection (found {sorted(variables)})."
@@ -417,6 +426,8 @@ def differentiate(
     )((variables["params"], taps, extra))
   mutated, aux = rest if has_aux else (rest, None)
   new_variables = {**variables, **unfreeze(mutated)}
+  if not given:
+    new_variables.pop(BACKWARD_STATS, None)
   if taps:
     if "batch_stats" not in mutated:
       raise ValueError(

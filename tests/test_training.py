@@ -170,3 +170,31 @@ def test_nonfinite_batch_keeps_state_and_is_counted():
   with pytest.raises(FloatingPointError, match="MABN_0"):
     mj.check_finite(v2)
   mj.check_finite(v1)
+
+
+def test_value_and_grad_makes_the_taps_for_variables_with_params_and_batch_stats_only():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      x = mj.CenteredConv(4, (3, 3), use_bias=False)(x)
+      return mj.MABN(buffer_size=2, warmup_steps=0, renorm_start=0)(
+        x, use_running_average=not train
+      )
+
+  model = Net()
+  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 2))
+  variables = model.init(jax.random.key(1), x)
+  full = dict(variables)
+  partial = {k: variables[k] for k in ("params", "batch_stats")}
+
+  def loss(v, x):
+    y, mutated = model.apply(v, x, mutable=["batch_stats"])
+    return jnp.mean(y**3), mutated
+
+  (l_full, v_full), g_full = mj.value_and_grad(loss)(full, x)
+  (l_part, v_part), g_part = mj.value_and_grad(loss)(partial, x)
+  assert set(v_part) == {"params", "batch_stats"}  # the result keeps the caller's layout
+  np.testing.assert_array_equal(l_part, l_full)
+  chex.assert_trees_all_equal(g_part, g_full)
+  chex.assert_trees_all_equal(v_part["batch_stats"], v_full["batch_stats"])
+  assert np.abs(np.asarray(v_part["batch_stats"]["MABN_0"]["psi_buffer"])).max() > 0

@@ -79,7 +79,10 @@ def _stabilized_fwd(
     raise UnnamedLayerError(
       "the MABN backward statistic is not being fed: the gradient "
       "is taken with respect to the input but not the 'backward_stats' tap, "
-      "so psi_buffer would go stale. Compute gradients with "
+      "so psi_buffer would go stale. Either the gradient is not taken with the "
+      "library's training contract, or the variables given to the model lack "
+      "the 'backward_stats' collection (pass the variables fun receives). "
+      "Compute gradients with "
       "mabn_jax.value_and_grad(loss_fn)(variables, ...) (Flax NNX: "
       "mabn_jax.nnx.value_and_grad(loss_fn)(model, ...); or differentiate "
       "the tap and add its cotangent to psi_buffer) instead of "
