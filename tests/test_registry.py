@@ -231,3 +231,15 @@ def test_state_layout_is_the_same_whichever_mode_initialized_it(name):
   ]
   assert shapes[0] == shapes[1]
   assert "nonfinite_count" in shapes[0]["batch_stats"]["norm"]
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn", "cbn", "frozen_bn"])
+def test_initialization_at_batch_one_with_normalization_groups_of_two(name):
+  normalizer = mj.make_normalizer(name, norm_batch_size=2, **KWARGS.get(name, {}))
+  block = normalizer.conv_norm(4, (3, 3), name="c")
+  variables = block.init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)), train=True)
+  x = jax.random.normal(jax.random.key(1), (4, 5, 5, 3))
+  y, _ = block.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert y.shape == (4, 5, 5, 4) and bool(jnp.all(jnp.isfinite(y)))
+  with pytest.raises(ValueError, match="smaller than one normalization group"):
+    block.apply(variables, x[:1], train=True, mutable=["batch_stats"])

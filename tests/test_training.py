@@ -198,3 +198,18 @@ def test_value_and_grad_makes_the_taps_for_variables_with_params_and_batch_stats
   chex.assert_trees_all_equal(g_part, g_full)
   chex.assert_trees_all_equal(v_part["batch_stats"], v_full["batch_stats"])
   assert np.abs(np.asarray(v_part["batch_stats"]["MABN_0"]["psi_buffer"])).max() > 0
+
+
+def test_plain_grad_through_mabn_raises_also_when_its_input_is_not_differentiated():
+  model = mj.MABN(buffer_size=2, warmup_steps=0)  # right after the input: x is data
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  variables = model.init(jax.random.key(1), x, use_running_average=False)
+
+  def loss(params):
+    y, _ = model.apply(
+      {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    return jnp.sum(y**2)
+
+  with pytest.raises(ValueError, match="backward statistic is not being fed"):
+    jax.grad(loss)(variables["params"])

@@ -75,10 +75,11 @@ def _stabilized_normalize(
 def _stabilized_fwd(
   x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias, groups, axis, config
 ):
-  if x.perturbed and not tap.perturbed:
+  if (x.perturbed or scale.perturbed or bias.perturbed) and not tap.perturbed:
     raise UnnamedLayerError(
       "the MABN backward statistic is not being fed: the gradient "
-      "is taken with respect to the input but not the 'backward_stats' tap, "
+      "is taken with respect to the input or the affine parameters but not the "
+      "'backward_stats' tap, "
       "so psi_buffer would go stale. Either the gradient is not taken with the "
       "library's training contract, or the variables given to the model lack "
       "the 'backward_stats' collection (pass the variables fun receives). "

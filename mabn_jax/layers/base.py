@@ -161,6 +161,11 @@ def normalize(
   stats = _state_variables(
     module, where, initial, method.mismatch_cause(), counter=not use_running_average
   )
+  if module.is_initializing() and not _forms_groups(x.shape[0], method.config):
+    # An initialization batch smaller than (or not a multiple of) one group
+    # (Flax's examples initialize with one sample): declare the variables and
+    # return the inference output; training batches are checked as usual.
+    use_running_average = True
   state = initial._replace(
     **{name: var.value for name, var in stats.items() if name != NONFINITE_COUNT}
   )
@@ -171,6 +176,11 @@ def normalize(
   call = LayerCall(method, x, state, scale, bias, taps, conv, where, module.dtype)
   with interface.named_errors(where):
     return layer_step(call, use_running_average, sow, commit)
+
+
+def _forms_groups(batch: int, config: Any) -> bool:
+  size = config.norm_batch_size
+  return size is None or (batch >= size and batch % size == 0)
 
 
 def _state_variables(

@@ -62,7 +62,9 @@ class Method(bn.MeanVarMethod):
   def init_for(self, x, conv=None):
     if conv is None:
       raise layer_error(None, "CBN normalizes a convolution's output and needs it (conv=).")
-    groups = st.num_groups(x.shape[0], self.config.norm_batch_size, None)
+    groups = None
+    if self.config.group_history:  # one history per group: the batch sets the layout
+      groups = st.num_groups(x.shape[0], self.config.norm_batch_size, None)
     return self.init(x.shape[-1], kernel_shape=tuple(conv.kernel.shape), groups=groups)
 
   def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
