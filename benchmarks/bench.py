@@ -95,6 +95,7 @@ ROW_NORMS = {
   "cbn_batch": "cbn",
   "cbn_conv_derivatives": "cbn",
   "cbn_saved_activations": "cbn",
+  "mabn_uncentred": "mabn",
 }
 """Rows that are a registry normalizer with other settings: row -> registry name."""
 
@@ -111,11 +112,13 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
   read the derivative buffers. ``cbn_conv_derivatives`` takes every
   ``d nu / d W`` from the backward-weight convolution
   (``kernel_derivatives='convolution'``) and ``cbn_saved_activations`` keeps
-  what autodiff saves for the backward pass (``rematerialize=False``): the
-  ablations of :mod:`benchmarks.compile_time`."""
+  what autodiff saves for the backward pass (``rematerialize=False``), and
+  ``mabn_uncentred`` runs MABN after plain convolutions (``centered=False``):
+  the ablations of :mod:`benchmarks.compile_time`."""
   cbn = dict(window=4, burn_in=0)
   return {
     "mabn": dict(warmup_steps=0, renorm_start=0),
+    "mabn_uncentred": dict(warmup_steps=0, renorm_start=0, centered=False),
     "brn": dict(warmup_steps=0, ramp_steps=0),
     "cbn": cbn,
     "cbn_s2": dict(cbn, derivative_stride=2),

@@ -41,7 +41,8 @@ measure what each part costs, never to train with:
   :func:`~mabn_jax.functional.backward_stats.tap_increment` and in
   :func:`~mabn_jax.training.add_increment`): a NaN would reach the state;
 * ``mabn_uncentred``: the convolutions' kernels used as they are (no
-  weight centralization, so MABN's premise of zero-mean inputs is gone);
+  weight centralization, so MABN's premise of zero-mean inputs is gone):
+  the registry option ``centered=False`` (:data:`OPTIONS`);
 * ``cbn_product_guard``: every finiteness guard as the float reduction
   ``sum(x * 0) == 0``, also over leaves larger than
   :data:`~mabn_jax.functional.statistics.LARGE_LEAF` (CBN's derivative
@@ -126,11 +127,6 @@ def _all_finite_boolean(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _center_kernel_none(kernel, after=None):
-  del after
-  return kernel
-
-
 def _two_multiplies(
   x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias, groups, axis, config
 ):
@@ -153,7 +149,6 @@ ABLATIONS: Dict[str, list] = {
     (stabilized, "tap_increment", _tap_increment_unguarded),
     (training, "add_increment", _add_increment_unguarded),
   ],
-  "mabn_uncentred": [(centering, "center_kernel", _center_kernel_none)],
   "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
   "cbn_product_guard": [
     (st, "all_finite", functools.partial(st.all_finite, large_leaf=float("inf")))
@@ -177,7 +172,7 @@ ABLATIONS: Dict[str, list] = {
   ],
   "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
 }
-OPTIONS = ("cbn_conv_derivatives", "cbn_saved_activations")
+OPTIONS = ("cbn_conv_derivatives", "cbn_saved_activations", "mabn_uncentred")
 """Variants that are the library with an option set: rows of
 :mod:`benchmarks.bench` (:func:`benchmarks.bench.normalizer_kwargs`)."""
 VARIANTS = ("flax_bn", "bn", "mabn", "cbn") + tuple(ABLATIONS) + OPTIONS

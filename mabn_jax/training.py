@@ -139,20 +139,27 @@ def stat_path(tap_path: tuple) -> tuple:
 # The taps claimed by normalization calls in the training step being traced
 # (None outside one); see claim_tap.
 _STEP_TAPS: contextvars.ContextVar = contextvars.ContextVar("step_taps", default=None)
+# Whether the step's taps were made by value_and_grad (the variables had none):
+# a layer in inference mode then trains with frozen statistics, as documented.
+_MADE_TAPS: contextvars.ContextVar = contextvars.ContextVar("made_taps", default=False)
 
 
 @contextlib.contextmanager
-def training_step():
+def training_step(made_taps: bool = False):
   """Context of one traced training step, in which :func:`claim_tap` counts calls.
 
   :func:`value_and_grad` (and ``mabn_jax.nnx.value_and_grad``,
   ``mabn_jax.recording.value_and_grad``) trace the loss inside it.
+  ``made_taps``: the taps were made by :func:`value_and_grad` because the
+  variables had none, so a layer in inference mode trains with frozen
+  statistics instead of raising (:func:`inference_guard`).
   """
-  token = _STEP_TAPS.set([])
+  token, made = _STEP_TAPS.set([]), _MADE_TAPS.set(made_taps)
   try:
     yield
   finally:
     _STEP_TAPS.reset(token)
+    _MADE_TAPS.reset(made)
 
 
 def claim_tap(tap, where: str) -> None:
@@ -264,7 +271,7 @@ def inference_guard(y: jax.Array, tap: jax.Array, where: str) -> jax.Array:
 
 
 def _inference_guard_fwd(y, tap, where):
-  if tap.perturbed:
+  if tap.perturbed and not _MADE_TAPS.get():
     raise ValueError(
       f"{where}: a training step (mabn_jax.value_and_grad) runs this layer with "
       "use_running_average=True, so its statistics would not update. Call "
@@ -420,7 +427,7 @@ def differentiate(
       )
     return out
 
-  with training_step():
+  with training_step(made_taps=not given):
     (loss, rest), (grads, taps_cotangent, extra_cotangent) = jax.value_and_grad(
       loss_of, has_aux=True
     )((variables["params"], taps, extra))

@@ -153,8 +153,9 @@ def test_cbn_has_no_axis_field_it_is_channels_last_like_flax_conv():
 @pytest.mark.parametrize("kind", LAYERS)
 def test_batch_not_divisible_by_norm_batch_size_names_both_numbers(kind):
   model = Net(LAYERS[kind](norm_batch_size=3))
+  variables = _init_shape(model, SHAPE)  # initialization takes any batch
   _raises(
-    lambda: _init_shape(model, SHAPE),
+    lambda: _apply_shape(model, variables, SHAPE),
     "'layer",
     "batch of 4 samples",
     "not a multiple",
@@ -165,8 +166,9 @@ def test_batch_not_divisible_by_norm_batch_size_names_both_numbers(kind):
 @pytest.mark.parametrize("kind", LAYERS)
 def test_batch_smaller_than_one_group_names_both_numbers(kind):
   model = Net(LAYERS[kind](norm_batch_size=8))
+  variables = _init_shape(model, SHAPE)  # initialization takes any batch
   _raises(
-    lambda: _init_shape(model, SHAPE),
+    lambda: _apply_shape(model, variables, SHAPE),
     "'layer",
     "batch of 4 samples",
     "smaller than one",
@@ -176,8 +178,10 @@ def test_batch_smaller_than_one_group_names_both_numbers(kind):
 
 @pytest.mark.parametrize("name", BATCH_STAT_NAMES)
 def test_registry_group_size_errors_name_the_block(name):
-  model = RegistryNet(mj.make_normalizer(name, norm_batch_size=3))
-  _raises(lambda: _init_shape(model, SHAPE), "'block", "norm_batch_size=3")
+  unmapped = {"axis_name": None} if name == "syncbn" else {}  # applied outside pmap
+  model = RegistryNet(mj.make_normalizer(name, norm_batch_size=3, **unmapped))
+  variables = _init_shape(model, SHAPE)  # initialization takes any batch
+  _raises(lambda: _apply_shape(model, variables, SHAPE), "'block", "norm_batch_size=3")
 
 
 @pytest.mark.parametrize("name", PER_SAMPLE_NAMES)
@@ -348,16 +352,26 @@ def test_functional_mabn_without_tap_cannot_be_differentiated():
   )
 
 
-def test_mabn_training_step_with_variables_missing_the_taps_is_an_error():
-  # E.g. variables restored from a checkpoint of only 'params'/'batch_stats'.
+def test_mabn_training_step_with_variables_missing_the_taps_makes_them():
+  # E.g. variables restored from a checkpoint of only 'params'/'batch_stats',
+  # or Flax's TrainState: value_and_grad makes the zero taps itself.
   model = RegistryNet(mj.make_normalizer("mabn"))
   variables = dict(_init_shape(model, SHAPE))
   del variables[mj.BACKWARD_STATS]
   step = mj.value_and_grad(_loss(model, train=True))
+  (_, new_variables), _ = jax.eval_shape(step, variables, jnp.zeros(SHAPE))
+  assert set(new_variables) == set(variables)
+
+  # A model that passes its own variables without the taps is still told why.
+  def own_loss(v, x):
+    without_taps = {k: value for k, value in v.items() if k != mj.BACKWARD_STATS}
+    return _loss(model, train=True)(without_taps, x)
+
   _raises(
-    lambda: jax.eval_shape(step, variables, jnp.zeros(SHAPE)),
+    lambda: jax.eval_shape(mj.value_and_grad(own_loss), variables, jnp.zeros(SHAPE)),
     "MABN 'block/norm'",
     "backward statistic is not being fed",
+    "lack the 'backward_stats' collection",
   )
 
 

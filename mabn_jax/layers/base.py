@@ -179,8 +179,12 @@ def normalize(
 
 
 def _forms_groups(batch: int, config: Any) -> bool:
+  """False only for a valid ``norm_batch_size`` the batch does not fill
+  (an invalid one is reported by the method)."""
   size = config.norm_batch_size
-  return size is None or (batch >= size and batch % size == 0)
+  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    return True
+  return batch >= size and batch % size == 0
 
 
 def _state_variables(
