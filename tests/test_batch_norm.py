@@ -295,8 +295,9 @@ class BatchNormStateTest(chex.TestCase):
       def __call__(self, x):
         return mj.BatchNorm(norm_batch_size=4, name="bn1")(x, use_running_average=False)
 
+    variables = Net().init(jax.random.key(0), jnp.ones((6, 3)))  # init takes any batch
     with self.assertRaisesRegex(ValueError, r"BatchNorm '.*bn1'.*multiple of norm_batch_size=4"):
-      Net().init(jax.random.key(0), jnp.ones((6, 3)))
+      Net().apply(variables, jnp.ones((6, 3)), mutable=["batch_stats"])
 
   def test_channel_count_change_raises(self):
     module = mj.BatchNorm()

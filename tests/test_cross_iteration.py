@@ -771,10 +771,10 @@ def test_bad_configuration_raises_naming_the_layer():
     CrossIterationConvNorm(features=2, kernel_size=(3, 3), padding="CIRCULAR").init(
       jax.random.PRNGKey(0), x, use_running_average=False
     )
+  layer = CrossIterationConvNorm(features=2, kernel_size=(3, 3), norm_batch_size=3)
+  variables = layer.init(jax.random.PRNGKey(0), x, use_running_average=False)  # any batch
   with pytest.raises(ValueError, match=r"CrossIterationConvNorm.*norm_batch_size"):
-    CrossIterationConvNorm(features=2, kernel_size=(3, 3), norm_batch_size=3).init(
-      jax.random.PRNGKey(0), x, use_running_average=False
-    )
+    layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
 
 
 @pytest.mark.parametrize("derivative_dtype", [None, jnp.bfloat16])
