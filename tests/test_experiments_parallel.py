@@ -102,10 +102,14 @@ def test_jit_statistics_are_global_one_device_on_the_whole_batch(norm, groups):
 
 def test_jit_syncbn_and_sync_stats_are_plain_global_bn():
   bn = _run(norm="bn", parallel="jit")
-  _close(_run(norm="syncbn", parallel="jit")["variables"], bn["variables"], rtol=0, atol=0)
-  _close(
-    _run(norm="bn", parallel="jit", sync_stats=True)["variables"], bn["variables"], rtol=0, atol=0
-  )
+  syncbn = _run(norm="syncbn", parallel="jit")
+  synced = _run(norm="bn", parallel="jit", sync_stats=True)
+  _close(syncbn["variables"], bn["variables"], rtol=0, atol=0)
+  _close(synced["variables"], bn["variables"], rtol=0, atol=0)
+  losses = lambda run: [loss for _, loss in run["train_loss_curve"]]
+  assert losses(bn) and np.all(np.isfinite(losses(bn)))
+  np.testing.assert_allclose(losses(syncbn), losses(bn), rtol=1e-6)
+  np.testing.assert_allclose(losses(synced), losses(bn), rtol=1e-6)
 
 
 def test_shard_map_statistics_per_device_unless_synchronized_then_equal_jit():

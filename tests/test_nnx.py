@@ -288,7 +288,12 @@ def test_bridged_linen_model_trains_as_linen(name):
     return jnp.sum(y * g), y
 
   step = mj.nnx.value_and_grad(loss, has_aux=True)
-  _train_and_compare(name, linen, variables, bridged, shape, step)
+  trained = _train_and_compare(name, linen, variables, bridged, shape, step)
+  assert all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree.leaves(trained))
+  if "batch_stats" in variables:  # training moved the statistics (compared above)
+    before = jax.tree.leaves(variables["batch_stats"])
+    after = jax.tree.leaves(trained["batch_stats"])
+    assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_bridged_mabn_holds_its_tap_as_backward_stat_next_to_psi_buffer():

@@ -27,6 +27,7 @@ subclass; the linen and NNX layers and the tools need no edits.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 from typing import Any, ClassVar, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
@@ -104,7 +105,7 @@ def method_classes() -> Tuple[type, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
+class Method(abc.ABC):
   """A batch-statistics normalizer: its static configuration and its functions.
 
   Subclasses set :attr:`config_class` and :attr:`state_class`, may add layout
@@ -149,6 +150,7 @@ class Method:
     """The non-negative feature axis of an input of rank ``ndim``."""
     return st.canonical_axis(getattr(self.config, "axis", -1), ndim, None)
 
+  @abc.abstractmethod
   def init(
     self,
     num_features: int,
@@ -162,7 +164,6 @@ class Method:
     normalization groups of a training batch) are for methods whose state
     depends on them (CBN); others ignore them.
     """
-    raise NotImplementedError(type(self).__name__)
 
   def init_for(self, x: jax.Array, conv: Optional[ConvContext] = None) -> Any:
     """:meth:`init` for the input ``x`` (and producer ``conv``) of a call."""
@@ -179,6 +180,7 @@ class Method:
         taps[tap] = jnp.zeros(value.shape, jnp.float32)
     return taps
 
+  @abc.abstractmethod
   def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None) -> TrainOutput:
     """One training step on ``x`` ``(N, ..., C)``: the output and the new state.
 
@@ -193,30 +195,33 @@ class Method:
       conv: the producing convolution, a :class:`ConvContext`
         (:attr:`needs_conv` methods), else ``None``.
     """
-    raise NotImplementedError(type(self).__name__)
 
+  @abc.abstractmethod
   def infer(self, x, state, *, scale=None, bias=None) -> jax.Array:
     """Inference on ``x`` with the running statistics of ``state`` and the
     optional ``(C,)`` ``scale``/``bias``; touches no state. Returns ``x``'s
     shape in the promoted dtype (at least float32), not cast."""
-    raise NotImplementedError(type(self).__name__)
 
+  @abc.abstractmethod
   def inference_affine(self, state: Any) -> Tuple[Any, Any]:
     """``(s, t)``, ``(C,)`` each: inference normalizes ``x`` to ``x * s + t``
     (then ``gamma``, ``beta``). Written with array operators only, so float64
     NumPy statistics give float64 results."""
-    raise NotImplementedError(type(self).__name__)
 
+  @abc.abstractmethod
   def from_moments(self, state: Any, mean: Any, second_moment: Any) -> Any:
     """``state`` with its inference statistics set from the population moments
     ``E[x]`` and ``E[x^2]`` (``(C,)`` each) of the layer's input."""
-    raise NotImplementedError(type(self).__name__)
 
   def step_statistics(self, old_state: Any, new_state: Any, groups: int) -> Dict[str, Any]:
     """``{name: (G, C)}``: the statistics a training step used, read from the
-    states before and after it (:attr:`records_from_state` methods)."""
-    raise NotImplementedError(type(self).__name__)
+    states before and after it. Only :attr:`records_from_state` methods
+    have it; the recording tools probe the others' four BN statistics."""
+    raise TypeError(
+      f"{type(self).__name__} does not record its statistics from its state "
+      "(records_from_state is False); the recording tools probe them instead."
+    )
 
+  @abc.abstractmethod
   def from_batch_norm(self, state: Any, mean: Any, var: Any) -> Any:
     """``state`` continued from BatchNorm's running ``mean`` and ``var``."""
-    raise NotImplementedError(type(self).__name__)
