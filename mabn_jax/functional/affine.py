@@ -51,9 +51,19 @@ def apply_affine(
   Returns:
     Array of ``normalized``'s shape in the result dtype.
   """
+  return jnp.asarray(
+    affine_map(normalized, scale, bias, axis), result_dtype(x, scale, bias, dtype=dtype)
+  )
+
+
+def affine_map(
+  normalized: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], axis: int
+) -> jax.Array:
+  """``normalized * scale + bias`` along ``axis``, in the promoted dtype (no
+  cast: the layers cast to their result dtype once, at the end)."""
   y = normalized
   if scale is not None:
-    y = y * st.broadcast_channels(scale, x, axis)
+    y = y * st.broadcast_channels(scale, normalized, axis)
   if bias is not None:
-    y = y + st.broadcast_channels(bias, x, axis)
-  return jnp.asarray(y, result_dtype(x, scale, bias, dtype=dtype))
+    y = y + st.broadcast_channels(bias, normalized, axis)
+  return y

@@ -32,6 +32,7 @@ from jax import lax
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, layer_error
+from mabn_jax.functional.affine import affine_map
 
 
 class BatchNormState(NamedTuple):
@@ -238,7 +239,7 @@ class MeanVarMethod(interface.Method):
   def infer(self, x, state, *, scale=None, bias=None):
     axis = self.feature_axis(x.ndim)
     normalized = normalize_inference(x, state.mean, state.var, self.config.epsilon, axis, None)
-    return interface.apply_affine(normalized, scale, bias, axis)
+    return affine_map(normalized, scale, bias, axis)
 
   def inference_affine(self, state):
     return running_affine(state.mean, state.var, self.config.epsilon)

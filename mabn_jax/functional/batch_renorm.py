@@ -39,6 +39,7 @@ from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, is_int_at_least
+from mabn_jax.functional.affine import affine_map
 
 normalize_inference = bn.normalize_inference
 """Inference is BN's: ``(x - mean) / sqrt(var + eps)`` with the running statistics."""
@@ -180,4 +181,4 @@ class Method(bn.MeanVarMethod):
     del tap, conv
     normalized, new_state = normalize_train(x, state, self.config, None)
     axis = self.feature_axis(x.ndim)
-    return interface.TrainOutput(interface.apply_affine(normalized, scale, bias, axis), new_state)
+    return interface.TrainOutput(affine_map(normalized, scale, bias, axis), new_state)

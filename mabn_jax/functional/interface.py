@@ -84,18 +84,6 @@ def named_errors(where: str) -> Iterator[None]:
     raise error.named(where) from None
 
 
-def apply_affine(
-  normalized: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], axis: int
-) -> jax.Array:
-  """``normalized * scale + bias`` along ``axis``, in the promoted dtype (no cast)."""
-  y = normalized
-  if scale is not None:
-    y = y * st.broadcast_channels(scale, normalized, axis)
-  if bias is not None:
-    y = y + st.broadcast_channels(bias, normalized, axis)
-  return y
-
-
 _METHOD_CLASSES: list = []
 
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, is_int_at_least, layer_error
+from mabn_jax.functional.affine import affine_map
 
 # Re-exported: public names of this module before they moved.
 from mabn_jax.functional.backward_stats import backward_statistics as backward_statistics
@@ -347,7 +348,7 @@ class Method(interface.Method):
   def infer(self, x, state, *, scale=None, bias=None):
     axis = self.feature_axis(x.ndim)
     normalized = normalize_inference(x, state.chi_ema, self.config.epsilon, axis)
-    return interface.apply_affine(normalized, scale, bias, axis)
+    return affine_map(normalized, scale, bias, axis)
 
   def inference_affine(self, state):
     s = (state.chi_ema + self.config.epsilon) ** -0.5

@@ -11,6 +11,7 @@ from mabn_jax.functional import batch_norm as bn
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import layer_error
+from mabn_jax.functional.affine import affine_map
 from mabn_jax.functional.cross_iteration import inference, step
 from mabn_jax.functional.cross_iteration import state as S
 
@@ -80,9 +81,9 @@ class Method(bn.MeanVarMethod):
       y32, conv.x, conv.kernel, state, conv.spec, self.config, conv.bias, None, tap=taps
     )
     groups = st.num_groups(x.shape[0], self.config.norm_batch_size, None)
-    y = interface.apply_affine(normalized, scale, bias, x.ndim - 1)
+    y = affine_map(normalized, scale, bias, x.ndim - 1)
     return interface.TrainOutput(y, new_state, S.newest_entries(new_state, self.config, groups))
 
   def infer(self, x, state, *, scale=None, bias=None):
     normalized = inference.normalize_inference(x, state.mean, state.var, self.config.epsilon)
-    return interface.apply_affine(normalized, scale, bias, x.ndim - 1)
+    return affine_map(normalized, scale, bias, x.ndim - 1)
