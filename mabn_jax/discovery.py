@@ -59,9 +59,13 @@ def method_of(module: Any) -> Optional[interface.Method]:
   return None
 
 
-def _iter_modules(model: nnx.Module):
+def nnx_modules(model: nnx.Module):
+  """``(path, module)`` for every module of an NNX model, the model included."""
   iterate = getattr(nnx, "iter_modules", None)
   return iterate(model) if iterate is not None else model.iter_modules()
+
+
+_iter_modules = nnx_modules
 
 
 def nnx_normalizers(model: nnx.Module) -> List[Tuple[Tuple, nnx.Module, interface.Method]]:

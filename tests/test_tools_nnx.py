@@ -195,3 +195,88 @@ def test_conversion_of_nnx_pairs_keeps_the_producer_when_the_target_is_not_centr
   mj.convert_batch_norm(model, name="mabn")  # Batch Renorm keeps BN's mean/var too
   with pytest.raises(ValueError, match="not a BatchNorm"):  # MABN has no mean/var
     mj.convert_batch_norm(model, name="mabn")
+
+
+def _loss_of_output(y):
+  return jnp.mean(y**2 + y)
+
+
+@pytest.mark.parametrize("name", ("bn", "brn", "mabn"))
+def test_recording_on_an_nnx_model_equals_recording_on_the_linen_model(name):
+  _, linen, variables, model = _trained(name)
+  x = _batches(1)[0]
+
+  def linen_loss(v, x):
+    y, mutated = linen.apply(v, x, train=True, mutable=["batch_stats"])
+    return _loss_of_output(y), mutated
+
+  ((linen_value, new_variables), linen_grads), linen_stats = jax.jit(
+    mj.recording.value_and_grad(linen_loss)
+  )(variables, x)
+  recorded = nnx.jit(mj.recording.value_and_grad(lambda m, x: _loss_of_output(m(x))))
+  (nnx_value, nnx_grads), nnx_stats = recorded(model, x)
+
+  names = mj.recording.MABN_STATISTICS if name == "mabn" else mj.recording.BN_STATISTICS
+  assert set(linen_stats) == {"block/norm"} and set(nnx_stats) == {"block/norm"}
+  assert set(nnx_stats["block/norm"]) == set(names)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), nnx_stats, linen_stats
+  )
+  assert np.abs(nnx_stats["block/norm"][names[-1]]).max() > 0  # a real backward signal
+  np.testing.assert_allclose(nnx_value, linen_value, rtol=1e-6)
+  np.testing.assert_allclose(
+    nnx_grads["block"]["conv"]["kernel"][...],
+    linen_grads["block"]["conv"]["kernel"],
+    rtol=1e-5,
+    atol=1e-7,
+  )
+  for field, value in _nnx_stats(model)["block"]["norm"].items():
+    np.testing.assert_allclose(
+      value, new_variables["batch_stats"]["block"]["norm"][field], rtol=1e-5, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("name", ("bn", "mabn"))
+def test_recording_an_nnx_model_leaves_its_training_bitwise_identical(name):
+  _, _, _, plain = _trained(name)
+  _, _, _, recorded = _trained(name)
+  loss = lambda m, x: _loss_of_output(m(x))
+  plain_step = nnx.jit(mj.nnx.value_and_grad(loss))
+  recorded_step = nnx.jit(mj.recording.value_and_grad(loss))
+  own_call = type(recorded.block.norm).__dict__.get("__call__")
+  for x in _batches(3):
+    plain_value, plain_grads = plain_step(plain, x)
+    (value, grads), statistics = recorded_step(recorded, x)
+    np.testing.assert_array_equal(value, plain_value)
+    jax.tree.map(
+      np.testing.assert_array_equal, nnx.to_pure_dict(grads), nnx.to_pure_dict(plain_grads)
+    )
+    assert set(statistics) == {"block/norm"}
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    nnx.to_pure_dict(nnx.state(recorded)),
+    nnx.to_pure_dict(nnx.state(plain)),
+  )
+  # The normalizer class is restored: its own __call__ as before the steps.
+  assert type(recorded.block.norm).__dict__.get("__call__") is own_call
+
+
+def test_recording_a_flax_nnx_batch_norm_equals_the_direct_computation():
+  model = nnx.BatchNorm(3, epsilon=1e-5, rngs=nnx.Rngs(0))
+  model.scale[...] = jnp.asarray([0.5, 2.0, -1.0])
+  x = jax.random.normal(jax.random.key(3), (4, 5, 5, 3)) * 2.0 + 0.3
+  target = jax.random.normal(jax.random.key(4), x.shape)
+  loss = lambda m, x: jnp.mean((m(x) - target) ** 2)
+  (_, _), statistics = mj.recording.value_and_grad(loss)(model, x)
+  rec = statistics[""]
+  xd = np.asarray(x, np.float64)
+  mu = xd.mean(axis=(0, 1, 2))
+  var = xd.var(axis=(0, 1, 2))
+  xhat = (xd - mu) / np.sqrt(var + 1e-5)
+  gamma = np.asarray([0.5, 2.0, -1.0])
+  y = xhat * gamma
+  g = 2.0 * (y - np.asarray(target, np.float64)) / xd.size * gamma
+  np.testing.assert_allclose(rec["mu"][0], mu, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(rec["var"][0], var, rtol=1e-5)
+  np.testing.assert_allclose(rec["g"][0], g.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-9)
+  np.testing.assert_allclose(rec["psi"][0], (xhat * g).mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-9)

@@ -71,15 +71,38 @@ def value_and_grad(fun: Callable[..., Any], *, has_aux: bool = False):
     through a MABN layer in inference mode (use ``nnx.value_and_grad`` to
     fine-tune with frozen statistics).
   """
-  grad_fn = nnx.value_and_grad(
-    fun, argnums=nnx.DiffState(0, DIFFERENTIATED), has_aux=has_aux, graph=True, graph_updates=True
+  step = value_and_grad_with_extra(
+    lambda model, extra, *args, **kwargs: fun(model, *args, **kwargs), has_aux=has_aux
   )
 
   def wrapped(model, *args, **kwargs):
+    value, grads, _ = step(model, None, *args, **kwargs)
+    return value, grads
+
+  return wrapped
+
+
+def value_and_grad_with_extra(fun: Callable[..., Any], *, has_aux: bool = False):
+  """:func:`value_and_grad` of ``fun(model, extra, *args)`` that also
+  differentiates ``extra`` (a tree of arrays, e.g. the recorder's probes).
+
+  Returns:
+    A function of ``(model, extra, *args, **kwargs)`` returning ``(value,
+    grads, extra_cotangent)``, ``value`` and ``grads`` as :func:`value_and_grad`'s.
+  """
+  grad_fn = nnx.value_and_grad(
+    fun,
+    argnums=(nnx.DiffState(0, DIFFERENTIATED), 1),
+    has_aux=has_aux,
+    graph=True,
+    graph_updates=True,
+  )
+
+  def wrapped(model, extra, *args, **kwargs):
     with training_step():
-      value, grads = grad_fn(model, *args, **kwargs)
+      value, (grads, extra_cotangent) = grad_fn(model, extra, *args, **kwargs)
     param_grads, tap_grads = nnx.split_state(grads, nnx.Param, is_tap)
     feed_backward_statistics(model, tap_grads)
-    return value, param_grads
+    return value, param_grads, extra_cotangent
 
   return wrapped
