@@ -32,57 +32,30 @@ are repeated ``--rounds`` times, interleaved. Reported per process
 (medians): tracing and ``compile()`` seconds and the cache's entries after
 it (the second process adds none when it loaded the step).
 
-The ``mabn_*`` ablations remove guarantees the library makes; they exist to
-measure what each part costs, never to train with:
+The variants are the library's normalizers and the library with one of
+its public options set (:data:`OPTIONS`, rows of :mod:`benchmarks.bench`):
 
-* ``mabn``: ``mj.MABN`` after ``mj.CenteredConv`` (the library);
-* ``mabn_unguarded``: without the finiteness guards (the state commit of
-  :func:`~mabn_jax.functional.statistics.commit_if_finite`, the check in
-  :func:`~mabn_jax.functional.backward_stats.tap_increment` and in
-  :func:`~mabn_jax.training.add_increment`): a NaN would reach the state;
+* ``flax_bn``, ``bn``, ``mabn`` (``mj.MABN`` after ``mj.CenteredConv``) and
+  ``cbn`` (window 4);
 * ``mabn_uncentred``: the convolutions' kernels used as they are (no
   weight centralization, so MABN's premise of zero-mean inputs is gone):
-  the registry option ``centered=False`` (:data:`OPTIONS`);
-* ``cbn_product_guard``: every finiteness guard as the float reduction
-  ``sum(x * 0) == 0``, also over leaves larger than
-  :data:`~mabn_jax.functional.statistics.LARGE_LEAF` (CBN's derivative
-  entries), which the library tests as ``all(isfinite(x))`` (the same
-  decision): what CBN's guards cost before that change;
+  the registry option ``centered=False``;
 * ``cbn_conv_derivatives``: CBN's ``d nu / d W`` always as the
   backward-weight convolution, also for the pointwise kernels with fewer
   input than output channels where the library takes the same derivative
   from the inputs' Gram matrix
   (:func:`~mabn_jax.functional.cross_iteration.gram_is_cheaper`): the
-  option ``kernel_derivatives='convolution'`` (:data:`OPTIONS`);
+  option ``kernel_derivatives='convolution'``;
 * ``cbn_saved_activations``: CBN's training step without its
-  ``jax.checkpoint`` (``functional.cross_iteration._train_step``), so that
-  its backward pass keeps what autodiff saves (two more activation-sized
-  arrays per layer) instead of recomputing them from the conv output: the
-  option ``rematerialize=False`` (:data:`OPTIONS`);
-* ``mabn_bool_guard``: the finiteness guards as a reduction of booleans,
-  ``all(isfinite(x))``, instead of the library's one float reduction
-  ``sum(x * 0) == 0`` (the same decision;
-  :func:`~mabn_jax.functional.statistics.all_finite`): what the guards cost
-  before that change;
-* ``mabn_unshared``: the library's per-layer functions (MABN's training
-  step, the guarded commit, the tap's increment, the kernel centring) called
-  without their ``jax.jit``, so every layer traces its few dozen
-  ``jax.numpy`` calls again (the same program: what sharing the traces
-  saves);
-* ``cbn`` (window 4) and ``cbn_unshared``: the same for CBN's training step
-  (``functional.cross_iteration._train_step``) and the shared commit and
-  tap functions;
-* ``mabn_two_mul``: MABN's forward affine map written
-  ``x * (r / sigma) * gamma + beta`` instead of ``x * (r gamma / sigma) + beta``
-  (the same values up to rounding; it changes how XLA's CPU backend
-  compiles the transposes that feed the next layer's weight gradient).
+  ``jax.checkpoint``, so that its backward pass keeps what autodiff saves
+  (two more activation-sized arrays per layer) instead of recomputing them
+  from the conv output: the option ``rematerialize=False``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import re
@@ -94,108 +67,24 @@ import time
 from typing import Callable, Dict, Iterator, List, Sequence
 
 import jax
-import jax.numpy as jnp
 
-import mabn_jax.training as training
 from benchmarks import bench
-from mabn_jax.functional import centering, stabilized
-from mabn_jax.functional import mabn as functional_mabn
-from mabn_jax.functional import statistics as st
-from mabn_jax.functional.cross_iteration import step as cbn_step
 
-
-def _commit_unguarded(new, old, nonfinite_count, checked=None):
-  del old, checked
-  return new, nonfinite_count
-
-
-def _tap_increment_unguarded(new_buffer, buffer, *batch_stats):
-  del batch_stats
-  return new_buffer - buffer
-
-
-def _add_increment_unguarded(stat, increment):
-  return stat + increment.astype(stat.dtype)
-
-
-def _all_finite_boolean(tree):
-  leaves = [
-    jnp.all(jnp.isfinite(leaf))
-    for leaf in jax.tree_util.tree_leaves(tree)
-    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-  ]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _two_multiplies(
-  x, tap, inv_std, rate, psi_buffer, use_average, first_step, scale, bias, groups, axis, config
-):
-  del tap, psi_buffer, use_average, first_step, groups, config
-  dtype = jnp.promote_types(jnp.promote_types(inv_std.dtype, scale.dtype), bias.dtype)
-  return x.astype(dtype) * st.broadcast_groups(rate.astype(dtype), x, axis) * st.broadcast_channels(
-    scale.astype(dtype), x, axis
-  ) + st.broadcast_channels(bias.astype(dtype), x, axis)
-
-
-_TWO_MUL = jax.custom_vjp(_two_multiplies, nondiff_argnums=(9, 10, 11))
-# The same backward rule as the library's: only the forward expression differs.
-_TWO_MUL.defvjp(
-  functional_mabn._stabilized_fwd, functional_mabn._stabilized_bwd, symbolic_zeros=True
-)
-
-ABLATIONS: Dict[str, list] = {
-  "mabn_unguarded": [
-    (st, "commit_if_finite", _commit_unguarded),
-    (stabilized, "tap_increment", _tap_increment_unguarded),
-    (training, "add_increment", _add_increment_unguarded),
-  ],
-  "mabn_bool_guard": [(st, "all_finite", _all_finite_boolean)],
-  "cbn_product_guard": [
-    (st, "all_finite", functools.partial(st.all_finite, large_leaf=float("inf")))
-  ],
-  "mabn_unshared": [
-    (module, name, getattr(module, name).__wrapped__)
-    for module, name in (
-      (functional_mabn, "_train_step"),
-      (st, "commit_if_finite"),
-      (training, "add_increment"),
-      (centering, "center_kernel"),
-    )
-  ],
-  "cbn_unshared": [
-    (module, name, getattr(module, name).__wrapped__)
-    for module, name in (
-      (cbn_step, "_train_step"),
-      (st, "commit_if_finite"),
-      (training, "add_increment"),
-    )
-  ],
-  "mabn_two_mul": [(functional_mabn, "_stabilized_normalize", _TWO_MUL)],
-}
 OPTIONS = ("cbn_conv_derivatives", "cbn_saved_activations", "mabn_uncentred")
 """Variants that are the library with an option set: rows of
 :mod:`benchmarks.bench` (:func:`benchmarks.bench.normalizer_kwargs`)."""
-VARIANTS = ("flax_bn", "bn", "mabn", "cbn") + tuple(ABLATIONS) + OPTIONS
+VARIANTS = ("flax_bn", "bn", "mabn", "cbn") + OPTIONS
 
 
 @contextlib.contextmanager
 def ablated(variant: str) -> Iterator[str]:
-  """Patches the library for ``variant`` while tracing; yields the norm of
-  :mod:`benchmarks.bench` that builds it (the registry name of an ablation,
-  the variant itself otherwise)."""
-  patches = ABLATIONS.get(variant, [])
-  saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-  # Every variant starts from empty JAX caches, as a fresh process would
-  # (and the library jits its per-layer steps, whose cached traces would
-  # ignore a patch of a function they call).
+  """Yields the norm of :mod:`benchmarks.bench` that builds ``variant``, with
+  JAX's caches empty before and after, as a fresh process would have them
+  (the library jits its per-layer steps)."""
   jax.clear_caches()
   try:
-    for module, name, value in patches:
-      setattr(module, name, value)
-    yield variant.split("_")[0] if variant in ABLATIONS else variant
+    yield variant
   finally:
-    for module, name, value in saved:
-      setattr(module, name, value)
     jax.clear_caches()
 
 
