@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from mabn_jax.functional import cross_iteration as F
 
 FORWARD = {
-  "library": F._channel_inner,
+  "library": F.channel_inner,
   "einsum": lambda d, w: jnp.einsum("ekc,kc->ec", d, w),
   "sum": lambda d, w: jnp.sum(d * w[None], axis=1),
 }

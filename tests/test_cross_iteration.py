@@ -984,7 +984,7 @@ def test_channel_inner_products_and_their_gradients_equal_the_einsum():
   w = jnp.asarray(rng.normal(size=(27, 6)), jnp.float32)
   ct = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
   einsum = lambda d, w: jnp.einsum("ekc,kc->ec", d, w)
-  got, vjp = jax.vjp(F._channel_inner, d, w)
+  got, vjp = jax.vjp(F.channel_inner, d, w)
   expected, vjp_expected = jax.vjp(einsum, d, w)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   for a, b in zip(vjp(ct), vjp_expected(ct), strict=True):

@@ -11,7 +11,7 @@ Modules (every name below is importable from this package):
 
 * :mod:`.geometry`: :class:`ConvSpec`, :func:`conv`;
 * :mod:`.derivatives`: :func:`moment_derivatives` (``d mu / d W``, ``d nu / d W``);
-* :mod:`.compensation`: :func:`compensate`, :func:`stored_entries`,
+* :mod:`.compensation`: :func:`compensate`, :func:`channel_inner`, :func:`stored_entries`,
   :func:`taylor_offsets`;
 * :mod:`.window`: :func:`batch_moments`, :func:`pooled_moments` and the
   windows each group pools;
@@ -41,7 +41,6 @@ from mabn_jax.functional.cross_iteration.averaged import _averaged_bwd as _avera
 from mabn_jax.functional.cross_iteration.averaged import _averaged_fwd as _averaged_fwd
 from mabn_jax.functional.cross_iteration.averaged import _averaged_normalize as _averaged_normalize
 from mabn_jax.functional.cross_iteration.averaged import _centred_scaled as _centred_scaled
-from mabn_jax.functional.cross_iteration.compensation import _channel_inner as _channel_inner
 from mabn_jax.functional.cross_iteration.compensation import (
   _channel_inner_bwd as _channel_inner_bwd,
 )
@@ -50,6 +49,7 @@ from mabn_jax.functional.cross_iteration.compensation import (
 )
 from mabn_jax.functional.cross_iteration.compensation import _dot_kernel as _dot_kernel
 from mabn_jax.functional.cross_iteration.compensation import (
+  channel_inner,
   compensate,
   stored_entries,
   taylor_offsets,
@@ -107,6 +107,7 @@ __all__ = [
   "Method",
   "Padding",
   "batch_moments",
+  "channel_inner",
   "compensate",
   "conv",
   "gram_is_cheaper",

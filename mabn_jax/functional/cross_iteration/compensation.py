@@ -104,7 +104,7 @@ def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
   dtype = jnp.promote_types(jnp.promote_types(dnu.dtype, kernel.dtype), jnp.float32)
   w = kernel.astype(dtype).reshape(-1, channels)
   mu_dot = jnp.einsum("pk,kc->pc", dmu.reshape(math.prod(lead), -1).astype(dtype), w)
-  nu_dot = _channel_inner(dnu.reshape(math.prod(lead), -1, channels), w)
+  nu_dot = channel_inner(dnu.reshape(math.prod(lead), -1, channels), w)
   return mu_dot.reshape(lead + (channels,)), nu_dot.reshape(lead + (channels,))
 
 
@@ -119,14 +119,16 @@ def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
 # matrix-vector product is slower). A narrower d (a bfloat16 buffer) is
 # widened to w's dtype inside the products' fusions.
 @jax.custom_vjp
-def _channel_inner(d, w):
+def channel_inner(d, w):
+  """``sum_k d[e, k, c] * w[k, c]``: ``d`` ``(E, K, C)``, ``w`` ``(K, C)`` ->
+  ``(E, C)`` in ``w``'s dtype (the compensation's inner products)."""
   if d.shape[0] == 0:
     return jnp.zeros((0, d.shape[2]), w.dtype)
   return jnp.einsum("ek,ekc->ec", jnp.ones(d.shape[:2], w.dtype), d.astype(w.dtype) * w[None])
 
 
 def _channel_inner_fwd(d, w):
-  return _channel_inner(d, w), (d, w)
+  return channel_inner(d, w), (d, w)
 
 
 def _channel_inner_bwd(res, ct):
@@ -137,4 +139,4 @@ def _channel_inner_bwd(res, ct):
   return (ct[:, None, :] * w[None]).astype(d.dtype), grad_w
 
 
-_channel_inner.defvjp(_channel_inner_fwd, _channel_inner_bwd)
+channel_inner.defvjp(_channel_inner_fwd, _channel_inner_bwd)
