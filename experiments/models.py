@@ -21,7 +21,17 @@ import jax.numpy as jnp
 
 import mabn_jax as mj
 
-MODEL_NAMES = ("cnn2", "cnn6", "resnet20", "resnet56", "resnet18_cifar", "resnet18", "resnet50")
+MODEL_NAMES = (
+  "cnn2",
+  "cnn6",
+  "resnet20",
+  "resnet56",
+  "resnet18_cifar",
+  "resnet18",
+  "resnet50",
+  "preact_resnet8",
+  "preact_resnet20",
+)
 # Models taking ``norm_layers`` (the others normalize every conv).
 PLACEMENT_MODELS = ("cnn2", "cnn6")
 # Named placements of the normalization: every conv, the first one, the
@@ -198,6 +208,70 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
+def producer_conv(normalizer, **kwargs) -> nn.Module:
+  """A convolution that feeds ``normalizer``'s norms without one of its own
+  after it: weight-centralized (``mj.CenteredConv``) when the normalizer's
+  convolutions are, else ``nn.Conv`` (no bias)."""
+  conv = mj.CenteredConv if normalizer.centered else nn.Conv
+  return conv(use_bias=False, **normalizer.conv_kwargs(), **kwargs)
+
+
+class PreActBlock(nn.Module):
+  """A pre-activation basic block (He et al., 2016): ``norm, relu, conv3x3
+  (strided), norm, relu, conv3x3`` added to the input, or to a 1x1 conv of
+  the first activation when the shape changes. Every norm's input is either
+  the residual stream (a sum of convolution outputs) or a convolution's
+  output; with MABN every convolution is weight-centralized, so both are."""
+
+  normalizer: Any
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    s = self.strides
+    a = nn.relu(self.normalizer.norm(name="norm1")(x, train=train))
+    shortcut = x
+    if x.shape[-1] != self.features or s != 1:
+      shortcut = producer_conv(
+        self.normalizer, features=self.features, kernel_size=(1, 1), strides=(s, s), name="proj"
+      )(a)
+    y = producer_conv(
+      self.normalizer, features=self.features, kernel_size=(3, 3), strides=(s, s), name="conv1"
+    )(a)
+    y = nn.relu(self.normalizer.norm(name="norm2")(y, train=train))
+    y = producer_conv(self.normalizer, features=self.features, kernel_size=(3, 3), name="conv2")(y)
+    return shortcut + y
+
+
+class PreActResNet(nn.Module):
+  """A CIFAR-style pre-activation ResNet: a 3x3 stem convolution (no norm
+  after it), :class:`PreActBlock` stages (stage ``i > 0`` starts with stride
+  2), then ``norm, relu``, global average pooling and the classifier.
+  ``normalizer`` must offer a stand-alone norm (not CBN)."""
+
+  normalizer: Any
+  stage_sizes: Tuple[int, ...]
+  num_classes: int = 10
+  num_filters: int = 16
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = producer_conv(self.normalizer, features=self.num_filters, kernel_size=(3, 3), name="stem")(
+      x
+    )
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        x = PreActBlock(
+          self.normalizer,
+          self.num_filters * 2**i,
+          strides=2 if i > 0 and j == 0 else 1,
+          name=f"stage{i + 1}_block{j + 1}",
+        )(x, train=train)
+    x = nn.relu(self.normalizer.norm(name="final_norm")(x, train=train))
+    return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
 def build_model(
   name: str, normalizer, num_classes: int, width: int = 0, norm_layers: Any = "all"
 ) -> nn.Module:
@@ -231,6 +305,9 @@ def build_model(
     return ResNet(normalizer, (2, 2, 2, 2), num_classes, "basic", width or 64, "cifar")
   if name == "resnet18":
     return ResNet(normalizer, (2, 2, 2, 2), num_classes, "basic", width or 64, "imagenet")
+  if name in ("preact_resnet8", "preact_resnet20"):
+    n = {"preact_resnet8": 1, "preact_resnet20": 3}[name]
+    return PreActResNet(normalizer, (n, n, n), num_classes, width or 16)
   if name == "resnet50":
     return ResNet(normalizer, (3, 4, 6, 3), num_classes, "bottleneck", width or 64, "imagenet")
   raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")

@@ -180,3 +180,33 @@ def test_bad_norm_layers_raise(bad):
 def test_norm_layers_other_than_all_need_a_cnn():
   with pytest.raises(ValueError, match="norm_layers 'first'.*resnet20"):
     models.build_model("resnet20", mj.make_normalizer("bn"), 10, norm_layers="first")
+
+
+@pytest.mark.parametrize("norm, centered", [("mabn", True), ("bn", False)])
+def test_preact_resnet_convolutions_follow_the_normalizers_centring(norm, centered):
+  normalizer = mj.make_normalizer(norm, norm_batch_size=2)
+  model = models.build_model("preact_resnet8", normalizer, 10, width=4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+  variables = model.init(jax.random.PRNGKey(0), x, train=True)
+  centred = []
+  model.apply(
+    variables,
+    x,
+    train=False,
+    capture_intermediates=lambda module, _: bool(
+      isinstance(module, mj.CenteredConv) and centred.append(module.path)
+    ),
+  )
+  kernels = [
+    path
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+    if path[-1].key == "kernel" and leaf.ndim == 4
+  ]
+  # stem, conv1 and conv2 of three blocks, and the projections of stages 2 and 3
+  assert len(kernels) == 9
+  assert len(set(centred)) == (9 if centered else 0)
+  norms = [k for k in variables["params"]["stage2_block1"] if k.startswith("norm")]
+  assert norms == ["norm1", "norm2"]
+  assert "final_norm" in variables["params"]
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
