@@ -15,7 +15,9 @@ from mabn_jax.layers import (
   CenteredConv,
   CenteredDense,
   CrossIterationConvNorm,
+  FilterResponseNorm,
   FrozenBatchNorm,
+  StandardizedConv,
 )
 from mabn_jax.precise_bn import recompute_batch_stats
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
@@ -44,9 +46,11 @@ __all__ = [
   "CenteredConv",
   "CenteredDense",
   "CrossIterationConvNorm",
+  "FilterResponseNorm",
   "FrozenBatchNorm",
   "MABN",
   "Normalizer",
+  "StandardizedConv",
   "accumulate_value_and_grad",
   "check_finite",
   "convert_batch_norm",
