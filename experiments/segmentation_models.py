@@ -112,7 +112,7 @@ def segmentation_normalizer(
   kw = dict(norm_kwargs or {})
   if norm in BATCH_NORMALIZERS and norm_batch_size:
     kw.setdefault("norm_batch_size", norm_batch_size)
-  if norm == "gn":
+  if norm in ("gn", "ws_gn"):
     kw.setdefault("num_groups", group_count(widths, gn_groups))
   if norm == "syncbn":
     kw.setdefault("axis_name", None)

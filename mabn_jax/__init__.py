@@ -7,7 +7,7 @@ training contract (``value_and_grad``), their Flax NNX twins in
 
 from mabn_jax import functional, nnx, recording
 from mabn_jax.conversion import convert_batch_norm
-from mabn_jax.fold import fold
+from mabn_jax.fold import fold, precompute_standardized_kernels
 from mabn_jax.layers import (
   MABN,
   BatchNorm,
@@ -61,6 +61,7 @@ __all__ = [
   "migrate_variables",
   "nnx",
   "nonfinite_counts",
+  "precompute_standardized_kernels",
   "recompute_batch_stats",
   "recording",
   "normalizer_names",
