@@ -180,3 +180,21 @@ def test_bad_norm_layers_raise(bad):
 def test_norm_layers_other_than_all_need_a_cnn():
   with pytest.raises(ValueError, match="norm_layers 'first'.*resnet20"):
     models.build_model("resnet20", mj.make_normalizer("bn"), 10, norm_layers="first")
+
+
+def test_frn_tlu_replaces_the_relu_and_trains_and_residual_outputs_have_no_tlu():
+  normalizer = mj.make_normalizer("frn")
+  model = models.ResNet(normalizer, (1, 1), num_classes=3, num_filters=4)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=True)
+  params = variables["params"]
+  block = params["stage2_block1"]
+  assert "tau" in params["stem"]["norm"] and "tau" in block["conv1"]["norm"]
+  assert "tau" not in block["conv2"]["norm"] and "tau" not in block["proj"]["norm"]
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, train=True) ** 2))(params)
+  # With a ReLU after the TLU, tau (initially 0) would get no gradient.
+  assert float(jnp.abs(grads["stem"]["norm"]["tau"]).max()) > 0
+  assert float(jnp.abs(grads["stage1_block1"]["conv1"]["norm"]["tau"]).max()) > 0
+  assert models.has_activation(normalizer)
+  assert not models.has_activation(normalizer.with_updates(use_tlu=False))
+  assert not models.has_activation(mj.make_normalizer("gn"))
