@@ -31,7 +31,10 @@ Measured per network:
   * compile time of the step (``lower().compile()``);
   * inference throughput (images/s) of the eval graph, unfolded and with
     foldable normalizers folded into the convolutions (``mj.fold``), against
-    GroupNorm, LayerNorm, InstanceNorm and no normalization.
+    GroupNorm, weight-standardized GroupNorm (``ws_gn``: kernels standardized
+    in the graph; ``ws_gn_precomputed``: standardized once beforehand,
+    ``mj.precompute_standardized_kernels``, the best WS+GN inference, as it
+    cannot fold), FRN, LayerNorm, InstanceNorm and no normalization.
 """
 
 from __future__ import annotations
@@ -73,7 +76,20 @@ TRAIN_NORMS = (
   "cbn_batch",
   "cbn_floor",
 )
-INFER_VARIANTS = ("flax_bn", "bn", "bn_folded", "mabn", "mabn_folded", "gn", "ln", "in", "none")
+INFER_VARIANTS = (
+  "flax_bn",
+  "bn",
+  "bn_folded",
+  "mabn",
+  "mabn_folded",
+  "gn",
+  "ws_gn",
+  "ws_gn_precomputed",
+  "frn",
+  "ln",
+  "in",
+  "none",
+)
 BASELINE = "flax_bn"
 """The row every ratio is also reported against: ``flax.linen.BatchNorm``."""
 PLAIN_AUTODIFF = ("flax_bn", "gn", "cbn_floor")
@@ -129,6 +145,7 @@ def normalizer_kwargs(norm: str, network: str) -> Dict[str, Any]:
     "cbn_conv_derivatives": dict(cbn, kernel_derivatives="convolution"),
     "cbn_saved_activations": dict(cbn, rematerialize=False),
     "gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
+    "ws_gn": dict(num_groups=2 if network == SMOKE_MODEL else 32),
   }.get(norm, {})
 
 
@@ -433,7 +450,7 @@ def bench_training(
 
 def build_inference(network: str, variant: str, batch: int, size: int):
   """Jitted eval function of one inference variant and its input."""
-  norm = variant.replace("_folded", "")
+  norm = variant.replace("_folded", "").replace("_precomputed", "")
   normalizer = make_normalizer(norm, network)
   model = _model(network, normalizer)
   rng = np.random.default_rng(1)
@@ -441,6 +458,9 @@ def build_inference(network: str, variant: str, batch: int, size: int):
   variables = model.init(jax.random.key(0), images, train=True)
   if variant.endswith("_folded"):
     variables, normalizer = fold(variables, normalizer)
+    model = _model(network, normalizer)
+  if variant.endswith("_precomputed"):  # WS+GN: the standardized kernels stored
+    variables, normalizer = mj.precompute_standardized_kernels(variables, normalizer)
     model = _model(network, normalizer)
   variables = {k: v for k, v in variables.items() if k != mj.BACKWARD_STATS}
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -562,6 +582,15 @@ TARGETS = [
   ("folded MABN / none inference", "infer", "images_per_s", "mabn_folded", "none", 0.99, ">="),
   ("folded BN / none inference", "infer", "images_per_s", "bn_folded", "none", 0.99, ">="),
   ("folded MABN / GN inference", "infer", "images_per_s", "mabn_folded", "gn", 2.4, ">="),
+  (
+    "folded MABN / WS+GN (kernels precomputed) inference",
+    "infer",
+    "images_per_s",
+    "mabn_folded",
+    "ws_gn_precomputed",
+    1.1,
+    ">=",
+  ),
 ]
 
 

@@ -2,7 +2,10 @@
 
 Every convolution followed by a normalization is ``normalizer.conv_norm(...)``
 (so ``'mabn'`` gets weight-centralized convolutions and ``'none'`` a biased
-conv without normalization); the classifier is a plain ``Dense``.
+conv without normalization); the classifier is a plain ``Dense``. A ReLU
+follows each conv_norm, except with ``'frn'``, whose TLU is the activation
+(:func:`activation`); a residual branch's last layer and a projection, which
+no activation follows, get FRN without its TLU.
 
 Inputs are NHWC float images; outputs are ``(N, num_classes)`` logits.
 ``train`` is the only call-time flag.
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 import mabn_jax as mj
@@ -108,11 +112,30 @@ class CNN6(nn.Module):
       x = normalizer.conv_norm(
         features=width, kernel_size=(3, 3), strides=(1, 1), padding="SAME", name=f"conv{i + 1}"
       )(x, train=train)
-      x = nn.relu(x)
+      x = activation(normalizer, x)
       if i % 2 == 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
+
+
+def has_activation(normalizer: Any) -> bool:
+  """Whether ``normalizer``'s conv_norm ends with its own activation: FRN's
+  TLU (``'frn'``, ``use_tlu`` by default), which then takes the ReLU's place."""
+  options = dict(getattr(normalizer, "kwargs", ()))
+  return getattr(normalizer, "name", None) == "frn" and options.get("use_tlu", True)
+
+
+def activation(normalizer: Any, x: jax.Array) -> jax.Array:
+  """The activation after ``normalizer``'s conv_norm: a ReLU, or nothing
+  where the normalization has its own (:func:`has_activation`)."""
+  return x if has_activation(normalizer) else nn.relu(x)
+
+
+def without_activation(normalizer: Any) -> Any:
+  """``normalizer`` for a conv_norm not followed by an activation (a residual
+  branch's last layer, a projection): FRN without its TLU."""
+  return normalizer.with_updates(use_tlu=False) if has_activation(normalizer) else normalizer
 
 
 class ResidualBlock(nn.Module):
@@ -137,8 +160,9 @@ class ResidualBlock(nn.Module):
     y = x
     for i, (k, stride, width) in enumerate(layers):
       if i:
-        y = nn.relu(y)
-      y = self.normalizer.conv_norm(
+        y = activation(self.normalizer, y)
+      last = i == len(layers) - 1  # added to the input before the ReLU: no TLU
+      y = (without_activation(self.normalizer) if last else self.normalizer).conv_norm(
         features=width,
         kernel_size=(k, k),
         strides=(stride, stride),
@@ -147,7 +171,7 @@ class ResidualBlock(nn.Module):
       )(y, train=train)
     out = layers[-1][2]
     if x.shape[-1] != out or s != 1:
-      x = self.normalizer.conv_norm(
+      x = without_activation(self.normalizer).conv_norm(
         features=out, kernel_size=(1, 1), strides=(s, s), padding="SAME", name="proj"
       )(x, train=train)
     return nn.relu(x + y)
@@ -186,13 +210,13 @@ class ResNet(nn.Module):
         padding=[(3, 3), (3, 3)],
         name="stem",
       )(x, train=train)
-      x = nn.relu(x)
+      x = activation(self.normalizer, x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     elif self.stem == "cifar":
       x = self.normalizer.conv_norm(
         features=stem_features, kernel_size=(3, 3), strides=(1, 1), padding="SAME", name="stem"
       )(x, train=train)
-      x = nn.relu(x)
+      x = activation(self.normalizer, x)
     else:
       raise ValueError(f"ResNet: unknown stem {self.stem!r}; expected 'cifar' or 'imagenet'")
     for i, blocks in enumerate(self.stage_sizes):
@@ -209,11 +233,11 @@ class ResNet(nn.Module):
 
 
 def producer_conv(normalizer, **kwargs) -> nn.Module:
-  """A convolution that feeds ``normalizer``'s norms without one of its own
-  after it: weight-centralized (``mj.CenteredConv``) when the normalizer's
-  convolutions are, else ``nn.Conv`` (no bias)."""
-  conv = mj.CenteredConv if normalizer.centered else nn.Conv
-  return conv(use_bias=False, **normalizer.conv_kwargs(), **kwargs)
+  """A convolution (no bias) that feeds ``normalizer``'s norms without one of
+  its own after it: the registry's convolution for the normalizer
+  (``Normalizer.conv_class``: weight-centralized for MABN, standardized for
+  WS+GN, else ``nn.Conv``)."""
+  return normalizer.conv_class(use_bias=False, **normalizer.conv_kwargs(), **kwargs)
 
 
 class PreActBlock(nn.Module):

@@ -49,6 +49,10 @@ PUBLISHED = {"backward": "published", "running_stats": "batch"}
 RECIPES: Dict[str, Recipe] = {
   "bn": Recipe("bn", description="BN"),
   "gn": Recipe("gn", description="GroupNorm (batch-independent)"),
+  "ws_gn": Recipe(
+    "ws_gn", description="weight-standardized convolutions + GroupNorm (batch-independent)"
+  ),
+  "frn": Recipe("frn", description="filter response normalization + TLU (batch-independent)"),
   "mabn": Recipe("mabn", description="MABN (library defaults)"),
   "mabn_sma32": Recipe(
     "mabn",

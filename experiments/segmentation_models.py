@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import mabn_jax as mj
+from experiments import models
 
 # Normalizers whose statistics depend on the batch: they get norm_batch_size.
 BATCH_NORMALIZERS = ("bn", "syncbn", "brn", "cbn", "cbn_naive", "mabn")
@@ -38,7 +39,7 @@ class DoubleConv(nn.Module):
       x = self.normalizer.conv_norm(
         features=self.features, kernel_size=(3, 3), padding="SAME", name=f"conv{i + 1}"
       )(x, train=train)
-      x = nn.relu(x)
+      x = models.activation(self.normalizer, x)
     return x
 
 
@@ -112,7 +113,7 @@ def segmentation_normalizer(
   kw = dict(norm_kwargs or {})
   if norm in BATCH_NORMALIZERS and norm_batch_size:
     kw.setdefault("norm_batch_size", norm_batch_size)
-  if norm == "gn":
+  if norm in ("gn", "ws_gn"):
     kw.setdefault("num_groups", group_count(widths, gn_groups))
   if norm == "syncbn":
     kw.setdefault("axis_name", None)

@@ -7,12 +7,14 @@
     python -m experiments.sweep statistics --preset quick --steps 300 --name statistics_quick
     # 3. MABN ablation at normalization batch 2
     python -m experiments.sweep ablation --preset cifar_cpu --seeds 0 --name ablation_cifar_cpu
-    # 4. inference speed (images/s), folded BN and MABN against GN, LN, IN, none
+    # 4. inference speed (images/s), folded BN and MABN against GN, WS+GN, FRN, LN, IN, none
     python -m experiments.sweep speed --model resnet50 --image_size 224 --batch 32 --name speed_cpu
     # 6. placement: BN/MABN after every conv, the first half, the first one, none (b = 2, 32)
     python -m experiments.sweep placement --preset cifar_cpu --seeds 0,1 --name placement_cifar_cpu
 
-``--norm_kwargs`` apply to the MABN runs only (GN takes ``--gn_groups``).
+``--norm_kwargs`` apply to the MABN runs only (GN and WS+GN take ``--gn_groups``).
+Every registry name is a valid ``--norms`` entry (e.g. ``ws_gn``, ``frn``:
+weight-standardized GroupNorm, filter response normalization).
 Each training run writes its own ``runs/<run>/summary.json``; a rerun skips
 runs that have one and resumes runs that were interrupted. Every command
 (re)writes ``table.md``, ``plot.png`` and ``results.json`` from whatever has
@@ -400,19 +402,24 @@ def inference_speed(args, base: T.Config) -> Dict[str, Any]:
     ("BN (folded)", "bn", True),
     ("MABN (folded)", "mabn", True),
     ("GN", "gn", False),
+    ("WS+GN (kernels standardized once)", "ws_gn", True),
+    ("FRN", "frn", False),
     ("LN", "ln", False),
     ("IN", "in", False),
     ("none", "none", False),
     ("BN (not folded)", "bn", False),
     ("MABN (not folded)", "mabn", False),
+    ("WS+GN (kernels standardized every call)", "ws_gn", False),
   ]
   results = {}
   for label, name, fold in rows:
-    norm = mj.make_normalizer(name, **({"num_groups": base.gn_groups} if name == "gn" else {}))
+    groups = {"num_groups": base.gn_groups} if name in T.GROUP_NORMALIZERS else {}
+    norm = mj.make_normalizer(name, **groups)
     model = models.build_model(base.model, norm, args.num_classes, base.width)
     variables = model.init(jax.random.PRNGKey(0), x, train=True)
-    if fold:
-      variables, norm = mj.fold(variables, norm)
+    if fold:  # WS+GN cannot fold; its standardized kernels are precomputed instead
+      prepare = mj.precompute_standardized_kernels if name == "ws_gn" else mj.fold
+      variables, norm = prepare(variables, norm)
       model = models.build_model(base.model, norm, args.num_classes, base.width)
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     apply = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))

@@ -56,6 +56,8 @@ from experiments import diagnostics, models
 
 # Normalizers whose statistics depend on the batch: they get norm_batch_size.
 BATCH_NORMALIZERS = ("bn", "syncbn", "brn", "cbn", "cbn_naive", "mabn")
+# Normalizers that are GroupNorm: they get num_groups (``gn_groups``).
+GROUP_NORMALIZERS = ("gn", "ws_gn")
 AXIS = "batch"
 
 
@@ -133,7 +135,7 @@ class Config:
     }
     if self.norm in BATCH_NORMALIZERS and self.norm_batch_size is not None:
       kw.setdefault("norm_batch_size", self.norm_batch_size)
-    if self.norm == "gn":
+    if self.norm in GROUP_NORMALIZERS:
       kw.setdefault("num_groups", self.gn_groups)
     if self.parallel == "jit":
       # One program over the global batch: statistics are global already and

@@ -7,7 +7,7 @@ training contract (``value_and_grad``), their Flax NNX twins in
 
 from mabn_jax import functional, nnx, recording
 from mabn_jax.conversion import convert_batch_norm
-from mabn_jax.fold import fold
+from mabn_jax.fold import fold, precompute_standardized_kernels
 from mabn_jax.layers import (
   MABN,
   BatchNorm,
@@ -15,7 +15,9 @@ from mabn_jax.layers import (
   CenteredConv,
   CenteredDense,
   CrossIterationConvNorm,
+  FilterResponseNorm,
   FrozenBatchNorm,
+  StandardizedConv,
 )
 from mabn_jax.precise_bn import recompute_batch_stats
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
@@ -44,9 +46,11 @@ __all__ = [
   "CenteredConv",
   "CenteredDense",
   "CrossIterationConvNorm",
+  "FilterResponseNorm",
   "FrozenBatchNorm",
   "MABN",
   "Normalizer",
+  "StandardizedConv",
   "accumulate_value_and_grad",
   "check_finite",
   "convert_batch_norm",
@@ -57,6 +61,7 @@ __all__ = [
   "migrate_variables",
   "nnx",
   "nonfinite_counts",
+  "precompute_standardized_kernels",
   "recompute_batch_stats",
   "recording",
   "normalizer_names",

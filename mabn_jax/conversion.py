@@ -127,24 +127,24 @@ def _get(tree: Mapping, path):
   return tree
 
 
-def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
+def _convert_registry(variables: dict, normalizer, step, kwargs):
   if normalizer.name not in ("bn", "syncbn"):
     raise ValueError(
       "convert_batch_norm: expected a model built with the 'bn' or 'syncbn' "
       f"normalizer, got '{normalizer.name}'."
     )
-  kwargs = {
+  name = kwargs.pop("name", "mabn")
+  carried = {
     key: value
     for key, value in dict(normalizer.kwargs).items()
     if key in ("norm_batch_size", "epsilon", "axis_name")
   }
-  if normalizer.name == "syncbn" and "axis_name" not in kwargs:
-    kwargs["axis_name"] = "batch"
-  kwargs.update(mabn_kwargs)
-  new_normalizer = registry.make_normalizer("mabn", **kwargs)
-  method = cast(mabn_math.Method, new_normalizer.method())
+  if normalizer.name == "syncbn" and "axis_name" not in carried:
+    carried["axis_name"] = "batch"
+  new_normalizer = _target_normalizer(name, carried, kwargs)
+  method = cast(Any, new_normalizer.method())
   if step is None:
-    step = max(method.buffer_size, method.config.warmup_steps)
+    step = max(getattr(method, "buffer_size", 0), getattr(method.config, "warmup_steps", 0))
   stats = unfreeze(variables["batch_stats"])
   layers = _bn_layers(stats)
   if not layers:
@@ -157,8 +157,28 @@ def _convert_registry(variables: dict, normalizer, step, mabn_kwargs):
       method, _template(method, node["mean"].shape[0]), node["mean"], node["var"], step
     )
     _set(out["batch_stats"], layer, state)
-    _set(taps, layer, method.taps(discovery.stored_state(state)))
+    layer_taps = method.taps(discovery.stored_state(state))
+    if layer_taps:
+      _set(taps, layer, layer_taps)
+  if not taps:
+    del out[BACKWARD_STATS]
   return out, new_normalizer
+
+
+def _target_normalizer(name: str, carried: dict, kwargs: dict):
+  """The registry normalizer ``name`` a BN model converts to: ``kwargs`` and
+  the BN options ``carried`` that it takes."""
+  registry.make_normalizer(name)  # an unknown name raises, listing the valid ones
+  valid = registry._valid_kwargs(name)
+  normalizer = registry.make_normalizer(
+    name, **{**{k: v for k, v in carried.items() if k in valid}, **kwargs}
+  )
+  if normalizer.method() is None or normalizer.entry.kind == "conv":
+    raise ValueError(
+      f"convert_batch_norm: {name!r} is not a batch-statistics normalizer of the "
+      "BN layers' layout (use 'mabn', 'bn', 'brn' or 'frozen_bn')."
+    )
+  return normalizer
 
 
 def convert_batch_norm(
@@ -169,7 +189,8 @@ def convert_batch_norm(
   step: Optional[int] = None,
   **mabn_kwargs,
 ):
-  """Turns a BatchNorm model's variables into the same model's MABN variables.
+  """Turns a BatchNorm model's variables into the same model's MABN variables
+  (or, with ``name``, another registry normalizer's).
 
   Two ways to name the target model:
 
@@ -180,7 +201,10 @@ def convert_batch_norm(
     ``norm_batch_size``, ``epsilon`` and ``axis_name`` and ``mabn_kwargs``
     (e.g. ``buffer_size``, ``warmup_steps``, ``centered``); every
     ``mean``/``var`` state (conv_norm modules and standalone norms) becomes
-    MABN state and gets its ``'backward_stats'`` tap.
+    MABN state and gets its ``'backward_stats'`` tap. ``name='frozen_bn'``
+    (or ``'brn'``, ``'bn'``) converts to that registry normalizer instead,
+    with the BN options it takes (frozen BN keeps ``mean``/``var`` as they
+    are).
   * Plain models (``target`` = variables of the MABN twin, e.g. from
     ``twin.init(...)``; only their structure and shapes are used): BN layers
     (``mean``/``var`` state) are matched to MABN layers (``chi_ema`` state)

@@ -15,7 +15,10 @@ folded conv is a plain convolution with bias.
 
 GroupNorm, LayerNorm and InstanceNorm normalize every sample with its own
 statistics, also at inference: they are not affine maps of the conv output
-and cannot be folded. They are left in place.
+and cannot be folded. They are left in place, and so are weight-standardized
+GroupNorm (``'ws_gn'``) and filter response normalization (``'frn'``). The
+standardization of ``'ws_gn'``'s kernels is a function of the weights alone:
+:func:`precompute_standardized_kernels` computes it once for inference.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from flax.core import FrozenDict, freeze, unfreeze
 
 from mabn_jax import discovery, registry
 from mabn_jax.functional.centering import center_kernel
+from mabn_jax.functional.standardization import standardize_kernel
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 
 Path = Union[str, Sequence[str]]
@@ -314,6 +318,38 @@ def fold(
     if tree or collection == "params":
       out[collection] = tree
   return freeze(out) if frozen else out
+
+
+def precompute_standardized_kernels(variables: Any, normalizer: Any):
+  """A ``'ws_gn'`` registry model's variables with its standardized kernels
+  stored, for inference: ``(variables, gn_normalizer)``.
+
+  Every ``conv_norm`` module's ``conv`` kernel ``W`` becomes
+  ``standardize_kernel(W)`` (what :class:`mabn_jax.StandardizedConv`
+  convolves with), so the same model built with the returned
+  ``make_normalizer('gn', ...)`` (plain convolutions, the same GroupNorm
+  options) computes the same outputs without standardizing at every call.
+  The GroupNorm stays: it cannot fold (see :func:`fold`). Other collections
+  and ``dense_norm`` modules (not standardized) are unchanged.
+
+  Raises:
+    ValueError: for a normalizer other than ``'ws_gn'``.
+  """
+  if getattr(normalizer, "name", None) != "ws_gn":
+    raise ValueError(
+      "precompute_standardized_kernels: expected the 'ws_gn' normalizer the model "
+      f"was built with, got {getattr(normalizer, 'name', normalizer)!r}."
+    )
+  frozen = isinstance(variables, FrozenDict)
+  out = unfreeze(variables)
+  for module, child in _conv_norm_paths(out["params"]):
+    if child == "conv":
+      node = out["params"]
+      for key in module + (child,):
+        node = node[key]
+      node["kernel"] = standardize_kernel(node["kernel"])
+  gn = registry.make_normalizer("gn", **normalizer.options)
+  return (freeze(out) if frozen else out), gn
 
 
 class Folded(nnx.Module):

@@ -20,6 +20,11 @@ Names (:func:`normalizer_names`):
   ``'mabn'``      :class:`mabn_jax.CenteredConv` + :class:`mabn_jax.MABN`
   ``'frozen_bn'`` :class:`mabn_jax.FrozenBatchNorm` (BN with fixed statistics
                   and affine map, for fine-tuning from a BN checkpoint)
+  ``'ws_gn'``     :class:`mabn_jax.StandardizedConv` + ``flax.linen.GroupNorm``
+                  (weight standardization; ``dense_norm``'s dense layer is
+                  not standardized)
+  ``'frn'``       :class:`mabn_jax.FilterResponseNorm` (FRN with a TLU; inputs
+                  need a spatial axis, so no ``dense_norm``)
   ``'none'``      a convolution with bias, no normalization
 
 The same normalizer builds Flax NNX modules with
@@ -29,8 +34,9 @@ The same normalizer builds Flax NNX modules with
 Keyword arguments are the target layer's fields (``use_running_average``,
 which ``train`` sets, excluded), plus ``centered``: whether the convolution of
 :meth:`Normalizer.conv_norm` is weight-centralized (:class:`~mabn_jax.CenteredConv`),
-default True for ``'mabn'`` and False otherwise. They are checked when the
-normalizer is made; unknown names and keywords raise a ``ValueError`` listing
+default True for ``'mabn'`` and False otherwise (``'ws_gn'`` takes no
+``centered``: its convolution is standardized, which centres it). They are
+checked when the normalizer is made; unknown names and keywords raise a ``ValueError`` listing
 the valid ones. ``dtype``/``param_dtype``, when given, apply to the
 convolution too.
 
@@ -43,7 +49,8 @@ conversion tools rely on it)::
 
 ``'none'`` has no ``'norm'`` child and its conv has a bias; CBN has the same
 layout (its kernel in ``'conv'``, its scale, bias and state in ``'norm'``).
-Stored kernels are raw weights; a centred conv uses ``center_kernel(kernel)``.
+Stored kernels are raw weights; a centred conv uses ``center_kernel(kernel)``,
+a standardized one (``'ws_gn'``) ``standardize_kernel(kernel)``.
 ``norm(name=NAME)`` puts the norm layer's variables directly under ``NAME``.
 """
 
@@ -61,8 +68,10 @@ from mabn_jax.layers.batch_norm import BatchNorm
 from mabn_jax.layers.batch_renorm import BatchRenorm
 from mabn_jax.layers.centered import CenteredConv, CenteredDense
 from mabn_jax.layers.cross_iteration import CrossIterationConvNorm
+from mabn_jax.layers.filter_response import FilterResponseNorm
 from mabn_jax.layers.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.layers.mabn import MABN
+from mabn_jax.layers.standardized import StandardizedConv
 from mabn_jax.nnx import registry as nnx_registry
 
 
@@ -79,6 +88,10 @@ class Entry(NamedTuple):
     centered: whether ``conv_norm``'s convolution is weight-centralized by
       default.
     fixed: keyword arguments the name sets (not the user).
+    standardized: whether ``conv_norm``'s convolution is weight-standardized
+      (:class:`~mabn_jax.StandardizedConv`; it then takes no ``centered``).
+    spatial: whether the norm needs inputs with spatial axes (no
+      ``dense_norm``).
   """
 
   linen: Any
@@ -86,6 +99,8 @@ class Entry(NamedTuple):
   kind: str
   centered: bool = False
   fixed: Tuple[Tuple[str, Any], ...] = ()
+  standardized: bool = False
+  spatial: bool = False
 
 
 _ENTRIES = {
@@ -103,6 +118,8 @@ _ENTRIES = {
   ),
   "mabn": Entry(MABN, nnx_layers.MABN, "batch", centered=True),
   "frozen_bn": Entry(FrozenBatchNorm, nnx_layers.FrozenBatchNorm, "batch"),
+  "ws_gn": Entry(nn.GroupNorm, flax_nnx.GroupNorm, "sample", standardized=True),
+  "frn": Entry(FilterResponseNorm, nnx_layers.FilterResponseNorm, "sample", spatial=True),
   "none": Entry(None, None, "none"),
 }
 _NAMES = tuple(_ENTRIES)
@@ -127,7 +144,7 @@ def _valid_kwargs(name: str) -> Tuple[str, ...]:
     return ("centered",)
   excluded = _MODULE_FIELDS + (_CBN_CONV_FIELDS if _ENTRIES[name].kind == "conv" else ())
   fields = {f.name for f in dataclasses.fields(_target(name))} - set(excluded)
-  return tuple(sorted(fields | {"centered"}))
+  return tuple(sorted(fields | (set() if _ENTRIES[name].standardized else {"centered"})))
 
 
 def _check_name(name: Any) -> None:
@@ -166,6 +183,12 @@ class Normalizer:
     kwargs = tuple(sorted((str(k), _hashable(v)) for k, v in kwargs))
     object.__setattr__(self, "kwargs", kwargs)
     valid = _valid_kwargs(self.name)
+    if self.entry.standardized and "centered" in dict(kwargs):
+      raise ValueError(
+        f"normalizer {self.name!r} ({_describe(self.name)}): 'centered' does not "
+        "apply: its convolution is weight-standardized, which centres the kernel; "
+        f"valid keyword arguments: {', '.join(valid)}."
+      )
     unknown = sorted(k for k, _ in kwargs if k not in valid)
     if unknown:
       raise ValueError(
@@ -187,6 +210,13 @@ class Normalizer:
   def centered(self) -> bool:
     """Whether :meth:`conv_norm`'s convolution is weight-centralized."""
     return bool(self.options.get("centered", self.entry.centered))
+
+  @property
+  def conv_class(self) -> type:
+    """The linen convolution of :meth:`conv_norm`: ``mabn_jax.StandardizedConv``,
+    ``mabn_jax.CenteredConv`` when centred, else ``flax.linen.Conv``; for a
+    convolution that feeds this normalization without a ``conv_norm``."""
+    return _conv_class(self)
 
   def with_updates(self, **kwargs) -> "Normalizer":
     """The same normalizer with some keyword arguments added or replaced."""
@@ -244,12 +274,10 @@ class Normalizer:
     ``bias`` for ``'none'``) and the norm's under ``'norm'``.
 
     Raises:
-      ValueError: for ``'cbn'``/``'cbn_naive'`` (convolutions only).
+      ValueError: for ``'cbn'``/``'cbn_naive'`` (convolutions only) and
+        ``'frn'`` (a dense layer's output has no spatial axis).
     """
-    if self.entry.kind == "conv":
-      raise ValueError(
-        f"normalizer {self.name!r} is defined for a preceding convolution only; use conv_norm(...)."
-      )
+    _check_dense(self)
     return DenseNorm(normalizer=self, features=features, kernel_init=kernel_init, name=name)
 
   def nnx_conv_norm(self, in_features: int, *args, rngs, **kwargs):
@@ -278,7 +306,7 @@ class Normalizer:
     :class:`~mabn_jax.functional.interface.Method`, configured by the keyword
     arguments, ``overrides`` and the layer's defaults), or ``None`` for a
     normalization without batch statistics (``'gn'``, ``'ln'``, ``'in'``,
-    ``'none'``)."""
+    ``'ws_gn'``, ``'frn'``, ``'none'``)."""
     if self.entry.kind not in ("batch", "conv"):
       return None
     layer = self.entry.linen
@@ -313,7 +341,23 @@ def _describe(name: str) -> str:
     return "no normalization"
   package = "flax.linen" if entry.linen.__module__.startswith("flax.") else "mabn_jax"
   fixed = "".join(f", {key}={value!r}" for key, value in entry.fixed)
-  return f"{package}.{entry.linen.__name__}{fixed}"
+  conv = "mabn_jax.StandardizedConv + " if entry.standardized else ""
+  return f"{conv}{package}.{entry.linen.__name__}{fixed}"
+
+
+def _check_dense(normalizer: Normalizer) -> None:
+  """Raises for a normalizer that cannot follow a dense layer."""
+  if normalizer.entry.kind == "conv":
+    raise ValueError(
+      f"normalizer {normalizer.name!r} is defined for a preceding convolution only; "
+      "use conv_norm(...)."
+    )
+  if normalizer.entry.spatial:
+    raise ValueError(
+      f"normalizer {normalizer.name!r} ({_describe(normalizer.name)}) normalizes over "
+      "spatial axes, which a dense layer's output (N, features) does not have; use "
+      "conv_norm(...)."
+    )
 
 
 def make_normalizer(name: str, **kwargs) -> Normalizer:
@@ -346,6 +390,13 @@ def _apply_norm(normalizer: Normalizer, layer: Optional[nn.Module], x: jax.Array
   return layer(x)
 
 
+def _conv_class(normalizer: Normalizer) -> Type[nn.Conv]:
+  """``conv_norm``'s convolution: standardized, centred or plain."""
+  if normalizer.entry.standardized:
+    return StandardizedConv
+  return CenteredConv if normalizer.centered else nn.Conv
+
+
 def _spatial(value: Any, rank: int) -> Any:
   return (value,) * rank if isinstance(value, int) else tuple(value)
 
@@ -353,8 +404,9 @@ def _spatial(value: Any, rank: int) -> Any:
 class ConvNorm(nn.Module):
   """A convolution followed by a normalization chosen by a :class:`Normalizer`.
 
-  Children: ``'conv'`` (``flax.linen.Conv``, or :class:`~mabn_jax.CenteredConv`
-  when ``normalizer.centered``; no bias unless the normalizer is ``'none'``)
+  Children: ``'conv'`` (``flax.linen.Conv``, :class:`~mabn_jax.CenteredConv`
+  when ``normalizer.centered``, :class:`~mabn_jax.StandardizedConv` for
+  ``'ws_gn'``; no bias unless the normalizer is ``'none'``)
   and ``'norm'`` (the normalization layer; absent for ``'none'``). For
   ``'cbn'``/``'cbn_naive'`` the cross-iteration module shares this module's
   scope, so its ``'conv'`` and ``'norm'`` children sit at the same place.
@@ -397,7 +449,7 @@ class ConvNorm(nn.Module):
       nn.share_scope(self, module)
       return module(x, use_running_average=not train)
 
-    conv_cls = CenteredConv if normalizer.centered else nn.Conv
+    conv_cls = _conv_class(normalizer)
     y = conv_cls(
       features=self.features,
       kernel_size=kernel_size,

@@ -53,6 +53,34 @@ def test_smoke_run_writes_tables_json_and_target_rows(tmp_path):
   assert "### Targets" in text
 
 
+def test_ws_gn_variants_compute_the_same_inference_and_get_their_target_row():
+  run_in_graph, model, variables, images = bench.build_inference(bench.SMOKE_MODEL, "ws_gn", 4, 8)
+  precomputed = bench.build_inference(bench.SMOKE_MODEL, "ws_gn_precomputed", 4, 8)
+  assert precomputed[1].normalizer.name == "gn" and model.normalizer.name == "ws_gn"
+  np.testing.assert_allclose(precomputed[0](), run_in_graph(), rtol=1e-5, atol=1e-5)
+  assert np.all(np.isfinite(bench.build_inference(bench.SMOKE_MODEL, "frn", 4, 8)[0]()))
+  args = bench.parse_args(
+    [
+      "--smoke",
+      "--rounds",
+      "1",
+      "--networks",
+      "cnn6",
+      "--skip-train",
+      "--variants",
+      "mabn_folded",
+      "ws_gn_precomputed",
+      "none",
+    ]
+  )
+  report = bench.run(args)
+  targets = {row["target"]: row for row in report["targets"]}
+  row = targets["folded MABN / WS+GN (kernels precomputed) inference"]
+  infer = report["networks"]["cnn6"]["infer"]
+  expected = infer["mabn_folded"]["images_per_s"] / infer["ws_gn_precomputed"]["images_per_s"]
+  assert row["ratio"] == pytest.approx(expected) and row["bound"] == ">= 1.1"
+
+
 def test_report_keeps_the_environment_variables_that_change_timings(monkeypatch):
   environ = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "XLA_FLAGS": "--x", "HOME": "/h"}
   assert bench.timing_environment(environ) == {

@@ -41,8 +41,10 @@ KWARGS = {
   "mabn": dict(buffer_size=2, warmup_steps=2, renorm_start=3, norm_batch_size=2),
   "none": {},
   "frozen_bn": {},
+  "ws_gn": dict(num_groups=2),
+  "frn": {},
 }
-STATELESS = ("gn", "ln", "in", "none")
+STATELESS = ("gn", "ln", "in", "ws_gn", "frn", "none")
 
 
 class Net(nn.Module):

@@ -34,7 +34,7 @@ LAYERS = {
   ),
 }
 BATCH_STAT_NAMES = ("bn", "syncbn", "brn", "mabn", "cbn", "cbn_naive", "frozen_bn")
-PER_SAMPLE_NAMES = ("gn", "ln", "in", "none")
+PER_SAMPLE_NAMES = ("gn", "ln", "in", "ws_gn", "frn", "none")
 
 
 class Net(nn.Module):
@@ -105,7 +105,7 @@ def test_channel_count_differing_from_initialization_names_both_shapes(kind):
 @pytest.mark.parametrize("name", mj.normalizer_names())
 def test_conv_input_channels_differing_from_initialization_name_the_conv(name):
   # The conv's kernel is checked first (by Flax): path '/block/conv' and both shapes.
-  kw = {"num_groups": 2} if name == "gn" else {}
+  kw = {"num_groups": 2} if name in ("gn", "ws_gn") else {}
   model = RegistryNet(mj.make_normalizer(name, **kw))
   variables = _init_shape(model, SHAPE)
   wrong = SHAPE[:-1] + (C + 2,)
@@ -298,7 +298,7 @@ def test_bn_like_training_step_in_inference_mode_trains_with_frozen_statistics(k
 @pytest.mark.parametrize("name", mj.normalizer_names())
 def test_registry_training_step_with_train_false(name):
   """'mabn' raises (trace time); every other entry keeps its state unchanged."""
-  kw = {"num_groups": 2} if name == "gn" else {}
+  kw = {"num_groups": 2} if name in ("gn", "ws_gn") else {}
   model = RegistryNet(mj.make_normalizer(name, **kw))
   if name == "syncbn":  # needs its mapped axis: trace under vmap
     wrap = lambda f: jax.vmap(f, in_axes=(None, 0), axis_name="batch")

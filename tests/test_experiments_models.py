@@ -210,3 +210,21 @@ def test_preact_resnet_convolutions_follow_the_normalizers_centring(norm, center
   assert "final_norm" in variables["params"]
   logits = model.apply(variables, x, train=False)
   assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
+
+
+def test_frn_tlu_replaces_the_relu_and_trains_and_residual_outputs_have_no_tlu():
+  normalizer = mj.make_normalizer("frn")
+  model = models.ResNet(normalizer, (1, 1), num_classes=3, num_filters=4)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x, train=True)
+  params = variables["params"]
+  block = params["stage2_block1"]
+  assert "tau" in params["stem"]["norm"] and "tau" in block["conv1"]["norm"]
+  assert "tau" not in block["conv2"]["norm"] and "tau" not in block["proj"]["norm"]
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, train=True) ** 2))(params)
+  # With a ReLU after the TLU, tau (initially 0) would get no gradient.
+  assert float(jnp.abs(grads["stem"]["norm"]["tau"]).max()) > 0
+  assert float(jnp.abs(grads["stage1_block1"]["conv1"]["norm"]["tau"]).max()) > 0
+  assert models.has_activation(normalizer)
+  assert not models.has_activation(normalizer.with_updates(use_tlu=False))
+  assert not models.has_activation(mj.make_normalizer("gn"))

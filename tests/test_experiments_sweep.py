@@ -67,6 +67,61 @@ def test_batch_size_sweep_is_incremental_and_writes_table_and_plot(tmp_path, cap
   assert os.path.getmtime(tmp_path / "bs" / "runs" / "bn_b2_s0" / "summary.json") == mtime
 
 
+@pytest.mark.parametrize("norm", ["ws_gn", "frn"])
+def test_batch_size_sweep_takes_the_batch_independent_baselines(tmp_path, norm):
+  args = [
+    "batch_size",
+    *TINY,
+    "--epochs",
+    "1",
+    "--norms",
+    norm,
+    "--batch_sizes",
+    "2,8",
+    "--seeds",
+    "0",
+    "--results_root",
+    str(tmp_path),
+    "--name",
+    "bs",
+  ]
+  assert sweep.main(args) == 0
+  assert _files(tmp_path / "bs", "runs") == [f"{norm}_b8_s0"]  # one run: batch-independent
+  with open(tmp_path / "bs" / "runs" / f"{norm}_b8_s0" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["finished"] and summary["config"]["norm"] == norm
+  assert 0.0 <= summary["final_test_top1"] <= 100.0
+  table = (tmp_path / "bs" / "table.md").read_text()
+  assert f"| {norm} | " in table and "(batch-independent)" in table
+
+
+def test_recipe_sweep_runs_the_ws_gn_and_frn_recipes(tmp_path):
+  args = [
+    "recipes",
+    *TINY,
+    "--epochs",
+    "1",
+    "--recipes",
+    "ws_gn,frn",
+    "--batch_sizes",
+    "2",
+    "--seeds",
+    "0",
+    "--results_root",
+    str(tmp_path),
+    "--name",
+    "rc",
+  ]
+  assert sweep.main(args) == 0
+  assert _files(tmp_path / "rc", "runs") == ["frn_b8_s0", "ws_gn_b8_s0"]
+  with open(tmp_path / "rc" / "runs" / "ws_gn_b8_s0" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["config"]["norm"] == "ws_gn"
+  assert summary["config"]["gn_groups"] == 2  # GroupNorm's groups as for 'gn'
+  table = (tmp_path / "rc" / "table.md").read_text()
+  assert "| ws_gn |" in table and "| frn |" in table
+
+
 def test_ablation_lists_every_variant_and_reuses_identical_runs(tmp_path, capsys):
   common = [
     *TINY,
@@ -160,6 +215,10 @@ def test_inference_speed_measures_every_normalizer(tmp_path):
   with open(tmp_path / "speed" / "results.json") as f:
     rows = json.load(f)["rows"]
   assert {"BN (folded)", "MABN (folded)", "GN", "LN", "IN", "none"} <= set(rows)
+  assert {"WS+GN (kernels standardized once)", "WS+GN (kernels standardized every call)"} <= set(
+    rows
+  )
+  assert "FRN" in rows
   assert all(r["images_per_s"] > 0 for r in rows.values())
 
 

@@ -14,7 +14,11 @@ import mabn_jax as mj
 from experiments import data as D
 from experiments import train as T
 
-KWARGS = {"mabn": {"warmup_steps": 2, "buffer_size": 4, "renorm_start": 4}, "gn": {"num_groups": 2}}
+KWARGS = {
+  "mabn": {"warmup_steps": 2, "buffer_size": 4, "renorm_start": 4},
+  "gn": {"num_groups": 2},
+  "ws_gn": {"num_groups": 2},
+}
 
 
 @pytest.fixture(scope="module")

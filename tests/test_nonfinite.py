@@ -42,6 +42,8 @@ KWARGS = {
   "mabn": dict(buffer_size=2, warmup_steps=2, renorm_start=3, norm_batch_size=2),
   "none": {},
   "frozen_bn": {},
+  "ws_gn": dict(num_groups=2),
+  "frn": {},
 }
 REPLICAS = 2  # 'syncbn' runs under vmap with its axis 'batch' over 2 replicas
 
@@ -154,7 +156,9 @@ def test_nan_batch_keeps_state_and_training_ends_as_if_it_was_skipped(name):
   counts = mj.nonfinite_counts(final)
   # Frozen BN computes no statistic, so it has nothing to skip.
   expected = (
-    {} if name in ("gn", "ln", "in", "none") else {"block/norm": 0 if name == "frozen_bn" else 1}
+    {}
+    if name in ("gn", "ln", "in", "ws_gn", "frn", "none")
+    else {"block/norm": 0 if name == "frozen_bn" else 1}
   )
   assert counts == expected
   assert int(np.max(with_nan[BAD_STEP][1].total_notfinite)) == 1

@@ -46,6 +46,8 @@ KWARGS = {
   "mabn": dict(buffer_size=4, warmup_steps=5, renorm_start=10, norm_batch_size=2),
   "none": {},
   "frozen_bn": {},
+  "ws_gn": dict(num_groups=2),
+  "frn": {},
 }
 
 

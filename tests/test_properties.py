@@ -213,7 +213,7 @@ GROUPED = ("bn", "brn", "mabn", "cbn", "cbn_naive")
 @given(case=registry_shapes())
 def test_registry_entry_invariants(name, case):
   groups, group_size, size, cin, dtype, use_groups = case
-  kwargs = {"num_groups": 2} if name == "gn" else {}
+  kwargs = {"num_groups": 2} if name in ("gn", "ws_gn") else {}
   if name in GROUPED and use_groups:
     kwargs["norm_batch_size"] = group_size
   if name in ("cbn", "cbn_naive"):
@@ -267,7 +267,7 @@ def test_registry_entry_invariants(name, case):
   # per-sample normalizers do not fold (mj.fold leaves them unchanged).
   y_inf = block.apply(variables, x, train=False)
   folded, twin = mj.fold(variables, normalizer)
-  if name in ("gn", "ln", "in", "none"):
+  if name in ("gn", "ln", "in", "ws_gn", "frn", "none"):
     assert twin == normalizer
     return
   assert twin.name == "none"

@@ -12,10 +12,25 @@ import pytest
 import mabn_jax as mj
 from mabn_jax.functional.centering import center_kernel
 
-NAMES = ("bn", "syncbn", "brn", "gn", "ln", "in", "cbn", "cbn_naive", "mabn", "frozen_bn", "none")
+NAMES = (
+  "bn",
+  "syncbn",
+  "brn",
+  "gn",
+  "ln",
+  "in",
+  "cbn",
+  "cbn_naive",
+  "mabn",
+  "frozen_bn",
+  "ws_gn",
+  "frn",
+  "none",
+)
 # Small settings so every entry runs on a 4-channel map.
 KWARGS = {
   "gn": dict(num_groups=2),
+  "ws_gn": dict(num_groups=2),
   "brn": dict(warmup_steps=0, ramp_steps=1),
   "cbn": dict(window=2, burn_in=1),
   "cbn_naive": dict(window=2, burn_in=1),
@@ -38,7 +53,7 @@ class Net(nn.Module):
     x = nn.relu(self.norm.conv_norm(4, (3, 3), name="conv1")(x, train=train))
     x = self.norm.conv_norm(4, 3, strides=2, name="conv2")(x, train=train)
     x = x.mean(axis=(1, 2))
-    if self.norm.name not in ("cbn", "cbn_naive"):
+    if self.norm.name not in ("cbn", "cbn_naive", "frn"):  # frn: no spatial axis left
       x = self.norm.norm(name="norm_final")(x, train=train)
     return x
 

@@ -6,6 +6,8 @@ Modules:
   batch_renorm: Batch Renormalization with a warmup schedule of its limits.
   statistics: per-channel group moments and moving-average buffers.
   centering: weight centralization of kernels.
+  standardization: weight standardization of kernels (before GroupNorm).
+  filter_response: filter response normalization with a thresholded linear unit.
   backward_stats: the backward statistics MABN and CBN share.
   cross_iteration: Cross-Iteration BN (Taylor-compensated pooled statistics).
   frozen_batch_norm: BN with its statistics and affine map held fixed.
@@ -20,9 +22,11 @@ from mabn_jax.functional import (
   batch_renorm,
   centering,
   cross_iteration,
+  filter_response,
   frozen_batch_norm,
   interface,
   mabn,
+  standardization,
   statistics,
 )
 from mabn_jax.functional.centering import center_kernel
@@ -34,9 +38,11 @@ __all__ = [
   "batch_renorm",
   "centering",
   "cross_iteration",
+  "filter_response",
   "frozen_batch_norm",
   "interface",
   "mabn",
+  "standardization",
   "statistics",
   "center_kernel",
 ]

@@ -1,7 +1,8 @@
 """Flax NNX modules: thin wrappers over :mod:`mabn_jax.functional`.
 
 ``MABN``, ``BatchNorm``, ``BatchRenorm``, ``CrossIterationConvNorm``,
-``CenteredConv`` and ``CenteredDense`` have ``nnx.BatchNorm``/``nnx.Conv``
+``CenteredConv``, ``CenteredDense``, ``StandardizedConv`` and
+``FilterResponseNorm`` have ``nnx.BatchNorm``/``nnx.Conv``
 style signatures and the same math as the linen layers of :mod:`mabn_jax`
 (both call the functional core). Parameters are ``nnx.Param``, statistics
 ``nnx.BatchStat`` attributes with the linen names, MABN's tap a
@@ -21,8 +22,10 @@ from mabn_jax.nnx.batch_norm import BatchNorm
 from mabn_jax.nnx.batch_renorm import BatchRenorm
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 from mabn_jax.nnx.cross_iteration import CrossIterationConvNorm
+from mabn_jax.nnx.filter_response import FilterResponseNorm
 from mabn_jax.nnx.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.nnx.mabn import MABN
+from mabn_jax.nnx.standardized import StandardizedConv
 from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics, value_and_grad
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments, is_tap
 
@@ -35,8 +38,10 @@ __all__ = [
   "CenteredDense",
   "CrossIterationConvNorm",
   "DIFFERENTIATED",
+  "FilterResponseNorm",
   "FrozenBatchNorm",
   "MABN",
+  "StandardizedConv",
   "feed_backward_statistics",
   "is_tap",
   "value_and_grad",

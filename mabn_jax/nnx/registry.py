@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from flax import nnx
 
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
+from mabn_jax.nnx.standardized import StandardizedConv
 
 
 def _norm_kwargs(normalizer) -> dict:
@@ -63,11 +64,19 @@ def _optional(layer: Optional[nnx.Module]):
   return nnx.data(None) if layer is None else layer
 
 
+def _conv_class(normalizer) -> type:
+  """``conv_norm``'s convolution: standardized, centred or plain."""
+  if normalizer.entry.standardized:
+    return StandardizedConv
+  return CenteredConv if normalizer.centered else nnx.Conv
+
+
 class ConvNorm(nnx.Module):
   """A convolution (``conv``) followed by a normalization (``norm``), by name.
 
-  ``conv`` is ``nnx.Conv``, or :class:`~mabn_jax.nnx.CenteredConv` when the
-  normalizer is centred; it has a bias only for ``'none'``, which has no
+  ``conv`` is ``nnx.Conv``, :class:`~mabn_jax.nnx.CenteredConv` when the
+  normalizer is centred, or :class:`~mabn_jax.nnx.StandardizedConv` for
+  ``'ws_gn'``; it has a bias only for ``'none'``, which has no
   ``norm``. Called as ``module(x)`` on ``(N, *spatial, in_features)``.
   """
 
@@ -83,7 +92,7 @@ class ConvNorm(nnx.Module):
     kernel_init: Optional[Callable] = None,
     rngs: nnx.Rngs,
   ):
-    conv_cls = CenteredConv if normalizer.centered else nnx.Conv
+    conv_cls = _conv_class(normalizer)
     options = dict(use_bias=normalizer.name == "none", **normalizer.conv_kwargs(kernel_init))
     self.conv = conv_cls(
       in_features, features, kernel_size, strides, padding=padding, rngs=rngs, **options
@@ -100,10 +109,10 @@ class DenseNorm(nnx.Module):
   normalization (``norm``); a bias only for ``'none'``."""
 
   def __init__(self, normalizer, in_features: int, features: int, *, kernel_init=None, rngs):
-    if normalizer.entry.kind == "conv":
+    if normalizer.entry.kind == "conv" or normalizer.entry.spatial:
       raise ValueError(
         f"normalizer {normalizer.name!r} is defined for a preceding convolution "
-        "only; use conv_norm(...)."
+        "only (a dense layer's output has no spatial axis); use conv_norm(...)."
       )
     dense_cls = CenteredDense if normalizer.centered else nnx.Linear
     options = dict(use_bias=normalizer.name == "none", **normalizer.conv_kwargs(kernel_init))
