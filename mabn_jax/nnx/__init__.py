@@ -25,6 +25,7 @@ from mabn_jax.nnx.frozen_batch_norm import FrozenBatchNorm
 from mabn_jax.nnx.mabn import MABN
 from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics, value_and_grad
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments, is_tap
+from mabn_jax.nnx_conversion import convert_batch_norm
 
 __all__ = [
   "BackwardStat",
@@ -37,6 +38,7 @@ __all__ = [
   "DIFFERENTIATED",
   "FrozenBatchNorm",
   "MABN",
+  "convert_batch_norm",
   "feed_backward_statistics",
   "is_tap",
   "value_and_grad",
