@@ -44,7 +44,9 @@ def _moments_fn(apply_fn: Callable, call_kwargs: Mapping, order: List[Tuple]):
   def moments(variables, batch):
     with nn.intercept_methods(intercept):
       _, mutated = apply_fn(variables, batch, mutable=[CALIBRATION_MOMENTS], **call_kwargs)
-    sown = traverse_util.flatten_dict(unfreeze(mutated.get(CALIBRATION_MOMENTS, {})))
+    sown: Dict[Tuple, Any] = traverse_util.flatten_dict(
+      unfreeze(mutated.get(CALIBRATION_MOMENTS, {}))
+    )
     return {
       path[:-1]: jax.tree.map(lambda *a: sum(a) / len(a), *values) for path, values in sown.items()
     }

@@ -48,7 +48,9 @@ class Source(NamedTuple):
 def source(method: Any, mean: Any, var: Any, scale: Any = None, bias: Any = None) -> Source:
   """A :class:`Source` from arrays of any dtype."""
   as64 = lambda a: None if a is None else np.asarray(a, np.float64)
-  return Source(method, as64(mean), as64(var), as64(scale), as64(bias))
+  return Source(
+    method, np.asarray(mean, np.float64), np.asarray(var, np.float64), as64(scale), as64(bias)
+  )
 
 
 def _affine(src: Source) -> Tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Se
 
 import jax
 from flax import nnx
+from jax.extend import core
 
 from mabn_jax import discovery
 
@@ -58,7 +59,7 @@ class _Call(NamedTuple):
   module: Any
   depth: int
   first: int  # index of the call's first input among the traced outputs
-  count: int  # number of its input leaves
+  leaves: int  # number of its input leaves
 
 
 def _where(path: Tuple, module: Any) -> str:
@@ -145,14 +146,14 @@ def _depends(jaxpr, inputs: Sequence) -> Set:
 
 
 def _is_var(value: Any) -> bool:
-  return not isinstance(value, jax.extend.core.Literal)
+  return not isinstance(value, core.Literal)
 
 
 def _inner(eqn) -> Optional[Any]:
   """The jaxpr of a call primitive (jit, custom_jvp/vjp, remat), else None."""
   for value in eqn.params.values():
     jaxpr = getattr(value, "jaxpr", value)
-    if isinstance(jaxpr, jax.extend.core.Jaxpr) and len(jaxpr.invars) == len(eqn.invars):
+    if isinstance(jaxpr, core.Jaxpr) and len(jaxpr.invars) == len(eqn.invars):
       return jaxpr
   return None
 
@@ -222,7 +223,7 @@ class _Graph(NamedTuple):
 def _graph(jaxpr, inputs, calls: List[_Call]) -> _Graph:
   outputs: Dict[Any, _Call] = {}
   for call in calls:
-    var = jaxpr.outvars[call.first + call.count]
+    var = jaxpr.outvars[call.first + call.leaves]
     if _is_var(var) and (var not in outputs or call.depth > outputs[var].depth):
       outputs[var] = call
   return _Graph(
@@ -233,8 +234,8 @@ def _graph(jaxpr, inputs, calls: List[_Call]) -> _Graph:
 def _producer_of(graph: _Graph, norm: _Call, centred: Tuple[type, ...]) -> Producer:
   """Follows the normalizer call ``norm``'s input back to its producing layer."""
   where = f"convert_batch_norm: normalizer {_where(norm.path, norm.module)}"
-  if norm.count != 1:
-    raise ValueError(f"{where}: called with {norm.count} input arrays; expected one.")
+  if norm.leaves != 1:
+    raise ValueError(f"{where}: called with {norm.leaves} input arrays; expected one.")
   var, ops = graph.jaxpr.outvars[norm.first], []
   while True:
     call = graph.outputs.get(var)

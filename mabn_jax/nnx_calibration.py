@@ -53,7 +53,7 @@ def _moments_fn(model: nnx.Module, paths: List[Tuple]):
 
 
 def _averaged(moments, state, batches: List[Any]) -> Dict[Tuple, Tuple[np.ndarray, np.ndarray]]:
-  sums: Dict[Tuple, List[np.ndarray]] = {}
+  sums: Dict[Tuple, List[Any]] = {}
   total = 0
   for batch in batches:
     n = int(np.shape(jax.tree.leaves(batch)[0])[0])

@@ -2,9 +2,9 @@
 
 Every BN-type normalizer (``flax.nnx.BatchNorm``, :class:`mabn_jax.nnx.BatchNorm`,
 any layer whose running state is BN's ``mean``/``var``) becomes the registry
-normalizer ``name`` (its NNX twin) holding converted statistics and, by
-default, ``scale``/``bias`` that keep BN's inference map
-(:mod:`mabn_jax.conversion_math`). For a weight-centralized target
+normalizer ``name`` (its NNX twin) holding converted statistics and
+``scale``/``bias`` that keep BN's inference map
+(:mod:`mabn_jax.conversion_math`) when calibrated. For a weight-centralized target
 (``'mabn'``) the layer feeding each converted normalizer becomes
 :class:`~mabn_jax.nnx.CenteredConv` (``CenteredDense``) with its weights
 kept; which layer that is comes from the model's data flow on an example
@@ -107,7 +107,7 @@ def convert_batch_norm(
   example_input: Any = None,
   pairs: Any = None,
   step: Optional[int] = None,
-  compensate: bool = True,
+  compensate: Optional[bool] = None,
   calibration_batches: Optional[Iterable[Any]] = None,
   **kwargs: Any,
 ) -> nnx.Module:
@@ -141,9 +141,9 @@ def convert_batch_norm(
     pairs: explicit (producer, norm) attribute paths, e.g. ``[('conv', 'bn')]``.
     step: the converted layers' ``step`` (if their state has one).
     compensate: set ``scale``/``bias`` so that each converted layer's
-      inference map is BN's on its input (exact without data when the
-      producing kernels have zero mean; see :mod:`mabn_jax.conversion_math`).
-      ``False`` copies ``scale``/``bias`` unchanged.
+      inference map is BN's on its input (:mod:`mabn_jax.conversion_math`);
+      else copy them. Default: with ``calibration_batches`` only (without
+      data it is exact only for zero-mean producing kernels).
     calibration_batches: inputs of ``model(batch)``; if given, each converted
       layer's statistics are set from its input's moments over these batches
       (inference mode, layer after layer in call order) and, with
@@ -157,6 +157,7 @@ def convert_batch_norm(
   if x is not None and example_input is not None:
     raise ValueError("convert_batch_norm: give the example input as x or example_input, not both.")
   example_input = x if example_input is None else example_input
+  compensate = calibration_batches is not None if compensate is None else compensate
   from mabn_jax import registry  # the table of names; imports the linen layers
 
   target = registry.make_normalizer(name, **kwargs)
