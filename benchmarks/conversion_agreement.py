@@ -15,10 +15,13 @@ Conversions:
   copied (``compensate=False``, the behaviour before compensation existed);
 * ``copy_recomputed``: ``copy``, then ``mj.recompute_batch_stats`` on the
   calibration batches (MABN's ``chi`` from data, training-mode passes);
-* ``compensated``: ``scale``/``bias`` keep BN's inference map (the default
-  without data; exact for zero-mean kernels);
-* ``calibrated``: ``compensated`` with ``calibration_batches`` (each layer's
-  input mean and second moment measured in inference mode, layer by layer);
+* ``compensated``: ``scale``/``bias`` keep BN's inference map without data
+  (``compensate=True``; exact for zero-mean kernels only);
+* ``calibrated``: ``calibration_batches`` (each layer's input mean and second
+  moment measured in inference mode, layer by layer) with compensation (the
+  default with data);
+* ``calibrated_stats_only``: the same measured statistics, ``scale``/``bias``
+  copied (``compensate=False``);
 * ``centred_bn``: a control: the BN model with every conv kernel centred
   (BN re-estimating its statistics on the calibration batches), i.e. how
   much centring alone changes the BN network.
@@ -166,13 +169,22 @@ def cnn6(train, test, steps: int, batches) -> Dict[str, Any]:
   results = {"bn": _compare(reference, reference, test[1])}
   for name, options in (
     ("copy", dict(compensate=False)),
-    ("compensated", {}),
+    ("compensated", dict(compensate=True)),
     (
       "calibrated",
       dict(
         calibration_batches=batches,
         apply_fn=lambda norm: mabn_model(norm).apply,
         call_kwargs={"train": False},
+      ),
+    ),
+    (
+      "calibrated_stats_only",
+      dict(
+        calibration_batches=batches,
+        apply_fn=lambda norm: mabn_model(norm).apply,
+        call_kwargs={"train": False},
+        compensate=False,
       ),
     ),
   ):
@@ -200,8 +212,14 @@ def resnet(train, test, steps: int, batches) -> Dict[str, Any]:
   results = {"bn": _compare(reference, reference, test[1])}
   for name, options in (
     ("copy", dict(compensate=False)),
-    ("compensated", {}),
+    ("compensated", dict(compensate=True)),
     ("calibrated", dict(calibration_batches=batches, apply_fn=apply, call_kwargs={"train": False})),
+    (
+      "calibrated_stats_only",
+      dict(
+        calibration_batches=batches, apply_fn=apply, call_kwargs={"train": False}, compensate=False
+      ),
+    ),
   ):
     variables = mj.convert_batch_norm(bn_vars, target=template, **options)
     results[name] = _compare(reference, _logits(apply, variables, test[0]), test[1])

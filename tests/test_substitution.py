@@ -139,7 +139,7 @@ def test_bn_trained_resnet_converted_through_substitute_keeps_its_eval_output():
   swap = mj.substitute("mabn", norm_batch_size=2, buffer_size=4, warmup_steps=2)
   with swap:
     template = model.init(jax.random.key(1), x, train=False)
-  converted = mj.convert_batch_norm(bn_vars, target=template)
+  converted = mj.convert_batch_norm(bn_vars, target=template, compensate=True)
   got = swap.wrap(model.apply)(converted, x, train=False)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   assert float(jnp.abs(expected).max()) > 1e-2
