@@ -21,6 +21,7 @@ from mabn_jax.layers import (
 )
 from mabn_jax.precise_bn import recompute_batch_stats
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
+from mabn_jax.substitution import substitute
 from mabn_jax.training import (
   BACKWARD_STATS,
   G_TAP,
@@ -65,5 +66,6 @@ __all__ = [
   "recompute_batch_stats",
   "recording",
   "normalizer_names",
+  "substitute",
   "value_and_grad",
 ]

@@ -158,16 +158,19 @@ def linen_normalizers(
   """``{layer path: method}`` of the normalizers a linen model calls.
 
   Traces ``apply_fn(variables, *args, **kwargs)`` once (``jax.eval_shape``:
-  nothing is computed) and records every call of a normalizer module.
+  nothing is computed) and records every call of a normalizer module; where
+  a call runs another normalizer in its scope (:func:`mabn_jax.substitute`),
+  the one that runs (the innermost) is the layer's.
   """
   found: Dict[Tuple, interface.Method] = {}
 
   def record(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
     if context.method_name == "__call__":
       method = method_of(context.module)
-      if method is not None:
+      if method is not None:  # the innermost call first (a replacement, mj.substitute)
         found.setdefault(tuple(context.module.path), method)
-    return next_fun(*call_args, **call_kwargs)
+    return out
 
   def run(v, *a):
     with nn.intercept_methods(record):

@@ -28,6 +28,7 @@ from mabn_jax.nnx.mabn import MABN
 from mabn_jax.nnx.standardized import StandardizedConv
 from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics, value_and_grad
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments, is_tap
+from mabn_jax.nnx_conversion import convert_batch_norm
 
 __all__ = [
   "BackwardStat",
@@ -42,6 +43,7 @@ __all__ = [
   "FrozenBatchNorm",
   "MABN",
   "StandardizedConv",
+  "convert_batch_norm",
   "feed_backward_statistics",
   "is_tap",
   "value_and_grad",
