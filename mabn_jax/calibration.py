@@ -54,7 +54,10 @@ def _moments_fn(apply_fn: Callable, call_kwargs: Mapping, order: List[Tuple]):
   return moments
 
 
-def _averaged(moments, variables, batches) -> Dict[Tuple, Tuple[np.ndarray, np.ndarray]]:
+def averaged_moments(moments, variables, batches) -> Dict[Tuple, Tuple[np.ndarray, np.ndarray]]:
+  """``{path: (mean, second moment)}`` averaged over ``batches`` (float64),
+  each batch weighted by its size; ``moments(variables, batch)`` gives one
+  batch's ``{path: (mean, second moment)}``."""
   sums: Dict[Tuple, List[Any]] = {}
   total = 0
   for batch in batches:
@@ -83,7 +86,7 @@ def calibrate(
     raise ValueError("convert_batch_norm: calibration_batches yielded no batch.")
   order: List[Tuple] = []
   moments = _moments_fn(apply_fn, call_kwargs, order)
-  _averaged(moments, variables, batches[:1])  # traces: fixes the call order
+  averaged_moments(moments, variables, batches[:1])  # traces: fixes the call order
   missing = sorted("/".join(path) for path in set(layers) - set(order))
   if missing:
     raise ValueError(
@@ -91,7 +94,7 @@ def calibrate(
       "on the calibration batches."
     )
   for path in dict.fromkeys(p for p in order if p in layers):
-    measured = _averaged(moments, variables, batches)[path]
+    measured = averaged_moments(moments, variables, batches)[path]
     method, src = layers[path]
     variables = _with_layer(variables, path, method, src, measured, compensate)
   return variables

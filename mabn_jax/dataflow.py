@@ -66,20 +66,11 @@ def _where(path: Tuple, module: Any) -> str:
   return f"'{'/'.join(map(str, path))}' ({type(module).__name__})"
 
 
-def iter_modules(model: Any):
-  """``(path, module)`` of every module of an NNX model, in graph order."""
-  iterate = getattr(nnx, "iter_modules", None)
-  return iterate(model) if iterate is not None else model.iter_modules()
-
-
 @contextlib.contextmanager
 def recorded_calls(modules: Dict[int, Tuple], calls: List, tensors: List) -> Iterator[None]:
   """Records every call of a module in ``modules`` (``{id: (path, module)}``)
   as a :class:`_Call`, its input leaves and output appended to ``tensors``,
   by wrapping its class's ``__call__`` for the duration (restored on exit)."""
-  classes = {type(module) for _, module in modules.values()}
-  own = {cls: cls.__dict__.get("__call__") for cls in classes}
-  originals = {cls: cls.__call__ for cls in classes}
   depth = [0]
 
   def wrap(cls, original):
@@ -100,16 +91,8 @@ def recorded_calls(modules: Dict[int, Tuple], calls: List, tensors: List) -> Ite
 
     return __call__
 
-  try:
-    for cls in classes:
-      cls.__call__ = wrap(cls, originals[cls])
+  with discovery.wrapped_calls({type(module) for _, module in modules.values()}, wrap):
     yield
-  finally:
-    for cls, method in own.items():
-      if method is None:
-        delattr(cls, "__call__")
-      else:
-        cls.__call__ = method
 
 
 def _trace(model: nnx.Module, example_input: Any):
@@ -122,7 +105,7 @@ def _trace(model: nnx.Module, example_input: Any):
     copy = nnx.merge(graphdef, state)
     modules = {
       id(module): (tuple(path), module)
-      for path, module in iter_modules(copy)
+      for path, module in discovery.nnx_modules(copy)
       if path and _known_layer(module)
     }
     tensors: List[Any] = []

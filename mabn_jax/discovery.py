@@ -16,6 +16,7 @@ find, and call its hooks; they know no normalizer by name:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, cast
 
@@ -66,6 +67,29 @@ def nnx_modules(model: nnx.Module):
 
 
 _iter_modules = nnx_modules
+
+
+@contextlib.contextmanager
+def wrapped_calls(classes: Iterable[type], wrap: Callable[[type, Callable], Callable]):
+  """While open, every class in ``classes`` has ``wrap(cls, original)`` as
+  its ``__call__`` (``original`` the ``__call__`` it had); each class's own
+  attribute is restored on exit. As ``nnx.capture`` wraps methods for
+  ``method_outputs``, for the tools that watch the calls of an NNX model's
+  layers during one traced step; the wrapper should act only on the modules
+  it was given and call ``original`` for any other instance."""
+  classes = set(classes)
+  own = {cls: cls.__dict__.get("__call__") for cls in classes}
+  originals = {cls: cls.__call__ for cls in classes}
+  try:
+    for cls, original in originals.items():
+      cls.__call__ = wrap(cls, original)
+    yield
+  finally:
+    for cls, method in own.items():
+      if method is None:
+        delattr(cls, "__call__")
+      else:
+        cls.__call__ = method
 
 
 def nnx_normalizers(model: nnx.Module) -> List[Tuple[Tuple, nnx.Module, interface.Method]]:

@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Tuple, cast
 
 import jax
-import numpy as np
 from flax import nnx
 
 from mabn_jax import conversion_math as cm
 from mabn_jax import dataflow, discovery
+from mabn_jax.calibration import averaged_moments
 from mabn_jax.functional import statistics as st
 from mabn_jax.nnx_conversion import Converted, set_affine, set_state, template
 
@@ -35,7 +35,7 @@ def _moments_fn(model: nnx.Module, paths: List[Tuple]):
   @jax.jit
   def moments(state, batch):
     copy = nnx.merge(graphdef, state)
-    found = {tuple(path): module for path, module in dataflow.iter_modules(copy)}
+    found = {tuple(path): module for path, module in discovery.nnx_modules(copy)}
     modules = {id(found[path]): (path, found[path]) for path in paths}
     calls: List[Any] = []
     tensors: List[Any] = []
@@ -52,23 +52,10 @@ def _moments_fn(model: nnx.Module, paths: List[Tuple]):
   return moments, order
 
 
-def _averaged(moments, state, batches: List[Any]) -> Dict[Tuple, Tuple[np.ndarray, np.ndarray]]:
-  sums: Dict[Tuple, List[Any]] = {}
-  total = 0
-  for batch in batches:
-    n = int(np.shape(jax.tree.leaves(batch)[0])[0])
-    for path, values in jax.device_get(moments(state, batch)).items():
-      acc = sums.setdefault(path, [0.0, 0.0])
-      for i in range(2):
-        acc[i] = acc[i] + n * np.asarray(values[i], np.float64)
-    total += n
-  return {path: (acc[0] / total, acc[1] / total) for path, acc in sums.items()}
-
-
 def _modes(model: nnx.Module) -> List[Tuple[Any, str, Any]]:
   """The mode flags of every module (restored after calibration)."""
   saved = []
-  for _, module in dataflow.iter_modules(model):
+  for _, module in discovery.nnx_modules(model):
     for flag in ("use_running_average", "deterministic"):
       if flag in vars(module):
         saved.append((module, flag, getattr(module, flag)))
@@ -87,11 +74,11 @@ def calibrate(
   model.eval()
   try:
     by_path = {c.path: c for c in converted}
-    paths = [tuple(path) for path, _ in dataflow.iter_modules(model) if tuple(path) in by_path]
+    paths = [tuple(path) for path, _ in discovery.nnx_modules(model) if tuple(path) in by_path]
     moments, order = _moments_fn(model, paths)
-    _averaged(moments, nnx.state(model), batches[:1])  # traces: fixes the call order
+    averaged_moments(moments, nnx.state(model), batches[:1])  # traces: fixes the call order
     for path in dict.fromkeys(order):
-      measured = _averaged(moments, nnx.state(model), batches)[path]
+      measured = averaged_moments(moments, nnx.state(model), batches)[path]
       item = by_path[path]
       norm = item.slot.get()
       method = discovery.method_of(norm)

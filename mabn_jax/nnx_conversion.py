@@ -81,7 +81,7 @@ def _plan(model, centred: bool, example_input, pairs) -> List[Tuple[Tuple, _Slot
   which layer to centre for each."""
   if pairs is not None or (example_input is None and centred):
     found = []
-    paths = {id(module): tuple(path) for path, module in dataflow.iter_modules(model)}
+    paths = {id(module): tuple(path) for path, module in discovery.nnx_modules(model)}
     for pair in discovery.nnx_conv_norm_pairs(model, pairs):
       if not isinstance(discovery.method_of(pair.norm), bn.MeanVarMethod):
         raise ValueError(

@@ -11,7 +11,6 @@ calls in training mode go through the probe of
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Dict, Optional
@@ -70,22 +69,10 @@ def _recording_call(original: Callable, recorder: _Recorder) -> Callable:
   return __call__
 
 
-@contextlib.contextmanager
 def _recorded_classes(model: nnx.Module, recorder: _Recorder):
   """Wraps the ``__call__`` of every normalizer class of ``model`` while open."""
   classes = {type(module) for _, module, _ in discovery.nnx_normalizers(model)}
-  originals = {cls: cls.__call__ for cls in classes}
-  own = {cls: cls.__dict__.get("__call__") for cls in classes}
-  try:
-    for cls, original in originals.items():
-      cls.__call__ = _recording_call(original, recorder)
-    yield
-  finally:
-    for cls, call in own.items():
-      if call is None:
-        delattr(cls, "__call__")
-      else:
-        cls.__call__ = call
+  return discovery.wrapped_calls(classes, lambda cls, original: _recording_call(original, recorder))
 
 
 def _batch_stats(module: nnx.Module) -> dict:
