@@ -34,6 +34,7 @@ from mabn_jax.training import (
   nonfinite_counts,
   value_and_grad,
 )
+from mabn_jax.zero_mean import check_zero_mean_inputs
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
   "StandardizedConv",
   "accumulate_value_and_grad",
   "check_finite",
+  "check_zero_mean_inputs",
   "convert_batch_norm",
   "feed_backward_statistics",
   "fold",

@@ -54,7 +54,7 @@ class Producer(NamedTuple):
   ops: Tuple[str, ...]
 
 
-class _Call(NamedTuple):
+class TracedCall(NamedTuple):
   path: Tuple
   module: Any
   depth: int
@@ -62,14 +62,14 @@ class _Call(NamedTuple):
   leaves: int  # number of its input leaves
 
 
-def _where(path: Tuple, module: Any) -> str:
+def describe(path: Tuple, module: Any) -> str:
   return f"'{'/'.join(map(str, path))}' ({type(module).__name__})"
 
 
 @contextlib.contextmanager
 def recorded_calls(modules: Dict[int, Tuple], calls: List, tensors: List) -> Iterator[None]:
   """Records every call of a module in ``modules`` (``{id: (path, module)}``)
-  as a :class:`_Call`, its input leaves and output appended to ``tensors``,
+  as a :class:`TracedCall`, its input leaves and output appended to ``tensors``,
   by wrapping its class's ``__call__`` for the duration (restored on exit)."""
   depth = [0]
 
@@ -84,7 +84,7 @@ def recorded_calls(modules: Dict[int, Tuple], calls: List, tensors: List) -> Ite
         depth[0] -= 1
       leaves = jax.tree.leaves(args[:1])
       path = modules[id(self)][0]
-      calls.append(_Call(path, self, depth[0], len(tensors), len(leaves)))
+      calls.append(TracedCall(path, self, depth[0], len(tensors), len(leaves)))
       tensors.extend(leaves)
       tensors.append(out)
       return out
@@ -95,11 +95,11 @@ def recorded_calls(modules: Dict[int, Tuple], calls: List, tensors: List) -> Ite
     yield
 
 
-def _trace(model: nnx.Module, example_input: Any):
+def trace_nnx(model: nnx.Module, example_input: Any):
   """The jaxpr of one call of a copy of ``model`` and its recorded layer
   calls: the jaxpr's outputs are, per call, its input leaves then its output."""
   graphdef, state = nnx.split(model)
-  calls: List[_Call] = []
+  calls: List[TracedCall] = []
 
   def run(state, x):
     copy = nnx.merge(graphdef, state)
@@ -119,16 +119,16 @@ def _trace(model: nnx.Module, example_input: Any):
   return closed.jaxpr, inputs, list(calls)
 
 
-def _depends(jaxpr, inputs: Sequence) -> Set:
+def dependents(jaxpr, inputs: Sequence) -> Set:
   """The variables of ``jaxpr`` computed from ``inputs``."""
   dependent = set(inputs)
   for eqn in jaxpr.eqns:
-    if any(_is_var(v) and v in dependent for v in eqn.invars):
+    if any(is_var(v) and v in dependent for v in eqn.invars):
       dependent.update(eqn.outvars)
   return dependent
 
 
-def _is_var(value: Any) -> bool:
+def is_var(value: Any) -> bool:
   return not isinstance(value, core.Literal)
 
 
@@ -141,12 +141,12 @@ def _inner(eqn) -> Optional[Any]:
   return None
 
 
-def _step(eqn, dependent: Set) -> Tuple[Optional[int], str]:
+def zero_mean_step(eqn, dependent: Set) -> Tuple[Optional[int], str]:
   """``(index of the data operand it keeps zero-mean, '')`` if ``eqn`` keeps
   a zero per-channel mean of its one input computed from the model input,
   else ``(None, cause)``."""
   name = eqn.primitive.name
-  data = [i for i, v in enumerate(eqn.invars) if _is_var(v) and v in dependent]
+  data = [i for i, v in enumerate(eqn.invars) if is_var(v) and v in dependent]
   if len(data) != 1:
     return None, f"`{name}` of {len(data)} values computed from the input (e.g. a residual add)"
   index = data[0]
@@ -162,23 +162,23 @@ def _step(eqn, dependent: Set) -> Tuple[Optional[int], str]:
   inner = _inner(eqn)
   if inner is not None and len(eqn.outvars) == 1:
     source = inner.invars[index]
-    cause = _through(inner, inner.outvars[0], source, _depends(inner, [source]))
+    cause = _through(inner, inner.outvars[0], source, dependents(inner, [source]))
     return (index, "") if cause is None else (None, cause)
   return None, f"`{name}` does not keep a zero mean (a shift or non-linearity)"
 
 
-def _producers(jaxpr) -> Dict[Any, Any]:
+def producers(jaxpr) -> Dict[Any, Any]:
   return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
 
 
 def _through(jaxpr, out, source, dependent: Set) -> Optional[str]:
   """None if ``out`` is ``source`` through zero-mean-keeping steps, else why not."""
-  made_by = _producers(jaxpr)
+  made_by = producers(jaxpr)
   while out is not source:
     eqn = made_by.get(out)
     if eqn is None:
       return "a value that is not computed from the input"
-    index, cause = _step(eqn, dependent)
+    index, cause = zero_mean_step(eqn, dependent)
     if index is None:
       return cause
     out = eqn.invars[index]
@@ -189,7 +189,7 @@ def _consumers(jaxpr) -> Dict[Any, int]:
   counts: Dict[Any, int] = {}
   for eqn in jaxpr.eqns:
     for v in eqn.invars:
-      if _is_var(v):
+      if is_var(v):
         counts[v] = counts.get(v, 0) + 1
   return counts
 
@@ -203,20 +203,20 @@ class _Graph(NamedTuple):
   outputs: Dict  # var -> the innermost call whose output it is
 
 
-def _graph(jaxpr, inputs, calls: List[_Call]) -> _Graph:
-  outputs: Dict[Any, _Call] = {}
+def _graph(jaxpr, inputs, calls: List[TracedCall]) -> _Graph:
+  outputs: Dict[Any, TracedCall] = {}
   for call in calls:
     var = jaxpr.outvars[call.first + call.leaves]
-    if _is_var(var) and (var not in outputs or call.depth > outputs[var].depth):
+    if is_var(var) and (var not in outputs or call.depth > outputs[var].depth):
       outputs[var] = call
   return _Graph(
-    jaxpr, inputs, _depends(jaxpr, inputs), _producers(jaxpr), _consumers(jaxpr), outputs
+    jaxpr, inputs, dependents(jaxpr, inputs), producers(jaxpr), _consumers(jaxpr), outputs
   )
 
 
-def _producer_of(graph: _Graph, norm: _Call, centred: Tuple[type, ...]) -> Producer:
+def _producer_of(graph: _Graph, norm: TracedCall, centred: Tuple[type, ...]) -> Producer:
   """Follows the normalizer call ``norm``'s input back to its producing layer."""
-  where = f"convert_batch_norm: normalizer {_where(norm.path, norm.module)}"
+  where = f"convert_batch_norm: normalizer {describe(norm.path, norm.module)}"
   if norm.leaves != 1:
     raise ValueError(f"{where}: called with {norm.leaves} input arrays; expected one.")
   var, ops = graph.jaxpr.outvars[norm.first], []
@@ -226,10 +226,10 @@ def _producer_of(graph: _Graph, norm: _Call, centred: Tuple[type, ...]) -> Produ
       return _layer(where, call, centred, norm.path, ops)
     if any(var is v for v in graph.inputs):
       raise ValueError(f"{where} is fed directly by the model input: no layer to centre.")
-    eqn = graph.made_by.get(var) if _is_var(var) else None
+    eqn = graph.made_by.get(var) if is_var(var) else None
     if eqn is None or var not in graph.dependent:
       raise ValueError(f"{where} is fed by a value that is not computed from the input.")
-    index, cause = _step(eqn, graph.dependent)
+    index, cause = zero_mean_step(eqn, graph.dependent)
     if index is None:
       raise ValueError(f"{where} is fed by {cause}; its producer cannot be weight-centralized.")
     var = eqn.invars[index]
@@ -241,7 +241,7 @@ def _producer_of(graph: _Graph, norm: _Call, centred: Tuple[type, ...]) -> Produ
     ops.append(eqn.primitive.name)
 
 
-def _layer(where: str, call: _Call, centred, norm_path, ops) -> Producer:
+def _layer(where: str, call: TracedCall, centred, norm_path, ops) -> Producer:
   module = call.module
   if isinstance(module, centred):
     return Producer(norm_path, call.path, tuple(reversed(ops)))
@@ -249,7 +249,7 @@ def _layer(where: str, call: _Call, centred, norm_path, ops) -> Producer:
     cause = "another normalizer"
   else:
     cause = f"a {type(module).__name__}, which has no weight-centralized twin"
-  raise ValueError(f"{where} is fed by {_where(call.path, module)}, {cause}.")
+  raise ValueError(f"{where} is fed by {describe(call.path, module)}, {cause}.")
 
 
 def _is_norm(module: Any) -> bool:
@@ -283,7 +283,7 @@ def nnx_norm_producers(
       ``nnx.Conv``/``nnx.Linear`` output through zero-mean-keeping steps, when
       it is never called, or called with different producers.
   """
-  jaxpr, inputs, calls = _trace(model, example_input)
+  jaxpr, inputs, calls = trace_nnx(model, example_input)
   graph = _graph(jaxpr, inputs, calls)
   found: Dict[Tuple, Producer] = {}
   for path in map(tuple, norm_paths):

@@ -116,6 +116,10 @@ class Method(abc.ABC):
   needs_conv: ClassVar[bool] = False
   """Whether :meth:`train` needs the producing convolution (``conv=``)."""
   records_from_state: ClassVar[bool] = False
+  subtracts_mean: ClassVar[bool] = True
+  """Whether the normalization subtracts a mean; one that does not (MABN)
+  assumes zero-mean inputs, from weight-centralized producers
+  (:func:`mabn_jax.check_zero_mean_inputs`)."""
   """Whether the recording tools read a step's statistics from the state
   (:meth:`step_statistics`) instead of probing BN's four statistics."""
   signature_fields: ClassVar[Tuple[str, ...]] = ()

@@ -329,6 +329,7 @@ class Method(interface.Method):
   signature_fields = ("chi_ema", "chi_buffer", "psi_buffer")
   tap_targets = {"psi_increment": "psi_buffer"}
   records_from_state = True
+  subtracts_mean = False
 
   def validate(self):
     self.config.validate(self.buffer_size, None)
