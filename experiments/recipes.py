@@ -87,6 +87,12 @@ RECIPES: Dict[str, Recipe] = {
     description="MABN without renormalization (r = 1 throughout; "
     "the EMA is used at inference only)",
   ),
+  "mabn_uncentred": Recipe(
+    "mabn",
+    {"centered": False},
+    description="MABN after plain convolutions (no weight centralization: "
+    "its inputs' channel means are not driven to zero)",
+  ),
   "brn": Recipe(
     "brn",
     description="Batch Renorm, library defaults (BN for 100 steps, ramp over 1,000, momentum 0.99)",
