@@ -7,7 +7,8 @@ variant is compiled several times (``--compile-rounds``) and every
 executable is timed, since separately compiled executables of one step can
 differ in speed::
 
-  python -m benchmarks.bench                 # full run, writes BENCHMARKS.md
+  python -m benchmarks.bench                 # full run, its tables into BENCHMARKS.md
+  python -m benchmarks.bench --from-json benchmarks/results/cpu.json  # render a report
   python -m benchmarks.bench --smoke         # tiny shapes, a few steps
   python -m benchmarks.bench --time-budget 360  # start no section after 6 min
 
@@ -828,7 +829,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--skip-train", action="store_true")
   parser.add_argument("--skip-infer", action="store_true")
   parser.add_argument(
-    "--markdown", default="BENCHMARKS.md", help="file the tables are appended to ('' for none)"
+    "--markdown",
+    default="BENCHMARKS.md",
+    help="page whose tables of this device the run replaces ('' for none)",
+  )
+  parser.add_argument(
+    "--from-json",
+    default=None,
+    help="instead of measuring, render this report (a json the benchmark wrote)",
   )
   parser.add_argument(
     "--json",
@@ -850,16 +858,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def device_kind(report: Dict[str, Any]) -> str:
+  """``'cpu'``, ``'gpu'`` or ``'tpu'``: the platform of the report's device."""
+  device = report["meta"]["device"].lower()
+  for kind in ("gpu", "tpu"):
+    if kind in device or (kind == "gpu" and "cuda" in device):
+      return kind
+  return "cpu"
+
+
+def replace_section(page: str, kind: str, text: str) -> str:
+  """``page`` with the generated tables of device ``kind`` (between the
+  markers ``<!-- bench:KIND -->`` and ``<!-- /bench:KIND -->``) replaced by
+  ``text``; the markers and ``text`` are appended when absent."""
+  start, end = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
+  block = f"{start}\n{text.rstrip()}\n{end}"
+  if start in page and end in page:
+    head, rest = page.split(start, 1)
+    return head + block + rest.split(end, 1)[1]
+  return page.rstrip() + "\n\n" + block + "\n"
+
+
+def write_markdown(path: str, report: Dict[str, Any]) -> None:
+  """Replaces the tables of the report's device in the page at ``path``."""
+  page = "# Benchmarks\n"
+  if os.path.exists(path):
+    with open(path) as f:
+      page = f.read()
+  with open(path, "w") as f:
+    f.write(replace_section(page, device_kind(report), markdown(report)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  report = run(args, save=functools.partial(write_json, args.json) if args.json else None)
-  text = markdown(report)
-  print(text)
-  if args.json:
+  if args.from_json:
+    with open(args.from_json) as f:
+      report = json.load(f)
+  else:
+    report = run(args, save=functools.partial(write_json, args.json) if args.json else None)
+  print(markdown(report))
+  if args.json and not args.from_json:
     write_json(args.json, report)
   if args.markdown:
-    with open(args.markdown, "a") as f:
-      f.write(text + "\n")
+    write_markdown(args.markdown, report)
   return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.extend.core
@@ -530,3 +531,26 @@ def test_derivative_benchmark_trains_the_segmentation_unet_at_batch_2(tmp_path, 
   errors = CD.compensation_errors(x, w_old, w_new, spec, [1])
   assert errors["kernel change"]["relative"] > 0
   assert set(errors) == {"naive", "stride 1", "kernel change"}
+
+
+def test_markdown_replaces_the_tables_of_its_device_and_keeps_the_rest(tmp_path):
+  report = json.loads(
+    (
+      Path(__file__).resolve().parent.parent / "benchmarks/results/cpu_current_2026-12-05.json"
+    ).read_text()
+  )
+  page = tmp_path / "BENCHMARKS.md"
+  page.write_text(
+    "# Benchmarks\n\nMethod text.\n\n<!-- bench:gpu -->\nGPU tables\n<!-- /bench:gpu -->\n"
+  )
+  assert bench.device_kind(report) == "cpu"
+  bench.write_markdown(str(page), report)
+  bench.write_markdown(str(page), report)  # a second run replaces, not appends
+  text = page.read_text()
+  assert text.count("<!-- bench:cpu -->") == 1 and text.count("### cnn6 (cnn6") == 1
+  assert text.startswith("# Benchmarks\n\nMethod text.") and "GPU tables" in text
+  saved = tmp_path / "report.json"
+  saved.write_text(json.dumps(report))
+  out = tmp_path / "rendered.md"
+  assert bench.main(["--from-json", str(saved), "--markdown", str(out), "--json", ""]) == 0
+  assert "| mabn_folded |" in out.read_text() and "<!-- /bench:cpu -->" in out.read_text()
