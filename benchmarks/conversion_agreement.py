@@ -26,9 +26,15 @@ Conversions:
   (BN re-estimating its statistics on the calibration batches), i.e. how
   much centring alone changes the BN network.
 
-Run (CPU, about two minutes)::
+A third network, a pre-activation ResNet-8 (every convolution centred for
+MABN, since its norms read sums of convolution outputs), is converted with
+calibration and then fine-tuned at normalization batch 2 (``--finetune-steps``,
+Adam), against BN fine-tuned at b = 2 from the same checkpoint and both
+trained from scratch at b = 2 for the same total steps.
 
-  python -m benchmarks.conversion_agreement [--steps 400] [--out PATH]
+Run (CPU, about five minutes)::
+
+  python -m benchmarks.conversion_agreement [--steps 400] [--finetune-steps 300] [--out PATH]
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mabn_jax as mj  # noqa: E402
 from experiments.data import load_digits  # noqa: E402
-from experiments.models import CNN6  # noqa: E402
+from experiments.models import CNN6, PreActResNet  # noqa: E402
 from mabn_jax.functional.centering import center_kernel  # noqa: E402
 
 BATCH = 32
@@ -231,10 +237,75 @@ def resnet(train, test, steps: int, batches) -> Dict[str, Any]:
   return results
 
 
+def _finetune(model, variables, train, steps: int, seed: int = 0):
+  """Fine-tuning with ``mj.value_and_grad`` (Adam 1e-3, batch 32)."""
+  images, labels = train
+  tx = optax.adam(1e-3)
+  opt = tx.init(variables["params"])
+
+  def loss(v, x, y):
+    logits, mutated = model.apply(v, x, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), mutated
+
+  @jax.jit
+  def step(variables, opt, x, y):
+    (_, variables), grads = mj.value_and_grad(loss)(variables, x, y)
+    updates, opt = tx.update(grads, opt, variables["params"])
+    return {**variables, "params": optax.apply_updates(variables["params"], updates)}, opt
+
+  rng = np.random.default_rng(seed + 100)
+  for _ in range(steps):
+    idx = rng.choice(len(labels), BATCH, replace=False)
+    variables, opt = step(variables, opt, images[idx], labels[idx])
+  return variables
+
+
+def preactivation(train, test, steps: int, batches, finetune_steps: int) -> Dict[str, Any]:
+  """A pre-activation ResNet-8 (``experiments.models.PreActResNet``, width 8)
+  trained with BN at batch 32, then fine-tuned at normalization batch 2: as
+  BN, and converted to MABN (calibrated; every convolution centred, since
+  the norms read sums of convolution outputs); and MABN and BN at b = 2
+  trained from scratch for the same total steps."""
+  make = lambda norm: PreActResNet(norm, (1, 1, 1), 10, 8)
+  bn_norm = mj.make_normalizer("bn")
+  bn_vars = _train(make(bn_norm), train, steps)
+  reference = _logits(make(bn_norm).apply, bn_vars, test[0])
+  mabn_vars, mabn_norm = mj.convert_batch_norm(
+    bn_vars,
+    bn_norm,
+    **MABN,
+    calibration_batches=batches,
+    apply_fn=lambda norm: make(norm).apply,
+    call_kwargs={"train": False},
+  )
+  mj.check_zero_mean_inputs(make(mabn_norm), test[0][:4], mabn_vars, train=True)
+  results = {
+    "bn": _compare(reference, reference, test[1]),
+    "converted_calibrated": _compare(
+      reference, _logits(make(mabn_norm).apply, mabn_vars, test[0]), test[1]
+    ),
+  }
+  bn2 = mj.make_normalizer("bn", norm_batch_size=2)
+  tuned = {"finetuned_bn_b2": (bn2, bn_vars), "finetuned_converted_mabn_b2": (mabn_norm, mabn_vars)}
+  for name, (norm, variables) in tuned.items():
+    variables = _finetune(make(norm), variables, train, finetune_steps)
+    results[name] = _compare(reference, _logits(make(norm).apply, variables, test[0]), test[1])
+  for name, norm in (
+    ("scratch_bn_b2", bn2),
+    ("scratch_mabn_b2", mj.make_normalizer("mabn", **MABN)),
+  ):
+    model = make(norm)
+    variables = model.init(jax.random.key(0), train[0][:BATCH], train=False)
+    variables = _finetune(model, variables, train, steps + finetune_steps)
+    results[name] = _compare(reference, _logits(model.apply, variables, test[0]), test[1])
+  return results
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--calibration-batches", type=int, default=8)
+  parser.add_argument("--finetune-steps", type=int, default=300)
   parser.add_argument(
     "--out",
     default=os.path.join(
@@ -254,6 +325,8 @@ def main(argv=None) -> int:
     "mabn": MABN,
     "cnn6": cnn6(train, test, args.steps, batches),
     "resnet_flax_imagenet_style": resnet(train, test, args.steps, batches),
+    "finetune_steps": args.finetune_steps,
+    "preactivation_resnet8": preactivation(train, test, args.steps, batches, args.finetune_steps),
     "backend": jax.default_backend(),
     "platform": platform.platform(),
     "jax": jax.__version__,
