@@ -6,7 +6,7 @@ training contract (``value_and_grad``), their Flax NNX twins in
 """
 
 from mabn_jax import functional, nnx, recording
-from mabn_jax.conversion import convert_batch_norm
+from mabn_jax.conversion import convert_batch_norm, migrate_variables
 from mabn_jax.fold import fold
 from mabn_jax.layers import (
   MABN,
@@ -17,6 +17,12 @@ from mabn_jax.layers import (
   CrossIterationConvNorm,
   FrozenBatchNorm,
 )
+from mabn_jax.loops import (
+  accumulate_value_and_grad,
+  check_finite,
+  dynamic_scale_value_and_grad,
+  nonfinite_counts,
+)
 from mabn_jax.precise_bn import recompute_batch_stats
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
 from mabn_jax.training import (
@@ -24,11 +30,7 @@ from mabn_jax.training import (
   G_TAP,
   PSI_TAP,
   TAP_TARGETS,
-  accumulate_value_and_grad,
-  check_finite,
   feed_backward_statistics,
-  migrate_variables,
-  nonfinite_counts,
   value_and_grad,
 )
 
@@ -50,6 +52,7 @@ __all__ = [
   "accumulate_value_and_grad",
   "check_finite",
   "convert_batch_norm",
+  "dynamic_scale_value_and_grad",
   "feed_backward_statistics",
   "fold",
   "functional",

@@ -183,7 +183,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
       key: jnp.zeros(desc[1], jnp.float32) for key, desc in layers.items() if desc[0] == "bn"
     }
     context = lambda extra: nn.intercept_methods(_interceptor({}, extra, {}))
-    value, new_variables, grads, probe_cotangent = differentiate(
+    value, new_variables, grads, probe_cotangent, _ = differentiate(
       fun, variables, args, kwargs, has_aux=has_aux, name=name, extra=probes, context=context
     )
     statistics = {}

@@ -6,6 +6,7 @@ Modules:
   batch_renorm: Batch Renormalization with a warmup schedule of its limits.
   statistics: per-channel group moments and moving-average buffers.
   centering: weight centralization of kernels.
+  counters: the state's integer counters, stored as float32.
   backward_stats: the backward statistics MABN and CBN share.
   cross_iteration: Cross-Iteration BN (Taylor-compensated pooled statistics).
   frozen_batch_norm: BN with its statistics and affine map held fixed.
@@ -19,6 +20,7 @@ from mabn_jax.functional import (
   batch_norm,
   batch_renorm,
   centering,
+  counters,
   cross_iteration,
   frozen_batch_norm,
   interface,
@@ -33,6 +35,7 @@ __all__ = [
   "batch_norm",
   "batch_renorm",
   "centering",
+  "counters",
   "cross_iteration",
   "frozen_batch_norm",
   "interface",
