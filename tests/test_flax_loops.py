@@ -471,3 +471,24 @@ def test_empty_backward_stats_collection_gets_zero_taps_made():
   (_, given), _ = mj.value_and_grad(_loss(model))(variables, images)
   (_, made), _ = mj.value_and_grad(_loss(model))({**variables, "backward_stats": {}}, images)
   chex.assert_trees_all_equal(made["batch_stats"], given["batch_stats"])
+
+
+def test_nonfinite_counts_show_a_skip_of_any_device_after_pmean():
+  # One of 8 devices skipped a step: the pmean-ed counter is 1/8, and a
+  # pmap-ed one has a leading device axis; either reads as one skipped step.
+  averaged = {"batch_stats": {"norm": {"nonfinite_count": jnp.float32(0.125)}}}
+  per_device = {"batch_stats": {"norm": {"nonfinite_count": jnp.asarray([0.0] * 7 + [2.0])}}}
+  assert mj.nonfinite_counts(averaged) == {"norm": 1}
+  assert mj.nonfinite_counts(per_device) == {"norm": 2}
+  with pytest.raises(FloatingPointError, match="norm"):
+    mj.check_finite(averaged)
+
+
+def test_migrate_variables_converts_only_the_normalizers_counters():
+  _, variables = _variables()
+  old = {**variables, "batch_stats": _int_counters(variables["batch_stats"])}
+  old["batch_stats"]["other"] = {"count": jnp.zeros((), jnp.int32)}
+  migrated = mj.migrate_variables(old)
+  assert migrated["batch_stats"]["other"]["count"].dtype == jnp.int32
+  del migrated["batch_stats"]["other"]
+  chex.assert_trees_all_equal(migrated, variables)
