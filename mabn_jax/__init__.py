@@ -6,7 +6,7 @@ training contract (``value_and_grad``), their Flax NNX twins in
 """
 
 from mabn_jax import functional, nnx, recording
-from mabn_jax.conversion import convert_batch_norm
+from mabn_jax.conversion import convert_batch_norm, migrate_variables
 from mabn_jax.fold import fold, precompute_standardized_kernels
 from mabn_jax.layers import (
   MABN,
@@ -19,6 +19,12 @@ from mabn_jax.layers import (
   FrozenBatchNorm,
   StandardizedConv,
 )
+from mabn_jax.loops import (
+  accumulate_value_and_grad,
+  check_finite,
+  dynamic_scale_value_and_grad,
+  nonfinite_counts,
+)
 from mabn_jax.precise_bn import recompute_batch_stats
 from mabn_jax.registry import Normalizer, make_normalizer, normalizer_names
 from mabn_jax.substitution import substitute
@@ -27,11 +33,7 @@ from mabn_jax.training import (
   G_TAP,
   PSI_TAP,
   TAP_TARGETS,
-  accumulate_value_and_grad,
-  check_finite,
   feed_backward_statistics,
-  migrate_variables,
-  nonfinite_counts,
   value_and_grad,
 )
 from mabn_jax.zero_mean import check_zero_mean_inputs
@@ -57,6 +59,7 @@ __all__ = [
   "check_finite",
   "check_zero_mean_inputs",
   "convert_batch_norm",
+  "dynamic_scale_value_and_grad",
   "feed_backward_statistics",
   "fold",
   "functional",

@@ -42,8 +42,9 @@ from flax.core import FrozenDict, freeze, unfreeze
 from mabn_jax import calibration, discovery, nnx_conversion, registry
 from mabn_jax import conversion_math as cm
 from mabn_jax.functional import batch_norm as bn
+from mabn_jax.functional import counters
 from mabn_jax.functional import mabn as mabn_math
-from mabn_jax.training import BACKWARD_STATS, NONFINITE_COUNT, VariableTree
+from mabn_jax.training import BACKWARD_STATS, LEGACY_TAP_NAMES, NONFINITE_COUNT, VariableTree
 
 _DEFAULT_WARMUP = mabn_math.MABNConfig.warmup_steps
 
@@ -87,7 +88,7 @@ def converted_state(method, template: Mapping, mean: jax.Array, var: jax.Array, 
 def _template(method, channels: int) -> dict:
   initial = method.init(channels)
   template = {name: value for name, value in initial._asdict().items() if value.size}
-  template[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
+  template[NONFINITE_COUNT] = counters.zero()
   return template
 
 
@@ -97,7 +98,8 @@ def mabn_state_from_batch_norm(
   """MABN ``'batch_stats'`` of one layer from BN's running ``mean``/``var``.
 
   Returns ``{'chi_ema': (C,), 'chi_buffer': (m, C), 'psi_buffer': (m, C),
-  'step': () int32, 'nonfinite_count': () int32}``, float32 statistics.
+  'step': (), 'nonfinite_count': ()}``, all float32 (the counters hold
+  integers, see :mod:`~mabn_jax.functional.counters`).
   """
   method = mabn_math.Method(buffer_size=buffer_size)
   return converted_state(method, _template(method, np.shape(mean)[0]), mean, var, step)
@@ -424,3 +426,59 @@ def _matched_params(src_params: VariableTree, dst_params: VariableTree, layer_ma
       f"convert_batch_norm: target parameters {missing} have no counterpart in the BN model."
     )
   return traverse_util.unflatten_dict(new_params)
+
+
+def migrate_variables(variables: VariableTree):
+  """Variables saved by an older version of the library, in the current layout.
+
+  * Renames every ``'backward_stats'`` tap of the old layout (``psi_buffer``,
+    which shared the name of the ``'batch_stats'`` variable it updates) to
+    its current name (``psi_increment``, see
+    :data:`~mabn_jax.training.LEGACY_TAP_NAMES`); values are unchanged (taps
+    are zeros).
+  * Converts the int32 counters of the normalizers' ``'batch_stats'``
+    (``step``, ``count``, ``nonfinite_count``) to float32
+    (:mod:`mabn_jax.functional.counters`), so that the first training step
+    sees the dtypes every later step has (the layers read int32 counters
+    too, and write them back as float32).
+
+  Every other variable is returned as is; variables already in the current
+  layout come back unchanged, so the call is safe on any variables. A
+  ``FrozenDict`` stays frozen. Restore an old checkpoint without a target,
+  then migrate::
+
+    variables = mj.migrate_variables(ocp.StandardCheckpointer().restore(path))
+  """
+  frozen = isinstance(variables, FrozenDict)
+  out = {k: v for k, v in unfreeze(variables).items()}
+  if BACKWARD_STATS in out:
+    out[BACKWARD_STATS] = _renamed_taps(out[BACKWARD_STATS])
+  if "batch_stats" in out:
+    out["batch_stats"] = _float_counters(out["batch_stats"])
+  return freeze(out) if frozen else out
+
+
+def _renamed_taps(taps: VariableTree) -> dict:
+  renamed = {}
+  for path, value in traverse_util.flatten_dict(unfreeze(taps)).items():
+    new_path = path[:-1] + (LEGACY_TAP_NAMES.get(path[-1], path[-1]),)
+    if new_path in renamed:
+      raise ValueError(
+        f"migrate_variables: '{'/'.join(path)}' and another tap both map to '{'/'.join(new_path)}'."
+      )
+    renamed[new_path] = value
+  return traverse_util.unflatten_dict(renamed)
+
+
+def _float_counters(stats: VariableTree) -> dict:
+  """``stats`` with the integer variables of every normalizer's layer
+  (:func:`~mabn_jax.discovery.method_for_state`) as float32 counters."""
+  flat: Dict[Tuple, Any] = traverse_util.flatten_dict(unfreeze(stats))
+  names: Dict[Tuple, set] = {}
+  for path in flat:
+    names.setdefault(path[:-1], set()).add(path[-1])
+  for path, value in flat.items():
+    integer = np.issubdtype(np.asarray(value).dtype, np.integer)
+    if integer and discovery.method_for_state(names[path[:-1]]) is not None:
+      flat[path] = counters.as_counter(value)
+  return traverse_util.unflatten_dict(flat)

@@ -12,9 +12,11 @@ whatever the collection (Flax NNX's ``nnx.bridge`` requires that). CBN with
 :func:`value_and_grad` differentiates the loss with respect to ``'params'``
 and the taps together, and adds each tap's cotangent to its statistic.
 
-Variables saved before the tap had its own name hold ``'backward_stats'``
-entries named ``psi_buffer``; layers and :func:`value_and_grad` reject them
-with a message pointing to :func:`migrate_variables`, which renames them.
+Variables without the collection (Flax's ``TrainState`` keeps ``params`` and
+``batch_stats`` only) get zero taps made by :func:`value_and_grad`. Variables
+saved before the tap had its own name hold ``'backward_stats'`` entries named
+``psi_buffer``; layers and :func:`value_and_grad` reject them with a message
+pointing to :func:`mabn_jax.migrate_variables`, which renames them.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Dict, NamedTuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
@@ -51,8 +52,10 @@ VariableTree = Union[FrozenDict, Dict[str, Any]]
 """A Flax variable tree, or one of its collections: a ``FrozenDict`` or nested dicts."""
 
 NONFINITE_COUNT = "nonfinite_count"
-"""The int32 ``'batch_stats'`` variable (NNX: ``nnx.BatchStat``) of every
-stateful normalizer counting the steps it skipped as non-finite."""
+"""The ``'batch_stats'`` variable (NNX: ``nnx.BatchStat``) of every stateful
+normalizer counting the steps it skipped as non-finite: a ``()`` float32
+counter (:mod:`mabn_jax.functional.counters`), read by
+:func:`mabn_jax.nonfinite_counts`."""
 
 BATCH_MOMENTS = "batch_moments"
 """Collection the normalizers sow their input moments into (precise BN).
@@ -86,52 +89,22 @@ def _legacy_tap_paths(taps: VariableTree) -> list:
   ]
 
 
-def migrate_variables(variables: VariableTree):
-  """Variables saved with the old tap layout, in the current one.
-
-  Renames every ``'backward_stats'`` tap of the old layout (``psi_buffer``,
-  which shared the name of the ``'batch_stats'`` variable it updates) to its
-  current name (``psi_increment``, see :data:`LEGACY_TAP_NAMES`). Values are
-  unchanged (taps are zeros); every other collection is returned as is.
-  Variables already in the current layout come back unchanged, so the call
-  is safe on any variables. A ``FrozenDict`` stays frozen.
-
-  Restore an old checkpoint without a target, then migrate::
-
-    variables = mj.migrate_variables(ocp.StandardCheckpointer().restore(path))
-  """
-  frozen = isinstance(variables, FrozenDict)
-  out = {k: v for k, v in unfreeze(variables).items()}
-  if BACKWARD_STATS in out:
-    flat = traverse_util.flatten_dict(out[BACKWARD_STATS])
-    renamed = {}
-    for path, value in flat.items():
-      name = LEGACY_TAP_NAMES.get(path[-1], path[-1])
-      new_path = path[:-1] + (name,)
-      if new_path in renamed:
-        raise ValueError(
-          f"migrate_variables: '{'/'.join(path)}' and another tap both map to "
-          f"'{'/'.join(new_path)}'."
-        )
-      renamed[new_path] = value
-    out[BACKWARD_STATS] = traverse_util.unflatten_dict(renamed)
-  return freeze(out) if frozen else out
-
-
 def stat_path(tap_path: tuple) -> tuple:
   """Path of the ``'batch_stats'`` variable a tap at ``tap_path`` updates.
 
   Raises:
     ValueError: for a tap name not in :data:`TAP_TARGETS` (an old-layout
-      tap gets the :func:`migrate_variables` message).
+      tap gets the :func:`mabn_jax.migrate_variables` message).
   """
   name = tap_path[-1]
   if name in LEGACY_TAP_NAMES:
     raise ValueError(legacy_tap_message("mabn_jax", "/".join(tap_path)))
   if name not in TAP_TARGETS:
     raise ValueError(
-      f"backward-statistics tap {'/'.join(tap_path)}: unknown tap name {name!r} "
-      f"(known taps: {sorted(TAP_TARGETS)})."
+      f"'{BACKWARD_STATS}' collection, tap {'/'.join(tap_path)}: unknown tap name "
+      f"{name!r} (known taps: {sorted(TAP_TARGETS)}). Pass the collection as "
+      "model.init returned it, or leave it out of the variables: "
+      "mabn_jax.value_and_grad then makes the taps from 'batch_stats'."
     )
   return tap_path[:-1] + (TAP_TARGETS[name],)
 
@@ -223,36 +196,13 @@ def feed_backward_statistics(batch_stats: VariableTree, taps_cotangent: Variable
     path = stat_path(tap)
     if path not in stats:
       raise ValueError(
-        f"backward-statistics tap {'/'.join(tap)} has no 'batch_stats' "
-        f"variable {'/'.join(path)} to update; pass mutable=['batch_stats'] to model.apply "
-        "in the loss function."
+        f"'{BACKWARD_STATS}' collection: the tap {'/'.join(tap)} has no 'batch_stats' "
+        f"variable {'/'.join(path)} to update. Pass the 'backward_stats' and "
+        "'batch_stats' collections of one model (as model.init returned them), "
+        "and mutable=['batch_stats'] to model.apply in the loss function."
       )
     stats[path] = add_increment(stats[path], increment)
   return traverse_util.unflatten_dict(stats)
-
-
-def nonfinite_counts(variables: VariableTree) -> dict:
-  """``{layer path: number of skipped non-finite steps}`` for every normalizer.
-
-  Reads the int32 ``nonfinite_count`` variables of ``variables['batch_stats']``
-  (host-side; call it outside ``jit``).
-  """
-  stats = traverse_util.flatten_dict(unfreeze(variables).get("batch_stats", {}))
-  return {
-    "/".join(path[:-1]): int(np.asarray(value))
-    for path, value in stats.items()
-    if path[-1] == NONFINITE_COUNT
-  }
-
-
-def check_finite(variables: VariableTree) -> None:
-  """Raises ``FloatingPointError`` naming every layer that skipped a step."""
-  bad = {path: n for path, n in nonfinite_counts(variables).items() if n}
-  if bad:
-    raise FloatingPointError(
-      "non-finite batch statistics: these layers kept their previous state "
-      f"for the given number of steps: {bad}"
-    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -364,12 +314,64 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
   """
 
   def wrapped(variables, *args, **kwargs):
-    value, new_variables, grads, _ = differentiate(
+    step = differentiate(
       fun, variables, args, kwargs, has_aux=has_aux, name="mabn_jax.value_and_grad"
     )
-    return (value, new_variables), grads
+    return (step.value, step.variables), step.grads
 
   return wrapped
+
+
+class Differentiated(NamedTuple):
+  """What :func:`differentiate` returns.
+
+  Attributes:
+    value: the loss, or ``(loss, aux)``.
+    variables: the new variables, in the given container type.
+    grads: the gradient with respect to ``'params'``.
+    extra_cotangent: the cotangent of ``extra``.
+    taps_cotangent: the taps' cotangents (this step's increments, unscaled;
+      ``{}`` for a model without taps).
+  """
+
+  value: Any
+  variables: Any
+  grads: Any
+  extra_cotangent: Any
+  taps_cotangent: Any
+
+
+def step_taps(variables: dict, name: str) -> Tuple[Any, bool]:
+  """``(taps, given)``: the variables' :data:`BACKWARD_STATS` collection, or
+  (``given`` False) zero taps made from ``'batch_stats'`` when the variables
+  lack it or hold it empty (Flax's ``TrainState`` keeps ``params`` and
+  ``batch_stats`` only). Raises for variables the library cannot use, naming
+  the collection and the fix."""
+  if "params" not in variables:
+    raise ValueError(
+      f"{name}: the variables have no 'params' collection (found {sorted(variables)})."
+    )
+  stats = variables.get("batch_stats", {})
+  if not variables.get(BACKWARD_STATS):
+    return discovery.zero_taps(stats), False
+  taps = variables[BACKWARD_STATS]
+  legacy = _legacy_tap_paths(taps)
+  if legacy:
+    raise ValueError(legacy_tap_message(name, f"{BACKWARD_STATS}/{legacy[0]}"))
+  given = traverse_util.flatten_dict(unfreeze(taps))
+  missing = sorted(
+    "/".join(path)
+    for path in traverse_util.flatten_dict(discovery.zero_taps(stats))
+    if path not in given
+  )
+  if missing:
+    raise ValueError(
+      f"{name}: the '{BACKWARD_STATS}' collection lacks the taps {missing} of layers "
+      "whose 'batch_stats' hold a backward statistic. Pass the collection as "
+      "model.init returned it, or leave it out of the variables entirely: "
+      f"{name} then makes every layer's zero taps from 'batch_stats'."
+    )
+  return taps, True
 
 
 def differentiate(
@@ -382,41 +384,38 @@ def differentiate(
   name: str,
   extra: Any = None,
   context: Callable[[Any], Any] = lambda extra: contextlib.nullcontext(),
-):
-  """The step of :func:`value_and_grad` (and of the recording tools built on it).
+  loss_scale: Any = None,
+) -> Differentiated:
+  """The step of :func:`value_and_grad` (and of the tools built on it).
 
   Differentiates ``fun(variables, *args, **kwargs)`` with respect to
   ``'params'``, the taps and ``extra`` (a tree of arrays the caller's
   ``context(extra)`` hands to the model, e.g. probes), in one backward pass,
   and feeds the taps' cotangents into ``'batch_stats'``.
 
-  Returns:
-    ``(value, new_variables, grads, extra_cotangent)``; ``value`` is the loss
-    or ``(loss, aux)``, ``new_variables`` in ``variables``' container type.
+  ``loss_scale`` (a float32 scalar ``S``, for loss scaling) differentiates
+  ``S * loss`` with every tap's target statistic (``psi_buffer``,
+  ``g_buffer``) passed to ``fun`` multiplied by ``S`` as well: the backward
+  passes are linear in the cotangent and those statistics together (the
+  forward passes do not read them), so the backward statistics they compute
+  are ``S`` times the unscaled ones, consistent with the scaled cotangents.
+  Every cotangent is then divided by ``S``, and the targets are restored
+  before the increments are added: grads, increments and backward
+  statistics come out unscaled (bit for bit for a power of two ``S`` while
+  nothing overflows or underflows).
   """
   frozen = isinstance(variables, FrozenDict)
   variables = unfreeze(variables)
-  given = BACKWARD_STATS in variables
-  # Variables without the taps (Flax's TrainState keeps params and batch_stats
-  # only): the taps are zeros, made from the statistics they update.
-  taps = (
-    variables[BACKWARD_STATS] if given else discovery.zero_taps(variables.get("batch_stats", {}))
-  )
-  if "params" not in variables:
-    raise ValueError(
-      f"{name}: the variables have no 'params' collection (found {sorted(variables)})."
-    )
-  legacy = _legacy_tap_paths(taps)
-  if legacy:
-    raise ValueError(legacy_tap_message(name, f"{BACKWARD_STATS}/{legacy[0]}"))
+  taps, given = step_taps(variables, name)
+  inputs = variables
+  if loss_scale is not None and taps and "batch_stats" in variables:
+    scaled = _map_targets(variables["batch_stats"], taps, lambda path, v: v * loss_scale)
+    inputs = {**variables, "batch_stats": scaled}
 
   def loss_of(differentiable):
     params, tap_values, extra_values = differentiable
-    inner = (
-      {**variables, "params": params, BACKWARD_STATS: tap_values}
-      if taps
-      else {**variables, "params": params}
-    )
+    inner = {**inputs, "params": params}
+    inner = {**inner, BACKWARD_STATS: tap_values} if taps else inner
     with context(extra_values):
       out = fun(inner, *args, **kwargs)
     if not (isinstance(out, tuple) and len(out) == 2):
@@ -425,83 +424,58 @@ def differentiate(
         + (" with mutated = (mutated_collections, aux)" if has_aux else "")
         + f", got {type(out).__name__}."
       )
-    return out
+    return (out[0] if loss_scale is None else loss_scale * out[0]), out
 
   with training_step(made_taps=not given):
-    (loss, rest), (grads, taps_cotangent, extra_cotangent) = jax.value_and_grad(
-      loss_of, has_aux=True
-    )((variables["params"], taps, extra))
+    (_, (loss, rest)), cotangents = jax.value_and_grad(loss_of, has_aux=True)(
+      (variables["params"], taps, extra)
+    )
+  if loss_scale is not None:
+    cotangents = jax.tree_util.tree_map(lambda c: _unscaled(c, loss_scale), cotangents)
+  grads, taps_cotangent, extra_cotangent = cotangents
   mutated, aux = rest if has_aux else (rest, None)
   new_variables = {**variables, **unfreeze(mutated)}
   if not given:
     new_variables.pop(BACKWARD_STATS, None)
   if taps:
-    if "batch_stats" not in mutated:
-      raise ValueError(
-        f"{name}: the model has backward-statistics taps but fun did not return a "
-        "mutated 'batch_stats' collection; call model.apply(..., mutable=['batch_stats'])."
-      )
-    new_variables["batch_stats"] = feed_backward_statistics(
-      new_variables["batch_stats"], taps_cotangent
-    )
+    restore = loss_scale is not None
+    new_variables["batch_stats"] = _fed(variables, mutated, taps, taps_cotangent, name, restore)
   value = (loss, aux) if has_aux else loss
-  return value, freeze(new_variables) if frozen else new_variables, grads, extra_cotangent
+  new_variables = freeze(new_variables) if frozen else new_variables
+  return Differentiated(value, new_variables, grads, extra_cotangent, taps_cotangent)
 
 
-def accumulate_value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
-  """:func:`value_and_grad` over micro-batches, for gradient accumulation.
+def _unscaled(cotangent: jax.Array, scale: jax.Array) -> jax.Array:
+  """A cotangent of ``scale * loss`` divided by ``scale``, in at least float32."""
+  return jnp.asarray(cotangent, jnp.promote_types(cotangent.dtype, jnp.float32)) / scale
 
-  Semantics: each micro-batch is one normalization step. The micro-batches
-  run one after another (a ``lax.scan``) with the same ``'params'``; every
-  normalizer normalizes each micro-batch with its own batch statistics and
-  updates its state once per micro-batch, so after ``A`` micro-batches its
-  step counters have advanced by ``A`` and its buffers hold ``A`` more
-  entries, exactly as ``A`` training steps without an optimizer update
-  would leave them. The gradient and the loss are the means over the
-  micro-batches: apply the optimizer once to them. For BN-type layers the
-  gradient equals that of one step on the whole batch with
-  ``norm_batch_size`` = the micro-batch size (the running statistics then
-  differ: ``A`` EMA updates instead of one).
 
-  Args:
-    fun: as for :func:`value_and_grad`, ``fun(variables, *args)``.
-    has_aux: whether ``fun`` returns auxiliary data.
+def _map_targets(batch_stats: VariableTree, taps: VariableTree, fn: Callable) -> dict:
+  """``batch_stats`` with each tap's target (:func:`stat_path`) ``v`` replaced
+  by ``fn(path, v)`` cast to ``v``'s dtype; targets not there are skipped."""
+  stats: Dict[Tuple, Any] = traverse_util.flatten_dict(unfreeze(batch_stats))
+  for tap in traverse_util.flatten_dict(unfreeze(taps)):
+    path = stat_path(tap)
+    if path in stats:
+      stats[path] = jnp.asarray(fn(path, stats[path]), jnp.result_type(stats[path]))
+  return traverse_util.unflatten_dict(stats)
 
-  Returns:
-    A function ``(variables, *args)`` where every leaf of ``args`` has a
-    leading micro-batch axis ``A``, returning ``((loss, variables), grads)``
-    (``((loss, aux), variables), grads`` with ``aux`` stacked along ``A`` if
-    ``has_aux``): ``loss`` and ``grads`` averaged over the micro-batches,
-    ``variables`` after the last one. Keyword arguments are passed to every
-    call unchanged. A non-finite micro-batch keeps the normalizer state for
-    that micro-batch (see :func:`value_and_grad`) and makes the mean
-    gradient non-finite, so an optimizer that skips non-finite steps skips
-    the whole accumulated step.
-  """
-  step = value_and_grad(fun, has_aux=has_aux)
 
-  def wrapped(variables, *args, **kwargs):
-    frozen = isinstance(variables, FrozenDict)
-    variables = unfreeze(variables)
-    params = variables["params"]
-
-    def body(carry, micro_batch):
-      current, grad_sum = carry
-      (value, current), grads = step({**current, "params": params}, *micro_batch, **kwargs)
-      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
-      return (current, grad_sum), value
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (new_variables, grad_sum), values = jax.lax.scan(body, (variables, zeros), args)
-    count = jax.tree_util.tree_leaves(args)[0].shape[0]
-    grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
-    if has_aux:
-      losses, aux = values
-      value = (jnp.mean(losses), aux)
-    else:
-      value = jnp.mean(jnp.asarray(values))
-    if frozen:
-      new_variables = freeze(new_variables)
-    return (value, new_variables), grads
-
-  return wrapped
+def _fed(
+  variables: dict, mutated: Any, taps: Any, cotangent: Any, name: str, restore: bool
+) -> dict:
+  """The step's ``'batch_stats'``: the mutated ones plus the taps' increments;
+  with ``restore``, the taps' targets as given first (they went to ``fun``
+  scaled by the loss scale; the forward passes leave them unchanged)."""
+  if "batch_stats" not in mutated:
+    raise ValueError(
+      f"{name}: the model has '{BACKWARD_STATS}' taps (backward statistics) but "
+      "fun did not return a mutated 'batch_stats' collection to add them to; "
+      "call model.apply(..., mutable=['batch_stats']) in fun and return its "
+      "mutated collections."
+    )
+  stats = mutated["batch_stats"]
+  if restore:
+    given = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
+    stats = _map_targets(stats, taps, lambda path, v: given.get(path, v))
+  return feed_backward_statistics(stats, cotangent)

@@ -320,7 +320,9 @@ def test_nnx_state_types_and_names_follow_the_linen_collections():
     "nonfinite_count": nnx.BatchStat,
     "psi_increment": mj.nnx.BackwardStat,
   }
-  assert model.step[...].dtype == jnp.int32 and model.chi_buffer[...].dtype == jnp.float32
+  # Counters are float32, like the statistics (mabn_jax.functional.counters).
+  assert model.step[...].dtype == jnp.float32 and model.chi_buffer[...].dtype == jnp.float32
+  assert model.nonfinite_count[...].dtype == jnp.float32
   no_affine = mj.nnx.BatchNorm(C, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
   assert no_affine.scale is None and no_affine.bias is None
   assert set(dict(nnx.to_flat_state(nnx.state(no_affine, nnx.Param)))) == set()

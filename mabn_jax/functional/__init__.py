@@ -8,6 +8,7 @@ Modules:
   centering: weight centralization of kernels.
   standardization: weight standardization of kernels (before GroupNorm).
   filter_response: filter response normalization with a thresholded linear unit.
+  counters: the state's integer counters, stored as float32.
   backward_stats: the backward statistics MABN and CBN share.
   cross_iteration: Cross-Iteration BN (Taylor-compensated pooled statistics).
   frozen_batch_norm: BN with its statistics and affine map held fixed.
@@ -21,6 +22,7 @@ from mabn_jax.functional import (
   batch_norm,
   batch_renorm,
   centering,
+  counters,
   cross_iteration,
   filter_response,
   frozen_batch_norm,
@@ -37,6 +39,7 @@ __all__ = [
   "batch_norm",
   "batch_renorm",
   "centering",
+  "counters",
   "cross_iteration",
   "filter_response",
   "frozen_batch_norm",

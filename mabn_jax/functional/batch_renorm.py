@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mabn_jax.functional import batch_norm as bn
-from mabn_jax.functional import interface
+from mabn_jax.functional import counters, interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, is_int_at_least
 from mabn_jax.functional.affine import affine_map
@@ -51,7 +51,8 @@ class BatchRenormState(NamedTuple):
   Attributes:
     mean: ``(C,)`` float32 EMA of the batch mean; starts at 0.
     var: ``(C,)`` float32 EMA of the biased batch variance; starts at 1.
-    step: ``()`` int32, training steps taken (the next is ``step + 1``).
+    step: ``()`` float32 holding an integer (:mod:`~mabn_jax.functional.counters`),
+      training steps taken (the next is ``step + 1``).
   """
 
   mean: jax.Array
@@ -101,7 +102,7 @@ class BatchRenormConfig(bn.BatchNormConfig):
 def init_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
   """Initial state: ``mean = 0``, ``var = 1`` (``(C,)`` each), ``step = 0``."""
   stats = bn.init_state(num_features, dtype)
-  return BatchRenormState(stats.mean, stats.var, jnp.zeros((), jnp.int32))
+  return BatchRenormState(stats.mean, stats.var, counters.zero())
 
 
 def renorm_limits(step: jax.Array, config: BatchRenormConfig) -> Tuple[jax.Array, jax.Array]:
@@ -155,7 +156,7 @@ def normalize_train(
   axis = st.canonical_axis(config.axis, x.ndim, where)
   bn.check_channels(where, state.mean.shape[0], x, axis)
   mean, var = bn.batch_moments(x, config, where)
-  step = state.step + 1
+  step = counters.read(state.step) + 1
   r_max, d_max = renorm_limits(step, config)
   r, d = renorm_correction(mean, var, state.mean, state.var, r_max, d_max, config.epsilon)
   xhat = bn.standardize(x, mean, var, config.epsilon, axis)

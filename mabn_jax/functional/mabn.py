@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from mabn_jax.functional import interface
+from mabn_jax.functional import counters, interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, is_int_at_least, layer_error
 from mabn_jax.functional.affine import affine_map
@@ -60,13 +60,14 @@ from mabn_jax.functional.stabilized import moving_averages as moving_averages
 
 
 class MABNState(NamedTuple):
-  """MABN's running state (all float32 but ``step``).
+  """MABN's running state (all float32).
 
   Attributes:
     chi_ema: ``(C,)`` EMA of the second moment used at inference; starts at 1.
     chi_buffer: ``(m, C)`` last ``m`` group values of ``chi_B``, newest last.
     psi_buffer: ``(m, C)`` last ``m`` group values of ``Psi_B``, newest last.
-    step: ``()`` int32, number of training steps taken (the next is ``step+1``).
+    step: ``()`` float32 holding an integer (:mod:`~mabn_jax.functional.counters`),
+      number of training steps taken (the next is ``step+1``).
   """
 
   chi_ema: jax.Array
@@ -150,7 +151,7 @@ def init_state(num_features: int, buffer_size: int = 16, dtype=jnp.float32) -> M
     chi_ema=jnp.ones((num_features,), dtype),
     chi_buffer=jnp.zeros((buffer_size, num_features), dtype),
     psi_buffer=jnp.zeros((buffer_size, num_features), dtype),
-    step=jnp.zeros((), jnp.int32),
+    step=counters.zero(),
   )
 
 
@@ -271,7 +272,7 @@ def _train_step(x, state, tap, scale, bias, config, axis, groups):
   chi_batch = st.group_mean(
     jnp.square(x32), groups, axis, config.axis_name, config.axis_index_groups
   )  # (G, C)
-  step = state.step + 1
+  step = counters.read(state.step) + 1
   use_sma = uses_moving_averages(step, buffer_size, config.warmup_steps)
   chi_average, chi_buffer = moving_averages(state.chi_buffer, chi_batch, step == 1, config)
   chi = jnp.where(use_sma & config.average_forward, chi_average, chi_batch)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mabn_jax.functional import counters
 from mabn_jax.functional._checks import layer_error
 
 
@@ -314,7 +315,9 @@ def commit_if_finite(new, old, nonfinite_count: jax.Array, checked=None):
 
   ``new`` (the step's state) if all float leaves of ``checked`` (default:
   ``new``; see :func:`keep_if_finite`) are finite, else ``old`` with
-  ``nonfinite_count`` (an int32 scalar) incremented by one.
+  ``nonfinite_count`` incremented by one. The count comes back a ``()``
+  float32 counter (:mod:`~mabn_jax.functional.counters`; an int32 one of an
+  older checkpoint is converted).
   """
   kept, finite = keep_if_finite(new, old, checked)
-  return kept, nonfinite_count + jnp.where(finite, 0, 1).astype(jnp.int32)
+  return kept, counters.as_counter(nonfinite_count) + jnp.where(finite, 0.0, 1.0)

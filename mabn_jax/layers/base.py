@@ -6,8 +6,8 @@ Every batch-statistics normalizer of :mod:`mabn_jax` is a subclass of
 itself lives here once:
 
 * ``'batch_stats'``: one variable per non-empty field of the method's state
-  (same names, shapes and dtypes as ``method.init``), plus the int32
-  ``nonfinite_count``;
+  (same names, shapes and dtypes as ``method.init``; counters are float32,
+  see :mod:`~mabn_jax.functional.counters`), plus ``nonfinite_count``;
 * ``'backward_stats'``: the method's taps (:data:`mabn_jax.BACKWARD_STATS`),
   declared when the collection is present or mutable;
 * ``'params'``: ``scale``/``bias`` ``(C,)`` in ``param_dtype``;
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
-from mabn_jax.functional import interface
+from mabn_jax.functional import counters, interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
 from mabn_jax.training import (
@@ -192,7 +192,7 @@ def _state_variables(
 ) -> dict:
   """Declares a ``'batch_stats'`` variable per non-empty field of ``initial``
   (empty ones are constants: checkpointers reject zero-size arrays) and the
-  int32 :data:`NONFINITE_COUNT` (for inference only if stored or mutable, so
+  float32 counter :data:`NONFINITE_COUNT` (for inference only if stored or mutable, so
   that variables saved without it, e.g. ``flax.linen.BatchNorm``'s, apply);
   raises if a stored shape differs."""
   values = {name: value for name, value in initial._asdict().items() if value.size}
@@ -201,7 +201,7 @@ def _state_variables(
     or module.has_variable("batch_stats", NONFINITE_COUNT)
     or (module.is_mutable_collection("batch_stats"))
   ):
-    values[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
+    values[NONFINITE_COUNT] = counters.zero()
   variables = {}
   for name, value in values.items():
     var = module.variable("batch_stats", name, lambda v=value: v)

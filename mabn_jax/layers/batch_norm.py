@@ -24,7 +24,7 @@ class BatchNorm(BatchStatisticsNorm):
     ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
     ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
       (starts at 1), float32, the EMA of the batch mean and biased variance;
-      ``nonfinite_count`` ``()`` int32, the steps skipped because their
+      ``nonfinite_count`` ``()`` float32 counter, the steps skipped because their
       statistics were not finite (the state is then kept).
 
   Attributes:

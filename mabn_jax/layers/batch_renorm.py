@@ -22,8 +22,8 @@ class BatchRenorm(BatchStatisticsNorm):
     ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
     ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
       (starts at 1), float32 EMAs of the batch mean and biased variance, as in
-      ``flax.linen.BatchNorm``; ``step`` ``()`` int32, training steps taken
-      (drives the schedule); ``nonfinite_count`` ``()`` int32, the steps
+      ``flax.linen.BatchNorm``; ``step`` ``()`` float32 counter, training steps taken
+      (drives the schedule); ``nonfinite_count`` ``()`` float32 counter, the steps
       skipped because their statistics were not finite (the state, step
       included, is then kept).
 

@@ -45,8 +45,8 @@ class CrossIterationConvNorm(nn.Module):
       the derivative buffers in ``derivative_dtype``; newest entry last;
       derivatives of the effective, centred if ``centered``, kernel; see
       :class:`~mabn_jax.functional.cross_iteration.CBNState`), ``count``
-      ``()`` int32 (valid entries), ``step`` ``()`` int32, and
-      ``nonfinite_count`` ``()`` int32 (steps skipped because their
+      ``()`` (valid entries), ``step`` ``()`` and
+      ``nonfinite_count`` ``()``, float32 counters (steps skipped because their
       statistics were not finite; the state is then kept). With
       ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)``
       (the backward statistics ``mean(g)`` and ``mean(g * xhat)`` of the

@@ -25,7 +25,7 @@ class MABN(BatchStatisticsNorm):
     ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
     ``batch_stats``: ``chi_ema`` ``(C,)``, ``chi_buffer`` ``(m, C)``,
       ``psi_buffer`` ``(m, C)`` (float32, newest row last) and ``step``
-      ``()`` int32; ``nonfinite_count`` ``()`` int32, the steps skipped
+      ``()`` float32 counter; ``nonfinite_count`` ``()`` float32 counter, the steps skipped
       because their statistics were not finite (the state is then kept).
     ``backward_stats``: ``psi_increment`` ``(m, C)`` float32 zeros, the tap
       whose cotangent is the step's ``psi_buffer`` increment

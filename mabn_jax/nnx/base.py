@@ -10,7 +10,7 @@ every field of the method and its config, with their defaults (shown by
 * ``nnx.Param``: ``scale``/``bias`` ``(C,)`` in ``param_dtype`` (``None`` when
   disabled);
 * ``nnx.BatchStat``: one per non-empty field of the method's state, plus the
-  int32 ``nonfinite_count``;
+  float32 counter ``nonfinite_count`` (see :mod:`~mabn_jax.functional.counters`);
 * :class:`~mabn_jax.nnx.BackwardStat`: the method's taps.
 """
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from mabn_jax.functional import interface
+from mabn_jax.functional import counters, interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments
@@ -97,12 +97,12 @@ def make_affine(module: Any, num_features: int, rngs: nnx.Rngs) -> None:
 
 def make_state(module: Any, method: interface.Method, initial: Any) -> None:
   """Sets an ``nnx.BatchStat`` per non-empty field of ``initial`` (empty ones
-  are constants, as in the linen layers), the int32 ``nonfinite_count`` and a
+  are constants, as in the linen layers), the float32 ``nonfinite_count`` and a
   :class:`BackwardStat` per tap of ``method``."""
   for name, value in initial._asdict().items():
     if value.size:
       setattr(module, name, nnx.BatchStat(value))
-  setattr(module, NONFINITE_COUNT, nnx.BatchStat(jnp.zeros((), jnp.int32)))
+  setattr(module, NONFINITE_COUNT, nnx.BatchStat(counters.zero()))
   for name, zeros in method.taps(initial).items():
     setattr(module, name, BackwardStat(zeros))
 
@@ -236,11 +236,15 @@ def _sow_moments(module: Any, x: jax.Array, axis: int, config: Any) -> None:
 
 def _read_state(module: Any, initial: Any, where: str, cause: str) -> Any:
   """``initial`` with each field held by the module replaced by its value;
-  raises if a stored shape differs (a state restored from another layout)."""
+  raises if a stored shape differs (a state restored from another layout).
+  An int32 counter (state saved before counters were float32) is converted
+  to float32 in place."""
   values = {}
-  for name in initial._fields:
+  for name in initial._fields + (NONFINITE_COUNT,):
     variable = getattr(module, name, None)
-    if isinstance(variable, nnx.BatchStat):
+    if isinstance(variable, nnx.BatchStat) and jnp.issubdtype(variable[...].dtype, jnp.integer):
+      variable.set_value(counters.as_counter(variable[...]))  # an int32 counter of old state
+    if isinstance(variable, nnx.BatchStat) and name != NONFINITE_COUNT:
       check_state_shape(where, name, variable[...], getattr(initial, name).shape, cause)
       values[name] = variable[...]
   return initial._replace(**values)

@@ -19,7 +19,7 @@ class BatchNorm(BatchStatisticsNorm):
     ``nnx.Param``: ``scale`` ``(C,)``, ``bias`` ``(C,)`` in ``param_dtype``
       (``None`` when disabled).
     ``nnx.BatchStat``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
-      (starts at 1), float32; ``nonfinite_count`` ``()`` int32 (steps
+      (starts at 1), float32; ``nonfinite_count`` ``()`` float32 counter (steps
       skipped because their statistics were not finite).
 
   Args:

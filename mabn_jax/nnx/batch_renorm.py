@@ -19,8 +19,8 @@ class BatchRenorm(BatchStatisticsNorm):
   State (``C = num_features``):
     ``nnx.Param``: ``scale`` ``(C,)``, ``bias`` ``(C,)`` in ``param_dtype``.
     ``nnx.BatchStat``: ``mean`` ``(C,)`` and ``var`` ``(C,)`` float32,
-      ``step`` ``()`` int32 (training steps taken, drives the schedule) and
-      ``nonfinite_count`` ``()`` int32.
+      ``step`` ``()`` float32 counter (training steps taken, drives the schedule) and
+      ``nonfinite_count`` ``()`` float32 counter.
 
   Args:
     num_features, use_running_average, axis, momentum, epsilon, dtype,

@@ -47,7 +47,7 @@ class CrossIterationConvNorm(nnx.Module):
       ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, the
       derivative buffers in ``derivative_dtype``; newest last; with
       ``group_history`` a group axis follows ``P``), ``count``,
-      ``step`` and ``nonfinite_count`` ``()`` int32; with
+      ``step`` and ``nonfinite_count`` ``()`` float32 counters; with
       ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)`` and
       the :class:`~mabn_jax.nnx.BackwardStat` taps ``g_increment``/
       ``psi_increment`` of their shapes (train with

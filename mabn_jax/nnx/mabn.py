@@ -23,7 +23,7 @@ class MABN(BatchStatisticsNorm):
       ``param_dtype`` (``None`` when ``use_scale``/``use_bias`` is False).
     ``nnx.BatchStat``: ``chi_ema`` ``(C,)`` (starts at 1), ``chi_buffer``
       ``(m, C)``, ``psi_buffer`` ``(m, C)`` (float32, newest row last),
-      ``step`` ``()`` int32 and ``nonfinite_count`` ``()`` int32 (steps
+      ``step`` and ``nonfinite_count`` ``()`` float32 counters (steps
       skipped because their statistics were not finite; the state is kept).
     :class:`~mabn_jax.nnx.BackwardStat`: ``psi_increment`` ``(m, C)``
       float32 zeros, the tap whose cotangent is the step's ``psi_buffer``

@@ -64,7 +64,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False):
   def wrapped(variables, *args, **kwargs):
     calls = _describe(fun, variables, args, kwargs)
     context = lambda values: nn.intercept_methods(_interceptor({}, values, {}))
-    value, new_variables, grads, probe_cotangent = differentiate(
+    value, new_variables, grads, probe_cotangent, _ = differentiate(
       fun,
       variables,
       args,

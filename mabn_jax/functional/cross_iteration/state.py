@@ -13,13 +13,14 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from mabn_jax.functional import counters
 from mabn_jax.functional._checks import check_fields, is_int_at_least
 from mabn_jax.functional.cross_iteration.derivatives import KERNEL_DERIVATIVES
 from mabn_jax.functional.cross_iteration.gradients import BACKWARDS, GRADIENTS, Gradient
 
 
 class CBNState(NamedTuple):
-  """CBN's running state (float32 but ``count`` and ``step``).
+  """CBN's running state (all float32; ``count`` and ``step`` hold integers).
 
   ``K`` below is the kernel's shape without its output axis,
   ``(*kernel_size, cin)``; ``P = window - 1`` is the number of past entries.
@@ -44,9 +45,11 @@ class CBNState(NamedTuple):
     dnu_buffer: ``(P, *K, C)`` past ``d nu / d W``.
     mu_offset: ``(P, C)`` past ``mu - d mu . W_old``.
     nu_offset: ``(P, C)`` past ``nu - d nu . W_old``.
-    count: ``()`` int32, number of valid past entries (the newest ``count``
+    count: ``()`` float32 holding an integer
+      (:mod:`~mabn_jax.functional.counters`), number of valid past entries (the newest ``count``
       rows of the buffers), at most ``P``.
-    step: ``()`` int32, training steps taken (the next one is ``step + 1``).
+    step: ``()`` float32 holding an integer, training steps taken (the next
+      one is ``step + 1``).
     g_buffer: ``(P, C)`` past entries' backward statistic ``g_B = mean(g)``
       (``g`` the gradient at ``xhat``), written through the tap.
     psi_buffer: ``(P, C)`` past entries' ``Psi_B = mean(g * xhat)``, written
@@ -252,8 +255,8 @@ def init_state(
     dnu_buffer=jnp.zeros((taylor,) + g + kernel_shape, derivative_dtype),
     mu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
     nu_offset=jnp.zeros((taylor,) + g + (channels,), dtype),
-    count=jnp.zeros((), jnp.int32),
-    step=jnp.zeros((), jnp.int32),
+    count=counters.zero(),
+    step=counters.zero(),
     g_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
     psi_buffer=jnp.zeros((backward,) + g + (channels,), dtype),
   )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from mabn_jax.functional import counters
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import layer_error
 from mabn_jax.functional.cross_iteration.compensation import compensate, stored_entries
@@ -96,9 +97,9 @@ def _train_step_body(y, x, kernel, state, bias, tap, spec, config, groups):
   mu, nu = checkpoint_name(
     batch_moments(y32, groups, config.axis_name, config.axis_index_groups), SAVED_STATISTICS[0]
   )
-  step = state.step + 1
+  step = counters.read(state.step) + 1
   burning = in_burn_in(step, config.burn_in)
-  past_filled = jnp.arange(past) >= past - state.count
+  past_filled = jnp.arange(past) >= past - counters.read(state.count)
   mu_bar, nu_bar = checkpoint_name(
     _window_moments(mu, nu, kernel, state, config, gradient, past_filled, burning),
     SAVED_STATISTICS[1],
@@ -269,13 +270,15 @@ def _with_new_entries(new_state, state, x, y32, mu_c, nu_c, kernel, spec, config
     # the others would be pushed out at once, so they are never computed.
     newest, entries, added = min(groups, past), lambda a: a, groups
 
+  count = counters.read(state.count)
+
   def push(name, rows):
     return st.push_unless(getattr(state, name), entries(rows), burning)
 
   pushed = dict(
     mu_buffer=push("mu_buffer", mu_c[-newest:]),
     nu_buffer=push("nu_buffer", nu_c[-newest:]),
-    count=jnp.where(burning, state.count, jnp.minimum(state.count + added, past).astype(jnp.int32)),
+    count=jnp.where(burning, count, jnp.minimum(count + added, past)),
   )
   if not config.naive:
     rows = newest * (y32.shape[0] // groups)
