@@ -194,7 +194,9 @@ def normalize(
       require_bound_axis(where, method.config.axis_name)
     core_x = layout.to_core(x)
     initial = interface.stored_state(method, method.init_for(core_x, conv), module.param_dtype)
-  stats = _state_variables(module, where, initial, method.mismatch_cause(), layout)
+  stats = _state_variables(
+    module, where, initial, method.mismatch_cause(), layout, counter=not use_running_average
+  )
   if module.is_initializing() and not _forms_groups(core_x.shape[0], method.config):
     # An initialization batch smaller than (or not a multiple of) one group
     # (Flax's examples initialize with one sample): declare the variables and
@@ -256,16 +258,17 @@ def _forms_groups(batch: int, config: Any) -> bool:
 
 
 def _state_variables(
-  module: nn.Module, where: str, initial: Any, cause: str, layout: FeatureLayout
+  module: nn.Module, where: str, initial: Any, cause: str, layout: FeatureLayout, counter: bool
 ) -> dict:
   """Declares a ``'batch_stats'`` variable per non-empty field of ``initial``
   (empty ones are constants: checkpointers reject zero-size arrays), stored
-  in ``layout``'s shapes, and the int32 :data:`NONFINITE_COUNT` while
-  initializing (later only if stored: variables saved without it, e.g.
-  ``flax.linen.BatchNorm``'s, keep their structure in training too); raises
-  if a stored shape differs."""
+  in ``layout``'s shapes, and the int32 :data:`NONFINITE_COUNT` if stored or
+  when initializing for training (``counter``): variables made for
+  inference, or saved without it (``flax.linen.BatchNorm``'s), keep Flax's
+  structure in training too, where a non-finite step is skipped uncounted.
+  Raises if a stored shape differs."""
   values = {name: value for name, value in initial._asdict().items() if value.size}
-  if module.is_initializing() or module.has_variable("batch_stats", NONFINITE_COUNT):
+  if (module.is_initializing() and counter) or module.has_variable("batch_stats", NONFINITE_COUNT):
     values[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
   variables = {}
   for name, value in values.items():
