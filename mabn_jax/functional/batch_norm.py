@@ -32,7 +32,6 @@ from jax import lax
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, layer_error
-from mabn_jax.functional.affine import affine_map
 
 
 class BatchNormState(NamedTuple):

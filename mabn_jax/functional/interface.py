@@ -235,7 +235,8 @@ class Masked:
     return self.method.infer(x, state, **kwargs)
 
   def train(self, x, state, **kwargs) -> TrainOutput:
-    return self.method.train(x, state, mask=self.mask, **kwargs)
+    train: Any = self.method.train  # a supports_mask method's train takes mask=
+    return train(x, state, mask=self.mask, **kwargs)
 
 
 def with_mask(method: Method, mask: Optional[jax.Array]) -> Any:

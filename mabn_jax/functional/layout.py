@@ -32,7 +32,10 @@ def canonical_axes(axis: Axes, ndim: int, where: Optional[str] = None) -> Tuple[
   """
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   if ndim < 1 or not axes:
-    raise layer_error(where, f"expected an input of rank >= 1 and a feature axis, got rank {ndim} and axis {axis!r}.")
+    raise layer_error(
+      where,
+      f"expected an input of rank >= 1 and a feature axis, got rank {ndim} and axis {axis!r}.",
+    )
   for a in axes:
     if not isinstance(a, int) or not -ndim <= a < ndim:
       raise layer_error(
@@ -132,7 +135,7 @@ def feature_layout(
   one sample whose other axes are reduced; normalization groups then have no
   batch to split, so ``norm_batch_size`` must be ``None``.
   """
-  shape = tuple(shape)
+  shape = tuple(int(n) for n in shape)
   if axis is None:
     return FeatureLayout(shape, (), None, shape, -1)
   axes = canonical_axes(axis, len(shape), where)
@@ -146,8 +149,9 @@ def feature_layout(
       "axis, so use norm_batch_size=None or another axis.",
     )
   reduced = tuple(a for a in range(len(shape)) if a not in axes)
-  batch = (shape[0],) if reduced[:1] == (0,) else (1,)
-  rest = reduced[1:] if reduced[:1] == (0,) else reduced
+  leads = 0 not in axes  # the batch axis is reduced: it stays the leading axis
+  batch = shape[:1] if leads else (1,)
+  rest = reduced[1:] if leads else reduced
   middle = (math.prod(shape[a] for a in rest),) if rest else ()
   core = batch + middle + (math.prod(shape[a] for a in axes),)
   return FeatureLayout(shape, axes, reduced + axes, core, -1)

@@ -242,7 +242,9 @@ def _layout_and_method(module: nn.Module, x: jax.Array, mask: Optional[jax.Array
     method = dataclasses.replace(
       method, config=dataclasses.replace(method.config, axis=layout.axis)
     )
-  options = {name: getattr(module, name) for name in interface.FLAX_OPTIONS if hasattr(module, name)}
+  options = {
+    name: getattr(module, name) for name in interface.FLAX_OPTIONS if hasattr(module, name)
+  }
   interface.check_call(method, x, options)
   interface.with_mask(method, mask)
   return layout, method

@@ -31,7 +31,7 @@ from flax.nnx.nn import dtypes, initializers
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
-from mabn_jax.functional.layout import FeatureLayout, core_axis, feature_layout
+from mabn_jax.functional.layout import core_axis, feature_layout
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments
 from mabn_jax.training import NONFINITE_COUNT, LayerCall, layer_step
 
@@ -198,6 +198,7 @@ class BatchStatisticsNorm(nnx.Module):
         f"valid ones: {', '.join(defaults)}."
       )
     self.num_features = num_features
+    self.param_dtype: Any = defaults["param_dtype"]
     for name, default in defaults.items():
       if name not in _METADATA:
         setattr(self, name, kwargs.get(name, default))
