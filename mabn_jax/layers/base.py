@@ -115,6 +115,10 @@ class BatchStatisticsNorm(nn.Module):
       dtype (or ``dtype``) and keeps them in ``param_dtype``.
     norm_batch_size: samples normalized together; ``None`` is the whole
       per-device batch, which must be a multiple of it.
+    count_nonfinite: declare the int32 ``nonfinite_count`` (steps skipped
+      because their statistics were not finite; a non-finite step is skipped
+      either way). Default True; ``BatchNorm`` and ``FrozenBatchNorm``
+      default to False, so that their variables are Flax's.
 
   Options of ``flax.linen.BatchNorm`` that a method has no use for
   (``use_fast_variance`` and ``force_float32_reductions`` for MABN, whose
@@ -139,6 +143,7 @@ class BatchStatisticsNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   norm_batch_size: Optional[int] = None
+  count_nonfinite: bool = True
 
   @nn.nowrap
   def functional(self) -> interface.Method:
@@ -194,9 +199,7 @@ def normalize(
       require_bound_axis(where, method.config.axis_name)
     core_x = layout.to_core(x)
     initial = interface.stored_state(method, method.init_for(core_x, conv), module.param_dtype)
-  stats = _state_variables(
-    module, where, initial, method.mismatch_cause(), layout, counter=not use_running_average
-  )
+  stats = _state_variables(module, where, initial, method.mismatch_cause(), layout)
   if module.is_initializing() and not _forms_groups(core_x.shape[0], method.config):
     # An initialization batch smaller than (or not a multiple of) one group
     # (Flax's examples initialize with one sample): declare the variables and
@@ -260,17 +263,18 @@ def _forms_groups(batch: int, config: Any) -> bool:
 
 
 def _state_variables(
-  module: nn.Module, where: str, initial: Any, cause: str, layout: FeatureLayout, counter: bool
+  module: nn.Module, where: str, initial: Any, cause: str, layout: FeatureLayout
 ) -> dict:
   """Declares a ``'batch_stats'`` variable per non-empty field of ``initial``
   (empty ones are constants: checkpointers reject zero-size arrays), stored
-  in ``layout``'s shapes, and the int32 :data:`NONFINITE_COUNT` if stored or
-  when initializing for training (``counter``): variables made for
-  inference, or saved without it (``flax.linen.BatchNorm``'s), keep Flax's
+  in ``layout``'s shapes, and the int32 :data:`NONFINITE_COUNT` if stored or,
+  while initializing, if the layer's ``count_nonfinite`` (default True):
+  variables saved without it (``flax.linen.BatchNorm``'s) keep their
   structure in training too, where a non-finite step is skipped uncounted.
   Raises if a stored shape differs."""
   values = {name: value for name, value in initial._asdict().items() if value.size}
-  if (module.is_initializing() and counter) or module.has_variable("batch_stats", NONFINITE_COUNT):
+  wanted = module.is_initializing() and getattr(module, "count_nonfinite", True)
+  if wanted or module.has_variable("batch_stats", NONFINITE_COUNT):
     values[NONFINITE_COUNT] = jnp.zeros((), jnp.int32)
   variables = {}
   for name, value in values.items():

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Dict, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes, initializers
+from flax.nnx.nn import initializers
 
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
@@ -45,7 +45,7 @@ _LAYER_OPTIONS = (
   ("scale_init", initializers.ones_init()),
   ("use_fast_variance", True),
   ("force_float32_reductions", True),
-  ("promote_dtype", dtypes.promote_dtype),
+  ("promote_dtype", None),
   ("bias_metadata", MappingProxyType({})),
   ("scale_metadata", MappingProxyType({})),
   ("count_nonfinite", True),
@@ -153,7 +153,9 @@ class BatchStatisticsNorm(nnx.Module):
     **options: see :func:`options` (and the subclass's docstring); unknown
       keywords raise a ``TypeError``. Besides the method's, they are
       ``nnx.BatchNorm``'s: ``promote_dtype`` (applied to ``(x, mean, var,
-      scale, bias)``, ``mean``/``var`` ``None`` for a method without them),
+      scale, bias)``, ``mean``/``var`` ``None`` for a method without them;
+      default ``None``, no promotion, the linen layer's dtype rule, where
+      ``nnx.BatchNorm`` defaults to ``flax.nnx.nn.dtypes.promote_dtype``),
       ``scale_metadata``/``bias_metadata`` (the ``nnx.Param`` metadata),
       ``use_fast_variance``, ``force_float32_reductions``; and
       ``count_nonfinite``: whether the int32 ``nonfinite_count`` is kept.
@@ -313,10 +315,12 @@ def _layout_and_method(module: Any, x: jax.Array, mask: Optional[jax.Array], whe
 
 
 def _promote(module: Any, x: jax.Array, state: Any, use_running_average: bool):
-  """``(x, state, scale, bias)`` after the module's ``promote_dtype`` (if it
-  has one) of ``(x, mean, var, scale, bias)``, as ``nnx.BatchNorm`` does:
+  """``(x, state, scale, bias)`` after the module's ``promote_dtype`` (if not
+  ``None``) of ``(x, mean, var, scale, bias)``, as ``nnx.BatchNorm`` does:
   the promoted ``mean``/``var`` replace the state's for inference (training
-  updates the stored ones)."""
+  updates the stored ones). ``None``, the default, promotes nothing: the
+  linen layer's dtype rule, so the NNX and linen layers agree bit for bit
+  (``flax.nnx.nn.dtypes.promote_dtype`` is ``nnx.BatchNorm``'s default)."""
   scale = module.scale[...] if module.scale is not None else None
   bias = module.bias[...] if module.bias is not None else None
   promote = getattr(module, "promote_dtype", None)

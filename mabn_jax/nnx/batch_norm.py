@@ -32,7 +32,11 @@ class BatchNorm(BatchStatisticsNorm):
     axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
     bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
     promote_dtype, bias_metadata, scale_metadata: as ``nnx.BatchNorm`` (a
-    tuple ``axis`` too: ``num_features`` is then the product of its sizes).
+    tuple ``axis`` too: ``num_features`` is then the product of its sizes),
+    but ``promote_dtype`` defaults to ``None`` (no promotion: the dtype rule
+    of the linen :class:`mabn_jax.BatchNorm`, which this module equals bit
+    for bit); pass ``flax.nnx.nn.dtypes.promote_dtype`` for
+    ``nnx.BatchNorm``'s.
     force_float32_reductions: as ``flax.linen.BatchNorm``'s.
     norm_batch_size: samples normalized together (``None``: the whole batch).
     count_nonfinite: keep the ``nonfinite_count`` statistic (default False,
