@@ -278,7 +278,7 @@ class BatchNormStateTest(chex.TestCase):
     np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3))
     self.assertEqual(set(v["batch_stats"]), {"mean", "var"})
     self.assertEqual(set(v["params"]), {"scale", "bias"})
-    counted = mj.BatchNorm(count_nonfinite=True).init(jax.random.key(0), x)
+    counted = mj.BatchNorm(True, count_nonfinite=True).init(jax.random.key(0), x)
     self.assertEqual(set(counted["batch_stats"]), {"mean", "var", "nonfinite_count"})
 
   def test_nonfinite_batch_keeps_stats_and_counts_the_step(self):
