@@ -99,8 +99,8 @@ class FeatureLayout(NamedTuple):
 
   def mask_to_core(self, mask: Optional[Any]) -> Optional[jax.Array]:
     """A mask broadcastable to the input, in the core's layout (``None`` stays)."""
-    if mask is None:
-      return None
+    if mask is None or self.perm is None:
+      return mask  # not broadcast: a smaller mask reduces as Flax's does
     return self.to_core(jnp.broadcast_to(jnp.asarray(mask, bool), self.shape))
 
   def to_stored(self, value: jax.Array) -> jax.Array:

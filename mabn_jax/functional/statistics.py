@@ -130,6 +130,16 @@ def abs_square(x: jax.Array) -> jax.Array:
   return lax.square(x)
 
 
+def _group_mask(mask: jax.Array, x: jax.Array, groups: int) -> jax.Array:
+  """A boolean ``mask`` broadcastable to ``x``, split like ``x`` into groups
+  (without broadcasting it first: a smaller mask reduces as Flax's does)."""
+  mask = jnp.asarray(mask, bool)
+  mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+  if mask.shape[0] == 1:
+    return mask[None]
+  return split_groups(jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:]), groups)
+
+
 def group_moments(
   x: jax.Array,
   groups: int,
@@ -168,9 +178,7 @@ def group_moments(
   x = x.astype(stats_dtype(x.dtype, dtype, float32))
   reduced = _grouped_reduction_axes(x.ndim, axis)
   grouped = split_groups(x, groups)
-  where = None
-  if mask is not None:
-    where = split_groups(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), groups)
+  where = None if mask is None else _group_mask(mask, x, groups)
 
   def mean_of(value):
     return jnp.mean(value, axis=reduced, where=where)
