@@ -108,6 +108,12 @@ def _interceptor(layers: dict, probes: Optional[Mapping], seen: dict):
       return next_fun(*args, **kwargs)
     x, config = args[0], method.config
     where = f"{type(module).__name__} '{'/'.join(module.path)}'"
+    if not isinstance(getattr(module, "axis", -1), int) or kwargs.get("mask") is not None:
+      raise ValueError(
+        f"{where}: the recording tools take one integer feature axis and no mask "
+        f"(got axis={getattr(module, 'axis', None)!r}, mask "
+        f"{'given' if kwargs.get('mask') is not None else 'None'})."
+      )
     axis = st.canonical_axis(config.axis, x.ndim, where)
     groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
     key = _layer_key(module, seen)

@@ -449,3 +449,13 @@ def test_nnx_batchnorm_state_loads_into_ours():
   nnx.update(ours, nnx.state(theirs))
   theirs.eval(), ours.eval()
   np.testing.assert_array_equal(ours(x), theirs(x))
+
+
+def test_precise_bn_sets_statistics_of_several_feature_axes_in_their_shape():
+  x = _x((6, 5, C), seed=7)
+  module = mj.BatchNorm(axis=(1, 2))
+  v = _init_linen(module, x)
+  new = mj.recompute_batch_stats(module.apply, v, [x], use_running_average=False)
+  assert new["batch_stats"]["var"].shape == (5, C)
+  np.testing.assert_allclose(new["batch_stats"]["mean"], np.mean(x, axis=0), rtol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["var"], np.var(x, axis=0), rtol=1e-4)
