@@ -121,8 +121,9 @@ def _set_from_moments(method, stored: Mapping, moments: Tuple) -> dict:
   """A layer's stored statistics set by ``method.from_moments``, each in its dtype."""
   state = discovery.stored_state({k: np.asarray(v, np.float64) for k, v in stored.items()})
   new = method.from_moments(state, *moments)._asdict()
+  # A layer with several feature axes stores (C,) statistics in their shape.
   return {
-    name: jnp.asarray(new[name], value.dtype) if name in new else value
+    name: jnp.asarray(new[name], value.dtype).reshape(np.shape(value)) if name in new else value
     for name, value in stored.items()
   }
 

@@ -80,9 +80,14 @@ def test_flax_batch_norm_variables_load_as_they_are():
   np.testing.assert_allclose(
     frozen.apply(variables, x, use_running_average=True), expected, rtol=1e-6, atol=1e-6
   )
-  # Training writes the counter: it must be stored or its collection mutable.
-  with pytest.raises(flax.errors.ScopeVariableNotFoundError, match="nonfinite_count"):
+  # Training writes the (unchanged) statistics, as flax.linen.BatchNorm's
+  # training does: their collection must be mutable.
+  with pytest.raises(flax.errors.ModifyScopeVariableError, match="batch_stats"):
     frozen.apply(variables, x, use_running_average=False)
+  _, updates = frozen.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"]
+  )
 
 
 def test_nnx_frozen_batch_norm_equals_the_linen_layer_bit_for_bit():

@@ -348,8 +348,11 @@ def test_out_of_range_configuration_is_rejected(field, value):
 def test_axis_out_of_range_and_wrong_rank_are_rejected():
   with pytest.raises(ValueError, match=r"axis 3 is out of range"):
     mj.MABN(axis=3).init(jax.random.key(0), jnp.zeros((2, C)), use_running_average=False)
-  with pytest.raises(ValueError, match=r"rank >= 2"):
-    mj.MABN().init(jax.random.key(0), jnp.zeros((C,)), use_running_average=False)
+  with pytest.raises(ValueError, match=r"rank >= 1"):
+    mj.MABN().init(jax.random.key(0), jnp.zeros(()), use_running_average=False)
+  # A rank-1 input is one sample (as in flax.linen.BatchNorm).
+  v = mj.MABN().init(jax.random.key(0), jnp.zeros((C,)), use_running_average=False)
+  assert v["batch_stats"]["chi_ema"].shape == (C,)
 
 
 def test_feature_axis_other_than_last():

@@ -31,8 +31,9 @@ BAD_STEP = 3  # 0-based index of the injected batch
 # Small schedules so that every phase (warm-up, moving averages, renorm,
 # CBN's buffer) is active within a few steps.
 KWARGS = {
-  "bn": {},
-  "syncbn": {},
+  # BatchNorm keeps Flax's variables unless asked to count skipped steps.
+  "bn": dict(count_nonfinite=True),
+  "syncbn": dict(count_nonfinite=True),
   "brn": dict(warmup_steps=1, ramp_steps=2),
   "gn": dict(num_groups=2),
   "ln": {},
@@ -41,7 +42,7 @@ KWARGS = {
   "cbn_naive": dict(burn_in=1, window=3),
   "mabn": dict(buffer_size=2, warmup_steps=2, renorm_start=3, norm_batch_size=2),
   "none": {},
-  "frozen_bn": {},
+  "frozen_bn": dict(count_nonfinite=True),
   "ws_gn": dict(num_groups=2),
   "frn": {},
 }

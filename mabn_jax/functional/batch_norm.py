@@ -23,7 +23,7 @@ Usage without Flax::
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,6 @@ from jax import lax
 from mabn_jax.functional import interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_fields, layer_error
-from mabn_jax.functional.affine import affine_map
 
 
 class BatchNormState(NamedTuple):
@@ -59,6 +58,13 @@ class BatchNormConfig:
     axis_name: mapped axis over which the group statistics are averaged
       (SyncBN under ``pmap``/``shard_map``).
     axis_index_groups: device groups for that average.
+    use_fast_variance: the variance as ``E[|x|^2] - |E[x]|^2`` in one pass
+      (Flax's default) instead of ``E[|x - E[x]|^2]``.
+    force_float32_reductions: reduce in at least float32 and keep the
+      running statistics in float32 (Flax's default); if False, reduce in
+      ``dtype`` (or the input's) and keep them in the layer's ``param_dtype``.
+    dtype: the layer's result dtype; as in Flax, also the minimum precision
+      of the reductions (``None``: the input's dtype).
   """
 
   axis: int = -1
@@ -67,6 +73,9 @@ class BatchNormConfig:
   norm_batch_size: Optional[int] = None
   axis_name: Optional[str] = None
   axis_index_groups: Optional[Tuple[Tuple[int, ...], ...]] = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  dtype: Any = None
 
   def validate(self, where: Optional[str] = "BatchNorm") -> None:
     """Raises ``ValueError`` naming ``where`` for any out-of-range value."""
@@ -87,9 +96,14 @@ def init_state(num_features: int, dtype=jnp.float32) -> BatchNormState:
 
 
 def batch_moments(
-  x: jax.Array, config: BatchNormConfig = BatchNormConfig(), where: Optional[str] = "BatchNorm"
+  x: jax.Array,
+  config: BatchNormConfig = BatchNormConfig(),
+  where: Optional[str] = "BatchNorm",
+  mask: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, jax.Array]:
-  """Group means and biased variances of ``x`` (``(G, C)`` each, float32+).
+  """Group means and biased variances of ``x`` (``(G, C)`` each, float32+
+  unless ``config.force_float32_reductions`` is False), over the True
+  positions of ``mask`` (boolean, broadcastable to ``x``) if given.
 
   Raises:
     ValueError: if ``x``'s batch is not a multiple of ``norm_batch_size`` or
@@ -97,7 +111,17 @@ def batch_moments(
   """
   axis = st.canonical_axis(config.axis, x.ndim, where)
   groups = st.num_groups(x.shape[0], config.norm_batch_size, where)
-  return st.group_moments(x, groups, axis, config.axis_name, config.axis_index_groups)
+  return st.group_moments(
+    x,
+    groups,
+    axis,
+    config.axis_name,
+    config.axis_index_groups,
+    mask=mask,
+    fast_variance=config.use_fast_variance,
+    dtype=config.dtype,
+    float32=config.force_float32_reductions,
+  )
 
 
 def standardize(
@@ -137,15 +161,15 @@ def standardize_affine(
     bias: ``(C,)`` beta or ``None``.
 
   Returns:
-    Array of ``x``'s shape in the promotion of the statistics' dtype with
-    ``scale``'s and ``bias``'s (cast it to the layer's result dtype outside).
+    Array of ``x``'s shape in the promotion of ``x``'s dtype, the
+    statistics' and ``scale``'s and ``bias``'s (cast it to the layer's result
+    dtype outside).
   """
   mul = lax.rsqrt(var + epsilon)
   if scale is not None:
     mul = mul * scale[None, :]
-  y = (x.astype(mean.dtype) - st.broadcast_groups(mean, x, axis)) * st.broadcast_groups(
-    mul, x, axis
-  )
+  x = x.astype(jnp.promote_types(x.dtype, mean.dtype))
+  y = (x - st.broadcast_groups(mean, x, axis)) * st.broadcast_groups(mul, x, axis)
   if bias is not None:
     y = y + st.broadcast_channels(bias, x, axis)
   return y
@@ -162,10 +186,14 @@ def normalize_inference(
   """Inference normalization with the running ``(C,)`` ``mean`` and ``var``.
 
   An affine map per channel (foldable into the preceding convolution); touches
-  no state. Returns ``x``'s shape in ``x``'s dtype promoted to at least float32.
+  no state. Returns ``x``'s shape in the promotion of ``x``'s dtype with the
+  statistics' (float32 for float32 statistics and a float input of at most
+  32 bits, as Flax's ``x - mean``).
   """
   axis = st.canonical_axis(axis, x.ndim, where)
-  dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), mean.dtype)
+  dtype = jnp.promote_types(x.dtype, mean.dtype)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    dtype = jnp.promote_types(dtype, jnp.float32)
   x = x.astype(dtype)
   return (x - st.broadcast_channels(mean, x, axis)) * st.broadcast_channels(
     lax.rsqrt(var + epsilon), x, axis
@@ -236,10 +264,14 @@ class MeanVarMethod(interface.Method):
   """What the methods whose running state is BN's ``mean``/``var`` share:
   inference, its affine map, precise BN and the state from BN statistics."""
 
+  supports_mask = True
+
   def infer(self, x, state, *, scale=None, bias=None):
     axis = self.feature_axis(x.ndim)
-    normalized = normalize_inference(x, state.mean, state.var, self.config.epsilon, axis, None)
-    return affine_map(normalized, scale, bias, axis)
+    # One group with the running statistics, the affine map folded in as
+    # flax.linen.BatchNorm does (the same rounding).
+    mean, var = state.mean[None], state.var[None]
+    return standardize_affine(x, mean, var, self.config.epsilon, axis, scale, bias)
 
   def inference_affine(self, state):
     return running_affine(state.mean, state.var, self.config.epsilon)
@@ -266,12 +298,14 @@ class Method(MeanVarMethod):
     del kernel_shape, groups
     return init_state(num_features)
 
-  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
+  supports_complex = True
+
+  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None, mask=None):
     del tap, conv
     self.validate()
     axis = self.feature_axis(x.ndim)
     check_channels(None, state.mean.shape[0], x, axis)
-    mean, var = batch_moments(x, self.config, None)
+    mean, var = batch_moments(x, self.config, None, mask)
     # The affine map folded into the standardization, as Flax does.
     y = standardize_affine(x, mean, var, self.config.epsilon, axis, scale, bias)
     return interface.TrainOutput(y, update_state(state, mean, var, self.config.momentum))

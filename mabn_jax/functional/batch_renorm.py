@@ -144,18 +144,21 @@ def normalize_train(
   state: BatchRenormState,
   config: BatchRenormConfig = BatchRenormConfig(),
   where: Optional[str] = "BatchRenorm",
+  mask: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, BatchRenormState]:
   """One BRN training step: ``xhat * r + d`` per group, and the new state.
 
   Arguments and output as :func:`mabn_jax.functional.batch_norm.normalize_train`
   (a :class:`BatchRenormState` and :class:`BatchRenormConfig`); ``new_state``
-  has the running statistics updated and ``step`` advanced by one.
+  has the running statistics updated and ``step`` advanced by one. ``mask``
+  (boolean, broadcastable to ``x``) restricts the batch statistics to its
+  True positions.
   """
 
   config.validate(where)
   axis = st.canonical_axis(config.axis, x.ndim, where)
   bn.check_channels(where, state.mean.shape[0], x, axis)
-  mean, var = bn.batch_moments(x, config, where)
+  mean, var = bn.batch_moments(x, config, where, mask)
   step = counters.read(state.step) + 1
   r_max, d_max = renorm_limits(step, config)
   r, d = renorm_correction(mean, var, state.mean, state.var, r_max, d_max, config.epsilon)
@@ -178,8 +181,8 @@ class Method(bn.MeanVarMethod):
     del kernel_shape, groups
     return init_state(num_features)
 
-  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
+  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None, mask=None):
     del tap, conv
-    normalized, new_state = normalize_train(x, state, self.config, None)
+    normalized, new_state = normalize_train(x, state, self.config, None, mask)
     axis = self.feature_axis(x.ndim)
     return interface.TrainOutput(affine_map(normalized, scale, bias, axis), new_state)

@@ -31,8 +31,10 @@ class Method(bn.MeanVarMethod):
     del kernel_shape, groups
     return bn.init_state(num_features)
 
-  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None):
-    del tap, conv
+  supports_complex = True
+
+  def train(self, x, state, *, scale=None, bias=None, tap=None, conv=None, mask=None):
+    del tap, conv, mask  # no batch statistics: a mask changes nothing
     self.validate()
     frozen = lambda value: None if value is None else lax.stop_gradient(value)
     y = self.infer(x, lax.stop_gradient(state), scale=frozen(scale), bias=frozen(bias))

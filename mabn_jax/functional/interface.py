@@ -122,6 +122,13 @@ class Method(abc.ABC):
   (:func:`mabn_jax.check_zero_mean_inputs`)."""
   """Whether the recording tools read a step's statistics from the state
   (:meth:`step_statistics`) instead of probing BN's four statistics."""
+  supports_mask: ClassVar[bool] = False
+  """Whether :meth:`train` takes ``mask=`` (a boolean array broadcastable to
+  ``x``: only its True positions enter the batch statistics, as in
+  ``flax.linen.BatchNorm``); see :func:`with_mask`."""
+  supports_complex: ClassVar[bool] = False
+  """Whether complex inputs are normalized (as Flax does: complex mean, the
+  variance from ``|x|^2``); the layers reject them otherwise."""
   signature_fields: ClassVar[Tuple[str, ...]] = ()
   """State fields that identify the method in stored variables (the method
   with the most of them present wins; see :func:`method_classes`)."""
@@ -217,3 +224,75 @@ class Method(abc.ABC):
   @abc.abstractmethod
   def from_batch_norm(self, state: Any, mean: Any, var: Any) -> Any:
     """``state`` continued from BatchNorm's running ``mean`` and ``var``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Masked:
+  """A :class:`Method` whose training statistics are restricted to ``mask``:
+  ``infer`` and ``train`` as the method's, ``train`` with ``mask=mask``
+  (what the layers hand to :func:`mabn_jax.training.layer_step`)."""
+
+  method: Method
+  mask: Any
+
+  def infer(self, x, state, **kwargs):
+    return self.method.infer(x, state, **kwargs)
+
+  def train(self, x, state, **kwargs) -> TrainOutput:
+    train: Any = self.method.train  # a supports_mask method's train takes mask=
+    return train(x, state, mask=self.mask, **kwargs)
+
+
+def with_mask(method: Method, mask: Optional[jax.Array]) -> Any:
+  """``method``, or a :class:`Masked` one for a ``mask`` that is not ``None``.
+
+  Raises an unnamed error (see :func:`named_errors`) if ``method`` does not
+  support masks (:attr:`Method.supports_mask`).
+  """
+  if mask is None:
+    return method
+  if not method.supports_mask:
+    raise UnnamedLayerError(
+      "mask is not supported: this method's statistics are not masked batch "
+      "moments (BatchNorm, BatchRenorm and FrozenBatchNorm take a mask); pass mask=None."
+    )
+  return Masked(method, mask)
+
+
+FLAX_OPTIONS = {"use_fast_variance": True, "force_float32_reductions": True}
+"""``flax.linen.BatchNorm``'s options that only some methods' configs have,
+with their defaults (a layer rejects another value for a method without them)."""
+
+
+def check_call(method: Method, x: Any, options: Mapping[str, Any]) -> None:
+  """Raises an unnamed error for a call the method cannot make as asked: a
+  complex ``x`` (unless :attr:`Method.supports_complex`) or a non-default
+  :data:`FLAX_OPTIONS` value (``options``: the layer's) for a method whose
+  config has no such field."""
+  fields = {f.name for f in dataclasses.fields(method.config_class)}
+  for name, default in FLAX_OPTIONS.items():
+    if name not in fields and name in options and options[name] != default:
+      raise UnnamedLayerError(
+        f"{name}={options[name]!r} is not supported by {type(method).__qualname__} of "
+        f"{type(method).__module__} (its statistics do not use it); leave it at {default!r}."
+      )
+  if jnp.iscomplexobj(x) and not method.supports_complex:
+    raise UnnamedLayerError(
+      f"complex inputs (dtype {jnp.result_type(x)}) are not supported by this method; "
+      "BatchNorm and FrozenBatchNorm normalize them as Flax does."
+    )
+
+
+def stored_state(method: Method, state: Any, param_dtype: Any) -> Any:
+  """``state`` as a layer stores it: its float fields in ``param_dtype`` when
+  the method's config has ``force_float32_reductions=False`` (as Flax keeps
+  its statistics then), else unchanged (float32)."""
+  if getattr(method.config, "force_float32_reductions", True):
+    return state
+  return state._replace(
+    **{
+      name: value.astype(param_dtype)
+      for name, value in state._asdict().items()
+      if jnp.issubdtype(value.dtype, jnp.floating)
+    }
+  )

@@ -117,13 +117,50 @@ def group_mean(x: jax.Array, groups: int, axis: int, axis_name=None, axis_index_
   return means
 
 
-def group_moments(x: jax.Array, groups: int, axis: int, axis_name=None, axis_index_groups=None):
+def stats_dtype(x_dtype, dtype=None, float32: bool = True):
+  """The dtype statistics are reduced in, as Flax's: ``dtype`` (default: the
+  input's), promoted to at least float32 unless ``float32`` is False."""
+  dtype = jnp.dtype(x_dtype if dtype is None else dtype)
+  return jnp.promote_types(dtype, jnp.float32) if float32 else dtype
+
+
+def abs_square(x: jax.Array) -> jax.Array:
+  """``|x|^2`` elementwise: ``re^2 + im^2`` for complex ``x``, else ``x^2``."""
+  if jnp.iscomplexobj(x):
+    return lax.square(lax.real(x)) + lax.square(lax.imag(x))
+  return lax.square(x)
+
+
+def _group_mask(mask: jax.Array, x: jax.Array, groups: int) -> jax.Array:
+  """A boolean ``mask`` broadcastable to ``x``, split like ``x`` into groups
+  (without broadcasting it first: a smaller mask reduces as Flax's does)."""
+  mask = jnp.asarray(mask, bool)
+  mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+  if mask.shape[0] == 1:
+    return mask[None]
+  return split_groups(jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:]), groups)
+
+
+def group_moments(
+  x: jax.Array,
+  groups: int,
+  axis: int,
+  axis_name=None,
+  axis_index_groups=None,
+  *,
+  mask: Optional[jax.Array] = None,
+  fast_variance: bool = True,
+  dtype=None,
+  float32: bool = True,
+):
   """Per-group, per-channel mean and biased variance of ``x``, as Flax does.
 
-  The variance is ``max(0, mean(x^2) - mean(x)^2)`` (``flax.linen.BatchNorm``'s
-  ``use_fast_variance``), so with one group the values, and their gradients,
-  equal Flax's. Both means are taken in one fused pass over ``x`` (and, with
-  ``axis_name``, one ``pmean``).
+  With ``fast_variance`` (``flax.linen.BatchNorm``'s ``use_fast_variance``)
+  the variance is ``max(0, mean(|x|^2) - |mean(x)|^2)``, both means taken in
+  one fused pass over ``x`` (and, with ``axis_name``, one ``pmean``);
+  otherwise it is ``mean(|x - mean(x)|^2)``, a second pass. With one group
+  the values, and their gradients, equal Flax's. Complex ``x`` gives a
+  complex mean and a real variance.
 
   Args:
     x: ``(N, ..., C, ...)`` array; ``axis`` (non-negative) is the feature axis.
@@ -131,24 +168,38 @@ def group_moments(x: jax.Array, groups: int, axis: int, axis_name=None, axis_ind
     axis: feature axis of ``x``.
     axis_name: if given, both means are also averaged over this mapped axis.
     axis_index_groups: optional device groups for that average.
+    mask: optional boolean array broadcastable to ``x``: only its True
+      positions enter the statistics.
+    fast_variance: the one-pass variance (see above).
+    dtype, float32: the reduction dtype (see :func:`stats_dtype`).
 
   Returns:
-    ``(mean, var)``, each ``(G, C)`` in ``x``'s dtype promoted to at least
-    float32.
+    ``(mean, var)``, each ``(G, C)`` in the reduction dtype.
   """
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  # Two means of the same input, as Flax takes them: XLA fuses them into one
-  # pass over x. (Concatenating [x, x^2] first wrote a 2C-channel copy of x.)
+  x = x.astype(stats_dtype(x.dtype, dtype, float32))
   reduced = _grouped_reduction_axes(x.ndim, axis)
   grouped = split_groups(x, groups)
-  mean = jnp.mean(grouped, axis=reduced)
-  mean_sq = jnp.mean(lax.square(grouped), axis=reduced)
-  if axis_name is not None:
-    # One collective for both (as Flax does).
-    mean, mean_sq = lax.pmean(
-      jnp.stack([mean, mean_sq]), axis_name, axis_index_groups=axis_index_groups
-    )
-  return mean, jnp.maximum(0.0, mean_sq - lax.square(mean))
+  where = None if mask is None else _group_mask(mask, x, groups)
+
+  def mean_of(value):
+    return jnp.mean(value, axis=reduced, where=where)
+
+  def synced(*means):
+    if axis_name is None:
+      return means
+    # One collective for all the means (as Flax does).
+    return tuple(lax.pmean(jnp.stack(means), axis_name, axis_index_groups=axis_index_groups))
+
+  if fast_variance:
+    # Two means of the same input, as Flax takes them: XLA fuses them into one
+    # pass over x. (Concatenating [x, x^2] first wrote a 2C-channel copy of x.)
+    mean, mean_sq = synced(mean_of(grouped), mean_of(abs_square(grouped)))
+    return mean, jnp.maximum(0.0, mean_sq - abs_square(mean))
+  (mean,) = synced(mean_of(grouped))
+  shape = [1] * grouped.ndim
+  shape[0], shape[axis + 1] = mean.shape
+  (var,) = synced(mean_of(abs_square(grouped - mean.reshape(shape))))
+  return mean, var
 
 
 def input_moments(
@@ -250,8 +301,13 @@ def ema_means(last: jax.Array, rows: jax.Array, decay: float) -> jax.Array:
 
 
 def ema(running: jax.Array, value: jax.Array, momentum: float) -> jax.Array:
-  """Flax's exponential moving average ``momentum * running + (1 - momentum) * value``."""
-  return momentum * running + (1.0 - momentum) * value.astype(running.dtype)
+  """Flax's exponential moving average ``momentum * running + (1 - momentum) * value``,
+  in ``running``'s dtype; a complex ``value`` makes it complex (Flax keeps
+  complex statistics)."""
+  dtype = running.dtype
+  if jnp.iscomplexobj(value) and not jnp.iscomplexobj(running):
+    dtype = jnp.promote_types(dtype, value.dtype)
+  return momentum * running + (1.0 - momentum) * value.astype(dtype)
 
 
 # Above this many elements all_finite tests a leaf as all(isfinite(leaf)).

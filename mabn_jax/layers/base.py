@@ -7,7 +7,11 @@ itself lives here once:
 
 * ``'batch_stats'``: one variable per non-empty field of the method's state
   (same names, shapes and dtypes as ``method.init``; counters are float32,
-  see :mod:`~mabn_jax.functional.counters`), plus ``nonfinite_count``;
+  see :mod:`~mabn_jax.functional.counters`; with several feature axes the
+  channel axis is stored as their sizes, as Flax does), plus the float32
+  ``nonfinite_count`` (declared at initialization when ``count_nonfinite``;
+  variables saved without it, e.g. ``flax.linen.BatchNorm``'s, apply and
+  train without it);
 * ``'backward_stats'``: the method's taps (:data:`mabn_jax.BACKWARD_STATS`),
   declared when the collection is present or mutable;
 * ``'params'``: ``scale``/``bias`` ``(C,)`` in ``param_dtype``;
@@ -28,6 +32,7 @@ from flax.linen import initializers
 from mabn_jax.functional import counters, interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
+from mabn_jax.functional.layout import FeatureLayout, core_axis, feature_layout
 from mabn_jax.training import (
   BACKWARD_STATS,
   BATCH_MOMENTS,
@@ -68,6 +73,8 @@ def functional_config(module: nn.Module, config_class):
     groups = tuple(tuple(g) for g in groups)
   initializing = module.scope is not None and module.is_initializing()
   mapped = dict(axis_name=None if initializing else module.axis_name, axis_index_groups=groups)
+  if hasattr(module, "axis"):
+    mapped["axis"] = core_axis(module.axis)
   return config_class(
     **{
       f.name: mapped[f.name] if f.name in mapped else getattr(module, f.name)
@@ -93,7 +100,9 @@ class BatchStatisticsNorm(nn.Module):
 
   Attributes:
     use_running_average: if True, normalize with the stored statistics.
-    axis: the feature axis.
+    axis: the feature axis, or a tuple of them (one statistic per
+      combination, stored in their shape, as Flax's); a rank-1 input is one
+      sample.
     momentum: decay of the running averages (Flax convention).
     epsilon: added inside the square root.
     dtype: result dtype (default: inferred from input and params).
@@ -101,14 +110,28 @@ class BatchStatisticsNorm(nn.Module):
     use_bias, use_scale, bias_init, scale_init: the affine map, as in Flax.
     axis_name: mapped axis over which batch statistics are averaged.
     axis_index_groups: device groups for that average.
+    use_fast_variance: the one-pass variance ``E[|x|^2] - |E[x]|^2`` (Flax's
+      default) or, if False, ``E[|x - E[x]|^2]``.
+    force_float32_reductions: reduce in at least float32 and keep the
+      statistics in float32 (Flax's default); False reduces in the input's
+      dtype (or ``dtype``) and keeps them in ``param_dtype``.
     norm_batch_size: samples normalized together; ``None`` is the whole
       per-device batch, which must be a multiple of it.
+    count_nonfinite: declare the float32 ``nonfinite_count`` (steps skipped
+      because their statistics were not finite; a non-finite step is skipped
+      either way). Default True; ``BatchNorm`` and ``FrozenBatchNorm``
+      default to False, so that their variables are Flax's.
+
+  Options of ``flax.linen.BatchNorm`` that a method has no use for
+  (``use_fast_variance`` and ``force_float32_reductions`` for MABN, whose
+  statistics are float32 second moments) raise a ``ValueError`` when set to
+  anything but their defaults.
   """
 
   method_class: ClassVar[type]
 
   use_running_average: Optional[bool] = None
-  axis: int = -1
+  axis: Any = -1
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Optional[Any] = None
@@ -119,20 +142,39 @@ class BatchStatisticsNorm(nn.Module):
   scale_init: Any = initializers.ones
   axis_name: Optional[str] = None
   axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
   norm_batch_size: Optional[int] = None
+  count_nonfinite: bool = True
 
+  @nn.nowrap
   def functional(self) -> interface.Method:
     """The functional method this layer runs, with its configuration."""
     return make_method(self)
 
+  @nn.nowrap
   def config(self):
     """The functional config of this layer."""
     return self.functional().config
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None):
-    """Normalizes ``x`` of shape ``(N, ..., C)``; returns the same shape."""
-    return normalize(self, x, use_running_average)
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: Optional[bool] = None,
+    *,
+    mask: Optional[jax.Array] = None,
+  ):
+    """Normalizes ``x`` of shape ``(N, ..., C)`` (or ``(C,)``, one sample);
+    returns the same shape.
+
+    Args:
+      x: the input.
+      use_running_average: overrides the attribute of the same name.
+      mask: optional boolean array broadcastable to ``x``: only its True
+        positions enter the batch statistics (as ``flax.linen.BatchNorm``).
+    """
+    return normalize(self, x, use_running_average, mask=mask)
 
 
 def normalize(
@@ -141,41 +183,76 @@ def normalize(
   use_running_average: Optional[bool],
   conv: Optional[interface.ConvContext] = None,
   where: Optional[str] = None,
+  mask: Optional[jax.Array] = None,
 ):
   """The call of every batch-statistics layer (inside its compact method).
 
   ``conv`` is the producing convolution of methods that need it; ``where``
-  names the layer in errors (default: the module's path).
+  names the layer in errors (default: the module's path); ``mask`` (boolean,
+  broadcastable to ``x``) restricts the batch statistics.
   """
   where = where or layer_path(module)
   use_running_average = nn.merge_param(
     "use_running_average", module.use_running_average, use_running_average
   )
   with interface.named_errors(where):
-    method = module.functional()
+    layout, method = _layout_and_method(module, x, mask)
     if not use_running_average and not module.is_initializing():
       require_bound_axis(where, method.config.axis_name)
-    method.validate()
-    axis = method.feature_axis(x.ndim)
-    initial = method.init_for(x, conv)
-  stats = _state_variables(
-    module, where, initial, method.mismatch_cause(), counter=not use_running_average
-  )
-  if module.is_initializing() and not _forms_groups(x.shape[0], method.config):
+    core_x = layout.to_core(x)
+    initial = interface.stored_state(method, method.init_for(core_x, conv), module.param_dtype)
+  stats = _state_variables(module, where, initial, method.mismatch_cause(), layout)
+  if module.is_initializing() and not _forms_groups(core_x.shape[0], method.config):
     # An initialization batch smaller than (or not a multiple of) one group
     # (Flax's examples initialize with one sample): declare the variables and
     # return the inference output; training batches are checked as usual.
     use_running_average = True
   state = initial._replace(
-    **{name: var.value for name, var in stats.items() if name != NONFINITE_COUNT}
+    **{
+      name: layout.from_stored(var.value, getattr(initial, name).shape)
+      for name, var in stats.items()
+      if name != NONFINITE_COUNT
+    }
   )
   taps = _tap_variables(module, where, method.taps(initial))
-  scale, bias = _affine_params(module, x.shape[axis])
-  sow = lambda: _sow_input(module, x, axis, method.config)
-  commit = lambda new, checked: _commit_state(module, stats, new, checked)
-  call = LayerCall(method, x, state, scale, bias, taps, conv, where, module.dtype)
+  scale, bias = _affine_params(module, layout, core_x.shape[layout.axis])
+  axis = method.feature_axis(core_x.ndim)
+  sow = lambda: _sow_input(module, core_x, axis, method.config)
+  commit = lambda new, checked: _commit_state(module, stats, new, checked, layout)
+  call = LayerCall(
+    interface.with_mask(method, layout.mask_to_core(mask)),
+    core_x,
+    state,
+    scale,
+    bias,
+    taps,
+    conv,
+    where,
+    module.dtype,
+  )
   with interface.named_errors(where):
-    return layer_step(call, use_running_average, sow, commit)
+    return layout.from_core(layer_step(call, use_running_average, sow, commit))
+
+
+def _layout_and_method(module: nn.Module, x: jax.Array, mask: Optional[jax.Array]):
+  """``(layout, method)`` of a call: the input's :class:`FeatureLayout` and the
+  layer's method on the core's feature axis, validated for ``x`` and ``mask``
+  (unnamed errors)."""
+  method = module.functional()
+  method.validate()
+  layout = feature_layout(
+    x.shape, getattr(module, "axis", None), getattr(method.config, "norm_batch_size", None)
+  )
+  if layout.perm is not None:
+    method = dataclasses.replace(
+      method, config=dataclasses.replace(method.config, axis=layout.axis)
+    )
+  options = {
+    name: getattr(module, name) for name in interface.FLAX_OPTIONS if hasattr(module, name)
+  }
+  interface.check_call(method, x, options)
+  interface.with_mask(method, mask)
+  return layout, method
 
 
 def _forms_groups(batch: int, config: Any) -> bool:
@@ -188,24 +265,23 @@ def _forms_groups(batch: int, config: Any) -> bool:
 
 
 def _state_variables(
-  module: nn.Module, where: str, initial: Any, cause: str, counter: bool
+  module: nn.Module, where: str, initial: Any, cause: str, layout: FeatureLayout
 ) -> dict:
   """Declares a ``'batch_stats'`` variable per non-empty field of ``initial``
-  (empty ones are constants: checkpointers reject zero-size arrays) and the
-  float32 counter :data:`NONFINITE_COUNT` (for inference only if stored or mutable, so
-  that variables saved without it, e.g. ``flax.linen.BatchNorm``'s, apply);
-  raises if a stored shape differs."""
+  (empty ones are constants: checkpointers reject zero-size arrays), stored
+  in ``layout``'s shapes, and the float32 counter :data:`NONFINITE_COUNT` if
+  stored or, while initializing, if the layer's ``count_nonfinite`` (default
+  True): variables saved without it (``flax.linen.BatchNorm``'s) keep their
+  structure in training too, where a non-finite step is skipped uncounted.
+  Raises if a stored shape differs."""
   values = {name: value for name, value in initial._asdict().items() if value.size}
-  if (
-    counter
-    or module.has_variable("batch_stats", NONFINITE_COUNT)
-    or (module.is_mutable_collection("batch_stats"))
-  ):
+  wanted = module.is_initializing() and getattr(module, "count_nonfinite", True)
+  if wanted or module.has_variable("batch_stats", NONFINITE_COUNT):
     values[NONFINITE_COUNT] = counters.zero()
   variables = {}
   for name, value in values.items():
-    var = module.variable("batch_stats", name, lambda v=value: v)
-    check_state_shape(where, name, var.value, value.shape, cause)
+    var = module.variable("batch_stats", name, lambda v=value: layout.to_stored(v))
+    check_state_shape(where, name, var.value, layout.stored_shape(value.shape), cause)
     variables[name] = var
   return variables
 
@@ -230,28 +306,40 @@ def _tap_variables(module: nn.Module, where: str, initial: dict) -> Optional[dic
   return taps
 
 
-def _affine_params(module: nn.Module, features: int):
-  """``(scale, bias)``: the ``(C,)`` ``'params'``, ``None`` when disabled."""
+def _affine_params(module: nn.Module, layout: FeatureLayout, features: int):
+  """``(scale, bias)``: the ``(C,)`` ``'params'`` (stored in ``layout``'s
+  feature shape), ``None`` when disabled."""
+  shape = layout.stored_shape((features,))
   scale = bias = None
   if module.use_scale:
-    scale = module.param("scale", module.scale_init, (features,), module.param_dtype)
+    scale = module.param("scale", module.scale_init, shape, module.param_dtype).reshape(features)
   if module.use_bias:
-    bias = module.param("bias", module.bias_init, (features,), module.param_dtype)
+    bias = module.param("bias", module.bias_init, shape, module.param_dtype).reshape(features)
   return scale, bias
 
 
-def _commit_state(module: nn.Module, variables: dict, new_state: Any, checked: Any) -> None:
-  """Writes the step's state unless a value of ``checked`` (default: the new
-  state) is non-finite: then the old values stay and ``nonfinite_count``
+def _commit_state(
+  module: nn.Module, variables: dict, new_state: Any, checked: Any, layout: FeatureLayout
+) -> None:
+  """Writes the step's state (under ``stop_gradient``: statistics are not
+  differentiated) unless a value of ``checked`` (default: the new state) is
+  non-finite: then the old values stay and ``nonfinite_count``, if stored,
   grows by one (:func:`~mabn_jax.functional.statistics.commit_if_finite`).
   Nothing is written while initializing."""
   if module.is_initializing():
     return
-  counter = variables[NONFINITE_COUNT]
-  old = {name: var.value for name, var in variables.items() if name != NONFINITE_COUNT}
-  kept, counter.value = st.commit_values(new_state, old, counter.value, checked)
+  counter = variables.get(NONFINITE_COUNT)
+  old = {
+    name: layout.from_stored(var.value, getattr(new_state, name).shape)
+    for name, var in variables.items()
+    if name != NONFINITE_COUNT
+  }
+  count = counters.zero() if counter is None else counter.value
+  kept, count = st.commit_values(new_state, old, count, checked)
+  if counter is not None:
+    counter.value = count
   for name, value in kept.items():
-    variables[name].value = value
+    variables[name].value = jax.lax.stop_gradient(layout.to_stored(value))
 
 
 def _sow_input(module: nn.Module, x: jax.Array, axis: int, config: Any) -> None:

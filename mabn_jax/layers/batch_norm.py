@@ -23,9 +23,10 @@ class BatchNorm(BatchStatisticsNorm):
   Variables (``C`` = number of features):
     ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
     ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
-      (starts at 1), float32, the EMA of the batch mean and biased variance;
-      ``nonfinite_count`` ``()`` float32 counter, the steps skipped because their
-      statistics were not finite (the state is then kept).
+      (starts at 1), float32, the EMA of the batch mean and biased variance
+      (``flax.linen.BatchNorm``'s variables); with ``count_nonfinite=True``
+      also ``nonfinite_count`` ``()`` float32, the steps skipped because their
+      statistics were not finite (the state is kept either way).
 
   Attributes:
     use_running_average: if True, normalize with the stored statistics
@@ -41,6 +42,12 @@ class BatchNorm(BatchStatisticsNorm):
     norm_batch_size: samples normalized together; ``None`` is the whole
       per-device batch (or the whole mapped batch with ``axis_name``). The
       batch must be a multiple of it.
+    use_fast_variance, force_float32_reductions: as ``flax.linen.BatchNorm``;
+      ``__call__`` takes its ``mask=`` too, complex inputs, rank-1 inputs and
+      a tuple ``axis``.
+    count_nonfinite: keep ``nonfinite_count`` (default False).
   """
+
+  count_nonfinite: bool = False
 
   method_class = F.Method

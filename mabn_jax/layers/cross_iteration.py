@@ -157,6 +157,7 @@ class CrossIterationConvNorm(nn.Module):
 
   method_class: ClassVar[type] = CBN
 
+  @nn.nowrap
   def config(self) -> F.CBNConfig:
     return functional_config(self, F.CBNConfig)
 
@@ -234,6 +235,7 @@ class _CrossIterationNorm(nn.Module):
 
   method_class: ClassVar[type] = CBN
 
+  @nn.nowrap
   def functional(self) -> CBN:
     return CBN(self.config)
 

@@ -15,4 +15,6 @@ class FrozenBatchNorm(BatchStatisticsNorm):
   checkpoint's (``flax.linen.BatchNorm``'s load as they are).
   """
 
+  count_nonfinite: bool = False
+
   method_class = F.Method

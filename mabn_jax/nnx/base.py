@@ -10,7 +10,10 @@ every field of the method and its config, with their defaults (shown by
 * ``nnx.Param``: ``scale``/``bias`` ``(C,)`` in ``param_dtype`` (``None`` when
   disabled);
 * ``nnx.BatchStat``: one per non-empty field of the method's state, plus the
-  float32 counter ``nonfinite_count`` (see :mod:`~mabn_jax.functional.counters`);
+  float32 ``nonfinite_count`` (:mod:`~mabn_jax.functional.counters`) when
+  ``count_nonfinite`` (the default, except for ``BatchNorm`` and
+  ``FrozenBatchNorm``, whose state is ``nnx.BatchNorm``'s: ``mean`` and
+  ``var``);
 * :class:`~mabn_jax.nnx.BackwardStat`: the method's taps.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from types import MappingProxyType
 from typing import Any, ClassVar, Dict, Optional
 
 import jax
@@ -28,6 +32,7 @@ from flax.nnx.nn import initializers
 from mabn_jax.functional import counters, interface
 from mabn_jax.functional import statistics as st
 from mabn_jax.functional._checks import check_state_shape, require_bound_axis
+from mabn_jax.functional.layout import core_axis, feature_layout
 from mabn_jax.nnx.variables import BackwardStat, BatchMoments
 from mabn_jax.training import NONFINITE_COUNT, LayerCall, layer_step
 
@@ -39,13 +44,20 @@ _LAYER_OPTIONS = (
   ("use_scale", True),
   ("bias_init", initializers.zeros_init()),
   ("scale_init", initializers.ones_init()),
+  ("use_fast_variance", True),
+  ("force_float32_reductions", True),
+  ("promote_dtype", None),
+  ("bias_metadata", MappingProxyType({})),
+  ("scale_metadata", MappingProxyType({})),
+  ("count_nonfinite", True),
 )
 
 
-def options(method_class: type) -> Dict[str, Any]:
+def options(method_class: type, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """``{keyword: default}`` of an NNX normalizer over ``method_class``: the
-  layer options, then the config's fields, then the method's layout fields."""
-  defaults: Dict[str, Any] = dict(_LAYER_OPTIONS)
+  layer options (with a class's ``overrides`` of their defaults), then the
+  config's fields, then the method's layout fields."""
+  defaults: Dict[str, Any] = {**dict(_LAYER_OPTIONS), **(overrides or {})}
   for field in dataclasses.fields(method_class.config_class):
     defaults.setdefault(field.name, field.default)
   for field in dataclasses.fields(method_class):
@@ -79,17 +91,24 @@ def hashable_groups(axis_index_groups: Any):
   return tuple(tuple(group) for group in axis_index_groups)
 
 
-def make_affine(module: Any, num_features: int, rngs: nnx.Rngs) -> None:
+def make_affine(
+  module: Any,
+  num_features: int,
+  rngs: nnx.Rngs,
+  scale_metadata: Any = MappingProxyType({}),
+  bias_metadata: Any = MappingProxyType({}),
+) -> None:
   """Sets ``module.scale``/``module.bias``: ``(C,)`` ``nnx.Param`` in the
-  module's ``param_dtype``, or ``None`` when disabled (as ``nnx.BatchNorm``)."""
+  module's ``param_dtype`` with the given metadata, or ``None`` when disabled
+  (as ``nnx.BatchNorm``)."""
   shape = (num_features,)
   module.scale = (
-    nnx.Param(module.scale_init(rngs.params(), shape, module.param_dtype))
+    nnx.Param(module.scale_init(rngs.params(), shape, module.param_dtype), **scale_metadata)
     if module.use_scale
     else nnx.data(None)
   )
   module.bias = (
-    nnx.Param(module.bias_init(rngs.params(), shape, module.param_dtype))
+    nnx.Param(module.bias_init(rngs.params(), shape, module.param_dtype), **bias_metadata)
     if module.use_bias
     else nnx.data(None)
   )
@@ -97,12 +116,14 @@ def make_affine(module: Any, num_features: int, rngs: nnx.Rngs) -> None:
 
 def make_state(module: Any, method: interface.Method, initial: Any) -> None:
   """Sets an ``nnx.BatchStat`` per non-empty field of ``initial`` (empty ones
-  are constants, as in the linen layers), the float32 ``nonfinite_count`` and a
-  :class:`BackwardStat` per tap of ``method``."""
+  are constants, as in the linen layers), the float32 ``nonfinite_count`` if
+  the module's ``count_nonfinite`` (default True) and a :class:`BackwardStat`
+  per tap of ``method``."""
   for name, value in initial._asdict().items():
     if value.size:
       setattr(module, name, nnx.BatchStat(value))
-  setattr(module, NONFINITE_COUNT, nnx.BatchStat(counters.zero()))
+  if getattr(module, "count_nonfinite", True):
+    setattr(module, NONFINITE_COUNT, nnx.BatchStat(counters.zero()))
   for name, zeros in method.taps(initial).items():
     setattr(module, name, BackwardStat(zeros))
 
@@ -110,26 +131,40 @@ def make_state(module: Any, method: interface.Method, initial: Any) -> None:
 def make_method(module: Any) -> interface.Method:
   """``module.method_class`` built from the module's attributes of the same names."""
   method_class = module.method_class
-  config = method_class.config_class(
-    **{f.name: getattr(module, f.name) for f in dataclasses.fields(method_class.config_class)}
-  )
+  values = {f.name: getattr(module, f.name) for f in dataclasses.fields(method_class.config_class)}
+  if "axis" in values:
+    values["axis"] = core_axis(values["axis"])
+  config = method_class.config_class(**values)
   layout = {
     f.name: getattr(module, f.name) for f in dataclasses.fields(method_class) if f.name != "config"
   }
   return method_class(config=config, **layout)
 
 
+_METADATA = ("scale_metadata", "bias_metadata")
+
+
 class BatchStatisticsNorm(nnx.Module):
   """A normalizer with batch statistics over a functional method (NNX).
 
   Args:
-    num_features: ``C``, the size of the feature axis.
+    num_features: ``C``, the size of the feature axis (with a tuple
+      ``axis``, the product of the feature axes' sizes, as ``nnx.BatchNorm``).
     rngs: ``nnx.Rngs`` for the parameter initializers.
     **options: see :func:`options` (and the subclass's docstring); unknown
-      keywords raise a ``TypeError``.
+      keywords raise a ``TypeError``. Besides the method's, they are
+      ``nnx.BatchNorm``'s: ``promote_dtype`` (applied to ``(x, mean, var,
+      scale, bias)``, ``mean``/``var`` ``None`` for a method without them;
+      default ``None``, no promotion, the linen layer's dtype rule, where
+      ``nnx.BatchNorm`` defaults to ``flax.nnx.nn.dtypes.promote_dtype``),
+      ``scale_metadata``/``bias_metadata`` (the ``nnx.Param`` metadata),
+      ``use_fast_variance``, ``force_float32_reductions``; and
+      ``count_nonfinite``: whether the float32 ``nonfinite_count`` is kept.
   """
 
   method_class: ClassVar[type]
+  option_defaults: ClassVar[Dict[str, Any]] = {}
+  """A subclass's defaults of the layer options (see :func:`options`)."""
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -144,7 +179,7 @@ class BatchStatisticsNorm(nnx.Module):
         [inspect.Parameter("num_features", positional, annotation=int)]
         + [
           inspect.Parameter(name, keyword, default=default)
-          for name, default in options(cls.method_class).items()
+          for name, default in options(cls.method_class, cls.option_defaults).items()
         ]
         + [inspect.Parameter("rngs", keyword, annotation=nnx.Rngs)]
       )
@@ -158,7 +193,7 @@ class BatchStatisticsNorm(nnx.Module):
 
   def __init__(self, num_features: int, *, rngs: nnx.Rngs, **kwargs: Any):
     where = describe(self, num_features)
-    defaults = options(self.method_class)
+    defaults = options(self.method_class, self.option_defaults)
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
       raise TypeError(
@@ -166,27 +201,62 @@ class BatchStatisticsNorm(nnx.Module):
         f"valid ones: {', '.join(defaults)}."
       )
     self.num_features = num_features
+    self.param_dtype: Any = defaults["param_dtype"]
     for name, default in defaults.items():
-      setattr(self, name, kwargs.get(name, default))
+      if name not in _METADATA:
+        setattr(self, name, kwargs.get(name, default))
     self.axis_index_groups = hashable_groups(self.axis_index_groups)
-    method = self.functional()
+    method = self._functional()
     with interface.named_errors(where):
       method.validate()
-      initial = self.initial_state(method)
-    make_affine(self, num_features, rngs)
+      interface.check_call(method, jnp.zeros(()), self._flax_options())
+      initial = self._initial_state(method)
+    metadata = {name: kwargs.get(name, defaults[name]) for name in _METADATA}
+    make_affine(self, num_features, rngs, **metadata)
     make_state(self, method, initial)
 
   def functional(self) -> interface.Method:
     """The functional method this module runs, with its configuration."""
+    return self._functional()
+
+  def _functional(self) -> interface.Method:
     return make_method(self)
 
-  def initial_state(self, method: interface.Method) -> Any:
-    """The functional state a new module starts from."""
-    return method.init(self.num_features)
+  def _initial_state(self, method: interface.Method) -> Any:
+    """The functional state a new module starts from (its statistics in
+    ``param_dtype`` if ``force_float32_reductions`` is False)."""
+    return interface.stored_state(method, method.init(self.num_features), self.param_dtype)
 
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
-    """Normalizes ``x`` ``(N, ..., C)`` (any float dtype); returns its shape."""
-    return normalize(self, x, use_running_average)
+  def _flax_options(self) -> Dict[str, Any]:
+    return {name: getattr(self, name) for name in interface.FLAX_OPTIONS}
+
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: Optional[bool] = None,
+    *,
+    mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
+    """Normalizes ``x`` ``(N, ..., C)`` (any float or complex dtype the
+    method takes; ``(C,)`` is one sample); returns its shape.
+
+    Args:
+      x: the input.
+      use_running_average: overrides the attribute of the same name.
+      mask: optional boolean array broadcastable to ``x``: only its True
+        positions enter the batch statistics (as ``nnx.BatchNorm``).
+    """
+    return normalize(self, x, use_running_average, mask=mask)
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Class method used by ``nnx.view``.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
 
 
 def normalize(
@@ -195,31 +265,73 @@ def normalize(
   use_running_average: Optional[bool],
   conv: Optional[interface.ConvContext] = None,
   where: Optional[str] = None,
+  mask: Optional[jax.Array] = None,
 ) -> jax.Array:
   """The call of every batch-statistics module: inference with the stored
-  statistics, or a training step whose state is committed unless non-finite."""
+  statistics, or a training step whose state is committed unless non-finite
+  (``mask``: see :meth:`BatchStatisticsNorm.__call__`)."""
   where = where or describe(module, module.num_features)
   use_running_average = resolve_mode(where, module.use_running_average, use_running_average)
-  method = module.functional()
   with interface.named_errors(where):
-    axis = method.feature_axis(x.ndim)
-    if x.shape[axis] != module.num_features:
-      raise ValueError(
-        f"{where}: expected {module.num_features} features on axis {axis} of the input, "
-        f"got {x.shape[axis]} (input shape {tuple(x.shape)})."
-      )
-    initial = module.initial_state(method)
+    layout, method = _layout_and_method(module, x, mask, where)
+    initial = module._initial_state(method)
   state = _read_state(module, initial, where, method.mismatch_cause())
   taps = _read_taps(module, method, initial, where)
-  scale = module.scale[...] if module.scale is not None else None
-  bias = module.bias[...] if module.bias is not None else None
+  x, state, scale, bias = _promote(module, x, state, use_running_average)
   if not use_running_average:
     require_bound_axis(where, method.config.axis_name)
-  sow = lambda: _sow_moments(module, x, axis, method.config)
+  core_x = layout.to_core(x)
+  axis = method.feature_axis(core_x.ndim)
+  sow = lambda: _sow_moments(module, core_x, axis, method.config)
   commit = lambda new, checked: _commit_state(module, new, checked)
-  call = LayerCall(method, x, state, scale, bias, taps, conv, where, module.dtype)
+  masked = interface.with_mask(method, layout.mask_to_core(mask))
+  call = LayerCall(masked, core_x, state, scale, bias, taps, conv, where, module.dtype)
   with interface.named_errors(where):
-    return layer_step(call, use_running_average, sow, commit)
+    return layout.from_core(layer_step(call, use_running_average, sow, commit))
+
+
+def _layout_and_method(module: Any, x: jax.Array, mask: Optional[jax.Array], where: str):
+  """``(layout, method)`` of a call: the input's :class:`FeatureLayout` and the
+  module's method on the core's feature axis, checked against ``x``, ``mask``
+  and ``num_features`` (unnamed errors, but the feature count's)."""
+  method = module._functional()
+  layout = feature_layout(
+    x.shape, getattr(module, "axis", None), getattr(method.config, "norm_batch_size", None)
+  )
+  if layout.perm is not None:
+    method = dataclasses.replace(
+      method, config=dataclasses.replace(method.config, axis=layout.axis)
+    )
+  options = getattr(module, "_flax_options", dict)()
+  interface.check_call(method, x, options)
+  interface.with_mask(method, mask)
+  axis = method.feature_axis(len(layout.core_shape))
+  if layout.core_shape[axis] != module.num_features:
+    shown = axis if layout.perm is None else module.axis
+    raise ValueError(
+      f"{where}: expected {module.num_features} features on axis {shown} of the input, "
+      f"got {layout.core_shape[axis]} (input shape {tuple(x.shape)})."
+    )
+  return layout, method
+
+
+def _promote(module: Any, x: jax.Array, state: Any, use_running_average: bool):
+  """``(x, state, scale, bias)`` after the module's ``promote_dtype`` (if not
+  ``None``) of ``(x, mean, var, scale, bias)``, as ``nnx.BatchNorm`` does:
+  the promoted ``mean``/``var`` replace the state's for inference (training
+  updates the stored ones). ``None``, the default, promotes nothing: the
+  linen layer's dtype rule, so the NNX and linen layers agree bit for bit
+  (``flax.nnx.nn.dtypes.promote_dtype`` is ``nnx.BatchNorm``'s default)."""
+  scale = module.scale[...] if module.scale is not None else None
+  bias = module.bias[...] if module.bias is not None else None
+  promote = getattr(module, "promote_dtype", None)
+  if promote is None:
+    return x, state, scale, bias
+  mean, var = getattr(state, "mean", None), getattr(state, "var", None)
+  x, mean, var, scale, bias = promote((x, mean, var, scale, bias), dtype=module.dtype)
+  if use_running_average and mean is not None:
+    state = state._replace(mean=mean, var=var)
+  return x, state, scale, bias
 
 
 def _sow_moments(module: Any, x: jax.Array, axis: int, config: Any) -> None:
@@ -261,15 +373,20 @@ def _read_taps(module: Any, method: interface.Method, initial: Any, where: str) 
 
 
 def _commit_state(module: Any, new_state: Any, checked: Any) -> None:
-  """Writes a step's new state into the ``nnx.BatchStat`` attributes unless a
-  value of ``checked`` (default: the new state) is non-finite; then the old
-  values stay and ``nonfinite_count`` grows by one."""
+  """Writes a step's new state into the ``nnx.BatchStat`` attributes, under
+  ``stop_gradient`` (statistics are not differentiated; required of writes
+  to Variables that are mutable arrays), unless a value of ``checked``
+  (default: the new state) is non-finite; then the old values stay and
+  ``nonfinite_count``, if kept, grows by one."""
   old = {
     name: getattr(module, name)[...]
     for name in new_state._fields
     if isinstance(getattr(module, name, None), nnx.BatchStat)
   }
-  counter = getattr(module, NONFINITE_COUNT)
-  kept, counter[...] = st.commit_values(new_state, old, counter[...], checked)
+  counter = getattr(module, NONFINITE_COUNT, None)
+  count = counter[...] if isinstance(counter, nnx.BatchStat) else counters.zero()
+  kept, count = st.commit_values(new_state, old, count, checked)
+  if isinstance(counter, nnx.BatchStat):
+    counter[...] = jax.lax.stop_gradient(count)
   for name, value in kept.items():
-    getattr(module, name)[...] = value
+    getattr(module, name)[...] = jax.lax.stop_gradient(value)

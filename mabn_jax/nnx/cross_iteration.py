@@ -14,7 +14,7 @@ from mabn_jax.functional import cross_iteration as F
 from mabn_jax.functional._checks import require_bound_axis
 from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional.cross_iteration import Method as CBN
-from mabn_jax.functional.interface import ConvContext
+from mabn_jax.functional.interface import ConvContext, named_errors, with_mask
 from mabn_jax.nnx.base import (
   describe,
   hashable_groups,
@@ -168,11 +168,20 @@ class CrossIterationConvNorm(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: Optional[bool] = None,
+    *,
+    mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
     """Convolves and normalizes ``x`` ``(N, *spatial, in_features)``; returns
-    ``(N, *spatial_out, out_features)``."""
+    ``(N, *spatial_out, out_features)``. ``mask`` must be ``None`` (CBN's
+    statistics and their kernel derivatives are not masked)."""
     where = describe(self, self.num_features)
     use_running_average = resolve_mode(where, self.use_running_average, use_running_average)
+    with named_errors(where):
+      with_mask(CBN(self.config), mask)
     rank = len(self.conv.kernel_size)
     if x.ndim != rank + 2:
       raise ValueError(
@@ -188,6 +197,16 @@ class CrossIterationConvNorm(nnx.Module):
       kernel = center_kernel(kernel, after=x)
     bias = self.conv.bias[...] if self.conv.bias is not None else None
     return self.norm(y, x, kernel, bias, self.spec, use_running_average, where)
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Class method used by ``nnx.view``.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
 
 
 class _CrossIterationNorm(nnx.Module):
@@ -219,14 +238,18 @@ class _CrossIterationNorm(nnx.Module):
     self.dtype = dtype
     self.use_scale, self.use_bias = use_scale, use_bias
     self.scale_init, self.bias_init, self.param_dtype = scale_init, bias_init, param_dtype
-    method = self.functional()
+    method = self._functional()
     make_affine(self, self.num_features, rngs)
-    make_state(self, method, self.initial_state(method))
+    make_state(self, method, self._initial_state(method))
 
   def functional(self) -> CBN:
+    """The functional method this module runs, with its configuration."""
+    return self._functional()
+
+  def _functional(self) -> CBN:
     return CBN(self.config)
 
-  def initial_state(self, method: CBN) -> F.CBNState:
+  def _initial_state(self, method: CBN) -> F.CBNState:
     return method.init(
       self.num_features, kernel_shape=self.kernel_shape, groups=self.history_groups
     )

@@ -38,6 +38,7 @@ def _interceptor(calls: dict, values: Optional[Mapping], seen: dict):
       return next_fun(*args, **kwargs)
     x, path = args[0], tuple(module.path)
     where = f"{type(module).__name__} '{'/'.join(path)}'"
+    probes.check_recordable(module, kwargs.get("mask"), where)
     call = probes.describe_call(method, x, where, path)
     y = next_fun(*args, **kwargs)
     if call is None:

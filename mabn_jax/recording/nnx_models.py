@@ -51,12 +51,10 @@ def _recording_call(original: Callable, recorder: _Recorder) -> Callable:
     if self.use_running_average if flag is None else flag:
       return y
     name = "/".join(map(str, path))
+    where = f"{type(self).__name__} '{name}'"
+    probes.check_recordable(self, kwargs.get("mask"), where)
     method = discovery.method_of(self)
-    call = (
-      None
-      if method is None
-      else probes.describe_call(method, x, f"{type(self).__name__} '{name}'", path)
-    )
+    call = None if method is None else probes.describe_call(method, x, where, path)
     if call is None:
       return y
     key = probes.call_key(name, recorder.seen)

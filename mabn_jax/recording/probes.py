@@ -45,6 +45,16 @@ class StateCall(NamedTuple):
   method: interface.Method
 
 
+def check_recordable(module: Any, mask: Any, where: str) -> None:
+  """Raises for a layer the probes cannot measure: several feature axes or a mask."""
+  if not isinstance(getattr(module, "axis", -1), int) or mask is not None:
+    raise ValueError(
+      f"{where}: the recording tools take one integer feature axis and no mask "
+      f"(got axis={getattr(module, 'axis', None)!r}, mask "
+      f"{'given' if mask is not None else 'None'})."
+    )
+
+
 def describe_call(method: interface.Method, x: jax.Array, where: str, path: Tuple) -> Any:
   """What the recorder needs of one training call of a normalizer with
   ``method`` on input ``x``: a :class:`ProbedCall`, a :class:`StateCall`,
