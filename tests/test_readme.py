@@ -1,4 +1,5 @@
-"""The README's linen and Flax NNX examples run as written and train."""
+"""The README's linen and Flax NNX examples, and the getting-started page's
+functional one, run as written and train."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import re
 
 import numpy as np
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+GETTING_STARTED = ROOT / "docs" / "getting_started.md"
 
 
-def _example(heading: str) -> str:
-  """The first python block after ``heading``."""
-  text = README.read_text()
+def _example(heading: str, page: pathlib.Path = README) -> str:
+  """The first python block after ``heading`` on ``page``."""
+  text = page.read_text()
   section = text[text.index(heading) :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -47,7 +50,7 @@ def test_readme_nnx_optimizer_example_runs_and_feeds_the_backward_statistic():
 
 
 def test_readme_functional_example_runs_and_feeds_the_backward_statistic():
-  code = _example("### Without Flax")
+  code = _example("## Without Flax", GETTING_STARTED)
   assert "method.train" in code and "method.taps" in code
   namespace = _run(code)
   state = namespace["state"]

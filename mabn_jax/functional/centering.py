@@ -40,7 +40,7 @@ def _after(value: jax.Array, anchor: jax.Array) -> jax.Array:
   A function of the parameters alone may be scheduled anywhere; XLA's CPU
   scheduler computes every layer's centred kernel at the start of the step,
   so all of them are live through the whole forward pass (more peak memory
-  than BN; ``BENCHMARKS.md`` has the measurement). Tying the kernel's
+  than BN). Tying the kernel's
   (small) mean to the layer's input moves each centring to its layer.
   ``optimization_barrier`` does not constrain the CPU scheduler, hence the
   select: ``x < x`` is false for every float, NaN included, so the value and

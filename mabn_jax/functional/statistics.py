@@ -323,13 +323,11 @@ def all_finite(tree, large_leaf: float = LARGE_LEAF) -> jax.Array:
   cannot overflow: every term is 0 or NaN). The same decision as
   ``all(isfinite(leaf))``, as one float reduction: XLA's CPU backend
   compiles a reduction of more than 32 booleans as three kernels, and a
-  float sum over a buffer as one library call (``BENCHMARKS.md``, "The
-  finiteness guards as one float reduction"). That call reads a buffer, so
+  float sum over a buffer as one library call. That call reads a buffer, so
   ``leaf * 0`` is first written out in full; for a larger leaf (CBN's
   kernel derivatives: up to 2.4M elements per ResNet-50 layer) that copy
   costs more memory and time than the boolean reduction, which is used
-  there (``BENCHMARKS.md``, "CBN's floor measured in time, and CBN's guards
-  without a copy").
+  there.
   """
   leaves = []
   for leaf in jax.tree_util.tree_leaves(tree):

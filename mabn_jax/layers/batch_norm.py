@@ -21,12 +21,13 @@ class BatchNorm(BatchStatisticsNorm):
   the mean over groups.
 
   Variables (``C`` = number of features):
-    ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
-    ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
-      (starts at 1), float32, the EMA of the batch mean and biased variance
-      (``flax.linen.BatchNorm``'s variables); with ``count_nonfinite=True``
-      also ``nonfinite_count`` ``()`` float32, the steps skipped because their
-      statistics were not finite (the state is kept either way).
+
+  * ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
+  * ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
+    (starts at 1), float32, the EMA of the batch mean and biased variance
+    (``flax.linen.BatchNorm``'s variables); with ``count_nonfinite=True``
+    also ``nonfinite_count`` ``()`` float32, the steps skipped because their
+    statistics were not finite (the state is kept either way).
 
   Attributes:
     use_running_average: if True, normalize with the stored statistics

@@ -19,16 +19,18 @@ class BatchRenorm(BatchStatisticsNorm):
   Inference is BN's, with the running statistics.
 
   Variables (``C`` = number of features):
-    ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
-    ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
-      (starts at 1), float32 EMAs of the batch mean and biased variance, as in
-      ``flax.linen.BatchNorm``; ``step`` ``()`` float32 counter, training steps taken
-      (drives the schedule); ``nonfinite_count`` ``()`` float32 counter, the steps
-      skipped because their statistics were not finite (the state, step
-      included, is then kept).
+
+  * ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
+  * ``batch_stats``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
+    (starts at 1), float32 EMAs of the batch mean and biased variance, as in
+    ``flax.linen.BatchNorm``; ``step`` ``()`` float32 counter, training steps taken
+    (drives the schedule); ``nonfinite_count`` ``()`` float32 counter, the steps
+    skipped because their statistics were not finite (the state, step
+    included, is then kept).
+
+  The attributes are those of :class:`mabn_jax.BatchNorm`, and:
 
   Attributes:
-    (those of :class:`mabn_jax.BatchNorm`, and)
     r_max: final clip of ``r`` to ``[1 / r_max, r_max]`` (default 3).
     d_max: final clip of ``d`` to ``[-d_max, d_max]`` (default 5).
     warmup_steps: training steps of plain BN before the limits start to grow.

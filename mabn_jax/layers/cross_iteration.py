@@ -33,31 +33,32 @@ class CrossIterationConvNorm(nn.Module):
 
   Variables (``K = (*kernel_size, cin)``, ``C = features``,
   ``P = window - 1``):
-    ``params``: ``conv``: ``kernel`` ``(*K, C)`` (the raw weight; the conv
-      uses ``center_kernel(kernel)`` when ``centered``) and, if ``use_bias``,
-      ``bias`` ``(C,)``; ``norm``: ``scale`` ``(C,)`` and ``bias`` ``(C,)``
-      (per ``use_scale``/``use_norm_bias``), all in ``param_dtype``.
-    ``batch_stats``: ``norm``: ``mean`` ``(C,)`` and ``var`` ``(C,)`` (running
-      statistics of the conv output, bias included, as in
-      ``flax.linen.BatchNorm``), ``mu_buffer``/``nu_buffer`` ``(P, C)``,
-      and unless ``naive`` ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
-      ``(P, *K, C)`` and ``mu_offset``/``nu_offset`` ``(P, C)`` (float32,
-      the derivative buffers in ``derivative_dtype``; newest entry last;
-      derivatives of the effective, centred if ``centered``, kernel; see
-      :class:`~mabn_jax.functional.cross_iteration.CBNState`), ``count``
-      ``()`` (valid entries), ``step`` ``()`` and
-      ``nonfinite_count`` ``()``, float32 counters (steps skipped because their
-      statistics were not finite; the state is then kept). With
-      ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)``
-      (the backward statistics ``mean(g)`` and ``mean(g * xhat)`` of the
-      past entries). With ``group_history`` the buffers have a group axis
-      after ``P``. With ``window = 1`` there are no buffers.
-    ``backward_stats`` (``backward='averaged'`` only): ``norm``:
-      ``g_increment`` and ``psi_increment``, float32 zeros shaped like
-      ``g_buffer``/``psi_buffer``, the taps whose cotangents are the step's
-      increments of those buffers (:data:`mabn_jax.TAP_TARGETS`). Train with
-      :func:`mabn_jax.value_and_grad`, and call the layer once per training
-      step (a second training call in one step raises).
+
+  * ``params``: ``conv``: ``kernel`` ``(*K, C)`` (the raw weight; the conv
+    uses ``center_kernel(kernel)`` when ``centered``) and, if ``use_bias``,
+    ``bias`` ``(C,)``; ``norm``: ``scale`` ``(C,)`` and ``bias`` ``(C,)``
+    (per ``use_scale``/``use_norm_bias``), all in ``param_dtype``.
+  * ``batch_stats``: ``norm``: ``mean`` ``(C,)`` and ``var`` ``(C,)`` (running
+    statistics of the conv output, bias included, as in
+    ``flax.linen.BatchNorm``), ``mu_buffer``/``nu_buffer`` ``(P, C)``,
+    and unless ``naive`` ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
+    ``(P, *K, C)`` and ``mu_offset``/``nu_offset`` ``(P, C)`` (float32,
+    the derivative buffers in ``derivative_dtype``; newest entry last;
+    derivatives of the effective, centred if ``centered``, kernel; see
+    :class:`~mabn_jax.functional.cross_iteration.CBNState`), ``count``
+    ``()`` (valid entries), ``step`` ``()`` and
+    ``nonfinite_count`` ``()``, float32 counters (steps skipped because their
+    statistics were not finite; the state is then kept). With
+    ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)``
+    (the backward statistics ``mean(g)`` and ``mean(g * xhat)`` of the
+    past entries). With ``group_history`` the buffers have a group axis
+    after ``P``. With ``window = 1`` there are no buffers.
+  * ``backward_stats`` (``backward='averaged'`` only): ``norm``:
+    ``g_increment`` and ``psi_increment``, float32 zeros shaped like
+    ``g_buffer``/``psi_buffer``, the taps whose cotangents are the step's
+    increments of those buffers (:data:`mabn_jax.TAP_TARGETS`). Train with
+    :func:`mabn_jax.value_and_grad`, and call the layer once per training
+    step (a second training call in one step raises).
 
   Attributes:
     features: output channels ``C``.

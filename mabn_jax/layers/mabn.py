@@ -22,22 +22,24 @@ class MABN(BatchStatisticsNorm):
   :func:`mabn_jax.training.claim_tap`; use one layer instance per call).
 
   Variables (``C`` = number of features, ``m`` = ``buffer_size``):
-    ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
-    ``batch_stats``: ``chi_ema`` ``(C,)``, ``chi_buffer`` ``(m, C)``,
-      ``psi_buffer`` ``(m, C)`` (float32, newest row last) and ``step``
-      ``()`` float32 counter; ``nonfinite_count`` ``()`` float32 counter, the steps skipped
-      because their statistics were not finite (the state is then kept).
-    ``backward_stats``: ``psi_increment`` ``(m, C)`` float32 zeros, the tap
-      whose cotangent is the step's ``psi_buffer`` increment
-      (:data:`mabn_jax.TAP_TARGETS`). Variables saved when the tap was named
-      ``psi_buffer`` raise an error; convert them with
-      :func:`mabn_jax.migrate_variables`.
+
+  * ``params``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in ``param_dtype``.
+  * ``batch_stats``: ``chi_ema`` ``(C,)``, ``chi_buffer`` ``(m, C)``,
+    ``psi_buffer`` ``(m, C)`` (float32, newest row last) and ``step``
+    ``()`` float32 counter; ``nonfinite_count`` ``()`` float32 counter, the steps skipped
+    because their statistics were not finite (the state is then kept).
+  * ``backward_stats``: ``psi_increment`` ``(m, C)`` float32 zeros, the tap
+    whose cotangent is the step's ``psi_buffer`` increment
+    (:data:`mabn_jax.TAP_TARGETS`). Variables saved when the tap was named
+    ``psi_buffer`` raise an error; convert them with
+    :func:`mabn_jax.migrate_variables`.
+
+  The attributes are those of :class:`mabn_jax.BatchNorm`, with ``momentum``
+  the decay of ``chi_ema`` (alpha = 0.98), ``epsilon`` added to the second
+  moment and ``axis_name`` the mapped axis over which ``chi`` and ``Psi`` are
+  averaged, and:
 
   Attributes:
-    (those of :class:`mabn_jax.BatchNorm`, with ``momentum`` the decay of
-    ``chi_ema`` (alpha = 0.98), ``epsilon`` added to the second moment and
-    ``axis_name`` the mapped axis over which ``chi`` and ``Psi`` are
-    averaged, and)
     buffer_size: ``m``, the number of normalization groups in each SMA;
       with ``G`` groups a step it spans ``m / G`` steps (see
       ``experiments/results/mabn_validation_cifar_cpu`` for how it was

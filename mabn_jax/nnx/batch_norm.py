@@ -16,27 +16,28 @@ class BatchNorm(BatchStatisticsNorm):
   statistics are updated once per step from the mean over groups.
 
   State (``C = num_features``):
-    ``nnx.Param``: ``scale`` ``(C,)``, ``bias`` ``(C,)`` in ``param_dtype``
-      (``None`` when disabled).
-    ``nnx.BatchStat``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
-      (starts at 1), float32 (``param_dtype`` with
-      ``force_float32_reductions=False``), as ``nnx.BatchNorm``; with
-      ``count_nonfinite=True`` also ``nonfinite_count`` ``()`` float32 (steps
-      skipped because their statistics were not finite; a non-finite step
-      is skipped either way).
+
+  * ``nnx.Param``: ``scale`` ``(C,)``, ``bias`` ``(C,)`` in ``param_dtype``
+    (``None`` when disabled).
+  * ``nnx.BatchStat``: ``mean`` ``(C,)`` (starts at 0) and ``var`` ``(C,)``
+    (starts at 1), float32 (``param_dtype`` with
+    ``force_float32_reductions=False``), as ``nnx.BatchNorm``; with
+    ``count_nonfinite=True`` also ``nonfinite_count`` ``()`` float32 (steps
+    skipped because their statistics were not finite; a non-finite step
+    is skipped either way).
 
   Args:
     num_features: ``C``.
     use_running_average: if True, normalize with the stored statistics
       (``model.train()``/``model.eval()`` set it).
-    axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
-    bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-    promote_dtype, bias_metadata, scale_metadata: as ``nnx.BatchNorm`` (a
-    tuple ``axis`` too: ``num_features`` is then the product of its sizes),
-    but ``promote_dtype`` defaults to ``None`` (no promotion: the dtype rule
-    of the linen :class:`mabn_jax.BatchNorm`, which this module equals bit
-    for bit); pass ``flax.nnx.nn.dtypes.promote_dtype`` for
-    ``nnx.BatchNorm``'s.
+    options: ``axis``, ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``,
+      ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
+      ``axis_index_groups``, ``use_fast_variance``, ``promote_dtype``,
+      ``bias_metadata``, ``scale_metadata``: as ``nnx.BatchNorm`` (a tuple
+      ``axis`` too: ``num_features`` is then the product of its sizes), but
+      ``promote_dtype`` defaults to ``None`` (no promotion: the dtype rule of
+      the linen :class:`mabn_jax.BatchNorm`, which this module equals bit for
+      bit); pass ``flax.nnx.nn.dtypes.promote_dtype`` for ``nnx.BatchNorm``'s.
     force_float32_reductions: as ``flax.linen.BatchNorm``'s.
     norm_batch_size: samples normalized together (``None``: the whole batch).
     count_nonfinite: keep the ``nonfinite_count`` statistic (default False,

@@ -17,15 +17,18 @@ class BatchRenorm(BatchStatisticsNorm):
   ``(r_max, d_max)``. Inference is BN's.
 
   State (``C = num_features``):
-    ``nnx.Param``: ``scale`` ``(C,)``, ``bias`` ``(C,)`` in ``param_dtype``.
-    ``nnx.BatchStat``: ``mean`` ``(C,)`` and ``var`` ``(C,)`` float32,
-      ``step`` ``()`` float32 counter (training steps taken, drives the schedule) and
-      ``nonfinite_count`` ``()`` float32 counter.
+
+  * ``nnx.Param``: ``scale`` ``(C,)``, ``bias`` ``(C,)`` in ``param_dtype``.
+  * ``nnx.BatchStat``: ``mean`` ``(C,)`` and ``var`` ``(C,)`` float32,
+    ``step`` ``()`` float32 counter (training steps taken, drives the schedule) and
+    ``nonfinite_count`` ``()`` float32 counter.
 
   Args:
-    num_features, use_running_average, axis, momentum, epsilon, dtype,
-    param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name,
-    axis_index_groups, norm_batch_size, rngs: as :class:`~mabn_jax.nnx.BatchNorm`.
+    options: ``num_features``, ``use_running_average``, ``axis``,
+      ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``,
+      ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
+      ``axis_index_groups``, ``norm_batch_size``, ``rngs``: as
+      :class:`~mabn_jax.nnx.BatchNorm`.
     r_max: final clip of ``r`` to ``[1 / r_max, r_max]`` (default 3).
     d_max: final clip of ``d`` to ``[-d_max, d_max]`` (default 5).
     warmup_steps: training steps of plain BN before the limits grow.

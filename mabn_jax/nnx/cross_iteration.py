@@ -38,32 +38,34 @@ class CrossIterationConvNorm(nnx.Module):
 
   State (``K = (*kernel_size, in_features)``, ``C = out_features``,
   ``P = window - 1``), as the linen layer's variables:
-    ``conv`` (``nnx.Conv``, or :class:`~mabn_jax.nnx.CenteredConv` when
-      ``centered``): ``nnx.Param`` ``kernel`` ``(*K, C)`` and, with
-      ``use_bias``, ``bias`` ``(C,)``.
-    ``norm``: ``nnx.Param`` ``scale``/``bias`` ``(C,)``; ``nnx.BatchStat``
-      ``mean``/``var`` ``(C,)``, ``mu_buffer``/``nu_buffer`` ``(P, C)`` and,
-      unless ``naive``, ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
-      ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, the
-      derivative buffers in ``derivative_dtype``; newest last; with
-      ``group_history`` a group axis follows ``P``), ``count``,
-      ``step`` and ``nonfinite_count`` ``()`` float32 counters; with
-      ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)`` and
-      the :class:`~mabn_jax.nnx.BackwardStat` taps ``g_increment``/
-      ``psi_increment`` of their shapes (train with
-      :func:`mabn_jax.nnx.value_and_grad`, one call per training step).
-      Empty buffers (window 1, the naive variant's derivatives) are not state.
+
+  * ``conv`` (``nnx.Conv``, or :class:`~mabn_jax.nnx.CenteredConv` when
+    ``centered``): ``nnx.Param`` ``kernel`` ``(*K, C)`` and, with
+    ``use_bias``, ``bias`` ``(C,)``.
+  * ``norm``: ``nnx.Param`` ``scale``/``bias`` ``(C,)``; ``nnx.BatchStat``
+    ``mean``/``var`` ``(C,)``, ``mu_buffer``/``nu_buffer`` ``(P, C)`` and,
+    unless ``naive``, ``dmu_buffer`` ``(P, *K)``, ``dnu_buffer``
+    ``(P, *K, C)``, ``mu_offset``/``nu_offset`` ``(P, C)`` (float32, the
+    derivative buffers in ``derivative_dtype``; newest last; with
+    ``group_history`` a group axis follows ``P``), ``count``,
+    ``step`` and ``nonfinite_count`` ``()`` float32 counters; with
+    ``backward='averaged'`` also ``g_buffer``/``psi_buffer`` ``(P, C)`` and
+    the :class:`~mabn_jax.nnx.BackwardStat` taps ``g_increment``/
+    ``psi_increment`` of their shapes (train with
+    :func:`mabn_jax.nnx.value_and_grad`, one call per training step).
+    Empty buffers (window 1, the naive variant's derivatives) are not state.
 
   Args:
     in_features, out_features, kernel_size, strides: as ``nnx.Conv``.
     padding: ``'SAME'``, ``'VALID'``, an int or ``(low, high)`` pairs.
     use_bias: whether the convolution has a bias.
     centered: weight-centralized kernel.
-    window, burn_in, naive, group_history, backward, running_stats,
-    derivative_stride, derivative_dtype, kernel_derivatives, rematerialize, momentum,
-    epsilon, norm_batch_size, axis_name,
-    axis_index_groups: as the linen
-      layer (the same :class:`~mabn_jax.functional.cross_iteration.CBNConfig`).
+    options: ``window``, ``burn_in``, ``naive``, ``group_history``,
+      ``backward``, ``running_stats``, ``derivative_stride``,
+      ``derivative_dtype``, ``kernel_derivatives``, ``rematerialize``,
+      ``momentum``, ``epsilon``, ``norm_batch_size``, ``axis_name``,
+      ``axis_index_groups``: as the linen layer (the same
+      :class:`~mabn_jax.functional.cross_iteration.CBNConfig`).
     num_groups: with ``group_history``, the number ``G`` of normalization
       groups in a training batch (``batch // norm_batch_size``); the linen
       layer reads it from the initialization batch.

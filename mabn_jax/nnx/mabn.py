@@ -19,15 +19,16 @@ class MABN(BatchStatisticsNorm):
   (a second training call in one step raises).
 
   State (``C = num_features``, ``m = buffer_size``):
-    ``nnx.Param``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in
-      ``param_dtype`` (``None`` when ``use_scale``/``use_bias`` is False).
-    ``nnx.BatchStat``: ``chi_ema`` ``(C,)`` (starts at 1), ``chi_buffer``
-      ``(m, C)``, ``psi_buffer`` ``(m, C)`` (float32, newest row last),
-      ``step`` and ``nonfinite_count`` ``()`` float32 counters (steps
-      skipped because their statistics were not finite; the state is kept).
-    :class:`~mabn_jax.nnx.BackwardStat`: ``psi_increment`` ``(m, C)``
-      float32 zeros, the tap whose cotangent is the step's ``psi_buffer``
-      increment.
+
+  * ``nnx.Param``: ``scale`` ``(C,)`` and ``bias`` ``(C,)`` in
+    ``param_dtype`` (``None`` when ``use_scale``/``use_bias`` is False).
+  * ``nnx.BatchStat``: ``chi_ema`` ``(C,)`` (starts at 1), ``chi_buffer``
+    ``(m, C)``, ``psi_buffer`` ``(m, C)`` (float32, newest row last),
+    ``step`` and ``nonfinite_count`` ``()`` float32 counters (steps
+    skipped because their statistics were not finite; the state is kept).
+  * :class:`~mabn_jax.nnx.BackwardStat`: ``psi_increment`` ``(m, C)``
+    float32 zeros, the tap whose cotangent is the step's ``psi_buffer``
+    increment.
 
   Args:
     num_features: ``C``, the size of the feature axis.
@@ -35,8 +36,9 @@ class MABN(BatchStatisticsNorm):
       affine map that touches no state); ``model.train()``/``model.eval()``
       set it.
     rngs: ``nnx.Rngs`` for the parameter initializers.
-    The other keywords are the fields of the linen :class:`mabn_jax.MABN`,
-    with the same meanings and defaults (``inspect.signature`` lists them).
+
+  The other keywords are the fields of the linen :class:`mabn_jax.MABN`, with
+  the same meanings and defaults (``inspect.signature`` lists them).
   """
 
   method_class = F.Method

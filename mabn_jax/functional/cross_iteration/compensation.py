@@ -110,7 +110,7 @@ def _dot_kernel(dmu, dnu, kernel, differentiable: bool = False):
 
 # out[e, c] = sum_k d[e, k, c] * w[k, c] for d (E, K, C), w (K, C): one inner
 # product per entry and channel, written as XLA's CPU backend runs it fastest
-# (BENCHMARKS.md, "CBN's compensation without copies"): the elementwise
+# (BENCHMARKS.md, "Tried and dropped"): the elementwise
 # product summed by a matrix-vector product with ones per entry, E the batch
 # axis of both operands, so that no operand is relaid out. As an einsum with
 # C as batch axis XLA copies the whole array into a (C, E, K) layout; as a

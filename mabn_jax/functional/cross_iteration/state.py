@@ -101,8 +101,7 @@ class CBNConfig:
       it also keeps ``g_buffer``/``psi_buffer``, fed through taps). The
       forward and the forward state do not depend on it. Only ``'exact'``
       reads the derivative buffers in the backward pass, so XLA keeps them
-      alive until then (``BENCHMARKS.md``, "What CBN's exact gradient costs,
-      against its other gradients").
+      alive until then (``BENCHMARKS.md``, "Tried and dropped").
     running_stats: what the inference statistics ``mean``/``var`` average:
       ``'pooled'`` (the default: the pooled ``mu_bar``/``var_bar`` the step
       normalized with, so inference matches training at small
@@ -124,8 +123,7 @@ class CBNConfig:
       the rounded values, so that the compensation ``nu + dnu . (W - W_old)``
       is exact at ``W = W_old`` and only the Taylor step carries the
       rounding; the inner products ``dnu . W`` are computed in float32.
-      ``bfloat16`` halves the buffers (``BENCHMARKS.md``, "CBN's derivative
-      buffers in bfloat16"). ``benchmarks/cbn_derivatives.py`` measures the
+      ``bfloat16`` halves the buffers. ``benchmarks/cbn_derivatives.py`` measures the
       compensation error.
     kernel_derivatives: how a new entry's ``d nu / d W`` is computed, one of
       :data:`KERNEL_DERIVATIVES`: ``'auto'`` (the default) from the inputs'

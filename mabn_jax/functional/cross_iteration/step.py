@@ -123,8 +123,7 @@ def _train_step_body(y, x, kernel, state, bias, tap, spec, config, groups):
 # config.rematerialize its backward pass keeps only the (G, C) moments and
 # recomputes the activation-sized values (y - mu_bar, xhat, ...) from y, which
 # the caller's convolution keeps anyway: without the checkpoint XLA keeps two
-# more activation-sized arrays per layer (BENCHMARKS.md, "CBN's step keeps
-# its moments, not its activations").
+# more activation-sized arrays per layer (BENCHMARKS.md, "Tried and dropped").
 @functools.partial(jax.jit, static_argnums=(6, 7, 8))
 def _train_step(y, x, kernel, state, bias, tap, spec, config, groups):
   """:func:`_train_step_body`, keeping only :data:`SAVED_STATISTICS` for the
