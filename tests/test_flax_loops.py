@@ -92,7 +92,9 @@ class TrainState(train_state.TrainState):
 
 
 def _bn_model(dtype=jnp.float32) -> ResNet:
-  return ResNet(norm_cls=mj.BatchNorm, dtype=dtype)
+  """BN counting its skipped steps: a counter that must survive the pmean
+  (by default ``mj.BatchNorm`` keeps Flax's ``mean``/``var`` only)."""
+  return ResNet(norm_cls=functools.partial(mj.BatchNorm, count_nonfinite=True), dtype=dtype)
 
 
 def _mabn_model(dtype=jnp.float32) -> ResNet:
