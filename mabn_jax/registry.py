@@ -6,26 +6,13 @@ A model written once takes a :class:`Normalizer` and runs with every entry::
   y = norm.conv_norm(features=64, kernel_size=(3, 3), name="conv1")(x, train=True)
   y = norm.norm(name="bn_final")(y, train=True)
 
-Names (:func:`normalizer_names`):
-
-  ``'bn'``        :class:`mabn_jax.BatchNorm`
-  ``'syncbn'``    :class:`mabn_jax.BatchNorm` with ``axis_name`` (default
-                  ``'batch'``; run under ``pmap``/``shard_map`` with that axis)
-  ``'brn'``       :class:`mabn_jax.BatchRenorm`
-  ``'gn'``        ``flax.linen.GroupNorm``
-  ``'ln'``        ``flax.linen.LayerNorm``
-  ``'in'``        ``flax.linen.InstanceNorm``
-  ``'cbn'``       ``mabn_jax.layers.cross_iteration.CrossIterationConvNorm``
-  ``'cbn_naive'`` the same with ``naive=True`` (no Taylor compensation)
-  ``'mabn'``      :class:`mabn_jax.CenteredConv` + :class:`mabn_jax.MABN`
-  ``'frozen_bn'`` :class:`mabn_jax.FrozenBatchNorm` (BN with fixed statistics
-                  and affine map, for fine-tuning from a BN checkpoint)
-  ``'ws_gn'``     :class:`mabn_jax.StandardizedConv` + ``flax.linen.GroupNorm``
-                  (weight standardization; ``dense_norm``'s dense layer is
-                  not standardized)
-  ``'frn'``       :class:`mabn_jax.FilterResponseNorm` (FRN with a TLU; inputs
-                  need a spatial axis, so no ``dense_norm``)
-  ``'none'``      a convolution with bias, no normalization
+Names (:func:`normalizer_names`; one entry each in ``_ENTRIES``): ``'bn'``,
+``'syncbn'`` (BN with ``axis_name``, default ``'batch'``), ``'brn'``,
+``'gn'``, ``'ln'``, ``'in'`` (Flax's), ``'cbn'``, ``'cbn_naive'``,
+``'mabn'`` (:class:`~mabn_jax.CenteredConv` + :class:`~mabn_jax.MABN`),
+``'frozen_bn'``, ``'ws_gn'`` (:class:`~mabn_jax.StandardizedConv` + Flax's
+GroupNorm), ``'frn'`` and ``'none'`` (a convolution with bias); the
+documentation's normalizers page describes each.
 
 The same normalizer builds Flax NNX modules with
 :meth:`Normalizer.nnx_conv_norm`, :meth:`Normalizer.nnx_norm` and

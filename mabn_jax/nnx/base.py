@@ -144,7 +144,24 @@ def make_method(module: Any) -> interface.Method:
 _METADATA = ("scale_metadata", "bias_metadata")
 
 
-class BatchStatisticsNorm(nnx.Module):
+class RunningAverageView:
+  """``set_view`` for ``nnx.view(model, use_running_average=...)`` (and
+  ``nnx.view_info``): the mode switch of the batch-statistics modules."""
+
+  use_running_average: Optional[bool]
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Class method used by ``nnx.view``.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class BatchStatisticsNorm(RunningAverageView, nnx.Module):
   """A normalizer with batch statistics over a functional method (NNX).
 
   Args:
@@ -247,16 +264,6 @@ class BatchStatisticsNorm(nnx.Module):
         positions enter the batch statistics (as ``nnx.BatchNorm``).
     """
     return normalize(self, x, use_running_average, mask=mask)
-
-  def set_view(self, use_running_average: bool | None = None):
-    """Class method used by ``nnx.view``.
-
-    Args:
-      use_running_average: if True, the stored batch statistics will be
-        used instead of computing the batch statistics on the input.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
 
 
 def normalize(

@@ -16,6 +16,7 @@ from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional.cross_iteration import Method as CBN
 from mabn_jax.functional.interface import ConvContext, named_errors, with_mask
 from mabn_jax.nnx.base import (
+  RunningAverageView,
   describe,
   hashable_groups,
   make_affine,
@@ -26,7 +27,7 @@ from mabn_jax.nnx.base import (
 from mabn_jax.nnx.centered import CenteredConv
 
 
-class CrossIterationConvNorm(nnx.Module):
+class CrossIterationConvNorm(RunningAverageView, nnx.Module):
   """A convolution followed by Cross-Iteration BN (Yao et al., CVPR 2021), for NNX.
 
   The NNX twin of :class:`mabn_jax.CrossIterationConvNorm` (both call
@@ -199,16 +200,6 @@ class CrossIterationConvNorm(nnx.Module):
       kernel = center_kernel(kernel, after=x)
     bias = self.conv.bias[...] if self.conv.bias is not None else None
     return self.norm(y, x, kernel, bias, self.spec, use_running_average, where)
-
-  def set_view(self, use_running_average: bool | None = None):
-    """Class method used by ``nnx.view``.
-
-    Args:
-      use_running_average: if True, the stored batch statistics will be
-        used instead of computing the batch statistics on the input.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
 
 
 class _CrossIterationNorm(nnx.Module):
