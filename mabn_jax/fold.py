@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
 
-from mabn_jax import discovery, registry
+from mabn_jax import dataflow, discovery, registry
 from mabn_jax.functional.centering import center_kernel
 from mabn_jax.functional.standardization import standardize_kernel
 from mabn_jax.nnx.centered import CenteredConv, CenteredDense
@@ -211,6 +211,7 @@ def fold(
   pairs: Optional[Sequence[Tuple[Path, Path]]] = None,
   centered: Union[bool, Sequence[Path]] = False,
   epsilon: Union[None, float, Mapping[str, float]] = None,
+  x: Any = None,
 ):
   """Merges BN, BRN, MABN and CBN layers into their preceding convolutions.
 
@@ -244,14 +245,19 @@ def fold(
     ``flax.nnx.BatchNorm``) next to a child ``conv`` (or ``dense``), as in
     the registry's NNX modules, or the ``pairs`` of attribute paths
     ``(conv_path, norm_path)`` (``'block/conv'``; list items by index) of a
-    plain model. The conv gets the folded kernel and a bias, the norm is
-    replaced by :class:`Folded` (the identity); returns the model.
+    plain model, or, with an example input ``x``, every normalizer with the
+    convolution (or linear layer) that feeds it, found from the model's data
+    flow (:func:`mabn_jax.dataflow.nnx_norm_producers`; only casts and
+    reshapes may stand between them). The conv gets the folded kernel and a
+    bias, the norm is replaced by :class:`Folded` (the identity); returns the
+    model.
 
   Args:
     variables: the trained model's variables (``'params'``, ``'batch_stats'``,
       others passed through), or an NNX model.
     normalizer: the registry normalizer the model was built with.
     pairs: for plain models, the (conv, norm) pairs to fold.
+    x: an NNX model's example input (shapes only), to pair by data flow.
     centered: plain models: True (all convs are centred), False, or the
       centred conv paths.
     epsilon: each norm's ``epsilon``; a float for all, or ``{norm_path: eps}``
@@ -265,7 +271,7 @@ def fold(
   if isinstance(variables, nnx.Module):
     if normalizer is not None:
       raise ValueError("fold: an NNX model is folded by type; give no normalizer.")
-    return _fold_nnx(variables, pairs)
+    return _fold_nnx(variables, pairs if x is None else _data_flow_pairs(variables, x))
   frozen = isinstance(variables, FrozenDict)
   variables = unfreeze(variables)
   if "params" not in variables:
@@ -358,6 +364,29 @@ class Folded(nnx.Module):
   def __call__(self, x, *args, **kwargs):
     del args, kwargs
     return x
+
+
+_FOLDS_THROUGH = frozenset(
+  {"convert_element_type", "copy", "copy_p", "reshape", "squeeze", "expand_dims"}
+)
+"""Operations between a convolution and its norm that a fold may skip."""
+
+
+def _data_flow_pairs(model: nnx.Module, x: Any) -> list:
+  """``[(conv_path, norm_path)]`` of every normalizer of an NNX model and the
+  layer feeding it, from one traced call on ``x``."""
+  norms = [path for path, _, _ in discovery.nnx_normalizers(model)]
+  pairs = []
+  for norm_path, producer in dataflow.nnx_norm_producers(model, x, norms).items():
+    other = sorted(set(producer.ops) - _FOLDS_THROUGH)
+    if other:
+      raise ValueError(
+        f"fold: '{'/'.join(map(str, norm_path))}' is fed by "
+        f"'{'/'.join(map(str, producer.path))}' through {other}, which a fold "
+        "cannot move into the convolution."
+      )
+    pairs.append((producer.path, norm_path))
+  return pairs
 
 
 def _fold_nnx(model: nnx.Module, pairs) -> nnx.Module:

@@ -280,3 +280,45 @@ def test_recording_a_flax_nnx_batch_norm_equals_the_direct_computation():
   np.testing.assert_allclose(rec["var"][0], var, rtol=1e-5)
   np.testing.assert_allclose(rec["g"][0], g.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-9)
   np.testing.assert_allclose(rec["psi"][0], (xhat * g).mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-9)
+
+
+class _PlainNNX(nnx.Module):
+  """Layers named freely, a cast between a conv and its norm, and a norm fed
+  by a scaled conv output."""
+
+  def __init__(self, scaled: bool, *, rngs):
+    self.c1 = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
+    self.b1 = nnx.BatchNorm(4, rngs=rngs)
+    self.stack = nnx.List([nnx.Conv(4, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs)])
+    self.scaled = scaled
+
+  def __call__(self, x):
+    y = nnx.relu(self.b1(self.c1(x).astype(jnp.float32)))
+    z = self.stack[0](y)
+    return self.stack[1](2.0 * z if self.scaled else z)
+
+
+def _with_statistics(model):
+  for i, (_, norm, _) in enumerate(mj.discovery.nnx_normalizers(model)):
+    key = jax.random.key(20 + i)
+    norm.mean[...] = jax.random.normal(key, norm.mean.shape)
+    norm.var[...] = jax.random.uniform(jax.random.fold_in(key, 1), norm.var.shape) + 0.5
+    norm.scale[...] = jax.random.normal(jax.random.fold_in(key, 2), norm.scale.shape)
+  model.eval()
+  return model
+
+
+def test_fold_of_an_nnx_model_pairs_by_data_flow_and_keeps_its_output():
+  model = _with_statistics(_PlainNNX(False, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(5), SHAPE[:3] + (3,))
+  before = model(x)
+  mj.fold(model, x=x)
+  assert isinstance(model.b1, Folded) and isinstance(model.stack[1], Folded)
+  np.testing.assert_allclose(model(x), before, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_by_data_flow_refuses_an_operation_it_cannot_move():
+  model = _with_statistics(_PlainNNX(True, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(5), SHAPE[:3] + (3,))
+  with pytest.raises(ValueError, match=r"'stack/1' is fed by 'stack/0' through \['mul'\]"):
+    mj.fold(model, x=x)
