@@ -153,8 +153,8 @@ def train_segmentation(
   for ``epochs``), stopped after ``steps``; returns what :func:`train` does.
   ``overrides`` replace fields of the preset (the tests' tiny data)."""
   from experiments import segmentation as S
-  from experiments import segmentation_data as seg_data
-  from experiments.segmentation_models import UNet
+  from experiments.tasks.segmentation import data as seg_data
+  from experiments.tasks.segmentation.models import UNet
 
   config = S.preset(preset, norm="cbn", batch_size=2, seed=seed, epochs=epochs, **overrides)
   dataset = S.load_data(config)
