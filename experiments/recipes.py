@@ -4,7 +4,7 @@ A recipe is what a user would choose to train with: ``python -m experiments.swee
 recipes --recipes bn,cbn_published,... --batch_sizes 2,32`` runs each at each
 normalization batch. Step-count options may be relative to the run (``'67%'``
 of the training steps, ``'2ep'``, ``'first_decay'``; see
-:func:`experiments.train.resolve_steps`), so one recipe fits every preset.
+:func:`experiments.loop.config.resolve_steps`), so one recipe fits every preset.
 
 Published recipes, as their papers give them (scaled to the run's length):
 

@@ -1,4 +1,4 @@
-"""Killed and corrupted runs of experiments/train.py.
+"""Killed and corrupted runs of the training loop (experiments/loop/).
 
 A tiny run (``python -m experiments.train`` in a subprocess, a checkpoint
 every 2 of 16 steps) is killed with SIGKILL (``tests/_fault_run.py``: the

@@ -13,10 +13,12 @@ from experiments.loop.parallel import Parallel
 
 
 def _to_host(tree):
+  """A device tree as numpy arrays on the host."""
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
 def _checkpoint_manager(directory: str):
+  """An orbax manager of ``directory`` keeping the last 2 checkpoints, saving synchronously."""
   import orbax.checkpoint as ocp
 
   return ocp.CheckpointManager(

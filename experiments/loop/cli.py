@@ -19,6 +19,7 @@ from experiments.tasks.main_job import MAIN_JOB, MAIN_JOB_SEEDS, main_job_table,
 
 
 def _parse_value(text: str):
+  """A Python literal, or the text itself."""
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -37,6 +38,7 @@ def parse_kwargs(text: str) -> Dict[str, Any]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip=("preset", "norm")):
+  """One ``--<field>`` string flag per :class:`Config` field not in ``skip``."""
   for f in dataclasses.fields(Config):
     if f.name in skip:
       continue
@@ -46,6 +48,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=("preset", "norm"
 
 
 def overrides_from_args(args) -> Dict[str, Any]:
+  """The :class:`Config` fields given on the command line, parsed to their types."""
   out = {}
   for f in dataclasses.fields(Config):
     value = getattr(args, f.name, None)

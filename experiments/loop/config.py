@@ -104,6 +104,7 @@ class Config:
     return kw
 
   def device_batch(self) -> int:
+    """The SGD batch per device: ``norm_batch_size`` with ``small_batch``, else ``batch_size``."""
     return self.norm_batch_size if self.small_batch else self.batch_size
 
   def peak_lr(self) -> float:
@@ -113,6 +114,7 @@ class Config:
     return self.lr * self.device_batch() / self.batch_size if self.small_batch else self.lr
 
   def validate(self):
+    """Raises ``ValueError`` for inconsistent fields."""
     if self.small_batch and not self.norm_batch_size:
       raise ValueError("--small_batch needs --norm_batch_size (the SGD batch becomes b)")
     b, B = self.norm_batch_size, self.device_batch()
@@ -147,6 +149,7 @@ class Config:
       ) from None
 
   def run_name(self) -> str:
+    """``<norm>_b<b>_s<seed>`` (and the normalized layers if not all)."""
     b = self.norm_batch_size or self.device_batch()
     layers = "" if self.norm_layers == "all" else "_" + str(self.norm_layers).replace(",", "-")
     return f"{self.norm}_b{b}_s{self.seed}{layers}"

@@ -18,10 +18,12 @@ from experiments.loop.parallel import Parallel, _scalar
 
 
 def _evaluated(record: Dict[str, Any]) -> bool:
+  """Whether a record holds an evaluation."""
   return any(k.endswith("_top1") for k in record)
 
 
 def git_commit() -> str:
+  """The repository's commit (``'unknown'`` outside git)."""
   try:
     return (
       subprocess.run(
@@ -38,6 +40,7 @@ def git_commit() -> str:
 
 
 def device_info() -> Dict[str, Any]:
+  """The platform, device kind and counts, host and CPUs of this process."""
   d = jax.local_devices()[0]
   return {
     "platform": d.platform,
@@ -67,6 +70,7 @@ def read_metrics(path: str):
 
 
 def write_metrics(path: str, records):
+  """Rewrites ``metrics.jsonl`` with ``records``."""
   with open(path, "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
@@ -90,6 +94,7 @@ class Progress:
         self.bar = None
 
   def update(self, step: int, info: Dict[str, float]):
+    """Shows ``step`` and ``info``."""
     if not self.enabled:
       return
     if self.bar is not None:
@@ -106,6 +111,7 @@ class Progress:
     )
 
   def close(self):
+    """Closes the bar."""
     if self.bar is not None:
       self.bar.close()
 
@@ -128,6 +134,7 @@ class RunLog:
   latest_diag: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def log(self, record: Dict[str, Any]) -> None:
+    """Appends ``record`` (and writes it, process 0)."""
     self.records.append(record)
     if self.path and jax.process_index() == 0:
       with open(self.path, "a") as f:
@@ -164,6 +171,7 @@ class RunLog:
     return record
 
   def evaluated(self, step: int) -> bool:
+    """Whether step ``step`` has an evaluation record."""
     return any(r["step"] == step and _evaluated(r) for r in self.records)
 
 

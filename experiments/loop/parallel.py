@@ -160,4 +160,5 @@ def put_per_device(tree, devices):
 
 
 def shard(batch: Dict[str, np.ndarray], n: int):
+  """A batch ``(n * B, ...)`` -> ``(n, B, ...)`` (pmap's layout)."""
   return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}

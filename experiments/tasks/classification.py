@@ -43,6 +43,7 @@ def build(
   total_steps: Optional[int] = None,
   steps_per_epoch: Optional[int] = None,
 ):
+  """The run's model with its normalizer (step options resolved for the run)."""
   norm = make_normalizer(config.norm, **config.normalizer_kwargs(total_steps, steps_per_epoch))
   return models.build_model(config.model, norm, num_classes, config.width, config.norm_layers)
 
@@ -123,6 +124,7 @@ def evaluate_splits(
 
 
 def evaluate(parallel: Parallel, variables, loader: data_lib.Loader) -> float:
+  """Top-1 accuracy (%) on the loader's split."""
   correct = count = 0.0
   for batch in loader.epoch(0):
     out = parallel.to_host(parallel.eval_step(variables, parallel.batch(batch)))

@@ -64,6 +64,7 @@ class Config:
     return max(1, int(round(self.epochs * num_train / self.batch_size)))
 
   def normalizer(self):
+    """The run's normalizer (:func:`.models.segmentation_normalizer` of its fields)."""
     return seg_models.segmentation_normalizer(
       self.norm, self.norm_batch_size, self.widths, self.gn_groups, self.norm_kwargs
     )
@@ -107,7 +108,7 @@ def preset(name: str, **overrides) -> Config:
 
 
 def load_data(config: Config) -> seg_data.SegDataset:
-  """The run's :class:`~experiments.segmentation_data.SegDataset`."""
+  """The run's :class:`~experiments.tasks.segmentation.data.SegDataset`."""
   if config.dataset == "cifar_composite":
     return seg_data.load_cifar_composite(
       config.canvas_size,

@@ -33,10 +33,12 @@ class RunSpec:
 
   @property
   def name(self) -> str:
+    """``<method>_b<batch>_s<seed>``."""
     return f"{self.method}_b{self.batch_size}_s{self.seed}"
 
   @property
   def finetune(self) -> bool:
+    """Whether the run fine-tunes the BN reference model."""
     return self.method in FINETUNE_METHODS
 
 
@@ -72,10 +74,12 @@ def plan_runs(
 
 
 def run_path(out_dir: str, spec: RunSpec) -> str:
+  """``<out_dir>/runs/<run>.json``."""
   return os.path.join(out_dir, "runs", f"{spec.name}.json")
 
 
 def checkpoint_path(out_dir: str, spec: RunSpec) -> str:
+  """``<out_dir>/checkpoints/<run>.msgpack``."""
   return os.path.join(out_dir, "checkpoints", f"{spec.name}.msgpack")
 
 
@@ -90,6 +94,7 @@ def read_summary(path: str) -> Optional[dict]:
 
 
 def write_json(path: str, obj) -> None:
+  """Writes ``obj`` as JSON to ``path``, atomically."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:

@@ -118,6 +118,7 @@ def predict(
 
 
 def to_host(tree):
+  """A variable tree as nested dicts of numpy arrays."""
   return jax.tree_util.tree_map(np.asarray, unfreeze(tree))
 
 
