@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping
 
-from experiments import train as T
+from experiments.loop.config import Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +213,7 @@ def get(name: str) -> Recipe:
   return RECIPES[name]
 
 
-def config(name: str, base: T.Config, norm_batch_size, seed: int) -> T.Config:
+def config(name: str, base: Config, norm_batch_size, seed: int) -> Config:
   """The run of recipe ``name`` on ``base`` at normalization batch ``norm_batch_size``."""
   r = get(name)
   return dataclasses.replace(
@@ -226,5 +226,5 @@ def config(name: str, base: T.Config, norm_batch_size, seed: int) -> T.Config:
   )
 
 
-def run_name(name: str, cfg: T.Config) -> str:
+def run_name(name: str, cfg: Config) -> str:
   return f"{name}_b{cfg.norm_batch_size or cfg.device_batch()}_s{cfg.seed}"
