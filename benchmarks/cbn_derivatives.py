@@ -14,7 +14,7 @@ and in bfloat16 (``CBNConfig.derivative_dtype``, which halves the derivative
 buffers' memory)) and compare them with the statistics recomputed with the
 current kernel on the same layer input. ``--task segmentation`` measures
 the same on the segmentation experiment's U-Net trained at a true batch of 2
-(``experiments/segmentation.py``)::
+(``experiments/tasks/segmentation/``)::
 
   python -m benchmarks.cbn_derivatives --steps 300 \\
       --json benchmarks/results/cbn_derivatives_cpu.json
@@ -149,12 +149,12 @@ def train_segmentation(
   steps: int, seed: int, keep: int, preset: str = "seg_cpu", epochs: float = 16.0, **overrides
 ):
   """The segmentation experiment's U-Net with CBN at a true batch of 2
-  (``experiments/segmentation.py``: its preset and learning-rate schedule
+  (``experiments/tasks/segmentation/``: its preset and learning-rate schedule
   for ``epochs``), stopped after ``steps``; returns what :func:`train` does.
   ``overrides`` replace fields of the preset (the tests' tiny data)."""
   from experiments import segmentation as S
-  from experiments import segmentation_data as seg_data
-  from experiments.segmentation_models import UNet
+  from experiments.tasks.segmentation import data as seg_data
+  from experiments.tasks.segmentation.models import UNet
 
   config = S.preset(preset, norm="cbn", batch_size=2, seed=seed, epochs=epochs, **overrides)
   dataset = S.load_data(config)

@@ -4,7 +4,7 @@ A recipe is what a user would choose to train with: ``python -m experiments.swee
 recipes --recipes bn,cbn_published,... --batch_sizes 2,32`` runs each at each
 normalization batch. Step-count options may be relative to the run (``'67%'``
 of the training steps, ``'2ep'``, ``'first_decay'``; see
-:func:`experiments.train.resolve_steps`), so one recipe fits every preset.
+:func:`experiments.loop.config.resolve_steps`), so one recipe fits every preset.
 
 Published recipes, as their papers give them (scaled to the run's length):
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping
 
-from experiments import train as T
+from experiments.loop.config import Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +213,7 @@ def get(name: str) -> Recipe:
   return RECIPES[name]
 
 
-def config(name: str, base: T.Config, norm_batch_size, seed: int) -> T.Config:
+def config(name: str, base: Config, norm_batch_size, seed: int) -> Config:
   """The run of recipe ``name`` on ``base`` at normalization batch ``norm_batch_size``."""
   r = get(name)
   return dataclasses.replace(
@@ -226,5 +226,5 @@ def config(name: str, base: T.Config, norm_batch_size, seed: int) -> T.Config:
   )
 
 
-def run_name(name: str, cfg: T.Config) -> str:
+def run_name(name: str, cfg: Config) -> str:
   return f"{name}_b{cfg.norm_batch_size or cfg.device_batch()}_s{cfg.seed}"

@@ -1,4 +1,4 @@
-"""Tests for experiments/data.py on data the tests build themselves."""
+"""Tests for experiments/data/ on data the tests build themselves."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Killed and corrupted runs of experiments/train.py.
+"""Killed and corrupted runs of the training loop (experiments/loop/).
 
 A tiny run (``python -m experiments.train`` in a subprocess, a checkpoint
-every 2 of 16 steps) is killed with SIGKILL (``MABN_TRAIN_KILL``, see
-:data:`experiments.train.FAULT_ENV`) after a step, or in the middle of a
-checkpoint save (files written, the temporary directory not yet renamed);
+every 2 of 16 steps) is killed with SIGKILL (``tests/_fault_run.py``: the
+command line with the loop's :class:`experiments.loop.hooks.Hooks` killing
+it) after a step, or in the middle of a checkpoint save (files written, the
+temporary directory not yet renamed);
 ``--resume true`` then ends exactly as the uninterrupted run: the same loss
 curve, evaluations and final variables. A finalized checkpoint with missing
 metadata or truncated files is never loaded: resuming raises a ValueError
@@ -69,11 +70,9 @@ def _args(workdir, *extra):
 
 def _cli(workdir, *extra, kill=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE.parent))
-  env.pop(T.FAULT_ENV, None)
-  if kill:
-    env[T.FAULT_ENV] = kill
+  command = [str(HERE / "_fault_run.py"), kill] if kill else ["-m", "experiments.train"]
   return subprocess.run(
-    [sys.executable, "-m", "experiments.train", *_args(workdir, *extra)],
+    [sys.executable, *command, *_args(workdir, *extra)],
     env=env,
     cwd=str(HERE.parent),
     capture_output=True,

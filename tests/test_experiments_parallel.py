@@ -1,4 +1,4 @@
-"""Data parallelism of experiments/train.py: ``--parallel jit|shard_map|pmap``.
+"""Data parallelism of the training loop (experiments/loop/): ``--parallel jit|shard_map|pmap``.
 
 On the 8 fake CPU devices of tests/conftest.py, a tiny CNN on synthetic data:
 

@@ -21,9 +21,9 @@ import pytest
 import mabn_jax as mj
 from experiments import data as D
 from experiments import segmentation as S
-from experiments import segmentation_data as SD
-from experiments import segmentation_metrics as SM
-from experiments import segmentation_models as SMod
+from experiments.tasks.segmentation import data as SD
+from experiments.tasks.segmentation import metrics as SM
+from experiments.tasks.segmentation import models as SMod
 
 
 def _cifar_like(n_train=40, n_test=12, seed=0):

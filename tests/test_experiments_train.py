@@ -1,4 +1,4 @@
-"""Tests for experiments/train.py: the loop with every registry normalizer."""
+"""Tests for the training loop (experiments/loop/): the loop with every registry normalizer."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Segmentation metrics from a confusion matrix accumulated over a split.
 
 ``cm[t, p]`` counts pixels of true class ``t`` predicted as ``p``; pixels
-labelled :data:`experiments.segmentation_data.IGNORE` (or any label outside
+labelled :data:`experiments.tasks.segmentation.data.IGNORE` (or any label outside
 ``0..K-1``) are not counted. Summed over batches, the matrix gives the
 split's metrics exactly (not a mean of per-batch metrics).
 

@@ -11,12 +11,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from experiments import segmentation_data as seg_data
-
-
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+from experiments.common import mean_std
+from experiments.tasks.segmentation import data as seg_data
 
 
 def aggregate(summaries: Sequence[dict]) -> List[dict]:
@@ -26,8 +22,8 @@ def aggregate(summaries: Sequence[dict]) -> List[dict]:
     groups.setdefault((s["method"], s["batch_size"]), []).append(s)
   rows = []
   for (method, batch), runs in groups.items():
-    miou = mean_std([100 * r["test_miou"] for r in runs])
-    acc = mean_std([100 * r["test_pixel_acc"] for r in runs])
+    miou = mean_std([100 * r["test_miou"] for r in runs])[:2]
+    acc = mean_std([100 * r["test_pixel_acc"] for r in runs])[:2]
     rows.append(
       {
         "method": method,

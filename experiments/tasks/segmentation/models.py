@@ -105,7 +105,7 @@ def segmentation_normalizer(
   """The registry normalizer ``norm`` for :class:`UNet` under one ``jit``.
 
   ``norm_batch_size`` (batch normalizers only, as in
-  :meth:`experiments.train.Config.normalizer_kwargs`) splits each batch into
+  :meth:`experiments.loop.config.Config.normalizer_kwargs`) splits each batch into
   groups normalized separately; ``gn`` gets :func:`group_count` groups;
   ``syncbn`` gets ``axis_name=None`` (one program over the batch: its
   statistics are global already). ``norm_kwargs`` are passed through.
