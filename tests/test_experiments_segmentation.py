@@ -400,7 +400,22 @@ def test_finetune_start_converts_bn_statistics_into_mabn_state(tmp_path):
   assert normalizer.name == "bn" and same is loaded
 
 
-def test_cli_finetunes_a_bn_checkpoint_as_mabn_at_batch_2(tmp_path, tiny_tarball, capsys):
+def test_finetune_start_freezes_the_bn_checkpoint_for_ft_frozen_bn(tmp_path):
+  bn_vars = _bn_checkpoint(str(tmp_path / "bn.msgpack"))
+  loaded = S.load_variables(str(tmp_path / "bn.msgpack"))
+  base = S.preset("seg_quick", widths=(4, 8))
+  spec = S.RunSpec("ft_frozen_bn", 2, 0)
+  assert spec.finetune
+  config, variables, normalizer = S.finetune_start(spec, base, loaded)
+  assert normalizer.name == "frozen_bn" and config.norm == "frozen_bn"
+  bn = bn_vars["batch_stats"]["down1"]["conv1"]["norm"]
+  frozen = variables["batch_stats"]["down1"]["conv1"]["norm"]
+  np.testing.assert_array_equal(frozen["mean"], bn["mean"])
+  np.testing.assert_array_equal(frozen["var"], bn["var"])
+
+
+@pytest.mark.parametrize("method, norm", [("ft_mabn", "mabn"), ("ft_frozen_bn", "frozen_bn")])
+def test_cli_finetunes_a_bn_checkpoint_at_batch_2(tmp_path, tiny_tarball, capsys, method, norm):
   _bn_checkpoint(str(tmp_path / "bn.msgpack"))
   args = _cli(
     tmp_path,
@@ -410,14 +425,14 @@ def test_cli_finetunes_a_bn_checkpoint_as_mabn_at_batch_2(tmp_path, tiny_tarball
     "--no_reference",
     "--finetune",
     "--finetune_methods",
-    "ft_mabn",
+    method,
     "--pretrained",
     str(tmp_path / "bn.msgpack"),
   )
   assert S.main(args) == 0
   lines = _json_lines(capsys.readouterr().out)
-  assert [l["run"] for l in lines] == ["ft_mabn_b2_s0"]
-  summary = json.loads((tmp_path / "out" / "runs" / "ft_mabn_b2_s0.json").read_text())
-  assert summary["finished"] and summary["norm"] == "mabn" and summary["steps"] == 2
+  assert [l["run"] for l in lines] == [f"{method}_b2_s0"]
+  summary = json.loads((tmp_path / "out" / "runs" / f"{method}_b2_s0.json").read_text())
+  assert summary["finished"] and summary["norm"] == norm and summary["steps"] == 2
   assert np.isfinite(summary["final_train_loss"])
-  assert "| ft_mabn | 2 |" in (tmp_path / "out" / "table.md").read_text()
+  assert f"| {method} | 2 |" in (tmp_path / "out" / "table.md").read_text()

@@ -11,6 +11,7 @@ import mabn_jax as mj
 from experiments.common import ints, names
 from experiments.tasks.segmentation.config import PRESETS, Config, load_data, preset
 from experiments.tasks.segmentation.runs import (
+  ALL_FINETUNE_METHODS,
   DEFAULT_OUT_DIR,
   FINETUNE_METHODS,
   plan_runs,
@@ -47,7 +48,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--finetune_methods",
     default=",".join(FINETUNE_METHODS),
-    help="which fine-tune runs --finetune adds",
+    help=f"which fine-tune runs --finetune adds (of {', '.join(ALL_FINETUNE_METHODS)})",
   )
   p.add_argument(
     "--pretrained",
@@ -144,8 +145,9 @@ def check_names(args: argparse.Namespace) -> None:
     if norm not in mj.normalizer_names():
       raise SystemExit(f"unknown normalizer {norm!r}; valid: {', '.join(mj.normalizer_names())}")
   for method in names(args.finetune_methods):
-    if method not in FINETUNE_METHODS:
-      raise SystemExit(f"unknown fine-tune method {method!r}; valid: {', '.join(FINETUNE_METHODS)}")
+    if method not in ALL_FINETUNE_METHODS:
+      valid = ", ".join(ALL_FINETUNE_METHODS)
+      raise SystemExit(f"unknown fine-tune method {method!r}; valid: {valid}")
 
 
 SUMMARY_KEYS = (

@@ -21,6 +21,9 @@ from experiments.tasks.segmentation.training import load_variables, save_variabl
 
 DEFAULT_OUT_DIR = os.path.join("experiments", "results", "segmentation_cifar_cpu")
 FINETUNE_METHODS = ("ft_mabn", "ft_bn")
+"""The fine-tune runs ``--finetune`` adds by default."""
+ALL_FINETUNE_METHODS = FINETUNE_METHODS + ("ft_frozen_bn",)
+"""Every fine-tune method (``ft_frozen_bn``: BN's statistics and affine map held fixed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,7 @@ class RunSpec:
   @property
   def finetune(self) -> bool:
     """Whether the run fine-tunes the BN reference model."""
-    return self.method in FINETUNE_METHODS
+    return self.method in ALL_FINETUNE_METHODS
 
 
 def plan_runs(
@@ -133,7 +136,9 @@ def finetune_start(
 
   ``ft_mabn``: :func:`mabn_jax.convert_batch_norm` with the BN normalizer the
   checkpoint was trained with (``mabn_kwargs`` become the MABN options);
-  ``ft_bn``: the BN variables and normalizer unchanged.
+  ``ft_bn``: the BN variables and normalizer unchanged; ``ft_frozen_bn``:
+  the BN variables converted to ``'frozen_bn'`` (statistics and affine map
+  fixed, as detection backbones are fine-tuned).
   """
   config = dataclasses.replace(
     base, norm="bn", norm_kwargs={}, batch_size=spec.batch_size, seed=spec.seed
@@ -141,6 +146,9 @@ def finetune_start(
   bn = config.normalizer()
   if spec.method == "ft_bn":
     return config, bn_variables, bn
+  if spec.method == "ft_frozen_bn":
+    variables, frozen = mj.convert_batch_norm(bn_variables, bn, name="frozen_bn")
+    return dataclasses.replace(config, norm="frozen_bn"), variables, frozen
   variables, mabn = mj.convert_batch_norm(bn_variables, bn, **dict(mabn_kwargs or {}))
   return dataclasses.replace(config, norm="mabn", norm_kwargs=dict(mabn.kwargs)), variables, mabn
 
