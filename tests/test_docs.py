@@ -29,14 +29,19 @@ def test_page_code_blocks_run_in_order(page):
   # page find their namespace.
   module = types.ModuleType(f"docs_{page.stem}")
   sys.modules[module.__name__] = module
+  executed = 0
   try:
     for index, code in enumerate(blocks(page)):
       try:
         exec(compile(code, f"{page.name}, block {index + 1}", "exec"), module.__dict__)
       except Exception as error:
         raise AssertionError(f"{page.name}, block {index + 1} failed: {error!r}") from error
+      executed += 1
   finally:
     del sys.modules[module.__name__]
+  assert executed == len(blocks(page)) > 0
+  defined = {name for name in vars(module) if not name.startswith("__")}
+  assert defined, f"{page.name}: its examples defined nothing"
 
 
 def test_readme_and_benchmarks_page_stay_short():
