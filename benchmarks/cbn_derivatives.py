@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.core import unfreeze
 
 import mabn_jax as mj
 from benchmarks import bench
@@ -153,32 +154,28 @@ def train_segmentation(
   for ``epochs``), stopped after ``steps``; returns what :func:`train` does.
   ``overrides`` replace fields of the preset (the tests' tiny data)."""
   from experiments import segmentation as S
-  from experiments.tasks.segmentation import data as seg_data
-  from experiments.tasks.segmentation.models import UNet
 
   config = S.preset(preset, norm="cbn", batch_size=2, seed=seed, epochs=epochs, **overrides)
   dataset = S.load_data(config)
-  model = UNet(config.normalizer(), dataset.num_classes, tuple(config.widths))
-  steps_per_epoch = len(dataset.train) // config.batch_size
-  tx = S.make_optimizer(
-    config,
-    S.learning_rate_schedule(config, steps_per_epoch, config.total_steps(len(dataset.train))),
-  )
-  train_step, _ = S.step_functions(model, tx, dataset.num_classes)
-  variables = jax.tree_util.tree_map(jnp.asarray, S.init_variables(model, config, dataset))
+  model = S.TASK.build(config, dataset)
+  loader = S.TASK.train_loader(config, dataset, config.batch_size)
+  spe = loader.steps_per_epoch
+  tx = S.optimizer(config, S.learning_rate_schedule(config, spe, config.total_steps(spe)))
+  train_step = jax.jit(S.step_functions(model, tx, dataset.num_classes)[0], donate_argnums=(0, 1))
+  x = jnp.zeros((config.batch_size,) + dataset.image_shape, jnp.float32)
+  variables = unfreeze(model.init(jax.random.PRNGKey(seed), x, train=True))
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
   opt_state = tx.init(variables["params"])
   history, t, epoch = [], 0, 0
   while t < steps:
-    for batch in seg_data.train_batches(
-      dataset.train, dataset.mean, dataset.std, config.batch_size, seed, epoch, config.flip
-    ):
+    for batch in loader.epoch(epoch):
       # The step donates its inputs: keep copies of the last ``keep`` states.
       kept = jax.tree_util.tree_map(jnp.copy, variables)
       history = (history + [(kept, jnp.asarray(batch["image"]))])[-keep:]
-      variables, opt_state, loss = train_step(variables, opt_state, batch)
+      variables, opt_state, metrics = train_step(variables, opt_state, batch)
       t += 1
       if t % 100 == 0:
-        print(f"step {t}: loss {float(loss):.3f}", flush=True)
+        print(f"step {t}: loss {float(metrics['loss']):.3f}", flush=True)
       if t >= steps:
         break
     epoch += 1

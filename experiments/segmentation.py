@@ -35,16 +35,23 @@ data or optimization settings is an error, not reused: give each
 configuration its own ``--out_dir``. Metrics:
 :mod:`experiments.tasks.segmentation.metrics`.
 
-The code lives in :mod:`experiments.tasks.segmentation` (config, data,
-models, metrics, training, runs, report, the command line); this module is
-the entry point and keeps their names importable as
-``experiments.segmentation.<name>``.
+Each run is trained by the loop every task shares
+(:func:`experiments.loop.loop.train`, one
+:class:`~experiments.loop.config.Config`; presets ``seg_quick`` and
+``seg_cpu`` in :mod:`experiments.loop.presets`), so
+``python -m experiments.train --preset seg_quick --norm mabn`` trains one
+run with the classification command line too. The task lives in
+:mod:`experiments.tasks.segmentation` (data, models, metrics, the task,
+training, runs, report, the command line); this module is the entry point
+and keeps their names importable as ``experiments.segmentation.<name>``.
 """
 
 import sys
 
-from experiments.tasks.segmentation.cli import config_from_args, main, parse_args
-from experiments.tasks.segmentation.config import PRESET_FIELDS, PRESETS, Config, load_data, preset
+from experiments.loop.config import Config
+from experiments.loop.optimizer import learning_rate_schedule, optimizer
+from experiments.loop.presets import PRESET_FIELDS, preset
+from experiments.tasks.segmentation.cli import PRESETS, config_from_args, main, parse_args
 from experiments.tasks.segmentation.runs import (
   DEFAULT_OUT_DIR,
   FINETUNE_METHODS,
@@ -61,29 +68,33 @@ from experiments.tasks.segmentation.runs import (
   write_json,
   write_report,
 )
-from experiments.tasks.segmentation.training import (
-  evaluate,
-  init_variables,
-  learning_rate_schedule,
-  load_variables,
-  make_optimizer,
+from experiments.tasks.segmentation.task import (
+  TASK,
+  SegLoader,
+  load_data,
   pixel_cross_entropy,
+  run_normalizer,
+  split_metrics,
+  step_functions,
+)
+from experiments.tasks.segmentation.training import (
+  load_variables,
   predict,
   save_variables,
-  step_functions,
   to_host,
   train,
 )
 
 __all__ = [
+  "Config",
+  "learning_rate_schedule",
+  "optimizer",
+  "PRESET_FIELDS",
+  "preset",
+  "PRESETS",
   "config_from_args",
   "main",
   "parse_args",
-  "PRESET_FIELDS",
-  "PRESETS",
-  "Config",
-  "load_data",
-  "preset",
   "DEFAULT_OUT_DIR",
   "FINETUNE_METHODS",
   "RunSpec",
@@ -98,15 +109,16 @@ __all__ = [
   "run_path",
   "write_json",
   "write_report",
-  "evaluate",
-  "init_variables",
-  "learning_rate_schedule",
-  "load_variables",
-  "make_optimizer",
+  "TASK",
+  "SegLoader",
+  "load_data",
   "pixel_cross_entropy",
+  "run_normalizer",
+  "split_metrics",
+  "step_functions",
+  "load_variables",
   "predict",
   "save_variables",
-  "step_functions",
   "to_host",
   "train",
 ]

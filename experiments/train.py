@@ -28,9 +28,11 @@ the end and on Ctrl-C) and ``summary.json``. ``--resume`` continues from the
 latest checkpoint to exactly the result of an uninterrupted run.
 
 The code lives in :mod:`experiments.loop` (config, presets, optimizer,
-parallel modes, checkpoints, metrics, hooks, the loop, the command line) and
-:mod:`experiments.tasks.classification`; this module is the entry point and
-keeps their names importable as ``experiments.train.<name>``.
+parallel modes, checkpoints, metrics, evaluation, hooks, the task
+interface, the loop, the command line) and :mod:`experiments.tasks`
+(classification, segmentation); ``--preset seg_quick`` or ``seg_cpu`` trains
+the segmentation task with the same loop. This module is the entry point
+and keeps their names importable as ``experiments.train.<name>``.
 """
 
 import sys
@@ -52,6 +54,7 @@ from experiments.loop.config import (
   first_decay_step,
   resolve_steps,
 )
+from experiments.loop.evaluation import evaluate, evaluate_splits, precise_bn_evaluation
 from experiments.loop.hooks import Hooks
 from experiments.loop.loop import make_loaders, open_run, train
 from experiments.loop.metrics import (
@@ -74,14 +77,13 @@ from experiments.loop.parallel import (
   shard_map_steps,
 )
 from experiments.loop.presets import PRESETS, preset
+from experiments.loop.task import Task, get_task
 from experiments.tasks.classification import (
+  TASK,
   build,
-  evaluate,
-  evaluate_splits,
   load_data,
   make_normalizer,
   make_steps,
-  precise_bn_evaluation,
   step_functions,
 )
 from experiments.tasks.main_job import MAIN_JOB, MAIN_JOB_SEEDS, main_job_table, plot_main_job
@@ -125,6 +127,9 @@ __all__ = [
   "shard_map_steps",
   "PRESETS",
   "preset",
+  "Task",
+  "get_task",
+  "TASK",
   "build",
   "evaluate",
   "evaluate_splits",

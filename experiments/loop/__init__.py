@@ -1,2 +1,3 @@
-"""The training loop shared by the experiments: config, presets, optimizer, devices,
-checkpoints, metrics, hooks and the command line of ``python -m experiments.train``."""
+"""The training loop every task shares: one config, the presets, optimizer, devices,
+checkpoints, metrics, evaluation, hooks, the task interface and the command line
+of ``python -m experiments.train``."""

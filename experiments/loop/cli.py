@@ -1,4 +1,4 @@
-"""The command line of the classification runs (``python -m experiments.train``)."""
+"""The command line of single runs of either task (``python -m experiments.train``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from experiments.loop.config import Config
 from experiments.loop.hooks import NO_HOOKS, Hooks
 from experiments.loop.loop import train
 from experiments.loop.presets import PRESETS, preset
-from experiments.tasks.classification import load_data
+from experiments.loop.task import get_task
 from experiments.tasks.main_job import MAIN_JOB, MAIN_JOB_SEEDS, main_job_table, plot_main_job
 
 
@@ -107,14 +107,16 @@ def run_config(base: Config, root: str, run: Tuple[str, Any, int], several: bool
 
 
 def print_results(base: Config, results: Sequence[Dict[str, Any]]) -> None:
-  """The table of the runs: final and best test top-1, wall time."""
+  """The table of the runs: the final and best test value of the task's metric, wall time."""
+  metric = get_task(base.task).metric
   print(
     f"\n{base.preset}: {base.dataset}, {base.model}, SGD batch {base.device_batch()} per device"
   )
-  print(f"{'run':<16} {'final top-1':>11} {'best top-1':>10} {'wall s':>8}")
+  name = "top-1" if metric == "top1" else metric
+  print(f"{'run':<16} {'final ' + name:>11} {'best ' + name:>10} {'wall s':>8}")
   for s in results:
     print(
-      f"{s['name']:<16} {s['final_test_top1']:>11.2f} {s['best_test_top1']:>10.2f} "
+      f"{s['name']:<16} {s[f'final_test_{metric}']:>11.2f} {s[f'best_test_{metric}']:>10.2f} "
       f"{s['wall_time_s']:>8.1f}"
     )
 
@@ -145,10 +147,11 @@ def main(argv: Optional[Sequence[str]] = None, hooks: Hooks = NO_HOOKS) -> int:
   for run in runs:
     cfg = run_config(base, root, run, len(runs) > 1)
     if dataset is None:
-      dataset = load_data(cfg)
+      dataset = get_task(cfg.task).load_data(cfg)
     s = train(cfg, dataset, hooks)
     results.append(s)
-    keys = ("name", "final_test_top1", "best_test_top1", "wall_time_s", "finished")
+    metric = get_task(cfg.task).metric
+    keys = ("name", f"final_test_{metric}", f"best_test_{metric}", "wall_time_s", "finished")
     print(json.dumps({k: s[k] for k in keys}), flush=True)
     if not s["finished"]:
       print(

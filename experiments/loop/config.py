@@ -1,4 +1,4 @@
-"""The configuration of a training run (:class:`Config`) and its step-count options."""
+"""The configuration of a training run of any task (:class:`Config`) and its step-count options."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ BATCH_NORMALIZERS = ("bn", "syncbn", "brn", "cbn", "cbn_naive", "mabn")
 GROUP_NORMALIZERS = ("gn", "ws_gn")
 AXIS = "batch"
 
+TASKS = ("classification", "segmentation")
+"""What a run learns (``Config.task``; see :mod:`experiments.loop.task`)."""
+
 PARALLEL_MODES = ("jit", "shard_map", "pmap")
 """How a step runs on the devices (``Config.parallel``; see
 :class:`experiments.loop.parallel.Parallel`)."""
@@ -20,9 +23,15 @@ PARALLEL_MODES = ("jit", "shard_map", "pmap")
 
 @dataclasses.dataclass
 class Config:
-  """One training run. ``norm`` is a registry name; see :func:`preset`."""
+  """One training run of either task. ``norm`` is a registry name; see
+  :func:`experiments.loop.presets.preset` for the named ones.
+
+  The fields marked *segmentation* are read by that task only (the
+  composite canvases, the U-Net's widths, the example predictions).
+  """
 
   preset: str = "quick"
+  task: str = "classification"
   # Data.
   dataset: str = "digits"
   data_dir: Optional[str] = None
@@ -33,6 +42,18 @@ class Config:
   val_split: int = 0
   image_size: int = 224
   prefetch: int = 2
+  # Segmentation data: cifar_composite's canvases (the same for every run
+  # seed, from data_seed), oxford_iiit_pet's label mapping, random flips.
+  canvas_size: int = 40
+  num_train: int = 16
+  num_val: int = 4
+  num_test: int = 8
+  objects: Tuple[int, int] = (1, 2)
+  background: Any = "random"
+  val_images: int = 8
+  data_seed: int = 0
+  pet_mapping: str = "trimap"
+  flip: bool = True
   # Model and normalizer.
   model: str = "cnn6"
   width: int = 0
@@ -43,12 +64,18 @@ class Config:
   small_batch: bool = False
   sync_stats: bool = False
   gn_groups: int = 32
+  # The U-Net's widths, finest first (segmentation).
+  widths: Tuple[int, ...] = (4, 8, 16, 32)
   # Which convs are normalized (models.NORM_LAYERS or 1-based conv numbers
   # '1,3'; cnn2/cnn6 only); the others are biased convs without normalization.
   norm_layers: str = "all"
-  # Optimization.
+  # Optimization. ``lr`` is the rate at ``reference_batch`` (default
+  # ``batch_size``), scaled linearly to the SGD batch (see ``peak_lr``).
+  optimizer: str = "sgd"
   epochs: float = 10.0
+  steps: int = 0  # > 0: overrides epochs
   lr: float = 0.05
+  reference_batch: Optional[int] = None
   momentum: float = 0.9
   nesterov: bool = False
   weight_decay: float = 5e-4
@@ -68,8 +95,10 @@ class Config:
   parallel: str = "jit"
   # Bookkeeping.
   workdir: Optional[str] = None
-  eval_every: int = 1
+  eval_every: int = 1  # epochs; 0: at the end only
+  eval_batch_size: Optional[int] = None  # None: the training batch
   log_every: int = 20
+  num_examples: int = 4  # example predictions kept (segmentation)
   checkpoint_every: int = 0
   resume: bool = False
   progress: bool = True
@@ -108,10 +137,21 @@ class Config:
     return self.norm_batch_size if self.small_batch else self.batch_size
 
   def peak_lr(self) -> float:
-    """``lr``, scaled linearly to the SGD batch with ``small_batch``
-    (``lr * b / batch_size``: the same epochs take ``batch_size / b`` times
-    more steps of a ``b / batch_size`` smaller gradient step)."""
-    return self.lr * self.device_batch() / self.batch_size if self.small_batch else self.lr
+    """``lr``, scaled linearly from ``reference_batch`` (default
+    ``batch_size``) to the SGD batch :meth:`device_batch`: with
+    ``small_batch`` ``lr * b / batch_size`` (the same epochs take
+    ``batch_size / b`` times more steps of a ``b / batch_size`` smaller
+    gradient step); ``lr`` when the two batches are equal."""
+    reference = self.reference_batch or self.batch_size
+    if self.device_batch() == reference:
+      return self.lr
+    return self.lr * self.device_batch() / reference
+
+  def total_steps(self, steps_per_epoch: int) -> int:
+    """``steps`` if set, else ``round(epochs * steps_per_epoch)`` (at least 1)."""
+    if self.steps > 0:
+      return self.steps
+    return max(1, int(round(self.epochs * steps_per_epoch)))
 
   def validate(self):
     """Raises ``ValueError`` for inconsistent fields."""
@@ -120,6 +160,10 @@ class Config:
     b, B = self.norm_batch_size, self.device_batch()
     if b is not None and (b <= 0 or B % b):
       raise ValueError(f"norm_batch_size b={b} must divide the per-device batch B={B}")
+    if self.task not in TASKS:
+      raise ValueError(f"task {self.task!r}: expected one of {TASKS}")
+    if self.optimizer not in ("sgd", "adamw"):
+      raise ValueError(f"optimizer {self.optimizer!r}: expected sgd or adamw")
     if self.parallel not in PARALLEL_MODES:
       raise ValueError(f"parallel {self.parallel!r}: expected one of {PARALLEL_MODES}")
     if self.schedule not in ("cosine", "step", "constant"):

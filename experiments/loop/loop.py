@@ -1,4 +1,7 @@
-"""The training loop: one run from its config to its summary (:func:`train`).
+"""The training loop of every task: one run from its config to its summary (:func:`train`).
+
+The task (``config.task``, :mod:`experiments.loop.task`) brings the data,
+the model, the loss and the metrics; the loop is the same for all of them.
 
 Each run writes into its workdir: ``metrics.jsonl`` (train windows and test
 evaluations), ``checkpoints/`` (orbax, every ``checkpoint_every`` steps, at
@@ -21,7 +24,6 @@ import jax.numpy as jnp
 from flax.core import unfreeze
 
 import mabn_jax as mj
-from experiments import data as data_lib
 from experiments.loop.checkpoints import (
   _checkpoint_manager,
   _checkpoint_target,
@@ -32,6 +34,7 @@ from experiments.loop.checkpoints import (
   save_checkpoint,
 )
 from experiments.loop.config import AXIS, Config
+from experiments.loop.evaluation import evaluate_splits, precise_bn_evaluation
 from experiments.loop.hooks import NO_HOOKS, Hooks
 from experiments.loop.metrics import (
   Progress,
@@ -43,13 +46,7 @@ from experiments.loop.metrics import (
 )
 from experiments.loop.optimizer import learning_rate_schedule, optimizer
 from experiments.loop.parallel import Parallel
-from experiments.tasks.classification import (
-  build,
-  evaluate_splits,
-  load_data,
-  precise_bn_evaluation,
-  step_functions,
-)
+from experiments.loop.task import Loader, Task, get_task
 
 
 def _devices_to_use(config: Config) -> int:
@@ -63,25 +60,14 @@ def _devices_to_use(config: Config) -> int:
   return n
 
 
-def make_loaders(config: Config, dataset: data_lib.Dataset, host_batch: int):
+def make_loaders(config: Config, dataset, host_batch: int, task: Optional[Task] = None):
   """``(train_loader, {split: eval_loader})`` of this process's share of the data."""
-
-  def loader(split, shuffle):
-    return data_lib.Loader(
-      dataset,
-      split,
-      host_batch,
-      shuffle,
-      config.seed,
-      jax.process_index(),
-      jax.process_count(),
-      config.prefetch,
-    )
-
-  evals = {
-    split: loader(split, False) for split in ("val", "test") if getattr(dataset, split) is not None
-  }
-  return loader("train", True), evals
+  task = task or get_task(config.task)
+  shard = (jax.process_index(), jax.process_count())
+  return (
+    task.train_loader(config, dataset, host_batch, *shard),
+    task.eval_loaders(config, dataset, host_batch, *shard),
+  )
 
 
 def open_run(config: Config, parallel: Parallel, state):
@@ -119,16 +105,19 @@ class Run:
   """A run being trained: what the steps of the loop read and update.
 
   ``variables`` and ``opt_state`` are on the devices (the step donates them);
-  ``last_time``/``last_step`` mark the previous training record (its rate).
+  ``last_time``/``last_step`` mark the previous training record (its rate);
+  ``times`` holds the training's start and end, the end of its first step
+  and the seconds spent evaluating (:func:`timing`).
   """
 
   config: Config
-  dataset: data_lib.Dataset
+  task: Task
+  dataset: Any
   model: Any
   schedule: Any
   parallel: Parallel
-  train_loader: data_lib.Loader
-  eval_loaders: Dict[str, data_lib.Loader]
+  train_loader: Loader
+  eval_loaders: Dict[str, Loader]
   steps_per_epoch: int
   total_steps: int
   manager: Any
@@ -139,47 +128,45 @@ class Run:
   hooks: Hooks = NO_HOOKS
   last_time: float = 0.0
   last_step: int = 0
+  times: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def initial_state(config: Config, model, tx, dataset: data_lib.Dataset, n: int):
+def initial_state(config: Config, task: Task, model, tx, dataset, n: int, variables=None):
   """``(parallel, host_state)``: the compiled steps over ``n`` local devices
-  and the initial ``{'variables', 'opt_state'}`` in their host layout."""
-  variables = unfreeze(
-    model.init(
+  and the initial ``{'variables', 'opt_state'}`` in their host layout
+  (``variables``, e.g. a model to fine-tune, instead of a fresh init)."""
+  if variables is None:
+    variables = model.init(
       jax.random.PRNGKey(config.seed),
-      jnp.zeros((config.device_batch(),) + dataset.image_shape, jnp.float32),
+      jnp.zeros((config.device_batch(),) + tuple(dataset.image_shape), jnp.float32),
       train=True,
     )
-  )
+  variables = jax.tree_util.tree_map(jnp.asarray, unfreeze(variables))
   opt_state = tx.init(variables["params"])
-  steps = step_functions(
-    model,
-    tx,
-    dataset.num_classes,
-    config.label_smoothing,
-    config.diagnose,
-    None if config.parallel == "jit" else AXIS,
-  )
-  parallel = Parallel(config.parallel, steps, n)
+  axis = None if config.parallel == "jit" else AXIS
+  parallel = Parallel(config.parallel, task.step_functions(config, model, tx, dataset, axis), n)
   return parallel, parallel.replicate(_to_host({"variables": variables, "opt_state": opt_state}))
 
 
-def start_run(config: Config, dataset: Optional[data_lib.Dataset], hooks: Hooks) -> Run:
+def start_run(config: Config, dataset, hooks: Hooks, variables=None, normalizer=None) -> Run:
   """The run ready for its first (or resumed) step: data, model, optimizer,
   devices, and the state of its workdir (see :func:`open_run`)."""
+  task = get_task(config.task)
   n = _devices_to_use(config)
   if dataset is None:
-    dataset = load_data(config)
-  train_loader, eval_loaders = make_loaders(config, dataset, config.device_batch() * n)
+    dataset = task.load_data(config)
+  train_loader, eval_loaders = make_loaders(config, dataset, config.device_batch() * n, task)
   spe = train_loader.steps_per_epoch
-  total_steps = max(1, int(round(config.epochs * spe)))
-  model = build(config, dataset.num_classes, total_steps, spe)
+  total_steps = config.total_steps(spe)
+  model = task.build(config, dataset, total_steps, spe, normalizer)
   schedule = learning_rate_schedule(config, spe, total_steps)
-  parallel, state = initial_state(config, model, optimizer(config, schedule), dataset, n)
+  tx = optimizer(config, schedule)
+  parallel, state = initial_state(config, task, model, tx, dataset, n, variables)
   manager, step, state, run_log = open_run(config, parallel, state)
   dev_state = parallel.put(state)
   return Run(
     config,
+    task,
     dataset,
     model,
     schedule,
@@ -214,7 +201,7 @@ def log_training(run: Run, progress: Progress) -> None:
   rate = (step - run.last_step) / max(now - run.last_time, 1e-9)
   rec = run.run_log.log_training(step, run.steps_per_epoch, float(run.schedule(step - 1)), rate)
   run.last_time, run.last_step = now, step
-  progress.update(step, {"loss": rec["loss"], "acc": rec["acc"]})
+  progress.update(step, {k: rec[k] for k in run.run_log.metric_names()})
 
 
 def maybe_evaluate(run: Run) -> None:
@@ -225,13 +212,10 @@ def maybe_evaluate(run: Run) -> None:
   due = step == run.total_steps or (config.eval_every and e % config.eval_every == 0)
   if due and not run.run_log.evaluated(step):
     final = step == run.total_steps
-    run.run_log.log(
-      {
-        "step": step,
-        "epoch": step / spe,
-        **evaluate_splits(run.parallel, run.variables, run.eval_loaders, final=final),
-      }
-    )
+    start = time.time()
+    results = evaluate_splits(run.task, run.parallel, run.variables, run.eval_loaders, final)
+    run.times["eval"] = run.times.get("eval", 0.0) + time.time() - start
+    run.run_log.log({"step": step, "epoch": step / spe, **results})
 
 
 def train_step(run: Run, batch, progress: Progress) -> None:
@@ -243,6 +227,9 @@ def train_step(run: Run, batch, progress: Progress) -> None:
   )
   run.run_log.pending.append(metrics)
   run.step += 1
+  if "first_step_end" not in run.times:  # the first step compiles: timed apart
+    jax.block_until_ready(metrics)
+    run.times["first_step_end"] = time.time()
   step, total = run.step, run.total_steps
   end_of_epoch = step % run.steps_per_epoch == 0
   if step % config.log_every == 0 or step == total or end_of_epoch:
@@ -259,38 +246,78 @@ def train_step(run: Run, batch, progress: Progress) -> None:
 def train_epochs(run: Run, progress: Progress) -> None:
   """Steps until the end of training (raises ``KeyboardInterrupt`` if interrupted)."""
   run.last_time, run.last_step = time.time(), run.step
-  while run.step < run.total_steps:
-    epoch, start = divmod(run.step, run.steps_per_epoch)
-    for batch in run.train_loader.epoch(epoch, start):
-      train_step(run, batch, progress)
-      if run.step >= run.total_steps:
-        break
+  run.times.update(start=run.last_time, first_step=run.step)
+  try:
+    while run.step < run.total_steps:
+      epoch, start = divmod(run.step, run.steps_per_epoch)
+      for batch in run.train_loader.epoch(epoch, start):
+        train_step(run, batch, progress)
+        if run.step >= run.total_steps:
+          break
+  finally:
+    run.times["end"] = time.time()
+
+
+def timing(run: Run) -> Dict[str, Optional[float]]:
+  """``train_seconds`` (this process's training, evaluations excluded) and
+  ``seconds_per_step`` (the mean over the steps after the first, which
+  compiles; ``None`` with fewer than two steps)."""
+  t = run.times
+  if "first_step_end" not in t:
+    return {"train_seconds": 0.0, "seconds_per_step": None}
+  evaluating = t.get("eval", 0.0)
+  steps = run.step - int(t["first_step"])
+  after_first = t["end"] - t["first_step_end"] - evaluating
+  return {
+    "train_seconds": t["end"] - t["start"] - evaluating,
+    "seconds_per_step": after_first / (steps - 1) if steps > 1 else None,
+  }
 
 
 def finish(run: Run, finished: bool, wall_time_s: float) -> Dict[str, Any]:
   """The run's summary (written if finished), with its final variables."""
   config, parallel, dev_vars = run.config, run.parallel, run.variables
   mj.check_finite({"batch_stats": parallel.first(dev_vars.get("batch_stats", {}))})
-  summary = summarize(config, run.run_log.records, run.step, run.total_steps, finished, wall_time_s)
+  summary = summarize(
+    config, run.run_log.records, run.step, run.total_steps, finished, wall_time_s, run.task.metric
+  )
+  summary.update(timing(run))
   if config.precise_bn_batches and finished:
     summary.update(
-      precise_bn_evaluation(config, run.model, dev_vars, run.dataset, parallel, run.eval_loaders)
+      precise_bn_evaluation(
+        run.task, config, run.model, dev_vars, run.dataset, parallel, run.eval_loaders
+      )
     )
   if config.workdir and finished and jax.process_index() == 0:
     write_summary(config.workdir, summary)
   summary["variables"] = parallel.first(dev_vars)
   # Every device's statistics (leading device axis), for per-device/synchronized checks.
   summary["device_batch_stats"] = parallel.device_view(dev_vars.get("batch_stats", {}))
+  summary["model"] = run.model
   return summary
 
 
 def train(
-  config: Config, dataset: Optional[data_lib.Dataset] = None, hooks: Hooks = NO_HOOKS
+  config: Config, dataset=None, hooks: Hooks = NO_HOOKS, variables=None, normalizer=None
 ) -> Dict[str, Any]:
-  """Trains one run; returns (and writes) its summary."""
+  """Trains one run of ``config.task``; returns (and writes) its summary.
+
+  Args:
+    config: the run.
+    dataset: its data (default: loaded by the task).
+    hooks: callbacks of the loop (:class:`~experiments.loop.hooks.Hooks`).
+    variables: start from these (fine-tuning) instead of a fresh init.
+    normalizer: the model's normalizer instead of the config's (e.g. one
+      made by :func:`mabn_jax.convert_batch_norm`).
+
+  Returns:
+    the summary (``summary.json``'s fields), plus what is not written:
+    ``variables`` (device 0's final variables, numpy), ``device_batch_stats``
+    and ``model``.
+  """
   config.validate()
   wall_start = time.time()
-  run = start_run(config, dataset, hooks)
+  run = start_run(config, dataset, hooks, variables, normalizer)
   progress = Progress(
     run.total_steps,
     run.step,

@@ -18,8 +18,8 @@ from experiments.loop.parallel import Parallel, _scalar
 
 
 def _evaluated(record: Dict[str, Any]) -> bool:
-  """Whether a record holds an evaluation."""
-  return any(k.endswith("_top1") for k in record)
+  """Whether a record holds an evaluation (``<split>_<metric>`` entries)."""
+  return any(k.startswith(("val_", "test_")) for k in record)
 
 
 def git_commit() -> str:
@@ -77,7 +77,7 @@ def write_metrics(path: str, records):
 
 
 class Progress:
-  """tqdm bar with step, loss, acc, steps/s and ETA (a plain line without tqdm)."""
+  """tqdm bar with step, the training metrics, steps/s and ETA (a plain line without tqdm)."""
 
   def __init__(self, total: int, initial: int, enabled: bool, desc: str):
     self.total, self.enabled, self.desc = total, enabled, desc
@@ -121,15 +121,15 @@ class RunLog:
   """A run's metrics: the records of ``metrics.jsonl`` (``path``, process 0
   writes it) and the training metrics accumulated since the last record.
 
+  ``host`` holds ``count`` and a ``<name>_sum`` per training metric the
+  task's step returns (``loss``, and ``acc`` for classification).
   ``pending`` holds the device metrics of the steps not yet read back (read
   back in batches: a transfer per step would stall the loop).
   """
 
   path: Optional[str] = None
   records: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-  host: Dict[str, Any] = dataclasses.field(
-    default_factory=lambda: {"loss_sum": 0.0, "acc_sum": 0.0, "count": 0}
-  )
+  host: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"count": 0})
   pending: List[Any] = dataclasses.field(default_factory=list)
   latest_diag: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -141,32 +141,36 @@ class RunLog:
         f.write(json.dumps(record) + "\n")
 
   def fold_pending(self, parallel: Parallel) -> None:
-    """Adds the pending steps' loss and accuracy to the sums (and keeps the
-    latest diagnostics)."""
+    """Adds the pending steps' metrics to the sums (and keeps the latest
+    diagnostics)."""
     for m in parallel.to_host(self.pending):
-      self.host["loss_sum"] += _scalar(m["loss"])
-      self.host["acc_sum"] += _scalar(m["acc"])
+      for name, value in m.items():
+        if name != "diag":
+          self.host[f"{name}_sum"] = self.host.get(f"{name}_sum", 0.0) + _scalar(value)
       self.host["count"] += 1
       if "diag" in m:
         self.latest_diag["diag"] = jax.tree_util.tree_map(_scalar, m["diag"])
     self.pending.clear()
+
+  def metric_names(self) -> List[str]:
+    """The training metrics summed in ``host``, in the step's order."""
+    return [k[: -len("_sum")] for k in self.host if k.endswith("_sum")]
 
   def log_training(
     self, step: int, steps_per_epoch: int, lr: float, steps_per_sec: float
   ) -> Dict[str, Any]:
     """Logs the averages since the last training record and resets them
     (after :meth:`fold_pending`)."""
-    host = self.host
+    host, names = self.host, self.metric_names()
     record = {
       "step": step,
       "epoch": step / steps_per_epoch,
-      "loss": host["loss_sum"] / host["count"],
-      "acc": host["acc_sum"] / host["count"],
+      **{name: host[f"{name}_sum"] / host["count"] for name in names},
       "lr": lr,
       "steps_per_sec": steps_per_sec,
       **self.latest_diag,
     }
-    host.update(loss_sum=0.0, acc_sum=0.0, count=0)
+    host.update({f"{name}_sum": 0.0 for name in names}, count=0)
     self.log(record)
     return record
 
@@ -176,13 +180,28 @@ class RunLog:
 
 
 def summarize(
-  config: Config, records, step: int, total_steps: int, finished: bool, wall_time_s: float
+  config: Config,
+  records,
+  step: int,
+  total_steps: int,
+  finished: bool,
+  wall_time_s: float,
+  metric: str = "top1",
 ) -> Dict[str, Any]:
-  """The summary of a run (what ``summary.json`` holds) from its records."""
-  evals = [r for r in records if "test_top1" in r]
-  vals = [r for r in records if "val_top1" in r]
+  """The summary of a run (what ``summary.json`` holds) from its records:
+  the final and best value and the curve of the task's ``metric`` per split,
+  the training loss curve, and the last evaluation's other metrics
+  (``final_<split>_<name>``)."""
+  evals = [r for r in records if f"test_{metric}" in r]
+  vals = [r for r in records if f"val_{metric}" in r]
   trains = [r for r in records if "loss" in r]
-  return {
+  last = {
+    f"final_{k}": v
+    for r in (vals[-1:] + evals[-1:])
+    for k, v in r.items()
+    if k.startswith(("val_", "test_")) and not k.endswith(f"_{metric}")
+  }
+  summary = {
     "name": config.run_name(),
     "finished": finished,
     "step": step,
@@ -191,13 +210,27 @@ def summarize(
     "git_commit": git_commit(),
     "device": device_info(),
     "wall_time_s": wall_time_s,
-    "final_test_top1": evals[-1]["test_top1"] if evals else None,
-    "best_test_top1": max(r["test_top1"] for r in evals) if evals else None,
-    "final_val_top1": vals[-1]["val_top1"] if vals else None,
-    "best_val_top1": max(r["val_top1"] for r in vals) if vals else None,
+    **{
+      key: value
+      for split, rs in (("test", evals), ("val", vals))
+      for key, value in _metric_fields(split, metric, rs).items()
+    },
     "train_loss_curve": [[r["step"], r["loss"]] for r in trains],
-    "test_top1_curve": [[r["step"], r["test_top1"]] for r in evals],
-    "val_top1_curve": [[r["step"], r["val_top1"]] for r in vals],
+    **{
+      f"{split}_{metric}_curve": [[r["step"], r[f"{split}_{metric}"]] for r in rs]
+      for split, rs in (("test", evals), ("val", vals))
+    },
+  }
+  summary.update(last)
+  return summary
+
+
+def _metric_fields(split: str, metric: str, records) -> Dict[str, Any]:
+  """``final_<split>_<metric>`` and ``best_<split>_<metric>`` of the records."""
+  key = f"{split}_{metric}"
+  return {
+    f"final_{key}": records[-1][key] if records else None,
+    f"best_{key}": max(r[key] for r in records) if records else None,
   }
 
 

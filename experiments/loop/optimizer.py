@@ -23,8 +23,9 @@ def warmup_cosine(lr: float, warmup: int, total_steps: int):
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
-  """The schedule of a classification :class:`~experiments.loop.config.Config`
-  (``cosine``, ``step`` at ``step_epochs`` or ``constant``, after ``warmup_epochs``)."""
+  """The schedule of a :class:`~experiments.loop.config.Config` (``cosine``,
+  ``step`` at ``step_epochs`` or ``constant``, after ``warmup_epochs``) from
+  its :meth:`~experiments.loop.config.Config.peak_lr`."""
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
   lr = config.peak_lr()
   if config.schedule == "cosine":
@@ -58,5 +59,10 @@ def adamw(schedule, weight_decay: float):
 
 
 def optimizer(config, schedule) -> optax.GradientTransformation:
-  """SGD + momentum of a classification config; weight decay on conv/dense kernels only."""
-  return sgd(schedule, config.weight_decay, config.momentum, config.nesterov)
+  """``config.optimizer``: SGD + momentum (``'sgd'``) or AdamW (``'adamw'``),
+  weight decay on conv/dense kernels only."""
+  if config.optimizer == "sgd":
+    return sgd(schedule, config.weight_decay, config.momentum, config.nesterov)
+  if config.optimizer == "adamw":
+    return adamw(schedule, config.weight_decay)
+  raise ValueError(f"unknown optimizer {config.optimizer!r}; expected sgd or adamw")

@@ -137,6 +137,12 @@ class Parallel:
     host = self.to_host(tree)
     return jax.tree_util.tree_map(lambda x: x[0], host) if self.per_device else host
 
+  def reduced(self, tree):
+    """A step's reduced outputs (metrics, counts; pmap: one identical copy per
+    device) as one numpy copy."""
+    host = self.to_host(tree)
+    return jax.tree_util.tree_map(lambda x: x[0], host) if self.mode == "pmap" else host
+
   def device_view(self, tree):
     """Every local device's copy, along a leading axis (``'jit'``: the one
     global copy that every device holds)."""

@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Sequence
 from experiments.common import ints
 from experiments.loop.cli import add_config_arguments, overrides_from_args
 from experiments.loop.config import BATCH_NORMALIZERS, Config
-from experiments.loop.presets import PRESETS, preset
+from experiments.loop.presets import preset, task_presets
 from experiments.sweeps import aggregate as A
 from experiments.sweeps import placement_report, recipes_report
 from experiments.sweeps import plan as P
@@ -151,7 +151,7 @@ COMMANDS = {
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
   """The flags of the sweeps (the :class:`Config` fields come after them)."""
   parser.add_argument("command", choices=sorted(COMMANDS))
-  parser.add_argument("--preset", default="quick", choices=PRESETS)
+  parser.add_argument("--preset", default="quick", choices=task_presets("classification"))
   parser.add_argument("--name", default=None, help="results/<name> (default: command_preset)")
   parser.add_argument("--results_root", default=P.RESULTS_ROOT)
   parser.add_argument("--norms", default=None)
@@ -195,7 +195,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   add_sweep_arguments(parser)
-  add_config_arguments(parser, skip=("preset", "norm", "image_size"))
+  # The statistics sweep's --steps and the speed sweep's --image_size are its own.
+  add_config_arguments(parser, skip=("preset", "norm", "image_size", "steps"))
   parser.add_argument("--image_size", type=int, default=32, help="speed: input side")
   args = parser.parse_args(argv)
   args.argv = argv

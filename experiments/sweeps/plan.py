@@ -113,6 +113,7 @@ def run_or_load(
   # A finished run is summarized; its checkpoints are not results.
   shutil.rmtree(os.path.join(config.workdir, "checkpoints"), ignore_errors=True)
   s.pop("variables", None)
+  s.pop("model", None)
   return s
 
 

@@ -1,4 +1,4 @@
-"""Image classification: data, model, loss (the training step) and evaluation."""
+"""Image classification: data, model, loss (the training step) and its metric, as a task."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax.core import unfreeze
 
 import mabn_jax as mj
 from experiments import data as data_lib
 from experiments import diagnostics, models
-from experiments.loop.checkpoints import _to_host
-from experiments.loop.config import AXIS, BATCH_NORMALIZERS, Config
-from experiments.loop.parallel import Parallel, _scalar, pmap_steps
+from experiments.loop.config import AXIS, Config
+from experiments.loop.parallel import pmap_steps
 
 
 def make_normalizer(name: str, **kwargs):
@@ -106,61 +103,71 @@ def make_steps(model, tx, num_classes: int, label_smoothing: float, diagnose: bo
   return pmap_steps(step_functions(model, tx, num_classes, label_smoothing, diagnose), None)
 
 
-def evaluate_splits(
-  parallel: Parallel, variables, loaders: Dict[str, data_lib.Loader], final: bool, suffix: str = ""
-) -> Dict[str, float]:
-  """``{'<split>_top1<suffix>': accuracy}`` of one evaluation.
-
-  With a validation split, evaluations during training use it alone and the
-  test split is evaluated once, at the end (``final``); without one, every
-  evaluation is on the test split.
-  """
-  splits = ["val"] if "val" in loaders else ["test"]
-  if final and "val" in loaders:
-    splits.append("test")
-  return {
-    f"{split}_top1{suffix}": evaluate(parallel, variables, loaders[split]) for split in splits
-  }
+def top1(counts: Dict[str, Any]) -> Dict[str, float]:
+  """``{'top1': accuracy in %}`` from summed ``correct``/``count``."""
+  return {"top1": 100.0 * float(counts["correct"]) / max(float(counts["count"]), 1.0)}
 
 
-def evaluate(parallel: Parallel, variables, loader: data_lib.Loader) -> float:
-  """Top-1 accuracy (%) on the loader's split."""
-  correct = count = 0.0
-  for batch in loader.epoch(0):
-    out = parallel.to_host(parallel.eval_step(variables, parallel.batch(batch)))
-    correct += _scalar(out["correct"])
-    count += _scalar(out["count"])
-  return 100.0 * correct / max(count, 1.0)
+class Classification:
+  """Image classification (:class:`experiments.loop.task.Task`): the datasets
+  of :mod:`experiments.data`, the models of :mod:`experiments.models`,
+  softmax cross-entropy (with ``label_smoothing``), top-1 accuracy."""
+
+  metric = "top1"
+
+  def load_data(self, config: Config) -> data_lib.Dataset:
+    """:func:`load_data`."""
+    return load_data(config)
+
+  def train_loader(
+    self,
+    config: Config,
+    dataset: data_lib.Dataset,
+    batch_size: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+  ) -> data_lib.Loader:
+    """:class:`experiments.data.Loader` over the training split, augmented."""
+    return data_lib.Loader(
+      dataset, "train", batch_size, True, config.seed, shard_index, shard_count, config.prefetch
+    )
+
+  def eval_loaders(
+    self,
+    config: Config,
+    dataset: data_lib.Dataset,
+    batch_size: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+  ) -> Dict[str, data_lib.Loader]:
+    """In-order loaders of ``val`` (when held out) and ``test``, last batch masked."""
+    batch_size = config.eval_batch_size or batch_size
+    return {
+      split: data_lib.Loader(
+        dataset, split, batch_size, False, config.seed, shard_index, shard_count, config.prefetch
+      )
+      for split in ("val", "test")
+      if getattr(dataset, split) is not None
+    }
+
+  def build(self, config, dataset, total_steps=None, steps_per_epoch=None, normalizer=None):
+    """:func:`build` (``normalizer`` replaces the run's own)."""
+    if normalizer is None:
+      return build(config, dataset.num_classes, total_steps, steps_per_epoch)
+    return models.build_model(
+      config.model, normalizer, dataset.num_classes, config.width, config.norm_layers
+    )
+
+  def step_functions(self, config: Config, model, tx, dataset, axis: Optional[str]):
+    """:func:`step_functions` with the config's label smoothing and diagnostics."""
+    return step_functions(
+      model, tx, dataset.num_classes, config.label_smoothing, config.diagnose, axis
+    )
+
+  def split_metrics(self, counts: Dict[str, Any]) -> Dict[str, float]:
+    """:func:`top1`."""
+    return top1(counts)
 
 
-def precise_bn_evaluation(
-  config: Config, model, dev_vars, dataset: data_lib.Dataset, parallel: Parallel, eval_loaders
-) -> Dict[str, Any]:
-  """Evaluation after precise BN (:func:`mabn_jax.recompute_batch_stats`).
-
-  The running statistics of device 0's trained variables are replaced by
-  exact averages over ``config.precise_bn_batches`` training batches of the
-  normalization batch (the per-device batch; ``'jit'``: the global batch),
-  augmented as in training, in the order of the last epoch, and normalized
-  as in training (groups of ``norm_batch_size``); the model is then
-  evaluated like at the end of training. Returns
-  ``{'final_<split>_top1_precise': accuracy}`` for each evaluated split, or
-  ``{}`` for a model with synchronized statistics (precise BN then needs the
-  device mapping) or no batch statistics.
-  """
-  synced = config.parallel != "jit" and (config.sync_stats or config.norm == "syncbn")
-  if synced or config.norm not in BATCH_NORMALIZERS:
-    return {}
-  variables = parallel.first(dev_vars)
-  loader = data_lib.Loader(
-    dataset, "train", parallel.normalization_batch(config.device_batch()), True, config.seed
-  )
-  last_epoch = max(0, int(np.ceil(config.epochs)) - 1)
-  batches = (
-    b["image"]
-    for _, b in zip(range(config.precise_bn_batches), loader.epoch(last_epoch), strict=False)
-  )
-  precise = mj.recompute_batch_stats(model.apply, variables, batches, train=True)
-  precise = parallel.put(parallel.replicate(_to_host(unfreeze(precise))))
-  results = evaluate_splits(parallel, precise, eval_loaders, final=True, suffix="_precise")
-  return {f"final_{k}": v for k, v in results.items()}
+TASK = Classification()
+"""The classification task of the loop."""

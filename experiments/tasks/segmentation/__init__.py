@@ -1,2 +1,2 @@
 """Semantic segmentation: data (CIFAR-10 composites, Oxford-IIIT Pet), the U-Net,
-metrics (mIoU), training, the sweep of runs and its report."""
+metrics (mIoU), the task the loop trains, the sweep of runs and its report."""

@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 
 import mabn_jax as mj
 from experiments.common import ints, names
-from experiments.tasks.segmentation.config import PRESETS, Config, load_data, preset
+from experiments.loop.config import Config
+from experiments.loop.presets import preset, task_presets
 from experiments.tasks.segmentation.runs import (
   ALL_FINETUNE_METHODS,
   DEFAULT_OUT_DIR,
@@ -20,8 +21,10 @@ from experiments.tasks.segmentation.runs import (
   run_path,
   write_report,
 )
+from experiments.tasks.segmentation.task import load_data
 
 DESCRIPTION = "Small-batch semantic segmentation with every registry normalizer."
+PRESETS = task_presets("segmentation")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +79,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     help="normalizer options per registry name, a JSON object, e.g. "
     '\'{"mabn": {"warmup_steps": 50}, "gn": {"num_groups": 4}}\'',
   )
-  p.add_argument("--verbose", action="store_true", help="log the training loss to stderr")
+  p.add_argument(
+    "--verbose", action="store_true", help="show each run's progress and training loss on stderr"
+  )
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:

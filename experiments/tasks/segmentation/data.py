@@ -85,6 +85,11 @@ class SegDataset:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  @property
+  def image_shape(self) -> Tuple[int, ...]:
+    """``(H, W, 3)`` of one image."""
+    return tuple(self.train.images.shape[1:])
+
 
 # --------------------------------------------------------------------------
 # CIFAR-10 composites.

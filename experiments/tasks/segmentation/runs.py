@@ -5,18 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import mabn_jax as mj
+from experiments.loop.config import Config
 from experiments.tasks.segmentation import data as seg_data
-from experiments.tasks.segmentation.config import Config
 from experiments.tasks.segmentation.report import (
   aggregate,
   table_markdown,
   write_examples,
   write_plot,
 )
+from experiments.tasks.segmentation.task import run_normalizer
 from experiments.tasks.segmentation.training import load_variables, save_variables, train
 
 DEFAULT_OUT_DIR = os.path.join("experiments", "results", "segmentation_cifar_cpu")
@@ -143,7 +143,7 @@ def finetune_start(
   config = dataclasses.replace(
     base, norm="bn", norm_kwargs={}, batch_size=spec.batch_size, seed=spec.seed
   )
-  bn = config.normalizer()
+  bn = run_normalizer(config)
   if spec.method == "ft_bn":
     return config, bn_variables, bn
   if spec.method == "ft_frozen_bn":
@@ -164,6 +164,9 @@ _NOT_COMPARED = (
   "log_every",
   "num_examples",
   "eval_batch_size",
+  "progress",
+  "prefetch",
+  "workdir",
 )
 
 
@@ -177,24 +180,19 @@ def check_same_run(summary: dict, config: Config) -> None:
 
   Runs are found by name (``<method>_b<batch>_s<seed>``), so an ``out_dir``
   reused with other data or optimization settings would mix them silently.
+  The fields the finished run recorded are compared (a field added to
+  :class:`~experiments.loop.config.Config` since keeps its default there).
   """
   stored, wanted = summary.get("config", {}), config_record(config)
-  differ = sorted(k for k in wanted if k not in _NOT_COMPARED and stored.get(k) != wanted[k])
+  differ = sorted(
+    k for k in wanted if k in stored and k not in _NOT_COMPARED and stored[k] != wanted[k]
+  )
   if differ:
     raise ValueError(
       f"run {summary.get('run')} in this out_dir finished with other settings "
       f"({', '.join(f'{k}: {stored.get(k)!r} != {wanted[k]!r}' for k in differ)}); "
       "use another --out_dir or remove its runs/ files"
     )
-
-
-def loss_printer(spec: RunSpec):
-  """``log(step, loss)`` printing the training loss of ``spec`` to stderr."""
-
-  def log(step, loss):
-    print(f"  {spec.name} step {step} loss {loss:.4f}", file=sys.stderr, flush=True)
-
-  return log
 
 
 def write_run_files(
@@ -250,8 +248,9 @@ def run_one(
     bn_vars = pretrained_variables(spec, out_dir, pretrained, base.reference_batch)
     config, variables, normalizer = finetune_start(spec, base, bn_vars, mabn_kwargs)
     config = dataclasses.replace(config, **length)
-  log = loss_printer(spec) if verbose else None
-  summary, final, preds = train(config, dataset, variables, normalizer, log)
+  if verbose:
+    config = dataclasses.replace(config, progress=True)
+  summary, final, preds = train(config, dataset, variables, normalizer)
   summary = {"run": spec.name, "method": spec.method, **summary, "config": config_record(config)}
   write_run_files(spec, base, dataset, out_dir, final, preds, summary)
   return summary
