@@ -66,28 +66,42 @@ def describe(path: Tuple, module: Any) -> str:
   return f"'{'/'.join(map(str, path))}' ({type(module).__name__})"
 
 
+class CallRecorder:
+  """Records layer calls as :class:`TracedCall` entries of ``calls``, their
+  input leaves and output appended to ``tensors``; ``depth`` counts the
+  calls in progress (a call nested in another is deeper)."""
+
+  def __init__(self, calls: List, tensors: List):
+    self.calls, self.tensors, self.depth = calls, tensors, 0
+
+  def __call__(self, path: Tuple, module: Any, run, args, kwargs, keep: bool = True):
+    """``run(*args, **kwargs)`` one level deeper, recorded when ``keep``."""
+    self.depth += 1
+    try:
+      out = run(*args, **kwargs)
+    finally:
+      self.depth -= 1
+    if keep:
+      leaves = jax.tree.leaves(args[:1])
+      self.calls.append(TracedCall(path, module, self.depth, len(self.tensors), len(leaves)))
+      self.tensors.extend(leaves)
+      self.tensors.append(out)
+    return out
+
+
 @contextlib.contextmanager
 def recorded_calls(modules: Dict[int, Tuple], calls: List, tensors: List) -> Iterator[None]:
   """Records every call of a module in ``modules`` (``{id: (path, module)}``)
-  as a :class:`TracedCall`, its input leaves and output appended to ``tensors``,
-  by wrapping its class's ``__call__`` for the duration (restored on exit)."""
-  depth = [0]
+  with a :class:`CallRecorder`, by wrapping its class's ``__call__`` for the
+  duration (restored on exit)."""
+  record = CallRecorder(calls, tensors)
 
   def wrap(cls, original):
     def __call__(self, *args, **kwargs):
       if type(self) is not cls or id(self) not in modules:
         return original(self, *args, **kwargs)
-      depth[0] += 1
-      try:
-        out = original(self, *args, **kwargs)
-      finally:
-        depth[0] -= 1
-      leaves = jax.tree.leaves(args[:1])
-      path = modules[id(self)][0]
-      calls.append(TracedCall(path, self, depth[0], len(tensors), len(leaves)))
-      tensors.extend(leaves)
-      tensors.append(out)
-      return out
+      run = lambda *a, **k: original(self, *a, **k)
+      return record(modules[id(self)][0], self, run, args, kwargs)
 
     return __call__
 

@@ -72,27 +72,14 @@ def _linen_trace(model: nn.Module, variables: Any, x: Any, call_kwargs: dict):
 
   def run(variables, x):
     tensors: List[Any] = []
-    depth = [0]
     calls.clear()
+    record = dataflow.CallRecorder(calls, tensors)
 
     def intercept(next_fun, args, kwargs, context):
       if context.method_name != "__call__" or not args:
         return next_fun(*args, **kwargs)
-      depth[0] += 1
-      try:
-        out = next_fun(*args, **kwargs)
-      finally:
-        depth[0] -= 1
       module = context.module
-      if not _is_layer(module):
-        return out
-      leaves = jax.tree.leaves(args[:1])
-      calls.append(
-        dataflow.TracedCall(tuple(module.path), module, depth[0], len(tensors), len(leaves))
-      )
-      tensors.extend(leaves)
-      tensors.append(out)
-      return out
+      return record(tuple(module.path), module, next_fun, args, kwargs, keep=_is_layer(module))
 
     with nn.intercept_methods(intercept):
       model.apply(variables, x, mutable=True, **call_kwargs)

@@ -478,3 +478,16 @@ def test_placement_sweep_writes_table_plot_and_json_and_skips_on_rerun(tmp_path,
   assert "| mabn | first | " in table and "(1) | — |" in table
   with open(tmp_path / "pl" / "results.json") as f:
     assert json.load(f)["cells"]["mabn/first/2"]["steps_to_threshold"] == [None]
+
+
+@pytest.mark.parametrize("command", ["placement", "statistics", "speed"])
+def test_sweep_flags_of_its_own_leave_the_preset_config_unchanged(command, monkeypatch):
+  """``--steps`` (statistics) and ``--image_size`` (speed) are the sweep's own
+  options: their defaults must not reach the runs' Config."""
+  from experiments.loop.presets import preset
+  from experiments.sweeps import cli
+
+  seen = {}
+  monkeypatch.setitem(cli.COMMANDS, command, lambda args, base: seen.update(base=base))
+  assert cli.main([command, "--preset", "quick", "--steps", "7", "--image_size", "9"]) == 0
+  assert seen["base"] == preset("quick", progress=False)

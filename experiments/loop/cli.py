@@ -47,12 +47,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=("preset", "norm"
     )
 
 
-def overrides_from_args(args) -> Dict[str, Any]:
-  """The :class:`Config` fields given on the command line, parsed to their types."""
+def overrides_from_args(args, skip=("preset", "norm")) -> Dict[str, Any]:
+  """The :class:`Config` fields given on the command line, parsed to their
+  types (``skip``: the fields whose flags :func:`add_config_arguments` left
+  to the command itself)."""
   out = {}
   for f in dataclasses.fields(Config):
     value = getattr(args, f.name, None)
-    if value is None or f.name in ("preset", "norm"):
+    if value is None or f.name in skip:
       continue
     if f.name == "norm_kwargs":
       out[f.name] = parse_kwargs(value)

@@ -187,6 +187,11 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--num_classes", type=int, default=10, help="speed: classifier size")
 
 
+OWN_FLAGS = ("preset", "norm", "image_size", "steps")
+"""Config fields whose flags are the sweep's own: ``--steps`` (statistics)
+and ``--image_size`` (speed) mean something else here."""
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """The arguments of ``python -m experiments.sweep`` (``args.argv``: ``argv``)."""
   parser = argparse.ArgumentParser(
@@ -195,8 +200,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   add_sweep_arguments(parser)
-  # The statistics sweep's --steps and the speed sweep's --image_size are its own.
-  add_config_arguments(parser, skip=("preset", "norm", "image_size", "steps"))
+  add_config_arguments(parser, skip=OWN_FLAGS)
   parser.add_argument("--image_size", type=int, default=32, help="speed: input side")
   args = parser.parse_args(argv)
   args.argv = argv
@@ -208,8 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one sweep command."""
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
-  overrides = overrides_from_args(args)
-  overrides.pop("image_size", None)
+  overrides = overrides_from_args(args, skip=OWN_FLAGS)
   overrides.setdefault("progress", False)
   base = preset(args.preset, **overrides)
   COMMANDS[args.command](args, base)

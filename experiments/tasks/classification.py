@@ -108,6 +108,12 @@ def top1(counts: Dict[str, Any]) -> Dict[str, float]:
   return {"top1": 100.0 * float(counts["correct"]) / max(float(counts["count"]), 1.0)}
 
 
+def _loader(config: Config, dataset, split: str, batch_size: int, shard) -> data_lib.Loader:
+  """This host's loader of ``split`` (``shard``: its index and the host count)."""
+  train = split == "train"
+  return data_lib.Loader(dataset, split, batch_size, train, config.seed, *shard, config.prefetch)
+
+
 class Classification:
   """Image classification (:class:`experiments.loop.task.Task`): the datasets
   of :mod:`experiments.data`, the models of :mod:`experiments.models`,
@@ -119,33 +125,16 @@ class Classification:
     """:func:`load_data`."""
     return load_data(config)
 
-  def train_loader(
-    self,
-    config: Config,
-    dataset: data_lib.Dataset,
-    batch_size: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-  ) -> data_lib.Loader:
+  def train_loader(self, config: Config, dataset, batch_size, shard_index=0, shard_count=1):
     """:class:`experiments.data.Loader` over the training split, augmented."""
-    return data_lib.Loader(
-      dataset, "train", batch_size, True, config.seed, shard_index, shard_count, config.prefetch
-    )
+    return _loader(config, dataset, "train", batch_size, (shard_index, shard_count))
 
-  def eval_loaders(
-    self,
-    config: Config,
-    dataset: data_lib.Dataset,
-    batch_size: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-  ) -> Dict[str, data_lib.Loader]:
-    """In-order loaders of ``val`` (when held out) and ``test``, last batch masked."""
-    batch_size = config.eval_batch_size or batch_size
+  def eval_loaders(self, config: Config, dataset, batch_size, shard_index=0, shard_count=1):
+    """In-order loaders of ``val`` (when held out) and ``test``, last batch masked
+    (``config.eval_batch_size`` examples, default ``batch_size``)."""
+    size, shard = config.eval_batch_size or batch_size, (shard_index, shard_count)
     return {
-      split: data_lib.Loader(
-        dataset, split, batch_size, False, config.seed, shard_index, shard_count, config.prefetch
-      )
+      split: _loader(config, dataset, split, size, shard)
       for split in ("val", "test")
       if getattr(dataset, split) is not None
     }
