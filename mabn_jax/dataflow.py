@@ -32,7 +32,8 @@ from jax.extend import core
 
 from mabn_jax import discovery
 
-_UNARY = frozenset({"convert_element_type", "copy", "copy_p", "neg", "reduce_precision"})
+_BARRIER = "optimization_barrier"
+_UNARY = frozenset({"convert_element_type", "copy", "copy_p", "neg", "reduce_precision", _BARRIER})
 _SHAPE = frozenset({"reshape", "squeeze", "expand_dims", "broadcast_in_dim"})
 _SCALING = frozenset({"mul", "div"})
 _CENTRED_TWINS = (nnx.Conv, nnx.Linear)
@@ -66,16 +67,28 @@ def describe(path: Tuple, module: Any) -> str:
   return f"'{'/'.join(map(str, path))}' ({type(module).__name__})"
 
 
+def _barrier(leaf: Any) -> Any:
+  return jax.lax.optimization_barrier(leaf) if isinstance(leaf, jax.Array) else leaf
+
+
 class CallRecorder:
   """Records layer calls as :class:`TracedCall` entries of ``calls``, their
   input leaves and output appended to ``tensors``; ``depth`` counts the
-  calls in progress (a call nested in another is deeper)."""
+  calls in progress (a call nested in another is deeper).
+
+  A recorded call receives its input through an identity
+  ``optimization_barrier``, so in the traced jaxpr the layer's own
+  operations consume the barrier's output and any other consumer of the
+  value shows as a second consumer of the barrier's input.
+  """
 
   def __init__(self, calls: List, tensors: List):
     self.calls, self.tensors, self.depth = calls, tensors, 0
 
   def __call__(self, path: Tuple, module: Any, run, args, kwargs, keep: bool = True):
     """``run(*args, **kwargs)`` one level deeper, recorded when ``keep``."""
+    if keep and args:
+      args = (jax.tree.map(_barrier, args[0]), *args[1:])
     self.depth += 1
     try:
       out = run(*args, **kwargs)
@@ -246,13 +259,15 @@ def _producer_of(graph: _Graph, norm: TracedCall, centred: Tuple[type, ...]) -> 
     index, cause = zero_mean_step(eqn, graph.dependent)
     if index is None:
       raise ValueError(f"{where} is fed by {cause}; its producer cannot be weight-centralized.")
-    var = eqn.invars[index]
+    var, name = eqn.invars[index], eqn.primitive.name
     if graph.consumers.get(var, 0) > 1:
+      what = "its input" if name == _BARRIER else f"the value before `{name}`"
       raise ValueError(
-        f"{where}: the value before `{eqn.primitive.name}` also feeds other "
-        "computations; centring its producer would change them."
+        f"{where}: {what} also feeds other computations; centring or folding "
+        "its producer would change them."
       )
-    ops.append(eqn.primitive.name)
+    if name != _BARRIER:
+      ops.append(name)
 
 
 def _layer(where: str, call: TracedCall, centred, norm_path, ops) -> Producer:

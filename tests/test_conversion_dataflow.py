@@ -182,6 +182,11 @@ def test_nnx_conversion_of_a_residual_block_centres_only_the_convolution_branch(
     (lambda m, x: m.bn(m.dense(x)), "LinearGeneral, which has no weight-centralized twin"),
     (lambda m, x: m.bn(nnx.relu(m.conv(x))), "`max`"),
     (lambda m, x: m.bn(m.conv(x) + 1.0), "`add`"),
+    (lambda m, x: (lambda h: m.bn(h) + h)(m.conv(x)), "its input also feeds other computations"),
+    (
+      lambda m, x: (lambda h: m.bn(h.reshape(2, 16, 3)).reshape(h.shape) * h)(m.conv(x)),
+      "before `reshape`",
+    ),
   ],
 )
 def test_nnx_conversion_names_the_norm_whose_producer_cannot_be_centred(body, cause):

@@ -317,6 +317,25 @@ def test_fold_of_an_nnx_model_pairs_by_data_flow_and_keeps_its_output():
   np.testing.assert_allclose(model(x), before, rtol=1e-4, atol=1e-4)
 
 
+def test_fold_by_data_flow_refuses_a_convolution_whose_output_also_feeds_another_layer():
+  class Shared(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+      self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.conv(x)
+      return nnx.relu(self.bn(h)) + h  # folding would change the skip's h
+
+  model = _with_statistics(Shared(nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(5), SHAPE[:3] + (3,))
+  before = model(x)
+  with pytest.raises(ValueError, match="'bn' .*its input also feeds other computations"):
+    mj.fold(model, x=x)
+  assert isinstance(model.bn, nnx.BatchNorm)
+  np.testing.assert_array_equal(model(x), before)
+
+
 def test_fold_by_data_flow_refuses_an_operation_it_cannot_move():
   model = _with_statistics(_PlainNNX(True, rngs=nnx.Rngs(0)))
   x = jax.random.normal(jax.random.key(5), SHAPE[:3] + (3,))
