@@ -99,6 +99,25 @@ def test_segmentation_under_pmap_on_one_device_matches_jit(tmp_path, tiny_tarbal
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_segmentation_shard_map_with_synchronized_statistics_equals_jit_on_two_devices(
+  tmp_path, tiny_tarball
+):
+  """Per-device steps with gradients and losses averaged and confusion
+  matrices summed over the devices train and evaluate as one program."""
+  config = _segmentation(tiny_tarball, tmp_path, norm="bn", num_devices=2)
+  dataset = get_task("segmentation").load_data(config)
+  jit = loop.train(config, dataset)
+  mapped = loop.train(dataclasses.replace(config, parallel="shard_map", sync_stats=True), dataset)
+  for a, b in zip(
+    jax.tree_util.tree_leaves(jit["variables"]),
+    jax.tree_util.tree_leaves(mapped["variables"]),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert mapped["final_test_miou"] == pytest.approx(jit["final_test_miou"], abs=1e-3)
+  np.testing.assert_allclose(mapped["train_loss_curve"], jit["train_loss_curve"], rtol=1e-4)
+
+
 def test_train_command_runs_a_segmentation_preset(tmp_path, tiny_tarball, capsys):
   argv = ["--preset", "seg_quick", "--norm", "mabn", "--steps", "2", "--widths", "4,8"]
   argv += ["--tarball", tiny_tarball, "--cache_dir", str(tmp_path / "cache")]
