@@ -431,7 +431,7 @@ def differentiate(
       (variables["params"], taps, extra)
     )
   if loss_scale is not None:
-    cotangents = jax.tree_util.tree_map(lambda c: _unscaled(c, loss_scale), cotangents)
+    cotangents = jax.tree_util.tree_map(lambda c: unscaled_cotangent(c, loss_scale), cotangents)
   grads, taps_cotangent, extra_cotangent = cotangents
   mutated, aux = rest if has_aux else (rest, None)
   new_variables = {**variables, **unfreeze(mutated)}
@@ -445,7 +445,7 @@ def differentiate(
   return Differentiated(value, new_variables, grads, extra_cotangent, taps_cotangent)
 
 
-def _unscaled(cotangent: jax.Array, scale: jax.Array) -> jax.Array:
+def unscaled_cotangent(cotangent: jax.Array, scale: jax.Array) -> jax.Array:
   """A cotangent of ``scale * loss`` divided by ``scale``, in at least float32."""
   return jnp.asarray(cotangent, jnp.promote_types(cotangent.dtype, jnp.float32)) / scale
 

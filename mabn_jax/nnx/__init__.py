@@ -24,6 +24,7 @@ from mabn_jax.nnx.centered import CenteredConv, CenteredDense
 from mabn_jax.nnx.cross_iteration import CrossIterationConvNorm
 from mabn_jax.nnx.filter_response import FilterResponseNorm
 from mabn_jax.nnx.frozen_batch_norm import FrozenBatchNorm
+from mabn_jax.nnx.loops import dynamic_scale_value_and_grad
 from mabn_jax.nnx.mabn import MABN
 from mabn_jax.nnx.standardized import StandardizedConv
 from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics, value_and_grad
@@ -44,6 +45,7 @@ __all__ = [
   "MABN",
   "StandardizedConv",
   "convert_batch_norm",
+  "dynamic_scale_value_and_grad",
   "feed_backward_statistics",
   "is_tap",
   "value_and_grad",
