@@ -81,15 +81,24 @@ def dynamic_scale_value_and_grad(
       name="mabn_jax.dynamic_scale_value_and_grad",
       loss_scale=scale,
     )
-    grads = step.grads if axis_name is None else jax.lax.pmean(step.grads, axis_name)
-    finite = st.all_finite((grads, step.taps_cotangent))
-    if axis_name is not None:
-      finite = jax.lax.psum(jnp.where(finite, 0, 1), axis_name) == 0
+    grads, finite = averaged_and_finite(step.grads, step.taps_cotangent, axis_name)
     kept = _keep_unless(finite, step.variables, variables)
     next_scale = next_dynamic_scale(dynamic_scale, finite)
     return DynamicScaleResult(next_scale, finite, (step.value, kept), grads)
 
   return wrapped
+
+
+def averaged_and_finite(grads: Any, taps_cotangent: Any, axis_name: Optional[str] = None):
+  """``(grads, finite)``: the gradients averaged over ``axis_name`` (if
+  given) and whether they and the taps' cotangents are finite on every
+  device of it (the decision of a loss-scaled step)."""
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  finite = st.all_finite((grads, taps_cotangent))
+  if axis_name is not None:
+    finite = jax.lax.psum(jnp.where(finite, 0, 1), axis_name) == 0
+  return grads, finite
 
 
 def _keep_unless(finite: jax.Array, new: Any, old: VariableTree) -> Any:

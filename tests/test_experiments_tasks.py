@@ -12,6 +12,7 @@ from experiments import data as D
 from experiments import segmentation as S
 from experiments import train as T
 from experiments.loop import loop
+from experiments.loop.steps import step_functions
 from experiments.loop.task import get_task
 
 
@@ -59,7 +60,7 @@ def test_segmentation_through_the_loop_equals_a_plain_jit_loop(tmp_path, tiny_ta
   total = config.total_steps(loader.steps_per_epoch)
   model = task.build(config, dataset, total, loader.steps_per_epoch)
   tx = T.optimizer(config, T.learning_rate_schedule(config, loader.steps_per_epoch, total))
-  step = jax.jit(task.step_functions(config, model, tx, dataset, None)[0])
+  step = jax.jit(step_functions(task.objective(config, model, dataset), tx)[0])
   x = jnp.zeros((config.batch_size,) + dataset.image_shape, jnp.float32)
   variables = dict(model.init(jax.random.PRNGKey(config.seed), x, train=True))
   opt_state = tx.init(variables["params"])

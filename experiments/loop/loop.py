@@ -46,6 +46,7 @@ from experiments.loop.metrics import (
 )
 from experiments.loop.optimizer import learning_rate_schedule, optimizer
 from experiments.loop.parallel import Parallel
+from experiments.loop.steps import step_functions
 from experiments.loop.task import Loader, Task, get_task
 
 
@@ -144,7 +145,8 @@ def initial_state(config: Config, task: Task, model, tx, dataset, n: int, variab
   variables = jax.tree_util.tree_map(jnp.asarray, unfreeze(variables))
   opt_state = tx.init(variables["params"])
   axis = None if config.parallel == "jit" else AXIS
-  parallel = Parallel(config.parallel, task.step_functions(config, model, tx, dataset, axis), n)
+  objective = task.objective(config, model, dataset)
+  parallel = Parallel(config.parallel, step_functions(objective, tx, axis, config.diagnose), n)
   return parallel, parallel.replicate(_to_host({"variables": variables, "opt_state": opt_state}))
 
 

@@ -2,8 +2,9 @@
 
 The loop (:func:`experiments.loop.loop.train`) is the same for every task:
 schedule, optimizer, parallel mode, checkpoints, metrics and hooks. A task
-brings what differs: its data and their loaders, the model, the loss inside
-the training step, and the evaluation counts and the metrics made of them.
+brings what differs: its data and their loaders, the model, its objective
+(the loss and the evaluation counts, from which :mod:`experiments.loop.steps`
+makes the steps) and the metrics made of the counts.
 """
 
 from __future__ import annotations
@@ -62,17 +63,9 @@ class Task(Protocol):
     run's normalizer, or ``normalizer`` when given (a converted one)."""
     ...
 
-  def step_functions(
-    self, config: Config, model, tx, dataset, axis: Optional[str]
-  ) -> Tuple[Callable, Callable]:
-    """``(train_step, eval_step)`` of one program, not yet mapped or compiled.
-
-    ``train_step(variables, opt_state, batch) -> (variables, opt_state,
-    metrics)``, ``metrics`` a dict of float32 scalars with ``'loss'``;
-    ``eval_step(variables, batch) -> counts``, a dict of arrays summed over
-    batches. ``axis`` is the mapped axis to average gradients and metrics
-    and sum counts over (``None``: one program over the global batch).
-    """
+  def objective(self, config: Config, model, dataset) -> Tuple[Callable, Callable]:
+    """``(loss_fn, eval_fn)``, the loss and the evaluation counts the loop's
+    steps are made of (see :mod:`experiments.loop.steps`)."""
     ...
 
   def split_metrics(self, counts: Dict[str, Any]) -> Dict[str, Any]:

@@ -10,7 +10,8 @@ import optax
 
 import mabn_jax as mj
 from experiments import data as data_lib
-from experiments import diagnostics, models
+from experiments import models
+from experiments.loop import steps
 from experiments.loop.config import AXIS, Config
 from experiments.loop.parallel import pmap_steps
 
@@ -39,10 +40,40 @@ def build(
   num_classes: int,
   total_steps: Optional[int] = None,
   steps_per_epoch: Optional[int] = None,
+  normalizer=None,
 ):
-  """The run's model with its normalizer (step options resolved for the run)."""
-  norm = make_normalizer(config.norm, **config.normalizer_kwargs(total_steps, steps_per_epoch))
-  return models.build_model(config.model, norm, num_classes, config.width, config.norm_layers)
+  """The run's model with its normalizer (step options resolved for the
+  run), or with ``normalizer`` when given (a converted one)."""
+  if normalizer is None:
+    kwargs = config.normalizer_kwargs(total_steps, steps_per_epoch)
+    normalizer = make_normalizer(config.norm, **kwargs)
+  return models.build_model(config.model, normalizer, num_classes, config.width, config.norm_layers)
+
+
+def objective(model, num_classes: int, label_smoothing: float = 0.0):
+  """``(loss_fn, eval_fn)`` (see :mod:`experiments.loop.steps`): softmax
+  cross-entropy (with ``label_smoothing``) and the batch's accuracy
+  ``'acc'``; evaluation counts ``correct`` and ``count`` (the batch's
+  ``mask`` of real examples)."""
+
+  def loss_fn(variables, batch, mutable):
+    logits, mutated = model.apply(variables, batch["image"], train=True, mutable=mutable)
+    labels = batch["label"]
+    targets = (
+      optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+      if label_smoothing
+      else jax.nn.one_hot(labels, num_classes)
+    )
+    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return loss, (mutated, {"acc": acc})
+
+  def eval_fn(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
+    return {"correct": correct, "count": jnp.sum(batch["mask"])}
+
+  return loss_fn, eval_fn
 
 
 def step_functions(
@@ -53,49 +84,8 @@ def step_functions(
   diagnose: bool = False,
   axis: Optional[str] = AXIS,
 ):
-  """``(train_step, eval_step)`` of one program, not yet mapped or compiled.
-
-  ``axis`` is the mapped axis (``pmap``/``shard_map``) over which gradients
-  and metrics are averaged and evaluation counts summed; ``None`` for one
-  program over the whole global batch (``jit``), whose loss, gradients and
-  counts are already those of the whole batch.
-  With ``diagnose`` the train step's metrics also hold ``'diag'``, the
-  per-layer :func:`experiments.diagnostics.layer_diagnostics` of the step.
-  """
-  mutable = ["batch_stats"] + ([diagnostics.MOMENTS] if diagnose else [])
-  mean = (lambda t: jax.lax.pmean(t, axis)) if axis else (lambda t: t)
-  total = (lambda t: jax.lax.psum(t, axis)) if axis else (lambda t: t)
-
-  def loss_fn(variables, images, labels):
-    logits, mutated = model.apply(variables, images, train=True, mutable=mutable)
-    targets = (
-      optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-      if label_smoothing
-      else jax.nn.one_hot(labels, num_classes)
-    )
-    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-    return loss, (mutated, logits)
-
-  grad_fn = mj.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(variables, opt_state, batch):
-    ((loss, logits), new_vars), grads = grad_fn(variables, batch["image"], batch["label"])
-    moments = new_vars.pop(diagnostics.MOMENTS, None)
-    grads = mean(grads)
-    updates, opt_state = tx.update(grads, opt_state, new_vars["params"])
-    new_vars = {**new_vars, "params": optax.apply_updates(new_vars["params"], updates)}
-    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    metrics = {"loss": loss, "acc": acc.astype(jnp.float32)}
-    if diagnose:
-      metrics["diag"] = diagnostics.layer_diagnostics(variables["params"], grads, moments)
-    return new_vars, opt_state, mean(metrics)
-
-  def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"], train=False)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
-    return total({"correct": correct, "count": jnp.sum(batch["mask"])})
-
-  return train_step, eval_step
+  """:func:`experiments.loop.steps.step_functions` of :func:`objective`."""
+  return steps.step_functions(objective(model, num_classes, label_smoothing), tx, axis, diagnose)
 
 
 def make_steps(model, tx, num_classes: int, label_smoothing: float, diagnose: bool = False):
@@ -140,18 +130,12 @@ class Classification:
     }
 
   def build(self, config, dataset, total_steps=None, steps_per_epoch=None, normalizer=None):
-    """:func:`build` (``normalizer`` replaces the run's own)."""
-    if normalizer is None:
-      return build(config, dataset.num_classes, total_steps, steps_per_epoch)
-    return models.build_model(
-      config.model, normalizer, dataset.num_classes, config.width, config.norm_layers
-    )
+    """:func:`build`."""
+    return build(config, dataset.num_classes, total_steps, steps_per_epoch, normalizer)
 
-  def step_functions(self, config: Config, model, tx, dataset, axis: Optional[str]):
-    """:func:`step_functions` with the config's label smoothing and diagnostics."""
-    return step_functions(
-      model, tx, dataset.num_classes, config.label_smoothing, config.diagnose, axis
-    )
+  def objective(self, config: Config, model, dataset):
+    """:func:`objective` with the config's label smoothing."""
+    return objective(model, dataset.num_classes, config.label_smoothing)
 
   def split_metrics(self, counts: Dict[str, Any]) -> Dict[str, float]:
     """:func:`top1`."""

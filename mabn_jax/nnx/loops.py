@@ -9,8 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.training.dynamic_scale import DynamicScaleResult
 
-from mabn_jax.functional import statistics as st
-from mabn_jax.loops import next_dynamic_scale
+from mabn_jax.loops import averaged_and_finite, next_dynamic_scale
 from mabn_jax.nnx.training import DIFFERENTIATED, feed_backward_statistics
 from mabn_jax.nnx.variables import is_tap
 from mabn_jax.training import stat_path, training_step, unscaled_cotangent
@@ -87,11 +86,7 @@ def dynamic_scale_value_and_grad(
       var[...] = before[path]  # the forward passes do not change them
     grads = jax.tree.map(lambda c: unscaled_cotangent(c, scale), grads)
     param_grads, tap_grads = nnx.split_state(grads, nnx.Param, is_tap)
-    if axis_name is not None:
-      param_grads = jax.lax.pmean(param_grads, axis_name)
-    finite = st.all_finite((param_grads, tap_grads))
-    if axis_name is not None:
-      finite = jax.lax.psum(jnp.where(finite, 0, 1), axis_name) == 0
+    param_grads, finite = averaged_and_finite(param_grads, tap_grads, axis_name)
     feed_backward_statistics(model, tap_grads)
     for path, var in _flat(model, nnx.BatchStat).items():
       if path in before:

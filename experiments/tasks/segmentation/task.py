@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 import mabn_jax as mj
+from experiments.loop import steps
 from experiments.loop.config import GROUP_NORMALIZERS, Config
 from experiments.tasks.segmentation import data as seg_data
 from experiments.tasks.segmentation import models as seg_models
@@ -111,37 +112,27 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def step_functions(model, tx, num_classes: int, axis: Optional[str] = None):
-  """``(train_step, eval_step)`` of one program, not yet mapped or compiled.
+def objective(model, num_classes: int):
+  """``(loss_fn, eval_fn)`` (see :mod:`experiments.loop.steps`):
+  :func:`pixel_cross_entropy`, no other training metric; evaluation counts
+  ``{'confusion': (K, K) int32}`` in inference mode."""
 
-  ``train_step(variables, opt_state, batch) -> (variables, opt_state,
-  {'loss'})`` (``mj.value_and_grad``: statistics, MABN's backward ones
-  included, update); ``eval_step(variables, batch) -> {'confusion': (K, K)
-  int32}`` in inference mode. ``axis``: the mapped axis gradients and the
-  loss are averaged and confusion matrices summed over (``None``: one
-  program over the global batch).
-  """
-  mean = (lambda t: jax.lax.pmean(t, axis)) if axis else (lambda t: t)
-  total = (lambda t: jax.lax.psum(t, axis)) if axis else (lambda t: t)
+  def loss_fn(variables, batch, mutable):
+    logits, mutated = model.apply(variables, batch["image"], train=True, mutable=mutable)
+    return pixel_cross_entropy(logits, batch["label"]), (mutated, {})
 
-  def loss_fn(variables, images, labels):
-    logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    return pixel_cross_entropy(logits, labels), mutated
-
-  grad_fn = mj.value_and_grad(loss_fn)
-
-  def train_step(variables, opt_state, batch):
-    (loss, new_vars), grads = grad_fn(variables, batch["image"], batch["label"])
-    grads = mean(grads)
-    updates, opt_state = tx.update(grads, opt_state, new_vars["params"])
-    new_vars = {**new_vars, "params": optax.apply_updates(new_vars["params"], updates)}
-    return new_vars, opt_state, mean({"loss": loss})
-
-  def eval_step(variables, batch):
+  def eval_fn(variables, batch):
     preds = jnp.argmax(model.apply(variables, batch["image"], train=False), -1)
-    return total({"confusion": confusion_matrix(batch["label"], preds, num_classes)})
+    return {"confusion": confusion_matrix(batch["label"], preds, num_classes)}
 
-  return train_step, eval_step
+  return loss_fn, eval_fn
+
+
+def step_functions(model, tx, num_classes: int, axis: Optional[str] = None):
+  """:func:`experiments.loop.steps.step_functions` of :func:`objective`:
+  ``train_step(variables, opt_state, batch) -> (variables, opt_state,
+  {'loss'})``, ``eval_step(variables, batch) -> {'confusion'}``."""
+  return steps.step_functions(objective(model, num_classes), tx, axis)
 
 
 def split_metrics(counts: Dict[str, Any]) -> Dict[str, Any]:
@@ -186,9 +177,9 @@ class Segmentation:
     norm = normalizer or run_normalizer(config, total_steps, steps_per_epoch)
     return seg_models.UNet(norm, dataset.num_classes, tuple(config.widths))
 
-  def step_functions(self, config: Config, model, tx, dataset, axis: Optional[str]):
-    """:func:`step_functions`."""
-    return step_functions(model, tx, dataset.num_classes, axis)
+  def objective(self, config: Config, model, dataset):
+    """:func:`objective`."""
+    return objective(model, dataset.num_classes)
 
   def split_metrics(self, counts: Dict[str, Any]) -> Dict[str, Any]:
     """:func:`split_metrics`."""

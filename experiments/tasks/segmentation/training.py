@@ -12,17 +12,10 @@ import numpy as np
 from flax import serialization
 from flax.core import unfreeze
 
-import mabn_jax as mj
 from experiments.loop import loop
 from experiments.loop.config import Config
 from experiments.loop.hooks import Hooks
 from experiments.tasks.segmentation import data as seg_data
-from experiments.tasks.segmentation.task import (  # noqa: F401 - the names this module had
-  load_data,
-  pixel_cross_entropy,
-  run_normalizer,
-  step_functions,
-)
 
 
 def to_host(tree):
@@ -100,8 +93,7 @@ def train(
     hooks: callbacks of the loop.
   """
   s = loop.train(config, dataset, hooks, variables, normalizer)
-  final = to_host(s["variables"])
-  mj.check_finite(final)
+  final = to_host(s["variables"])  # the loop checked its statistics (mj.check_finite)
   count = min(config.num_examples, len(dataset.test), config.eval_batch_size or config.batch_size)
   examples = predict(s["model"], final, dataset, count, config.eval_batch_size or count)
   norm = normalizer.name if normalizer is not None else config.norm
